@@ -1,0 +1,133 @@
+"""Flax NNX layers that follow PyTorch's conventions, so the models can mirror the notebooks line by line.
+
+Each class is the stock NNX layer with torch's constructor arguments, torch's padding and torch's default
+initialisation. Only ``BatchNorm2d`` changes behaviour: see its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn.normalization import _canonicalize_axes, _compute_stats, _normalize
+
+Initializer = Callable[..., jax.Array]
+
+
+# ------------------------------------------------------------------------------------------- initialisers
+def torch_default_kernel_init() -> Initializer:
+    """torch's default for Conv2d/Linear weights: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+
+    Variance 1/(3 fan_in), i.e. ``variance_scaling(1/3, 'fan_in', 'uniform')``. Flax's own default
+    (lecun_normal, truncated) has three times that variance and another shape.
+    """
+    return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+    """torch's default bias: U(+-1/sqrt(fan_in)) with the weight's fan_in (Flax would use zeros)."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def kaiming_normal(mode: str = "fan_in") -> Initializer:
+    """torch's ``kaiming_normal_(mode=..., nonlinearity='relu')``: N(0, 2/fan), untruncated like torch's."""
+    return jax.nn.initializers.variance_scaling(2.0, mode, "normal")
+
+
+# ------------------------------------------------------------------------------------------------ layers
+class Conv2d(nnx.Conv):
+    """``nnx.Conv`` with torch's ``nn.Conv2d`` arguments, explicit symmetric padding and torch's init.
+
+    Explicit padding matters: at stride 2 on even sizes Flax's 'SAME' pads (0, 1) where torch's
+    ``padding=1`` pads (1, 1), and the outputs then differ completely.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True, *, rngs: nnx.Rngs,
+                 kernel_init: Initializer | None = None):
+        fan_in = in_channels * kernel_size * kernel_size
+        super().__init__(
+            in_channels, out_channels, (kernel_size, kernel_size), strides=(stride, stride),
+            padding=((padding, padding), (padding, padding)), use_bias=bias,
+            kernel_init=kernel_init or torch_default_kernel_init(),
+            bias_init=torch_default_bias_init(fan_in), rngs=rngs,
+        )
+
+
+class Linear(nnx.Linear):
+    """``nnx.Linear`` with torch's ``nn.Linear`` arguments and torch's default init."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rngs: nnx.Rngs,
+                 kernel_init: Initializer | None = None):
+        super().__init__(
+            in_features, out_features, use_bias=bias,
+            kernel_init=kernel_init or torch_default_kernel_init(),
+            bias_init=torch_default_bias_init(in_features), rngs=rngs,
+        )
+
+
+class BatchNorm2d(nnx.BatchNorm):
+    """``nnx.BatchNorm`` with torch's momentum and epsilon, torch's running variance and its batch counter.
+
+    Why not the stock layer: torch normalises with the biased batch variance (as Flax does) but stores the
+    *unbiased* one, var * n / (n - 1), in ``running_var``; at n = 64 that is 1.6% apart, and eval-mode
+    outputs would drift from torch's. Only the train-mode statistics update is redone here (with Flax's own
+    helpers); the parameters, eval mode and normalisation are the parent's. ``num_batches_tracked`` mirrors
+    torch's buffer so state_dicts round-trip exactly. With ``axis_name`` set the statistics (and n) are taken
+    over all devices of that axis: synchronised BatchNorm.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, *, rngs: nnx.Rngs,
+                 axis_name: str | None = None):
+        # Flax's momentum weights the old average, torch's the new batch.
+        super().__init__(num_features, momentum=1.0 - momentum, epsilon=eps, use_running_average=False,
+                         axis_name=axis_name, rngs=rngs)
+        self.torch_momentum = momentum
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average or mask is not None:
+            return super().__call__(x, use_running_average, mask=mask)
+        feature_axes = _canonicalize_axes(x.ndim, self.axis)
+        reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+        scale, bias = self.scale[...], self.bias[...]
+        x, running_mean, running_var, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        mean, var = _compute_stats(x, reduction_axes, dtype=self.dtype, axis_name=self.axis_name,
+                                   axis_index_groups=self.axis_index_groups,
+                                   use_fast_variance=self.use_fast_variance)
+        n = math.prod(x.shape[i] for i in reduction_axes)
+        if self.axis_name is not None:
+            n = n * jax.lax.psum(1, self.axis_name)
+        unbiased_var = var * (n / max(n - 1, 1))
+        m = self.torch_momentum
+        self.mean[...] = jax.lax.stop_gradient((1 - m) * running_mean + m * mean).astype(self.mean.dtype)
+        self.var[...] = jax.lax.stop_gradient((1 - m) * running_var + m * unbiased_var).astype(self.var.dtype)
+        self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon)
+
+
+class Identity(nnx.Module):
+    """``nn.Identity``: what the no-BatchNorm ablation puts where BatchNorm was."""
+
+    def __call__(self, x):
+        return x
+
+
+def relu(x: jax.Array) -> jax.Array:
+    return jax.nn.relu(x)
+
+
+def adaptive_avg_pool_1x1(x: jax.Array) -> jax.Array:
+    """``nn.AdaptiveAvgPool2d(1)`` on NHWC, keeping the 1x1 spatial dims as torch does."""
+    return jnp.mean(x, axis=(1, 2), keepdims=True)

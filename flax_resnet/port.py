@@ -1,0 +1,168 @@
+"""Weight porting between PyTorch ``state_dict``s and the Flax NNX models, both ways.
+
+Generic, not a table per model: it walks the Flax module tree, names each layer as torch would (attribute
+names joined by '.', ``nnx.Sequential`` children by index) and converts by layer kind:
+
+| kind      | torch key                    | Flax variable | conversion                    |
+| --------- | ---------------------------- | ------------- | ----------------------------- |
+| conv      | weight (O, I, kh, kw), bias  | kernel, bias  | kernel HWIO <-> OIHW          |
+| linear    | weight (out, in), bias       | kernel, bias  | transpose                     |
+| BatchNorm | weight, bias                 | scale, bias   | none                          |
+|           | running_mean, running_var    | mean, var     | none                          |
+|           | num_batches_tracked          | same name     | int64 <-> int32               |
+
+Loading checks everything before it changes anything: one ``PortError`` lists every missing key, unexpected
+key and shape mismatch (like torch's strict loading) and the model is left untouched.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["PortError", "load_torch_state_dict", "to_torch_state_dict", "torch_keys"]
+
+
+class PortError(ValueError):
+    """A state_dict that does not fit the model; the message lists every problem at once."""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One torch tensor and the Flax variable that holds it."""
+
+    key: str
+    variable: nnx.Variable
+    to_torch: Callable[[np.ndarray], np.ndarray]
+    from_torch: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        return tuple(self.to_torch(np.empty(self.variable.shape, dtype=np.uint8)).shape)
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _kernel_to_oihw(a: np.ndarray) -> np.ndarray:
+    return np.transpose(a, (3, 2, 0, 1))
+
+
+def _kernel_to_hwio(a: np.ndarray) -> np.ndarray:
+    return np.transpose(a, (2, 3, 1, 0))
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+    return np.transpose(a)
+
+
+def _children(module: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
+    if isinstance(module, nnx.Sequential):
+        for index, child in enumerate(module.layers):
+            if isinstance(child, nnx.Module):
+                yield str(index), child
+    else:
+        for name, child in vars(module).items():
+            if isinstance(child, nnx.Module) and not name.startswith("_"):
+                yield name, child
+
+
+def _layer_tensors(prefix: str, layer: nnx.Module) -> list[_Tensor]:
+    if isinstance(layer, nnx.Conv):
+        pairs = [("weight", layer.kernel, _kernel_to_oihw, _kernel_to_hwio), ("bias", layer.bias, _same, _same)]
+    elif isinstance(layer, nnx.Linear):
+        pairs = [("weight", layer.kernel, _transpose, _transpose), ("bias", layer.bias, _same, _same)]
+    elif isinstance(layer, nnx.BatchNorm):
+        pairs = [("weight", layer.scale, _same, _same), ("bias", layer.bias, _same, _same),
+                 ("running_mean", layer.mean, _same, _same), ("running_var", layer.var, _same, _same),
+                 ("num_batches_tracked", getattr(layer, "num_batches_tracked", None), _same, _same)]
+    else:
+        raise TypeError(f"cannot port layer {prefix!r} of kind {type(layer).__name__}")
+    return [_Tensor(prefix + name, var, to_t, from_t) for name, var, to_t, from_t in pairs if var is not None]
+
+
+def _walk(module: nnx.Module, prefix: str = "") -> Iterator[_Tensor]:
+    """Every torch tensor of ``module``, in torch's ``state_dict`` order (registration order)."""
+    if isinstance(module, nnx.Conv | nnx.Linear | nnx.BatchNorm):
+        yield from _layer_tensors(prefix, module)
+        return
+    own = [k for k, v in vars(module).items() if isinstance(v, nnx.Variable) and not k.startswith("_")]
+    if own:
+        raise TypeError(f"cannot port {type(module).__name__} at {prefix or 'the root'!r}: it holds variables "
+                        f"{own} directly; only conv, linear and BatchNorm layers are known")
+    for name, child in _children(module):
+        yield from _walk(child, f"{prefix}{name}.")
+
+
+def torch_keys(model: nnx.Module) -> list[str]:
+    """The ``state_dict`` keys that the torch twin of ``model`` has, in torch's order."""
+    return [t.key for t in _walk(model)]
+
+
+def _to_numpy(key: str, value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; torch is imported only by whoever made it
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    if isinstance(value, np.ndarray | np.generic | jnp.ndarray):
+        return np.asarray(value)
+    raise PortError(f"value for {key!r} is a {type(value).__name__}, not a tensor or array")
+
+
+def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> None:
+    """Copy a torch ``state_dict`` (torch tensors or numpy arrays) into ``model`` in place.
+
+    Values are cast to the model's dtypes, as ``torch.nn.Module.load_state_dict`` does. Raises ``PortError``
+    listing every missing key, unexpected key and shape mismatch; then nothing has been changed.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise PortError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+    expected = {t.key: t for t in _walk(model)}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    problems, updates = [], []
+    for key, spec in expected.items():
+        if key not in state_dict:
+            continue
+        array = _to_numpy(key, state_dict[key])
+        if tuple(array.shape) != spec.torch_shape:
+            problems.append(f"size mismatch for {key}: the state_dict has shape {tuple(array.shape)}, "
+                            f"the model needs {spec.torch_shape}")
+            continue
+        # A copy: on CPU, JAX may alias a numpy buffer, and torch's buffers are updated in place later.
+        updates.append((spec.variable, np.array(spec.from_torch(array), copy=True)))
+    if missing or unexpected or problems:
+        lines = [f"the state_dict does not fit {type(model).__name__}:"]
+        if missing:
+            lines.append(f"  missing key(s) ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected key(s) ({len(unexpected)}): {', '.join(map(str, unexpected))}")
+            if all(str(k).startswith("module.") for k in unexpected):
+                lines.append("  (every unexpected key starts with 'module.': strip that DataParallel prefix)")
+        lines += [f"  {p}" for p in problems]
+        lines.append("The model was not changed.")
+        raise PortError("\n".join(lines))
+    converted = [(var, jnp.asarray(value, dtype=var.dtype)) for var, value in updates]
+    for var, value in converted:
+        var[...] = value
+
+
+def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
+    """The model's weights as a torch ``state_dict`` that the torch twin loads with ``strict=True``."""
+    import torch
+
+    state_dict = OrderedDict()
+    for spec in _walk(model):
+        array = np.array(spec.to_torch(np.asarray(spec.variable[...])))
+        if spec.key.endswith("num_batches_tracked"):
+            array = array.astype(np.int64)
+        state_dict[spec.key] = torch.from_numpy(np.ascontiguousarray(array))
+    return state_dict
