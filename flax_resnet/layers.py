@@ -109,7 +109,7 @@ class BatchNorm2d(nnx.BatchNorm):
         n = math.prod(x.shape[i] for i in reduction_axes)
         if self.axis_name is not None:
             n = n * jax.lax.psum(1, self.axis_name)
-        unbiased_var = var * (n / max(n - 1, 1))
+        unbiased_var = var * (n / jnp.maximum(n - 1, 1))
         m = self.torch_momentum
         self.mean[...] = jax.lax.stop_gradient((1 - m) * running_mean + m * mean).astype(self.mean.dtype)
         self.var[...] = jax.lax.stop_gradient((1 - m) * running_var + m * unbiased_var).astype(self.var.dtype)

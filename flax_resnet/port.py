@@ -161,8 +161,8 @@ def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
 
     state_dict = OrderedDict()
     for spec in _walk(model):
-        array = np.array(spec.to_torch(np.asarray(spec.variable[...])))
+        array = np.array(spec.to_torch(np.asarray(spec.variable[...])), order="C")
         if spec.key.endswith("num_batches_tracked"):
             array = array.astype(np.int64)
-        state_dict[spec.key] = torch.from_numpy(np.ascontiguousarray(array))
+        state_dict[spec.key] = torch.from_numpy(array)  # not ascontiguousarray: it makes 0-d arrays 1-d
     return state_dict
