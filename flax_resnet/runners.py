@@ -1,0 +1,123 @@
+"""How the pure steps of ``flax_resnet.engine`` are run: the interface the training loop talks to.
+
+A runner owns placement (where the data and state live) and compilation (how the step is wrapped). The loop
+asks it for "the step at positions [start, start + size) of this epoch plan" and never touches devices itself,
+so one loop serves one device, ``pmap`` and ``shard_map`` (``flax_resnet.parallel``).
+
+Everything a step needs stays on the device: the whole split (uint8), the epoch plan, the running metric
+sums. The host only dispatches; it reads metrics once per epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from flax_resnet import engine
+from flax_resnet.engine import EpochPlan, Metrics, TrainState
+from flax_resnet.recipes import Recipe
+
+
+class DeviceData(NamedTuple):
+    """A split resident on the device(s): uint8 NHWC images and int32 labels."""
+
+    images: jax.Array
+    labels: jax.Array
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class Runner(Protocol):
+    """What the training loop needs from a way of running steps."""
+
+    num_devices: int
+
+    def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData: ...
+
+    def put_state(self, state: TrainState) -> TrainState: ...
+
+    def get_state(self, state: TrainState) -> TrainState:
+        """One host-readable copy of the state (for checkpoints, export, porting)."""
+        ...
+
+    def train_step(self, state: TrainState, metrics: Metrics, data: DeviceData, plan: EpochPlan, start: int,
+                   size: int) -> tuple[TrainState, Metrics]: ...
+
+    def eval_step(self, state: TrainState, metrics: Metrics, data: DeviceData, start: int, size: int
+                  ) -> Metrics: ...
+
+
+def gather_batch(data: DeviceData, plan: EpochPlan, start, size: int, recipe: Recipe, dtype
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The augmented, normalised batch at positions [start, start + size) of the plan; ``start`` may be traced."""
+    idx = jax.lax.dynamic_slice_in_dim(plan.permutation, start, size)
+    x = data.images[idx]
+    if recipe.augment:
+        x = engine.augment(x, jax.lax.dynamic_slice_in_dim(plan.offsets, start, size),
+                           jax.lax.dynamic_slice_in_dim(plan.flips, start, size))
+    return engine.normalize(x, recipe.mean, recipe.std, dtype), data.labels[idx]
+
+
+def gather_eval_batch(data: DeviceData, start, size: int, recipe: Recipe, dtype
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Test samples [start, start + size) in order, padded past the end; the mask marks real samples."""
+    idx = start + jnp.arange(size)
+    mask = idx < data.labels.shape[0]
+    idx = jnp.minimum(idx, data.labels.shape[0] - 1)
+    return engine.normalize(data.images[idx], recipe.mean, recipe.std, dtype), data.labels[idx], mask
+
+
+class SingleDeviceRunner:
+    """``jax.jit`` on one device; state and metric buffers are donated so steps update in place."""
+
+    num_devices = 1
+
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe,
+                 dtype=jnp.float32, device: jax.Device | None = None):
+        self.graphdef, self.tx, self.recipe, self.dtype = graphdef, tx, recipe, dtype
+        self.device = device or jax.devices()[0]
+        self._train = jax.jit(self._train_impl, static_argnames="size", donate_argnums=(0, 1))
+        self._eval = jax.jit(self._eval_impl, static_argnames="size", donate_argnums=(1,))
+
+    def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData:
+        return DeviceData(jax.device_put(images, self.device), jax.device_put(labels.astype(np.int32), self.device))
+
+    def put_state(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.device)
+
+    def get_state(self, state: TrainState) -> TrainState:
+        return state
+
+    def _train_impl(self, state, metrics, data, plan, start, *, size):
+        images, labels = gather_batch(data, plan, start, size, self.recipe, self.dtype)
+        state, step_metrics = engine.train_step(self.graphdef, self.tx, state, images, labels)
+        return state, metrics + step_metrics
+
+    def _eval_impl(self, state, metrics, data, start, *, size):
+        images, labels, mask = gather_eval_batch(data, start, size, self.recipe, self.dtype)
+        return metrics + engine.eval_step(self.graphdef, state, images, labels, mask)
+
+    def train_step(self, state, metrics, data, plan, start, size):
+        return self._train(state, metrics, data, plan, jnp.int32(start), size=size)
+
+    def eval_step(self, state, metrics, data, start, size):
+        return self._eval(state, metrics, data, jnp.int32(start), size=size)
+
+
+@functools.cache
+def _zeros_like_metrics(dtype) -> Metrics:
+    z = Metrics.zeros()
+    return Metrics(z.loss_x_count.astype(dtype), z.loss_of_batches.astype(dtype), *z[2:])
+
+
+def zero_metrics(dtype=jnp.float32) -> Metrics:
+    """Fresh metric sums in the loss dtype (float64 runs keep float64 losses)."""
+    return jax.tree.map(jnp.copy, _zeros_like_metrics(jnp.dtype(dtype)))
