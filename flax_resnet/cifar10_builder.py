@@ -168,7 +168,7 @@ def read_archive(path: str | os.PathLike[str]) -> dict[str, Split]:
                 raise DataError(
                     f"{path}: not a CIFAR-10 archive (no folder {BINARY.folder}/ or {PYTHON.folder}/ inside)"
                 )
-            parse = _parse_binary if spec is BINARY else _parse_pickle
+            parse = _parse_binary if spec.kind == "binary" else _parse_pickle
             batches: dict[str, Split] = {}
             for name in (*TRAIN_BATCHES, TEST_BATCH):
                 member_name = f"{spec.folder}/{name}{spec.suffix}"

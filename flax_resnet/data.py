@@ -60,9 +60,7 @@ class Dataset:
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"{split}_images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
             if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
-                raise ValueError(
-                    f"{split}_labels must be int32 ({len(images)},), got {labels.dtype} {labels.shape}"
-                )
+                raise ValueError(f"{split}_labels must be int32 ({len(images)},), got {labels.dtype} {labels.shape}")
 
 
 # --------------------------------------------------------------------------------------------------- CIFAR-10
@@ -114,8 +112,7 @@ def _is_prepared(data_dir: Path) -> bool:
     file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
     if file_format != "array_record":
         raise DataError(
-            f"{builder.data_dir} holds CIFAR-10 in {file_format} format, not array_record; "
-            "use another --data-dir"
+            f"{builder.data_dir} holds CIFAR-10 in {file_format} format, not array_record; use another --data-dir"
         )
     return True
 
@@ -158,10 +155,10 @@ def _read_prepared(data_dir: Path) -> Dataset:
 
     import flax_resnet.cifar10_builder  # noqa: F401  (registers our "cifar10")
 
-    sources = tfds.data_source("cifar10", data_dir=os.fspath(data_dir), download=False)
+    names = ("train", "test")
+    sources = tfds.data_source("cifar10", split=list(names), data_dir=os.fspath(data_dir), download=False)
     splits = {}
-    for split in ("train", "test"):
-        source = sources[split]
+    for split, source in zip(names, sources, strict=True):
         n = len(source)
         images = np.empty((n, 32, 32, 3), np.uint8)
         labels = np.empty(n, np.int32)
@@ -190,7 +187,7 @@ def source_answers(host: str, port: int, timeout: float) -> bool:
 
     thread = threading.Thread(target=connect, daemon=True, name="cifar10-connect-check")
     thread.start()
-    thread.join(timeout + 1.0)
+    thread.join(timeout + 0.5)
     return bool(result and result[0])
 
 
@@ -250,9 +247,7 @@ def _fetch(url: str, write: Callable[[bytes], Any], *, timeout: float) -> None:
 # -------------------------------------------------------------------------------------------------- synthetic
 
 
-def synthetic_dataset(
-    num_train: int = 2048, num_test: int = 512, *, seed: int = 0, image_size: int = 32
-) -> Dataset:
+def synthetic_dataset(num_train: int = 2048, num_test: int = 512, *, seed: int = 0, image_size: int = 32) -> Dataset:
     """A small CIFAR-shaped data set that a small CNN can learn, for tests and offline runs.
 
     Each class has a fixed random smooth template (a few low-frequency colour waves); a sample is its
