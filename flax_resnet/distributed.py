@@ -1,0 +1,151 @@
+"""Multi-host start-up: ``jax.distributed.initialize`` with explicit flags or the cluster's own environment.
+
+Every process of a multi-host run calls ``initialize`` first, before anything touches a JAX device; then
+``jax.devices()`` lists the devices of all processes and the runners of ``flax_resnet.parallel`` train on all of
+them, each process feeding its own devices. Only the main process (``is_main_process``) writes history, plots and
+logs; checkpoints are saved by every process together (orbax writes each replicated array once).
+
+Process 0 runs the coordinator service at ``--coordinator HOST:PORT``; the others connect to it. A coordinator
+that never answers is waited for ``timeout_s`` seconds, then ``DistributedInitError`` says which address was
+tried and what to check. Why we probe the port ourselves first: when XLA's coordination client times out it does
+not raise, it terminates the whole process (a fatal log, "DEADLINE_EXCEEDED ... RegisterTask"), so a Python
+error with the fix named is only possible before handing over to it. Past the probe, JAX's own
+``initialization_timeout`` (the same ``timeout_s``) bounds the wait for the other processes; process 0, which
+has no one to probe, relies on it alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+
+import jax
+
+
+class DistributedInitError(RuntimeError):
+    """The processes of a multi-host run could not be connected (bad flags, unreachable coordinator)."""
+
+
+# Environment variables by which JAX's own cluster detection (jax._src.clusters) recognises a launcher.
+_CLUSTERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("SLURM", ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")),
+    ("Open MPI", ("OMPI_MCA_orte_hnp_uri",)),
+    ("JAX_COORDINATOR_ADDRESS", ("JAX_COORDINATOR_ADDRESS",)),
+)
+
+
+def detect_cluster() -> str | None:
+    """The name of the multi-process launcher this process runs under, or ``None`` for a plain single process.
+
+    A SLURM job step with one task (``SLURM_NTASKS=1``) counts as a single process: nothing to coordinate.
+    """
+    for name, variables in _CLUSTERS:
+        if all(v in os.environ for v in variables):
+            if name == "SLURM" and os.environ.get("SLURM_NTASKS") == "1":
+                continue
+            return name
+    return None
+
+
+def _split_address(coordinator: str) -> tuple[str, int]:
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedInitError(f"--coordinator must be HOST:PORT (e.g. 10.0.0.1:12345), got {coordinator!r}")
+    return host.strip("[]"), int(port)
+
+
+def wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int | None = None) -> None:
+    """Return once ``coordinator`` accepts TCP connections; ``DistributedInitError`` after ``timeout_s`` seconds."""
+    host, port = _split_address(coordinator)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, remaining))):
+                return
+        except socket.gaierror as e:
+            raise DistributedInitError(f"cannot resolve the coordinator host {host!r} of --coordinator "
+                                       f"{coordinator} ({e}); give process 0's hostname or IP address") from e
+        except OSError as e:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _connect_error(coordinator, process_id, timeout_s, e) from e
+            time.sleep(min(0.5, remaining))
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               timeout_s: float = 300.0) -> bool:
+    """Join a multi-process JAX run; returns whether one was joined (``False``: a plain single process).
+
+    With all three of ``coordinator``, ``num_processes`` and ``process_id`` given, they are used as they are.
+    With none given, a detected launcher (SLURM's ``srun``, Open MPI's ``mpirun``, ``JAX_COORDINATOR_ADDRESS``)
+    lets JAX fill them in itself; without one this is a single-process run and nothing happens. Under SLURM,
+    JAX's detection also pins each process to the GPU of its ``SLURM_LOCALID``: launch one task per GPU.
+    Must be called before any JAX computation (or ``jax.devices()``).
+    """
+    given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
+    cluster = detect_cluster()
+    if all(v is None for v in given.values()) and cluster is None:
+        return False
+    if cluster is None and any(v is None for v in given.values()):
+        missing = ", ".join(k for k, v in given.items() if v is None)
+        raise DistributedInitError(
+            f"a multi-process run needs --coordinator, --num-processes and --process-id together; missing {missing} "
+            f"(or launch under SLURM / Open MPI, whose environment JAX reads itself)")
+    if num_processes is not None and num_processes < 1:
+        raise DistributedInitError(f"--num-processes must be at least 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise DistributedInitError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    if coordinator is not None:
+        _split_address(coordinator)
+    if num_processes == 1 and cluster is None:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if coordinator is not None and process_id not in (None, 0):
+        wait_for_coordinator(coordinator, timeout_s, process_id)
+    where = coordinator or f"the address {cluster} provides"
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=max(1, math.ceil(timeout_s)))
+    except RuntimeError as e:
+        if "before any JAX calls" in str(e) or "should only be called once" in str(e):
+            raise DistributedInitError(
+                f"jax.distributed.initialize must run first, before anything uses a JAX device: {e}") from e
+        raise _connect_error(where, process_id, timeout_s, e) from e
+    except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...) and friends
+        raise _connect_error(where, process_id, timeout_s, e) from e
+    return True
+
+
+def _connect_error(where: str, process_id: int | None, timeout_s: float, cause: Exception) -> DistributedInitError:
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    role = (f"could not start the coordinator service at {where}" if process_id == 0
+            else f"got no answer from the coordinator at {where} within {timeout_s:g} s")
+    return DistributedInitError(
+        f"process {process_id if process_id is not None else '?'} {role} ({first}). Check that process 0 "
+        f"is running with the same --coordinator and --num-processes, that every process can reach that host "
+        f"and port (firewall, the right network interface), and that the port is free on process 0's host; "
+        f"raise --distributed-timeout if the processes start far apart.")
+
+
+def shutdown() -> None:
+    """Leave the multi-process run (a no-op in a single process)."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
+def is_main_process() -> bool:
+    """True in process 0, the one that writes history, plots and logs (checkpoints: every process calls save)."""
+    return jax.process_index() == 0
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def initialize_from_args(args) -> bool:
+    """``initialize`` from the flags of ``flax_resnet.parallel.add_parallel_arguments``."""
+    return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
