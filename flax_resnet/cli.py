@@ -1,0 +1,534 @@
+"""The command line: ``python train.py [COMMAND] [OPTIONS]`` (no command: ``train`` with its defaults).
+
+Commands:
+
+- ``train``: train a notebook model with a notebook recipe, in JAX/Flax (default) or in the PyTorch reference;
+  writes ``history.json``, ``curves.png`` and a checkpoint per epoch to ``--out``.
+- ``port``: convert weights between a torch ``.pt`` state_dict and a Flax (orbax) checkpoint, both ways.
+
+This module only parses and wires; the work is in ``flax_resnet.trainer``, ``torch_ref.train``,
+``flax_resnet.checkpoint`` and ``flax_resnet.port``. Imports of JAX, torch and the data layer happen inside the
+handlers, so ``--help`` is quick.
+
+Adding a command: write, in your own module, a function ``add_<name>_parser(subparsers)`` that calls
+``subparsers.add_parser(name, help=..., description=...)``, adds its options and ends with
+``parser.set_defaults(handler=<function(args, parser) -> exit code>)``; then list it in ``SUBCOMMANDS``
+below (a callable, or a ``"module:function"`` string, imported when the parser is built and skipped if the
+module does not exist yet). Handlers report usage errors with ``parser.error(...)`` (exit 2) before doing
+anything, and expected failures as a one-paragraph ``error: ...`` on stderr with exit code 1 (``fail``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flax_resnet import registry
+from flax_resnet.recipes import RECIPES, Recipe
+
+__all__ = ["SUBCOMMANDS", "add_port_parser", "add_train_parser", "build_parser", "default_out_dir", "fail", "main"]
+
+DEFAULT_RECIPE = "resnet18-cifar"
+DEFAULT_DATA_DIR = "data"
+RUNS_DIR = "runs"
+EXIT_FAILURE = 1
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the hand-made tables of epilogs; wraps descriptions paragraph by paragraph; wider option column."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=110)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        if all("\n" not in p for p in paragraphs):  # prose: wrap it; anything laid out by hand stays as it is
+            return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent)
+                               for p in paragraphs)
+        return super()._fill_text(text, width, indent)
+
+
+def fail(message: str) -> int:
+    """An expected failure (no data, a bad checkpoint): one paragraph on stderr, no traceback."""
+    print("error: " + textwrap.fill(" ".join(message.split()), width=110, subsequent_indent="  "), file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _write_line(line: str) -> None:
+    """Epoch lines go to stdout, between progress-bar refreshes (tqdm.write keeps the bar intact)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+
+
+def _progress(enabled: bool) -> Callable[..., Any] | None:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def factory(total: int, desc: str) -> Any:
+        return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    return factory
+
+
+# ------------------------------------------------------------------------------------------------- train
+def _recipe_table() -> str:
+    def schedule(r: Recipe) -> str:
+        if r.schedule == "multistep":
+            return f"multistep {list(r.milestones)} x{r.gamma:g}"
+        return "cosine (T_max = epochs)" if r.schedule == "cosine" else r.schedule
+
+    columns = [("recipe", lambda r: r.name), ("model", lambda r: r.model), ("epochs", lambda r: r.epochs),
+               ("batch", lambda r: r.batch_size), ("eval", lambda r: r.eval_batch_size), ("lr", lambda r: r.lr),
+               ("momentum", lambda r: r.momentum), ("wd", lambda r: r.weight_decay), ("schedule", schedule),
+               ("augment", lambda r: "crop+flip" if r.augment else "none"),
+               ("loss mean", lambda r: r.train_loss_mean),
+               ("std", lambda r: " ".join(f"{s:g}" for s in r.std))]
+    rows = [[name for name, _ in columns]] + [[str(get(r)) for _, get in columns] for r in RECIPES.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    mean = " ".join(f"{m:g}" for m in next(iter(RECIPES.values())).mean)
+    return "\n".join(lines) + f"\n  (mean {mean} in both)"
+
+
+def _model_table() -> str:
+    lines = []
+    for spec in registry.MODELS.values():
+        defaults = registry.RECIPE_MODEL_DEFAULTS.get(spec.recipe, {})
+        opts = " ".join(f"{registry.MODEL_ARGS[a].flag} (default {defaults.get(a, registry.MODEL_ARGS[a].default)})"
+                        for a in spec.args)
+        lines.append(f"  {spec.name:16s} recipe {spec.recipe:18s} {opts}".rstrip())
+    return "\n".join(lines)
+
+
+def _train_epilog() -> str:
+    return (
+        "recipes (the notebooks'; each number can be overridden by the option of the same name):\n"
+        f"{_recipe_table()}\n\n"
+        "models (--model; the default recipe is the model's notebook's):\n"
+        f"{_model_table()}\n\n"
+        "examples:\n"
+        "  python train.py                                            # ResNet18, notebook 004 recipe, CIFAR-10\n"
+        "  python train.py train --dataset synthetic --model SimpleResNet --n-blocks 1 --epochs 3   # no data\n"
+        "  python train.py train --model PlainDeepCNN --recipe plain-vs-residual --framework torch\n"
+        "  python train.py train --resume                             # continue the default run\n"
+    )
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``train`` command and its options."""
+    p = subparsers.add_parser(
+        "train", help="train a model (the default command)", formatter_class=_Formatter, epilog=_train_epilog(),
+        description="Train one of the notebooks' models with one of their recipes, in JAX/Flax or PyTorch. "
+                    "Writes history.json, curves.png and a checkpoint per epoch to --out.")
+    what = p.add_argument_group("what to train")
+    what.add_argument("--model", choices=registry.model_names(), metavar="NAME",
+                      help="model class (see the list below); default: the recipe's model, ResNet18 for the "
+                           "default recipe")
+    what.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
+                      help=f"training recipe (see the table below); default: the model's notebook's recipe, "
+                           f"{DEFAULT_RECIPE} when no model is given")
+    what.add_argument("--framework", choices=("jax", "torch"), default="jax",
+                      help="train the Flax model, or the PyTorch reference on the same batch stream "
+                           "(default: %(default)s)")
+    for arg in registry.MODEL_ARGS.values():
+        users = ", ".join(s.name for s in registry.MODELS.values() if arg.name in s.args)
+        what.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
+                          metavar="N" if arg.type is int else "X", help=f"{arg.help} ({users} only)")
+    what.add_argument("--init-from", metavar="PATH", type=Path,
+                      help="initial weights: a torch .pt state_dict or a Flax checkpoint (a run's --out or a "
+                           "port output); default: the framework's own initialisation from --seed. Ignored "
+                           "when --resume finds a checkpoint")
+    from flax_resnet.parallel import add_parallel_arguments  # the flags live with the code they drive
+
+    add_parallel_arguments(p)
+    what.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                      help="floating-point type of weights and computation (default: %(default)s)")
+    what.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="seed of the initialisation and of the batch order and augmentation "
+                           "(default: %(default)s)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=("cifar10", "synthetic"), default="cifar10",
+                      help="CIFAR-10, or a small generated set that needs no download (default: %(default)s)")
+    data.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR), metavar="DIR",
+                      help="where CIFAR-10 is (or gets) prepared (default: %(default)s)")
+    data.add_argument("--archive", type=Path, metavar="PATH",
+                      help="prepare CIFAR-10 from this official archive (cifar-10-binary.tar.gz or "
+                           "cifar-10-python.tar.gz) instead of downloading it")
+    data.add_argument("--no-download", action="store_true",
+                      help="never download: use prepared data or --archive only")
+    data.add_argument("--skip-checksum", action="store_true", help="do not check the archive's md5")
+    data.add_argument("--train-samples", type=int, metavar="N",
+                      help="use only the first N training images (synthetic: generate N; default 2048 there, "
+                           "all 50000 for CIFAR-10)")
+    data.add_argument("--test-samples", type=int, metavar="N",
+                      help="use only the first N test images (synthetic: generate N; default 512 there)")
+
+    rec = p.add_argument_group("recipe overrides (default: the recipe's value, see the table below)")
+    rec.add_argument("--epochs", type=int, metavar="N", help="number of epochs")
+    rec.add_argument("--batch-size", type=int, metavar="N",
+                     help="training batch size (the last batch of an epoch may be short)")
+    rec.add_argument("--eval-batch-size", type=int, metavar="N", help="test batch size")
+    rec.add_argument("--lr", type=float, help="initial learning rate of SGD")
+    rec.add_argument("--momentum", type=float, metavar="M", help="SGD momentum, in [0, 1)")
+    rec.add_argument("--weight-decay", type=float, metavar="WD", help="SGD weight decay (coupled, on every parameter)")
+    rec.add_argument("--schedule", choices=("multistep", "cosine", "constant"),
+                     help="learning-rate schedule, stepped per epoch")
+    rec.add_argument("--milestones", type=int, nargs="*", metavar="EPOCH",
+                     help="epochs at which multistep multiplies the learning rate by --gamma")
+    rec.add_argument("--gamma", type=float, metavar="G", help="multistep factor")
+    rec.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                     help="random crop 32 with 4 pixels of zero padding + horizontal flip")
+    rec.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean")
+    rec.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std")
+    rec.add_argument("--train-loss-mean", choices=("samples", "batches"),
+                     help="train loss as mean over samples (notebook 000) or over batches (notebook 004)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, metavar="DIR",
+                     help=f"output directory; default: {RUNS_DIR}/<model>-<recipe>-<framework> "
+                          "(with -synthetic appended for the synthetic data)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from the last checkpoint in --out (same settings; the result equals an "
+                          "uninterrupted run); starts afresh if there is none")
+    out.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --out and start over")
+    out.add_argument("--max-to-keep", type=int, default=3, metavar="N",
+                     help="checkpoints kept (the last N epochs; default: %(default)s)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
+    p.set_defaults(handler=run_train, parser=p)
+    return p
+
+
+_RECIPE_OPTIONS = ("epochs", "batch_size", "eval_batch_size", "lr", "momentum", "weight_decay", "schedule",
+                   "milestones", "gamma", "augment", "mean", "std", "train_loss_mean")
+
+
+def default_out_dir(model: str, recipe: str, framework: str, dataset: str = "cifar10") -> Path:
+    suffix = "-synthetic" if dataset == "synthetic" else ""
+    return Path(RUNS_DIR) / f"{model}-{recipe}-{framework}{suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainPlan:
+    """Everything ``train`` decided from its arguments, before touching data or disk."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    recipe: Recipe
+    out: Path
+
+
+def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _TrainPlan:
+    """Check every argument; any problem is a usage error (exit 2) before anything is read or written."""
+    if args.recipe is None:
+        args.recipe = registry.get_spec(args.model).recipe if args.model else DEFAULT_RECIPE
+    if args.model is None:
+        args.model = RECIPES[args.recipe].model
+    overrides = {name: getattr(args, name) for name in _RECIPE_OPTIONS if getattr(args, name) is not None}
+    if "milestones" in overrides:
+        overrides["milestones"] = tuple(overrides["milestones"])
+        if any(m < 1 for m in overrides["milestones"]):
+            parser.error("--milestones must be epochs >= 1")
+    for name in ("mean", "std"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
+    if "gamma" in overrides and overrides["gamma"] <= 0:
+        parser.error(f"--gamma must be positive, got {overrides['gamma']}")
+    if "std" in overrides and min(overrides["std"]) <= 0:
+        parser.error("--std must be positive")
+    try:
+        recipe = dataclasses.replace(RECIPES[args.recipe], model=args.model, **overrides)
+    except ValueError as e:
+        parser.error(f"--{str(e).replace('_', '-')}")
+    try:
+        kwargs = registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, args.recipe)
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("train_samples", "test_samples"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "train_samples" else 0):
+            parser.error(f"--{name.replace('_', '-')} must be at least {1 if name == 'train_samples' else 0}")
+    if args.max_to_keep < 1:
+        parser.error("--max-to-keep must be at least 1")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    if args.init_from is not None and not args.init_from.exists():
+        parser.error(f"--init-from {args.init_from}: no such file or directory")
+    if args.framework == "torch" and (args.parallel != "auto" or args.bn_sync != "on" or args.coordinator):
+        parser.error("--parallel, --bn-sync and the multi-host flags are for --framework jax")
+    multi_host = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in multi_host) and not all(v is not None for v in multi_host):
+        parser.error("--coordinator, --num-processes and --process-id go together (or none of them, under SLURM)")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    out = args.out or default_out_dir(args.model, args.recipe, args.framework, args.dataset)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a directory")
+    return _TrainPlan(args.model, kwargs, recipe, out)
+
+
+def _load_data(args: argparse.Namespace) -> Any:
+    from flax_resnet import data
+
+    if args.dataset == "synthetic":
+        sizes = {k: v for k, v in (("num_train", args.train_samples), ("num_test", args.test_samples)) if v}
+        if args.test_samples == 0:
+            sizes["num_test"] = 0
+        return data.load_dataset("synthetic", **sizes)
+    ds = data.load_dataset("cifar10", data_dir=args.data_dir, archive=args.archive, download=not args.no_download,
+                           skip_checksum=args.skip_checksum)
+    n_train = args.train_samples or len(ds.train_labels)
+    n_test = len(ds.test_labels) if args.test_samples is None else args.test_samples
+    return dataclasses.replace(ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
+                               test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
+
+
+def _load_torch_file(path: Path) -> dict[str, Any]:
+    """A state_dict from a .pt file: a plain state_dict, or the model of a ``--framework torch`` checkpoint."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a torch file ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def _init_flax_from(model: Any, path: Path) -> None:
+    from flax_resnet import checkpoint, port
+
+    if path.is_dir():
+        checkpoint.load_model(path, model)
+    else:
+        port.load_torch_state_dict(model, _load_torch_file(path))
+
+
+def _has_checkpoints(out: Path) -> bool:
+    ckpt = out / "checkpoints"
+    return ckpt.is_dir() and any(ckpt.iterdir())
+
+
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    plan = _plan_train(args, parser)
+    if _has_checkpoints(plan.out) and not (args.resume or args.overwrite):
+        return fail(f"{plan.out} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to "
+                    "start over, or choose another --out.")
+
+    import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    if args.framework == "jax":
+        from flax_resnet import distributed
+
+        try:  # first: before anything touches a device
+            distributed.initialize_from_args(args)
+        except distributed.DistributedInitError as e:
+            return fail(str(e))
+    import jax.numpy as jnp
+
+    from flax_resnet.checkpoint import CheckpointError
+    from flax_resnet.data import DataError
+    from flax_resnet.port import PortError
+    from flax_resnet.trainer import TrainError
+
+    dtype = jnp.dtype(args.dtype)
+    meta = {"model": plan.model, "model_kwargs": plan.model_kwargs, "framework": args.framework}
+    arguments = ", ".join(f"{k}={v}" for k, v in plan.model_kwargs.items())
+    title = f"{plan.model}({arguments}), {plan.recipe.name}, {args.framework}"
+    common = dict(seed=args.seed, dtype=dtype, out_dir=plan.out, resume=args.resume, overwrite=args.overwrite,
+                  meta=meta, max_to_keep=args.max_to_keep, progress=_progress(not args.no_progress),
+                  log=_write_line, title=title)
+    try:
+        dataset = _load_data(args)
+        if args.framework == "jax":
+            from flax_resnet import parallel, trainer
+
+            model = registry.build_flax(plan.model, plan.model_kwargs, seed=args.seed)
+            if args.init_from is not None:
+                _init_flax_from(model, args.init_from)
+            runner = parallel.runner_factory_from_args(args)
+            history = trainer.train(model, plan.recipe, dataset, runner=runner, **common).history
+        else:
+            from torch_ref import train as torch_train
+
+            model = registry.build_torch(plan.model, plan.model_kwargs, seed=args.seed)
+            if args.init_from is not None:
+                if args.init_from.is_dir():
+                    from flax_resnet.port import to_torch_state_dict
+
+                    flax_model = registry.build_flax(plan.model, plan.model_kwargs)
+                    _init_flax_from(flax_model, args.init_from)
+                    state_dict = to_torch_state_dict(flax_model)
+                else:
+                    state_dict = _load_torch_file(args.init_from)
+                model.load_state_dict(state_dict, strict=True)
+            history = torch_train.run(model, plan.recipe, dataset, **common)
+    except (DataError, TrainError, CheckpointError, PortError) as e:
+        return fail(str(e))
+    except ValueError as e:  # a batch size that the devices cannot share, raised before anything is written
+        if "devices" not in str(e):
+            raise
+        return fail(str(e))
+    except RuntimeError as e:  # torch's load_state_dict reports a misfit as a RuntimeError
+        if "state_dict" not in str(e):
+            raise
+        return fail(f"--init-from {args.init_from} does not fit {plan.model}: {e}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same command and --resume (--out {plan.out})", file=sys.stderr)
+        return 130
+    if history["test_acc"]:
+        print(f"done: {plan.model} ({plan.recipe.name}, {args.framework}) final test accuracy "
+              f"{history['test_acc'][-1]:.2f}%; outputs in {plan.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- port
+def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``port`` command: torch .pt <-> Flax checkpoint."""
+    p = subparsers.add_parser(
+        "port", help="convert weights: torch .pt <-> Flax checkpoint", formatter_class=_Formatter,
+        description="Convert a torch state_dict (.pt) into a Flax (orbax) checkpoint directory, or a Flax "
+                    "checkpoint (a port output or a training run's --out) into a .pt state_dict that the torch "
+                    "model loads with strict=True. The direction follows --from: a file is a .pt, a directory "
+                    "a checkpoint.",
+        epilog="examples:\n"
+               "  python train.py port --from resnet18.pt --to ckpt/resnet18\n"
+               "  python train.py port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.pt\n")
+    p.add_argument("--from", dest="source", type=Path, required=True, metavar="PATH",
+                   help="a .pt state_dict file, or a checkpoint directory")
+    p.add_argument("--to", dest="target", type=Path, required=True, metavar="PATH",
+                   help="the checkpoint directory to create (from a .pt), or the .pt file to write")
+    p.add_argument("--model", choices=registry.model_names(), metavar="NAME",
+                   help="the model the weights belong to; default: a checkpoint's own record, or, for a .pt, "
+                        "the one registered model whose keys and shapes fit")
+    for arg in registry.MODEL_ARGS.values():
+        p.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
+                       metavar="N" if arg.type is int else "X", help=f"with --model: {arg.help}")
+    p.add_argument("--step", type=int, help="which checkpoint step to read (default: the latest)")
+    p.set_defaults(handler=run_port, parser=p)
+    return p
+
+
+def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    src, dst = args.source, args.target
+    if not src.exists():
+        parser.error(f"--from {src}: no such file or directory")
+    given = {a: getattr(args, a) for a in registry.MODEL_ARGS}
+    if args.model is None and any(v is not None for v in given.values()):
+        parser.error("model options (--n-blocks, ...) need --model")
+    if args.model is not None:
+        try:
+            registry.model_kwargs(args.model, given)
+        except ValueError as e:
+            parser.error(str(e))
+    if src.is_file():
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+            parser.error(f"--to {dst} exists and is not an empty directory")
+    elif dst.is_dir():
+        parser.error(f"--to {dst} is a directory; give the .pt file to write")
+
+    from flax_resnet import checkpoint, port
+    from flax_resnet.checkpoint import CheckpointError
+
+    try:
+        if src.is_file():
+            state_dict = _load_torch_file(src)
+            if args.model is not None:
+                name, kwargs = args.model, registry.model_kwargs(args.model, given)
+            else:
+                name, kwargs = registry.infer_model(list(state_dict),
+                                                    {k: tuple(v.shape) for k, v in state_dict.items()})
+            model = registry.build_flax(name, kwargs)
+            port.load_torch_state_dict(model, state_dict)
+            checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs, "dtype": "float32",
+                                               "source": str(src)})
+            print(f"wrote {name} {kwargs or ''} as a Flax checkpoint to {dst}")
+        else:
+            meta = checkpoint.read_meta(src, args.step)
+            name = args.model or meta.get("model")
+            if name is None:
+                parser.error(f"{src} does not record its model; name it with --model")
+            kwargs = registry.model_kwargs(name, given if args.model else meta.get("model_kwargs", {}))
+            if meta.get("dtype") == "float64":
+                import jax
+
+                jax.config.update("jax_enable_x64", True)
+            from flax_resnet.dtypes import cast_floating
+
+            model = cast_floating(registry.build_flax(name, kwargs), meta.get("dtype", "float32"))
+            checkpoint.load_model(src, model, args.step)
+            import torch
+
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            torch.save(port.to_torch_state_dict(model), tmp)
+            tmp.replace(dst)
+            print(f"wrote {name} {kwargs or ''} as a torch state_dict to {dst}")
+    except (ValueError, CheckpointError) as e:  # PortError is a ValueError
+        return fail(str(e))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- main
+# Each entry adds one command: a function, or "module:function" imported when the parser is built.
+SUBCOMMANDS: list[Callable[[Any], Any] | str] = [
+    add_train_parser,
+    add_port_parser,
+    "flax_resnet.experiments:add_experiments_parser",
+    "flax_resnet.bench:add_bench_parser",
+]
+
+
+def _resolve(entry: Callable[[Any], Any] | str) -> Callable[[Any], Any] | None:
+    if callable(entry):
+        return entry
+    module_name, _, function = entry.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:  # not written yet
+            return None
+        raise
+    return getattr(module, function, None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", formatter_class=_Formatter,
+        description="The ResNets of two PyTorch course notebooks, in JAX/Flax NNX and in PyTorch: training, "
+                    "weight porting and more. Without a command, runs `train` (ResNet18, the notebook-004 "
+                    "recipe, CIFAR-10); options before a command are taken as `train`'s.",
+        epilog="`python train.py COMMAND --help` explains each command's options.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for entry in SUBCOMMANDS:
+        add = _resolve(entry)
+        if add is not None:
+            add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args, args.parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Model names -> constructors for both frameworks, from one table.
+
+Every notebook class has the same name in ``flax_resnet.models`` and ``torch_ref.models``, so one entry per
+name says everything: which constructor arguments it takes (and so which command-line options), which fixed
+arguments it gets (``PlainNet`` is always built from ``PlainBlock``, resolved in each framework's module), and
+which recipe it belongs to. Adding a model is one line in ``MODELS``; adding a constructor argument is one
+entry in ``MODEL_ARGS``.
+
+Nothing heavy is imported here (the CLI builds ``--help`` from this table): the model modules, and torch,
+load only when a model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+__all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "build_flax", "build_torch", "get_spec",
+           "infer_model", "model_kwargs", "model_names"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArg:
+    """A constructor argument that some models take, and how the command line spells it."""
+
+    name: str  # the constructor's keyword, e.g. "n_blocks"
+    flag: str  # the command-line option, e.g. "--n-blocks"
+    type: type
+    default: Any
+    help: str
+    nargs: int | None = None
+    check: Callable[[Any], str | None] = lambda value: None  # returns what is wrong, or None
+    # reads the value back from a torch state_dict's keys (to recognise a .pt file's model); None: cannot
+    from_keys: Callable[[Collection[str]], Any] | None = None
+
+
+def _blocks_in(keys: Collection[str], prefix: str) -> int:
+    """How many blocks the nn.Sequential ``prefix`` holds, from keys like 'prefix.3.conv1.weight'."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _positive(value: Any) -> str | None:
+    values = value if isinstance(value, list | tuple) else [value]
+    return None if all(v >= 1 for v in values) else "must be at least 1"
+
+
+def _probability(value: float) -> str | None:
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+MODEL_ARGS: dict[str, ModelArg] = {
+    "n_blocks": ModelArg(
+        "n_blocks", "--n-blocks", int, 3,
+        "blocks per stage of the notebook-000 models (1 + 6n conv layers); default 3, but 5 with the "
+        "plain-vs-residual recipe, as notebook 000 compares them",
+        check=_positive, from_keys=lambda keys: _blocks_in(keys, "stage1")),
+    "num_blocks": ModelArg(
+        "num_blocks", "--num-blocks", int, (1, 1, 1, 1),
+        "blocks in each of PlainNet's four layers; default 1 1 1 1 (notebook 004: shallow 1 1 1 1, deep 3 3 3 3)",
+        nargs=4,
+        check=_positive, from_keys=lambda keys: tuple(_blocks_in(keys, f"layer{i}") for i in range(1, 5))),
+    "p": ModelArg("p", "--dropout-p", float, 0.2,
+                  "dropout probability after each block of ResNet18Dropout; default 0.2", check=_probability),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model: its constructor arguments, fixed arguments and notebook recipe."""
+
+    name: str
+    args: tuple[str, ...]  # keys of MODEL_ARGS it takes
+    recipe: str  # the recipe of its notebook, the default when --recipe is not given
+    fixed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # argument -> class name in the module
+    same_weights_as: str | None = None  # a variant whose state_dict is another model's (for recognising .pt)
+
+
+_000, _004 = "plain-vs-residual", "resnet18-cifar"
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec("PlainDeepCNN", ("n_blocks",), _000),
+    ModelSpec("SimpleResNet", ("n_blocks",), _000),
+    ModelSpec("PlainNet", ("num_blocks",), _004, fixed={"block": "PlainBlock"}),
+    ModelSpec("ResNet18", (), _004),
+    ModelSpec("ResNet34", (), _004),
+    ModelSpec("ResNet50", (), _004),
+    ModelSpec("ResNet18NoBN", (), _004),
+    ModelSpec("ResNet18Dropout", ("p",), _004, same_weights_as="ResNet18"),
+    ModelSpec("SimpleNet", (), _004),
+)}
+
+# Recipe-specific defaults of model arguments: notebook 000 trains both of its networks at N_BLOCKS = 5.
+RECIPE_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {_000: {"n_blocks": 5}}
+
+
+def model_names() -> list[str]:
+    return list(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
+
+
+def model_kwargs(name: str, given: Mapping[str, Any] | None = None, recipe: str | None = None) -> dict[str, Any]:
+    """The constructor arguments of ``name``: ``given`` (None values ignored) over recipe and class defaults.
+
+    Raises ``ValueError`` for an argument the model does not take or a value out of range, so that callers
+    (the CLI) can reject a run before doing anything.
+    """
+    spec = get_spec(name)
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    foreign = [MODEL_ARGS[k].flag if k in MODEL_ARGS else k for k in given if k not in spec.args]
+    if foreign:
+        takes = ", ".join(MODEL_ARGS[a].flag for a in spec.args) or "no model options"
+        raise ValueError(f"{name} does not take {', '.join(foreign)} (it takes {takes})")
+    kwargs = {}
+    for arg_name in spec.args:
+        arg = MODEL_ARGS[arg_name]
+        value = given.get(arg_name, RECIPE_MODEL_DEFAULTS.get(recipe or "", {}).get(arg_name, arg.default))
+        if isinstance(value, list | tuple):
+            value = tuple(value)
+        problem = arg.check(value)
+        if problem:
+            raise ValueError(f"{arg.flag} {problem}, got {value}")
+        kwargs[arg_name] = value
+    return kwargs
+
+
+def _build(module_name: str, name: str, kwargs: Mapping[str, Any], **extra: Any) -> Any:
+    spec = get_spec(name)
+    module = importlib.import_module(module_name)
+    fixed = {arg: getattr(module, class_name) for arg, class_name in spec.fixed.items()}
+    return getattr(module, name)(**fixed, **model_kwargs(name, kwargs), **extra)
+
+
+def build_flax(name: str, kwargs: Mapping[str, Any] | None = None, *, seed: int = 0, rngs: Any = None) -> Any:
+    """The Flax NNX model ``name``, initialised from ``seed`` (or the given ``nnx.Rngs``)."""
+    from flax import nnx
+
+    return _build("flax_resnet.models", name, kwargs or {}, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+
+
+def build_torch(name: str, kwargs: Mapping[str, Any] | None = None, *, seed: int | None = None) -> Any:
+    """The torch model ``name``, with torch's own initialisation drawn after ``torch.manual_seed(seed)``."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return _build("torch_ref.models", name, kwargs or {})
+
+
+def infer_model(state_dict_keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]] | None = None
+                ) -> tuple[str, dict[str, Any]]:
+    """Which registered model a torch ``state_dict`` belongs to, with the constructor arguments read from it.
+
+    Builds each candidate abstractly (``nnx.eval_shape``: no weights are computed) and compares keys and, when
+    given, shapes. A variant with the same weights as another model (ResNet18Dropout) is not a separate answer.
+    Raises ``ValueError`` when none or several fit.
+    """
+    from flax import nnx
+
+    from flax_resnet.port import torch_keys
+
+    keys = list(state_dict_keys)
+    matches: list[tuple[str, dict[str, Any]]] = []
+    for name, spec in MODELS.items():
+        given = {}
+        for arg_name in spec.args:
+            reader = MODEL_ARGS[arg_name].from_keys
+            if reader is not None:
+                given[arg_name] = reader(keys)
+        try:
+            kwargs = model_kwargs(name, given)
+        except ValueError:
+            continue
+        abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: build_flax(name, kwargs))
+        if torch_keys(abstract) != keys and set(torch_keys(abstract)) != set(keys):
+            continue
+        if shapes is not None:
+            from flax_resnet.port import _walk
+
+            if any(tuple(shapes[t.key]) != t.torch_shape for t in _walk(abstract)):
+                continue
+        matches.append((name, kwargs))
+    names = {name for name, _ in matches}
+    matches = [(n, k) for n, k in matches if MODELS[n].same_weights_as not in names]
+    if len(matches) != 1:
+        found = "none of them" if not matches else "several: " + ", ".join(n for n, _ in matches)
+        raise ValueError(f"cannot tell which model these weights belong to ({found} of {', '.join(MODELS)} fit); "
+                         "name it with --model")
+    return matches[0]

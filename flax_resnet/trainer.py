@@ -1,0 +1,273 @@
+"""The training loop: epochs of runner steps, the notebooks' metrics, history, checkpoints and curves.
+
+The loop only talks to a ``runners.Runner``, so the single-device ``jit`` runner, ``pmap`` and ``shard_map``
+(``flax_resnet.parallel``) all plug in: pass a runner, or a factory called as
+``factory(graphdef, tx, recipe, dtype=dtype)`` (``SingleDeviceRunner`` itself is one).
+
+Per epoch: the epoch plan of ``(seed, epoch)`` (so a resumed run sees the batches an uninterrupted one would),
+the train steps (dispatched back to back: metrics are summed on the device and read once at the end of the
+epoch, never per step), an evaluation over every test sample, then one row of history:
+
+| key              | definition                                                                             |
+| ---------------- | -------------------------------------------------------------------------------------- |
+| ``train_loss``   | recipe.train_loss_mean 'samples': sum(loss * n) / total (notebook 000's ``train_model``);|
+|                  | 'batches': mean of batch losses (notebook 004's ``train_epoch``)                        |
+| ``train_acc``    | percent of training samples classified right during the epoch (train mode, as both)    |
+| ``test_loss``    | mean over test batches of the batch-mean loss (notebook 004's ``evaluate``)             |
+| ``test_acc``     | percent of test samples classified right (eval mode)                                   |
+| ``epoch_time``   | seconds for the epoch, training and evaluation (the first includes compilation)        |
+| ``images_per_sec`` | training images per second of the training phase                                     |
+| ``lr``           | the learning rate of the epoch (torch's per-epoch scheduler value)                     |
+
+With an output directory, each epoch also writes ``history.json``, ``curves.png`` and a checkpoint
+(``flax_resnet.checkpoint``); ``resume=True`` continues from the last checkpoint with the same final result.
+The library never prints: progress goes to the bar from ``progress`` and epoch lines to ``log``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_resnet import engine, plots
+from flax_resnet.checkpoint import CHECKPOINT_SUBDIR, Checkpoints
+from flax_resnet.dtypes import cast_floating
+from flax_resnet.engine import Metrics, TrainState
+from flax_resnet.recipes import Recipe, epoch_learning_rate
+from flax_resnet.runners import Runner, SingleDeviceRunner, zero_metrics
+
+__all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "TrainError", "TrainResult", "empty_history",
+           "check_resumable", "epoch_summary", "history_row", "make_runner", "train", "write_history", "write_outputs"]
+
+HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time", "images_per_sec", "lr")
+HISTORY_FILE = "history.json"
+PLOT_FILE = "curves.png"
+
+History = dict[str, list[float]]
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start as asked (e.g. checkpoints of another run in the output directory)."""
+
+
+class ProgressBar(Protocol):
+    """The part of ``tqdm`` the loop uses."""
+
+    def update(self, n: int = 1) -> Any: ...
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
+ProgressFactory = Callable[..., ProgressBar]  # called as factory(total=steps, desc="epoch 1/20")
+RunnerFactory = Callable[..., Runner]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run ends with: the model passed in (now holding the trained variables), its graph, its final
+    state (host-readable, with the optimiser's) and the history."""
+
+    model: nnx.Module
+    graphdef: nnx.GraphDef
+    state: TrainState
+    history: History
+
+
+def empty_history() -> History:
+    return {key: [] for key in HISTORY_KEYS}
+
+
+def make_runner(runner: Runner | RunnerFactory | None, graphdef: nnx.GraphDef, tx: Any, recipe: Recipe,
+                dtype: Any) -> Runner:
+    """``runner`` if it is one, else the runner its factory builds (default: ``SingleDeviceRunner``)."""
+    if runner is None:
+        runner = SingleDeviceRunner
+    if isinstance(runner, type) or not hasattr(runner, "train_step"):
+        return runner(graphdef, tx, recipe, dtype=dtype)
+    return runner
+
+
+def _host_metrics(metrics: Metrics) -> dict[str, float]:
+    """One device-to-host read of the epoch's sums (replicated over devices and processes by the parallel
+    runners: this process's first copy is read)."""
+    local = [m.addressable_data(0) if isinstance(m, jax.Array) else m for m in metrics]
+    host = jax.device_get(local)
+    return {name: float(np.asarray(value).reshape(-1)[0]) for name, value in zip(Metrics._fields, host, strict=True)}
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else math.nan
+
+
+def history_row(recipe: Recipe, epoch: int, train: dict[str, float], test: dict[str, float], epoch_time: float,
+                train_time: float) -> dict[str, float]:
+    """One epoch of history from the summed metrics (see the module docstring for the definitions)."""
+    if recipe.train_loss_mean == "samples":
+        train_loss = _ratio(train["loss_x_count"], train["count"])
+    else:
+        train_loss = _ratio(train["loss_of_batches"], train["batches"])
+    return {
+        "train_loss": train_loss,
+        "train_acc": _ratio(100.0 * train["correct"], train["count"]),  # the notebooks' 100. * correct / total
+        "test_loss": _ratio(test["loss_of_batches"], test["batches"]),
+        "test_acc": _ratio(100.0 * test["correct"], test["count"]),
+        "epoch_time": epoch_time,
+        "images_per_sec": _ratio(train["count"], train_time),
+        "lr": float(epoch_learning_rate(recipe, epoch)),
+    }
+
+
+def epoch_summary(epoch: int, epochs: int, row: dict[str, float]) -> str:
+    """The notebooks' per-epoch line, with time and throughput."""
+    return (f"Epoch {epoch + 1}/{epochs}: Train Loss: {row['train_loss']:.4f}, Train Acc: {row['train_acc']:.2f}%, "
+            f"Test Loss: {row['test_loss']:.4f}, Test Acc: {row['test_acc']:.2f}% "
+            f"({row['epoch_time']:.1f} s, {row['images_per_sec']:.0f} img/s, lr {row['lr']:.4g})")
+
+
+def write_history(out_dir: str | Path, history: History) -> Path:
+    """``history.json``, written atomically."""
+    path = Path(out_dir) / HISTORY_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(history, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_outputs(out_dir: str | Path, history: History, recipe: Recipe, title: str | None = None) -> None:
+    """``history.json`` and ``curves.png`` (the recipe's notebook figure) in ``out_dir``."""
+    write_history(out_dir, history)
+    plots.plot_history(history, Path(out_dir) / PLOT_FILE, title=title, test_loss=recipe.report_test_loss,
+                       target_accuracy=plots.TARGET_ACCURACY.get(recipe.name))
+
+
+def _comparable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def check_resumable(meta: dict[str, Any], expected: dict[str, Any], directory: Path) -> None:
+    """A checkpoint continues this run only if it was made with the same settings (epochs may grow)."""
+    problems = []
+    for key, want in expected.items():
+        have = meta.get(key)
+        if key == "recipe" and isinstance(have, dict):
+            have = {k: v for k, v in have.items() if k != "epochs"}
+            want = {k: v for k, v in want.items() if k != "epochs"}
+        if _comparable(have) != _comparable(want):
+            problems.append(f"{key}: checkpoint {have!r}, now {want!r}")
+    if problems:
+        raise TrainError(f"the checkpoints in {directory} were made by a different run, so --resume cannot "
+                         "continue it:\n  " + "\n  ".join(problems))
+
+
+def train(model: nnx.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype: Any = jnp.float32,
+          runner: Runner | RunnerFactory | None = None, out_dir: str | Path | None = None, resume: bool = False,
+          overwrite: bool = False, meta: dict[str, Any] | None = None, max_to_keep: int = 3,
+          progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None,
+          on_step: Callable[[int, Metrics], None] | None = None, title: str | None = None) -> TrainResult:
+    """Train ``model`` (changed: cast to ``dtype``; the result holds the trained state) on a ``data.Dataset``.
+
+    ``seed`` fixes the batch order and augmentation (the model's initialisation is the caller's). ``meta``
+    (e.g. model name and arguments) goes into every checkpoint. ``on_step(global_step, summed_metrics)`` is
+    called after each dispatched step with the epoch's running sums on the device: reading them forces a
+    host sync per step, so it is for tests and debugging; the bar only counts steps.
+    """
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.read("jax_enable_x64"):
+        raise ValueError("float64 training needs jax.config.update('jax_enable_x64', True) first")
+    num_train, num_test = len(dataset.train_labels), len(dataset.test_labels)
+    if num_train == 0:
+        raise ValueError("the training set is empty")
+    spe = engine.steps_per_epoch(num_train, recipe.batch_size)
+    tx = engine.make_optimizer(recipe, spe)
+    cast_floating(model, dtype)
+    graphdef, state = engine.init_train_state(model, tx)
+
+    runner = make_runner(runner, graphdef, tx, recipe, dtype)
+    validate = getattr(runner, "validate_batch_sizes", None)  # the data-parallel runners' up-front check
+    if validate is not None:
+        validate(num_train, recipe.batch_size)
+    # In a multi-process run every process trains and saves checkpoints together; only process 0 reports.
+    main_process = jax.process_index() == 0
+    if not main_process:
+        progress = log = None
+
+    run_meta = {"recipe": dataclasses.asdict(recipe), "seed": seed, "dtype": jnp.dtype(dtype).name,
+                "num_train": num_train, "num_test": num_test, **(meta or {})}
+    history, start_epoch, ckpts = empty_history(), 0, None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        ckpt_dir = out_dir / CHECKPOINT_SUBDIR
+        if ckpt_dir.is_dir() and not resume:
+            with Checkpoints(ckpt_dir, create=False, max_to_keep=None) as existing:
+                taken = existing.steps
+            if taken and not overwrite:
+                raise TrainError(f"{out_dir} already holds checkpoints of a run (epochs {taken}); pass --resume "
+                                 "to continue it, --overwrite to start over, or choose another --out")
+            if taken:
+                shutil.rmtree(ckpt_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpts = Checkpoints(ckpt_dir, max_to_keep=max_to_keep)
+        if resume and ckpts.latest is not None:
+            check_resumable(ckpts.read_meta(), run_meta, ckpt_dir)
+            state, saved = ckpts.restore(state)
+            history = {key: list(saved["history"].get(key, [])) for key in HISTORY_KEYS}
+            start_epoch = int(saved["epoch"])
+            if log:
+                log(f"resuming from {ckpt_dir} after epoch {start_epoch}")
+
+    try:
+        state = runner.put_state(state)
+        train_data = runner.put_data(dataset.train_images, dataset.train_labels)
+        test_data = runner.put_data(dataset.test_images, dataset.test_labels) if num_test else None
+        zero = getattr(runner, "zero_metrics", None) or (lambda: zero_metrics(dtype))
+        for epoch in range(start_epoch, recipe.epochs):
+            bar = progress(total=spe, desc=f"epoch {epoch + 1}/{recipe.epochs}") if progress else None
+            t0 = time.perf_counter()
+            plan = engine.epoch_plan(seed, epoch, num_train)
+            metrics = zero()
+            for step in range(spe):
+                start, stop = engine.batch_bounds(step, num_train, recipe.batch_size)
+                state, metrics = runner.train_step(state, metrics, train_data, plan, start, stop - start)
+                if on_step is not None:
+                    on_step(epoch * spe + step, metrics)
+                if bar is not None:
+                    bar.update(1)
+            train_metrics = _host_metrics(metrics)  # the epoch's one wait for the device
+            train_time = time.perf_counter() - t0
+            test_metrics = dict.fromkeys(Metrics._fields, 0.0)
+            if test_data is not None:
+                metrics = zero()
+                for start in range(0, num_test, recipe.eval_batch_size):
+                    metrics = runner.eval_step(state, metrics, test_data, start, recipe.eval_batch_size)
+                test_metrics = _host_metrics(metrics)
+            row = history_row(recipe, epoch, train_metrics, test_metrics, time.perf_counter() - t0, train_time)
+            for key in HISTORY_KEYS:
+                history[key].append(row[key])
+            if ckpts is not None:
+                ckpts.save(epoch + 1, runner.get_state(state), {**run_meta, "epoch": epoch + 1, "history": history})
+                if main_process:
+                    write_outputs(out_dir, history, recipe, title)
+            if bar is not None:
+                bar.set_postfix_str(f"loss {row['train_loss']:.4f}, test acc {row['test_acc']:.2f}%")
+                bar.close()
+            if log:
+                log(epoch_summary(epoch, recipe.epochs, row))
+    finally:
+        if ckpts is not None:
+            ckpts.close()
+    state = runner.get_state(state)
+    nnx.update(model, state.params, state.model_state)
+    return TrainResult(model, graphdef, state, history)

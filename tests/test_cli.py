@@ -1,0 +1,217 @@
+"""The command line: help, argument checking before any side effect, real runs, porting, failing fast offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from flax_resnet import cli, data, registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def closed_port() -> int:
+    """A local TCP port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test touches the network: the CIFAR-10 source is a closed local port and urlopen fails loudly."""
+    monkeypatch.setattr(data, "SOURCE_HOST", "127.0.0.1")
+    monkeypatch.setattr(data, "SOURCE_PORT", closed_port())
+
+    def no_urlopen(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a test tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_urlopen)
+
+
+def run_main(argv: list[str]) -> int:
+    """``cli.main`` in-process, with argparse's SystemExit turned into its exit code."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+# ---------------------------------------------------------------------------------------------- help
+def test_main_help_lists_the_commands(capsys):
+    assert run_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "port" in out and "Without a command" in out
+
+
+def test_train_help_explains_every_option_and_lists_recipes_and_models(capsys):
+    assert run_main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    parser = cli.build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
+    flags = [s for a in train_parser._actions for s in a.option_strings if s.startswith("--")]  # noqa: SLF001
+    assert len(flags) > 30
+    for flag in flags:
+        assert flag in out, flag
+    words = " ".join(out.split())  # help text wraps anywhere
+    for text in ("plain-vs-residual", "resnet18-cifar", "multistep [8, 12] x0.1", "0.0005", "0.0001",
+                 "cosine (T_max = epochs)", "crop+flip", "0.4914", "(default: jax)", "(default: 0)",
+                 "(default: float32)", "default: 3)"):
+        assert text in words, text
+    for name in registry.model_names():
+        assert name in out
+
+
+def test_port_help(capsys):
+    assert run_main(["port", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--from" in out and "--to" in out and "--model" in out
+
+
+# --------------------------------------------------------------------------------------- bad values
+BAD = [
+    ["--epochs", "0"],
+    ["--batch-size", "0"],
+    ["--eval-batch-size", "-1"],
+    ["--lr", "0"],
+    ["--lr", "-0.1"],
+    ["--momentum", "1.0"],
+    ["--weight-decay", "-1e-4"],
+    ["--gamma", "0"],
+    ["--milestones", "0", "5"],
+    ["--std", "0.2", "0", "0.2"],
+    ["--model", "ResNet19"],
+    ["--recipe", "nope"],
+    ["--model", "ResNet18", "--n-blocks", "2"],
+    ["--model", "SimpleResNet", "--n-blocks", "0"],
+    ["--model", "PlainNet", "--num-blocks", "1", "0", "1", "1"],
+    ["--model", "ResNet18Dropout", "--dropout-p", "1.5"],
+    ["--dataset", "mnist"],
+    ["--dtype", "float16"],
+    ["--train-samples", "0"],
+    ["--max-to-keep", "0"],
+    ["--seed", "-1"],
+    ["--resume", "--overwrite"],
+    ["--init-from", "/nonexistent/weights.pt"],
+    ["--epochs", "two"],
+    ["--framework", "torch", "--parallel", "pmap"],
+    ["--bn-sync", "maybe"],
+    ["--coordinator", "127.0.0.1:1234"],  # without --num-processes and --process-id
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[" ".join(b) for b in BAD])
+def test_impossible_values_exit_2_before_anything_is_written(bad, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main(["train", "--dataset", "synthetic", "--out", str(out), *bad]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_options_without_a_command_are_trains(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main(["--epochs", "0", "--out", str(out)]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err and not out.exists()
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "1").mkdir(parents=True)
+    assert run_main(["train", "--dataset", "synthetic", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--resume" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------- offline
+def test_offline_default_run_fails_fast_with_the_fix(tmp_path, monkeypatch, capsys):
+    """``python train.py`` with no data and no network: a one-paragraph message naming --archive, in seconds."""
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    code = run_main([])
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 1
+    assert elapsed < 15, elapsed
+    assert err.startswith("error: ") and "does not answer" in err and "--archive" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_coordinator_fails_within_the_timeout(tmp_path, capsys):
+    """Multi-host flags reach jax.distributed: a coordinator nobody serves is a bounded wait and a clear error."""
+    with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    code = run_main(["train", "--dataset", "synthetic", "--out", str(out), "--coordinator", f"127.0.0.1:{port}",
+                     "--num-processes", "2", "--process-id", "1", "--distributed-timeout", "3"])
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 1 and elapsed < 30, (code, elapsed)
+    assert f"127.0.0.1:{port}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ real runs
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_train_subprocess_writes_history_curves_and_checkpoint(framework, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "train", "--dataset", "synthetic", "--train-samples", "32",
+           "--test-samples", "8", "--model", "SimpleResNet", "--n-blocks", "1", "--epochs", "1", "--batch-size",
+           "16", "--framework", framework, "--out", str(out), "--no-progress"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Epoch 1/1: Train Loss:" in proc.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert set(history) >= {"train_loss", "train_acc", "test_loss", "test_acc", "epoch_time", "images_per_sec",
+                            "lr"}
+    assert all(len(v) == 1 for v in history.values())
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    ckpt = out / "checkpoints"
+    if framework == "jax":
+        assert (ckpt / "1").is_dir()
+    else:
+        assert (ckpt / "epoch_0001.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ port
+def test_port_round_trip_pt_to_checkpoint_to_pt_is_bit_exact(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0)
+    model.train()
+    with torch.no_grad():  # move the BatchNorm statistics and counters away from their initial values
+        for _ in range(2):
+            model(torch.randn(4, 3, 32, 32))
+    original = model.state_dict()
+    pt, ckpt, back = tmp_path / "w.pt", tmp_path / "ckpt", tmp_path / "back.pt"
+    torch.save(original, pt)
+
+    assert run_main(["port", "--from", str(pt), "--to", str(ckpt)]) == 0  # the model is recognised by its keys
+    assert "SimpleResNet" in capsys.readouterr().out
+    assert run_main(["port", "--from", str(ckpt), "--to", str(back)]) == 0  # the model is read from the checkpoint
+    restored = torch.load(back, weights_only=True)
+    assert list(restored) == list(original)
+    for key, value in original.items():
+        assert restored[key].dtype == value.dtype and torch.equal(restored[key], value), key
+    model.load_state_dict(restored, strict=True)
+
+
+def test_port_reports_weights_that_do_not_fit(tmp_path, capsys):
+    pt = tmp_path / "w.pt"
+    torch.save(registry.build_torch("PlainDeepCNN", {"n_blocks": 1}, seed=0).state_dict(), pt)
+    code = run_main(["port", "--from", str(pt), "--to", str(tmp_path / "ckpt"), "--model", "SimpleResNet",
+                     "--n-blocks", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "missing key" in err and "Traceback" not in err
+    assert not (tmp_path / "ckpt").exists()
