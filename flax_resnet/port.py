@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["PortError", "load_torch_state_dict", "to_torch_state_dict", "torch_keys"]
+__all__ = ["PortError", "load_torch_state_dict", "named_layers", "to_torch_state_dict", "torch_keys"]
 
 
 class PortError(ValueError):
@@ -88,17 +88,32 @@ def _layer_tensors(prefix: str, layer: nnx.Module) -> list[_Tensor]:
     return [_Tensor(prefix + name, var, to_t, from_t) for name, var, to_t, from_t in pairs if var is not None]
 
 
-def _walk(module: nnx.Module, prefix: str = "") -> Iterator[_Tensor]:
-    """Every torch tensor of ``module``, in torch's ``state_dict`` order (registration order)."""
+def _iter_layers(module: nnx.Module, name: str) -> Iterator[tuple[str, nnx.Module]]:
     if isinstance(module, nnx.Conv | nnx.Linear | nnx.BatchNorm):
-        yield from _layer_tensors(prefix, module)
+        yield name, module
         return
     own = [k for k, v in vars(module).items() if isinstance(v, nnx.Variable) and not k.startswith("_")]
     if own:
-        raise TypeError(f"cannot port {type(module).__name__} at {prefix or 'the root'!r}: it holds variables "
+        raise TypeError(f"cannot port {type(module).__name__} at {name or 'the root'!r}: it holds variables "
                         f"{own} directly; only conv, linear and BatchNorm layers are known")
-    for name, child in _children(module):
-        yield from _walk(child, f"{prefix}{name}.")
+    for child_name, child in _children(module):
+        yield from _iter_layers(child, f"{name}.{child_name}" if name else child_name)
+
+
+def named_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """Every conv, linear and BatchNorm layer of ``model`` with its torch module name, in torch's order.
+
+    The names are those of ``torch_model.named_modules()`` for the torch twin ('layer1.0.conv1',
+    'layer2.0.downsample.0'; '' if ``model`` is itself such a layer), in registration order, which is also
+    the order of the ``state_dict``.
+    """
+    return list(_iter_layers(model, ""))
+
+
+def _walk(module: nnx.Module) -> Iterator[_Tensor]:
+    """Every torch tensor of ``module``, in torch's ``state_dict`` order (registration order)."""
+    for name, layer in _iter_layers(module, ""):
+        yield from _layer_tensors(f"{name}." if name else "", layer)
 
 
 def torch_keys(model: nnx.Module) -> list[str]:
