@@ -40,7 +40,7 @@ RUNS_DIR = "runs"
 EXIT_FAILURE = 1
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the hand-made tables of epilogs; wraps descriptions paragraph by paragraph; wider option column."""
 
     def __init__(self, prog: str) -> None:
@@ -60,14 +60,14 @@ def fail(message: str) -> int:
     return EXIT_FAILURE
 
 
-def _write_line(line: str) -> None:
+def write_line(line: str) -> None:
     """Epoch lines go to stdout, between progress-bar refreshes (tqdm.write keeps the bar intact)."""
     from tqdm import tqdm
 
     tqdm.write(line, file=sys.stdout)
 
 
-def _progress(enabled: bool) -> Callable[..., Any] | None:
+def progress_factory(enabled: bool) -> Callable[..., Any] | None:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -125,7 +125,7 @@ def _train_epilog() -> str:
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``train`` command and its options."""
     p = subparsers.add_parser(
-        "train", help="train a model (the default command)", formatter_class=_Formatter, epilog=_train_epilog(),
+        "train", help="train a model (the default command)", formatter_class=HelpFormatter, epilog=_train_epilog(),
         description="Train one of the notebooks' models with one of their recipes, in JAX/Flax or PyTorch. "
                     "Writes history.json, curves.png and a checkpoint per epoch to --out.")
     what = p.add_argument_group("what to train")
@@ -151,6 +151,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_parallel_arguments(p)
     what.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                       help="floating-point type of weights and computation (default: %(default)s)")
+    what.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                      help="bf16: mixed precision for --framework jax (bfloat16 convolutions and activations; "
+                           "float32 weights, optimizer, BatchNorm statistics and loss; see flax_resnet.precision) "
+                           "(default: %(default)s)")
     what.add_argument("--seed", type=int, default=0, metavar="N",
                       help="seed of the initialisation and of the batch order and augmentation "
                            "(default: %(default)s)")
@@ -267,6 +271,9 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _T
     multi_host = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in multi_host) and not all(v is not None for v in multi_host):
         parser.error("--coordinator, --num-processes and --process-id go together (or none of them, under SLURM)")
+    if args.precision == "bf16" and (args.framework != "jax" or args.dtype != "float32"):
+        parser.error("--precision bf16 is for --framework jax with --dtype float32 (the torch reference runs the "
+                     "notebooks' float32 loops; `train.py bench --precision bf16` times torch autocast)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     out = args.out or default_out_dir(args.model, args.recipe, args.framework, args.dataset)
@@ -275,7 +282,7 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _T
     return _TrainPlan(args.model, kwargs, recipe, out)
 
 
-def _load_data(args: argparse.Namespace) -> Any:
+def load_data(args: argparse.Namespace) -> Any:
     from flax_resnet import data
 
     if args.dataset == "synthetic":
@@ -345,20 +352,23 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from flax_resnet.trainer import TrainError
 
     dtype = jnp.dtype(args.dtype)
-    meta = {"model": plan.model, "model_kwargs": plan.model_kwargs, "framework": args.framework}
+    meta = {"model": plan.model, "model_kwargs": plan.model_kwargs, "framework": args.framework,
+            "precision": args.precision}
     arguments = ", ".join(f"{k}={v}" for k, v in plan.model_kwargs.items())
     title = f"{plan.model}({arguments}), {plan.recipe.name}, {args.framework}"
     common = dict(seed=args.seed, dtype=dtype, out_dir=plan.out, resume=args.resume, overwrite=args.overwrite,
-                  meta=meta, max_to_keep=args.max_to_keep, progress=_progress(not args.no_progress),
-                  log=_write_line, title=title)
+                  meta=meta, max_to_keep=args.max_to_keep, progress=progress_factory(not args.no_progress),
+                  log=write_line, title=title)
     try:
-        dataset = _load_data(args)
+        dataset = load_data(args)
         if args.framework == "jax":
             from flax_resnet import parallel, trainer
+            from flax_resnet.precision import apply_precision
 
             model = registry.build_flax(plan.model, plan.model_kwargs, seed=args.seed)
             if args.init_from is not None:
                 _init_flax_from(model, args.init_from)
+            apply_precision(model, args.precision)
             runner = parallel.runner_factory_from_args(args)
             history = trainer.train(model, plan.recipe, dataset, runner=runner, **common).history
         else:
@@ -399,7 +409,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``port`` command: torch .pt <-> Flax checkpoint."""
     p = subparsers.add_parser(
-        "port", help="convert weights: torch .pt <-> Flax checkpoint", formatter_class=_Formatter,
+        "port", help="convert weights: torch .pt <-> Flax checkpoint", formatter_class=HelpFormatter,
         description="Convert a torch state_dict (.pt) into a Flax (orbax) checkpoint directory, or a Flax "
                     "checkpoint (a port output or a training run's --out) into a .pt state_dict that the torch "
                     "model loads with strict=True. The direction follows --from: a file is a .pt, a directory "
@@ -507,7 +517,7 @@ def _resolve(entry: Callable[[Any], Any] | str) -> Callable[[Any], Any] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train.py", formatter_class=_Formatter,
+        prog="train.py", formatter_class=HelpFormatter,
         description="The ResNets of two PyTorch course notebooks, in JAX/Flax NNX and in PyTorch: training, "
                     "weight porting and more. Without a command, runs `train` (ResNet18, the notebook-004 "
                     "recipe, CIFAR-10); options before a command are taken as `train`'s.",

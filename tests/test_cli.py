@@ -106,6 +106,9 @@ BAD = [
     ["--framework", "torch", "--parallel", "pmap"],
     ["--bn-sync", "maybe"],
     ["--coordinator", "127.0.0.1:1234"],  # without --num-processes and --process-id
+    ["--precision", "fp16"],
+    ["--precision", "bf16", "--framework", "torch"],
+    ["--precision", "bf16", "--dtype", "float64"],
 ]
 
 
@@ -183,6 +186,31 @@ def test_train_subprocess_writes_history_curves_and_checkpoint(framework, tmp_pa
         assert (ckpt / "1").is_dir()
     else:
         assert (ckpt / "epoch_0001.pt").is_file()
+
+
+def test_bf16_run_computes_in_bf16_and_records_it(tmp_path, monkeypatch, capsys):
+    """``--precision bf16`` reaches the model (bf16 conv layers) and the checkpoint's meta (so --resume checks it)."""
+    from flax_resnet import checkpoint, precision
+
+    seen = {}
+    original = precision.apply_precision
+
+    def spy(model, which):
+        seen["which"] = which
+        return original(model, which)
+
+    monkeypatch.setattr(precision, "apply_precision", spy)
+    out = tmp_path / "bf16"
+    assert run_main(["train", "--dataset", "synthetic", "--train-samples", "32", "--test-samples", "8", "--model",
+                     "SimpleResNet", "--n-blocks", "1", "--epochs", "1", "--batch-size", "16", "--precision", "bf16",
+                     "--out", str(out), "--no-progress"]) == 0
+    assert seen["which"] == "bf16"
+    assert checkpoint.read_meta(out)["precision"] == "bf16"
+    # resuming with another precision is refused: the run's settings are part of its identity
+    assert run_main(["train", "--dataset", "synthetic", "--train-samples", "32", "--test-samples", "8", "--model",
+                     "SimpleResNet", "--n-blocks", "1", "--epochs", "2", "--batch-size", "16", "--out", str(out),
+                     "--resume", "--no-progress"]) == 1
+    assert "precision" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ port

@@ -1,0 +1,763 @@
+"""Speed benchmark: the Flax train step against three PyTorch variants, in one process, on one device.
+
+``python train.py bench --model NAME --batch-size B [--precision {fp32,bf16}] [--json FILE] [--quick]``
+
+What is compared (same device, model, batch, precision, optimizer; synthetic CIFAR-sized uint8 data resident on
+the device, normalised and augmented (crop + flip) on the device by both frameworks, the same batches):
+
+- ``flax``: the real training path, ``runners.SingleDeviceRunner`` (jit, donated state, on-device metrics);
+- ``torch eager`` (NCHW), ``torch channels_last``, ``torch.compile + channels_last`` (its failure, or its
+  absence in ``--quick``, is reported as a row with status ``n/a: why``).
+
+Rows per implementation: ``train step`` and ``eval step`` (warm-up, then each timed step synchronised: median,
+p10, p90) and ``epoch`` (a whole epoch through the same step, synchronised once at its end, including the epoch
+plan and the read of the epoch's metrics). Columns:
+
+- ``compile_s``: Flax, the XLA compilation of the step (``jit(...).lower(...).compile()``); torch.compile, its
+  first call minus a median step; none for eager torch;
+- ``peak_mem_mb``: GPU: ``jax`` ``peak_bytes_in_use`` (never reset: the process's peak so far) and
+  ``torch.cuda.max_memory_allocated`` (reset per row); CPU: the process's peak resident set size (``VmHWM``,
+  reset per row through ``/proc/self/clear_refs``), which counts both frameworks' heaps and the data;
+  ``peak_mem_kind`` says which;
+- ``gflop``: analytic model FLOPs per step: 2 x the multiply-adds of every convolution and matmul of the forward
+  pass, x 3 for a training step (forward, input gradients, weight gradients); ``xla_gflop``: XLA's cost
+  analysis of the compiled Flax step (all ops, for comparison);
+- ``mfu``: analytic FLOPs / time / the device's dense peak (``PEAK_TFLOPS``; fp32 against the TF32 peak, the
+  precision both frameworks use for float32 convolutions on these GPUs by default); GPUs only;
+- ``flax_speedup``: the Flax row's images/s over this row's, same phase.
+
+Imports of JAX and torch happen inside the functions, so the command line's ``--help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from flax_resnet import registry
+
+Precision = Literal["fp32", "bf16"]
+
+# Dense (no sparsity) peak TFLOP/s, first matching substring of jax's ``device_kind`` wins. "fp32" is the TF32
+# tensor-core peak: XLA and cuDNN run float32 convolutions in TF32 by default on Hopper.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200 NVL", {"bf16": 835.0, "fp32": 417.5}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 417.5}),
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}),
+    ("H200", {"bf16": 989.4, "fp32": 494.7}),
+    ("H100", {"bf16": 989.4, "fp32": 494.7}),
+)
+
+IMPLS = ("flax", "torch eager", "torch channels_last", "torch.compile channels_last")
+PHASES = ("train step", "eval step", "epoch")
+# (key, header) of the printed table; the JSON rows hold these and more (see ``run_benchmark``)
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("phase", "phase"), ("impl", "implementation"), ("images_per_s", "img/s"), ("ms_median", "ms/step"),
+    ("ms_p10", "p10"), ("ms_p90", "p90"), ("compile_s", "compile s"), ("peak_mem_mb", "peak MB"),
+    ("gflop", "GFLOP/step"), ("xla_gflop", "XLA GFLOP"), ("mfu", "MFU"), ("flax_speedup", "Flax/this"),
+    ("status", "status"),
+)
+QUICK = {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}, "batch_size": 16, "warmup": 2, "steps": 5,
+         "epoch_images": 256}
+DEFAULT_EPOCH_IMAGES = 50_000  # CIFAR-10's training split
+
+
+@dataclasses.dataclass
+class _Setup:
+    """Everything both frameworks share: the model, batch, data, recipe and device."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    batch_size: int
+    precision: Precision
+    warmup: int
+    steps: int
+    epoch_images: int
+    seed: int
+    recipe: Any  # flax_resnet.recipes.Recipe
+    images: Any  # uint8 NHWC numpy, epoch_images (at least one batch) of them
+    labels: Any  # int32 numpy
+    platform: str  # jax's default backend: 'cpu' / 'gpu'
+    device_kind: str
+    log: Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------- host allocator
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+_ALLOCATOR_TUNED: dict[str, int] | None = None
+
+
+def tune_cpu_allocator() -> dict[str, int] | None:
+    """Make glibc keep freed memory for reuse instead of unmapping it; call first thing, before JAX runs anything.
+
+    Why: XLA:CPU allocates each execution's temporary buffer (295 MB for ResNet-20 at batch 128) and frees it
+    afterwards. glibc serves such large requests with a fresh ``mmap`` and returns them with ``munmap`` (always,
+    for requests above 32 MB or from a thread's arena), so every step page-faults the whole buffer back in:
+    *measured* 75,000 page faults and 150 ms of kernel time per ResNet-20 step, a fifth of its CPU time. One
+    arena, no mmap and a 2 GB trim threshold keep the buffer in the heap: 0 faults, 5 ms of kernel time.
+
+    Only effective before the threads that allocate (JAX's, created when its backend starts) make their first
+    allocation, hence "first thing". Linux/glibc only, idempotent; ``FLAX_RESNET_MALLOC=default`` opts out.
+    Returns the settings applied, or None when nothing was done.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None or os.environ.get("FLAX_RESNET_MALLOC") == "default":
+        return _ALLOCATOR_TUNED
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    settings = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+    codes = {"M_ARENA_MAX": _M_ARENA_MAX, "M_MMAP_MAX": _M_MMAP_MAX, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD}
+    if all(mallopt(codes[k], v) == 1 for k, v in settings.items()):
+        _ALLOCATOR_TUNED = settings
+    return _ALLOCATOR_TUNED
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def _summary(times_s: Sequence[float], batch: int) -> dict[str, float]:
+    import numpy as np
+
+    t = np.asarray(times_s) * 1e3
+    median = float(np.median(t))
+    return {"ms_median": median, "ms_p10": float(np.percentile(t, 10)), "ms_p90": float(np.percentile(t, 90)),
+            "images_per_s": batch / (median / 1e3)}
+
+
+def _time(step: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, steps: int) -> list[float]:
+    """Per-step wall times, each step synchronised (so the time is the device's, not the dispatch's)."""
+    for _ in range(warmup):
+        sync(step())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sync(step())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class _PeakMemory:
+    """Peak memory of one row: torch's allocator on GPU, jax's allocator (never reset) on GPU, else peak RSS."""
+
+    def __init__(self, framework: str, setup: _Setup):
+        self.framework, self.gpu = framework, setup.platform == "gpu"
+
+    @property
+    def kind(self) -> str:
+        if self.gpu:
+            return ("torch.cuda.max_memory_allocated" if self.framework == "torch"
+                    else "jax peak_bytes_in_use (process peak so far)")
+        return "process peak RSS (VmHWM, reset per row)" if _can_reset_rss() else "process peak RSS (since start)"
+
+    def reset(self) -> None:
+        if self.gpu and self.framework == "torch":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        elif not self.gpu and _can_reset_rss():
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def read_mb(self) -> float | None:
+        if self.gpu and self.framework == "torch":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.gpu:
+            import jax
+
+            stats = jax.devices()[0].memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use")
+            return None if peak is None else peak / 2**20
+        return _peak_rss_mb()
+
+
+def _can_reset_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_tflops(device_kind: str, precision: str) -> float | None:
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return peaks[precision]
+    return None
+
+
+def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int:
+    """Multiply-adds of every convolution and matmul in one forward pass of the Flax ``model`` (eval mode).
+
+    Read from the traced jaxpr (nothing is computed), so it follows the model's actual layers.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        m = nnx.merge(graphdef, state)
+        m.eval()
+        return m(x)
+
+    x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+    return _macs(jax.make_jaxpr(forward)(state, x).jaxpr)
+
+
+def _macs(jaxpr: Any) -> int:
+    from jax.extend import core
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
+            out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += math.prod(out.shape) * (math.prod(rhs.shape) // out_features)
+        elif name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else (param,):
+                if isinstance(sub, core.ClosedJaxpr):
+                    total += _macs(sub.jaxpr)
+                elif isinstance(sub, core.Jaxpr):
+                    total += _macs(sub)
+    return total
+
+
+def _xla_flops(compiled: Any) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends have no cost analysis
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+# ------------------------------------------------------------------------------------------- setup
+def _make_setup(model: str, model_kwargs: dict[str, Any], batch_size: int, precision: Precision, warmup: int,
+                steps: int, epoch_images: int, seed: int, log: Callable[[str], None]) -> _Setup:
+    import jax
+    import numpy as np
+
+    from flax_resnet.recipes import get_recipe
+
+    spec = registry.get_spec(model)
+    kwargs = registry.model_kwargs(model, model_kwargs)
+    # the model's notebook recipe, with augmentation on: the benchmark includes the on-device crop + flip
+    recipe = dataclasses.replace(get_recipe(spec.recipe), batch_size=batch_size, eval_batch_size=batch_size,
+                                 augment=True)
+    n = max(epoch_images, batch_size)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    device = jax.devices()[0]
+    return _Setup(model, kwargs, batch_size, precision, warmup, steps, epoch_images, seed, recipe, images, labels,
+                  device.platform, device.device_kind, log)
+
+
+def _row(setup: _Setup, impl: str, phase: str, **fields: Any) -> dict[str, Any]:
+    row = {"phase": phase, "impl": impl, "status": "ok", "images_per_s": None, "ms_median": None, "ms_p10": None,
+           "ms_p90": None, "epoch_s": None, "compile_s": None, "peak_mem_mb": None, "peak_mem_kind": None,
+           "gflop": None, "xla_gflop": None, "mfu": None, "flax_speedup": None,
+           "model": setup.model, "model_kwargs": setup.model_kwargs, "batch_size": setup.batch_size,
+           "precision": setup.precision, "platform": setup.platform, "device_kind": setup.device_kind,
+           "load_avg_1m": _load()}
+    row.update(fields)
+    return row
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _mfu(setup: _Setup, gflop: float | None, seconds: float | None) -> float | None:
+    peak = _peak_tflops(setup.device_kind, setup.precision) if setup.platform == "gpu" else None
+    if peak is None or not gflop or not seconds:
+        return None
+    return gflop * 1e9 / seconds / (peak * 1e12)
+
+
+# ------------------------------------------------------------------------------------------- flax
+def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
+    """The three Flax rows, through ``SingleDeviceRunner``; also returns the forward MACs per batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_resnet import engine, runners
+    from flax_resnet.precision import apply_precision
+
+    b, n = setup.batch_size, len(setup.labels)
+    model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
+    macs = count_forward_macs(model, b)
+    train_gflop, eval_gflop = 6 * macs / 1e9, 2 * macs / 1e9
+    tx = engine.make_optimizer(setup.recipe, engine.steps_per_epoch(n, b))
+    graphdef, state = engine.init_train_state(model, tx)
+    runner = runners.SingleDeviceRunner(graphdef, tx, setup.recipe)
+    memory = _PeakMemory("flax", setup)
+    memory.reset()
+    data = runner.put_data(setup.images, setup.labels)
+    state = runner.put_state(state)
+    plan = engine.epoch_plan(setup.seed, 0, n)
+    rows = []
+
+    # train step: compile time and XLA's FLOPs from an ahead-of-time compile of the runner's own jit
+    setup.log("flax: compiling the train step")
+    train_compile_s, train_xla = _aot(getattr(runner, "_train", None), state, runners.zero_metrics(), data, plan,
+                                      jnp.int32(0), size=b)
+    box = [state, runners.zero_metrics(), 0]
+    full_batches = max(n // b, 1)
+
+    def train() -> Any:
+        start = (box[2] % full_batches) * b
+        box[2] += 1
+        box[0], box[1] = runner.train_step(box[0], box[1], data, plan, start, b)
+        return box[1]
+
+    times = _time(train, jax.block_until_ready, setup.warmup, setup.steps)
+    s = _summary(times, b)
+    rows.append(_row(setup, "flax", "train step", **s, compile_s=train_compile_s, gflop=train_gflop,
+                     xla_gflop=train_xla, mfu=_mfu(setup, train_gflop, s["ms_median"] / 1e3),
+                     peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind))
+
+    # eval step
+    setup.log("flax: eval step")
+    memory.reset()
+    eval_compile_s, eval_xla = _aot(getattr(runner, "_eval", None), box[0], runners.zero_metrics(), data,
+                                    jnp.int32(0), size=b)
+    ebox = [runners.zero_metrics()]
+
+    def evaluate() -> Any:
+        ebox[0] = runner.eval_step(box[0], ebox[0], data, 0, b)
+        return ebox[0]
+
+    s = _summary(_time(evaluate, jax.block_until_ready, setup.warmup, setup.steps), b)
+    rows.append(_row(setup, "flax", "eval step", **s, compile_s=eval_compile_s, gflop=eval_gflop,
+                     xla_gflop=eval_xla, mfu=_mfu(setup, eval_gflop, s["ms_median"] / 1e3),
+                     peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind))
+
+    # epoch: every batch of the split (the last one short if b does not divide n), one sync at the end
+    if setup.epoch_images:
+        setup.log(f"flax: epoch of {n} images")
+        memory.reset()
+        if n % b:  # compile the short last batch outside the timed epoch
+            box[0], box[1] = runner.train_step(box[0], box[1], data, plan, n - n % b, n % b)
+        jax.block_until_ready(engine.epoch_plan(setup.seed, 1, n))  # compile the plan outside too
+        plan = jax.block_until_ready(engine.epoch_plan(setup.seed, 2, n))
+        state, metrics = jax.block_until_ready((box[0], runners.zero_metrics()))
+        t0 = time.perf_counter()
+        steps = engine.steps_per_epoch(n, b)
+        for i in range(steps):
+            start, stop = engine.batch_bounds(i, n, b)
+            state, metrics = runner.train_step(state, metrics, data, plan, start, stop - start)
+        jax.device_get(metrics)  # the trainer reads the epoch's metrics once, at its end
+        jax.block_until_ready(state)
+        epoch_s = time.perf_counter() - t0
+        rows.append(_epoch_row(setup, "flax", epoch_s, steps, train_gflop, memory))
+    return rows, macs
+
+
+def _aot(jitted: Any, *args: Any, **kwargs: Any) -> tuple[float | None, float | None]:
+    """(XLA compile seconds, XLA's GFLOP) of ``jitted`` for these arguments; (None, None) if unavailable."""
+    if jitted is None or not hasattr(jitted, "lower"):
+        return None, None
+    lowered = jitted.lower(*args, **kwargs)
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    flops = _xla_flops(compiled)
+    return seconds, None if flops is None else flops / 1e9
+
+
+def _epoch_row(setup: _Setup, impl: str, epoch_s: float, steps: int, train_gflop: float,
+               memory: _PeakMemory) -> dict[str, Any]:
+    n = len(setup.labels)
+    gflop_epoch = train_gflop * n / setup.batch_size
+    return _row(setup, impl, "epoch", images_per_s=n / epoch_s, ms_median=epoch_s / steps * 1e3, epoch_s=epoch_s,
+                gflop=train_gflop, mfu=_mfu(setup, gflop_epoch, epoch_s), peak_mem_mb=memory.read_mb(),
+                peak_mem_kind=memory.kind)
+
+
+# ------------------------------------------------------------------------------------------- torch
+class _TorchData:
+    """The split resident on torch's device, and the same on-device batch preparation as the Flax runner."""
+
+    def __init__(self, setup: _Setup, device: Any):
+        import torch
+
+        self.torch, self.device, self.recipe = torch, device, setup.recipe
+        self.images = torch.from_numpy(setup.images).to(device)
+        self.labels = torch.from_numpy(setup.labels.astype("int64")).to(device)
+        self.mean = torch.tensor(setup.recipe.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(setup.recipe.std, device=device).view(1, 3, 1, 1)
+        self.arange = torch.arange(32, device=device)
+        self.set_plan(0)
+
+    def set_plan(self, epoch: int) -> None:
+        import numpy as np
+
+        from flax_resnet import engine
+
+        plan = engine.epoch_plan(0, epoch, len(self.labels))
+        t = self.torch
+        self.perm = t.from_numpy(np.array(plan.permutation, dtype=np.int64)).to(self.device)
+        self.offsets = t.from_numpy(np.array(plan.offsets, dtype=np.int64)).to(self.device)
+        self.flips = t.from_numpy(np.array(plan.flips)).to(self.device)
+
+    def batch(self, start: int, size: int, channels_last: bool, train: bool = True) -> tuple[Any, Any]:
+        """Gather, crop + flip (uint8 NHWC), normalise, NCHW float: what ``runners.gather_batch`` does.
+
+        ``train=False``: samples [start, start + size) in order, not augmented (``runners.gather_eval_batch``).
+        """
+        t = self.torch
+        idx = self.perm[start:start + size] if train else t.arange(start, start + size, device=self.device)
+        x = self.images[idx]
+        if train and self.recipe.augment:
+            x = t.nn.functional.pad(x, (0, 0, 4, 4, 4, 4))
+            off = self.offsets[start:start + size]
+            rows = (off[:, 0, None] + self.arange)[:, :, None]
+            cols = (off[:, 1, None] + self.arange)[:, None, :]
+            x = x[t.arange(size, device=self.device)[:, None, None], rows, cols]
+            x = t.where(self.flips[start:start + size, None, None, None], x.flip(2), x)
+        x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std  # channels_last-strided already
+        x = x.contiguous(memory_format=t.channels_last if channels_last else t.contiguous_format)
+        return x, self.labels[idx]
+
+
+def _phases(setup: _Setup) -> tuple[str, ...]:
+    return PHASES if setup.epoch_images else PHASES[:2]
+
+
+def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_skipped: str) -> list[dict[str, Any]]:
+    import torch
+
+    device = torch.device("cuda" if setup.platform == "gpu" and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # as XLA's default precision does (convs are TF32 already)
+        torch.backends.cudnn.allow_tf32 = True
+    data = _TorchData(setup, device)
+    rows = []
+    phases = _phases(setup)
+    for impl in IMPLS[1:]:
+        if impl.startswith("torch.compile") and not compile_torch:
+            rows += [_row(setup, impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in phases]
+            continue
+        try:
+            rows += _torch_variant(setup, data, device, impl, macs)
+        except Exception as e:  # noqa: BLE001 - report any failure of a variant as its rows, keep the others
+            reason = f"n/a: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            setup.log(f"{impl}: {reason}")
+            done = {r["phase"] for r in rows if r["impl"] == impl}
+            rows += [_row(setup, impl, phase, status=reason) for phase in phases if phase not in done]
+    return rows
+
+
+def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs: int) -> list[dict[str, Any]]:
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    b, n = setup.batch_size, len(setup.labels)
+    channels_last = "channels_last" in impl
+    compiled = impl.startswith("torch.compile")
+    train_gflop, eval_gflop = 6 * macs / 1e9, 2 * macs / 1e9
+    model = registry.build_torch(setup.model, setup.model_kwargs, seed=setup.seed).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    r = setup.recipe
+    opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+    net = torch.compile(model) if compiled else model
+    half = setup.precision == "bf16"
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if half else contextlib.nullcontext()
+
+    def sync(_: Any = None) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    counter = [0]
+    full_batches = max(n // b, 1)
+
+    def train_on(start: int, size: int) -> Any:
+        x, y = data.batch(start, size, channels_last)
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        opt.step()
+        correct.add_((logits.argmax(1) == y).sum())  # metrics stay on the device, as in the Flax step
+        return loss
+
+    def train() -> Any:
+        start = (counter[0] % full_batches) * b
+        counter[0] += 1
+        return train_on(start, b)
+
+    memory = _PeakMemory("torch", setup)
+    rows = []
+    setup.log(f"{impl}: train step")
+    memory.reset()
+    model.train()
+    compile_s = None
+    if compiled:  # the first call compiles: its time beyond a step is torch.compile's
+        t0 = time.perf_counter()
+        sync(train())
+        first = time.perf_counter() - t0
+    s = _summary(_time(train, sync, setup.warmup, setup.steps), b)
+    if compiled:
+        compile_s = max(first - s["ms_median"] / 1e3, 0.0)
+    rows.append(_row(setup, impl, "train step", **s, compile_s=compile_s, gflop=train_gflop,
+                     mfu=_mfu(setup, train_gflop, s["ms_median"] / 1e3), peak_mem_mb=memory.read_mb(),
+                     peak_mem_kind=memory.kind))
+
+    setup.log(f"{impl}: eval step")
+    memory.reset()
+    model.eval()
+
+    def evaluate() -> Any:
+        with torch.inference_mode(), autocast():
+            x, y = data.batch(0, b, channels_last, train=False)
+            logits = net(x)
+            return (logits.argmax(1) == y).sum()
+
+    compile_s = None
+    if compiled:
+        t0 = time.perf_counter()
+        sync(evaluate())
+        first = time.perf_counter() - t0
+    s = _summary(_time(evaluate, sync, setup.warmup, setup.steps), b)
+    if compiled:
+        compile_s = max(first - s["ms_median"] / 1e3, 0.0)
+    rows.append(_row(setup, impl, "eval step", **s, compile_s=compile_s, gflop=eval_gflop,
+                     mfu=_mfu(setup, eval_gflop, s["ms_median"] / 1e3), peak_mem_mb=memory.read_mb(),
+                     peak_mem_kind=memory.kind))
+    model.train()
+
+    if setup.epoch_images:
+        setup.log(f"{impl}: epoch of {n} images")
+        memory.reset()
+        if n % b:  # the short last batch: a new shape (torch.compile recompiles) outside the timed epoch
+            sync(train_on(n - n % b, n % b))
+        data.set_plan(2)
+        sync()
+        t0 = time.perf_counter()
+        steps = -(-n // b)
+        for i in range(steps):
+            start = i * b
+            train_on(start, min(b, n - start))
+        correct.item()  # read the epoch's metrics once, at its end
+        sync()
+        rows.append(_epoch_row(setup, impl, time.perf_counter() - t0, steps, train_gflop, memory))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- API
+def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, warmup: int, steps: int,
+                  quick: bool = False, model_kwargs: dict[str, Any] | None = None, epoch_images: int | None = None,
+                  torch_compile: bool | None = None, seed: int = 0,
+                  log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Benchmark the Flax step against the torch variants; one dict per (implementation, phase).
+
+    ``quick``: the CI-sized run (SimpleResNet(1), batch 16, 2 + 5 steps, a 256-image epoch, no torch.compile),
+    whatever the other arguments say. ``epoch_images``: size of the timed epoch (default 50,000; 0: no epoch
+    rows). ``torch_compile``: include torch.compile (default: yes unless ``quick``). Rows are in ``IMPLS`` x
+    ``PHASES`` order; ``format_table`` prints them.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if quick:
+        model_name, model_kwargs, batch_size = QUICK["model"], dict(QUICK["model_kwargs"]), QUICK["batch_size"]
+        warmup, steps = min(warmup, QUICK["warmup"]), min(steps, QUICK["steps"])
+        epoch_images = QUICK["epoch_images"] if epoch_images is None else epoch_images
+    if batch_size < 1 or steps < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
+    # Let torch and jax share a GPU: jax would otherwise take 75% of its memory up front. Read when jax first
+    # touches a device, so it must be set before that.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    setup = _make_setup(model_name, dict(model_kwargs or {}), batch_size, precision, warmup, steps,
+                        DEFAULT_EPOCH_IMAGES if epoch_images is None else epoch_images, seed,
+                        log or (lambda _: None))
+    rows, macs = _flax_rows(setup)
+    skipped = ("skipped (--quick: torch.compile takes about a minute to compile on CPU)" if quick
+               and torch_compile is None else "skipped (torch_compile=False / --no-torch-compile)")
+    rows += _torch_rows(setup, macs, not quick if torch_compile is None else torch_compile, skipped)
+    flax = {r["phase"]: r["images_per_s"] for r in rows if r["impl"] == "flax"}
+    for r in rows:
+        if r["images_per_s"] and flax.get(r["phase"]):
+            r["flax_speedup"] = flax[r["phase"]] / r["images_per_s"]
+    order = {(impl, phase): i for i, (phase, impl) in enumerate((p, m) for p in PHASES for m in IMPLS)}
+    return sorted(rows, key=lambda r: order[(r["impl"], r["phase"])])
+
+
+def environment() -> dict[str, Any]:
+    """Versions, device and load, for the report's header and the JSON file."""
+    import jax
+    import torch
+
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": device.platform, "device_kind": device.device_kind, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "malloc_tuned": _ALLOCATOR_TUNED,
+            "load_avg": _load_all()}
+
+
+def _load_all() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if key == "mfu":
+        return f"{100 * value:.1f}%"
+    if key == "flax_speedup":
+        return f"{value:.2f}x"
+    if key in ("images_per_s", "peak_mem_mb"):
+        return f"{value:,.0f}"
+    if key in ("ms_median", "ms_p10", "ms_p90", "compile_s", "gflop", "xla_gflop"):
+        return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as an aligned text table (one line per row), with a header naming the run and the notes."""
+    cells = [[header for _, header in COLUMNS]]
+    cells += [[_fmt(key, row.get(key)) for key, _ in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 1, len(COLUMNS) - 1) else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip() for line in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    head = []
+    if rows:
+        r = rows[0]
+        kwargs = ", ".join(f"{k}={v}" for k, v in r["model_kwargs"].items())
+        epoch = next((x for x in rows if x["phase"] == "epoch" and x["epoch_s"]), None)
+        head.append(f"{r['model']}({kwargs}), batch {r['batch_size']}, {r['precision']}, {r['platform']} "
+                    f"({r['device_kind']}), load avg at start {r['load_avg_1m']}")
+        if epoch is not None:
+            head.append(f"epoch rows: {epoch['images_per_s'] * epoch['epoch_s']:.0f} images; ms/step is the "
+                        "epoch's mean")
+        kinds = sorted({x["peak_mem_kind"] for x in rows if x["peak_mem_kind"]})
+        head.append("GFLOP/step: analytic (conv + matmul MACs x 2, x 3 for training); XLA GFLOP: XLA cost "
+                    "analysis of the compiled Flax step; peak MB: " + "; ".join(kinds))
+    return "\n".join(head + lines)
+
+
+# ------------------------------------------------------------------------------------------- command line
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``bench`` command (``cli.SUBCOMMANDS`` registers it)."""
+    p = subparsers.add_parser(
+        "bench", help="speed: the Flax train step against torch eager / channels_last / torch.compile",
+        description="Time the Flax training path (SingleDeviceRunner) against PyTorch eager, channels_last and "
+                    "torch.compile + channels_last on the same device, model, batch and precision, with synthetic "
+                    "CIFAR-sized data resident on the device: train step, eval step and a whole epoch. Prints a "
+                    "table; --json writes the rows.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=registry.model_names(), default="SimpleResNet", metavar="NAME",
+                   help=f"model class: {', '.join(registry.model_names())} (default: %(default)s)")
+    for arg in registry.MODEL_ARGS.values():
+        p.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
+                       metavar="N" if arg.type is int else "X", help=arg.help)
+    p.add_argument("--batch-size", type=int, default=128, metavar="B", help="batch size (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 mixed precision (Flax: flax_resnet.precision; torch: autocast) "
+                        "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="timed steps per row (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N",
+                   help="untimed steps before them (default: %(default)s)")
+    p.add_argument("--epoch-images", type=int, default=None, metavar="N",
+                   help=f"images in the timed epoch (default: {DEFAULT_EPOCH_IMAGES:,}; {QUICK['epoch_images']} "
+                        "with --quick; 0: no epoch rows)")
+    p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="include torch.compile (default: yes, except with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI-sized run in well under a minute: SimpleResNet(n_blocks=1), batch "
+                        f"{QUICK['batch_size']}, {QUICK['warmup']} + {QUICK['steps']} steps, a "
+                        f"{QUICK['epoch_images']}-image epoch, no torch.compile (overrides the options above)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of weights and data (default: 0)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows (and the environment) as JSON")
+    p.set_defaults(handler=run_bench_command, parser=p)
+    return p
+
+
+def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Handler of ``bench``: validate, run, print the table, write the JSON; returns the exit code."""
+    given = {a.name: getattr(args, a.name) for a in registry.MODEL_ARGS.values()
+             if getattr(args, a.name, None) is not None}
+    if not args.quick:
+        try:
+            registry.model_kwargs(args.model, given)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch-size and --steps must be at least 1, --warmup at least 0")
+    if args.epoch_images is not None and args.epoch_images < 0:
+        parser.error("--epoch-images must be >= 0")
+
+    tune_cpu_allocator()  # before JAX starts its threads (a no-op when the CLI has done it already)
+
+    def log(message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    rows = run_benchmark(args.model, args.batch_size, args.precision, warmup=args.warmup, steps=args.steps,
+                         quick=args.quick, model_kwargs=given, epoch_images=args.epoch_images,
+                         torch_compile=args.torch_compile, seed=args.seed, log=log)
+    env = environment()
+    print(format_table(rows))
+    print(f"load average at end: {env['load_avg']}  (jax {env['jax']}, torch {env['torch']}, "
+          f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=_json_default) + "\n")
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+

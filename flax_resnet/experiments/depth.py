@@ -1,0 +1,146 @@
+"""``depth``: the degradation problem in one figure: plain networks get worse with depth, residual ones do not.
+
+Notebook 004 builds a shallow and a deep plain network, ``PlainNet`` [1, 1, 1, 1] (9 conv layers) and
+[3, 3, 3, 3] (25), to show that the deeper one trains worse; notebook 000's ``SimpleResNet`` supplies the
+residual side, by default at n_blocks 1 and 4 (7 and 25 conv layers: the deep one as deep as the deep
+PlainNet). All runs use one recipe (default: notebook 000's, no augmentation, since degradation is about
+fitting the training data). The figure overlays training loss, training accuracy and test accuracy per
+epoch and plots final training accuracy against depth, per family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flax_resnet.experiments import common
+from flax_resnet.experiments.common import PLAIN_COLOR, RESNET_COLOR, Context, Report, Run, fmt
+from flax_resnet.recipes import RECIPES, Recipe
+
+__all__ = ["COMMAND", "FIGURE", "run_depth"]
+
+NAME = "depth"
+FIGURE = "depth.png"
+QUICK = {"dataset": "synthetic", "plain_blocks": [(1, 1, 1, 1), (2, 2, 2, 2)], "resnet_blocks": [1, 2],
+         "image_size": 8, "train_samples": 64, "test_samples": 32, "epochs": 2, "batch_size": 32,
+         "eval_batch_size": 32}
+_DASHES = ["--", "-", "-.", ":"]
+
+
+def _family_style(color: str, marker: str, index: int, count: int) -> dict[str, Any]:
+    """Shallow runs dashed and lighter, the deepest solid."""
+    deepest = index == count - 1
+    return {"color": color, "marker": marker, "markersize": 4, "linestyle": "-" if deepest else _DASHES[index % 4],
+            "alpha": 1.0 if deepest else 0.6}
+
+
+def run_depth(recipe: Recipe, dataset: Any, ctx: Context, *, plain_blocks: Sequence[Sequence[int]] = ((1, 1, 1, 1),
+              (3, 3, 3, 3)), resnet_blocks: Sequence[int] = (1, 4), framework: str = "jax", seed: int = 0,
+              resume: bool = False, overwrite: bool = False, data_note: str = "") -> Report:
+    """Train every PlainNet and SimpleResNet depth with ``recipe``; one figure, one table."""
+    families: dict[str, list[Run]] = {"PlainNet": [], "SimpleResNet": []}
+    for blocks in plain_blocks:
+        blocks = tuple(blocks)
+        label = f"PlainNet {list(blocks)}"
+        families["PlainNet"].append(common.train_run(
+            label, "PlainNet", {"num_blocks": blocks}, recipe, dataset, framework=framework, seed=seed,
+            out_dir=ctx.run_dir("PlainNet-" + "-".join(map(str, blocks))), resume=resume, overwrite=overwrite,
+            log=ctx.log, progress=ctx.progress))
+    for n in resnet_blocks:
+        families["SimpleResNet"].append(common.train_run(
+            f"SimpleResNet n={n}", "SimpleResNet", {"n_blocks": n}, recipe, dataset, framework=framework, seed=seed,
+            out_dir=ctx.run_dir(f"SimpleResNet-n{n}"), resume=resume, overwrite=overwrite, log=ctx.log,
+            progress=ctx.progress))
+
+    curves = []
+    for runs, color, marker in zip(families.values(), (PLAIN_COLOR, RESNET_COLOR), ("o", "s"), strict=True):
+        runs.sort(key=lambda r: r.conv_layers)
+        for i, run in enumerate(runs):
+            curves.append((f"{run.label} ({run.conv_layers} conv)", run.history,
+                           _family_style(color, marker, i, len(runs))))
+    fig, axes = common.curves_figure(curves, width=4.2, height=3.6, extra=1)
+    ax = axes[-1]
+    for (family, runs), color, marker in zip(families.items(), (PLAIN_COLOR, RESNET_COLOR), ("o", "s"), strict=True):
+        ax.plot([r.conv_layers for r in runs], [r.final("train_acc") for r in runs], marker=marker, color=color,
+                label=family)
+    ax.set(xlabel="Conv layers", ylabel="Final training accuracy (%)", title="Final training accuracy vs depth")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    figure = common.save_figure(fig, ctx.out / FIGURE)
+
+    rows, drops = [], {}
+    for family, runs in families.items():
+        for run in runs:
+            blocks = run.model_kwargs.get("num_blocks", run.model_kwargs.get("n_blocks"))
+            rows.append([family, blocks if isinstance(blocks, int) else list(blocks), run.conv_layers,
+                         f"{run.params:,}", fmt(run.final("train_loss"), ".4f"),
+                         fmt(run.final("train_acc"), ".1f", "%"), fmt(run.final("test_acc"), ".1f", "%"),
+                         fmt(run.train_time, ".1f", " s")])
+        if len(runs) > 1:
+            drops[family] = runs[-1].final("train_acc") - runs[0].final("train_acc")
+    table = common.markdown_table(["network", "blocks", "conv layers", "parameters", "final train loss",
+                                   "final train acc", "final test acc", "time"], rows, "llrrrrrr")
+    notes = []
+    if drops:
+        notes.append("Deepest minus shallowest final training accuracy: " + ", ".join(
+            f"{family} {fmt(d, '+.1f')} points" for family, d in drops.items())
+            + " (degradation shows as a negative number for the plain network).")
+    notes.append(f"{recipe.name} recipe for every run: {recipe.epochs} epochs, batch {recipe.batch_size}, "
+                 f"lr {recipe.lr:g}, {framework}; {data_note}.")
+    results = {"recipe": dataclasses.asdict(recipe), "data": data_note,
+               "runs": {family: [r.as_json() for r in runs] for family, runs in families.items()},
+               "deep_minus_shallow_train_acc": drops}
+    return Report("Depth: plain vs residual networks", table, results, [figure], notes)
+
+
+def _blocks_spec(text: str) -> tuple[int, ...]:
+    try:
+        blocks = tuple(int(b) for b in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected four block counts like 3,3,3,3, got {text!r}") from None
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise argparse.ArgumentTypeError(f"expected four block counts >= 1 like 3,3,3,3, got {text!r}")
+    return blocks
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--plain-blocks", type=_blocks_spec, nargs="+", metavar="A,B,C,D",
+                   help="PlainNet depths, blocks in its four layers (default: 1,1,1,1 3,3,3,3, notebook 004's "
+                        "shallow and deep)")
+    g.add_argument("--resnet-blocks", type=int, nargs="+", metavar="N",
+                   help="SimpleResNet depths, blocks per stage (default: 1 4, i.e. 7 and 25 conv layers)")
+    g.add_argument("--recipe", choices=list(RECIPES), default="plain-vs-residual",
+                   help="one recipe for all runs (default: %(default)s)")
+    common.add_training_options(p)
+    common.add_data_options(p)
+    common.add_output_options(p, NAME)
+
+
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
+    common.apply_quick(args, **QUICK)
+    common.check_training_args(args, parser)
+    plain_blocks = args.plain_blocks or [(1, 1, 1, 1), (3, 3, 3, 3)]
+    resnet_blocks = args.resnet_blocks or [1, 4]
+    if min(resnet_blocks) < 1:
+        parser.error("--resnet-blocks must be at least 1")
+    recipe = common.make_recipe(args.recipe, args, parser)
+
+    def work(ctx: Context) -> Report:
+        dataset = common.load_data(args)
+        return run_depth(recipe, dataset, ctx, plain_blocks=plain_blocks, resnet_blocks=resnet_blocks,
+                         framework=args.framework, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                         data_note=common.data_description(args, dataset))
+
+    return work
+
+
+COMMAND = common.Command(
+    NAME, help="PlainNet shallow/deep vs SimpleResNet shallow/deep: degradation with depth in one figure",
+    description="Train notebook 004's PlainNet at two depths ([1,1,1,1] and [3,3,3,3]) and notebook 000's "
+                "SimpleResNet at two depths (n_blocks 1 and 4) with one recipe, and draw their curves and final "
+                f"training accuracy against depth in one figure ({FIGURE}): the deep plain network trains worse "
+                "than the shallow one, the deep residual network does not.",
+    add_options=_add_options, plan=_plan, epilog=common.quick_epilog(QUICK))

@@ -1,0 +1,319 @@
+"""``landscape``: notebook 004's ``plot_loss_landscape_1d`` for trained plain and residual networks.
+
+The loss along one random direction through the trained weights: d drawn from a standard normal for every
+parameter (``model.parameters()``: conv and linear weights and biases, BatchNorm scales and shifts), normalised
+as the notebook does, by one global norm over all parameters (d / ||d||), then
+``loss(params + alpha * d)`` for 21 alphas in [-1, 1] on one fixed batch (the first test batch, as
+``next(iter(testloader))`` with ``shuffle=False``) in eval mode. BatchNorm running statistics are not
+perturbed. The networks come from training checkpoints: a run directory of ``train`` or of an experiment
+(Flax/orbax, or ``--framework torch`` .pt checkpoints, ported), whose metadata names the model, its
+arguments and the recipe (so the batch is normalised as in training). ``--quick`` without checkpoints first
+trains a tiny plain and a tiny residual network on synthetic data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flax_resnet import registry
+from flax_resnet.experiments import common
+from flax_resnet.experiments.common import PLAIN_COLOR, RESNET_COLOR, Context, Report, fmt
+from flax_resnet.recipes import RECIPES, Recipe
+
+__all__ = ["COMMAND", "FIGURE", "Network", "line_loss", "load_network", "loss_along_direction", "run_landscape"]
+
+NAME = "landscape"
+FIGURE = "landscape.png"
+QUICK = {"dataset": "synthetic", "relative": True, "split": "both", "train_samples": 256, "test_samples": 128,
+         "epochs": 4, "batch_size": 32}
+QUICK_MODELS = (("plain", "PlainDeepCNN"), ("residual", "SimpleResNet"))
+_TORCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
+_OTHER_COLORS = ("#3b82f6", "#ef4444", "#8b5cf6", "#0ea5e9")
+
+
+@dataclasses.dataclass
+class Network:
+    """A trained Flax model read from a checkpoint, with what its metadata says about it."""
+
+    label: str
+    model: Any
+    name: str
+    model_kwargs: dict[str, Any]
+    recipe: Recipe
+    source: Path
+    epoch: int | None
+
+
+def _recipe_from_meta(meta: dict[str, Any]) -> Recipe:
+    fields = dict(meta.get("recipe") or {})
+    if not fields:
+        return RECIPES[registry.get_spec(meta["model"]).recipe]
+    for key in ("milestones", "mean", "std"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    return Recipe(**{k: v for k, v in fields.items() if k in known})
+
+
+def load_network(path: Path, label: str | None = None) -> Network:
+    """The model of the latest checkpoint under ``path`` (a run's --out or its checkpoints/), as a Flax model.
+
+    Flax checkpoints are read with ``checkpoint.load_model``; torch ones (``epoch_N.pt`` of ``--framework
+    torch``) are ported. Raises ``CheckpointError`` when there is no checkpoint or it names no model.
+    """
+    from flax_resnet import checkpoint
+    from flax_resnet.checkpoint import CheckpointError
+
+    root = checkpoint.resolve(path)
+    if not root.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    torch_files = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TORCH_CHECKPOINT.match(p.name)))
+    if torch_files:
+        import torch
+
+        from flax_resnet import port
+
+        epoch, file = torch_files[-1]
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+        meta = payload.get("meta", {})
+    else:
+        meta = checkpoint.read_meta(root)
+        epoch = meta.get("epoch")
+    name = meta.get("model")
+    if name is None:
+        raise CheckpointError(f"the checkpoint in {root} does not record its model")
+    try:
+        kwargs = registry.model_kwargs(name, meta.get("model_kwargs") or {})
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint in {root} names a model this version cannot build: {e}") from e
+    if meta.get("dtype", "float32") != "float32":
+        raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
+    model = registry.build_flax(name, kwargs)
+    if torch_files:
+        port.load_torch_state_dict(model, payload["model"])
+    else:
+        checkpoint.load_model(root, model)
+    return Network(label or name, model, name, kwargs, _recipe_from_meta(meta), Path(path), epoch)
+
+
+def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[..., np.ndarray]:
+    """``f(images, labels, alphas)``: eval-mode mean cross-entropy at params + alpha * d / ||d|| per alpha.
+
+    d is one standard-normal draw per parameter array (``nnx.Param``: BatchNorm's running statistics are
+    not parameters and stay as trained) from numpy's generator for ``seed``; ||d|| is the norm over all of
+    them together, as in the notebook. ``relative`` scales the unit direction to the parameters' own global
+    norm ||theta||, so that alpha = 1 is a step as long as the weights (the notebook's unit step is tiny for a
+    network with many parameters). One compilation serves every batch of the same shape; the model itself is
+    not changed.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flax_resnet.engine import cross_entropy
+
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)  # numpy draws: no compilation per parameter shape
+    direction = [rng.standard_normal(leaf.shape) for leaf in leaves]
+    scale = 1.0 / _global_norm(direction)
+    if relative:
+        scale *= _global_norm([np.asarray(leaf, np.float64) for leaf in leaves])
+    direction = jax.tree.unflatten(treedef, [jnp.asarray(d * scale, leaf.dtype)
+                                             for d, leaf in zip(direction, leaves, strict=True)])
+
+    @jax.jit
+    def losses(params: nnx.State, direction: nnx.State, images: jax.Array, labels: jax.Array, alphas: jax.Array
+               ) -> jax.Array:
+        def at(alpha: jax.Array) -> jax.Array:
+            moved = jax.tree.map(lambda p, d: p + alpha * d, params, direction)
+            return cross_entropy(nnx.merge(graphdef, moved, rest)(images), labels)
+
+        return jax.lax.map(at, alphas)
+
+    def evaluate(images: Any, labels: Any, alphas: Sequence[float]) -> np.ndarray:
+        values = losses(params, direction, images, labels, jnp.asarray(alphas, jnp.float32))
+        return np.asarray(values, dtype=np.float64)
+
+    return evaluate
+
+
+def loss_along_direction(model: Any, images: Any, labels: Any, alphas: Sequence[float], seed: int = 0, *,
+                         relative: bool = False) -> np.ndarray:
+    """The notebook's ``plot_loss_landscape_1d`` values: ``line_loss(model, seed, relative)`` at ``alphas``."""
+    return line_loss(model, seed, relative=relative)(images, labels, alphas)
+
+
+def _global_norm(arrays: Sequence[np.ndarray]) -> float:
+    """One norm over all arrays together (float64 on the host)."""
+    return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
+
+
+def _fixed_batch(dataset: Any, recipe: Recipe, size: int, split: str) -> tuple[Any, Any]:
+    """The first ``size`` images of a split, normalised with the run's recipe (no augmentation)."""
+    import jax.numpy as jnp
+
+    from flax_resnet.engine import normalize
+
+    images = getattr(dataset, f"{split}_images")[:size]
+    labels = getattr(dataset, f"{split}_labels")[:size]
+    if len(labels) == 0:
+        from flax_resnet.data import DataError
+
+        raise DataError(f"the {split} split is empty: no batch to evaluate the landscape on")
+    return normalize(jnp.asarray(images), recipe.mean, recipe.std), jnp.asarray(labels)
+
+
+def _color(net: Network, index: int) -> str:
+    if net.name.startswith("Plain"):
+        return PLAIN_COLOR
+    if "Res" in net.name:
+        return RESNET_COLOR
+    return _OTHER_COLORS[index % len(_OTHER_COLORS)]
+
+
+def _summary(alphas: np.ndarray, losses: np.ndarray) -> dict[str, float]:
+    centre = int(np.argmin(np.abs(alphas)))
+    best = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
+    return {"loss_at_0": float(losses[centre]), "argmin_alpha": float(alphas[best]), "min_loss": float(losses[best]),
+            "loss_at_start": float(losses[0]), "loss_at_end": float(losses[-1]),
+            "mean_rise_at_ends": float((losses[0] + losses[-1]) / 2 - losses[centre])}
+
+
+def run_landscape(networks: Sequence[Network], dataset: Any, ctx: Context, *, points: int = 21, radius: float = 1.0,
+                  relative: bool = False, batch_size: int | None = None, splits: Sequence[str] = ("test",),
+                  seed: int = 0, data_note: str = "") -> Report:
+    """The 1-D loss landscape of each network along its own random direction (same seed); one plot, one table."""
+    from matplotlib.figure import Figure
+
+    alphas = np.linspace(-radius, radius, points)
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.subplots()
+    rows, curves, depths = [], {}, set()
+    for i, net in enumerate(networks):
+        convs, params = common.count_conv_layers(net.model), common.count_params(net.model)
+        depths.add(convs)
+        entry = {"model": net.name, "model_kwargs": net.model_kwargs, "source": str(net.source), "epoch": net.epoch,
+                 "conv_layers": convs, "params": params, "splits": {}}
+        along = line_loss(net.model, seed, relative=relative)
+        for split in splits:
+            images, labels = _fixed_batch(dataset, net.recipe, batch_size or net.recipe.eval_batch_size, split)
+            losses = along(images, labels, alphas)
+            summary = _summary(alphas, losses)
+            entry["splits"][split] = {"batch_size": int(labels.shape[0]), "losses": losses.tolist(), **summary}
+            ax.plot(alphas, losses, marker="o" if net.name.startswith("Plain") else "s", color=_color(net, i),
+                    markersize=4,
+                    linestyle="--" if split == "train" and len(splits) > 1 else "-",
+                    label=f"{net.label}: {net.name} ({convs} conv layers)" + (f", {split}" if len(splits) > 1 else ""))
+            rows.append([net.label, f"{net.name} ({convs} conv)", split, fmt(summary["loss_at_0"], ".4f"),
+                         f"{fmt(summary['min_loss'], '.4f')} at {summary['argmin_alpha']:+.2f}",
+                         fmt(summary["loss_at_start"], ".4f"), fmt(summary["loss_at_end"], ".4f"),
+                         fmt(summary["mean_rise_at_ends"], ".4f")])
+        curves[net.label] = entry
+    unit = "||theta||" if relative else "1"
+    values = np.array([v for net in curves.values() for c in net["splits"].values() for v in c["losses"]])
+    values = values[np.isfinite(values) & (values > 0)]
+    log_scale = values.size > 0 and values.max() > 100 * values.min()
+    if log_scale:  # a plain network's far end can sit thousands of times above the residual one's minimum
+        ax.set_yscale("log")
+    ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle=":")
+    ax.set(xlabel=f"Step along random direction (|d| = {unit})", ylabel="Loss (log scale)" if log_scale else "Loss",
+           title="Loss Landscape (1D slice)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    figure = common.save_figure(fig, ctx.out / FIGURE)
+    table = common.markdown_table(["network", "model", "batch", "loss at 0", "min loss (alpha)",
+                                   f"loss at {-radius:g}", f"loss at +{radius:g}", "mean rise at the ends"],
+                                  rows, "lllrrrrr")
+    notes = [f"Loss on the first {' and first '.join(splits)} batch in eval mode along a random direction d with "
+             f"one global norm over all parameters, |d| = {unit} (seed {seed}), {points} points in "
+             f"[{-radius:g}, {radius:g}]; {data_note}."]
+    if len(depths) > 1:
+        notes.append(f"The networks differ in depth ({sorted(depths)} conv layers): compare at equal depth.")
+    results = {"alphas": alphas.tolist(), "relative": relative, "networks": curves, "splits": list(splits),
+               "seed": seed, "data": data_note}
+    return Report("1-D loss landscape", table, results, [figure], notes)
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("networks (run directories of `train` or of an experiment, e.g. "
+                             "runs/pvr/runs/SimpleResNet)")
+    g.add_argument("--plain", type=Path, metavar="DIR", help="the trained plain network")
+    g.add_argument("--residual", type=Path, metavar="DIR", help="the trained residual network")
+    g.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="DIR",
+                   help="any trained network (repeatable; labelled by its model)")
+    g = p.add_argument_group("landscape")
+    g.add_argument("--points", type=int, default=21, metavar="N", help="points along the line (default: %(default)s)")
+    g.add_argument("--radius", type=float, default=1.0, metavar="R",
+                   help="alphas run over [-R, R] (default: %(default)s, the notebook's)")
+    g.add_argument("--relative", action="store_true", default=None,
+                   help="scale the unit direction to the network's parameter norm ||theta|| (alpha = 1: a step as "
+                        "long as the weights); the notebook's unit step barely moves a network with many parameters")
+    g.add_argument("--batch", type=int, metavar="N",
+                   help="size of the fixed batch (default: the run's test batch size, 100 for notebook 004's)")
+    g.add_argument("--split", choices=("test", "train", "both"),
+                   help="the batch's split (default: test, the notebook's testloader; both with --quick)")
+    g.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the direction (and of --quick's training) (default: %(default)s)")
+    g.add_argument("--epochs", type=int, metavar="N", help="--quick without checkpoints: epochs of its training")
+    g.add_argument("--batch-size", type=int, metavar="N", help="--quick without checkpoints: training batch size")
+    common.add_data_options(p)
+    common.add_output_options(p, NAME)
+
+
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
+    given = [("plain", args.plain), ("residual", args.residual)] + [(None, c) for c in args.checkpoint]
+    given = [(label, path) for label, path in given if path is not None]
+    common.apply_quick(args, **QUICK)
+    common.check_training_args(args, parser)
+    if not given and not args.quick:
+        parser.error("name the trained networks: --plain DIR --residual DIR, or --checkpoint DIR (repeatable)")
+    for _, path in given:
+        if not path.is_dir():
+            parser.error(f"{path}: no such run directory")
+    if args.points < 2 or args.radius <= 0:
+        parser.error("--points must be at least 2 and --radius positive")
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be at least 1")
+    splits = ("test", "train") if args.split == "both" else (args.split or "test",)
+
+    def work(ctx: Context) -> Report:
+        dataset = common.load_data(args)
+        pairs = list(given)
+        if not pairs:  # --quick: make the checkpoints first, as `train` would
+            recipe = common.make_recipe("plain-vs-residual", args, parser, eval_batch_size=100)
+            for label, model in QUICK_MODELS:
+                run = common.train_run(label, model, {"n_blocks": 1}, recipe, dataset, seed=args.seed,
+                                       out_dir=ctx.run_dir(model), overwrite=True, log=ctx.log, progress=ctx.progress)
+                pairs.append((label, run.out_dir))
+        networks = [load_network(path, label) for label, path in pairs]
+        return run_landscape(networks, dataset, ctx, points=args.points, radius=args.radius,
+                             relative=bool(args.relative), batch_size=args.batch, splits=splits, seed=args.seed,
+                             data_note=common.data_description(args, dataset))
+
+    return work
+
+
+def _epilog() -> str:
+    return (common.quick_epilog(QUICK) + "\n(and, when no network is named, first trains PlainDeepCNN(1) and "
+            "SimpleResNet(1) with notebook 000's recipe, milestones scaled to the run)\n\nexamples:\n"
+            "  python train.py plain-vs-residual --out runs/pvr\n"
+            "  python train.py landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"
+            "  python train.py landscape --relative --checkpoint runs/ResNet18-resnet18-cifar-jax")
+
+
+COMMAND = common.Command(
+    NAME, help="notebook 004's 1-D loss landscape of trained plain and residual networks",
+    description="Evaluate the loss of trained networks along one random direction in parameter space, normalised "
+                "as notebook 004 does (d/||d||, one norm over all parameters), at 21 points in [-1, 1] on a fixed "
+                "batch in eval mode (BatchNorm statistics unperturbed), and plot the curves of a plain and a "
+                f"residual network of the same depth in one figure ({FIGURE}).",
+    add_options=_add_options, plan=_plan, epilog=_epilog())

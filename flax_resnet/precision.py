@@ -1,0 +1,59 @@
+"""Mixed precision for the Flax models: bfloat16 compute, float32 parameters and BatchNorm statistics.
+
+Call ``apply_precision(model, "bf16")`` on a freshly built model, before ``engine.init_train_state``: it only
+changes the layers' static ``dtype`` attributes (the computation dtype), never a variable, so parameters,
+optimizer state, BatchNorm running statistics and checkpoints stay float32 and interchangeable with fp32 runs.
+
+What runs in which dtype under "bf16":
+
+- convolutions: inputs and kernels cast to bfloat16, bfloat16 output (GPUs accumulate in float32 inside);
+- BatchNorm: batch statistics, running averages and the normalisation in float32 (``layers.BatchNorm2d``),
+  bfloat16 output; the residual additions and ReLUs then run on bfloat16;
+- the final Linear: bfloat16 inputs and kernel, float32 accumulation and output (``preferred_element_type``), so
+  the logits, the softmax cross-entropy and the metrics are float32;
+- gradients reach the float32 parameters through the casts, so the optimizer updates float32 values.
+
+bfloat16 has float32's exponent range, so unlike float16 no loss scaling is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+from flax import nnx
+
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+__all__ = ["PRECISIONS", "Precision", "apply_precision", "compute_dtypes"]
+
+
+def apply_precision(model: nnx.Module, precision: Precision) -> nnx.Module:
+    """Set the computation dtype of every conv, linear and BatchNorm layer of ``model`` in place; returns it.
+
+    ``"fp32"`` restores the default (compute in the variables' dtype), so the call is idempotent and reversible.
+    The dtypes are static attributes: they live in the graphdef that ``nnx.split`` returns, not in the state.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    half = precision == "bf16"
+    compute = jnp.bfloat16 if half else None
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Conv | nnx.BatchNorm):
+            module.dtype = compute
+        elif isinstance(module, nnx.Linear):
+            module.dtype = compute
+            # float32 logits: the loss and accuracy are computed in float32 whatever the layers do
+            module.preferred_element_type = jnp.float32 if half else None
+    return model
+
+
+def compute_dtypes(model: nnx.Module) -> dict[str, str]:
+    """Layer path -> computation dtype name ('default' when unset), for reports and tests."""
+    out = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Conv | nnx.BatchNorm | nnx.Linear):
+            dtype = module.dtype
+            out["/".join(map(str, path))] = "default" if dtype is None else jnp.dtype(dtype).name
+    return out

@@ -1,0 +1,91 @@
+"""The speed benchmark (flax_resnet.bench): one ``bench --quick`` run through the command line, then checks of its
+table and JSON. No timing assertions: the speed is what the benchmark shows, not what a test can assert on a
+shared 2-core machine."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from flax_resnet import bench, cli, registry
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``python train.py bench --quick --json FILE`` (about 30 s on 2 busy cores): its stdout and its JSON."""
+    path = tmp_path_factory.mktemp("bench") / "rows.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["bench", "--quick", "--json", str(path)])
+    assert code == 0
+    return out.getvalue(), json.loads(path.read_text())
+
+
+def test_table_has_every_row_and_column(quick_run):
+    table, _ = quick_run
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("phase"))
+    for _, title in bench.COLUMNS:
+        assert title in header
+    for phase in bench.PHASES:
+        for impl in bench.IMPLS:
+            assert any(line.startswith(phase) and f" {impl} " in line for line in lines), (phase, impl, table)
+    assert "SimpleResNet(n_blocks=1), batch 16, fp32" in table
+
+
+def test_json_rows_are_complete_and_figures_positive(quick_run):
+    _, doc = quick_run
+    rows = doc["rows"]
+    assert {"jax", "torch", "device_kind", "load_avg"} <= set(doc["environment"])
+    assert {(r["impl"], r["phase"]) for r in rows} == {(i, p) for i in bench.IMPLS for p in bench.PHASES}
+    for row in rows:
+        assert {key for key, _ in bench.COLUMNS} <= set(row)
+    ok = [r for r in rows if r["status"] == "ok"]
+    # everything but torch.compile (skipped in --quick: it compiles for about a minute) ran
+    assert {(r["impl"], r["phase"]) for r in ok} == {(i, p) for i in bench.IMPLS[:3] for p in bench.PHASES}
+    for r in ok:
+        for key in ("images_per_s", "ms_median", "gflop", "flax_speedup"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
+        if r["phase"] != "epoch":
+            assert 0 < r["ms_p10"] <= r["ms_median"] <= r["ms_p90"], r
+        assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
+    flax = {r["phase"]: r for r in ok if r["impl"] == "flax"}
+    for phase in ("train step", "eval step"):
+        assert flax[phase]["compile_s"] > 0 and flax[phase]["xla_gflop"] > 0
+        assert flax[phase]["flax_speedup"] == pytest.approx(1.0)
+    assert flax["epoch"]["epoch_s"] > 0
+    # training counts forward + both gradients: three times the eval step's FLOPs
+    assert flax["train step"]["gflop"] == pytest.approx(3 * flax["eval step"]["gflop"])
+    for r in rows:
+        if r["impl"].startswith("torch.compile"):
+            assert r["status"].startswith("n/a: skipped")
+
+
+def test_flop_count_matches_the_known_resnet_sizes():
+    """ResNet-20 is 40.8 M multiply-adds per CIFAR image, the CIFAR ResNet-18 555 M (conv + fc)."""
+    resnet20 = registry.build_flax("SimpleResNet", {"n_blocks": 3})
+    assert bench.count_forward_macs(resnet20, 1) == pytest.approx(40.8e6, rel=0.005)
+    assert bench.count_forward_macs(resnet20, 4) == 4 * bench.count_forward_macs(resnet20, 1)
+    resnet18 = registry.build_flax("ResNet18")
+    assert bench.count_forward_macs(resnet18, 1) == pytest.approx(555.4e6, rel=0.005)
+
+
+def test_peak_table_and_formatting():
+    assert bench._peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4)
+    assert bench._peak_tflops("NVIDIA H100 PCIe", "fp32") == pytest.approx(378.0)
+    assert bench._peak_tflops("NVIDIA H200", "bf16") == pytest.approx(989.4)
+    assert bench._peak_tflops("cpu", "fp32") is None
+    assert bench.format_table([]).splitlines()[0].startswith("phase")
+
+
+def test_bad_arguments_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--model", "ResNet18", "--n-blocks", "2"])
+    assert e.value.code == 2
+    assert "does not take --n-blocks" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision"):
+        bench.run_benchmark("SimpleResNet", 8, "fp16", warmup=0, steps=1)  # type: ignore[arg-type]

@@ -1,0 +1,257 @@
+"""The experiment commands end to end: every ``--quick`` run in-process, its files and the values in them.
+
+Quick runs train on synthetic data with the smallest models, so the suite stays within a few minutes on two
+CPU cores. ``plain-vs-residual``'s runs are shared: ``landscape`` reads their checkpoints, as a user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import urllib.request
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from flax_resnet import cli, registry
+from flax_resnet.experiments import COMMANDS, common
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an experiment test tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def run_main(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def quick(command: str, out: Path, *extra: str) -> dict:
+    """Run ``command --quick`` into ``out``; check the files every experiment writes; return results.json."""
+    assert run_main([command, "--quick", "--no-progress", "--out", str(out), *extra]) == 0
+    results = json.loads((out / common.RESULTS_FILE).read_text())
+    assert results["command"] == command
+    assert results["figures"], "no figure"
+    for name in results["figures"]:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
+    summary = (out / common.SUMMARY_FILE).read_text()
+    table = [line for line in summary.splitlines() if line.startswith("|")]
+    assert len(table) >= 3 and set(table[1]) <= set("|-: "), summary  # header, rule, rows
+    return results
+
+
+def param_count(name: str, kwargs: dict) -> int:
+    model = nnx.eval_shape(lambda: registry.build_flax(name, kwargs))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def assert_accuracies(history: dict) -> None:
+    for key in ("train_acc", "test_acc"):
+        assert history[key], key
+        assert all(v is not None and 0.0 <= v <= 100.0 for v in history[key]), (key, history[key])
+
+
+# ------------------------------------------------------------------------------------- plain vs residual
+@pytest.fixture(scope="module")
+def pvr(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("plain-vs-residual")
+    return out, quick("plain-vs-residual", out)
+
+
+def test_plain_vs_residual_quick(pvr, capsys):
+    out, results = pvr
+    n = results["n_blocks"]
+    assert n == 1
+    for key, model in (("plain", "PlainDeepCNN"), ("resnet", "SimpleResNet")):
+        run = results["runs"][key]
+        assert run["model"] == model
+        assert run["conv_layers"] == 1 + 6 * n
+        assert run["params"] == param_count(model, {"n_blocks": n})
+        assert_accuracies(run["history"])
+        assert len(run["history"]["train_loss"]) == results["recipe"]["epochs"] == 4
+        assert (out / "runs" / model / "checkpoints").is_dir()
+    # the notebook's milestones [8, 12] of 15 epochs, scaled to the 4-epoch run
+    assert results["recipe"]["milestones"] == [2, 3]
+    summary = (out / "summary.md").read_text()
+    assert "| Conv layers" in summary and "ResNet advantage" in summary
+    assert f"{results['runs']['plain']['params']:,}" in summary
+    final = {key: run["history"]["test_acc"][-1] for key, run in results["runs"].items()}
+    assert results["resnet_advantage_test_acc"] == pytest.approx(final["resnet"] - final["plain"])
+
+
+def test_parameter_counts_match_torch():
+    for name, kwargs in (("PlainDeepCNN", {"n_blocks": 1}), ("SimpleResNet", {"n_blocks": 1})):
+        flax_model = registry.build_flax(name, kwargs, seed=0)
+        torch_model = registry.build_torch(name, kwargs, seed=0)
+        assert common.count_params(flax_model) == common.count_params(torch_model) == param_count(name, kwargs)
+        assert common.count_conv_layers(flax_model) == common.count_conv_layers(torch_model) == 7
+
+
+# ------------------------------------------------------------------------------------------- landscape
+def test_landscape_of_the_experiment_checkpoints(pvr, tmp_path):
+    runs = pvr[0] / "runs"
+    results = quick("landscape", tmp_path / "landscape", "--plain", str(runs / "PlainDeepCNN"),
+                    "--residual", str(runs / "SimpleResNet"))
+    alphas = results["alphas"]
+    assert len(alphas) == 21 and alphas[0] == -1 and alphas[-1] == 1
+    assert results["relative"] is True and results["splits"] == ["test", "train"]
+    assert set(results["networks"]) == {"plain", "residual"}
+    for label, net in results["networks"].items():
+        assert net["model"] == ("PlainDeepCNN" if label == "plain" else "SimpleResNet")
+        assert net["conv_layers"] == 7 and net["epoch"] == 4
+        for split, curve in net["splits"].items():
+            losses = curve["losses"]
+            assert all(v is not None and math.isfinite(v) for v in losses), (label, split)
+            # a trained network sits at the bottom of its basin
+            assert abs(curve["argmin_alpha"]) <= 0.2, (label, split, curve["argmin_alpha"])
+            assert curve["mean_rise_at_ends"] > 0
+            assert curve["loss_at_0"] == pytest.approx(losses[10])
+
+
+def test_landscape_quick_trains_its_own_networks(tmp_path):
+    out = tmp_path / "landscape"
+    results = quick("landscape", out, "--epochs", "1", "--train-samples", "64", "--test-samples", "16",
+                    "--points", "5", "--split", "test")
+    assert set(results["networks"]) == {"plain", "residual"}
+    for model in ("PlainDeepCNN", "SimpleResNet"):
+        assert (out / "runs" / model / "checkpoints").is_dir()
+    for net in results["networks"].values():
+        assert len(net["splits"]["test"]["losses"]) == 5
+        assert all(math.isfinite(v) for v in net["splits"]["test"]["losses"])
+
+
+def test_landscape_loss_ignores_batchnorm_statistics_and_leaves_the_model_alone():
+    from flax_resnet.experiments.landscape import loss_along_direction
+
+    model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+    y = jax.numpy.arange(8) % 10
+    losses = loss_along_direction(model, x, y, [-1.0, 0.0, 1.0])
+    after = jax.tree.map(np.asarray, nnx.state(model))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+    model.eval()
+    from flax_resnet.engine import cross_entropy
+
+    assert losses[1] == pytest.approx(float(cross_entropy(model(x), y)), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- depth
+def test_depth_quick(tmp_path):
+    results = quick("depth", tmp_path / "depth")
+    plain, resnet = results["runs"]["PlainNet"], results["runs"]["SimpleResNet"]
+    assert [r["conv_layers"] for r in plain] == [9, 17]  # 1 + 2 * sum(num_blocks)
+    assert [r["conv_layers"] for r in resnet] == [7, 13]  # 1 + 6n
+    for run in plain + resnet:
+        assert run["params"] == param_count(run["model"], run["model_kwargs"])
+        assert_accuracies(run["history"])
+    assert set(results["deep_minus_shallow_train_acc"]) == {"PlainNet", "SimpleResNet"}
+
+
+# ----------------------------------------------------------------------------------------------- he-init
+def test_he_init_quick(tmp_path):
+    results = quick("he-init", tmp_path / "he-init")
+    simple, resnet = results["models"]["SimpleNet"], results["models"]["ResNet18"]
+    assert simple["layers"] == ["conv1", "conv2", "conv3", "conv4", "fc"]
+    assert len(resnet["layers"]) == 21 and resnet["layers"][-1] == "fc"
+    for model in (simple, resnet):
+        assert set(model["variances"]) == {"torch/he", "flax/he", "torch/default", "flax/default", "flax/stock"}
+        for values in model["variances"].values():
+            assert len(values) == len(model["layers"]) and all(v > 0 for v in values)
+    for framework in ("torch", "flax"):
+        he, default = simple["gains"][f"{framework}/he"], simple["variances"][f"{framework}/default"]
+        # He: each layer keeps the variance of the one before it within a factor of 4
+        assert all(0.25 <= g <= 4 for g in he[1:]), he
+        # torch's default init: the variance fades by ~6x per ReLU layer
+        assert all(g < 0.25 for g in simple["gains"][f"{framework}/default"][1:])
+        assert default[-1] < 1e-2 * default[0]
+    # the two frameworks draw different weights from the same distributions: same variances up to noise
+    for init in ("he", "default"):
+        for t, f in zip(simple["variances"][f"torch/{init}"], simple["variances"][f"flax/{init}"], strict=True):
+            assert 0.4 < f / t < 2.5, (init, t, f)
+
+
+# ---------------------------------------------------------------------------------------------- ablation
+def test_ablation_quick(tmp_path):
+    results = quick("ablation", tmp_path / "ablation")
+    assert set(results["results"]) == {"with_bn", "without_bn", "with_dropout"}
+    for key, accuracy in results["results"].items():
+        assert accuracy is not None and 0.0 <= accuracy <= 100.0, key
+        assert_accuracies(results["runs"][key]["history"])
+    params = {key: run["params"] for key, run in results["runs"].items()}
+    assert params["with_bn"] == params["with_dropout"] == param_count("ResNet18", {})
+    assert params["without_bn"] < params["with_bn"]
+
+
+# ----------------------------------------------------------------------------------------------- compare
+def test_compare_quick(tmp_path):
+    results = quick("compare", tmp_path / "compare")
+    jax_run, torch_run = results["runs"]["jax"], results["runs"]["torch"]
+    assert jax_run["params"] == torch_run["params"]
+    for run in (jax_run, torch_run):
+        assert_accuracies(run["history"])
+        assert all(v > 0 for v in run["history"]["images_per_sec"])
+    # same initial weights, same batches: the two trainings agree to float32 rounding
+    assert results["max_train_loss_difference"] < 1e-2
+    assert abs(results["test_acc_difference"]) <= 100.0 / 64 * 2  # at most two of 64 test images
+    for timing in results["timing"].values():
+        assert timing["images_per_sec_median"] > 0 and timing["first_epoch_time"] > 0
+
+
+# --------------------------------------------------------------------------------------- parser, helpers
+def test_help_lists_every_experiment(capsys):
+    assert run_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command.name in out
+        assert run_main([command.name, "--help"]) == 0
+        assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["landscape"],  # no networks named and not --quick
+    ["landscape", "--plain", "/nonexistent/run"],
+    ["depth", "--plain-blocks", "1,1,1"],
+    ["depth", "--image-size", "8"],  # synthetic only
+    ["ablation", "--dropout-p", "1.5"],
+    ["compare", "--model", "ResNet18", "--n-blocks", "2"],
+    ["plain-vs-residual", "--resume", "--overwrite"],
+    ["he-init", "--batch", "1"],
+])
+def test_usage_errors_exit_2_before_writing(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main([*argv, "--out", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_make_recipe_scales_milestones_with_the_run():
+    parser = argparse.ArgumentParser()
+    args = argparse.Namespace(epochs=4, batch_size=None, eval_batch_size=None, lr=None)
+    assert common.make_recipe("plain-vs-residual", args, parser).milestones == (2, 3)
+    args.epochs = 30
+    assert common.make_recipe("plain-vs-residual", args, parser).milestones == (16, 24)
+    args.epochs = None
+    assert common.make_recipe("plain-vs-residual", args, parser).milestones == (8, 12)
+    assert common.make_recipe("resnet18-cifar", args, parser, epochs=10).epochs == 10
+
+
+def test_markdown_table_and_json():
+    table = common.markdown_table(["a", "b"], [["x", 1.5], ["yy", "n/a"]])
+    lines = table.splitlines()
+    assert lines[0].startswith("| a") and "--: |" in lines[1] and len({len(line) for line in lines}) == 1
+    assert common.to_jsonable({"v": [np.float32(1.5), float("nan")], "p": Path("x")}) == {"v": [1.5, None], "p": "x"}
+    assert common.fmt(float("inf")) == "n/a" and common.fmt(12.345, ".1f", "%") == "12.3%"
