@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from flax_resnet import registry
+from flax_resnet import allocator, registry
 
 Precision = Literal["fp32", "bf16"]
 
@@ -90,42 +90,6 @@ class _Setup:
     platform: str  # jax's default backend: 'cpu' / 'gpu'
     device_kind: str
     log: Callable[[str], None]
-
-
-# ------------------------------------------------------------------------------------------- host allocator
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
-_ALLOCATOR_TUNED: dict[str, int] | None = None
-
-
-def tune_cpu_allocator() -> dict[str, int] | None:
-    """Make glibc keep freed memory for reuse instead of unmapping it; call first thing, before JAX runs anything.
-
-    Why: XLA:CPU allocates each execution's temporary buffer (295 MB for ResNet-20 at batch 128) and frees it
-    afterwards. glibc serves such large requests with a fresh ``mmap`` and returns them with ``munmap`` (always,
-    for requests above 32 MB or from a thread's arena), so every step page-faults the whole buffer back in:
-    *measured* 75,000 page faults and 150 ms of kernel time per ResNet-20 step, a fifth of its CPU time. One
-    arena, no mmap and a 2 GB trim threshold keep the buffer in the heap: 0 faults, 5 ms of kernel time.
-
-    Only effective before the threads that allocate (JAX's, created when its backend starts) make their first
-    allocation, hence "first thing". Linux/glibc only, idempotent; ``FLAX_RESNET_MALLOC=default`` opts out.
-    Returns the settings applied, or None when nothing was done.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED is not None or os.environ.get("FLAX_RESNET_MALLOC") == "default":
-        return _ALLOCATOR_TUNED
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return None
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
-    settings = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
-    codes = {"M_ARENA_MAX": _M_ARENA_MAX, "M_MMAP_MAX": _M_MMAP_MAX, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD}
-    if all(mallopt(codes[k], v) == 1 for k, v in settings.items()):
-        _ALLOCATOR_TUNED = settings
-    return _ALLOCATOR_TUNED
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -636,7 +600,7 @@ def environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": device.platform, "device_kind": device.device_kind, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "malloc_tuned": _ALLOCATOR_TUNED,
+            "malloc_tuned": allocator.tuned_settings(),
             "load_avg": _load_all()}
 
 
@@ -736,7 +700,7 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.epoch_images is not None and args.epoch_images < 0:
         parser.error("--epoch-images must be >= 0")
 
-    tune_cpu_allocator()  # before JAX starts its threads (a no-op when the CLI has done it already)
+    allocator.tune_cpu_allocator()  # before JAX starts its threads (a no-op after cli.main's call)
 
     def log(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)

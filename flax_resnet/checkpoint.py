@@ -10,27 +10,43 @@ for a checkpoint made by ``port``) holds up to three items:
 
 So weights can be read without knowing the optimiser (porting, ``--init-from``), and a run resumes from
 ``model`` + ``opt`` + ``meta`` exactly where it stopped. Orbax writes each step into a temporary directory
-and renames it when complete, so an interrupted save never leaves a checkpoint that looks whole. Saves are
-synchronous: the training step donates the state's buffers, which must not be reused while being written.
+and renames it when complete, so an interrupted save never leaves a checkpoint that looks whole, and nothing is
+overwritten in place; a failed save (a full disk) leaves the earlier steps as they were and its partial directory
+is removed. Saves are synchronous: the training step donates the state's buffers, which must not be reused while
+being written.
+
+Integrity: ``meta`` records a SHA-256 digest of each array item (``digests``), checked on restore. Orbax notices
+a truncated or missing file, but stores no checksum of array contents, so a flipped bit in a data file would
+restore silently without it. ``restore_latest_good`` is the resume path: the newest checkpoint that reads back
+whole and matches its digests; unreadable newer ones are moved aside to ``<root>.unreadable/`` (never deleted),
+and each one is reported.
 
 A run's output directory keeps its checkpoints in ``checkpoints/``; functions taking a path accept either.
 """
 
 from __future__ import annotations
 
+import errno
+import gc
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from flax_resnet.engine import TrainState
 
-__all__ = ["CHECKPOINT_SUBDIR", "CheckpointError", "Checkpoints", "load_model", "read_meta", "resolve",
-           "save_model"]
+__all__ = ["CHECKPOINT_SUBDIR", "CheckpointError", "Checkpoints", "UNREADABLE_SUFFIX", "load_model", "read_meta",
+           "resolve", "save_model", "tree_digest"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
+UNREADABLE_SUFFIX = ".unreadable"  # checkpoints that failed to restore go to <root>.unreadable/<step>
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +63,49 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _host_array(leaf: Any) -> np.ndarray:
+    if isinstance(leaf, jax.Array):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if not leaf.is_fully_addressable:  # a replicated array of a multi-process run: this process's copy
+            leaf = leaf.addressable_data(0)
+    return np.ascontiguousarray(np.asarray(leaf))
+
+
+def tree_digest(tree: Any) -> str:
+    """SHA-256 of every leaf's path, dtype, shape and bytes, in tree order (see the module docstring for why)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = _host_array(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{array.dtype.name}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    """The root cause of an orbax error, on one line: orbax wraps tensorstore's precise message ('Requested byte
+    range ... is not valid', 'No space left on device') in exceptions that print object reprs."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: the disk, a quota, a file size limit
+
+
+def _no_room(e: BaseException | None) -> str | None:
+    """The OS's words for 'no room' anywhere in the chain (tensorstore reports them inside a ValueError's text)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return os.strerror(e.errno)
+        for code in _FULL:
+            if os.strerror(code) in str(e):
+                return os.strerror(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class Checkpoints:
     """The checkpoints of one directory; a thin layer over ``ocp.CheckpointManager`` (use as a context)."""
 
@@ -54,9 +113,11 @@ class Checkpoints:
         self.directory = Path(directory).expanduser().absolute()
         if not create and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                               enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # A writer (create=True) removes what an earlier run's interrupted save left behind; a reader must not,
+        # as that may be the save in progress of a run using the directory right now.
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                     enable_async_checkpointing=False, cleanup_tmp_directories=create)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -85,16 +146,63 @@ class Checkpoints:
              model: tuple[nnx.State, nnx.State] | None = None) -> None:
         """Write step ``step``: the whole ``state`` (or only ``model`` = (params, model_state)) and ``meta``."""
         params, model_state = (state.params, state.model_state) if state is not None else model
-        items = {"model": ocp.args.StandardSave({"params": params, "model_state": model_state}),
-                 "meta": ocp.args.JsonSave(meta)}
+        trees = {"model": {"params": params, "model_state": model_state}}
         if state is not None:
-            items["opt"] = ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step})
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self._manager.wait_until_finished()
+            trees["opt"] = {"opt_state": state.opt_state, "step": state.step}
+        meta = {**meta, "digests": {name: tree_digest(tree) for name, tree in trees.items()}}
+        items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.wait_until_finished()
+            return
+        except Exception as e:
+            no_room, reason = _no_room(e), _short(e)
+        # Out of the except block, so that nothing holds orbax's failed tasks any more (see _discard_partial); the
+        # error is reported by its text, without its chain of internal tracebacks.
+        self._discard_partial(step)
+        hint = ("the disk is full: free some space (or choose another --out), then continue with --resume"
+                if no_room else "continue with --resume once the cause is fixed")
+        kept = ", ".join(map(str, self.steps)) or "none"
+        raise CheckpointError(f"could not write checkpoint {step} to {self.directory} "
+                              f"({f'{no_room}: ' if no_room else ''}{reason}); its partial files were removed and the "
+                              f"checkpoints already there (steps: {kept}) are unchanged; {hint}")
+
+    def _discard_partial(self, step: int) -> None:
+        """Remove the temporary directory of a save of ``step`` that failed, and start a fresh manager.
+
+        Orbax removes such directories only when a manager opens (``cleanup_tmp_directories``); on a full disk
+        the space is wanted back now. After a failed save the manager's state is not to be trusted either.
+        """
+        try:
+            self._manager.close()
+        except Exception:  # noqa: BLE001 - the save's own error is the one to report
+            pass
+        # Orbax's failed write tasks log their errors when collected: now, before our report, not after it.
+        self._manager = None
+        gc.collect()
+        for name in ocp.path.step.tmp_checkpoints(self.directory):
+            if name.split(".")[0] == str(step):
+                shutil.rmtree(self.directory / name, ignore_errors=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step(step)
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: its metadata is unreadable "
+                                  f"({_short(e)})") from e
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: its metadata is unreadable "
+                                  f"(a {type(meta).__name__}, not a JSON object)")
+        return meta
+
+    def _verify(self, step: int, name: str, tree: Any, meta: dict[str, Any]) -> None:
+        """Compare item ``name`` as restored with the digest written with it (older checkpoints have none)."""
+        want = (meta.get("digests") or {}).get(name)
+        if want is not None and tree_digest(tree) != want:
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: corrupted, its {name!r} item does not "
+                                  "match the digest recorded when it was written")
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         """The whole training state of step ``step`` (default: the latest), shaped like ``template``."""
@@ -106,11 +214,61 @@ class Checkpoints:
             meta=ocp.args.JsonRestore())
         try:
             out = self._manager.restore(step, args=args)
-        except Exception as e:  # orbax raises assorted types for a structure that does not fit
-            raise CheckpointError(f"checkpoint {step} in {self.directory} does not fit this run "
-                                  f"({type(e).__name__}: {e})") from e
+        except Exception as e:  # orbax raises assorted types for missing, truncated or misfitting files
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: cannot be read into this run "
+                                  f"({_short(e)})") from e
+        for name in ("model", "opt"):
+            self._verify(step, name, getattr(out, name), out.meta)
         state = TrainState(out.model["params"], out.model["model_state"], out.opt["opt_state"], out.opt["step"])
         return state, out.meta
+
+    def set_aside(self, step: int) -> Path:
+        """Move step ``step`` out of the root into ``<root>.unreadable/`` (kept for inspection, never deleted), so
+        that the run can save that step again; returns where it went."""
+        source = self.directory / str(step)
+        aside = self.directory.with_name(self.directory.name + UNREADABLE_SUFFIX)
+        target = aside / str(step)
+        for n in range(1, 1000):
+            if not target.exists():
+                break
+            target = aside / f"{step}-{n}"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"flax_resnet_set_aside_{step}")
+        self._manager.reload()
+        return target
+
+    def restore_latest_good(self, template: TrainState, check_meta: Callable[[dict[str, Any]], None] | None = None,
+                            report: Callable[[str], None] | None = None) -> tuple[TrainState, dict[str, Any]]:
+        """The newest checkpoint that restores whole and matches its digests (see ``restore``).
+
+        ``check_meta(meta)`` may raise to refuse a checkpoint of another run; that error propagates (it is no
+        reason to fall back). A newer checkpoint that cannot be read is moved aside (``set_aside``) and
+        ``report`` told so; ``CheckpointError`` when none is readable.
+        """
+        problems = []
+        for step in reversed(self.steps):
+            try:
+                meta = self.read_meta(step)
+                if check_meta is not None:
+                    check_meta(meta)
+                state, meta = self.restore(template, step)
+            except CheckpointError as e:
+                reason = str(e).removeprefix(f"checkpoint {step} in {self.directory}: ")
+                problems.append(f"checkpoint {step}: {reason}")
+                aside = self.set_aside(step)
+                older = [s for s in self.steps if s < step]
+                then = f"trying checkpoint {older[-1]}" if older else "no older checkpoint is left"
+                if report is not None:
+                    report(f"checkpoint {step} in {self.directory} is unreadable ({reason}); moved it to {aside}; "
+                           f"{then}")
+                continue
+            return state, meta
+        raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from (the unreadable ones were "
+                              f"moved to {self.directory.name}{UNREADABLE_SUFFIX}/):\n  " + "\n  ".join(problems)
+                              + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
 
     def restore_model(self, params: nnx.State, model_state: nnx.State, step: int | None = None
                       ) -> tuple[nnx.State, nnx.State, dict[str, Any]]:
@@ -124,6 +282,10 @@ class Checkpoints:
         except Exception as e:
             raise CheckpointError(f"checkpoint {step} in {self.directory} does not fit "
                                   f"the model ({type(e).__name__}: {e})") from e
+        # the digest is of the saved dtypes: compare only when the model has them (not when cast on restore)
+        floating = {np.dtype(x.dtype).name for x in jax.tree.leaves(params) if np.issubdtype(x.dtype, np.floating)}
+        if floating <= {out.meta.get("dtype", "float32")}:
+            self._verify(step, "model", out.model, out.meta)
         return out.model["params"], out.model["model_state"], out.meta
 
 

@@ -56,7 +56,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def fail(message: str) -> int:
     """An expected failure (no data, a bad checkpoint): one paragraph on stderr, no traceback."""
-    print("error: " + textwrap.fill(" ".join(message.split()), width=110, subsequent_indent="  "), file=sys.stderr)
+    # lines break at spaces only, so that paths (often with hyphens) stay whole and can be copied
+    print("error: " + textwrap.fill(" ".join(message.split()), width=110, subsequent_indent="  ",
+                                    break_on_hyphens=False, break_long_words=False), file=sys.stderr)
     return EXIT_FAILURE
 
 
@@ -202,7 +204,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                           "(with -synthetic appended for the synthetic data)")
     out.add_argument("--resume", action="store_true",
                      help="continue from the last checkpoint in --out (same settings; the result equals an "
-                          "uninterrupted run); starts afresh if there is none")
+                          "uninterrupted run; an unreadable checkpoint is moved aside and the one before used); "
+                          "starts afresh if there is none")
     out.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --out and start over")
     out.add_argument("--max-to-keep", type=int, default=3, metavar="N",
                      help="checkpoints kept (the last N epochs; default: %(default)s)")
@@ -300,26 +303,66 @@ def load_data(args: argparse.Namespace) -> Any:
 
 def _load_torch_file(path: Path) -> dict[str, Any]:
     """A state_dict from a .pt file: a plain state_dict, or the model of a ``--framework torch`` checkpoint."""
+    import pickle
+    import re
+    import zipfile
+
     import torch
 
-    try:
+    from flax_resnet.port import PortError  # a ValueError: `port` and `train` both report it
+
+    try:  # weights_only: tensors and plain containers only; unpickling anything else could run code
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
+        what = " ".join(found.group(1).split()) if found else "objects other than tensors"
+        raise PortError(f"{path} was refused: it holds pickled Python objects ({what}), which torch.load "
+                         "refused to load (weights_only=True) because unpickling them could run code. Only plain "
+                         "state_dicts of tensors are accepted; if you trust the file, load it yourself and "
+                         "torch.save its state_dict().") from e
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch file ({type(e).__name__}: {e})") from e
+        why = " ".join(str(e).split())[:300]
+        if not zipfile.is_zipfile(path):
+            why = f"not a complete file written by torch.save ({type(e).__name__}: {why})"
+        raise PortError(f"cannot read {path} as a torch file: {why}") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
         obj = obj["model"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+        raise PortError(f"{path} holds a {type(obj).__name__}, not a state_dict (a dict of tensor names to tensors)")
     return obj
 
 
-def _init_flax_from(model: Any, path: Path) -> None:
-    from flax_resnet import checkpoint, port
+def _weights_hint(state_dict: Any, name: str, kwargs: dict[str, Any]) -> str:
+    """Which registered model some misfitting weights belong to, as the options to pass (or nothing)."""
+    try:
+        other, other_kwargs = registry.infer_model(list(state_dict),
+                                                   {k: tuple(v.shape) for k, v in state_dict.items()})
+    except Exception:  # noqa: BLE001 - only a hint: none of the models fits, or several, or no shapes
+        return ""
+    if (other, other_kwargs) == (name, kwargs):
+        return ""
+    flags = [f"{registry.MODEL_ARGS[k].flag} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in other_kwargs.items()]
+    return f"\nThese look like the weights of {other}: pass --model {' '.join([other, *flags])}."
+
+
+def _port_into(model: Any, state_dict: Any, name: str, kwargs: dict[str, Any]) -> None:
+    """``port.load_torch_state_dict``, its error naming the model the weights do fit, if one does."""
+    from flax_resnet import port
+
+    try:
+        port.load_torch_state_dict(model, state_dict)
+    except port.PortError as e:
+        raise port.PortError(f"{e}{_weights_hint(state_dict, name, kwargs)}") from e
+
+
+def _init_flax_from(model: Any, path: Path, name: str | None = None, kwargs: dict[str, Any] | None = None) -> None:
+    from flax_resnet import checkpoint
 
     if path.is_dir():
         checkpoint.load_model(path, model)
     else:
-        port.load_torch_state_dict(model, _load_torch_file(path))
+        _port_into(model, _load_torch_file(path), name or type(model).__name__, kwargs or {})
 
 
 def _has_checkpoints(out: Path) -> bool:
@@ -329,9 +372,6 @@ def _has_checkpoints(out: Path) -> bool:
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     plan = _plan_train(args, parser)
-    if _has_checkpoints(plan.out) and not (args.resume or args.overwrite):
-        return fail(f"{plan.out} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to "
-                    "start over, or choose another --out.")
 
     import jax
 
@@ -344,6 +384,26 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             distributed.initialize_from_args(args)
         except distributed.DistributedInitError as e:
             return fail(str(e))
+    from flax_resnet.outdir import OutputDirError, claim_output_dir
+
+    # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
+    # of one multi-process run share --out, so process 0 holds the claim for all of them.
+    try:
+        claim = claim_output_dir(plan.out) if jax.process_index() == 0 else None
+    except OutputDirError as e:
+        return fail(str(e))
+    try:
+        return _run_train_claimed(args, plan)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _run_train_claimed(args: argparse.Namespace, plan: _TrainPlan) -> int:
+    """``run_train`` once --out is claimed: load the data, build the model, train."""
+    if _has_checkpoints(plan.out) and not (args.resume or args.overwrite):
+        return fail(f"{plan.out} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to "
+                    "start over, or choose another --out.")
     import jax.numpy as jnp
 
     from flax_resnet.checkpoint import CheckpointError
@@ -367,7 +427,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             model = registry.build_flax(plan.model, plan.model_kwargs, seed=args.seed)
             if args.init_from is not None:
-                _init_flax_from(model, args.init_from)
+                _init_flax_from(model, args.init_from, plan.model, plan.model_kwargs)
             apply_precision(model, args.precision)
             runner = parallel.runner_factory_from_args(args)
             history = trainer.train(model, plan.recipe, dataset, runner=runner, **common).history
@@ -384,7 +444,11 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     state_dict = to_torch_state_dict(flax_model)
                 else:
                     state_dict = _load_torch_file(args.init_from)
-                model.load_state_dict(state_dict, strict=True)
+                try:
+                    model.load_state_dict(state_dict, strict=True)
+                except RuntimeError as e:  # torch's report of a misfit
+                    raise PortError(f"--init-from {args.init_from} does not fit {plan.model}: {e}"
+                                    f"{_weights_hint(state_dict, plan.model, plan.model_kwargs)}") from e
             history = torch_train.run(model, plan.recipe, dataset, **common)
     except (DataError, TrainError, CheckpointError, PortError) as e:
         return fail(str(e))
@@ -462,7 +526,7 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 name, kwargs = registry.infer_model(list(state_dict),
                                                     {k: tuple(v.shape) for k, v in state_dict.items()})
             model = registry.build_flax(name, kwargs)
-            port.load_torch_state_dict(model, state_dict)
+            _port_into(model, state_dict, name, kwargs)
             checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs, "dtype": "float32",
                                                "source": str(src)})
             print(f"wrote {name} {kwargs or ''} as a Flax checkpoint to {dst}")
@@ -537,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["train", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
+    from flax_resnet.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # before JAX starts: every command's CPU steps profit (see its docstring)
     return args.handler(args, args.parser)
 
 

@@ -134,23 +134,34 @@ def batch_as_numpy_nchw(images: jax.Array, labels: jax.Array) -> tuple[np.ndarra
 
 
 # ---------------------------------------------------------------------------------------------- steps
+# ``Metrics.first_nonfinite`` when every loss was finite: larger than any step count.
+NO_STEP = np.iinfo(np.int32).max
+
+
 class Metrics(NamedTuple):
-    """Sums over an epoch, kept on device; the notebooks' averages are taken on the host at epoch end."""
+    """Sums over an epoch, kept on device; the notebooks' averages are taken on the host at epoch end.
+
+    ``first_nonfinite`` is not a sum but a minimum: the first optimizer step (``TrainState.step`` before it, so
+    0-based and global) whose loss was nan or inf, ``NO_STEP`` if none. It lets the trainer name the step where a
+    run diverged from the one read per epoch, without a host sync per step.
+    """
 
     loss_x_count: jax.Array  # sum of batch-mean loss * batch size  (notebook 000: mean over samples)
     loss_of_batches: jax.Array  # sum of batch-mean losses           (notebook 004: mean over batches)
     correct: jax.Array
     count: jax.Array
     batches: jax.Array
+    first_nonfinite: jax.Array  # min over steps, see above
 
     @staticmethod
     def zeros() -> Metrics:
         f = jnp.zeros((), jnp.float32)
         i = jnp.zeros((), jnp.int32)
-        return Metrics(f, f, i, i, i)
+        return Metrics(f, f, i, i, i, jnp.full((), NO_STEP, jnp.int32))
 
     def __add__(self, other: Metrics) -> Metrics:  # type: ignore[override]
-        return Metrics(*(a + b for a, b in zip(self, other, strict=True)))
+        sums = (a + b for a, b in zip(self[:-1], other[:-1], strict=True))
+        return Metrics(*sums, jnp.minimum(self.first_nonfinite, other.first_nonfinite))
 
 
 def _psum(x, axis_name):
@@ -192,7 +203,9 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
     params = optax.apply_updates(state.params, updates)
     count = _psum(jnp.asarray(labels.shape[0], jnp.int32), axis_name)
     correct = _psum(jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32), axis_name)
-    metrics = Metrics(loss * count, loss, correct, count, jnp.ones((), jnp.int32))
+    # the loss is already averaged over devices, so every device records the same step
+    first_nonfinite = jnp.where(jnp.isfinite(loss), NO_STEP, state.step).astype(jnp.int32)
+    metrics = Metrics(loss * count, loss, correct, count, jnp.ones((), jnp.int32), first_nonfinite)
     return TrainState(params, model_state, opt_state, state.step + 1), metrics
 
 
@@ -208,4 +221,4 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array, labe
     loss_sum = _psum(jnp.sum(losses * mask_f), axis_name)
     correct = _psum(jnp.sum((jnp.argmax(logits, -1) == labels) & mask).astype(jnp.int32), axis_name)
     batch_mean = loss_sum / jnp.maximum(count, 1)
-    return Metrics(loss_sum, batch_mean, correct, count, jnp.ones((), jnp.int32))
+    return Metrics(loss_sum, batch_mean, correct, count, jnp.ones((), jnp.int32), jnp.full((), NO_STEP, jnp.int32))

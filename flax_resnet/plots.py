@@ -31,8 +31,11 @@ def _save(fig: Figure, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves the previous file and no partial one
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -132,6 +132,14 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
     raise PortError(f"value for {key!r} is a {type(value).__name__}, not a tensor or array")
 
 
+_LISTED = 8  # keys named per kind of problem; a whole model of another architecture would list hundreds
+
+
+def _some(keys: list[Any]) -> str:
+    shown = ", ".join(map(str, keys[:_LISTED]))
+    return shown + (f", ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
+
+
 def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> None:
     """Copy a torch ``state_dict`` (torch tensors or numpy arrays) into ``model`` in place.
 
@@ -147,7 +155,11 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> N
     for key, spec in expected.items():
         if key not in state_dict:
             continue
-        array = _to_numpy(key, state_dict[key])
+        try:
+            array = _to_numpy(key, state_dict[key])
+        except PortError as e:
+            problems.append(str(e))
+            continue
         if tuple(array.shape) != spec.torch_shape:
             problems.append(f"size mismatch for {key}: the state_dict has shape {tuple(array.shape)}, "
                             f"the model needs {spec.torch_shape}")
@@ -157,12 +169,19 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> N
     if missing or unexpected or problems:
         lines = [f"the state_dict does not fit {type(model).__name__}:"]
         if missing:
-            lines.append(f"  missing key(s) ({len(missing)}): {', '.join(missing)}")
+            lines.append(f"  missing key(s) ({len(missing)}): {_some(missing)}")
         if unexpected:
-            lines.append(f"  unexpected key(s) ({len(unexpected)}): {', '.join(map(str, unexpected))}")
+            lines.append(f"  unexpected key(s) ({len(unexpected)}): {_some(unexpected)}")
             if all(str(k).startswith("module.") for k in unexpected):
                 lines.append("  (every unexpected key starts with 'module.': strip that DataParallel prefix)")
-        lines += [f"  {p}" for p in problems]
+            elif isinstance(state_dict.get("model"), Mapping):
+                lines.append("  (it holds a 'model' entry: a training checkpoint; pass its ['model'] state_dict)")
+            elif len(expected) - len(missing) < len(expected) / 2:
+                lines.append(f"  (only {len(expected) - len(missing)} of the {len(expected)} keys match: these look "
+                             "like the weights of another model)")
+        lines += [f"  {p}" for p in problems[:_LISTED]]
+        if len(problems) > _LISTED:
+            lines.append(f"  ... and {len(problems) - _LISTED} more size mismatches")
         lines.append("The model was not changed.")
         raise PortError("\n".join(lines))
     converted = [(var, jnp.asarray(value, dtype=var.dtype)) for var, value in updates]

@@ -20,7 +20,10 @@ epoch, never per step), an evaluation over every test sample, then one row of hi
 | ``lr``           | the learning rate of the epoch (torch's per-epoch scheduler value)                     |
 
 With an output directory, each epoch also writes ``history.json``, ``curves.png`` and a checkpoint
-(``flax_resnet.checkpoint``); ``resume=True`` continues from the last checkpoint with the same final result.
+(``flax_resnet.checkpoint``); ``resume=True`` continues from the last checkpoint with the same final result (the
+newest readable one: an unreadable newer one is moved aside and reported, ``Checkpoints.restore_latest_good``).
+A nan or inf loss stops the run with ``TrainError`` naming the epoch and step, before that epoch is saved
+(``check_finite``: found from the epoch's summed metrics, still one read per epoch).
 The library never prints: progress goes to the bar from ``progress`` and epoch lines to ``log``.
 """
 
@@ -32,6 +35,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,8 +52,9 @@ from flax_resnet.engine import Metrics, TrainState
 from flax_resnet.recipes import Recipe, epoch_learning_rate
 from flax_resnet.runners import Runner, SingleDeviceRunner, zero_metrics
 
-__all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "TrainError", "TrainResult", "empty_history",
-           "check_resumable", "epoch_summary", "history_row", "make_runner", "train", "write_history", "write_outputs"]
+__all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "TrainError", "TrainResult", "check_finite",
+           "check_resumable", "empty_history", "epoch_summary", "history_row", "make_runner", "train", "write_history",
+           "write_outputs"]
 
 HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time", "images_per_sec", "lr")
 HISTORY_FILE = "history.json"
@@ -109,6 +114,36 @@ def _host_metrics(metrics: Metrics) -> dict[str, float]:
     return {name: float(np.asarray(value).reshape(-1)[0]) for name, value in zip(Metrics._fields, host, strict=True)}
 
 
+def _warn(message: str) -> None:
+    """What must not go unsaid when the caller gave no ``log`` (the library does not print)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def check_finite(epoch: int, steps_per_epoch: int, train: dict[str, float], test: dict[str, float] | None,
+                 kept: str) -> None:
+    """Stop a run whose loss became nan or inf (``TrainError``), naming the epoch and step.
+
+    ``train`` holds the epoch's metric sums, read once per epoch: the sum of losses is non-finite as soon as
+    one loss is, and ``first_nonfinite`` (a minimum kept on the device) says which step it was. The test loss
+    is checked too: weights that went non-finite in the epoch's last update show up only there.
+    """
+    loss = train["loss_of_batches"]
+    first = int(train["first_nonfinite"])
+    if first != engine.NO_STEP or not math.isfinite(loss):
+        where = f"epoch {epoch + 1}"
+        if first != engine.NO_STEP:
+            where += f", step {first % steps_per_epoch + 1} of {steps_per_epoch} (optimizer step {first + 1})"
+        kind = "nan" if math.isnan(loss) else "inf"
+        raise TrainError(f"training diverged: the training loss became {kind} at {where}. This epoch was not "
+                         f"saved; {kept}. Lower --lr (or check the data), then start over with --overwrite or "
+                         f"continue from the last checkpoint with --resume.")
+    if test is not None and not math.isfinite(test["loss_of_batches"]):
+        raise TrainError(f"training diverged: the weights after epoch {epoch + 1} give a non-finite test loss "
+                         f"({test['loss_of_batches']}) although every training loss of the epoch was finite. This "
+                         f"epoch was not saved; {kept}. Lower --lr, then start over with --overwrite or continue "
+                         f"from the last checkpoint with --resume.")
+
+
 def _ratio(num: float, den: float) -> float:
     return num / den if den else math.nan
 
@@ -142,8 +177,11 @@ def write_history(out_dir: str | Path, history: History) -> Path:
     """``history.json``, written atomically."""
     path = Path(out_dir) / HISTORY_FILE
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(history, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(history, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves the previous history.json and no partial file
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -171,6 +209,14 @@ def check_resumable(meta: dict[str, Any], expected: dict[str, Any], directory: P
     if problems:
         raise TrainError(f"the checkpoints in {directory} were made by a different run, so --resume cannot "
                          "continue it:\n  " + "\n  ".join(problems))
+
+
+def _kept(ckpts: Checkpoints | None) -> str:
+    if ckpts is None:
+        return "no output directory was given, so nothing was written"
+    if not ckpts.steps:
+        return f"no checkpoint was written to {ckpts.directory}"
+    return f"the last good checkpoint (epoch {ckpts.latest}) in {ckpts.directory} is kept"
 
 
 def train(model: nnx.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype: Any = jnp.float32,
@@ -221,8 +267,10 @@ def train(model: nnx.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dty
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpts = Checkpoints(ckpt_dir, max_to_keep=max_to_keep)
         if resume and ckpts.latest is not None:
-            check_resumable(ckpts.read_meta(), run_meta, ckpt_dir)
-            state, saved = ckpts.restore(state)
+            # the newest readable checkpoint; each unreadable newer one is moved aside and reported
+            report = log or (_warn if main_process else None)
+            state, saved = ckpts.restore_latest_good(
+                state, check_meta=lambda saved_meta: check_resumable(saved_meta, run_meta, ckpt_dir), report=report)
             history = {key: list(saved["history"].get(key, [])) for key in HISTORY_KEYS}
             start_epoch = int(saved["epoch"])
             if log:
@@ -246,6 +294,7 @@ def train(model: nnx.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dty
                 if bar is not None:
                     bar.update(1)
             train_metrics = _host_metrics(metrics)  # the epoch's one wait for the device
+            check_finite(epoch, spe, train_metrics, None, _kept(ckpts))
             train_time = time.perf_counter() - t0
             test_metrics = dict.fromkeys(Metrics._fields, 0.0)
             if test_data is not None:
@@ -253,13 +302,19 @@ def train(model: nnx.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dty
                 for start in range(0, num_test, recipe.eval_batch_size):
                     metrics = runner.eval_step(state, metrics, test_data, start, recipe.eval_batch_size)
                 test_metrics = _host_metrics(metrics)
+                check_finite(epoch, spe, train_metrics, test_metrics, _kept(ckpts))
             row = history_row(recipe, epoch, train_metrics, test_metrics, time.perf_counter() - t0, train_time)
             for key in HISTORY_KEYS:
                 history[key].append(row[key])
             if ckpts is not None:
                 ckpts.save(epoch + 1, runner.get_state(state), {**run_meta, "epoch": epoch + 1, "history": history})
                 if main_process:
-                    write_outputs(out_dir, history, recipe, title)
+                    try:
+                        write_outputs(out_dir, history, recipe, title)
+                    except OSError as e:
+                        raise TrainError(f"checkpoint {epoch + 1} was saved, but writing {HISTORY_FILE} and "
+                                         f"{PLOT_FILE} to {out_dir} failed ({e}); the files there are those of "
+                                         "the previous epoch. Fix the cause, then continue with --resume.") from e
             if bar is not None:
                 bar.set_postfix_str(f"loss {row['train_loss']:.4f}, test acc {row['test_acc']:.2f}%")
                 bar.close()

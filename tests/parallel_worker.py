@@ -143,7 +143,7 @@ def reference_bn_off(recipe, data, graphdef, state, tx, plan, dtype, num_devices
         state = engine.TrainState(optax.apply_updates(state.params, updates), results[0][3], opt_state,
                                   state.step + 1)
         total += [loss * (stop - start), loss, sum(int(r[1]) for r in results), stop - start, 1]
-        sums.append(total.copy())
+        sums.append(np.append(total, engine.NO_STEP))  # every loss finite: no first non-finite step (Metrics)
     out = flat("reference-off/state", state)
     out["reference-off/train_sums"] = np.stack(sums)
     return out

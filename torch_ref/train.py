@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -271,9 +273,36 @@ def train_resnet(model: nn.Module, trainloader: Iterable, testloader: Iterable, 
 
 
 # -------------------------------------------------------------------------------------- checkpoints, run
+def _payload_digest(payload: Any) -> str:
+    """SHA-256 of a checkpoint payload's tensors and values, in order: torch.load notices a truncated file but
+    not a flipped bit in a tensor's bytes (its zip reader checks no CRC), so the payload records this."""
+    h = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                h.update(f"K{key!r}|".encode())
+                visit(item)
+        elif isinstance(value, list | tuple):
+            h.update(f"L{len(value)}|".encode())
+            for item in value:
+                visit(item)
+        else:
+            h.update(f"V{value!r}|".encode())
+
+    visit({k: v for k, v in payload.items() if k != "digest"})
+    return h.hexdigest()
+
+
 class TorchCheckpoints:
     """torch's own checkpoints for ``--framework torch``: ``epoch_NNNN.pt`` (model, optimiser, scheduler,
-    history, metadata), written atomically (temporary file + rename), the last ``max_to_keep`` kept."""
+    history, metadata, a digest of all of it), written atomically (temporary file + rename), the last
+    ``max_to_keep`` kept. ``load_latest_good`` resumes from the newest one that loads and matches its digest,
+    moving unreadable newer ones aside to ``<directory>.unreadable/``, as ``flax_resnet.checkpoint`` does."""
 
     PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
 
@@ -293,8 +322,16 @@ class TorchCheckpoints:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(epoch)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({**payload, "digest": _payload_digest(payload)}, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch reports a failed write (a full disk) as a RuntimeError
+            tmp.unlink(missing_ok=True)
+            from flax_resnet.checkpoint import CheckpointError
+
+            raise CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {e}); the checkpoints "
+                                  f"already there (epochs {self.epochs or 'none'}) are unchanged; fix the cause "
+                                  "(free disk space), then continue with --resume") from e
         if self.max_to_keep:
             for old in self.epochs[:-self.max_to_keep]:
                 self.path(old).unlink(missing_ok=True)
@@ -305,6 +342,44 @@ class TorchCheckpoints:
         if not epochs:
             raise FileNotFoundError(f"no torch checkpoint in {self.directory}")
         return torch.load(self.path(epochs[-1] if epoch is None else epoch), weights_only=True)
+
+    def _check(self, epoch: int) -> dict[str, Any]:
+        try:
+            payload = self.load(epoch)
+        except Exception as e:  # noqa: BLE001 - torch.load raises assorted types for a damaged file
+            raise ValueError(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+        if not isinstance(payload, dict) or not {"model", "optimizer", "epoch", "history", "meta"} <= set(payload):
+            raise ValueError("not a checkpoint of this trainer")
+        if "digest" in payload and _payload_digest(payload) != payload["digest"]:
+            raise ValueError("its contents do not match the digest recorded when it was written")
+        return payload
+
+    def load_latest_good(self, report: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """The newest checkpoint that loads whole; unreadable newer ones are moved aside and reported."""
+        from flax_resnet.checkpoint import UNREADABLE_SUFFIX, CheckpointError
+
+        problems = []
+        for epoch in reversed(self.epochs):
+            try:
+                return self._check(epoch)
+            except ValueError as e:
+                aside = self.directory.with_name(self.directory.name + UNREADABLE_SUFFIX)
+                aside.mkdir(parents=True, exist_ok=True)
+                target = aside / self.path(epoch).name
+                n = 0
+                while target.exists():
+                    n += 1
+                    target = aside / f"{self.path(epoch).name}.{n}"
+                self.path(epoch).rename(target)
+                problems.append(f"epoch {epoch}: {e}")
+                older = self.epochs
+                then = f"trying epoch {older[-1]}" if older else "no older checkpoint is left"
+                if report is not None:
+                    report(f"checkpoint of epoch {epoch} in {self.directory} is unreadable ({e}); moved it to "
+                           f"{target}; {then}")
+        raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from (the unreadable ones were "
+                              f"moved to {self.directory.name}{UNREADABLE_SUFFIX}/):\n  " + "\n  ".join(problems)
+                              + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
 
 
 def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype: Any = jnp.float32,
@@ -343,7 +418,7 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
                 ckpts.path(epoch).unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume and ckpts.epochs:
-            saved = ckpts.load()
+            saved = ckpts.load_latest_good(report=log or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=2)))
             check_resumable(saved["meta"], run_meta, ckpts.directory)
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -354,8 +429,22 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
                 log(f"resuming from {ckpts.directory} after epoch {start_epoch}")
 
     bar = None
+    position = {"epoch": start_epoch, "step": 0}  # where the loop is, to name a divergence
+
+    def kept() -> str:
+        if ckpts is None:
+            return "no output directory was given, so nothing was written"
+        if not ckpts.epochs:
+            return f"no checkpoint was written to {ckpts.directory}"
+        return f"the last good checkpoint (epoch {ckpts.epochs[-1]}) in {ckpts.directory} is kept"
 
     def step_hook(loss: float) -> None:
+        position["step"] += 1
+        if not math.isfinite(loss):  # the loop reads every loss anyway (loss.item()): checking it is free
+            raise TrainError(f"training diverged: the training loss became {loss} at epoch {position['epoch'] + 1}, "
+                             f"step {position['step']} of {len(train_loader)}. This epoch was not saved; {kept()}. "
+                             "Lower --lr (or check the data), then start over with --overwrite or continue from the "
+                             "last checkpoint with --resume.")
         if on_step is not None:
             on_step(loss)
         if bar is not None:
@@ -363,11 +452,21 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
 
     def epoch_end(epoch: int, history: History, optimizer: optim.Optimizer, scheduler: Any) -> None:
         nonlocal bar
+        if test_loader.num_examples and not math.isfinite(history["test_loss"][-1]):
+            raise TrainError(f"training diverged: the weights after epoch {epoch + 1} give a non-finite test loss "
+                             f"({history['test_loss'][-1]}) although every training loss of the epoch was finite. "
+                             f"This epoch was not saved; {kept()}. Lower --lr, then start over with --overwrite or "
+                             "continue from the last checkpoint with --resume.")
         if ckpts is not None:
             ckpts.save(epoch + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
                                    "epoch": epoch + 1, "history": history, "meta": run_meta})
-            write_outputs(out_dir, history, recipe, title)
+            try:
+                write_outputs(out_dir, history, recipe, title)
+            except OSError as e:
+                raise TrainError(f"checkpoint {epoch + 1} was saved, but writing history.json and curves.png to "
+                                 f"{out_dir} failed ({e}); the files there are those of the previous epoch. Fix the "
+                                 "cause, then continue with --resume.") from e
         if bar is not None:
             bar.set_postfix_str(f"loss {history['train_loss'][-1]:.4f}, test acc {history['test_acc'][-1]:.2f}%")
             bar.close()
@@ -385,6 +484,7 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
 
         def __iter__(self):
             nonlocal bar
+            position.update(epoch=self.inner.epoch, step=0)
             if progress is not None:
                 bar = progress(total=len(self.inner), desc=f"epoch {self.inner.epoch + 1}/{recipe.epochs}")
             return iter(self.inner)

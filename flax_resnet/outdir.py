@@ -1,0 +1,133 @@
+"""Claiming a run's output directory before any work: it must be writable, and only one run may write to it.
+
+``claim_output_dir(out)`` creates ``out`` if needed, proves it writable by creating its lock file ``.lock`` in
+it, and takes an exclusive ``fcntl.flock`` on that file for as long as the claim is held. A second run on the
+same directory fails at once, naming the holder (pid, host, start time, written into the lock file). The lock
+belongs to the open file, so the kernel drops it when the holding process dies, however it dies (SIGKILL
+included): a lock file left behind by a killed run is stale and blocks nothing.
+
+Running as root, permission bits do not stop writes, so writability is tested by writing, never by
+``os.access``. The command line claims ``--out`` before it loads data or builds a model, so these failures
+come in seconds. A claim released by a run that wrote nothing removes the lock file and the directories it
+created, so a failed start leaves no trace.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+__all__ = ["LOCK_FILE", "OutputClaim", "OutputDirError", "claim_output_dir"]
+
+LOCK_FILE = ".lock"
+
+
+class OutputDirError(RuntimeError):
+    """An output directory that cannot be written, or one that another run is writing to."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        record = path.read_text().strip()
+    except OSError:
+        record = ""
+    return record or "a run that has not yet recorded its pid"
+
+
+class OutputClaim:
+    """A held claim on an output directory (a context manager; ``release`` is idempotent)."""
+
+    def __init__(self, directory: Path, fd: int, created: list[Path]):
+        self.directory, self.lock_path, self._fd, self._created = directory, directory / LOCK_FILE, fd, created
+
+    def __enter__(self) -> OutputClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Drop the lock and its file; remove the directories this claim created if the run left them empty."""
+        if self._fd < 0:
+            return
+        # Unlinked while still locked: a run that opened the old file meanwhile sees it replaced (claim retries).
+        self.lock_path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = -1
+        for directory in reversed(self._created):  # deepest first
+            try:
+                directory.rmdir()
+            except OSError:  # not empty: the run wrote something, which stays
+                break
+
+
+def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",)) -> OutputClaim:
+    """Create ``out`` if needed, check it is writable (and its existing ``probe`` subdirectories), lock it.
+
+    Raises ``OutputDirError`` with what is wrong and what to do.
+    """
+    out = Path(out).expanduser().absolute()
+    created = []
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    created.reverse()  # outermost first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"cannot create the output directory {out} ({e.strerror}: {e.filename}); "
+                             "choose another --out") from e
+    if not out.is_dir():
+        raise OutputDirError(f"--out {out} is a file, not a directory")
+    lock_path = out / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            _remove_created(created)
+            raise OutputDirError(f"cannot write to the output directory {out} ({e.strerror}); choose a writable "
+                                 "--out") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise OutputDirError(f"cannot lock {lock_path} ({e.strerror})") from e
+            raise OutputDirError(f"{out} is in use by another run ({_holder(lock_path)}); wait for it to finish "
+                                 "or choose another --out. (A lock left behind by a run that was killed does not "
+                                 "block: it ends with its process.)") from e
+        try:  # the file we locked may have been unlinked by a holder releasing it just before: then lock anew
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    claim = OutputClaim(out, fd, created)
+    try:
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+        for name in probe:
+            if (out / name).is_dir():
+                with tempfile.TemporaryFile(dir=out / name):
+                    pass
+    except OSError as e:
+        claim.release()
+        raise OutputDirError(f"cannot write to the output directory {out} ({e.strerror}: {e.filename or out}); "
+                             "choose a writable --out") from e
+    return claim
+
+
+def _remove_created(created: list[Path]) -> None:
+    for directory in reversed(created):
+        try:
+            directory.rmdir()
+        except OSError:
+            break
