@@ -452,6 +452,20 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
     return rows
 
 
+def _timed_torch_row(setup: _Setup, impl: str, phase: str, step: Callable[[], Any], sync: Callable[[Any], Any],
+                     compiled: bool, gflop: float, memory: _PeakMemory) -> dict[str, Any]:
+    """One torch step row; with torch.compile the first call compiles, and its time beyond a step is reported."""
+    first = None
+    if compiled:
+        t0 = time.perf_counter()
+        sync(step())
+        first = time.perf_counter() - t0
+    s = _summary(_time(step, sync, setup.warmup, setup.steps), setup.batch_size)
+    compile_s = None if first is None else max(first - s["ms_median"] / 1e3, 0.0)
+    return _row(setup, impl, phase, **s, compile_s=compile_s, gflop=gflop, mfu=_mfu(setup, gflop, s["ms_median"] / 1e3),
+                peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind)
+
+
 def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs: int) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F  # noqa: N812
@@ -500,17 +514,7 @@ def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs
     setup.log(f"{impl}: train step")
     memory.reset()
     model.train()
-    compile_s = None
-    if compiled:  # the first call compiles: its time beyond a step is torch.compile's
-        t0 = time.perf_counter()
-        sync(train())
-        first = time.perf_counter() - t0
-    s = _summary(_time(train, sync, setup.warmup, setup.steps), b)
-    if compiled:
-        compile_s = max(first - s["ms_median"] / 1e3, 0.0)
-    rows.append(_row(setup, impl, "train step", **s, compile_s=compile_s, gflop=train_gflop,
-                     mfu=_mfu(setup, train_gflop, s["ms_median"] / 1e3), peak_mem_mb=memory.read_mb(),
-                     peak_mem_kind=memory.kind))
+    rows.append(_timed_torch_row(setup, impl, "train step", train, sync, compiled, train_gflop, memory))
 
     setup.log(f"{impl}: eval step")
     memory.reset()
@@ -522,17 +526,7 @@ def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs
             logits = net(x)
             return (logits.argmax(1) == y).sum()
 
-    compile_s = None
-    if compiled:
-        t0 = time.perf_counter()
-        sync(evaluate())
-        first = time.perf_counter() - t0
-    s = _summary(_time(evaluate, sync, setup.warmup, setup.steps), b)
-    if compiled:
-        compile_s = max(first - s["ms_median"] / 1e3, 0.0)
-    rows.append(_row(setup, impl, "eval step", **s, compile_s=compile_s, gflop=eval_gflop,
-                     mfu=_mfu(setup, eval_gflop, s["ms_median"] / 1e3), peak_mem_mb=memory.read_mb(),
-                     peak_mem_kind=memory.kind))
+    rows.append(_timed_torch_row(setup, impl, "eval step", evaluate, sync, compiled, eval_gflop, memory))
     model.train()
 
     if setup.epoch_images:

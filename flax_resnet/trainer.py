@@ -53,8 +53,8 @@ from flax_resnet.recipes import Recipe, epoch_learning_rate
 from flax_resnet.runners import Runner, SingleDeviceRunner, zero_metrics
 
 __all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "TrainError", "TrainResult", "check_finite",
-           "check_resumable", "empty_history", "epoch_summary", "history_row", "make_runner", "train", "write_history",
-           "write_outputs"]
+           "check_resumable", "empty_history", "epoch_summary", "history_row", "make_runner", "train",
+           "write_epoch_outputs", "write_history", "write_outputs"]
 
 HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time", "images_per_sec", "lr")
 HISTORY_FILE = "history.json"
@@ -192,6 +192,17 @@ def write_outputs(out_dir: str | Path, history: History, recipe: Recipe, title: 
                        target_accuracy=plots.TARGET_ACCURACY.get(recipe.name))
 
 
+def write_epoch_outputs(out_dir: str | Path, history: History, recipe: Recipe, title: str | None, epoch: int) -> None:
+    """``write_outputs`` after epoch ``epoch``'s checkpoint, a failure turned into a ``TrainError`` that says what
+    is safe (the checkpoint) and how to go on (both frameworks' loops call this)."""
+    try:
+        write_outputs(out_dir, history, recipe, title)
+    except OSError as e:
+        raise TrainError(f"checkpoint {epoch} was saved, but writing {HISTORY_FILE} and {PLOT_FILE} to {out_dir} "
+                         f"failed ({e}); the files there are those of the previous epoch. Fix the cause, then "
+                         "continue with --resume.") from e
+
+
 def _comparable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
@@ -309,12 +320,7 @@ def train(model: nnx.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dty
             if ckpts is not None:
                 ckpts.save(epoch + 1, runner.get_state(state), {**run_meta, "epoch": epoch + 1, "history": history})
                 if main_process:
-                    try:
-                        write_outputs(out_dir, history, recipe, title)
-                    except OSError as e:
-                        raise TrainError(f"checkpoint {epoch + 1} was saved, but writing {HISTORY_FILE} and "
-                                         f"{PLOT_FILE} to {out_dir} failed ({e}); the files there are those of "
-                                         "the previous epoch. Fix the cause, then continue with --resume.") from e
+                    write_epoch_outputs(out_dir, history, recipe, title, epoch + 1)
             if bar is not None:
                 bar.set_postfix_str(f"loss {row['train_loss']:.4f}, test acc {row['test_acc']:.2f}%")
                 bar.close()

@@ -393,7 +393,7 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
     curves.png, a checkpoint per epoch in ``out_dir/checkpoints`` (torch format), ``resume``.
     """
     from flax_resnet.checkpoint import CHECKPOINT_SUBDIR
-    from flax_resnet.trainer import TrainError, check_resumable, write_outputs
+    from flax_resnet.trainer import TrainError, check_resumable, write_epoch_outputs
 
     if jnp.dtype(dtype) == jnp.float64:
         if not jax.config.read("jax_enable_x64"):
@@ -461,12 +461,7 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
             ckpts.save(epoch + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
                                    "epoch": epoch + 1, "history": history, "meta": run_meta})
-            try:
-                write_outputs(out_dir, history, recipe, title)
-            except OSError as e:
-                raise TrainError(f"checkpoint {epoch + 1} was saved, but writing history.json and curves.png to "
-                                 f"{out_dir} failed ({e}); the files there are those of the previous epoch. Fix the "
-                                 "cause, then continue with --resume.") from e
+            write_epoch_outputs(out_dir, history, recipe, title, epoch + 1)
         if bar is not None:
             bar.set_postfix_str(f"loss {history['train_loss'][-1]:.4f}, test acc {history['test_acc'][-1]:.2f}%")
             bar.close()
