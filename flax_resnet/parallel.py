@@ -52,7 +52,9 @@ from flax_resnet.recipes import Recipe
 from flax_resnet.runners import (
     DeviceData,
     Runner,
+    RunnerState,
     SingleDeviceRunner,
+    StateLeaves,
     gather_batch,
     gather_eval_batch,
 )
@@ -224,6 +226,7 @@ class _DataParallel:
         self.inputs = self.replicated
         self._plan_source: EpochPlan | None = None
         self._plan: EpochPlan | None = None
+        self.leaves = StateLeaves()
 
     def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData:
         """The whole split on every device (150 MB of uint8 for CIFAR-10); each device gathers its own share."""
@@ -270,19 +273,19 @@ class ShardMapRunner(_DataParallel):
     def _train_impl(self, state, metrics, data, plan, start, *, size):
         step = functools.partial(device_train_step, self.graphdef, self.tx, self.recipe, self.dtype, self.bn_sync,
                                  self.num_devices, size=size)
-        return self._map(step, 5)(state, metrics, data, plan, start)
+        return self._map(self.leaves.train(step), 5)(state, metrics, data, plan, start)
 
     def _eval_impl(self, state, metrics, data, start, *, size):
         step = functools.partial(device_eval_step, self.graphdef, self.recipe, self.dtype, self.num_devices,
                                  size=size)
-        return self._map(step, 4)(state, metrics, data, start)
+        return self._map(self.leaves.eval(step), 4)(state, metrics, data, start)
 
-    def put_state(self, state: TrainState) -> TrainState:
-        return jax.tree.map(lambda x: _replicate(x, self.replicated), state)
+    def put_state(self, state: TrainState) -> RunnerState:
+        return self.leaves.flatten(jax.tree.map(lambda x: _replicate(x, self.replicated), state))
 
-    def get_state(self, state: TrainState) -> TrainState:
+    def get_state(self, state: RunnerState) -> TrainState:
         """The state as it is: globally replicated ``jax.Array``s, which orbax saves from every process."""
-        return state
+        return self.leaves.unflatten(state)
 
     def train_step(self, state, metrics, data, plan, start, size):
         _check_step_size(size, self.num_devices)
@@ -311,7 +314,7 @@ class PmapRunner(_DataParallel):
         if size not in self._train_fns:
             step = functools.partial(device_train_step, self.graphdef, self.tx, self.recipe, self.dtype,
                                      self.bn_sync, self.num_devices, size=size)
-            self._train_fns[size] = jax.pmap(step, AXIS, in_axes=(0, None, None, None, None),
+            self._train_fns[size] = jax.pmap(self.leaves.train(step), AXIS, in_axes=(0, None, None, None, None),
                                              out_axes=(0, None), devices=self.devices, donate_argnums=(0, 1))
         return self._train_fns[size]
 
@@ -319,11 +322,11 @@ class PmapRunner(_DataParallel):
         if size not in self._eval_fns:
             step = functools.partial(device_eval_step, self.graphdef, self.recipe, self.dtype, self.num_devices,
                                      size=size)
-            self._eval_fns[size] = jax.pmap(step, AXIS, in_axes=(0, None, None, None), out_axes=None,
+            self._eval_fns[size] = jax.pmap(self.leaves.eval(step), AXIS, in_axes=(0, None, None, None), out_axes=None,
                                             devices=self.devices, donate_argnums=(1,))
         return self._eval_fns[size]
 
-    def put_state(self, state: TrainState) -> TrainState:
+    def put_state(self, state: TrainState) -> RunnerState:
         """Each leaf stacked into (local devices, ...), one row per local device (no extra host copies)."""
         n = len(self.local_devices)
 
@@ -331,9 +334,9 @@ class PmapRunner(_DataParallel):
             value, impl = _host_value(x)
             return _rewrap(jax.device_put(np.broadcast_to(value[None], (n, *value.shape)), self.stacked), impl)
 
-        return jax.tree.map(stack, state)
+        return self.leaves.flatten(jax.tree.map(stack, state))
 
-    def get_state(self, state: TrainState) -> TrainState:
+    def get_state(self, state: RunnerState) -> TrainState:
         """Row 0 of the stacked state as globally replicated ``jax.Array``s (what orbax saves across hosts)."""
 
         def unstack(x):
@@ -345,7 +348,7 @@ class PmapRunner(_DataParallel):
             arrays = [rows[d] for d in self.replicated.addressable_devices_indices_map(shape)]
             return _rewrap(jax.make_array_from_single_device_arrays(shape, self.replicated, arrays), impl)
 
-        return jax.tree.map(unstack, state)
+        return jax.tree.map(unstack, self.leaves.unflatten(state))
 
     def train_step(self, state, metrics, data, plan, start, size):
         _check_step_size(size, self.num_devices)
