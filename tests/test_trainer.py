@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import cProfile
 import dataclasses
 import json
 import math
+import pstats
 
 import jax
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from flax import nnx
 
 from flax_resnet import checkpoint, engine, plots, registry, trainer
-from flax_resnet.runners import SingleDeviceRunner
+from flax_resnet.runners import SingleDeviceRunner, zero_metrics
 
 TINY_MODEL = ("SimpleResNet", {"n_blocks": 1})
 
@@ -216,3 +218,32 @@ def test_torch_reference_run_resumes_exactly(tmp_path, tiny_dataset, make_recipe
         assert torch.equal(value, expected[key]), key
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
     assert (tmp_path / "b" / trainer.PLOT_FILE).is_file()
+
+
+def test_runner_steps_do_no_host_work(tiny_dataset, make_recipe):
+    """The hot path's promise: a step neither reads a device array back to the host (a per-step sync) nor walks
+    NNX objects (the state travels as a flat list of arrays, rebuilt as a ``TrainState`` only inside the traced
+    step), and ``get_state`` restores the ``TrainState`` exactly. Checked from the Python calls a profiler sees
+    during three warm steps (``jax.transfer_guard`` cannot: on the CPU backend it does not guard reads)."""
+    recipe = make_recipe("plain-vs-residual", batch_size=16)
+    tx = engine.make_optimizer(recipe, steps_per_epoch=4)
+    graphdef, state = engine.init_train_state(tiny_model(), tx)
+    runner = SingleDeviceRunner(graphdef, tx, recipe)
+    held = runner.put_state(state)
+    assert isinstance(held, list) and all(isinstance(x, jax.Array) for x in held)
+    assert jax.tree.structure(runner.get_state(held)) == jax.tree.structure(state)
+    data = runner.put_data(tiny_dataset.train_images, tiny_dataset.train_labels)
+    plan = engine.epoch_plan(0, 0, data.size)
+    held, metrics = runner.train_step(held, zero_metrics(), data, plan, 0, 16)  # compiles
+
+    profiler = cProfile.Profile()
+    with profiler:
+        for start in (16, 32, 48):
+            held, metrics = runner.train_step(held, metrics, data, plan, start, 16)
+    called = [(file, name) for file, _, name in pstats.Stats(profiler).stats]  # type: ignore[attr-defined]
+    host_reads = [c for c in called if c[1] in {"__float__", "__int__", "__array__", "_value", "item", "tolist",
+                                                "device_get", "block_until_ready"}]
+    nnx_calls = [c for c in called if "flax/nnx" in c[0].replace("\\", "/")]
+    assert not host_reads and not nnx_calls, (host_reads, nnx_calls)
+    assert int(runner.get_state(held).step) == 4
+    assert float(metrics.count) == 64
