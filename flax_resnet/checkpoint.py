@@ -42,8 +42,8 @@ from flax import nnx
 
 from flax_resnet.engine import TrainState
 
-__all__ = ["CHECKPOINT_SUBDIR", "CheckpointError", "Checkpoints", "UNREADABLE_SUFFIX", "load_model", "read_meta",
-           "resolve", "save_model", "tree_digest"]
+__all__ = ["CHECKPOINT_SUBDIR", "CheckpointError", "Checkpoints", "UNREADABLE_SUFFIX", "host_leaves", "load_model",
+           "read_meta", "resolve", "save_model", "tree_digest"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNREADABLE_SUFFIX = ".unreadable"  # checkpoints that failed to restore go to <root>.unreadable/<step>
@@ -70,6 +70,12 @@ def _host_array(leaf: Any) -> np.ndarray:
         if not leaf.is_fully_addressable:  # a replicated array of a multi-process run: this process's copy
             leaf = leaf.addressable_data(0)
     return np.ascontiguousarray(np.asarray(leaf))
+
+
+def host_leaves(tree: Any) -> list[np.ndarray]:
+    """Every leaf as a NumPy array (PRNG keys as their raw data), in tree order: what the digest reads, and what
+    the tests compare bit for bit."""
+    return [_host_array(leaf) for leaf in jax.tree.leaves(tree)]
 
 
 def tree_digest(tree: Any) -> str:

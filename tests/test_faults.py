@@ -58,13 +58,7 @@ def run_main(argv: list[str]) -> int:
         return int(e.code or 0)
 
 
-def leaves(tree) -> list[np.ndarray]:
-    out = []
-    for leaf in jax.tree.leaves(tree):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        out.append(np.asarray(leaf))
-    return out
+leaves = checkpoint.host_leaves  # every leaf as numpy, PRNG keys as their raw data
 
 
 def saved_run(out: Path, step: int | None = None) -> tuple[list[np.ndarray], dict]:

@@ -23,14 +23,7 @@ def tiny_model(seed: int = 0):
     return registry.build_flax(*TINY_MODEL, seed=seed)
 
 
-def leaves(tree) -> list[np.ndarray]:
-    """Every leaf as numpy (PRNG keys as their raw data), in a fixed order."""
-    out = []
-    for leaf in jax.tree.leaves(tree):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        out.append(np.asarray(leaf))
-    return out
+leaves = checkpoint.host_leaves  # every leaf as numpy, PRNG keys as their raw data
 
 
 class Crash(Exception):

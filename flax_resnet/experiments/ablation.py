@@ -67,23 +67,19 @@ def run_ablation(recipe: Recipe, dataset: Any, ctx: Context, *, dropout_p: float
 def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout-p", type=float, default=0.2, metavar="X",
                    help="dropout probability after each block of the dropout configuration (default: %(default)s)")
-    common.add_training_options(p)
-    common.add_data_options(p)
-    common.add_output_options(p, NAME)
+    common.add_run_options(p, NAME)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.apply_quick(args, **QUICK)
-    common.check_training_args(args, parser)
+    common.prepare_run_args(args, parser, QUICK)
     if not 0 <= args.dropout_p < 1:
         parser.error("--dropout-p must be in [0, 1)")
     recipe = common.make_recipe("resnet18-cifar", args, parser, epochs=EPOCHS)
 
     def work(ctx: Context) -> Report:
         dataset = common.load_data(args)
-        return run_ablation(recipe, dataset, ctx, dropout_p=args.dropout_p, framework=args.framework, seed=args.seed,
-                            resume=args.resume, overwrite=args.overwrite,
-                            data_note=common.data_description(args, dataset))
+        return run_ablation(recipe, dataset, ctx, dropout_p=args.dropout_p, framework=args.framework,
+                            **common.run_settings(args, dataset))
 
     return work
 

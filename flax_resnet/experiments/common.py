@@ -96,6 +96,19 @@ def add_training_options(p: argparse.ArgumentParser, *, framework: bool = True) 
     g.add_argument("--overwrite", action="store_true", help="delete the runs already in --out and start over")
 
 
+def add_run_options(p: argparse.ArgumentParser, name: str, *, framework: bool = True) -> None:
+    """What every experiment that trains offers: the training, data and output options."""
+    add_training_options(p, framework=framework)
+    add_data_options(p)
+    add_output_options(p, name)
+
+
+def prepare_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: Mapping[str, Any]) -> None:
+    """--quick's defaults filled in, then the shared usage checks (before anything is read or written)."""
+    apply_quick(args, **quick)
+    check_training_args(args, parser)
+
+
 def apply_quick(args: argparse.Namespace, **values: Any) -> None:
     """With --quick, fill the options the user left unset with ``values`` (--image-size only for synthetic data)."""
     if args.quick and getattr(args, "dataset", "") is None:
@@ -183,6 +196,12 @@ def data_description(args: argparse.Namespace, dataset: Any) -> str:
     size = dataset.train_images.shape[1]
     what = "synthetic data" if args.dataset == "synthetic" else "CIFAR-10"
     return f"{what}, {n_train} training and {n_test} test images of {size}x{size}"
+
+
+def run_settings(args: argparse.Namespace, dataset: Any) -> dict[str, Any]:
+    """The keyword arguments every experiment's ``run_*`` function takes from the command line."""
+    return {"seed": args.seed, "resume": args.resume, "overwrite": args.overwrite,
+            "data_note": data_description(args, dataset)}
 
 
 # --------------------------------------------------------------------------------------------- counting

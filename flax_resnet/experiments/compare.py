@@ -102,16 +102,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                        metavar="N" if arg.type is int else "X", help=arg.help)
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating-point type of weights and computation in both frameworks (default: %(default)s)")
-    common.add_training_options(p, framework=False)
-    common.add_data_options(p)
-    common.add_output_options(p, NAME)
+    common.add_run_options(p, NAME, framework=False)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
     spec = registry.get_spec(args.model)
     quick = {k: v for k, v in QUICK.items() if k not in registry.MODEL_ARGS or k in spec.args}
-    common.apply_quick(args, **quick)
-    common.check_training_args(args, parser)
+    common.prepare_run_args(args, parser, quick)
     recipe_name = args.recipe or spec.recipe
     try:
         kwargs = registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, recipe_name)
@@ -125,9 +122,8 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
 
             jax.config.update("jax_enable_x64", True)
         dataset = common.load_data(args)
-        return run_compare(args.model, kwargs, recipe, dataset, ctx, seed=args.seed, dtype=args.dtype,
-                           resume=args.resume, overwrite=args.overwrite,
-                           data_note=common.data_description(args, dataset))
+        return run_compare(args.model, kwargs, recipe, dataset, ctx, dtype=args.dtype,
+                           **common.run_settings(args, dataset))
 
     return work
 

@@ -114,14 +114,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="SimpleResNet depths, blocks per stage (default: 1 4, i.e. 7 and 25 conv layers)")
     g.add_argument("--recipe", choices=list(RECIPES), default="plain-vs-residual",
                    help="one recipe for all runs (default: %(default)s)")
-    common.add_training_options(p)
-    common.add_data_options(p)
-    common.add_output_options(p, NAME)
+    common.add_run_options(p, NAME)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.apply_quick(args, **QUICK)
-    common.check_training_args(args, parser)
+    common.prepare_run_args(args, parser, QUICK)
     plain_blocks = args.plain_blocks or [(1, 1, 1, 1), (3, 3, 3, 3)]
     resnet_blocks = args.resnet_blocks or [1, 4]
     if min(resnet_blocks) < 1:
@@ -131,8 +128,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
     def work(ctx: Context) -> Report:
         dataset = common.load_data(args)
         return run_depth(recipe, dataset, ctx, plain_blocks=plain_blocks, resnet_blocks=resnet_blocks,
-                         framework=args.framework, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                         data_note=common.data_description(args, dataset))
+                         framework=args.framework, **common.run_settings(args, dataset))
 
     return work
 

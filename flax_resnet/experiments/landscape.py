@@ -272,8 +272,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
     given = [("plain", args.plain), ("residual", args.residual)] + [(None, c) for c in args.checkpoint]
     given = [(label, path) for label, path in given if path is not None]
-    common.apply_quick(args, **QUICK)
-    common.check_training_args(args, parser)
+    common.prepare_run_args(args, parser, QUICK)
     if not given and not args.quick:
         parser.error("name the trained networks: --plain DIR --residual DIR, or --checkpoint DIR (repeatable)")
     for _, path in given:

@@ -65,14 +65,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--n-blocks", type=int, metavar="N",
                    help="blocks per stage of both networks, 1 + 6n conv layers (default: 5, the notebook's 31 layers)")
-    common.add_training_options(p)
-    common.add_data_options(p)
-    common.add_output_options(p, NAME)
+    common.add_run_options(p, NAME)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.apply_quick(args, **QUICK)
-    common.check_training_args(args, parser)
+    common.prepare_run_args(args, parser, QUICK)
     n_blocks = 5 if args.n_blocks is None else args.n_blocks
     if n_blocks < 1:
         parser.error("--n-blocks must be at least 1")
@@ -81,8 +78,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
     def work(ctx: Context) -> Report:
         dataset = common.load_data(args)
         return run_plain_vs_residual(recipe, dataset, ctx, n_blocks=n_blocks, framework=args.framework,
-                                     seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                                     data_note=common.data_description(args, dataset))
+                                     **common.run_settings(args, dataset))
 
     return work
 
