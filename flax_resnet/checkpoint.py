@@ -43,7 +43,7 @@ from flax import nnx
 from flax_resnet.engine import TrainState
 
 __all__ = ["CHECKPOINT_SUBDIR", "CheckpointError", "Checkpoints", "UNREADABLE_SUFFIX", "host_leaves", "load_model",
-           "read_meta", "resolve", "save_model", "tree_digest"]
+           "no_readable_checkpoint", "read_meta", "resolve", "save_model", "tree_digest", "unreadable_target"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNREADABLE_SUFFIX = ".unreadable"  # checkpoints that failed to restore go to <root>.unreadable/<step>
@@ -110,6 +110,25 @@ def _no_room(e: BaseException | None) -> str | None:
                 return os.strerror(code)
         e = e.__cause__ or e.__context__
     return None
+
+
+def unreadable_target(directory: Path, name: str) -> Path:
+    """A free path for checkpoint ``name`` of ``directory`` in ``<directory>.unreadable/`` (``name``, then
+    ``name-1``, ...: an earlier set-aside of the same step is never overwritten)."""
+    aside = directory.with_name(directory.name + UNREADABLE_SUFFIX)
+    target = aside / name
+    n = 0
+    while target.exists():
+        n += 1
+        target = aside / f"{name}-{n}"
+    return target
+
+
+def no_readable_checkpoint(directory: Path, problems: list[str]) -> CheckpointError:
+    """The error of a resume that found no checkpoint it can read (each one's problem listed)."""
+    return CheckpointError(f"no checkpoint in {directory} can be resumed from (the unreadable ones were moved to "
+                           f"{directory.name}{UNREADABLE_SUFFIX}/):\n  " + "\n  ".join(problems)
+                           + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
 
 
 class Checkpoints:
@@ -231,16 +250,10 @@ class Checkpoints:
     def set_aside(self, step: int) -> Path:
         """Move step ``step`` out of the root into ``<root>.unreadable/`` (kept for inspection, never deleted), so
         that the run can save that step again; returns where it went."""
-        source = self.directory / str(step)
-        aside = self.directory.with_name(self.directory.name + UNREADABLE_SUFFIX)
-        target = aside / str(step)
-        for n in range(1, 1000):
-            if not target.exists():
-                break
-            target = aside / f"{step}-{n}"
+        target = unreadable_target(self.directory, str(step))
         if jax.process_index() == 0:
-            aside.mkdir(parents=True, exist_ok=True)
-            source.rename(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes(f"flax_resnet_set_aside_{step}")
         self._manager.reload()
@@ -272,9 +285,7 @@ class Checkpoints:
                            f"{then}")
                 continue
             return state, meta
-        raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from (the unreadable ones were "
-                              f"moved to {self.directory.name}{UNREADABLE_SUFFIX}/):\n  " + "\n  ".join(problems)
-                              + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
+        raise no_readable_checkpoint(self.directory, problems)
 
     def restore_model(self, params: nnx.State, model_state: nnx.State, step: int | None = None
                       ) -> tuple[nnx.State, nnx.State, dict[str, Any]]:

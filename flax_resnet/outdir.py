@@ -59,11 +59,7 @@ class OutputClaim:
         self.lock_path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = -1
-        for directory in reversed(self._created):  # deepest first
-            try:
-                directory.rmdir()
-            except OSError:  # not empty: the run wrote something, which stays
-                break
+        _remove_created(self._created)
 
 
 def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",)) -> OutputClaim:
@@ -126,6 +122,7 @@ def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",))
 
 
 def _remove_created(created: list[Path]) -> None:
+    """Remove the directories a claim created, deepest first, while they are empty (what a run wrote stays)."""
     for directory in reversed(created):
         try:
             directory.rmdir()

@@ -53,8 +53,9 @@ from flax_resnet.recipes import Recipe, epoch_learning_rate
 from flax_resnet.runners import Runner, SingleDeviceRunner, zero_metrics
 
 __all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "TrainError", "TrainResult", "check_finite",
-           "check_resumable", "empty_history", "epoch_summary", "history_row", "make_runner", "train",
-           "write_epoch_outputs", "write_history", "write_outputs"]
+           "check_resumable", "check_test_loss", "empty_history", "epoch_summary", "history_row",
+           "kept_checkpoints", "make_runner", "train", "training_diverged", "write_epoch_outputs", "write_history",
+           "write_outputs"]
 
 HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time", "images_per_sec", "lr")
 HISTORY_FILE = "history.json"
@@ -133,15 +134,36 @@ def check_finite(epoch: int, steps_per_epoch: int, train: dict[str, float], test
         where = f"epoch {epoch + 1}"
         if first != engine.NO_STEP:
             where += f", step {first % steps_per_epoch + 1} of {steps_per_epoch} (optimizer step {first + 1})"
-        kind = "nan" if math.isnan(loss) else "inf"
-        raise TrainError(f"training diverged: the training loss became {kind} at {where}. This epoch was not "
-                         f"saved; {kept}. Lower --lr (or check the data), then start over with --overwrite or "
-                         f"continue from the last checkpoint with --resume.")
-    if test is not None and not math.isfinite(test["loss_of_batches"]):
+        raise training_diverged(where, loss, kept)
+    if test is not None:
+        check_test_loss(epoch, test["loss_of_batches"], kept)
+
+
+def training_diverged(where: str, loss: float, kept: str) -> TrainError:
+    """The error for a nan or inf training loss at ``where`` (both frameworks' loops raise it)."""
+    kind = "nan" if math.isnan(loss) else "inf"
+    return TrainError(f"training diverged: the training loss became {kind} at {where}. This epoch was not saved; "
+                      f"{kept}. Lower --lr (or check the data), then start over with --overwrite or continue from "
+                      "the last checkpoint with --resume.")
+
+
+def check_test_loss(epoch: int, test_loss: float, kept: str) -> None:
+    """``TrainError`` if the weights after ``epoch`` give a non-finite test loss: weights that went non-finite in
+    the epoch's last update show up only there (both frameworks' loops check it)."""
+    if not math.isfinite(test_loss):
         raise TrainError(f"training diverged: the weights after epoch {epoch + 1} give a non-finite test loss "
-                         f"({test['loss_of_batches']}) although every training loss of the epoch was finite. This "
-                         f"epoch was not saved; {kept}. Lower --lr, then start over with --overwrite or continue "
-                         f"from the last checkpoint with --resume.")
+                         f"({test_loss}) although every training loss of the epoch was finite. This epoch was not "
+                         f"saved; {kept}. Lower --lr, then start over with --overwrite or continue from the last "
+                         "checkpoint with --resume.")
+
+
+def kept_checkpoints(directory: Path | None, latest: int | None) -> str:
+    """What a stopped run leaves behind, for its error message: the newest checkpoint in ``directory``."""
+    if directory is None:
+        return "no output directory was given, so nothing was written"
+    if latest is None:
+        return f"no checkpoint was written to {directory}"
+    return f"the last good checkpoint (epoch {latest}) in {directory} is kept"
 
 
 def _ratio(num: float, den: float) -> float:
@@ -223,11 +245,7 @@ def check_resumable(meta: dict[str, Any], expected: dict[str, Any], directory: P
 
 
 def _kept(ckpts: Checkpoints | None) -> str:
-    if ckpts is None:
-        return "no output directory was given, so nothing was written"
-    if not ckpts.steps:
-        return f"no checkpoint was written to {ckpts.directory}"
-    return f"the last good checkpoint (epoch {ckpts.latest}) in {ckpts.directory} is kept"
+    return kept_checkpoints(None, None) if ckpts is None else kept_checkpoints(ckpts.directory, ckpts.latest)
 
 
 def train(model: nnx.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype: Any = jnp.float32,

@@ -356,20 +356,15 @@ class TorchCheckpoints:
 
     def load_latest_good(self, report: Callable[[str], None] | None = None) -> dict[str, Any]:
         """The newest checkpoint that loads whole; unreadable newer ones are moved aside and reported."""
-        from flax_resnet.checkpoint import UNREADABLE_SUFFIX, CheckpointError
+        from flax_resnet.checkpoint import no_readable_checkpoint, unreadable_target
 
         problems = []
         for epoch in reversed(self.epochs):
             try:
                 return self._check(epoch)
             except ValueError as e:
-                aside = self.directory.with_name(self.directory.name + UNREADABLE_SUFFIX)
-                aside.mkdir(parents=True, exist_ok=True)
-                target = aside / self.path(epoch).name
-                n = 0
-                while target.exists():
-                    n += 1
-                    target = aside / f"{self.path(epoch).name}.{n}"
+                target = unreadable_target(self.directory, self.path(epoch).name)
+                target.parent.mkdir(parents=True, exist_ok=True)
                 self.path(epoch).rename(target)
                 problems.append(f"epoch {epoch}: {e}")
                 older = self.epochs
@@ -377,9 +372,7 @@ class TorchCheckpoints:
                 if report is not None:
                     report(f"checkpoint of epoch {epoch} in {self.directory} is unreadable ({e}); moved it to "
                            f"{target}; {then}")
-        raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from (the unreadable ones were "
-                              f"moved to {self.directory.name}{UNREADABLE_SUFFIX}/):\n  " + "\n  ".join(problems)
-                              + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
+        raise no_readable_checkpoint(self.directory, problems)
 
 
 def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype: Any = jnp.float32,
@@ -393,7 +386,14 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
     curves.png, a checkpoint per epoch in ``out_dir/checkpoints`` (torch format), ``resume``.
     """
     from flax_resnet.checkpoint import CHECKPOINT_SUBDIR
-    from flax_resnet.trainer import TrainError, check_resumable, write_epoch_outputs
+    from flax_resnet.trainer import (
+        TrainError,
+        check_resumable,
+        check_test_loss,
+        kept_checkpoints,
+        training_diverged,
+        write_epoch_outputs,
+    )
 
     if jnp.dtype(dtype) == jnp.float64:
         if not jax.config.read("jax_enable_x64"):
@@ -433,18 +433,14 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
 
     def kept() -> str:
         if ckpts is None:
-            return "no output directory was given, so nothing was written"
-        if not ckpts.epochs:
-            return f"no checkpoint was written to {ckpts.directory}"
-        return f"the last good checkpoint (epoch {ckpts.epochs[-1]}) in {ckpts.directory} is kept"
+            return kept_checkpoints(None, None)
+        return kept_checkpoints(ckpts.directory, ckpts.epochs[-1] if ckpts.epochs else None)
 
     def step_hook(loss: float) -> None:
         position["step"] += 1
         if not math.isfinite(loss):  # the loop reads every loss anyway (loss.item()): checking it is free
-            raise TrainError(f"training diverged: the training loss became {loss} at epoch {position['epoch'] + 1}, "
-                             f"step {position['step']} of {len(train_loader)}. This epoch was not saved; {kept()}. "
-                             "Lower --lr (or check the data), then start over with --overwrite or continue from the "
-                             "last checkpoint with --resume.")
+            where = f"epoch {position['epoch'] + 1}, step {position['step']} of {len(train_loader)}"
+            raise training_diverged(where, loss, kept())
         if on_step is not None:
             on_step(loss)
         if bar is not None:
@@ -452,11 +448,8 @@ def run(model: nn.Module, recipe: Recipe, dataset: Any, *, seed: int = 0, dtype:
 
     def epoch_end(epoch: int, history: History, optimizer: optim.Optimizer, scheduler: Any) -> None:
         nonlocal bar
-        if test_loader.num_examples and not math.isfinite(history["test_loss"][-1]):
-            raise TrainError(f"training diverged: the weights after epoch {epoch + 1} give a non-finite test loss "
-                             f"({history['test_loss'][-1]}) although every training loss of the epoch was finite. "
-                             f"This epoch was not saved; {kept()}. Lower --lr, then start over with --overwrite or "
-                             "continue from the last checkpoint with --resume.")
+        if test_loader.num_examples:
+            check_test_loss(epoch, history["test_loss"][-1], kept())
         if ckpts is not None:
             ckpts.save(epoch + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
