@@ -10,8 +10,8 @@ the device, normalised and augmented (crop + flip) on the device by both framewo
   absence in ``--quick``, is reported as a row with status ``n/a: why``).
 
 Rows per implementation: ``train step`` and ``eval step`` (warm-up, then each timed step synchronised: median,
-p10, p90) and ``epoch`` (a whole epoch through the same step, synchronised once at its end, including the epoch
-plan and the read of the epoch's metrics). Columns:
+p10, p90) and ``epoch`` (a whole epoch through the same step, synchronised once at its end, including the read of
+the epoch's metrics; the epoch plan is drawn before the clock starts, as the trainer draws it once per epoch). Columns:
 
 - ``compile_s``: Flax, the XLA compilation of the step (``jit(...).lower(...).compile()``); torch.compile, its
   first call minus a median step; none for eager torch;
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -132,8 +133,8 @@ class _PeakMemory:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-        elif not self.gpu and _can_reset_rss():
-            Path("/proc/self/clear_refs").write_text("5")
+        elif not self.gpu:
+            _reset_rss_peak()
 
     def read_mb(self) -> float | None:
         if self.gpu and self.framework == "torch":
@@ -149,7 +150,13 @@ class _PeakMemory:
         return _peak_rss_mb()
 
 
+@functools.cache
 def _can_reset_rss() -> bool:
+    """Whether this kernel lets the process reset its peak RSS (asked once: asking resets it)."""
+    return _reset_rss_peak()
+
+
+def _reset_rss_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -258,16 +265,9 @@ def _row(setup: _Setup, impl: str, phase: str, **fields: Any) -> dict[str, Any]:
            "gflop": None, "xla_gflop": None, "mfu": None, "flax_speedup": None,
            "model": setup.model, "model_kwargs": setup.model_kwargs, "batch_size": setup.batch_size,
            "precision": setup.precision, "platform": setup.platform, "device_kind": setup.device_kind,
-           "load_avg_1m": _load()}
+           "load_avg_1m": (_load_all() or [None])[0]}
     row.update(fields)
     return row
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def _mfu(setup: _Setup, gflop: float | None, seconds: float | None) -> float | None:
@@ -390,14 +390,16 @@ class _TorchData:
         self.mean = torch.tensor(setup.recipe.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(setup.recipe.std, device=device).view(1, 3, 1, 1)
         self.arange = torch.arange(32, device=device)
+        self.seed = setup.seed
         self.set_plan(0)
 
     def set_plan(self, epoch: int) -> None:
+        """The epoch plan the Flax rows use for (seed, epoch): the same batches, crops and flips."""
         import numpy as np
 
         from flax_resnet import engine
 
-        plan = engine.epoch_plan(0, epoch, len(self.labels))
+        plan = engine.epoch_plan(self.seed, epoch, len(self.labels))
         t = self.torch
         self.perm = t.from_numpy(np.array(plan.permutation, dtype=np.int64)).to(self.device)
         self.offsets = t.from_numpy(np.array(plan.offsets, dtype=np.int64)).to(self.device)
@@ -443,7 +445,7 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
             rows += [_row(setup, impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in phases]
             continue
         try:
-            rows += _torch_variant(setup, data, device, impl, macs)
+            _torch_variant(setup, data, device, impl, macs, rows)
         except Exception as e:  # noqa: BLE001 - report any failure of a variant as its rows, keep the others
             reason = f"n/a: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
             setup.log(f"{impl}: {reason}")
@@ -466,7 +468,9 @@ def _timed_torch_row(setup: _Setup, impl: str, phase: str, step: Callable[[], An
                 peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind)
 
 
-def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs: int) -> list[dict[str, Any]]:
+def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs: int,
+                   rows: list[dict[str, Any]]) -> None:
+    """Append ``impl``'s rows to ``rows`` phase by phase, so that the rows done before a failure are kept."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
@@ -510,7 +514,6 @@ def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs
         return train_on(start, b)
 
     memory = _PeakMemory("torch", setup)
-    rows = []
     setup.log(f"{impl}: train step")
     memory.reset()
     model.train()
@@ -544,7 +547,6 @@ def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs
         correct.item()  # read the epoch's metrics once, at its end
         sync()
         rows.append(_epoch_row(setup, impl, time.perf_counter() - t0, steps, train_gflop, memory))
-    return rows
 
 
 # ------------------------------------------------------------------------------------------- API
@@ -554,10 +556,11 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Benchmark the Flax step against the torch variants; one dict per (implementation, phase).
 
-    ``quick``: the CI-sized run (SimpleResNet(1), batch 16, 2 + 5 steps, a 256-image epoch, no torch.compile),
-    whatever the other arguments say. ``epoch_images``: size of the timed epoch (default 50,000; 0: no epoch
-    rows). ``torch_compile``: include torch.compile (default: yes unless ``quick``). Rows are in ``IMPLS`` x
-    ``PHASES`` order; ``format_table`` prints them.
+    ``quick``: the CI-sized run: SimpleResNet(1) at batch 16 whatever the model and batch given, at most 2 + 5
+    steps, a 256-image epoch and no torch.compile unless ``epoch_images`` / ``torch_compile`` say otherwise.
+    ``epoch_images``: size of the timed epoch (default 50,000; 0: no epoch rows). ``torch_compile``: include
+    torch.compile (default: yes unless ``quick``). Rows come phase by phase (``PHASES``), then implementation
+    (``IMPLS``); ``format_table`` prints them.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
@@ -581,8 +584,7 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     for r in rows:
         if r["images_per_s"] and flax.get(r["phase"]):
             r["flax_speedup"] = flax[r["phase"]] / r["images_per_s"]
-    order = {(impl, phase): i for i, (phase, impl) in enumerate((p, m) for p in PHASES for m in IMPLS)}
-    return sorted(rows, key=lambda r: order[(r["impl"], r["phase"])])
+    return sorted(rows, key=lambda r: (PHASES.index(r["phase"]), IMPLS.index(r["impl"])))
 
 
 def environment() -> dict[str, Any]:
@@ -673,7 +675,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"CI-sized run in well under a minute: SimpleResNet(n_blocks=1), batch "
                         f"{QUICK['batch_size']}, {QUICK['warmup']} + {QUICK['steps']} steps, a "
-                        f"{QUICK['epoch_images']}-image epoch, no torch.compile (overrides the options above)")
+                        f"{QUICK['epoch_images']}-image epoch, no torch.compile (overrides --model, --batch-size "
+                        "and larger --warmup/--steps; --epoch-images and --torch-compile still apply)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of weights and data (default: 0)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows (and the environment) as JSON")
     p.set_defaults(handler=run_bench_command, parser=p)
@@ -693,8 +696,6 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error("--batch-size and --steps must be at least 1, --warmup at least 0")
     if args.epoch_images is not None and args.epoch_images < 0:
         parser.error("--epoch-images must be >= 0")
-
-    allocator.tune_cpu_allocator()  # before JAX starts its threads (a no-op after cli.main's call)
 
     def log(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
