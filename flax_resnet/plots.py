@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["TARGET_ACCURACY", "plot_comparison", "plot_history"]
+__all__ = ["TARGET_ACCURACY", "plot_comparison", "plot_history", "save_figure"]
 
 # The accuracy a recipe's notebook asks for (notebook 004: "achieve >75% test accuracy").
 TARGET_ACCURACY: dict[str, float] = {"resnet18-cifar": 75.0}
@@ -24,15 +24,18 @@ TARGET_ACCURACY: dict[str, float] = {"resnet18-cifar": 75.0}
 _STYLES = [("o-", "#f59e0b"), ("s-", "#22c55e"), ("^-", "#3b82f6"), ("d-", "#ef4444"), ("v-", "#8b5cf6")]
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    """Write atomically, so a reader never sees half a PNG while training goes on."""
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write a PNG atomically, so a reader never sees half a PNG while training goes on (matplotlib's Agg
+    canvas: no display, no global pyplot state). A figure without a layout engine gets ``tight_layout``; one
+    made with ``layout='constrained'`` keeps it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     try:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, path)
     finally:  # a failed write (a full disk) leaves the previous file and no partial one
         tmp.unlink(missing_ok=True)
@@ -64,7 +67,7 @@ def plot_history(history: Mapping[str, Sequence[float]], path: str | Path, *, ti
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
@@ -81,4 +84,4 @@ def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[float]]], path
         ax.set(xlabel="Epoch", ylabel=ylabel, title=title)
         ax.legend()
         ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import urllib.request
 from pathlib import Path
 
@@ -255,3 +256,50 @@ def test_markdown_table_and_json():
     assert lines[0].startswith("| a") and "--: |" in lines[1] and len({len(line) for line in lines}) == 1
     assert common.to_jsonable({"v": [np.float32(1.5), float("nan")], "p": Path("x")}) == {"v": [1.5, None], "p": "x"}
     assert common.fmt(float("inf")) == "n/a" and common.fmt(12.345, ".1f", "%") == "12.3%"
+
+
+@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
+def test_an_experiment_refuses_an_out_in_use_or_unwritable(command, tmp_path, capsys):
+    """Like `train`, an experiment claims --out first: a second run on it, or an --out under a file, is one clear
+    error (exit 1) before any data is loaded or anything trained, and the holder's files are untouched."""
+    from flax_resnet.outdir import claim_output_dir
+
+    out = tmp_path / "busy"
+    with claim_output_dir(out):
+        assert run_main([command, "--quick", "--no-progress", "--out", str(out)]) == 1
+        err = " ".join(capsys.readouterr().err.split())  # fail() wraps its paragraph
+        assert "is in use by another run" in err and f"pid {os.getpid()}" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    (tmp_path / "file").write_text("x")
+    assert run_main([command, "--quick", "--no-progress", "--out", str(tmp_path / "file" / "out")]) == 1
+    assert "cannot create the output directory" in " ".join(capsys.readouterr().err.split())
+
+
+def test_landscape_reads_a_torch_run_and_refuses_a_damaged_one(tmp_path, capsys):
+    """A `--framework torch` run's latest epoch_N.pt is ported with its digest checked (TorchCheckpoints.read);
+    a damaged one is a one-line error (exit 1), not a traceback."""
+    import torch
+
+    from flax_resnet.checkpoint import CheckpointError
+    from flax_resnet.experiments.landscape import load_network
+    from flax_resnet.port import to_torch_state_dict
+
+    run = tmp_path / "torch-run"
+    assert run_main(["train", "--model", "SimpleResNet", "--n-blocks", "1", "--dataset", "synthetic",
+                     "--train-samples", "64", "--test-samples", "16", "--epochs", "1", "--batch-size", "32",
+                     "--framework", "torch", "--no-progress", "--out", str(run)]) == 0
+    saved = torch.load(run / "checkpoints" / "epoch_0001.pt", weights_only=True)
+    net = load_network(run)
+    assert (net.name, net.epoch) == ("SimpleResNet", 1)
+    ported = to_torch_state_dict(net.model)
+    assert all(torch.equal(ported[k], v) for k, v in saved["model"].items())
+
+    file = run / "checkpoints" / "epoch_0001.pt"
+    file.write_bytes(file.read_bytes()[:-200])  # truncated
+    with pytest.raises(CheckpointError, match="epoch_0001.pt is unreadable"):
+        load_network(run)
+    capsys.readouterr()
+    assert run_main(["landscape", "--no-progress", "--dataset", "synthetic", "--train-samples", "64",
+                     "--test-samples", "16", "--checkpoint", str(run), "--out", str(tmp_path / "ls")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "epoch_0001.pt is unreadable" in " ".join(err.split()), err

@@ -354,6 +354,20 @@ class TorchCheckpoints:
             raise ValueError("its contents do not match the digest recorded when it was written")
         return payload
 
+    def read(self, epoch: int | None = None) -> dict[str, Any]:
+        """Checkpoint ``epoch`` (default: the latest), verified as ``load_latest_good`` does but moving nothing
+        (for readers such as ``landscape``); ``CheckpointError`` if there is none or it cannot be read."""
+        from flax_resnet.checkpoint import CheckpointError
+
+        epochs = self.epochs
+        if not epochs:
+            raise CheckpointError(f"no torch checkpoint in {self.directory}")
+        epoch = epochs[-1] if epoch is None else epoch
+        try:
+            return self._check(epoch)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path(epoch)} is unreadable ({e})") from e
+
     def load_latest_good(self, report: Callable[[str], None] | None = None) -> dict[str, Any]:
         """The newest checkpoint that loads whole; unreadable newer ones are moved aside and reported."""
         from flax_resnet.checkpoint import no_readable_checkpoint, unreadable_target

@@ -12,7 +12,8 @@
 Each writes its figure (PNG), ``summary.md`` (the table) and ``results.json`` (raw numbers) into ``--out``,
 prints the table, and has ``--quick`` (synthetic data, small models, a few steps) for CI. The shared
 plumbing (options, quick mode, training a run, output files) is in ``common``. Importing this package loads
-neither JAX models nor torch: the experiments import them when they run.
+neither torch, matplotlib nor tensorflow-datasets (JAX and the Flax models come with ``flax_resnet`` itself):
+the experiments import them when they run.
 """
 
 from __future__ import annotations

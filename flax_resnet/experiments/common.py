@@ -340,20 +340,11 @@ def to_jsonable(value: Any) -> Any:
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = FIGURE_DPI) -> Path:
-    """Write a PNG atomically (matplotlib's Agg canvas: no display, no global pyplot state).
+    """``plots.save_figure`` at the experiments' resolution (imported here, so that ``--help`` needs no
+    matplotlib)."""
+    from flax_resnet import plots
 
-    A figure made without a layout engine gets ``tight_layout``; one made with ``layout='constrained'`` keeps it.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    FigureCanvasAgg(fig)
-    if fig.get_layout_engine() is None:
-        fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, path)
-    return path
+    return plots.save_figure(fig, path, dpi)
 
 
 CURVE_PANELS = (("train_loss", "Training Loss", "Loss"), ("train_acc", "Training Accuracy", "Accuracy (%)"),
@@ -456,23 +447,28 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _handle(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from flax_resnet.checkpoint import CheckpointError
     from flax_resnet.data import DataError
+    from flax_resnet.outdir import OutputDirError, claim_output_dir
     from flax_resnet.port import PortError
     from flax_resnet.trainer import TrainError
 
     work = command.plan(args, parser)  # usage errors exit here, before anything is read or written
     out = args.out or Path(cli.RUNS_DIR) / (f"{command.name}-quick" if args.quick else command.name)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file, not a directory")
+    # as `train` does: an unwritable --out, or another run writing to it, fails before any data or training
+    try:
+        claim = claim_output_dir(out, probe=())
+    except OutputDirError as e:
+        return cli.fail(str(e))
     ctx = Context(out, log=cli.write_line, progress=cli.progress_factory(not args.no_progress))
     start = time.perf_counter()
-    try:
-        report = work(ctx)
-    except (DataError, TrainError, CheckpointError, PortError) as e:
-        return cli.fail(str(e))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
-        return 130
-    report.write(out, command.name, _settings(args))
+    with claim:
+        try:
+            report = work(ctx)
+        except (DataError, TrainError, CheckpointError, PortError) as e:
+            return cli.fail(str(e))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
+            return 130
+        report.write(out, command.name, _settings(args))
     print()
     print(report.markdown(out), end="")
     print(f"\n{command.name}: done in {time.perf_counter() - start:.0f} s; outputs in {out}")

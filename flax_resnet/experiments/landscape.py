@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ FIGURE = "landscape.png"
 QUICK = {"dataset": "synthetic", "relative": True, "split": "both", "train_samples": 256, "test_samples": 128,
          "epochs": 4, "batch_size": 32}
 QUICK_MODELS = (("plain", "PlainDeepCNN"), ("residual", "SimpleResNet"))
-_TORCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
 _OTHER_COLORS = ("#3b82f6", "#ef4444", "#8b5cf6", "#0ea5e9")
 
 
@@ -74,15 +72,13 @@ def load_network(path: Path, label: str | None = None) -> Network:
     root = checkpoint.resolve(path)
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
-    torch_files = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TORCH_CHECKPOINT.match(p.name)))
+    torch_files = any(root.glob("epoch_*.pt"))  # a --framework torch run (torch is imported only for those)
     if torch_files:
-        import torch
-
         from flax_resnet import port
+        from torch_ref.train import TorchCheckpoints
 
-        epoch, file = torch_files[-1]
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-        meta = payload.get("meta", {})
+        payload = TorchCheckpoints(root, max_to_keep=None).read()  # digest-checked, as load_model's restore is
+        epoch, meta = int(payload["epoch"]), payload["meta"]
     else:
         meta = checkpoint.read_meta(root)
         epoch = meta.get("epoch")
