@@ -41,7 +41,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,11 +203,23 @@ def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int
     return _macs(jax.make_jaxpr(forward)(state, x).jaxpr)
 
 
-def _macs(jaxpr: Any) -> int:
+def iter_eqns(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of a jaxpr, nested ones (jit, custom_vjp, cond branches) included."""
     from jax.extend import core
 
-    total = 0
     for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else (param,):
+                if isinstance(sub, core.ClosedJaxpr):
+                    yield from iter_eqns(sub.jaxpr)
+                elif isinstance(sub, core.Jaxpr):
+                    yield from iter_eqns(sub)
+
+
+def _macs(jaxpr: Any) -> int:
+    total = 0
+    for eqn in iter_eqns(jaxpr):
         name = eqn.primitive.name
         if name == "conv_general_dilated":
             out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
@@ -217,12 +229,6 @@ def _macs(jaxpr: Any) -> int:
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval
             total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, list | tuple) else (param,):
-                if isinstance(sub, core.ClosedJaxpr):
-                    total += _macs(sub.jaxpr)
-                elif isinstance(sub, core.Jaxpr):
-                    total += _macs(sub)
     return total
 
 

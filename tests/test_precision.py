@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import engine, registry, trainer
+from flax_resnet import bench, engine, registry, trainer
 from flax_resnet.precision import apply_precision, compute_dtypes
 
 
@@ -96,15 +96,4 @@ def test_bf16_training_learns(small_dataset, make_recipe):
     assert float_dtypes(result.state.model_state) == {"float32"}
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, nested ones (jit, custom_vjp, cond branches) included."""
-    from jax.extend import core
-
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, list | tuple) else (param,):
-                if isinstance(sub, core.ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr)
-                elif isinstance(sub, core.Jaxpr):
-                    yield from _eqns(sub)
+_eqns = bench.iter_eqns
