@@ -663,9 +663,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=registry.model_names(), default="SimpleResNet", metavar="NAME",
                    help=f"model class: {', '.join(registry.model_names())} (default: %(default)s)")
-    for arg in registry.MODEL_ARGS.values():
-        p.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
-                       metavar="N" if arg.type is int else "X", help=arg.help)
+    registry.add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=128, metavar="B", help="batch size (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32, or bf16 mixed precision (Flax: flax_resnet.precision; torch: autocast) "

@@ -140,10 +140,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     what.add_argument("--framework", choices=("jax", "torch"), default="jax",
                       help="train the Flax model, or the PyTorch reference on the same batch stream "
                            "(default: %(default)s)")
-    for arg in registry.MODEL_ARGS.values():
-        users = ", ".join(s.name for s in registry.MODELS.values() if arg.name in s.args)
-        what.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
-                          metavar="N" if arg.type is int else "X", help=f"{arg.help} ({users} only)")
+    registry.add_model_arguments(what, lambda arg: f"{arg.help} "
+                                 f"({', '.join(s.name for s in registry.MODELS.values() if arg.name in s.args)} only)")
     what.add_argument("--init-from", metavar="PATH", type=Path,
                       help="initial weights: a torch .pt state_dict or a Flax checkpoint (a run's --out or a "
                            "port output); default: the framework's own initialisation from --seed. Ignored "
@@ -488,9 +486,7 @@ def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", choices=registry.model_names(), metavar="NAME",
                    help="the model the weights belong to; default: a checkpoint's own record, or, for a .pt, "
                         "the one registered model whose keys and shapes fit")
-    for arg in registry.MODEL_ARGS.values():
-        p.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
-                       metavar="N" if arg.type is int else "X", help=f"with --model: {arg.help}")
+    registry.add_model_arguments(p, lambda arg: f"with --model: {arg.help}")
     p.add_argument("--step", type=int, help="which checkpoint step to read (default: the latest)")
     p.set_defaults(handler=run_port, parser=p)
     return p

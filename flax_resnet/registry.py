@@ -18,8 +18,8 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-__all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "build_flax", "build_torch", "get_spec",
-           "infer_model", "model_kwargs", "model_names"]
+__all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "add_model_arguments", "build_flax", "build_torch",
+           "get_spec", "infer_model", "model_kwargs", "model_names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,15 @@ MODEL_ARGS: dict[str, ModelArg] = {
     "p": ModelArg("p", "--dropout-p", float, 0.2,
                   "dropout probability after each block of ResNet18Dropout; default 0.2", check=_probability),
 }
+
+
+def add_model_arguments(parser: Any, describe: Callable[[ModelArg], str] = lambda arg: arg.help) -> None:
+    """One command-line option per constructor argument of ``MODEL_ARGS`` (``--n-blocks``, ...), stored under
+    the argument's name with default None (unset: ``model_kwargs`` then uses the model's default).
+    ``parser``: an ``argparse`` parser or argument group; ``describe``: each option's help text."""
+    for arg in MODEL_ARGS.values():
+        parser.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
+                            metavar="N" if arg.type is int else "X", help=describe(arg))
 
 
 @dataclasses.dataclass(frozen=True)

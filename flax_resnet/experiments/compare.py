@@ -97,9 +97,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="model class (default: %(default)s)")
     g.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
                    help="training recipe (default: the model's notebook's)")
-    for arg in registry.MODEL_ARGS.values():
-        g.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
-                       metavar="N" if arg.type is int else "X", help=arg.help)
+    registry.add_model_arguments(g)
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating-point type of weights and computation in both frameworks (default: %(default)s)")
     common.add_run_options(p, NAME, framework=False)
