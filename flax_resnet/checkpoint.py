@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import gc
 import hashlib
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -131,6 +132,25 @@ def no_readable_checkpoint(directory: Path, problems: list[str]) -> CheckpointEr
                            + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
 
 
+class _FailedSaveTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records of orbax's write tasks for a save that failed
+    in one of ``directories``: each repeats the error ``Checkpoints.save`` reports, and they are logged whenever
+    the tasks happen to be collected, possibly after that report (burying it under pages of tracebacks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.directories: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Task exception was never retrieved")
+                    and any(d in text for d in self.directories))
+
+
+_FAILED_SAVE_TASKS = _FailedSaveTasks()
+logging.getLogger("asyncio").addFilter(_FAILED_SAVE_TASKS)
+
+
 class Checkpoints:
     """The checkpoints of one directory; a thin layer over ``ocp.CheckpointManager`` (use as a context)."""
 
@@ -184,6 +204,7 @@ class Checkpoints:
             no_room, reason = _no_room(e), _short(e)
         # Out of the except block, so that nothing holds orbax's failed tasks any more (see _discard_partial); the
         # error is reported by its text, without its chain of internal tracebacks.
+        _FAILED_SAVE_TASKS.directories.add(str(self.directory))
         self._discard_partial(step)
         hint = ("the disk is full: free some space (or choose another --out), then continue with --resume"
                 if no_room else "continue with --resume once the cause is fixed")
