@@ -32,6 +32,8 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,23 +134,87 @@ def no_readable_checkpoint(directory: Path, problems: list[str]) -> CheckpointEr
                            + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
 
 
-class _FailedSaveTasks(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" records of orbax's write tasks for a save that failed
-    in one of ``directories``: each repeats the error ``Checkpoints.save`` reports, and they are logged whenever
-    the tasks happen to be collected, possibly after that report (burying it under pages of tracebacks)."""
+class _FailedSaveLogs(logging.Filter):
+    """Drops the log records that repeat the error of a failing save, which ``Checkpoints.save`` reports itself,
+    once, on one line: orbax's own ERROR records of its failed write threads (logger "absl", a traceback each)
+    and asyncio's "... exception was never retrieved" of the save's tasks and futures, logged whenever these
+    happen to be collected, possibly after that report (burying it under pages of tracebacks). Dropped: such
+    records while a save is under way (``saving``; until its failure is reported), and later ones that name the
+    directory of a save that failed (``directories``). Other records pass."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.saving = 0
         self.directories: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not (self.saving or self.directories):
+            return True
         text = record.getMessage()
-        return not (text.startswith("Task exception was never retrieved")
-                    and any(d in text for d in self.directories))
+        repeats = ("exception was never retrieved" in text.split("\n")[0] if record.name == "asyncio"
+                   else record.levelno >= logging.ERROR and "raised an exception" in text)
+        return not (repeats and (self.saving or any(d in text for d in self.directories)))
 
 
-_FAILED_SAVE_TASKS = _FailedSaveTasks()
-logging.getLogger("asyncio").addFilter(_FAILED_SAVE_TASKS)
+_FAILED_SAVE_LOGS = _FailedSaveLogs()
+for _logger in ("asyncio", "absl"):
+    logging.getLogger(_logger).addFilter(_FAILED_SAVE_LOGS)
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """Whether an unraisable error is tensorstore calling back into an asyncio loop that is closed: the bare
+    ``RuntimeError('Event loop is closed')`` of ``loop.call_soon_threadsafe``, with no Python caller."""
+    tb = unraisable.exc_traceback
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+class _OrphanedWrites:
+    """The tensorstore writes that orbax leaves running when a save fails (a ``sys.unraisablehook`` wrapper).
+
+    When one write of a save fails, orbax raises and closes the save's event loop while its other writes are still
+    in flight. As each of them ends, tensorstore calls back into the closed loop and prints the RuntimeError as
+    "unraisable" (a bare traceback, tens of them within ~0.1 s, the last possibly after our report); and a write
+    that lands after the partial directory was removed creates it again. Nothing returned by orbax lets us wait
+    for those writes, so this hook swallows those tracebacks (they carry no information) and records when the
+    last one came: ``Checkpoints._discard_partial`` waits until they and the directory have been quiet a while.
+    Other unraisable errors go to the hook that was there before.
+    """
+
+    def __init__(self) -> None:
+        self.previous: Callable[[Any], None] | None = None
+        self.last_seen = 0.0
+
+    def install(self) -> None:
+        """Put the hook in place (again, if something such as pytest replaced it since)."""
+        if sys.unraisablehook is not self:
+            self.previous = sys.unraisablehook
+            sys.unraisablehook = self
+
+    def __call__(self, unraisable: Any) -> None:
+        if _is_closed_loop_callback(unraisable):
+            self.last_seen = time.monotonic()
+        elif self.previous is not None:
+            self.previous(unraisable)
+
+
+_ORPHANED_WRITES = _OrphanedWrites()
+SETTLE_QUIET_S = 0.5  # a failed save's writes end within ~0.1 s of its error on a quiet machine (measured)
+SETTLE_LIMIT_S = 15.0
+
+
+def _listing(directories: list[Path]) -> set[tuple[str, int]]:
+    """Every file under ``directories`` with its size: what a write still in flight would change."""
+    found = set()
+    for directory in directories:
+        for root, _, files in os.walk(directory):
+            for name in files:
+                try:
+                    found.add((os.path.join(root, name), os.stat(os.path.join(root, name)).st_size))
+                except OSError:
+                    pass
+    return found
 
 
 class Checkpoints:
@@ -196,28 +262,38 @@ class Checkpoints:
             trees["opt"] = {"opt_state": state.opt_state, "step": state.step}
         meta = {**meta, "digests": {name: tree_digest(tree) for name, tree in trees.items()}}
         items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+        _ORPHANED_WRITES.install()
+        _FAILED_SAVE_LOGS.saving += 1
         try:
-            self._manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
-            self._manager.wait_until_finished()
-            return
-        except Exception as e:
-            no_room, reason = _no_room(e), _short(e)
-        # Out of the except block, so that nothing holds orbax's failed tasks any more (see _discard_partial); the
-        # error is reported by its text, without its chain of internal tracebacks.
-        _FAILED_SAVE_TASKS.directories.add(str(self.directory))
-        self._discard_partial(step)
+            try:
+                self._manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+                self._manager.wait_until_finished()
+                return
+            except Exception as e:
+                no_room, reason = _no_room(e), _short(e)
+            # Out of the except block, so that nothing holds orbax's failed tasks any more (see _discard_partial);
+            # the error is reported by its text, without its chain of internal tracebacks.
+            _FAILED_SAVE_LOGS.directories.add(str(self.directory))
+            left = ", ".join(path.name for path in self._discard_partial(step))
+        finally:
+            _FAILED_SAVE_LOGS.saving -= 1
         hint = ("the disk is full: free some space (or choose another --out), then continue with --resume"
                 if no_room else "continue with --resume once the cause is fixed")
         kept = ", ".join(map(str, self.steps)) or "none"
         raise CheckpointError(f"could not write checkpoint {step} to {self.directory} "
-                              f"({f'{no_room}: ' if no_room else ''}{reason}); its partial files were removed and the "
+                              f"({f'{no_room}: ' if no_room else ''}{reason}); its partial files "
+                              f"{f'could not all be removed ({left})' if left else 'were removed'} and the "
                               f"checkpoints already there (steps: {kept}) are unchanged; {hint}")
 
-    def _discard_partial(self, step: int) -> None:
-        """Remove the temporary directory of a save of ``step`` that failed, and start a fresh manager.
+    def _discard_partial(self, step: int) -> list[Path]:
+        """Remove the temporary directory of a save of ``step`` that failed, and start a fresh manager; what could
+        not be removed (normally nothing).
 
         Orbax removes such directories only when a manager opens (``cleanup_tmp_directories``); on a full disk
-        the space is wanted back now. After a failed save the manager's state is not to be trusted either.
+        the space is wanted back now. The save's orphaned writes (see ``_OrphanedWrites``) must end first, or one
+        landing later would create the directory again: wait until neither they nor the directory's files have
+        changed for ``SETTLE_QUIET_S``, remove it, and check it stays away. After a failed save the manager's
+        state is not to be trusted either.
         """
         try:
             self._manager.close()
@@ -226,10 +302,28 @@ class Checkpoints:
         # Orbax's failed write tasks log their errors when collected: now, before our report, not after it.
         self._manager = None
         gc.collect()
-        for name in ocp.path.step.tmp_checkpoints(self.directory):
-            if name.split(".")[0] == str(step):
-                shutil.rmtree(self.directory / name, ignore_errors=True)
+
+        def partial() -> list[Path]:
+            return [self.directory / name for name in ocp.path.step.tmp_checkpoints(self.directory)
+                    if name.split(".")[0] == str(step)]
+
+        deadline = time.monotonic() + SETTLE_LIMIT_S
+        for _ in range(3):
+            listing, changed = _listing(partial()), time.monotonic()
+            while time.monotonic() < deadline:
+                now = time.monotonic()
+                if now - max(changed, _ORPHANED_WRITES.last_seen) >= SETTLE_QUIET_S:
+                    break
+                time.sleep(0.05)
+                if (new := _listing(partial())) != listing:
+                    listing, changed = new, time.monotonic()
+            for path in partial():
+                shutil.rmtree(path, ignore_errors=True)
+            time.sleep(SETTLE_QUIET_S)
+            if not partial():
+                break
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+        return partial()
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step(step)
