@@ -26,6 +26,7 @@ A run's output directory keeps its checkpoints in ``checkpoints/``; functions ta
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import hashlib
@@ -205,16 +206,26 @@ SETTLE_LIMIT_S = 15.0
 
 
 def _listing(directories: list[Path]) -> set[tuple[str, int]]:
-    """Every file under ``directories`` with its size: what a write still in flight would change."""
+    """Every file under ``directories`` with its size: what a write still in flight would change (``os.walk``
+    skips what vanishes while it looks)."""
     found = set()
-    for directory in directories:
-        for root, _, files in os.walk(directory):
-            for name in files:
-                try:
-                    found.add((os.path.join(root, name), os.stat(os.path.join(root, name)).st_size))
-                except OSError:
-                    pass
+    for root, _, files in (entry for directory in directories for entry in os.walk(directory)):
+        for path in (Path(root, name) for name in files):
+            with contextlib.suppress(OSError):  # removed or renamed meanwhile
+                found.add((str(path), path.stat().st_size))
     return found
+
+
+def _wait_for_quiet(paths: Callable[[], list[Path]], deadline: float) -> set[tuple[str, int]]:
+    """Wait until neither the files under ``paths()`` nor the orphaned writes have changed for ``SETTLE_QUIET_S``
+    (or until ``deadline``); what is there then."""
+    listing, changed = _listing(paths()), time.monotonic()
+    while (time.monotonic() < deadline
+           and time.monotonic() - max(changed, _ORPHANED_WRITES.last_seen) < SETTLE_QUIET_S):
+        time.sleep(0.05)
+        if (new := _listing(paths())) != listing:
+            listing, changed = new, time.monotonic()
+    return listing
 
 
 class Checkpoints:
@@ -308,20 +319,12 @@ class Checkpoints:
                     if name.split(".")[0] == str(step)]
 
         deadline = time.monotonic() + SETTLE_LIMIT_S
-        for _ in range(3):
-            listing, changed = _listing(partial()), time.monotonic()
-            while time.monotonic() < deadline:
-                now = time.monotonic()
-                if now - max(changed, _ORPHANED_WRITES.last_seen) >= SETTLE_QUIET_S:
-                    break
-                time.sleep(0.05)
-                if (new := _listing(partial())) != listing:
-                    listing, changed = new, time.monotonic()
+        while True:  # remove what is there once quiet, until a quiet spell finds nothing left (or time is up)
+            quiet_listing = _wait_for_quiet(partial, deadline)
+            if (not quiet_listing and not partial()) or time.monotonic() >= deadline:
+                break
             for path in partial():
                 shutil.rmtree(path, ignore_errors=True)
-            time.sleep(SETTLE_QUIET_S)
-            if not partial():
-                break
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         return partial()
 

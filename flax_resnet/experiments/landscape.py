@@ -72,8 +72,8 @@ def load_network(path: Path, label: str | None = None) -> Network:
     root = checkpoint.resolve(path)
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
-    torch_files = any(root.glob("epoch_*.pt"))  # a --framework torch run (torch is imported only for those)
-    if torch_files:
+    torch_run = any(root.glob("epoch_*.pt"))  # a --framework torch run (torch is imported only for those)
+    if torch_run:
         from flax_resnet import port
         from torch_ref.train import TorchCheckpoints
 
@@ -92,7 +92,7 @@ def load_network(path: Path, label: str | None = None) -> Network:
     if meta.get("dtype", "float32") != "float32":
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
     model = registry.build_flax(name, kwargs)
-    if torch_files:
+    if torch_run:
         port.load_torch_state_dict(model, payload["model"])
     else:
         checkpoint.load_model(root, model)
