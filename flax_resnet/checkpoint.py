@@ -21,6 +21,9 @@ restore silently without it. ``restore_latest_good`` is the resume path: the new
 whole and matches its digests; unreadable newer ones are moved aside to ``<root>.unreadable/`` (never deleted),
 and each one is reported.
 
+Errors: a failed save or restore is reported once, by its root cause; the tracebacks that orbax's abandoned
+operations print later are dropped as echoes of it (``_FailedOperations``).
+
 A run's output directory keeps its checkpoints in ``checkpoints/``; functions taking a path accept either.
 """
 
@@ -35,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,33 +138,6 @@ def no_readable_checkpoint(directory: Path, problems: list[str]) -> CheckpointEr
                            + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
 
 
-class _FailedSaveLogs(logging.Filter):
-    """Drops the log records that repeat the error of a failing save, which ``Checkpoints.save`` reports itself,
-    once, on one line: orbax's own ERROR records of its failed write threads (logger "absl", a traceback each)
-    and asyncio's "... exception was never retrieved" of the save's tasks and futures, logged whenever these
-    happen to be collected, possibly after that report (burying it under pages of tracebacks). Dropped: such
-    records while a save is under way (``saving``; until its failure is reported), and later ones that name the
-    directory of a save that failed (``directories``). Other records pass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.saving = 0
-        self.directories: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not (self.saving or self.directories):
-            return True
-        text = record.getMessage()
-        repeats = ("exception was never retrieved" in text.split("\n")[0] if record.name == "asyncio"
-                   else record.levelno >= logging.ERROR and "raised an exception" in text)
-        return not (repeats and (self.saving or any(d in text for d in self.directories)))
-
-
-_FAILED_SAVE_LOGS = _FailedSaveLogs()
-for _logger in ("asyncio", "absl"):
-    logging.getLogger(_logger).addFilter(_FAILED_SAVE_LOGS)
-
-
 def _is_closed_loop_callback(unraisable: Any) -> bool:
     """Whether an unraisable error is tensorstore calling back into an asyncio loop that is closed: the bare
     ``RuntimeError('Event loop is closed')`` of ``loop.call_soon_threadsafe``, with no Python caller."""
@@ -171,36 +147,78 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
             and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
 
 
-class _OrphanedWrites:
-    """The tensorstore writes that orbax leaves running when a save fails (a ``sys.unraisablehook`` wrapper).
+def _chain_text(e: BaseException | None) -> str:
+    parts = []
+    while e is not None:
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
 
-    When one write of a save fails, orbax raises and closes the save's event loop while its other writes are still
-    in flight. As each of them ends, tensorstore calls back into the closed loop and prints the RuntimeError as
-    "unraisable" (a bare traceback, tens of them within ~0.1 s, the last possibly after our report); and a write
-    that lands after the partial directory was removed creates it again. Nothing returned by orbax lets us wait
-    for those writes, so this hook swallows those tracebacks (they carry no information) and records when the
-    last one came: ``Checkpoints._discard_partial`` waits until they and the directory have been quiet a while.
-    Other unraisable errors go to the hook that was there before.
+
+class _FailedOperations(logging.Filter):
+    """The echoes of a failed orbax operation (a save or a restore), which ``Checkpoints`` reports itself, once.
+
+    When one tensorstore read or write of an orbax operation fails, orbax raises and closes the operation's event
+    loop while the others are still in flight, and abandons their coroutines. Then, at times nobody chooses,
+    possibly after our report: each operation still in flight ends by calling back into the closed loop, which
+    tensorstore prints as an "unraisable" ``RuntimeError('Event loop is closed')`` (a bare traceback, tens of
+    them within ~0.1 s); each abandoned coroutine, when collected, prints "Exception ignored in: <coroutine ...>"
+    with the error; asyncio logs "... exception was never retrieved" for its tasks and futures; orbax logs an
+    ERROR with a traceback for each failed thread. A damaged checkpoint on --resume printed ~600 lines of them.
+    None carries anything the report does not, so this object, installed as a logging filter (loggers "asyncio"
+    and "absl") and as ``sys.unraisablehook`` (wrapping the hook that was there), drops them: the closed-loop
+    callbacks always (they say nothing at all); the other kinds while an operation is under way (``active``) or
+    when they name the directory of one that failed (``failed``). Everything else passes. It also notes when
+    the last closed-loop callback came, so a failed save can wait until its orphaned writes are over (a write
+    landing after the partial directory was removed would create it again; see ``Checkpoints._discard_partial``).
     """
 
     def __init__(self) -> None:
-        self.previous: Callable[[Any], None] | None = None
-        self.last_seen = 0.0
+        super().__init__()
+        self.active = 0
+        self.failed: set[str] = set()
+        self.previous_hook: Callable[[Any], None] | None = None
+        self.last_callback = 0.0
 
-    def install(self) -> None:
-        """Put the hook in place (again, if something such as pytest replaced it since)."""
-        if sys.unraisablehook is not self:
-            self.previous = sys.unraisablehook
-            sys.unraisablehook = self
+    @contextlib.contextmanager
+    def watch(self, directory: Path) -> Iterator[None]:
+        """Around an orbax call on ``directory``: its echoes are dropped, then and (if it raises) later."""
+        if sys.unraisablehook is not self:  # (again, if something such as pytest replaced it since)
+            self.previous_hook, sys.unraisablehook = sys.unraisablehook, self
+        self.active += 1
+        try:
+            yield
+        except Exception:
+            self.failed.add(str(directory))
+            raise
+        finally:
+            self.active -= 1
+
+    def _echoes(self, text: str) -> bool:
+        return bool(self.active) or any(d in text for d in self.failed)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (self.active or self.failed):
+            return True
+        text = record.getMessage()
+        repeats = ("exception was never retrieved" in text.split("\n")[0] if record.name == "asyncio"
+                   else record.levelno >= logging.ERROR and "raised an exception" in text)
+        return not (repeats and self._echoes(text))
 
     def __call__(self, unraisable: Any) -> None:
         if _is_closed_loop_callback(unraisable):
-            self.last_seen = time.monotonic()
-        elif self.previous is not None:
-            self.previous(unraisable)
+            self.last_callback = time.monotonic()
+            return
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine collected unfinished
+        if not (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+                and self._echoes(_chain_text(unraisable.exc_value))) and self.previous_hook is not None:
+            self.previous_hook(unraisable)
 
 
-_ORPHANED_WRITES = _OrphanedWrites()
+_FAILED_OPERATIONS = _FailedOperations()
+for _logger in ("asyncio", "absl"):
+    logging.getLogger(_logger).addFilter(_FAILED_OPERATIONS)
+
 SETTLE_QUIET_S = 0.5  # a failed save's writes end within ~0.1 s of its error on a quiet machine (measured)
 SETTLE_LIMIT_S = 15.0
 
@@ -217,11 +235,11 @@ def _listing(directories: list[Path]) -> set[tuple[str, int]]:
 
 
 def _wait_for_quiet(paths: Callable[[], list[Path]], deadline: float) -> set[tuple[str, int]]:
-    """Wait until neither the files under ``paths()`` nor the orphaned writes have changed for ``SETTLE_QUIET_S``
-    (or until ``deadline``); what is there then."""
+    """Wait until neither the files under ``paths()`` nor orphaned writes (by their callbacks) have changed for
+    ``SETTLE_QUIET_S`` (or until ``deadline``); what is there then."""
     listing, changed = _listing(paths()), time.monotonic()
     while (time.monotonic() < deadline
-           and time.monotonic() - max(changed, _ORPHANED_WRITES.last_seen) < SETTLE_QUIET_S):
+           and time.monotonic() - max(changed, _FAILED_OPERATIONS.last_callback) < SETTLE_QUIET_S):
         time.sleep(0.05)
         if (new := _listing(paths())) != listing:
             listing, changed = new, time.monotonic()
@@ -273,9 +291,7 @@ class Checkpoints:
             trees["opt"] = {"opt_state": state.opt_state, "step": state.step}
         meta = {**meta, "digests": {name: tree_digest(tree) for name, tree in trees.items()}}
         items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
-        _ORPHANED_WRITES.install()
-        _FAILED_SAVE_LOGS.saving += 1
-        try:
+        with _FAILED_OPERATIONS.watch(self.directory):
             try:
                 self._manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
                 self._manager.wait_until_finished()
@@ -284,10 +300,8 @@ class Checkpoints:
                 no_room, reason = _no_room(e), _short(e)
             # Out of the except block, so that nothing holds orbax's failed tasks any more (see _discard_partial);
             # the error is reported by its text, without its chain of internal tracebacks.
-            _FAILED_SAVE_LOGS.directories.add(str(self.directory))
+            _FAILED_OPERATIONS.failed.add(str(self.directory))
             left = ", ".join(path.name for path in self._discard_partial(step))
-        finally:
-            _FAILED_SAVE_LOGS.saving -= 1
         hint = ("the disk is full: free some space (or choose another --out), then continue with --resume"
                 if no_room else "continue with --resume once the cause is fixed")
         kept = ", ".join(map(str, self.steps)) or "none"
@@ -301,7 +315,7 @@ class Checkpoints:
         not be removed (normally nothing).
 
         Orbax removes such directories only when a manager opens (``cleanup_tmp_directories``); on a full disk
-        the space is wanted back now. The save's orphaned writes (see ``_OrphanedWrites``) must end first, or one
+        the space is wanted back now. The save's orphaned writes (see ``_FailedOperations``) must end first, or one
         landing later would create the directory again: wait until neither they nor the directory's files have
         changed for ``SETTLE_QUIET_S``, remove it, and check it stays away. After a failed save the manager's
         state is not to be trusted either.
@@ -328,10 +342,14 @@ class Checkpoints:
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         return partial()
 
+    def _restore(self, step: int, args: Any) -> Any:
+        with _FAILED_OPERATIONS.watch(self.directory):
+            return self._manager.restore(step, args=args)
+
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step(step)
         try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            meta = self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:
             raise CheckpointError(f"checkpoint {step} in {self.directory}: its metadata is unreadable "
                                   f"({_short(e)})") from e
@@ -356,7 +374,7 @@ class Checkpoints:
             opt=ocp.args.StandardRestore(_abstract({"opt_state": template.opt_state, "step": template.step})),
             meta=ocp.args.JsonRestore())
         try:
-            out = self._manager.restore(step, args=args)
+            out = self._restore(step, args)
         except Exception as e:  # orbax raises assorted types for missing, truncated or misfitting files
             raise CheckpointError(f"checkpoint {step} in {self.directory}: cannot be read into this run "
                                   f"({_short(e)})") from e
@@ -413,7 +431,7 @@ class Checkpoints:
             model=ocp.args.StandardRestore(_abstract({"params": params, "model_state": model_state})),
             meta=ocp.args.JsonRestore())
         try:
-            out = self._manager.restore(step, args=args)
+            out = self._restore(step, args)
         except Exception as e:
             raise CheckpointError(f"checkpoint {step} in {self.directory} does not fit "
                                   f"the model ({type(e).__name__}: {e})") from e

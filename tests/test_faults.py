@@ -221,6 +221,20 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(corruption,
     assert_same_run(good_run, out)
 
 
+def test_a_resume_past_a_damaged_checkpoint_prints_no_tracebacks(good_run, tmp_path):
+    """A real ``python train.py --resume`` over a truncated latest checkpoint: orbax abandons the read's other
+    tensorstore operations and coroutines when one fails, and each used to print a traceback when it ended or was
+    collected (~600 lines of stderr). The fallback is reported once, on stdout, and stderr stays empty."""
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    truncate(out / "checkpoints" / "3")
+    proc = subprocess.run([sys.executable, "train.py", *TRAIN, "--epochs", "3", "--max-to-keep", "3", "--out",
+                           str(out), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint 3 in" in proc.stdout and "is unreadable" in proc.stdout and "Epoch 3/3" in proc.stdout
+    assert proc.stderr == "", proc.stderr[-3000:]
+
+
 def test_no_readable_checkpoint_is_a_clear_error(good_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(good_run, out)
@@ -563,7 +577,7 @@ def test_a_full_disk_while_checkpointing_loses_nothing(how, framework, tmp_path,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     # The report is all of stderr: orbax's own logs and tensorstore's late callbacks of the failed save (pages of
-    # tracebacks, some after the report) are dropped as repeats (checkpoint._FailedSaveLogs, _OrphanedWrites).
+    # tracebacks, some after the report) are dropped as repeats (checkpoint._FailedOperations).
     assert proc.stderr.startswith("error: ") and proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
     message = " ".join(proc.stderr.split())
     if framework == "jax":
@@ -598,7 +612,8 @@ class RaisesWhenCollected:
         raise ValueError("an unrelated unraisable error")
 
 if sys.argv[1] == "hooked":
-    checkpoint._ORPHANED_WRITES.install()
+    with checkpoint._FAILED_OPERATIONS.watch(checkpoint.Path(sys.argv[2])):  # installs the hook, which stays
+        pass
 store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": sys.argv[2]}, "create": True,
                  "metadata": {"shape": [2000, 2000], "chunks": [250, 250], "dtype": "<f8"}}).result()
 write = store.write(np.ones((2000, 2000)))  # 32 MB in 64 chunks: still running when the loop closes
@@ -613,14 +628,14 @@ loop.close()
 write.result()
 time.sleep(0.5)
 RaisesWhenCollected()
-print(checkpoint._ORPHANED_WRITES.last_seen > 0)
+print(checkpoint._FAILED_OPERATIONS.last_callback > 0)
 """
 
 
 @pytest.mark.parametrize("hooked", [False, True])
 def test_a_write_left_running_by_a_failed_save_prints_nothing(hooked, tmp_path):
     """A tensorstore write whose event loop was closed under it (as orbax's failed save leaves its other writes)
-    prints a bare 'Event loop is closed' traceback when it ends; checkpoint._OrphanedWrites swallows exactly that
+    prints a bare 'Event loop is closed' traceback when it ends; checkpoint._FailedOperations swallows exactly that
     and notes when, and passes any other unraisable error on. Without the hook (the control) the traceback shows,
     so the scenario is real."""
     proc = subprocess.run([sys.executable, "-c", ABANDONED_WRITE, "hooked" if hooked else "plain",
