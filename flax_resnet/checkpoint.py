@@ -95,11 +95,19 @@ def tree_digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """``e`` and the exceptions behind it (``raise ... from``, or raised while handling), outermost first."""
+    chain = []
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 def _short(e: BaseException, limit: int = 300) -> str:
     """The root cause of an orbax error, on one line: orbax wraps tensorstore's precise message ('Requested byte
     range ... is not valid', 'No space left on device') in exceptions that print object reprs."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
+    e = _chain(e)[-1]
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
@@ -109,13 +117,12 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: the disk, a quota,
 
 def _no_room(e: BaseException | None) -> str | None:
     """The OS's words for 'no room' anywhere in the chain (tensorstore reports them inside a ValueError's text)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in _FULL:
-            return os.strerror(e.errno)
+    for link in _chain(e):
+        if isinstance(link, OSError) and link.errno in _FULL:
+            return os.strerror(link.errno)
         for code in _FULL:
-            if os.strerror(code) in str(e):
+            if os.strerror(code) in str(link):
                 return os.strerror(code)
-        e = e.__cause__ or e.__context__
     return None
 
 
@@ -145,14 +152,6 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
     return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == "Event loop is closed"
             and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
-
-
-def _chain_text(e: BaseException | None) -> str:
-    parts = []
-    while e is not None:
-        parts.append(str(e))
-        e = e.__cause__ or e.__context__
-    return "\n".join(parts)
 
 
 class _FailedOperations(logging.Filter):
@@ -210,8 +209,9 @@ class _FailedOperations(logging.Filter):
             self.last_callback = time.monotonic()
             return
         code = getattr(unraisable.object, "cr_code", None)  # a coroutine collected unfinished
-        if not (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-                and self._echoes(_chain_text(unraisable.exc_value))) and self.previous_hook is not None:
+        abandoned = (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+                     and self._echoes("\n".join(map(str, _chain(unraisable.exc_value)))))
+        if not abandoned and self.previous_hook is not None:
             self.previous_hook(unraisable)
 
 
