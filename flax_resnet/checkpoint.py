@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from flax_resnet.engine import TrainState
+from flax_resnet.errors import FlaxResnetError
 
 __all__ = ["CHECKPOINT_SUBDIR", "CheckpointError", "Checkpoints", "UNREADABLE_SUFFIX", "host_leaves", "load_model",
            "no_readable_checkpoint", "read_meta", "resolve", "save_model", "tree_digest", "unreadable_target"]
@@ -56,7 +57,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 UNREADABLE_SUFFIX = ".unreadable"  # checkpoints that failed to restore go to <root>.unreadable/<step>
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FlaxResnetError, RuntimeError):
     """No checkpoint where one was expected, or one that does not fit the model or the run."""
 
 

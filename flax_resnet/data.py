@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from flax_resnet.errors import FlaxResnetError
+
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
@@ -35,7 +37,7 @@ SOURCE_PORT = 443
 DOWNLOAD_SUBDIR = "downloads"
 
 
-class DataError(RuntimeError):
+class DataError(FlaxResnetError, RuntimeError):
     """A data set cannot be provided: offline, missing, corrupt or wrong archive. The message names the fix."""
 
 

@@ -23,8 +23,10 @@ import time
 
 import jax
 
+from flax_resnet.errors import FlaxResnetError
 
-class DistributedInitError(RuntimeError):
+
+class DistributedInitError(FlaxResnetError, RuntimeError):
     """The processes of a multi-host run could not be connected (bad flags, unreachable coordinator)."""
 
 

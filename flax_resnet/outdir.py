@@ -22,12 +22,14 @@ import socket
 import tempfile
 from pathlib import Path
 
+from flax_resnet.errors import FlaxResnetError
+
 __all__ = ["LOCK_FILE", "OutputClaim", "OutputDirError", "claim_output_dir"]
 
 LOCK_FILE = ".lock"
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(FlaxResnetError, RuntimeError):
     """An output directory that cannot be written, or one that another run is writing to."""
 
 

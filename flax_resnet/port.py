@@ -26,10 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_resnet.errors import FlaxResnetError
+
 __all__ = ["PortError", "load_torch_state_dict", "named_layers", "to_torch_state_dict", "torch_keys"]
 
 
-class PortError(ValueError):
+class PortError(FlaxResnetError, ValueError):
     """A state_dict that does not fit the model; the message lists every problem at once."""
 
 

@@ -49,6 +49,7 @@ from flax_resnet import engine, plots
 from flax_resnet.checkpoint import CHECKPOINT_SUBDIR, Checkpoints
 from flax_resnet.dtypes import cast_floating
 from flax_resnet.engine import Metrics, TrainState
+from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import Recipe, epoch_learning_rate
 from flax_resnet.runners import Runner, SingleDeviceRunner, zero_metrics
 
@@ -64,7 +65,7 @@ PLOT_FILE = "curves.png"
 History = dict[str, list[float]]
 
 
-class TrainError(RuntimeError):
+class TrainError(FlaxResnetError, RuntimeError):
     """A run that cannot start as asked (e.g. checkpoints of another run in the output directory)."""
 
 
