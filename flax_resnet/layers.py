@@ -7,12 +7,11 @@ initialisation. Only ``BatchNorm2d`` changes behaviour: see its docstring.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn.normalization import _canonicalize_axes, _compute_stats, _normalize
 
 Initializer = Callable[..., jax.Array]
 
@@ -104,10 +103,15 @@ class BatchNorm2d(nnx.BatchNorm):
 
     Why not the stock layer: torch normalises with the biased batch variance (as Flax does) but stores the
     *unbiased* one, var * n / (n - 1), in ``running_var``; at n = 64 that is 1.6% apart, and eval-mode
-    outputs would drift from torch's. Only the train-mode statistics update is redone here (with Flax's own
-    helpers); the parameters, eval mode and normalisation are the parent's. ``num_batches_tracked`` mirrors
-    torch's buffer so state_dicts round-trip exactly. With ``axis_name`` set the statistics (and n) are taken
-    over all devices of that axis: synchronised BatchNorm.
+    outputs would drift from torch's. Only ``__call__`` is redone here; the parameters, the running-statistics
+    variables and the masked path are the parent's. ``num_batches_tracked`` mirrors torch's buffer so
+    state_dicts round-trip exactly. With ``axis_name`` set the statistics (and n) are taken over all devices of
+    that axis: synchronised BatchNorm.
+
+    The statistics and the normalisation are written out with public ``jax.numpy`` / ``jax.lax`` (see
+    ``_batch_stats`` and ``_normalize``) rather than borrowed from Flax's private helpers, which may change
+    without notice; they repeat those helpers' arithmetic operation for operation (flax 0.12.8), so outputs
+    are bit-for-bit what the stock layer's helpers give.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, *, rngs: nnx.Rngs,
@@ -123,7 +127,8 @@ class BatchNorm2d(nnx.BatchNorm):
             use_running_average = self.use_running_average
         if mask is not None:
             return super().__call__(x, use_running_average, mask=mask)
-        feature_axes = _canonicalize_axes(x.ndim, self.axis)
+        axes = self.axis if isinstance(self.axis, Iterable) else (self.axis,)
+        feature_axes = tuple(sorted({a + x.ndim if a < 0 else a for a in axes}))
         reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
         # Statistics, running averages and normalisation in at least float32 even when the layer's output is
         # bfloat16 (``dtype``, see flax_resnet.precision): the stock layer would round the running statistics
@@ -131,15 +136,15 @@ class BatchNorm2d(nnx.BatchNorm):
         scale, bias = self.scale[...], self.bias[...]
         running_mean, running_var = self.mean[...], self.var[...]
         compute = jnp.promote_types(jnp.result_type(x, scale, bias, running_mean, running_var), jnp.float32)
+        if jnp.issubdtype(compute, jnp.complexfloating):
+            raise TypeError(f"BatchNorm2d takes real inputs (torch's does too), got {compute}; pass the real "
+                            "and imaginary parts as separate channels instead.")
         out_dtype = self.dtype or compute
         x, running_mean, running_var, scale, bias = (
             jnp.asarray(a, compute) for a in (x, running_mean, running_var, scale, bias))
         if use_running_average:
-            return _normalize(x, running_mean, running_var, scale, bias, reduction_axes, feature_axes, out_dtype,
-                              self.epsilon)
-        mean, var = _compute_stats(x, reduction_axes, dtype=compute, axis_name=self.axis_name,
-                                   axis_index_groups=self.axis_index_groups,
-                                   use_fast_variance=self.use_fast_variance)
+            return _normalize(x, running_mean, running_var, scale, bias, reduction_axes, out_dtype, self.epsilon)
+        mean, var = self._batch_stats(x, reduction_axes)
         n = math.prod(x.shape[i] for i in reduction_axes)
         if self.axis_name is not None:
             n = n * jax.lax.psum(1, self.axis_name)
@@ -148,7 +153,46 @@ class BatchNorm2d(nnx.BatchNorm):
         self.mean[...] = jax.lax.stop_gradient((1 - m) * running_mean + m * mean).astype(self.mean.dtype)
         self.var[...] = jax.lax.stop_gradient((1 - m) * running_var + m * unbiased_var).astype(self.var.dtype)
         self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-        return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, out_dtype, self.epsilon)
+        return _normalize(x, mean, var, scale, bias, reduction_axes, out_dtype, self.epsilon)
+
+    def _batch_stats(self, x: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        """Biased batch mean and variance over ``reduction_axes`` (and over ``axis_name``'s devices), in x's dtype.
+
+        With ``use_fast_variance`` (the default) var = E[x^2] - E[x]^2, clipped at 0 against round-off, and
+        both means are averaged across devices in one ``pmean`` of the stacked pair: one collective per
+        layer instead of two. Otherwise var = E[(x - E[x])^2], which needs the global mean first, so two.
+        """
+        def mean(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+            means = tuple(a.mean(reduction_axes) for a in arrays)
+            if self.axis_name is None:
+                return means
+            if len(means) == 1:
+                return (jax.lax.pmean(means[0], self.axis_name, axis_index_groups=self.axis_index_groups),)
+            stacked = jax.lax.pmean(jnp.stack(means, axis=0), self.axis_name,
+                                    axis_index_groups=self.axis_index_groups)
+            return tuple(stacked[i] for i in range(len(means)))
+
+        if self.use_fast_variance:
+            mu, mu2 = mean(x, jax.lax.square(x))
+            return mu, jnp.maximum(0.0, mu2 - jax.lax.square(mu))
+        (mu,) = mean(x)
+        (var,) = mean(jax.lax.square(x - jnp.expand_dims(mu, reduction_axes)))
+        return mu, var
+
+
+def _normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array, bias: jax.Array,
+               reduction_axes: tuple[int, ...], dtype, epsilon: float) -> jax.Array:
+    """(x - mean) * (rsqrt(var + eps) * scale) + bias, cast to ``dtype``.
+
+    The per-feature factor rsqrt(var + eps) * scale is formed first and applied with one multiply, in that
+    order, as Flax's helper does, so results match the stock layer bit for bit.
+    """
+    def per_feature(a: jax.Array) -> jax.Array:
+        return jnp.expand_dims(a, reduction_axes)
+
+    y = x - per_feature(mean)
+    y = y * (jax.lax.rsqrt(per_feature(var) + epsilon) * per_feature(scale))
+    return jnp.asarray(y + per_feature(bias), dtype)
 
 
 class Identity(nnx.Module):
