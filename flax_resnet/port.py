@@ -28,7 +28,8 @@ from flax import nnx
 
 from flax_resnet.errors import FlaxResnetError
 
-__all__ = ["PortError", "load_torch_state_dict", "named_layers", "to_torch_state_dict", "torch_keys"]
+__all__ = ["PortError", "load_torch_state_dict", "named_layers", "to_torch_state_dict", "torch_keys",
+           "torch_shapes"]
 
 
 class PortError(FlaxResnetError, ValueError):
@@ -121,6 +122,17 @@ def _walk(module: nnx.Module) -> Iterator[_Tensor]:
 def torch_keys(model: nnx.Module) -> list[str]:
     """The ``state_dict`` keys that the torch twin of ``model`` has, in torch's order."""
     return [t.key for t in _walk(model)]
+
+
+def torch_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """torch key -> the shape torch gives that tensor, for the torch twin of ``model``, in torch's order.
+
+    What ``registry.infer_model`` compares a ``state_dict``'s shapes with: keys alone would accept weights
+    whose layers are named like a registered model's but sized otherwise (another width or number of
+    classes), which ``load_torch_state_dict`` would then reject. Only shapes are read, so an abstract model
+    from ``nnx.eval_shape`` will do.
+    """
+    return {t.key: t.torch_shape for t in _walk(model)}
 
 
 def _to_numpy(key: str, value: Any) -> np.ndarray:

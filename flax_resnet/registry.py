@@ -175,7 +175,7 @@ def infer_model(state_dict_keys: Sequence[str], shapes: Mapping[str, tuple[int, 
     """
     from flax import nnx
 
-    from flax_resnet.port import torch_keys
+    from flax_resnet.port import torch_keys, torch_shapes
 
     keys = list(state_dict_keys)
     matches: list[tuple[str, dict[str, Any]]] = []
@@ -192,11 +192,8 @@ def infer_model(state_dict_keys: Sequence[str], shapes: Mapping[str, tuple[int, 
         abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: build_flax(name, kwargs))
         if torch_keys(abstract) != keys and set(torch_keys(abstract)) != set(keys):
             continue
-        if shapes is not None:
-            from flax_resnet.port import _walk
-
-            if any(tuple(shapes[t.key]) != t.torch_shape for t in _walk(abstract)):
-                continue
+        if shapes is not None and any(tuple(shapes[key]) != shape for key, shape in torch_shapes(abstract).items()):
+            continue
         matches.append((name, kwargs))
     names = {name for name, _ in matches}
     matches = [(n, k) for n, k in matches if MODELS[n].same_weights_as not in names]

@@ -13,13 +13,15 @@ from flax import nnx
 
 import flax_resnet as fr
 import torch_ref as tr
+from flax_resnet.port import torch_shapes
 from parity_tests.helpers import CASE_PARAMS, flax_param_count, flax_twin, torch_model, torch_param_count
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_keys_shapes_and_strict_load(case):
-    """torch_keys names the torch model's state_dict keys; the port's output has torch's shapes and dtypes and
-    loads into the notebook's model with strict=True; the parameter counts agree.
+    """torch_keys names the torch model's state_dict keys and torch_shapes gives their shapes; the port's output
+    has torch's shapes and dtypes and loads into the notebook's model with strict=True; the parameter counts
+    agree.
 
     The Flax model here is built without running its initialisers (see ``flax_twin``), which leaves its keys in
     alphabetical order; ``test_init_distribution_matches_torch`` checks on genuinely initialised models that
@@ -27,6 +29,7 @@ def test_keys_shapes_and_strict_load(case):
     t, f = torch_model(case), flax_twin(case, jnp.float32)
     torch_sd = t.state_dict()
     assert sorted(fr.torch_keys(f)) == sorted(torch_sd)
+    assert torch_shapes(f) == {key: tuple(value.shape) for key, value in torch_sd.items()}
 
     ported = fr.to_torch_state_dict(f)
     assert sorted(ported) == sorted(torch_sd)
