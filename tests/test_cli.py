@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flax_resnet import cli, data, registry
+from flax_resnet import cli, registry
+from flax_resnet.data import cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,8 +30,8 @@ def closed_port() -> int:
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test touches the network: the CIFAR-10 source is a closed local port and urlopen fails loudly."""
-    monkeypatch.setattr(data, "SOURCE_HOST", "127.0.0.1")
-    monkeypatch.setattr(data, "SOURCE_PORT", closed_port())
+    monkeypatch.setattr(cifar10, "SOURCE_HOST", "127.0.0.1")
+    monkeypatch.setattr(cifar10, "SOURCE_PORT", closed_port())
 
     def no_urlopen(*args: object, **kwargs: object) -> None:
         raise AssertionError("a test tried to download")

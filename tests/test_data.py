@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from flax_resnet import data
-from flax_resnet.data import DataError, Dataset
+from flax_resnet.data import DataError, Dataset, cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,8 @@ def closed_port() -> int:
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never touch the network: the source is a closed local port and urlopen fails loudly."""
-    monkeypatch.setattr(data, "SOURCE_HOST", "127.0.0.1")
-    monkeypatch.setattr(data, "SOURCE_PORT", closed_port())
+    monkeypatch.setattr(cifar10, "SOURCE_HOST", "127.0.0.1")
+    monkeypatch.setattr(cifar10, "SOURCE_PORT", closed_port())
 
     def no_urlopen(*args: object, **kwargs: object) -> None:
         raise AssertionError("a test tried to download")
@@ -96,7 +96,7 @@ def test_checksum_mismatch_raises(tmp_path: Path, batches: dict[str, ca.Split]) 
 def test_matching_checksum_is_accepted(
     tmp_path: Path, batches: dict[str, ca.Split], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flax_resnet import cifar10_builder as cb
+    from flax_resnet.data import cifar10_builder as cb
 
     archive = ca.write_archive(tmp_path / "a.tar.gz", "binary", batches)
     ours = cb.ArchiveSpec(**{**cb.BINARY.__dict__, "md5": cb.md5sum(archive)})
@@ -154,7 +154,7 @@ def test_bad_archive_leaves_nothing_and_retry_works(tmp_path: Path, batches: dic
 def test_failure_while_writing_leaves_nothing(
     tmp_path: Path, batches: dict[str, ca.Split], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flax_resnet import cifar10_builder as cb
+    from flax_resnet.data import cifar10_builder as cb
 
     calls = {"n": 0}
     encode = cb.encode_png
@@ -201,7 +201,7 @@ def test_connect_check_is_bounded_even_if_resolution_hangs(monkeypatch: pytest.M
     monkeypatch.setattr(socket, "create_connection", hang)
     start = time.monotonic()
     try:
-        assert not data.source_answers("www.example.invalid", 443, timeout=0.1)
+        assert not cifar10.source_answers("www.example.invalid", 443, timeout=0.1)
         assert time.monotonic() - start < 2
     finally:
         release.set()
@@ -228,7 +228,7 @@ def fake_source(tmp_path: Path, batches: dict[str, ca.Split], monkeypatch: pytes
         fetched.append(url)
         return FakeResponse(payload)
 
-    monkeypatch.setattr(data, "source_answers", lambda host, port, timeout: True)
+    monkeypatch.setattr(cifar10, "source_answers", lambda host, port, timeout: True)
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     return fetched
 
@@ -261,7 +261,7 @@ def test_reading_path_under_tfds_mock_data(tmp_path: Path, monkeypatch: pytest.M
     # `self` and fails; batched reads are covered by the archive tests, so read one by one here.
     monkeypatch.setattr(base.BaseDataSource, "__getitems__", lambda self, keys: [self[k] for k in keys])
     with tfds.testing.mock_data(num_examples=6):
-        ds = data._read_prepared(tmp_path / "never-prepared")
+        ds = cifar10._read_prepared(tmp_path / "never-prepared")
     assert ds.train_images.shape == ds.test_images.shape == (6, 32, 32, 3)
     assert ds.train_labels.dtype == np.int32
     assert ((0 <= ds.train_labels) & (ds.train_labels < 10)).all()
@@ -270,7 +270,7 @@ def test_reading_path_under_tfds_mock_data(tmp_path: Path, monkeypatch: pytest.M
 def test_builder_is_registered_as_cifar10(tmp_path: Path) -> None:
     import tensorflow_datasets as tfds
 
-    from flax_resnet.cifar10_builder import Cifar10
+    from flax_resnet.data.cifar10_builder import Cifar10
 
     builder = tfds.builder("cifar10", data_dir=tmp_path)
     assert type(builder) is Cifar10 and builder.name == "cifar10"
@@ -280,7 +280,8 @@ def test_builder_is_registered_as_cifar10(tmp_path: Path) -> None:
 
 
 def test_import_does_not_import_tfds() -> None:
-    code = "import sys, flax_resnet.data; assert 'tensorflow_datasets' not in sys.modules, 'tfds imported'"
+    code = ("import sys, flax_resnet.data; assert 'tensorflow_datasets' not in sys.modules, 'tfds imported'; "
+            "assert 'flax_resnet.data.cifar10_builder' not in sys.modules, 'builder imported'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
 

@@ -1,14 +1,15 @@
-"""Data sets as uint8 NHWC numpy arrays: CIFAR-10 (through TFDS, without TensorFlow) and a synthetic stand-in.
+"""CIFAR-10 as a :class:`~flax_resnet.data.dataset.Dataset`: prepared data, a local archive or a download.
 
-The rest of the project only sees :class:`Dataset`. This module imports neither TensorFlow nor
-tensorflow_datasets at import time: TFDS is imported inside the functions that prepare or read CIFAR-10, so
-machines without it (the GPU machine) can still use the synthetic data and everything else.
+Through TFDS without TensorFlow (see ``cifar10_builder``). tensorflow-datasets is an optional dependency, so
+this module imports neither it nor the builder (which imports it) at import time: they are imported inside
+the functions that prepare or read CIFAR-10, and machines without TFDS (the GPU machine) can still import
+``flax_resnet.data`` and use the synthetic data. Imports go one way: this module -> ``dataset`` (and ->
+``cifar10_builder`` lazily) -> ``flax_resnet.errors``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -24,48 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet.errors import FlaxResnetError
+from flax_resnet.data.dataset import DataError, Dataset
+
+__all__ = ["load_cifar10", "source_answers"]
 
 log = logging.getLogger(__name__)
-
-NUM_CLASSES = 10
-DATASETS = ("cifar10", "synthetic")
 
 # Where the official archives live; tests point this at a closed local port.
 SOURCE_HOST = "www.cs.toronto.edu"
 SOURCE_PORT = 443
 DOWNLOAD_SUBDIR = "downloads"
-
-
-class DataError(FlaxResnetError, RuntimeError):
-    """A data set cannot be provided: offline, missing, corrupt or wrong archive. The message names the fix."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-    """A whole data set in host memory: uint8 NHWC images and int32 labels, train and test.
-
-    Kept as uint8 (150 MB for CIFAR-10) so it can be put on the device whole; normalisation and
-    augmentation happen there.
-    """
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int = NUM_CLASSES
-
-    def __post_init__(self) -> None:
-        for split in ("train", "test"):
-            images = getattr(self, f"{split}_images")
-            labels = getattr(self, f"{split}_labels")
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                raise ValueError(f"{split}_images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-            if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
-                raise ValueError(f"{split}_labels must be int32 ({len(images)},), got {labels.dtype} {labels.shape}")
-
-
-# --------------------------------------------------------------------------------------------------- CIFAR-10
 
 
 def load_cifar10(
@@ -102,7 +71,7 @@ def load_cifar10(
 
 
 def _builder(data_dir: Path, **kwargs: Any) -> Any:
-    from flax_resnet.cifar10_builder import Cifar10  # imports tensorflow_datasets
+    from flax_resnet.data.cifar10_builder import Cifar10  # imports tensorflow_datasets
 
     return Cifar10(data_dir=os.fspath(data_dir), **kwargs)
 
@@ -155,7 +124,7 @@ def _read_prepared(data_dir: Path) -> Dataset:
     """Reads prepared CIFAR-10 through `tfds.data_source` (random access, no TensorFlow)."""
     import tensorflow_datasets as tfds
 
-    import flax_resnet.cifar10_builder  # noqa: F401  (registers our "cifar10")
+    import flax_resnet.data.cifar10_builder  # noqa: F401  (registers our "cifar10")
 
     names = ("train", "test")
     sources = tfds.data_source("cifar10", split=list(names), data_dir=os.fspath(data_dir), download=False)
@@ -195,7 +164,7 @@ def source_answers(host: str, port: int, timeout: float) -> bool:
 
 def _download(data_dir: Path, *, skip_checksum: bool, connect_timeout: float) -> Path:
     """The official binary archive in data_dir/downloads, fetched unless a verified copy is already there."""
-    from flax_resnet.cifar10_builder import BINARY, verify_md5
+    from flax_resnet.data.cifar10_builder import BINARY, verify_md5
 
     target = data_dir / DOWNLOAD_SUBDIR / BINARY.filename
     if target.is_file():
@@ -244,55 +213,3 @@ def _fetch(url: str, write: Callable[[bytes], Any], *, timeout: float) -> None:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 write(chunk)
                 bar.update(len(chunk))
-
-
-# -------------------------------------------------------------------------------------------------- synthetic
-
-
-def synthetic_dataset(num_train: int = 2048, num_test: int = 512, *, seed: int = 0, image_size: int = 32) -> Dataset:
-    """A small CIFAR-shaped data set that a small CNN can learn, for tests and offline runs.
-
-    Each class has a fixed random smooth template (a few low-frequency colour waves); a sample is its
-    class template shifted by up to 1/8 of the image, scaled in contrast and brightness, with pixel noise.
-    So the class is in the spatial pattern, not in any single pixel. Deterministic for a seed.
-    """
-    if num_train < 0 or num_test < 0 or image_size < 4:
-        raise ValueError("need num_train, num_test >= 0 and image_size >= 4")
-    rng = np.random.default_rng(seed)
-    s = image_size
-    grid = np.arange(s, dtype=np.float64) * (2 * np.pi / s)
-    yy, xx = np.meshgrid(grid, grid, indexing="ij")
-    templates = np.zeros((NUM_CLASSES, s, s, 3))
-    for c in range(NUM_CLASSES):
-        for _ in range(3):  # three waves of frequency 1..2 per axis, each with its own colour
-            fy, fx = rng.integers(-2, 3, size=2)
-            if fy == 0 and fx == 0:
-                fx = 1
-            wave = np.cos(fy * yy + fx * xx + rng.uniform(0, 2 * np.pi))
-            templates[c] += wave[..., None] * rng.normal(0.0, 1.0, size=3)
-        templates[c] *= 45.0 / templates[c].std()
-
-    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int32)
-        shift = max(1, s // 8)
-        shifts = rng.integers(-shift, shift + 1, size=(n, 2))
-        contrast = rng.uniform(0.6, 1.4, size=(n, 1, 1, 1))
-        brightness = rng.normal(128.0, 20.0, size=(n, 1, 1, 3))
-        noise = rng.normal(0.0, 30.0, size=(n, s, s, 3))
-        images = np.empty((n, s, s, 3))
-        for i in range(n):  # circular shifts keep the pattern smooth (the templates are periodic)
-            images[i] = np.roll(templates[labels[i]], tuple(shifts[i]), axis=(0, 1))
-        images = images * contrast + brightness + noise
-        return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
-
-    train = draw(num_train)
-    test = draw(num_test)
-    return Dataset(*train, *test)
-
-
-def load_dataset(name: str, **kwargs: Any) -> Dataset:
-    """The data set called `name` ("cifar10" or "synthetic"), with the keyword arguments of its loader."""
-    loaders: dict[str, Callable[..., Dataset]] = {"cifar10": load_cifar10, "synthetic": synthetic_dataset}
-    if name not in loaders:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    return loaders[name](**kwargs)

@@ -6,9 +6,10 @@ python-pickle ``cifar-10-python.tar.gz`` -- with :mod:`tarfile`, encodes the ima
 array_record files, which ``tfds.data_source`` reads without TensorFlow. It takes over the registered name
 ``cifar10``, so ``tfds.data_source("cifar10", data_dir=...)`` finds it.
 
-It never downloads: ``flax_resnet.data.load_cifar10`` fetches the archive (failing fast when offline) and hands
-it over as ``archive_path``. Importing this module imports ``tensorflow_datasets``; ``flax_resnet.data`` imports
-it lazily for that reason.
+It never downloads: ``flax_resnet.data.cifar10.load_cifar10`` fetches the archive (failing fast when offline)
+and hands it over as ``archive_path``. Importing this module imports ``tensorflow_datasets`` (an optional
+dependency), so only ``flax_resnet.data.cifar10`` imports it, inside the functions that need TFDS; it imports
+nothing of the project but ``flax_resnet.data.dataset``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.core import registered
 
-from flax_resnet.data import DataError
+from flax_resnet.data.dataset import DataError
 
 IMAGE_SHAPE = (32, 32, 3)
 RECORD_PIXELS = 32 * 32 * 3
