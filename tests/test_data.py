@@ -267,16 +267,18 @@ def test_reading_path_under_tfds_mock_data(tmp_path: Path, monkeypatch: pytest.M
     assert ((0 <= ds.train_labels) & (ds.train_labels < 10)).all()
 
 
-def test_builder_is_registered_as_cifar10(tmp_path: Path) -> None:
+def test_reading_does_not_go_through_tfds_registry(tmp_path: Path, batches: dict[str, ca.Split]) -> None:
+    """Our builder stays unregistered: TFDS's name "cifar10" is TFDS's own builder (whose lookup imports all of
+    TFDS's builders), and prepared data is still read, through our builder instance."""
     import tensorflow_datasets as tfds
 
     from flax_resnet.data.cifar10_builder import Cifar10
 
-    builder = tfds.builder("cifar10", data_dir=tmp_path)
-    assert type(builder) is Cifar10 and builder.name == "cifar10"
-    import tensorflow_datasets.image_classification  # noqa: F401  (TFDS's own builders: no name clash)
-
-    assert type(tfds.builder("cifar10", data_dir=tmp_path)) is Cifar10
+    archive = ca.write_archive(tmp_path / "a.tar.gz", "binary", batches)
+    data.load_cifar10(tmp_path / "data", archive=archive, skip_checksum=True)
+    assert (tmp_path / "data" / "cifar10" / "1.0.0").is_dir()
+    assert Cifar10.name == "cifar10" and tfds.builder_cls("cifar10") is not Cifar10
+    assert_matches(data.load_cifar10(tmp_path / "data", download=False), batches)
 
 
 def test_import_does_not_import_tfds() -> None:

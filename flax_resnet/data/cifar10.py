@@ -121,13 +121,14 @@ _READ_CHUNK = 4096
 
 
 def _read_prepared(data_dir: Path) -> Dataset:
-    """Reads prepared CIFAR-10 through `tfds.data_source` (random access, no TensorFlow)."""
-    import tensorflow_datasets as tfds
+    """Reads prepared CIFAR-10 through the builder's ``as_data_source`` (random access, no TensorFlow).
 
-    import flax_resnet.data.cifar10_builder  # noqa: F401  (registers our "cifar10")
-
+    From our builder instance, not ``tfds.data_source("cifar10")``: that looks the name up in TFDS's registry,
+    where "cifar10" is TFDS's own builder (other version, TFRecord), and taking the name over would mean
+    writing into TFDS's private registry.
+    """
     names = ("train", "test")
-    sources = tfds.data_source("cifar10", split=list(names), data_dir=os.fspath(data_dir), download=False)
+    sources = _builder(data_dir).as_data_source(split=list(names))
     splits = {}
     for split, source in zip(names, sources, strict=True):
         n = len(source)

@@ -3,8 +3,9 @@
 TFDS's own ``cifar10`` builder cannot prepare data without TensorFlow (it reads through ``tf.io.gfile`` and
 encodes PNGs with TF). This one reads the official archive -- the binary ``cifar-10-binary.tar.gz`` or the
 python-pickle ``cifar-10-python.tar.gz`` -- with :mod:`tarfile`, encodes the images with Pillow, and writes
-array_record files, which ``tfds.data_source`` reads without TensorFlow. It takes over the registered name
-``cifar10``, so ``tfds.data_source("cifar10", data_dir=...)`` finds it.
+array_record files, which the instance's ``as_data_source()`` reads without TensorFlow. It is not registered
+with TFDS (``skip_registration``): the name ``cifar10`` there stays TFDS's own builder, and nothing here looks
+a builder up by name. Its data lives under ``data_dir/cifar10/1.0.0``.
 
 It never downloads: ``flax_resnet.data.cifar10.load_cifar10`` fetches the archive (failing fast when offline)
 and hands it over as ``archive_path``. Importing this module imports ``tensorflow_datasets`` (an optional
@@ -28,7 +29,6 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
-from tensorflow_datasets.core import registered
 
 from flax_resnet.data.dataset import DataError
 
@@ -253,13 +253,3 @@ class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split: str, images: np.ndarray, labels: np.ndarray) -> Iterator[Any]:
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
             yield index, {"id": f"{split}_{index:05d}", "image": encode_png(image), "label": int(label)}
-
-
-# Take over the name "cifar10". TFDS's own builder is imported (and so registered) first, on purpose: were it
-# imported after ours -- TFDS imports all its builders lazily on a lookup of an unknown name -- its class
-# definition would fail on the taken name.
-try:
-    import tensorflow_datasets.image_classification.cifar  # noqa: F401
-except ImportError:  # a TFDS build without its builders
-    pass
-registered._DATASET_REGISTRY[Cifar10.name] = Cifar10
