@@ -1,0 +1,506 @@
+"""One checkpoint store for every framework: NumPy arrays in a safetensors file plus JSON metadata, per step.
+
+Layout of a store's ``directory``::
+
+    epoch_0003/arrays.safetensors   every array of the state, by name (``flax_resnet.codecs`` names them)
+    epoch_0003/meta.json            {"format": ..., "version": 1, "step": 3,
+                                     "arrays": {"sha256": ..., "bytes": ...}, "meta": <the caller's metadata>}
+
+Step 0 is allowed (weights-only checkpoints written by ``port``).
+
+Why not orbax: when one of an orbax save's tensorstore writes fails (a full disk), orbax raises, closes its event
+loop and abandons the other writes. They then print tracebacks at times nobody chooses ("Event loop is closed",
+"Exception ignored in: <coroutine ...>", "... exception was never retrieved"), and a write landing late recreates
+the partial directory after it was removed. Keeping that quiet took logging filters and a replaced ``sys.unraisablehook`` installed at import time, ``gc``
+calls and polling the file system for quiet. Here one process writes plain files with plain ``write`` calls, so a
+failure is one ``OSError`` with the OS's words, raised once, in the caller's thread, with nothing left running.
+
+Writing, the big_vision way: the writer (process 0 of a multi-process run, ``is_writer``) serialises the arrays
+(``safetensors.numpy.save``) and the metadata in memory, writes both into a hidden temporary directory next to
+the checkpoints, ``fsync``s them, renames the directory into place and ``fsync``s the parent; then every process
+meets at ``barrier`` (``jax``'s ``sync_global_devices`` in a multi-process run), so no process moves on before
+the checkpoint exists. A crash at any moment leaves either the complete checkpoint or a hidden temporary
+directory, never a checkpoint that looks whole and is not. A failed write (ENOSPC, EDQUOT, EFBIG, ...) removes
+the temporary directory at once, so the space is free again, and raises one ``CheckpointError``.
+
+Reading verifies: ``meta.json`` records the SHA-256 and size of ``arrays.safetensors``; a truncated file, a
+flipped bit, a garbled or missing file is an ``UnreadableCheckpoint`` naming the file and the problem on one
+line. ``restore_latest_good`` is the resume path: the newest checkpoint that reads back whole; an unreadable
+newer one is moved aside to ``<directory>.unreadable/`` (never deleted) and reported.
+
+Only NumPy, safetensors and the standard library: no framework is imported, and importing this module changes
+nothing global (no logging filters, hooks or warning filters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from flax_resnet.errors import FlaxResnetError
+
+__all__ = ["ARRAYS_FILE", "CHECKPOINT_SUBDIR", "CheckpointError", "CheckpointStore", "FORMAT", "FORMAT_VERSION",
+           "META_FILE", "UNREADABLE_SUFFIX", "UnreadableCheckpoint", "resolve"]
+
+CHECKPOINT_SUBDIR = "checkpoints"  # a run's output directory keeps its checkpoints here
+UNREADABLE_SUFFIX = ".unreadable"  # unreadable checkpoints are moved to <directory>.unreadable/
+ARRAYS_FILE = "arrays.safetensors"
+META_FILE = "meta.json"
+FORMAT = "flax-resnet-checkpoint"  # the marker that tells this store's checkpoints from anything else
+FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"^epoch_(\d{4,})$")
+_TMP_DIR = re.compile(r"^\.epoch_\d{4,}\.(tmp|old)-[0-9]+-[0-9a-f]+$")
+# The dtypes safetensors' NumPy loader knows. Others of 1, 2, 4 or 8 bytes (bfloat16, the float8 types of
+# ml_dtypes) are stored as unsigned integers of the same size and viewed back on reading (``_VIEWS``).
+_LOADABLE = {np.dtype(t) for t in (np.float64, np.float32, np.float16, np.int64, np.uint64, np.int32, np.uint32,
+                                   np.int16, np.uint16, np.int8, np.uint8, np.bool_, np.complex64)}
+_VIEWS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+# No room: the disk, a quota, a file size limit. Each gets the same advice.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class CheckpointError(FlaxResnetError, RuntimeError):
+    """No checkpoint where one was expected, one that cannot be written or read, or one that does not fit."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint that exists but does not read back whole (``problem`` says how, on one line).
+
+    ``restore_latest_good`` sets these aside and falls back; any other error (a checkpoint of another run refused
+    by ``check_meta``, an unreadable directory) is no reason to fall back and propagates.
+    """
+
+    def __init__(self, step: int, directory: Path, problem: str) -> None:
+        self.step, self.directory, self.problem = step, directory, problem
+        super().__init__(f"checkpoint {step} in {directory} is unreadable: {problem}")
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint directory for ``path``: a run's output directory (its ``checkpoints/``), or ``path``."""
+    path = Path(path).expanduser()
+    return path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
+
+
+def _os_words(e: OSError) -> str:
+    """An OSError as the OS says it, e.g. 'No space left on device' (not Python's '[Errno 28] ...: path')."""
+    if e.strerror:
+        return e.strerror
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file and ``fsync`` it: every error (a full disk may show only at the flush or the
+    fsync) is an OSError raised here."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _storable(name: str, value: Any) -> tuple[np.ndarray, str | None]:
+    """``value`` as a C-contiguous array safetensors can store, and the dtype to view it back as (or None)."""
+    array = np.asarray(value, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+    if array.dtype in _LOADABLE:
+        return array, None
+    if array.dtype.kind in "OUSMm" or array.dtype.fields is not None or array.dtype.itemsize not in _VIEWS:
+        raise TypeError(f"array {name!r} has dtype {array.dtype}, which a checkpoint cannot hold")
+    return array.reshape(-1).view(_VIEWS[array.dtype.itemsize]).reshape(array.shape), array.dtype.name
+
+
+def _dtype_named(name: str) -> np.dtype:
+    """The NumPy dtype called ``name``; bfloat16 and the float8 types are ml_dtypes', registered on its import."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # JAX's own dtype package: present wherever such an array could have been made
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def _safetensors_format(path: Path) -> str | None:
+    """The ``format`` entry of a safetensors file's header metadata (the format's first 8 bytes give the header's
+    length, then the header is JSON), or None when unreadable: tells this store's files even with meta.json gone."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                return None
+            header = json.loads(f.read(length))
+        return header.get("__metadata__", {}).get("format")
+    except (OSError, ValueError, struct.error, AttributeError):
+        return None
+
+
+class CheckpointStore:
+    """The checkpoints of one directory: ``save``, ``read``, ``restore_latest_good``, ``set_aside``, ``remove_all``.
+
+    In a multi-process run every process makes a store on the same (shared) directory, only one with
+    ``is_writer=True``, and passes the same ``barrier(name)`` (which returns once every process has called it
+    with that name). Every process reads; only the writer writes, moves and removes, and around each change
+    every process meets at the barrier. Arrays are NumPy arrays keyed by any string (``flax_resnet.codecs``
+    turns a framework's state into them and back); metadata is anything ``json.dumps`` accepts.
+    """
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, is_writer: bool = True,
+                 barrier: Callable[[str], None] | None = None) -> None:
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be at least 1 (or None to keep all), not {max_to_keep}")
+        # absolute but not resolved: remove_all must see whether the directory itself is a symbolic link
+        self.directory = Path(directory).expanduser().absolute()
+        self.max_to_keep, self.is_writer, self._barrier = max_to_keep, is_writer, barrier
+        self._swept = False  # stale temporary directories are removed before the first save
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({str(self.directory)!r}, max_to_keep={self.max_to_keep}, is_writer={self.is_writer})"
+
+    # ------------------------------------------------------------------------------------------ listing
+    def path(self, step: int) -> Path:
+        """Where checkpoint ``step`` is (or would be)."""
+        return self.directory / f"epoch_{step:04d}"
+
+    def _entries(self) -> list[Path]:
+        try:
+            return sorted(self.directory.iterdir())
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise CheckpointError(f"cannot list the checkpoints in {self.directory} ({_os_words(e)})") from e
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints here, ascending (damaged ones included: ``read`` tells)."""
+        steps = []
+        for entry in self._entries():
+            m = _STEP_DIR.match(entry.name)
+            if m and entry.name == self.path(int(m.group(1))).name and entry.is_dir():
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    @property
+    def latest(self) -> int | None:
+        steps = self.steps
+        return steps[-1] if steps else None
+
+    def _step(self, step: int | None) -> int:
+        steps = self.steps
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"there is no checkpoint in {self.directory}")
+            return steps[-1]
+        if step not in steps:
+            there = ", ".join(map(str, steps)) or "none"
+            raise CheckpointError(f"there is no checkpoint {step} in {self.directory} (steps there: {there})")
+        return step
+
+    def _barrier_named(self, name: str) -> None:
+        if self._barrier is not None:
+            self._barrier(name)
+
+    # ------------------------------------------------------------------------------------------ writing
+    def save(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+        """Write checkpoint ``step`` (``arrays`` and the JSON metadata ``meta``), then keep the newest
+        ``max_to_keep``; returns its path. Every process calls this; only the writer writes.
+
+        On failure (e.g. a full disk) the temporary directory is removed, the checkpoints already there are left
+        as they were, and one ``CheckpointError`` says why in the OS's words; nothing is printed. Every process
+        still meets at the barrier (the others cannot know the writer failed: its error ends the run).
+        """
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(f"a checkpoint step is an integer >= 0, not {step!r}")
+        step = int(step)
+        try:
+            if self.is_writer:
+                self._write(step, arrays, meta)
+                self._prune(keep=step)
+        finally:
+            self._barrier_named(f"checkpoint-{step}")
+        return self.path(step)
+
+    def _serialise(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bytes, bytes]:
+        """The two files' contents, made before anything touches the disk (so a bad array or a value JSON cannot
+        hold is a TypeError that leaves nothing behind)."""
+        stored, views = {}, {}
+        for name, value in arrays.items():
+            if not isinstance(name, str):
+                raise TypeError(f"array names are strings, not {name!r}")
+            stored[name], view = _storable(name, value)
+            if view is not None:
+                views[name] = view
+        payload = safetensors.numpy.save(stored, metadata={"format": FORMAT})
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
+               "arrays": {"file": ARRAYS_FILE, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload),
+                          "count": len(stored), "views": views},
+               "meta": dict(meta)}
+        return payload, (json.dumps(doc, indent=1) + "\n").encode()
+
+    def _write(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        target = self.path(step)
+        payload, meta_bytes = self._serialise(step, arrays, meta)
+        if target.exists():
+            raise CheckpointError(f"checkpoint {step} already exists at {target}; a checkpoint is never overwritten: "
+                                  "move it away, or start over with --overwrite")
+        tmp: Path | None = None
+        try:
+            self._make_directory()
+            self._sweep()
+            tmp = self.directory / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.mkdir()
+            _write_file(tmp / ARRAYS_FILE, payload)
+            _write_file(tmp / META_FILE, meta_bytes)
+            _fsync_dir(tmp)
+            os.rename(tmp, target)  # atomic; fails rather than replace a checkpoint that appeared meanwhile
+            tmp = None
+            _fsync_dir(self.directory)
+        except OSError as e:
+            left = self._discard(tmp) if tmp is not None else None
+            raise self._write_error(step, e, left) from e
+        except BaseException:  # an interrupt: leave no temporary directory behind either
+            if tmp is not None:
+                self._discard(tmp)
+            raise
+
+    def _make_directory(self) -> None:
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.directory.parent)
+
+    def _sweep(self) -> None:
+        """Remove the temporary directories of saves that were interrupted (a crash, SIGKILL) before this store's
+        first save: only one run writes to a directory at a time (the output directory's lock)."""
+        if not self._swept:
+            for entry in self._entries():
+                if _TMP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+            self._swept = True
+
+    @staticmethod
+    def _discard(path: Path) -> Path | None:
+        """Remove ``path`` (a directory); ``path`` when it could not all be removed."""
+        shutil.rmtree(path, ignore_errors=True)
+        return path if path.exists() else None
+
+    def _write_error(self, step: int, e: OSError, left: Path | None) -> CheckpointError:
+        words = _os_words(e)
+        where = f" ({e.filename})" if e.filename and not str(e.filename).startswith(str(self.directory)) else ""
+        partial = (f"its partial files could not all be removed ({left})" if left is not None
+                   else "its partial files were removed")
+        kept = ", ".join(str(s) for s in self.steps if s != step) or "none"
+        fix = ("the disk is full: free some space (or choose another --out), then continue with --resume"
+               if e.errno in _NO_ROOM else "fix the cause, then continue with --resume")
+        return CheckpointError(f"could not write checkpoint {step} to {self.directory} ({words}{where}); {partial} "
+                               f"and the checkpoints already there (steps: {kept}) are unchanged; {fix}")
+
+    def _prune(self, keep: int) -> None:
+        """Remove the oldest checkpoints beyond ``max_to_keep`` (never ``keep``, the one just written). Best
+        effort: one that cannot be removed stays whole (it is renamed away before its files go) and the next save
+        tries again; a failure here is no reason to fail a save that succeeded."""
+        if self.max_to_keep is None:
+            return
+        steps = self.steps
+        others = [s for s in steps if s != keep]
+        for step in others[:max(0, len(steps) - self.max_to_keep)]:
+            with contextlib.suppress(OSError):
+                self._remove_checkpoint(self.path(step))
+
+    def _remove_checkpoint(self, path: Path) -> None:
+        """Rename ``path`` to a hidden temporary name, then delete it: a checkpoint half deleted by a crash never
+        looks whole (the next save sweeps it)."""
+        doomed = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
+
+    # ------------------------------------------------------------------------------------------ reading
+    def _problem(self, step: int, problem: str) -> UnreadableCheckpoint:
+        return UnreadableCheckpoint(step, self.directory, problem)
+
+    def _read_doc(self, step: int) -> dict[str, Any]:
+        path = self.path(step) / META_FILE
+        try:
+            doc = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise self._problem(step, f"{META_FILE} is missing") from None
+        except OSError as e:
+            raise self._problem(step, f"{META_FILE} cannot be read ({_os_words(e)})") from e
+        except UnicodeDecodeError:
+            raise self._problem(step, f"{META_FILE} is not text (garbled)") from None
+        except json.JSONDecodeError as e:
+            raise self._problem(step, f"{META_FILE} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
+                                      "garbled or cut short)") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise self._problem(step, f"{META_FILE} is not the metadata of a flax-resnet checkpoint")
+        if not isinstance(doc.get("version"), int) or doc["version"] > FORMAT_VERSION:
+            raise self._problem(step, f"{META_FILE} is of format version {doc.get('version')!r}, newer than this "
+                                      f"flax-resnet reads ({FORMAT_VERSION}): upgrade flax-resnet")
+        info = doc.get("arrays")
+        if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str)
+                or not isinstance(info.get("bytes"), int) or not isinstance(doc.get("meta"), dict)):
+            raise self._problem(step, f"{META_FILE} lacks the digest of {ARRAYS_FILE} or the metadata (garbled)")
+        if doc.get("step") != step:
+            raise self._problem(step, f"{META_FILE} is that of checkpoint {doc.get('step')!r} (a renamed directory)")
+        return doc
+
+    def _read_arrays(self, step: int, doc: dict[str, Any]) -> dict[str, np.ndarray]:
+        path, info = self.path(step) / ARRAYS_FILE, doc["arrays"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise self._problem(step, f"{ARRAYS_FILE} is missing") from None
+        except OSError as e:
+            raise self._problem(step, f"{ARRAYS_FILE} cannot be read ({_os_words(e)})") from e
+        if len(data) != info["bytes"]:
+            how = "cut short" if len(data) < info["bytes"] else "grown"
+            raise self._problem(step, f"{ARRAYS_FILE} has {len(data)} bytes where {info['bytes']} were written "
+                                      f"({how})")
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise self._problem(step, f"{ARRAYS_FILE} does not match the SHA-256 recorded when it was written "
+                                      "(corrupted)")
+        try:
+            arrays = safetensors.numpy.load(data)
+        except Exception as e:  # noqa: BLE001 - the digest matched, so the writer wrote it so: report, never crash
+            raise self._problem(step, f"{ARRAYS_FILE} cannot be parsed ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:200]})") from e
+        for name, dtype in (info.get("views") or {}).items():
+            try:
+                arrays[name] = arrays[name].view(_dtype_named(dtype))
+            except (KeyError, TypeError, AttributeError, ImportError, ValueError) as e:
+                raise self._problem(step, f"array {name!r} of dtype {dtype} cannot be restored "
+                                          f"({type(e).__name__}: {e})") from e
+        return arrays
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The metadata of checkpoint ``step`` (default: the latest), without reading its arrays."""
+        step = self._step(step)
+        return self._read_doc(step)["meta"]
+
+    def read(self, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The arrays and metadata of checkpoint ``step`` (default: the latest), verified against the digest
+        written with them; ``UnreadableCheckpoint`` (a ``CheckpointError``) names the file and the problem."""
+        step = self._step(step)
+        doc = self._read_doc(step)
+        return self._read_arrays(step, doc), doc["meta"]
+
+    # ------------------------------------------------------------------------------------------ recovery
+    def _unreadable_target(self, step: int) -> Path:
+        """A free path in ``<directory>.unreadable/``: ``epoch_NNNN``, then ``epoch_NNNN-1``, ... (an earlier
+        set-aside of the same step is never overwritten)."""
+        aside = self.directory.with_name(self.directory.name + UNREADABLE_SUFFIX)
+        name = self.path(step).name
+        target, n = aside / name, 0
+        while target.exists():
+            n += 1
+            target = aside / f"{name}-{n}"
+        return target
+
+    def set_aside(self, step: int) -> Path:
+        """Move checkpoint ``step`` to ``<directory>.unreadable/`` (kept for inspection, never deleted), so that the
+        run can write that step again; returns where it went (the same in every process)."""
+        source = self.path(self._step(step))
+        target = self._unreadable_target(step)
+        self._barrier_named(f"checkpoint-set-aside-{step}")  # every process is done reading it
+        try:
+            if self.is_writer:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(source, target)
+                _fsync_dir(target.parent)
+                _fsync_dir(self.directory)
+        except OSError as e:
+            raise CheckpointError(f"could not move the unreadable checkpoint {source} to {target} ({_os_words(e)}); "
+                                  "move it away yourself, then run again with --resume") from e
+        finally:
+            self._barrier_named(f"checkpoint-set-aside-{step}-done")
+        return target
+
+    def restore_latest_good(self, check_meta: Callable[[dict[str, Any]], None] | None = None,
+                            report: Callable[[str], None] | None = None
+                            ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+        """``(step, arrays, meta)`` of the newest checkpoint that reads back whole: the resume path.
+
+        ``check_meta(meta)`` may raise to refuse a checkpoint of another run; that error propagates (a checkpoint
+        of another run is no reason to fall back to an older one). Each newer checkpoint that cannot be read is
+        set aside (``set_aside``) and ``report`` told so. ``CheckpointError`` when none is readable, listing why.
+        """
+        problems = []
+        for step in reversed(self.steps):
+            try:
+                meta = self.read_meta(step)
+                if check_meta is not None:
+                    check_meta(meta)
+                arrays, meta = self.read(step)
+            except UnreadableCheckpoint as e:
+                problems.append(f"checkpoint {step}: {e.problem}")
+                aside = self.set_aside(step)
+                older = [s for s in self.steps if s < step]
+                then = f"trying checkpoint {older[-1]}" if older else "no older checkpoint is left"
+                if report is not None:
+                    report(f"checkpoint {step} in {self.directory} is unreadable ({e.problem}); moved it to {aside}; "
+                           f"{then}")
+                continue
+            return step, arrays, meta
+        if not problems:
+            raise CheckpointError(f"there is no checkpoint in {self.directory} to resume from; start without "
+                                  "--resume")
+        raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from (the unreadable ones were "
+                              f"moved to {self.directory.name}{UNREADABLE_SUFFIX}/):\n  " + "\n  ".join(problems)
+                              + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
+
+    # ------------------------------------------------------------------------------------------ removal
+    def _is_ours(self, path: Path) -> bool:
+        """Whether ``path`` is a checkpoint this store wrote: its meta.json or its arrays file carries the format
+        marker (either suffices, so that a checkpoint with one damaged file is still recognised)."""
+        with contextlib.suppress(OSError):
+            with open(path / META_FILE, "rb") as f:
+                if f'"format": "{FORMAT}"'.encode() in f.read(4096):
+                    return True
+        return _safetensors_format(path / ARRAYS_FILE) == FORMAT
+
+    def remove_all(self) -> list[Path]:
+        """Remove every checkpoint this store wrote, and its stale temporary directories (for --overwrite); returns
+        what was removed. Anything else in the directory (a ``notes.txt``, another tool's ``best/model.pt``, an
+        ``epoch_0005`` without the format marker) is left where it is."""
+        if self.directory.is_symlink():
+            raise CheckpointError(f"{self.directory} is a symbolic link; --overwrite removes checkpoints only from a "
+                                  "real directory: point --out at the link's target, or remove the link")
+        removed: list[Path] = []
+        try:
+            if self.is_writer:
+                for entry in self._entries():
+                    if entry.is_symlink() or not entry.is_dir():
+                        continue
+                    m = _STEP_DIR.match(entry.name)
+                    if _TMP_DIR.match(entry.name):
+                        shutil.rmtree(entry)
+                    elif m and entry.name == self.path(int(m.group(1))).name and self._is_ours(entry):
+                        self._remove_checkpoint(entry)
+                    else:
+                        continue
+                    removed.append(entry)
+                if removed:
+                    _fsync_dir(self.directory)
+        except OSError as e:
+            raise CheckpointError(f"could not remove the checkpoints in {self.directory} ({_os_words(e)}: "
+                                  f"{e.filename}); remove them yourself, then run again") from e
+        finally:
+            self._barrier_named("checkpoint-remove-all")
+        return removed
