@@ -1,0 +1,252 @@
+"""A framework's training state <-> the named NumPy arrays of a ``flax_resnet.store.CheckpointStore``.
+
+The store holds arrays and JSON, nothing framework-specific; a codec per framework turns its state into arrays and
+back, bit for bit:
+
+- Flax/JAX (``flax_to_arrays`` / ``flax_from_arrays``): any pytree (an ``engine.TrainState``, an ``nnx.State``),
+  each leaf under its ``jax.tree_util.keystr`` path, e.g. ``.params['conv1']['kernel'].value``. PRNG key arrays are
+  stored as their raw data (``jax.random.key_data``) and rebuilt with the template's implementation. Restoring
+  checks every name, shape and dtype against a template first and reports all misfits in one short error.
+- PyTorch (``torch_to_arrays`` / ``torch_from_arrays``): ``model.state_dict()`` under ``model/<key>``, the
+  optimiser's per-parameter tensors under ``optimizer/<parameter index>/<name>``; what is not a tensor (the
+  parameter groups: lr, momentum, ...) comes back as a JSON-able dict for the checkpoint's metadata. torch is
+  imported inside these functions only (it is needed only for ``--framework torch``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_resnet.store import CheckpointError
+
+__all__ = ["MODEL_PREFIX", "OPTIMIZER_PREFIX", "flax_from_arrays", "flax_to_arrays", "torch_from_arrays",
+           "torch_to_arrays"]
+
+MODEL_PREFIX = "model/"
+OPTIMIZER_PREFIX = "optimizer/"
+_LISTED = 10  # lines of a misfit report before "... and N more": enough to see the pattern, never a page
+
+
+def _misfit(what: str, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str) -> CheckpointError:
+    """One error for every way the arrays do not fit: counts first, then at most ``_LISTED`` lines."""
+    counts = ", ".join(f"{len(items)} {name}" for name, items in
+                       (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if items)
+    kinds = [[f"{name:<10} {k}" for k in items] for name, items in
+             (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))]
+    # every kind gets its share of the lines (a long list of one kind must not hide the others)
+    quota = [0, 0, 0]
+    while sum(quota) < _LISTED and any(q < len(k) for q, k in zip(quota, kinds, strict=True)):
+        for i, kind in enumerate(kinds):
+            if quota[i] < len(kind) and sum(quota) < _LISTED:
+                quota[i] += 1
+    lines = [line for q, kind in zip(quota, kinds, strict=True) for line in kind[:q]]
+    shown = [line if len(line) <= 160 else line[:157] + "..." for line in lines]
+    hidden = len(missing) + len(unexpected) + len(mismatched) - len(lines)
+    if hidden:
+        shown.append(f"... and {hidden} more")
+    return CheckpointError(f"the checkpoint does not fit {what} ({counts}):\n  " + "\n  ".join(shown) + f"\n{hint}")
+
+
+def _describe(dtype: Any, shape: tuple[int, ...]) -> str:
+    return f"{np.dtype(dtype).name}{list(shape)}"
+
+
+# ------------------------------------------------------------------------------------------------ Flax
+def _is_key(leaf: Any) -> bool:
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _host_array(path: str, leaf: Any) -> np.ndarray:
+    """A leaf as a NumPy array, PRNG keys as their raw data; a multi-process array from this process's copy."""
+    if isinstance(leaf, jax.Array):
+        if _is_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        if not leaf.is_fully_addressable:
+            if not leaf.sharding.is_fully_replicated:
+                raise CheckpointError(f"{path} is split across processes; checkpoints hold replicated states only "
+                                      "(each process holding the whole array)")
+            leaf = leaf.addressable_data(0)  # every process holds all of it: this process's copy
+    return np.asarray(leaf)
+
+
+def flax_to_arrays(tree: Any) -> dict[str, np.ndarray]:
+    """Every leaf of ``tree`` as a NumPy array keyed by its ``jax.tree_util.keystr`` path (PRNG keys as their
+    ``jax.random.key_data``). The arrays are copies on the host, safe to keep while training goes on."""
+    arrays = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = jax.tree_util.keystr(path)
+        arrays[key] = np.array(_host_array(key, leaf))  # a copy: jax may share host memory with NumPy on CPU
+    return arrays
+
+
+def _expected(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a leaf of the template is stored with (a PRNG key: its raw data's)."""
+    if _is_key(leaf):
+        data = jax.eval_shape(jax.random.key_data, leaf)
+        return tuple(data.shape), np.dtype(data.dtype)
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return tuple(leaf.shape), np.dtype(leaf.dtype)
+    array = np.asarray(leaf)
+    return array.shape, array.dtype
+
+
+def _place(array: np.ndarray, sharding: Any) -> jax.Array:
+    """``array`` on the devices of ``sharding`` (all of it on each: the states here are replicated)."""
+    if sharding is None:
+        return jnp.asarray(array)
+    if sharding.is_fully_addressable:
+        return jax.device_put(array, sharding)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _restored(leaf: Any, array: np.ndarray) -> Any:
+    """``array`` in the form of the template's ``leaf``: a jax.Array with its sharding, a PRNG key with its
+    implementation, or a NumPy array / Python scalar as the template had."""
+    if _is_key(leaf):
+        sharding = jax.random.key_data(leaf).sharding if isinstance(leaf, jax.Array) else None
+        return jax.random.wrap_key_data(_place(array, sharding), impl=jax.random.key_impl(leaf))
+    if isinstance(leaf, jax.Array):
+        return _place(array, leaf.sharding)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return _place(array, leaf.sharding)
+    if isinstance(leaf, np.ndarray | np.generic):
+        return np.array(array)
+    if isinstance(leaf, bool | int | float | complex):
+        return type(leaf)(array.item())
+    return jnp.asarray(array)
+
+
+def flax_from_arrays(template: Any, arrays: Mapping[str, np.ndarray], *, strict: bool = True) -> Any:
+    """A tree shaped like ``template`` with the values of ``arrays`` (as ``flax_to_arrays`` made them).
+
+    Every leaf's name, shape and dtype is checked first; ``CheckpointError`` lists what is missing, unexpected or
+    mismatched, in at most ~10 lines. ``strict=False`` ignores arrays the template has no leaf for (weights read
+    from a training checkpoint that also holds optimiser state). Leaves that are ``jax.Array``s come back with the
+    template's sharding; PRNG keys with the template's implementation.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    missing, mismatched, names = [], [], set()
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path)
+        names.add(name)
+        if name not in arrays:
+            missing.append(name)
+            continue
+        shape, dtype = _expected(leaf)
+        got = arrays[name]
+        if tuple(got.shape) != shape or got.dtype != dtype:
+            mismatched.append(f"{name}: saved {_describe(got.dtype, got.shape)}, this state has "
+                              f"{_describe(dtype, shape)}")
+    unexpected = sorted(set(arrays) - names) if strict else []
+    if missing or unexpected or mismatched:
+        raise _misfit("this state", missing, unexpected, mismatched,
+                      "Was it written for another model, model arguments, optimiser or dtype? Name the same ones "
+                      "as the run that wrote it (its meta.json records them).")
+    return jax.tree_util.tree_unflatten(treedef, [_restored(leaf, arrays[jax.tree_util.keystr(path)])
+                                                  for path, leaf in flat])
+
+
+# ----------------------------------------------------------------------------------------------- torch
+def _torch_numpy(tensor: Any) -> tuple[np.ndarray, bool]:
+    """A tensor as a NumPy copy; bfloat16 (which NumPy lacks) as its bits in int16, flagged True."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().copy(), True
+    return tensor.numpy().copy(), False
+
+
+def _torch_tensor(array: np.ndarray, bfloat16: bool) -> Any:
+    import torch
+
+    tensor = torch.from_numpy(np.array(array))  # a writable copy of its own (the store's may be shared)
+    return tensor.view(torch.bfloat16) if bfloat16 else tensor
+
+
+def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, extra)``: ``model.state_dict()`` under ``model/<key>`` and the tensors of
+    ``optimizer.state_dict()`` (momentum buffers, ...) under ``optimizer/<parameter index>/<name>``; ``extra`` is the
+    JSON-able rest of the optimiser's state (``param_groups``, non-tensor per-parameter values) and the names of
+    bfloat16 arrays, for the checkpoint's metadata. Everything is a copy, safe to keep while training goes on."""
+    import torch
+
+    arrays: dict[str, np.ndarray] = {}
+    bfloat16: list[str] = []
+
+    def put(name: str, tensor: Any) -> None:
+        arrays[name], is_bf16 = _torch_numpy(tensor)
+        if is_bf16:
+            bfloat16.append(name)
+
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"model state {key!r} is a {type(value).__name__}, not a tensor")
+        put(MODEL_PREFIX + key, value)
+    extra: dict[str, Any] = {}
+    if optimizer is not None:
+        state_dict = optimizer.state_dict()
+        other: dict[str, dict[str, Any]] = {}
+        for index, values in state_dict["state"].items():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    put(f"{OPTIMIZER_PREFIX}{index}/{name}", value)
+                else:
+                    other.setdefault(str(index), {})[name] = value
+        extra = {"param_groups": state_dict["param_groups"], "state": other}
+    if bfloat16:
+        extra["bfloat16"] = bfloat16
+    json.dumps(extra)  # a value JSON cannot hold is a TypeError now, not when the checkpoint is written
+    return arrays, extra
+
+
+def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarray], extra: Mapping[str, Any]) -> None:
+    """Load what ``torch_to_arrays`` made into ``model`` and ``optimizer`` (None: weights only), in place.
+
+    The model's keys, shapes and dtypes are checked first (one ``CheckpointError`` listing every misfit); then
+    ``load_state_dict`` copies the values into the existing parameters, so an optimiser built on them stays valid.
+    """
+    import torch
+
+    bfloat16 = set(extra.get("bfloat16", ()))
+    current = model.state_dict()
+    saved = {k.removeprefix(MODEL_PREFIX): v for k, v in arrays.items() if k.startswith(MODEL_PREFIX)}
+    missing = [k for k in current if k not in saved]
+    unexpected = sorted(k for k in saved if k not in current)
+    mismatched = []
+    for key, tensor in current.items():
+        if key in saved:
+            array, is_bf16 = saved[key], MODEL_PREFIX + key in bfloat16
+            saved_dtype = torch.bfloat16 if is_bf16 else torch.from_numpy(np.empty(0, array.dtype)).dtype
+            if tuple(array.shape) != tuple(tensor.shape) or saved_dtype != tensor.dtype:
+                mismatched.append(f"{key}: saved {str(saved_dtype).removeprefix('torch.')}{list(array.shape)}, this "
+                                  f"model has {str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}")
+    if missing or unexpected or mismatched:
+        raise _misfit(f"this {type(model).__name__}", missing, unexpected, mismatched,
+                      "Was it written for another model, model arguments or dtype? Name the same ones as the run "
+                      "that wrote it (its meta.json records them).")
+    model.load_state_dict({k: _torch_tensor(v, MODEL_PREFIX + k in bfloat16) for k, v in saved.items()})
+    if optimizer is None:
+        return
+    if "param_groups" not in extra:
+        raise CheckpointError("the checkpoint holds a model's weights only, no optimiser state to resume from; "
+                              "start the run without --resume (or use the weights with --init-from)")
+    state: dict[int, dict[str, Any]] = {}
+    for key, array in arrays.items():
+        if key.startswith(OPTIMIZER_PREFIX):
+            index, _, name = key.removeprefix(OPTIMIZER_PREFIX).partition("/")
+            state.setdefault(int(index), {})[name] = _torch_tensor(array, key in bfloat16)
+    for index, values in extra.get("state", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": [dict(g) for g in extra["param_groups"]]})
+    except (ValueError, KeyError, TypeError) as e:  # torch: "loaded state dict contains a parameter group that ..."
+        raise CheckpointError(f"the checkpoint's optimiser state does not fit this {type(optimizer).__name__} "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); was it written with "
+                              "another optimiser or model?") from e
