@@ -9,11 +9,20 @@ Layout of a store's ``directory``::
 Step 0 is allowed (weights-only checkpoints written by ``port``).
 
 Why not orbax: when one of an orbax save's tensorstore writes fails (a full disk), orbax raises, closes its event
-loop and abandons the other writes. They then print tracebacks at times nobody chooses ("Event loop is closed",
-"Exception ignored in: <coroutine ...>", "... exception was never retrieved"), and a write landing late recreates
-the partial directory after it was removed. Keeping that quiet took logging filters and a replaced ``sys.unraisablehook`` installed at import time, ``gc``
-calls and polling the file system for quiet. Here one process writes plain files with plain ``write`` calls, so a
-failure is one ``OSError`` with the OS's words, raised once, in the caller's thread, with nothing left running.
+loop and abandons the other writes, which then print tracebacks at times nobody chooses. Measured with orbax-
+checkpoint 0.12.8 used plainly through its public API, saving a ResNet18-sized state (11.2M float32, 45 MB) onto a
+tmpfs with 20 MiB free, 3 runs each: ``CheckpointManager`` with its defaults printed 399-494 lines to stderr before
+raising and 58-660 more within 2 s after (``RuntimeError: Event loop is closed`` tracebacks);
+``enable_async_checkpointing=False`` 114-188 and 0-142; adding ``use_ocdbt=False`` or ``save_concurrent_gb=1``, or
+using ``StandardCheckpointer``, did no better (115-313 lines, then up to 478). Every variant raised a ``ValueError``
+of ~430 characters and left a partial ``2.orbax-checkpoint-tmp`` of 40-490 files; with the items
+``flax_resnet.checkpoint`` saves (``Composite``), writes still landing kept it there or brought it back after it was
+removed in 2 of 8 runs. Keeping that quiet took logging filters and a replaced ``sys.unraisablehook`` installed at
+import time, ``gc`` calls and polling the file system for quiet. Here one process writes plain files with plain
+``write`` calls, so a failure is one ``OSError`` in the OS's words, in the caller's thread, with nothing left
+running: in the same test, 0 lines printed, no partial files, one ``CheckpointError`` of ~270 characters. It is
+faster too (same state, ext4, median of 5 on a shared 2-core machine): save 0.20 s and read back 0.11 s, against
+orbax's 0.50 s and 0.30 s (synchronous) or 0.57 s and 0.37 s (its default).
 
 Writing, the big_vision way: the writer (process 0 of a multi-process run, ``is_writer``) serialises the arrays
 (``safetensors.numpy.save``) and the metadata in memory, writes both into a hidden temporary directory next to
@@ -28,8 +37,9 @@ flipped bit, a garbled or missing file is an ``UnreadableCheckpoint`` naming the
 line. ``restore_latest_good`` is the resume path: the newest checkpoint that reads back whole; an unreadable
 newer one is moved aside to ``<directory>.unreadable/`` (never deleted) and reported.
 
-Only NumPy, safetensors and the standard library: no framework is imported, and importing this module changes
-nothing global (no logging filters, hooks or warning filters).
+Only NumPy, safetensors and the standard library (and ml_dtypes, JAX's dtype package, once a bfloat16 array is
+read back): no framework is imported, and importing this module changes nothing global (no logging filters, hooks
+or warning filters).
 """
 
 from __future__ import annotations
@@ -243,8 +253,8 @@ class CheckpointStore:
         hold is a TypeError that leaves nothing behind)."""
         stored, views = {}, {}
         for name, value in arrays.items():
-            if not isinstance(name, str):
-                raise TypeError(f"array names are strings, not {name!r}")
+            if not isinstance(name, str) or name == "__metadata__":  # the one name safetensors' header reserves
+                raise TypeError(f"an array name is a string other than '__metadata__', not {name!r}")
             stored[name], view = _storable(name, value)
             if view is not None:
                 views[name] = view

@@ -282,6 +282,8 @@ def test_every_dtype_a_state_meets_round_trips(tmp_path):
         assert read[name].flags.writeable
     with pytest.raises(TypeError, match="cannot hold"):
         ckpts.save(1, {"text": np.asarray(["a"])}, {})
+    with pytest.raises(TypeError, match="__metadata__"):  # safetensors' header would hold it twice: unreadable
+        ckpts.save(1, {"__metadata__": np.zeros(1)}, {})
     with pytest.raises(TypeError):
         ckpts.save(1, {"x": np.zeros(1)}, {"not json": object()})
     assert ckpts.steps == [0] and sorted(os.listdir(tmp_path)) == ["epoch_0000"]  # nothing half written
