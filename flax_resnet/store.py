@@ -9,10 +9,10 @@ Layout of a store's ``directory``::
 Step 0 is allowed (weights-only checkpoints written by ``port``).
 
 Why not orbax: when one of an orbax save's tensorstore writes fails (a full disk), orbax raises, closes its event
-loop and abandons the other writes, which then print tracebacks at times nobody chooses. Measured with orbax-
-checkpoint 0.12.8 used plainly through its public API, saving a ResNet18-sized state (11.2M float32, 45 MB) onto a
-tmpfs with 20 MiB free, 3 runs each: ``CheckpointManager`` with its defaults printed 399-494 lines to stderr before
-raising and 58-660 more within 2 s after (``RuntimeError: Event loop is closed`` tracebacks);
+loop and abandons the other writes, which then print tracebacks at times nobody chooses. Measured with
+orbax-checkpoint 0.12.8 used plainly through its public API, saving a ResNet18-sized state (11.2M float32, 45 MB)
+onto a tmpfs with 20 MiB free, 3 runs each: ``CheckpointManager`` with its defaults printed 399-494 lines to stderr
+before raising and 58-660 more within 2 s after (``RuntimeError: Event loop is closed`` tracebacks);
 ``enable_async_checkpointing=False`` 114-188 and 0-142; adding ``use_ocdbt=False`` or ``save_concurrent_gb=1``, or
 using ``StandardCheckpointer``, did no better (115-313 lines, then up to 478). Every variant raised a ``ValueError``
 of ~430 characters and left a partial ``2.orbax-checkpoint-tmp`` of 40-490 files; with the items
