@@ -97,12 +97,15 @@ def _expected(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _place(array: np.ndarray, sharding: Any) -> jax.Array:
-    """``array`` on the devices of ``sharding`` (all of it on each: the states here are replicated)."""
-    if sharding is None:
-        return jnp.asarray(array)
-    if sharding.is_fully_addressable:
-        return jax.device_put(array, sharding)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    """``array`` on the devices of ``sharding`` (all of it on each: the states here are replicated).
+
+    From a private copy: on CPU ``jax.device_put`` may share the NumPy buffer, or copy it later (measured: a
+    2-element array changed afterwards showed the change, even with ``may_alias=False``), so the state would change
+    with the arrays it was read from.
+    """
+    if sharding is None or sharding.is_fully_addressable:
+        return jax.device_put(np.array(array), sharding)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: np.array(array[index]))
 
 
 def _restored(leaf: Any, array: np.ndarray) -> Any:
