@@ -193,7 +193,7 @@ class CheckpointStore:
     def _entries(self) -> list[Path]:
         try:
             return sorted(self.directory.iterdir())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no directory, so no checkpoints
             return []
         except OSError as e:
             raise CheckpointError(f"cannot list the checkpoints in {self.directory} ({_os_words(e)})") from e

@@ -315,6 +315,10 @@ def test_steps_latest_pruning_and_no_overwriting(tmp_path):
     assert keep_all.steps == [0, 1, 2, 3, 4]
     with pytest.raises(CheckpointError, match="there is no checkpoint in"):
         CheckpointStore(tmp_path / "nowhere").read()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(CheckpointError) as info:  # the OS's words, and no traceback of an OSError
+        CheckpointStore(tmp_path / "a-file" / "c").save(1, small_arrays(1), {})
+    assert_one_line_naming(info.value, f"could not write checkpoint 1 to {tmp_path / 'a-file' / 'c'} (Not a directory)")
 
 
 def test_stale_temporaries_are_swept_by_the_next_writer(tmp_path):
