@@ -132,6 +132,8 @@ def _write_file(path: Path, data: bytes) -> None:
 def _storable(name: str, value: Any) -> tuple[np.ndarray, str | None]:
     """``value`` as a C-contiguous array safetensors can store, and the dtype to view it back as (or None)."""
     array = np.asarray(value, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+    if not array.dtype.isnative:  # stored, and read back, in this machine's byte order
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype in _LOADABLE:
         return array, None
     if array.dtype.kind in "OUSMm" or array.dtype.fields is not None or array.dtype.itemsize not in _VIEWS:

@@ -272,6 +272,7 @@ def test_every_dtype_a_state_meets_round_trips(tmp_path):
         "bf16": rng.normal(size=(2, 3)).astype(ml_dtypes.bfloat16),
         "empty": np.zeros((0, 3), np.float32),
         "strided": np.arange(12.0).reshape(3, 4)[:, ::-1],
+        "big-endian": np.arange(3, dtype=">f4"),
         ".params['conv1']['kernel'].value": np.ones((1,), np.float32),
         "model/layer1.0.bn1.running_var ✓": np.ones((2,), np.float32),
     }
@@ -280,6 +281,7 @@ def test_every_dtype_a_state_meets_round_trips(tmp_path):
     read, _ = ckpts.read(0)
     assert set(read) == set(arrays)
     for name, a in arrays.items():
+        a = a.astype(a.dtype.newbyteorder("="))  # read back in this machine's byte order
         assert read[name].dtype == a.dtype and read[name].shape == a.shape, name
         assert np.ascontiguousarray(read[name]).tobytes() == np.ascontiguousarray(a).tobytes(), name
         assert read[name].flags.writeable
