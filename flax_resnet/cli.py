@@ -6,78 +6,43 @@ Commands:
   writes ``history.json``, ``curves.png`` and a checkpoint per epoch to ``--out``.
 - ``port``: convert weights between a torch ``.pt`` state_dict and a Flax (orbax) checkpoint, both ways.
 
-This module only parses and wires; the work is in ``flax_resnet.trainer``, ``torch_ref.train``,
-``flax_resnet.checkpoint`` and ``flax_resnet.port``. Imports of JAX, torch and the data layer happen inside the
+This module only parses and wires; the work is in ``flax_resnet.training`` (both frameworks' training),
+``flax_resnet.store`` and ``flax_resnet.port``. Imports of JAX, torch and the data layer happen inside the
 handlers, so ``--help`` is quick.
 
 Adding a command: write, in your own module, a function ``add_<name>_parser(subparsers)`` that calls
 ``subparsers.add_parser(name, help=..., description=...)``, adds its options and ends with
-``parser.set_defaults(handler=<function(args, parser) -> exit code>)``; then list it in ``SUBCOMMANDS``
-below (a callable, or a ``"module:function"`` string, imported when the parser is built and skipped if the
-module does not exist yet). Handlers report usage errors with ``parser.error(...)`` (exit 2) before doing
-anything, and expected failures as a one-paragraph ``error: ...`` on stderr with exit code 1 (``fail``).
+``parser.set_defaults(handler=<function(args, parser) -> exit code>, parser=parser)``; then list it in
+``SUBCOMMANDS`` below. Handlers report usage errors with ``parser.error(...)`` (exit 2) before doing anything;
+expected failures are raised as ``errors.FlaxResnetError`` (each layer has its subclass), which ``main`` catches
+once and prints as ``error: ...`` on stderr with exit code 1 (``commands.fail``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
-import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from flax_resnet import registry
+from flax_resnet import bench, experiments, registry
+from flax_resnet.commands import (
+    RUNS_DIR,
+    HelpFormatter,
+    add_data_arguments,
+    fail,
+    load_data,
+    progress_factory,
+    write_line,
+)
+from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["SUBCOMMANDS", "add_port_parser", "add_train_parser", "build_parser", "default_out_dir", "fail", "main"]
 
 DEFAULT_RECIPE = "resnet18-cifar"
-DEFAULT_DATA_DIR = "data"
-RUNS_DIR = "runs"
-EXIT_FAILURE = 1
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the hand-made tables of epilogs; wraps descriptions paragraph by paragraph; wider option column."""
-
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=34, width=110)
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        paragraphs = text.split("\n\n")
-        if all("\n" not in p for p in paragraphs):  # prose: wrap it; anything laid out by hand stays as it is
-            return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent)
-                               for p in paragraphs)
-        return super()._fill_text(text, width, indent)
-
-
-def fail(message: str) -> int:
-    """An expected failure (no data, a bad checkpoint): one paragraph on stderr, no traceback."""
-    # lines break at spaces only, so that paths (often with hyphens) stay whole and can be copied
-    print("error: " + textwrap.fill(" ".join(message.split()), width=110, subsequent_indent="  ",
-                                    break_on_hyphens=False, break_long_words=False), file=sys.stderr)
-    return EXIT_FAILURE
-
-
-def write_line(line: str) -> None:
-    """Epoch lines go to stdout, between progress-bar refreshes (tqdm.write keeps the bar intact)."""
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stdout)
-
-
-def progress_factory(enabled: bool) -> Callable[..., Any] | None:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    def factory(total: int, desc: str) -> Any:
-        return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
-
-    return factory
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -159,22 +124,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="seed of the initialisation and of the batch order and augmentation "
                            "(default: %(default)s)")
 
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=("cifar10", "synthetic"), default="cifar10",
-                      help="CIFAR-10, or a small generated set that needs no download (default: %(default)s)")
-    data.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR), metavar="DIR",
-                      help="where CIFAR-10 is (or gets) prepared (default: %(default)s)")
-    data.add_argument("--archive", type=Path, metavar="PATH",
-                      help="prepare CIFAR-10 from this official archive (cifar-10-binary.tar.gz or "
-                           "cifar-10-python.tar.gz) instead of downloading it")
-    data.add_argument("--no-download", action="store_true",
-                      help="never download: use prepared data or --archive only")
-    data.add_argument("--skip-checksum", action="store_true", help="do not check the archive's md5")
-    data.add_argument("--train-samples", type=int, metavar="N",
-                      help="use only the first N training images (synthetic: generate N; default 2048 there, "
-                           "all 50000 for CIFAR-10)")
-    data.add_argument("--test-samples", type=int, metavar="N",
-                      help="use only the first N test images (synthetic: generate N; default 512 there)")
+    add_data_arguments(p)
 
     rec = p.add_argument_group("recipe overrides (default: the recipe's value, see the table below)")
     rec.add_argument("--epochs", type=int, metavar="N", help="number of epochs")
@@ -283,22 +233,6 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _T
     return _TrainPlan(args.model, kwargs, recipe, out)
 
 
-def load_data(args: argparse.Namespace) -> Any:
-    from flax_resnet import data
-
-    if args.dataset == "synthetic":
-        sizes = {k: v for k, v in (("num_train", args.train_samples), ("num_test", args.test_samples)) if v}
-        if args.test_samples == 0:
-            sizes["num_test"] = 0
-        return data.load_dataset("synthetic", **sizes)
-    ds = data.load_dataset("cifar10", data_dir=args.data_dir, archive=args.archive, download=not args.no_download,
-                           skip_checksum=args.skip_checksum)
-    n_train = args.train_samples or len(ds.train_labels)
-    n_test = len(ds.test_labels) if args.test_samples is None else args.test_samples
-    return dataclasses.replace(ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
-                               test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
-
-
 def _load_torch_file(path: Path) -> dict[str, Any]:
     """A state_dict from a .pt file: a plain state_dict, or the model of a ``--framework torch`` checkpoint."""
     import pickle
@@ -363,11 +297,6 @@ def _init_flax_from(model: Any, path: Path, name: str | None = None, kwargs: dic
         _port_into(model, _load_torch_file(path), name or type(model).__name__, kwargs or {})
 
 
-def _has_checkpoints(out: Path) -> bool:
-    ckpt = out / "checkpoints"
-    return ckpt.is_dir() and any(ckpt.iterdir())
-
-
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     plan = _plan_train(args, parser)
 
@@ -378,18 +307,12 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.framework == "jax":
         from flax_resnet import distributed
 
-        try:  # first: before anything touches a device
-            distributed.initialize_from_args(args)
-        except distributed.DistributedInitError as e:
-            return fail(str(e))
-    from flax_resnet.outdir import OutputDirError, claim_output_dir
+        distributed.initialize_from_args(args)  # first: before anything touches a device
+    from flax_resnet.outdir import claim_output_dir
 
     # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
     # of one multi-process run share --out, so process 0 holds the claim for all of them.
-    try:
-        claim = claim_output_dir(plan.out) if jax.process_index() == 0 else None
-    except OutputDirError as e:
-        return fail(str(e))
+    claim = claim_output_dir(plan.out) if jax.process_index() == 0 else None
     try:
         return _run_train_claimed(args, plan)
     finally:
@@ -399,72 +322,62 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _run_train_claimed(args: argparse.Namespace, plan: _TrainPlan) -> int:
     """``run_train`` once --out is claimed: load the data, build the model, train."""
-    if _has_checkpoints(plan.out) and not (args.resume or args.overwrite):
+    from flax_resnet import store, training
+    from flax_resnet.recipes import RunConfig
+
+    if store.CheckpointStore(plan.out / store.CHECKPOINT_SUBDIR).steps and not (args.resume or args.overwrite):
         return fail(f"{plan.out} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to "
                     "start over, or choose another --out.")
-    import jax.numpy as jnp
-
-    from flax_resnet.checkpoint import CheckpointError
-    from flax_resnet.data import DataError
-    from flax_resnet.port import PortError
-    from flax_resnet.trainer import TrainError
-
-    dtype = jnp.dtype(args.dtype)
-    meta = {"model": plan.model, "model_kwargs": plan.model_kwargs, "framework": args.framework,
-            "precision": args.precision}
+    config = RunConfig(recipe=plan.recipe, model=plan.model, model_kwargs=plan.model_kwargs,
+                       framework=args.framework, dataset=args.dataset, seed=args.seed, dtype=args.dtype,
+                       precision=args.precision, bn_sync=args.bn_sync == "on")
     arguments = ", ".join(f"{k}={v}" for k, v in plan.model_kwargs.items())
     title = f"{plan.model}({arguments}), {plan.recipe.name}, {args.framework}"
-    common = dict(seed=args.seed, dtype=dtype, out_dir=plan.out, resume=args.resume, overwrite=args.overwrite,
-                  meta=meta, max_to_keep=args.max_to_keep, progress=progress_factory(not args.no_progress),
-                  log=write_line, title=title)
+    dataset = load_data(args)
+    runner = None
+    if args.framework == "jax":
+        from flax_resnet import parallel
+        from flax_resnet.precision import apply_precision
+
+        model = registry.build_flax(plan.model, plan.model_kwargs, seed=args.seed)
+        if args.init_from is not None:
+            _init_flax_from(model, args.init_from, plan.model, plan.model_kwargs)
+        apply_precision(model, args.precision)
+        runner = parallel.runner_factory_from_args(args)
+    else:
+        model = registry.build_torch(plan.model, plan.model_kwargs, seed=args.seed)
+        if args.init_from is not None:
+            _init_torch_from(model, args.init_from, plan.model, plan.model_kwargs)
     try:
-        dataset = load_data(args)
-        if args.framework == "jax":
-            from flax_resnet import parallel, trainer
-            from flax_resnet.precision import apply_precision
-
-            model = registry.build_flax(plan.model, plan.model_kwargs, seed=args.seed)
-            if args.init_from is not None:
-                _init_flax_from(model, args.init_from, plan.model, plan.model_kwargs)
-            apply_precision(model, args.precision)
-            runner = parallel.runner_factory_from_args(args)
-            history = trainer.train(model, plan.recipe, dataset, runner=runner, **common).history
-        else:
-            from torch_ref import train as torch_train
-
-            model = registry.build_torch(plan.model, plan.model_kwargs, seed=args.seed)
-            if args.init_from is not None:
-                if args.init_from.is_dir():
-                    from flax_resnet.port import to_torch_state_dict
-
-                    flax_model = registry.build_flax(plan.model, plan.model_kwargs)
-                    _init_flax_from(flax_model, args.init_from)
-                    state_dict = to_torch_state_dict(flax_model)
-                else:
-                    state_dict = _load_torch_file(args.init_from)
-                try:
-                    model.load_state_dict(state_dict, strict=True)
-                except RuntimeError as e:  # torch's report of a misfit
-                    raise PortError(f"--init-from {args.init_from} does not fit {plan.model}: {e}"
-                                    f"{_weights_hint(state_dict, plan.model, plan.model_kwargs)}") from e
-            history = torch_train.run(model, plan.recipe, dataset, **common)
-    except (DataError, TrainError, CheckpointError, PortError) as e:
-        return fail(str(e))
-    except ValueError as e:  # a batch size that the devices cannot share, raised before anything is written
-        if "devices" not in str(e):
-            raise
-        return fail(str(e))
-    except RuntimeError as e:  # torch's load_state_dict reports a misfit as a RuntimeError
-        if "state_dict" not in str(e):
-            raise
-        return fail(f"--init-from {args.init_from} does not fit {plan.model}: {e}")
+        result = training.train(model, config, dataset, runner=runner, out_dir=plan.out, resume=args.resume,
+                                overwrite=args.overwrite, max_to_keep=args.max_to_keep,
+                                progress=progress_factory(not args.no_progress), log=write_line, title=title)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command and --resume (--out {plan.out})", file=sys.stderr)
         return 130
-    if history["test_acc"]:
+    history = result.history
+    if history["test_acc"] and history["test_acc"][-1] is not None:
         print(f"done: {plan.model} ({plan.recipe.name}, {args.framework}) final test accuracy "
               f"{history['test_acc'][-1]:.2f}%; outputs in {plan.out}")
+    else:
+        print(f"done: {plan.model} ({plan.recipe.name}, {args.framework}); outputs in {plan.out}")
     return 0
+
+
+def _init_torch_from(model: Any, path: Path, name: str, kwargs: dict[str, Any]) -> None:
+    """--init-from for a torch model: a .pt state_dict, or a Flax checkpoint ported to torch's layout."""
+    from flax_resnet.port import PortError, to_torch_state_dict
+
+    if path.is_dir():
+        flax_model = registry.build_flax(name, kwargs)
+        _init_flax_from(flax_model, path)
+        state_dict = to_torch_state_dict(flax_model)
+    else:
+        state_dict = _load_torch_file(path)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:  # torch's report of a misfit
+        raise PortError(f"--init-from {path} does not fit {name}: {e}{_weights_hint(state_dict, name, kwargs)}") from e
 
 
 # -------------------------------------------------------------------------------------------------- port
@@ -511,68 +424,53 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--to {dst} is a directory; give the .pt file to write")
 
     from flax_resnet import checkpoint, port
-    from flax_resnet.checkpoint import CheckpointError
 
-    try:
-        if src.is_file():
-            state_dict = _load_torch_file(src)
-            if args.model is not None:
-                name, kwargs = args.model, registry.model_kwargs(args.model, given)
-            else:
-                name, kwargs = registry.infer_model(list(state_dict),
-                                                    {k: tuple(v.shape) for k, v in state_dict.items()})
-            model = registry.build_flax(name, kwargs)
-            _port_into(model, state_dict, name, kwargs)
-            checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs, "dtype": "float32",
-                                               "source": str(src)})
-            print(f"wrote {name} {kwargs or ''} as a Flax checkpoint to {dst}")
+    if src.is_file():
+        state_dict = _load_torch_file(src)
+        if args.model is not None:
+            name, kwargs = args.model, registry.model_kwargs(args.model, given)
         else:
-            meta = checkpoint.read_meta(src, args.step)
-            name = args.model or meta.get("model")
-            if name is None:
-                parser.error(f"{src} does not record its model; name it with --model")
-            kwargs = registry.model_kwargs(name, given if args.model else meta.get("model_kwargs", {}))
-            if meta.get("dtype") == "float64":
-                import jax
+            name, kwargs = registry.infer_model(list(state_dict), {k: tuple(v.shape) for k, v in state_dict.items()})
+        model = registry.build_flax(name, kwargs)
+        _port_into(model, state_dict, name, kwargs)
+        checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs, "dtype": "float32",
+                                           "source": str(src)})
+        print(f"wrote {name} {kwargs or ''} as a Flax checkpoint to {dst}")
+        return 0
+    meta = checkpoint.read_meta(src, args.step)
+    name = args.model or meta.get("model")
+    if name is None or name not in registry.MODELS:
+        parser.error(f"{src} does not record a registered model; name it with --model")
+    try:
+        kwargs = registry.model_kwargs(name, given if args.model else meta.get("model_kwargs", {}))
+    except ValueError as e:
+        raise port.PortError(f"{src}: {e}") from e
+    if meta.get("dtype") == "float64":
+        import jax
 
-                jax.config.update("jax_enable_x64", True)
-            from flax_resnet.dtypes import cast_floating
+        jax.config.update("jax_enable_x64", True)
+    from flax_resnet.dtypes import cast_floating
 
-            model = cast_floating(registry.build_flax(name, kwargs), meta.get("dtype", "float32"))
-            checkpoint.load_model(src, model, args.step)
-            import torch
+    model = cast_floating(registry.build_flax(name, kwargs), meta.get("dtype", "float32"))
+    state_dict, _ = checkpoint.torch_state_dict(src, model, args.step)
+    import torch
 
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            torch.save(port.to_torch_state_dict(model), tmp)
-            tmp.replace(dst)
-            print(f"wrote {name} {kwargs or ''} as a torch state_dict to {dst}")
-    except (ValueError, CheckpointError) as e:  # PortError is a ValueError
-        return fail(str(e))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    torch.save(state_dict, tmp)
+    tmp.replace(dst)
+    print(f"wrote {name} {kwargs or ''} as a torch state_dict to {dst}")
     return 0
 
 
 # -------------------------------------------------------------------------------------------------- main
-# Each entry adds one command: a function, or "module:function" imported when the parser is built.
-SUBCOMMANDS: list[Callable[[Any], Any] | str] = [
+# Each entry adds one command.
+SUBCOMMANDS: list[Callable[[Any], Any]] = [
     add_train_parser,
     add_port_parser,
-    "flax_resnet.experiments:add_experiments_parser",
-    "flax_resnet.bench:add_bench_parser",
+    experiments.add_experiments_parser,
+    bench.add_bench_parser,
 ]
-
-
-def _resolve(entry: Callable[[Any], Any] | str) -> Callable[[Any], Any] | None:
-    if callable(entry):
-        return entry
-    module_name, _, function = entry.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:  # not written yet
-            return None
-        raise
-    return getattr(module, function, None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,15 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipe, CIFAR-10); options before a command are taken as `train`'s.",
         epilog="`python train.py COMMAND --help` explains each command's options.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for entry in SUBCOMMANDS:
-        add = _resolve(entry)
-        if add is not None:
-            add(subparsers)
+    for add in SUBCOMMANDS:
+        add(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns the exit code."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns the exit code.
+
+    Every expected failure is a ``FlaxResnetError`` and is reported here, once, as ``error: ...`` (exit 1).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
@@ -600,7 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flax_resnet.allocator import tune_cpu_allocator
 
     tune_cpu_allocator()  # before JAX starts: every command's CPU steps profit (see its docstring)
-    return args.handler(args, args.parser)
+    try:
+        return args.handler(args, args.parser)
+    except FlaxResnetError as e:
+        return fail(str(e))
 
 
 if __name__ == "__main__":

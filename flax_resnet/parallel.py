@@ -47,7 +47,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_resnet import engine
-from flax_resnet.engine import EpochPlan, Metrics, TrainState
+from flax_resnet.data.plan import EpochPlan
+from flax_resnet.engine import Metrics, TrainState
+from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import Recipe
 from flax_resnet.runners import (
     DeviceData,
@@ -67,6 +69,10 @@ PARALLEL_KINDS: tuple[str, ...] = ("auto", "single", "pmap", "shard_map")
 
 
 # ------------------------------------------------------------------------------------------ batch sizes
+class BatchSizeError(FlaxResnetError, ValueError):
+    """A training batch that the devices cannot share evenly; the message names a batch size that works."""
+
+
 def validate_batch_sizes(num_examples: int, batch_size: int, num_devices: int) -> None:
     """Fail before training when some training batch of an epoch cannot be split evenly across the devices.
 
@@ -83,7 +89,7 @@ def validate_batch_sizes(num_examples: int, batch_size: int, num_devices: int) -
         return
     if num_examples % num_devices:
         fits = [d for d in range(1, min(num_devices * 2, num_examples) + 1) if num_examples % d == 0]
-        raise ValueError(
+        raise BatchSizeError(
             f"cannot split the training set across {num_devices} devices: its {num_examples} samples do not "
             f"divide by {num_devices}, so the short last batch of every epoch (kept, as torch's drop_last=False "
             f"keeps it) cannot be shared evenly whatever the batch size. Use a device count that divides "
@@ -92,7 +98,7 @@ def validate_batch_sizes(num_examples: int, batch_size: int, num_devices: int) -
     if batch_size % num_devices or (last and last % num_devices):
         lower = batch_size - batch_size % num_devices
         options = [b for b in (lower, lower + num_devices) if b > 0]
-        raise ValueError(
+        raise BatchSizeError(
             f"global batch size {batch_size} does not split evenly across {num_devices} devices: every training "
             f"batch must divide by the device count, including the short last batch of an epoch "
             f"({num_examples} % {batch_size} = {last} samples). Use a multiple of {num_devices}, "
@@ -102,7 +108,7 @@ def validate_batch_sizes(num_examples: int, batch_size: int, num_devices: int) -
 def _check_step_size(size: int, num_devices: int) -> None:
     if size % num_devices:
         raise ValueError(f"a training batch of {size} samples does not split evenly across {num_devices} devices; "
-                         f"call flax_resnet.parallel.validate_batch_sizes before training to catch this up front")
+                         "(the runner's check_batch_sizes, which the training loop calls first, catches this up front)")
 
 
 # ------------------------------------------------------------------------------------------ the device step
@@ -224,8 +230,6 @@ class _DataParallel:
         self.replicated = NamedSharding(self.mesh, P())
         # where inputs (data, plan, metrics) go: global arrays for shard_map, host-local ones for pmap
         self.inputs = self.replicated
-        self._plan_source: EpochPlan | None = None
-        self._plan: EpochPlan | None = None
         self.leaves = StateLeaves()
 
     def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData:
@@ -233,13 +237,12 @@ class _DataParallel:
         return DeviceData(_replicate(np.asarray(images), self.inputs),
                           _replicate(np.asarray(labels).astype(np.int32), self.inputs))
 
-    def _put_plan(self, plan: EpochPlan) -> EpochPlan:
-        """The epoch plan on every device, copied once per plan rather than once per step."""
-        src = self._plan_source
-        if src is None or any(a is not b for a, b in zip(src, plan, strict=True)):
-            self._plan = EpochPlan(*(_replicate(x, self.inputs) for x in plan))
-            self._plan_source = plan
-        return self._plan  # type: ignore[return-value]
+    def check_batch_sizes(self, num_examples: int, batch_size: int) -> None:
+        validate_batch_sizes(num_examples, batch_size, self.num_devices)
+
+    def put_plan(self, plan: EpochPlan) -> EpochPlan:
+        """The epoch plan on every device (the loop calls this once per epoch)."""
+        return EpochPlan(*(_replicate(np.asarray(x), self.inputs) for x in plan))
 
     def zero_metrics(self) -> Metrics:
         """Fresh metric sums already where the step keeps them (the trainer asks for these once per epoch)."""
@@ -289,7 +292,7 @@ class ShardMapRunner(_DataParallel):
 
     def train_step(self, state, metrics, data, plan, start, size):
         _check_step_size(size, self.num_devices)
-        return self._train(state, self._put_metrics(metrics), data, self._put_plan(plan), np.int32(start),
+        return self._train(state, self._put_metrics(metrics), data, plan, np.int32(start),
                            size=size)
 
     def eval_step(self, state, metrics, data, start, size):
@@ -352,7 +355,7 @@ class PmapRunner(_DataParallel):
 
     def train_step(self, state, metrics, data, plan, start, size):
         _check_step_size(size, self.num_devices)
-        return self._train_fn(size)(state, self._put_metrics(metrics), data, self._put_plan(plan), np.int32(start))
+        return self._train_fn(size)(state, self._put_metrics(metrics), data, plan, np.int32(start))
 
     def eval_step(self, state, metrics, data, start, size):
         return self._eval_fn(size)(state, self._put_metrics(metrics), data, np.int32(start))
@@ -422,4 +425,4 @@ def runner_factory_from_args(args: argparse.Namespace) -> Callable[..., Runner]:
 
 __all__ = ["AXIS", "PARALLEL_KINDS", "ParallelKind", "PmapRunner", "ShardMapRunner", "add_parallel_arguments",
            "default_devices", "device_eval_step", "device_train_step", "make_runner", "runner_factory",
-           "runner_factory_from_args", "validate_batch_sizes", "with_bn_axis"]
+           "runner_factory_from_args", "validate_batch_sizes", "with_bn_axis", "BatchSizeError"]

@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 from flax_resnet import engine
-from flax_resnet.engine import EpochPlan, Metrics, TrainState
+from flax_resnet.data.plan import EpochPlan
+from flax_resnet.engine import Metrics, TrainState
 from flax_resnet.recipes import Recipe
 
 
@@ -85,17 +86,29 @@ class StateLeaves:
 
 
 class Runner(Protocol):
-    """What the training loop needs from a way of running steps.
+    """What the training loop needs from a way of running steps; the loop calls every method.
 
-    ``put_state`` returns the runner's own form of the state (a ``RunnerState``): pass it only to ``train_step``,
-    ``eval_step`` and ``get_state``, which gives a ``TrainState`` back.
+    ``check_batch_sizes`` comes first, before anything is compiled, so that a batch size the devices cannot share
+    fails in seconds. ``put_state`` returns the runner's own form of the state (a ``RunnerState``): pass it only to
+    ``train_step``, ``eval_step`` and ``get_state``, which gives a ``TrainState`` back. ``put_plan`` puts an
+    epoch's NumPy plan (``flax_resnet.plan``) where the steps read it, once per epoch.
     """
 
     num_devices: int
 
+    def check_batch_sizes(self, num_examples: int, batch_size: int) -> None:
+        """Raise ``parallel.BatchSizeError`` (naming a batch size that works) if some batch cannot be run."""
+        ...
+
     def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData: ...
 
     def put_state(self, state: TrainState) -> RunnerState: ...
+
+    def put_plan(self, plan: EpochPlan) -> EpochPlan: ...
+
+    def zero_metrics(self) -> Metrics:
+        """Fresh metric sums, already where the steps keep them."""
+        ...
 
     def get_state(self, state: RunnerState) -> TrainState:
         """One host-readable copy of the state (for checkpoints, export, porting)."""
@@ -108,15 +121,22 @@ class Runner(Protocol):
                   ) -> Metrics: ...
 
 
+def gather_uint8(data: DeviceData, plan: EpochPlan, start, size: int, augment: bool) -> tuple[jax.Array, jax.Array]:
+    """The uint8 NHWC batch at plan positions [start, start + size), cropped and flipped when ``augment``;
+    ``start`` may be traced. ``torch_ref.data.gather`` computes the same bytes in torch."""
+    idx = jax.lax.dynamic_slice_in_dim(plan.permutation, start, size)
+    x = data.images[idx]
+    if augment:
+        x = engine.augment(x, jax.lax.dynamic_slice_in_dim(plan.offsets, start, size),
+                           jax.lax.dynamic_slice_in_dim(plan.flips, start, size))
+    return x, data.labels[idx]
+
+
 def gather_batch(data: DeviceData, plan: EpochPlan, start, size: int, recipe: Recipe, dtype
                  ) -> tuple[jax.Array, jax.Array]:
     """The augmented, normalised batch at positions [start, start + size) of the plan; ``start`` may be traced."""
-    idx = jax.lax.dynamic_slice_in_dim(plan.permutation, start, size)
-    x = data.images[idx]
-    if recipe.augment:
-        x = engine.augment(x, jax.lax.dynamic_slice_in_dim(plan.offsets, start, size),
-                           jax.lax.dynamic_slice_in_dim(plan.flips, start, size))
-    return engine.normalize(x, recipe.mean, recipe.std, dtype), data.labels[idx]
+    x, labels = gather_uint8(data, plan, start, size, recipe.augment)
+    return engine.normalize(x, recipe.mean, recipe.std, dtype), labels
 
 
 def gather_eval_batch(data: DeviceData, start, size: int, recipe: Recipe, dtype
@@ -163,8 +183,17 @@ class SingleDeviceRunner:
     def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData:
         return DeviceData(jax.device_put(images, self.device), jax.device_put(labels.astype(np.int32), self.device))
 
+    def check_batch_sizes(self, num_examples: int, batch_size: int) -> None:
+        """One device runs batches of any size."""
+
     def put_state(self, state: TrainState) -> RunnerState:
         return self.leaves.flatten(jax.device_put(state, self.device))
+
+    def put_plan(self, plan: EpochPlan) -> EpochPlan:
+        return EpochPlan(*jax.device_put(tuple(plan), self.device))
+
+    def zero_metrics(self) -> Metrics:
+        return self._put_metrics(zero_metrics(self.dtype))
 
     def get_state(self, state: RunnerState) -> TrainState:
         return self.leaves.unflatten(state)

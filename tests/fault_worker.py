@@ -3,7 +3,7 @@
     python tests/fault_worker.py --at-step N --action pause --marker FILE -- train --dataset synthetic ...
 
 The command line is the real one (``flax_resnet.cli.main``); the only addition is an ``on_step`` hook on
-``trainer.train`` (the hook the trainer has for tests), so the fault lands at a known global step instead of at
+``training.train`` (the hook the loop has for tests), so the fault lands at a known global step instead of at
 a moment that depends on how fast the machine is. Actions:
 
 - ``pause``: write ``--marker`` (so the test knows the run is inside that step) and sleep until killed; the test
@@ -66,35 +66,24 @@ def limit_file_size(limit: int) -> Callable[[], None]:
 
 @contextmanager
 def fault_at_step(at_step: int, action: Callable[[], None]) -> Iterator[None]:
-    """``trainer.train`` (Flax) and ``torch_ref.train.run`` (torch) run ``action()`` right after global training
-    step ``at_step`` (0-based; torch counts the steps of this process, from 0 also when resuming)."""
-    from flax_resnet import trainer
-    from torch_ref import train as torch_train
+    """``training.train`` (both frameworks) runs ``action()`` right after global training step ``at_step``
+    (0-based, counted from the run's start, also when resuming)."""
+    from flax_resnet import training
 
-    real_train, real_run = trainer.train, torch_train.run
+    real_train = training.train
 
     def train(*args, **kwargs):
-        def hook(step: int, metrics: object) -> None:
+        def hook(step: int, loss: object) -> None:
             if step == at_step:
                 action()
 
         return real_train(*args, on_step=hook, **kwargs)
 
-    def run(*args, **kwargs):
-        steps = [0]
-
-        def hook(loss: float) -> None:
-            if steps[0] == at_step:
-                action()
-            steps[0] += 1
-
-        return real_run(*args, on_step=hook, **kwargs)
-
-    trainer.train, torch_train.run = train, run
+    training.train = train
     try:
         yield
     finally:
-        trainer.train, torch_train.run = real_train, real_run
+        training.train = real_train
 
 
 def main(argv: Sequence[str] | None = None) -> int:

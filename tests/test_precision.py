@@ -1,6 +1,6 @@
 """bf16 mixed precision (flax_resnet.precision): bf16 compute, float32 parameters, BatchNorm statistics and logits.
 
-The trainer's hook is ``apply_precision(model, "bf16")`` on the built model, before ``trainer.train`` (or
+The trainer's hook is ``apply_precision(model, "bf16")`` on the built model, before ``training.train`` (or
 ``engine.init_train_state``); these tests go through the same calls.
 """
 
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import bench, engine, registry, trainer
+from flax_resnet import bench, engine, registry, training
 from flax_resnet.precision import apply_precision, compute_dtypes
+from flax_resnet.recipes import RunConfig
 
 
 def tiny_model(seed: int = 0) -> nnx.Module:
@@ -86,9 +87,10 @@ def test_bf16_logits_are_close_to_fp32(tiny_dataset):
 
 
 def test_bf16_training_learns(small_dataset, make_recipe):
-    """The fp32 run of tests/test_trainer.py reaches 93-99%; bf16 must still learn far above chance (10%)."""
+    """The fp32 run of tests/test_training.py reaches 93-99%; bf16 must still learn far above chance (10%)."""
     recipe = make_recipe("plain-vs-residual", epochs=3, batch_size=32, eval_batch_size=128, milestones=(2,))
-    result = trainer.train(apply_precision(tiny_model(seed=0), "bf16"), recipe, small_dataset, seed=0)
+    model = apply_precision(tiny_model(seed=0), "bf16")
+    result = training.train(model, RunConfig(recipe, precision="bf16"), small_dataset)
     history = result.history
     assert history["test_acc"][-1] > 60.0, history
     assert history["train_loss"][-1] < history["train_loss"][0], history

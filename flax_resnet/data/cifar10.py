@@ -140,7 +140,7 @@ def _read_prepared(data_dir: Path) -> Dataset:
                 images[i] = example["image"]
                 labels[i] = example["label"]
         splits[split] = images, labels
-    return Dataset(*splits["train"], *splits["test"])
+    return Dataset(*splits["train"], *splits["test"], name="cifar10")
 
 
 def source_answers(host: str, port: int, timeout: float) -> bool:

@@ -35,6 +35,7 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     num_classes: int = NUM_CLASSES
+    name: str = "custom"  # what the data is ('cifar10', 'synthetic'): recorded by checkpoints, checked on resume
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -87,4 +88,4 @@ def synthetic_dataset(num_train: int = 2048, num_test: int = 512, *, seed: int =
 
     train = draw(num_train)
     test = draw(num_test)
-    return Dataset(*train, *test)
+    return Dataset(*train, *test, name="synthetic")

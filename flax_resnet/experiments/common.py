@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flax_resnet import cli, registry
+from flax_resnet import commands, registry
 from flax_resnet.recipes import RECIPES, Recipe
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def add_output_options(p: argparse.ArgumentParser, name: str) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, metavar="DIR",
                    help=f"output directory for figures, summary.md and results.json; default: "
-                        f"{cli.RUNS_DIR}/{name} ({cli.RUNS_DIR}/{name}-quick with --quick)")
+                        f"{commands.RUNS_DIR}/{name} ({commands.RUNS_DIR}/{name}-quick with --quick)")
     g.add_argument("--quick", action="store_true",
                    help="a tiny run that checks the whole pipeline in about a minute on a CPU: synthetic data and "
                         "small models unless given otherwise (the values it picks are listed below)")
@@ -57,23 +57,8 @@ def add_output_options(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
-    """The data options of ``train`` (same names, so ``cli``'s loader reads them), plus --image-size."""
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=("cifar10", "synthetic"),
-                   help="CIFAR-10, or a small generated set that needs no download (default: cifar10; synthetic "
-                        "with --quick)")
-    g.add_argument("--data-dir", type=Path, default=Path(cli.DEFAULT_DATA_DIR), metavar="DIR",
-                   help="where CIFAR-10 is (or gets) prepared (default: %(default)s)")
-    g.add_argument("--archive", type=Path, metavar="PATH",
-                   help="prepare CIFAR-10 from this official archive instead of downloading it")
-    g.add_argument("--no-download", action="store_true", help="never download: use prepared data or --archive")
-    g.add_argument("--skip-checksum", action="store_true", help="do not check the archive's md5")
-    g.add_argument("--train-samples", type=int, metavar="N",
-                   help="use only the first N training images (synthetic: generate N; default 2048 there)")
-    g.add_argument("--test-samples", type=int, metavar="N",
-                   help="use only the first N test images (synthetic: generate N; default 512 there)")
-    g.add_argument("--image-size", type=int, metavar="PX",
-                   help="side of the synthetic images (default 32); smaller is faster (synthetic only)")
+    """The data options of ``train``, plus --image-size; --dataset defaults to synthetic with --quick."""
+    commands.add_data_arguments(p, dataset_default=None, image_size=True)
 
 
 def add_training_options(p: argparse.ArgumentParser, *, framework: bool = True) -> None:
@@ -181,14 +166,8 @@ def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentPa
 
 # ------------------------------------------------------------------------------------------------- data
 def load_data(args: argparse.Namespace) -> Any:
-    """The data set the options name: synthetic (any image size) here, CIFAR-10 through ``train``'s loader."""
-    if args.dataset == "synthetic":
-        from flax_resnet import data
-
-        sizes = {"num_train": args.train_samples or 2048,
-                 "num_test": 512 if args.test_samples is None else args.test_samples}
-        return data.synthetic_dataset(**sizes, seed=0, image_size=args.image_size or 32)
-    return cli.load_data(args)
+    """The data set the options name (``commands.load_data``, as ``train`` reads it)."""
+    return commands.load_data(args)
 
 
 def data_description(args: argparse.Namespace, dataset: Any) -> str:
@@ -271,36 +250,35 @@ def train_run(label: str, model: str, model_kwargs: Mapping[str, Any], recipe: R
               framework: str = "jax", seed: int = 0, out_dir: Path | None = None, resume: bool = False,
               overwrite: bool = False, state_dict: Mapping[str, Any] | None = None, dtype: str = "float32",
               log: Log | None = None, progress: Callable[..., Any] | None = None) -> Run:
-    """Train one registered model with ``flax_resnet.trainer`` or ``torch_ref.train``, as ``train`` would.
+    """Train one registered model with ``flax_resnet.training``, as ``train`` would.
 
     ``out_dir`` gets the run's history, curves and checkpoints (with the metadata ``train`` writes, so the
     ``landscape`` and ``port`` commands read them); ``state_dict`` (torch layout) replaces the initial weights
     in either framework, which is how ``compare`` starts both from the same point. ``dtype`` 'float64' needs
     ``jax_enable_x64`` on.
     """
+    from flax_resnet import training
+    from flax_resnet.recipes import RunConfig
+
     kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
-    meta = {"model": model, "model_kwargs": kwargs, "framework": framework}
+    config = RunConfig(recipe=recipe, model=model, model_kwargs=kwargs, framework=framework, seed=seed,
+                       dtype=dtype)
     title = f"{label}: {model}({', '.join(f'{k}={v}' for k, v in kwargs.items())}), {recipe.name}, {framework}"
-    common = dict(seed=seed, dtype=dtype, out_dir=out_dir, resume=resume, overwrite=overwrite, meta=meta,
-                  log=_prefixed(log, label), progress=_labelled(progress, label), title=title)
     if framework == "jax":
-        from flax_resnet import port, trainer
+        from flax_resnet import port
 
         net = registry.build_flax(model, kwargs, seed=seed)
         if state_dict is not None:
             port.load_torch_state_dict(net, state_dict)
-        size, convs = count_params(net), count_conv_layers(net)
-        history = trainer.train(net, recipe, dataset, **common).history
     elif framework == "torch":
-        from torch_ref import train as torch_train
-
         net = registry.build_torch(model, kwargs, seed=seed)
         if state_dict is not None:
             net.load_state_dict(state_dict, strict=True)
-        size, convs = count_params(net), count_conv_layers(net)
-        history = torch_train.run(net, recipe, dataset, **common)
     else:
         raise ValueError(f"unknown framework {framework!r}")
+    size, convs = count_params(net), count_conv_layers(net)
+    history = training.train(net, config, dataset, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                             log=_prefixed(log, label), progress=_labelled(progress, label), title=title).history
     return Run(label, model, dict(kwargs), framework, size, convs, {k: list(v) for k, v in history.items()}, out_dir)
 
 
@@ -445,26 +423,18 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _handle(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from flax_resnet.checkpoint import CheckpointError
-    from flax_resnet.data import DataError
-    from flax_resnet.outdir import OutputDirError, claim_output_dir
-    from flax_resnet.port import PortError
-    from flax_resnet.trainer import TrainError
+    """Run ``command``; its expected failures (``FlaxResnetError``) reach the CLI's one handler."""
+    from flax_resnet.outdir import claim_output_dir
 
     work = command.plan(args, parser)  # usage errors exit here, before anything is read or written
-    out = args.out or Path(cli.RUNS_DIR) / (f"{command.name}-quick" if args.quick else command.name)
+    out = args.out or Path(commands.RUNS_DIR) / (f"{command.name}-quick" if args.quick else command.name)
     # as `train` does: an unwritable --out, or another run writing to it, fails before any data or training
-    try:
-        claim = claim_output_dir(out, probe=())
-    except OutputDirError as e:
-        return cli.fail(str(e))
-    ctx = Context(out, log=cli.write_line, progress=cli.progress_factory(not args.no_progress))
+    claim = claim_output_dir(out, probe=())
+    ctx = Context(out, log=commands.write_line, progress=commands.progress_factory(not args.no_progress))
     start = time.perf_counter()
     with claim:
         try:
             report = work(ctx)
-        except (DataError, TrainError, CheckpointError, PortError) as e:
-            return cli.fail(str(e))
         except KeyboardInterrupt:
             print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
             return 130
@@ -478,7 +448,7 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
 def register(subparsers: Any, command: Command) -> argparse.ArgumentParser:
     """Add ``command`` to the CLI's subparsers, with the ``train`` command's conventions."""
     p = subparsers.add_parser(command.name, help=command.help, description=command.description,
-                              epilog=command.epilog or None, formatter_class=cli.HelpFormatter)
+                              epilog=command.epilog or None, formatter_class=commands.HelpFormatter)
     command.add_options(p)
     p.set_defaults(handler=functools.partial(_handle, command), parser=p)
     return p

@@ -63,28 +63,20 @@ def _recipe_from_meta(meta: dict[str, Any]) -> Recipe:
 def load_network(path: Path, label: str | None = None) -> Network:
     """The model of the latest checkpoint under ``path`` (a run's --out or its checkpoints/), as a Flax model.
 
-    Flax checkpoints are read with ``checkpoint.load_model``; torch ones (``epoch_N.pt`` of ``--framework
-    torch``) are ported. Raises ``CheckpointError`` when there is no checkpoint or it names no model.
+    Read with ``checkpoint.load_model`` (a torch run's weights are ported), digest-checked. Raises
+    ``CheckpointError`` when there is no checkpoint or it names no model.
     """
     from flax_resnet import checkpoint
-    from flax_resnet.checkpoint import CheckpointError
+    from flax_resnet.store import CheckpointError, resolve
 
-    root = checkpoint.resolve(path)
+    root = resolve(path)
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
-    torch_run = any(root.glob("epoch_*.pt"))  # a --framework torch run (torch is imported only for those)
-    if torch_run:
-        from flax_resnet import port
-        from torch_ref.train import TorchCheckpoints
-
-        payload = TorchCheckpoints(root, max_to_keep=None).read()  # digest-checked, as load_model's restore is
-        epoch, meta = int(payload["epoch"]), payload["meta"]
-    else:
-        meta = checkpoint.read_meta(root)
-        epoch = meta.get("epoch")
+    meta = checkpoint.read_meta(root)
+    epoch = meta.get("epoch")
     name = meta.get("model")
-    if name is None:
-        raise CheckpointError(f"the checkpoint in {root} does not record its model")
+    if name is None or name not in registry.MODELS:
+        raise CheckpointError(f"the checkpoint in {root} does not record a model this version can build")
     try:
         kwargs = registry.model_kwargs(name, meta.get("model_kwargs") or {})
     except ValueError as e:
@@ -92,10 +84,7 @@ def load_network(path: Path, label: str | None = None) -> Network:
     if meta.get("dtype", "float32") != "float32":
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
     model = registry.build_flax(name, kwargs)
-    if torch_run:
-        port.load_torch_state_dict(model, payload["model"])
-    else:
-        checkpoint.load_model(root, model)
+    checkpoint.load_model(root, model)
     return Network(label or name, model, name, kwargs, _recipe_from_meta(meta), Path(path), epoch)
 
 

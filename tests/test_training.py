@@ -1,4 +1,5 @@
-"""The training loop: it learns, reports the notebooks' metrics, checkpoints every epoch and resumes exactly."""
+"""The training loop (both frameworks): it learns, reports the notebooks' metrics, checkpoints every epoch and
+resumes exactly; the Flax runner does no host work per step; both frameworks see the same uint8 batches."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import checkpoint, engine, plots, registry, trainer
-from flax_resnet.runners import SingleDeviceRunner, zero_metrics
+from flax_resnet import codecs, engine, plots, registry, training
+from flax_resnet.data import plan
+from flax_resnet.recipes import RunConfig
+from flax_resnet.runners import SingleDeviceRunner
+from flax_resnet.store import CheckpointStore
+from flax_resnet.training.flax_backend import epoch_result
 
 TINY_MODEL = ("SimpleResNet", {"n_blocks": 1})
 
@@ -23,7 +28,16 @@ def tiny_model(seed: int = 0):
     return registry.build_flax(*TINY_MODEL, seed=seed)
 
 
-leaves = checkpoint.host_leaves  # every leaf as numpy, PRNG keys as their raw data
+
+
+def leaves(tree) -> list[np.ndarray]:
+    """Every leaf as numpy (PRNG keys as their raw data), in tree order: what a checkpoint holds."""
+    return list(codecs.flax_to_arrays(tree).values())
+
+
+def config(recipe, seed: int = 0, framework: str = "jax", **kw) -> RunConfig:
+    return RunConfig(recipe=recipe, model=TINY_MODEL[0], model_kwargs=TINY_MODEL[1], framework=framework, seed=seed,
+                     **kw)
 
 
 class Crash(Exception):
@@ -52,7 +66,7 @@ def test_learns_well_above_chance(small_dataset, make_recipe):
     Measured: final test accuracy 93-99% over seeds 0-3 (chance is 10%); the bound leaves a wide margin.
     """
     recipe = make_recipe("plain-vs-residual", epochs=3, batch_size=32, eval_batch_size=128, milestones=(2,))
-    result = trainer.train(tiny_model(seed=0), recipe, small_dataset, seed=0)
+    result = training.train(tiny_model(seed=0), config(recipe), small_dataset)
     history = result.history
     assert history["test_acc"][-1] > 60.0, history
     assert history["train_acc"][-1] > 60.0, history
@@ -71,7 +85,6 @@ def test_a_run_writes_its_outputs_and_resumes_exactly(tmp_path, tiny_dataset, ma
     worker, and the three runs are most of this file's time.
     """
     recipe = make_recipe("resnet18-cifar", epochs=EPOCHS)
-    meta = {"model": TINY_MODEL[0], "model_kwargs": TINY_MODEL[1]}
     bars: list[FakeBar] = []
     lines: list[str] = []
 
@@ -79,30 +92,28 @@ def test_a_run_writes_its_outputs_and_resumes_exactly(tmp_path, tiny_dataset, ma
         bars.append(FakeBar(total, desc))
         return bars[-1]
 
-    straight = trainer.train(tiny_model(), recipe, tiny_dataset, seed=7, out_dir=tmp_path / "straight", meta=meta,
-                             max_to_keep=2, progress=progress, log=lines.append)
+    straight = training.train(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "straight",
+                              max_to_keep=2, progress=progress, log=lines.append)
     check_history(straight.history, tmp_path / "straight")
     check_progress_and_log(bars, lines)
     check_checkpoints(tmp_path / "straight", straight.history)
-    png = (tmp_path / "straight" / trainer.PLOT_FILE).read_bytes()
+    png = (tmp_path / "straight" / training.PLOT_FILE).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
     # an output directory with checkpoints is neither overwritten silently nor resumed with other settings
-    with pytest.raises(trainer.TrainError, match="--resume"):
-        trainer.train(tiny_model(), recipe, tiny_dataset, seed=7, out_dir=tmp_path / "straight")
-    with pytest.raises(trainer.TrainError, match="seed"):
-        trainer.train(tiny_model(), recipe, tiny_dataset, seed=8, out_dir=tmp_path / "straight", meta=meta,
-                      resume=True)
+    with pytest.raises(training.TrainError, match="--resume"):
+        training.train(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "straight")
+    with pytest.raises(training.TrainError, match="seed: the checkpoint's run has 7, this one 8"):
+        training.train(tiny_model(), config(recipe, 8), tiny_dataset, out_dir=tmp_path / "straight", resume=True)
 
-    def interrupt(step: int, metrics) -> None:
+    def interrupt(step: int, loss) -> None:
         if step == STEPS + 1:  # the second step of epoch 2
             raise Crash
 
     with pytest.raises(Crash):
-        trainer.train(tiny_model(), recipe, tiny_dataset, seed=7, out_dir=tmp_path / "resumed", meta=meta,
-                      max_to_keep=2, on_step=interrupt)
-    with checkpoint.Checkpoints(tmp_path / "resumed" / "checkpoints", create=False) as ckpts:
-        assert ckpts.steps == [1]  # epoch 1 was saved before the interruption in epoch 2
+        training.train(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "resumed", max_to_keep=2,
+                       on_step=interrupt)
+    assert CheckpointStore(tmp_path / "resumed" / "checkpoints").steps == [1]  # saved before the interruption
 
     # The resumed run gets a runner instance rather than the default factory (both must work), and a model
     # initialised differently: the checkpoint must replace all of it.
@@ -110,9 +121,8 @@ def test_a_run_writes_its_outputs_and_resumes_exactly(tmp_path, tiny_dataset, ma
     tx = engine.make_optimizer(recipe, STEPS)
     graphdef, _ = engine.init_train_state(tiny_model(), tx)
     resumed_lines: list[str] = []
-    resumed = trainer.train(model, recipe, tiny_dataset, seed=7, out_dir=tmp_path / "resumed", meta=meta,
-                            max_to_keep=2, resume=True, runner=SingleDeviceRunner(graphdef, tx, recipe),
-                            log=resumed_lines.append)
+    resumed = training.train(model, config(recipe, 7), tiny_dataset, out_dir=tmp_path / "resumed", max_to_keep=2,
+                             resume=True, runner=SingleDeviceRunner(graphdef, tx, recipe), log=resumed_lines.append)
     assert resumed_lines[0].startswith("resuming from") and len(resumed_lines) == 1 + 2
 
     # bit for bit what the uninterrupted run ended with: parameters, BatchNorm statistics, optimiser state
@@ -133,7 +143,7 @@ def test_a_run_writes_its_outputs_and_resumes_exactly(tmp_path, tiny_dataset, ma
 
 def check_history(history: dict, out_dir) -> None:
     """The notebooks' keys plus time, throughput and lr; one value per epoch; sane values; on disk too."""
-    assert tuple(history) == trainer.HISTORY_KEYS
+    assert tuple(history) == training.HISTORY_KEYS
     assert all(len(values) == EPOCHS for values in history.values())
     for key in ("train_acc", "test_acc"):
         assert all(0.0 <= v <= 100.0 for v in history[key])
@@ -141,7 +151,7 @@ def check_history(history: dict, out_dir) -> None:
         assert all(math.isfinite(v) and v > 0 for v in history[key]), key
     # torch's CosineAnnealingLR(T_max=3) per epoch: 0.1, 0.075, 0.025
     np.testing.assert_allclose(history["lr"], [0.1, 0.075, 0.025], rtol=1e-6)
-    assert json.loads((out_dir / trainer.HISTORY_FILE).read_text()) == history
+    assert json.loads((out_dir / training.HISTORY_FILE).read_text()) == history
 
 
 def check_progress_and_log(bars: list[FakeBar], lines: list[str]) -> None:
@@ -153,9 +163,9 @@ def check_progress_and_log(bars: list[FakeBar], lines: list[str]) -> None:
 
 def check_checkpoints(out_dir, history: dict) -> None:
     """A checkpoint per epoch, only the last ``max_to_keep`` kept, each with the run's metadata."""
-    with checkpoint.Checkpoints(out_dir / "checkpoints", create=False) as ckpts:
-        assert ckpts.steps == [2, 3]  # max_to_keep=2
-        meta = ckpts.read_meta()
+    ckpts = CheckpointStore(out_dir / "checkpoints")
+    assert ckpts.steps == [2, 3]  # max_to_keep=2
+    meta = ckpts.read_meta()
     assert meta["epoch"] == EPOCHS and meta["model"] == "SimpleResNet" and meta["seed"] == 7
     assert meta["history"] == history
     assert meta["recipe"]["name"] == "resnet18-cifar" and meta["dtype"] == "float32"
@@ -164,15 +174,22 @@ def check_checkpoints(out_dir, history: dict) -> None:
 # --------------------------------------------------------------------------------------- definitions
 def test_loss_definitions_follow_each_notebook(make_recipe):
     """Two batches (8 and 2 samples, mean losses 1.0 and 2.0): notebook 000 averages over samples,
-    notebook 004 over batches; the test loss is always the mean of batch means (004's evaluate)."""
-    train = {"loss_x_count": 8 * 1.0 + 2 * 2.0, "loss_of_batches": 3.0, "correct": 5, "count": 10, "batches": 2}
-    test = {"loss_x_count": 0.0, "loss_of_batches": 4.0, "correct": 3, "count": 4, "batches": 2}
-    samples = trainer.history_row(make_recipe("plain-vs-residual"), 0, train, test, 2.0, 1.0)
-    batches = trainer.history_row(make_recipe("resnet18-cifar"), 0, train, test, 2.0, 1.0)
-    assert samples["train_loss"] == pytest.approx(1.2) and batches["train_loss"] == pytest.approx(1.5)
-    for row in (samples, batches):
-        assert row["train_acc"] == 50.0 and row["test_acc"] == 75.0 and row["test_loss"] == 2.0
-        assert row["images_per_sec"] == 10.0 and row["epoch_time"] == 2.0
+    notebook 004 over batches; the torch backend runs each notebook's own epoch function."""
+    from flax_resnet.training.torch_backend import TorchBackend
+    from torch_ref import train as notebook
+
+    sums = {"loss_x_count": 8 * 1.0 + 2 * 2.0, "loss_of_batches": 3.0, "correct": 5, "count": 10, "batches": 2,
+            "first_nonfinite": engine.NO_STEP}
+    samples = epoch_result(make_recipe("plain-vs-residual"), sums, 0)
+    batches = epoch_result(make_recipe("resnet18-cifar"), sums, 0)
+    assert samples.loss == pytest.approx(1.2) and batches.loss == pytest.approx(1.5)
+    for result in (samples, batches):
+        assert result.accuracy == 50.0 and result.count == 10 and result.first_nonfinite is None
+    assert epoch_result(make_recipe(), {**sums, "first_nonfinite": 7}, 4).first_nonfinite == 3
+    torch_model = registry.build_torch(*TINY_MODEL, seed=0)
+    for name, epoch_fn in (("plain-vs-residual", notebook.train_one_epoch), ("resnet18-cifar", notebook.train_epoch)):
+        backend = TorchBackend(torch_model, config(make_recipe(name), framework="torch"))
+        assert backend.one_epoch is epoch_fn
 
 
 def test_notebook_000_figure_and_comparison(tmp_path):
@@ -184,33 +201,33 @@ def test_notebook_000_figure_and_comparison(tmp_path):
 
 
 def test_torch_reference_run_resumes_exactly(tmp_path, tiny_dataset, make_recipe):
-    """``--framework torch`` runs too: checkpoints (model, optimiser, scheduler) and an exact resume."""
+    """``--framework torch`` runs through the same loop: checkpoints (model, optimiser, scheduler) in the same
+    store, and an exact resume."""
     import torch
-
-    from torch_ref import train as torch_train
 
     recipe = make_recipe("plain-vs-residual", epochs=2, milestones=(1,))
     straight_model = registry.build_torch(*TINY_MODEL, seed=0)
-    straight = torch_train.run(straight_model, recipe, tiny_dataset, seed=5, out_dir=tmp_path / "a")
+    straight = training.train(straight_model, config(recipe, 5, "torch"), tiny_dataset, out_dir=tmp_path / "a").history
 
-    def interrupt(loss: float) -> None:
+    def interrupt(step: int, loss) -> None:
         raise Crash
 
-    first = torch_train.run(registry.build_torch(*TINY_MODEL, seed=0), dataclasses.replace(recipe, epochs=1),
-                            tiny_dataset, seed=5, out_dir=tmp_path / "b")
+    first = training.train(registry.build_torch(*TINY_MODEL, seed=0), config(dataclasses.replace(recipe, epochs=1), 5,
+                           "torch"), tiny_dataset, out_dir=tmp_path / "b").history
     assert first["train_loss"] == straight["train_loss"][:1]
     with pytest.raises(Crash):  # a second process that dies in its first step
-        torch_train.run(registry.build_torch(*TINY_MODEL, seed=0), recipe, tiny_dataset, seed=5,
-                        out_dir=tmp_path / "b", resume=True, on_step=interrupt)
+        training.train(registry.build_torch(*TINY_MODEL, seed=0), config(recipe, 5, "torch"), tiny_dataset,
+                       out_dir=tmp_path / "b", resume=True, on_step=interrupt)
     resumed_model = registry.build_torch(*TINY_MODEL, seed=9)
-    resumed = torch_train.run(resumed_model, recipe, tiny_dataset, seed=5, out_dir=tmp_path / "b", resume=True)
+    resumed = training.train(resumed_model, config(recipe, 5, "torch"), tiny_dataset, out_dir=tmp_path / "b",
+                             resume=True).history
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert resumed[key] == straight[key], key
     expected = straight_model.state_dict()
     for key, value in resumed_model.state_dict().items():
         assert torch.equal(value, expected[key]), key
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
-    assert (tmp_path / "b" / trainer.PLOT_FILE).is_file()
+    assert CheckpointStore(tmp_path / "b" / "checkpoints").steps == [1, 2]
+    assert (tmp_path / "b" / training.PLOT_FILE).is_file()
 
 
 def test_runner_steps_do_no_host_work(tiny_dataset, make_recipe):
@@ -226,13 +243,13 @@ def test_runner_steps_do_no_host_work(tiny_dataset, make_recipe):
     assert isinstance(held, list) and all(isinstance(x, jax.Array) for x in held)
     assert jax.tree.structure(runner.get_state(held)) == jax.tree.structure(state)
     data = runner.put_data(tiny_dataset.train_images, tiny_dataset.train_labels)
-    plan = engine.epoch_plan(0, 0, data.size)
-    held, metrics = runner.train_step(held, zero_metrics(), data, plan, 0, 16)  # compiles
+    device_plan = runner.put_plan(plan.epoch_plan(0, 0, data.size))
+    held, metrics = runner.train_step(held, runner.zero_metrics(), data, device_plan, 0, 16)  # compiles
 
     profiler = cProfile.Profile()
     with profiler:
         for start in (16, 32, 48):
-            held, metrics = runner.train_step(held, metrics, data, plan, start, 16)
+            held, metrics = runner.train_step(held, metrics, data, device_plan, start, 16)
     called = [(file, name) for file, _, name in pstats.Stats(profiler).stats]  # type: ignore[attr-defined]
     host_reads = [c for c in called if c[1] in {"__float__", "__int__", "__array__", "_value", "item", "tolist",
                                                 "device_get", "block_until_ready"}]
@@ -240,3 +257,47 @@ def test_runner_steps_do_no_host_work(tiny_dataset, make_recipe):
     assert not host_reads and not nnx_calls, (host_reads, nnx_calls)
     assert int(runner.get_state(held).step) == 4
     assert float(metrics.count) == 64
+
+
+# ------------------------------------------------------------------------------------- the batch stream
+@pytest.mark.parametrize("augment", [True, False])
+def test_both_frameworks_see_bit_identical_uint8_batches(tiny_dataset, make_recipe, augment):
+    """The plan is NumPy data from (seed, epoch); the Flax runner gathers and augments on the device, torch_ref in
+    torch: every uint8 batch of two epochs (the last one short) must be equal, byte for byte."""
+    import torch
+
+    from flax_resnet.runners import DeviceData, gather_uint8
+    from torch_ref.data import PlannedBatches
+
+    recipe = make_recipe("resnet18-cifar", batch_size=24, augment=augment)
+    images, labels = tiny_dataset.train_images, tiny_dataset.train_labels
+    loader = PlannedBatches(images, labels, recipe.batch_size, recipe.mean, recipe.std)
+    data = DeviceData(jax.numpy.asarray(images), jax.numpy.asarray(labels))
+    flips_seen = 0
+    for epoch in range(2):
+        p = plan.epoch_plan(3, epoch, len(labels))
+        loader.set_plan(p.permutation, *((p.offsets, p.flips) if augment else ()))
+        device_plan = jax.device_put(p)
+        for step in range(len(loader)):
+            start, stop = plan.batch_bounds(step, len(labels), recipe.batch_size)
+            x_jax, y_jax = gather_uint8(data, device_plan, start, stop - start, augment)
+            x_torch, y_torch = loader.uint8_batch(step)
+            assert x_torch.dtype == torch.uint8 and np.asarray(x_jax).dtype == np.uint8
+            np.testing.assert_array_equal(np.asarray(x_jax), x_torch.numpy())
+            np.testing.assert_array_equal(np.asarray(y_jax), y_torch.numpy())
+            flips_seen += int(p.flips[start:stop].sum())
+    assert len(loader) == 3  # 64 = 24 + 24 + 16: the short last batch is kept
+    assert flips_seen > 0  # the augmentation was exercised
+
+
+def test_epoch_plan_is_numpy_and_depends_on_seed_and_epoch_only():
+    a, b = plan.epoch_plan(1, 2, 100), plan.epoch_plan(1, 2, 100)
+    assert all(isinstance(x, np.ndarray) for x in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert sorted(a.permutation.tolist()) == list(range(100))
+    assert a.offsets.min() >= 0 and a.offsets.max() <= 2 * plan.CROP_PADDING
+    assert not np.array_equal(a.permutation, plan.epoch_plan(1, 3, 100).permutation)
+    # every bit of the seed counts (a 32-bit truncation would make 2**32 the same as 0)
+    assert not np.array_equal(plan.epoch_plan(0, 0, 100).permutation, plan.epoch_plan(2**32, 0, 100).permutation)
+    with pytest.raises(ValueError, match="seed"):
+        plan.epoch_plan(-1, 0, 10)

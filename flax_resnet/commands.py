@@ -1,0 +1,110 @@
+"""What every command of the command line shares: help layout, error reporting, progress, the data options.
+
+Imported by ``cli`` (train, port) and by the experiment and benchmark commands; it imports nothing heavier than
+the standard library at import time, so ``--help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_DATA_DIR", "EXIT_FAILURE", "RUNS_DIR", "HelpFormatter", "add_data_arguments", "fail",
+           "load_data", "progress_factory", "write_line"]
+
+DEFAULT_DATA_DIR = "data"
+RUNS_DIR = "runs"
+EXIT_FAILURE = 1
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the hand-made tables of epilogs; wraps descriptions paragraph by paragraph; wider option column."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=110)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        if all("\n" not in p for p in paragraphs):  # prose: wrap it; anything laid out by hand stays as it is
+            return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent)
+                               for p in paragraphs)
+        return super()._fill_text(text, width, indent)
+
+
+def fail(message: str) -> int:
+    """An expected failure (no data, a bad checkpoint): the message on stderr, no traceback; exit code 1.
+
+    Lines break at spaces only, so that paths (often with hyphens) stay whole and can be copied; a message laid
+    out in lines (a list of problems) keeps its lines.
+    """
+    lines = message.strip().split("\n")
+    wrapped = [textwrap.fill(" ".join(line.split()), width=110, initial_indent="  " if i else "",
+                             subsequent_indent="    " if i else "  ", break_on_hyphens=False,
+                             break_long_words=False) for i, line in enumerate(lines)]
+    sys.stdout.flush()
+    print("\nerror: " + "\n".join(wrapped), file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def write_line(line: str) -> None:
+    """Epoch lines go to stdout, between progress-bar refreshes (tqdm.write keeps the bar intact)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+
+
+def progress_factory(enabled: bool) -> Callable[..., Any] | None:
+    """tqdm bars on stderr, one per epoch, or none."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def factory(total: int, desc: str) -> Any:
+        return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    return factory
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, dataset_default: str | None = "cifar10",
+                       image_size: bool = False) -> None:
+    """The data options (``train`` and the experiments share them; ``load_data`` reads them)."""
+    g = parser.add_argument_group("data")
+    default = f" (default: {dataset_default})" if dataset_default else " (default: cifar10; synthetic with --quick)"
+    g.add_argument("--dataset", choices=("cifar10", "synthetic"), default=dataset_default,
+                   help=f"CIFAR-10, or a small generated set that needs no download{default}")
+    g.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR), metavar="DIR",
+                   help="where CIFAR-10 is (or gets) prepared (default: %(default)s)")
+    g.add_argument("--archive", type=Path, metavar="PATH",
+                   help="prepare CIFAR-10 from this official archive (cifar-10-binary.tar.gz or "
+                        "cifar-10-python.tar.gz) instead of downloading it")
+    g.add_argument("--no-download", action="store_true", help="never download: use prepared data or --archive only")
+    g.add_argument("--skip-checksum", action="store_true", help="do not check the archive's md5")
+    g.add_argument("--train-samples", type=int, metavar="N",
+                   help="use only the first N training images (synthetic: generate N; default 2048 there, all "
+                        "50000 for CIFAR-10)")
+    g.add_argument("--test-samples", type=int, metavar="N",
+                   help="use only the first N test images (synthetic: generate N; default 512 there)")
+    if image_size:
+        g.add_argument("--image-size", type=int, metavar="PX",
+                       help="side of the synthetic images (default 32); smaller is faster (synthetic only)")
+
+
+def load_data(args: argparse.Namespace) -> Any:
+    """The data set that ``add_data_arguments``' options name."""
+    from flax_resnet import data
+
+    if args.dataset == "synthetic":
+        return data.synthetic_dataset(num_train=args.train_samples or 2048,
+                                      num_test=512 if args.test_samples is None else args.test_samples,
+                                      seed=0, image_size=getattr(args, "image_size", None) or 32)
+    ds = data.load_dataset("cifar10", data_dir=args.data_dir, archive=args.archive, download=not args.no_download,
+                           skip_checksum=args.skip_checksum)
+    n_train = args.train_samples or len(ds.train_labels)
+    n_test = len(ds.test_labels) if args.test_samples is None else args.test_samples
+    return dataclasses.replace(ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
+                               test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])

@@ -1,0 +1,69 @@
+"""Training: one loop (``loop``) for both frameworks over a small backend each, and ``train``, its front door.
+
+``train(model, config, dataset)`` picks the backend from the model: an NNX module trains in JAX/Flax
+(``flax_backend``, through a runner: one device, ``pmap`` or ``shard_map``), a torch ``nn.Module`` in the PyTorch
+reference (``torch_backend``, the notebooks' own loops). Both see the same batches for the same ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from flax_resnet.recipes import RunConfig
+from flax_resnet.training.flax_backend import FlaxBackend
+from flax_resnet.training.loop import (
+    HISTORY_FILE,
+    HISTORY_KEYS,
+    PLOT_FILE,
+    History,
+    ProgressFactory,
+    StepHook,
+    TrainError,
+    read_history,
+    run,
+)
+
+__all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "TrainError", "TrainResult", "read_history", "train"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run ends with: the model passed in (holding the trained weights), the history, and for Flax the
+    whole final ``engine.TrainState`` (with the optimiser's state)."""
+
+    model: Any
+    history: History
+    state: Any = None
+
+
+def train(model: Any, config: RunConfig, dataset: Any, *, runner: Any = None, device: Any = "cpu",
+          out_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+          max_to_keep: int | None = 3, progress: ProgressFactory | None = None, log: Any = None,
+          on_step: StepHook | None = None, title: str | None = None) -> TrainResult:
+    """Train ``model`` (changed in place) on a ``data.Dataset`` as ``config`` says; see ``loop.run`` for the rest.
+
+    ``runner``: for Flax models, a ``runners.Runner`` or a factory (default: one device with ``jax.jit``).
+    ``device``: for torch models, where they train.
+    """
+    config = dataclasses.replace(config, dataset=getattr(dataset, "name", config.dataset),
+                                 num_train=len(dataset.train_labels), num_test=len(dataset.test_labels))
+    if isinstance(model, nnx.Module):
+        if config.framework != "jax":
+            raise ValueError(f"an NNX model trains with framework 'jax', but the config says {config.framework!r}")
+        backend: Any = FlaxBackend(model, config, runner=runner)
+    else:
+        if config.framework != "torch":
+            raise ValueError(f"a torch model trains with framework 'torch', but the config says {config.framework!r}")
+        from flax_resnet.training.torch_backend import TorchBackend  # torch is an optional dependency
+
+        backend = TorchBackend(model, config, device=device)
+    history = run(backend, config, dataset.train_images, dataset.train_labels, dataset.test_images,
+                  dataset.test_labels, out_dir=out_dir, resume=resume, overwrite=overwrite, max_to_keep=max_to_keep,
+                  progress=progress, log=log, on_step=on_step, title=title)
+    trained = backend.finish()
+    return TrainResult(trained, history, backend.train_state() if isinstance(backend, FlaxBackend) else None)
+

@@ -1,0 +1,144 @@
+"""The JAX/Flax side of the training loop: a ``runners.Runner`` driving the pure steps of ``engine``.
+
+Steps are dispatched back to back: metrics are summed on the device and read once per epoch, never per step
+(``runner_steps_do_no_host_work`` in the tests checks it). The runner decides placement and compilation (one
+device with ``jax.jit``, ``pmap``, ``shard_map``); this backend only feeds it plans and reads results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from flax_resnet import codecs, engine
+from flax_resnet.data.plan import EpochPlan, batch_bounds, steps_per_epoch
+from flax_resnet.dtypes import cast_floating
+from flax_resnet.engine import Metrics, TrainState
+from flax_resnet.recipes import Recipe, RunConfig
+from flax_resnet.runners import Runner, SingleDeviceRunner
+from flax_resnet.training.loop import EpochResult
+
+__all__ = ["FlaxBackend", "RunnerFactory", "epoch_result"]
+
+RunnerFactory = Callable[..., Runner]  # factory(graphdef, tx, recipe, dtype=dtype), e.g. SingleDeviceRunner
+
+
+def _host_metrics(metrics: Metrics) -> dict[str, float]:
+    """One device-to-host read of the epoch's sums (replicated over devices and processes by the parallel
+    runners: this process's first copy is read)."""
+    local = [m.addressable_data(0) if isinstance(m, jax.Array) else m for m in metrics]
+    host = jax.device_get(local)
+    return {name: float(np.asarray(value).reshape(-1)[0]) for name, value in zip(Metrics._fields, host, strict=True)}
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
+def epoch_result(recipe: Recipe, sums: Mapping[str, float], first_step: int) -> EpochResult:
+    """An epoch's result from its metric sums (``engine.Metrics`` read to the host).
+
+    The loss follows the recipe: notebook 000's ``train_model`` averages over samples (``loss_x_count / count``),
+    notebook 004's ``train_epoch`` over batches (``loss_of_batches / batches``). ``first_step`` is the global step
+    the epoch began with (to turn ``first_nonfinite`` into a step of the epoch).
+    """
+    if recipe.train_loss_mean == "samples":
+        loss = _ratio(sums["loss_x_count"], sums["count"])
+    else:
+        loss = _ratio(sums["loss_of_batches"], sums["batches"])
+    first = int(sums["first_nonfinite"])
+    return EpochResult(loss=loss, accuracy=_ratio(100.0 * sums["correct"], sums["count"]), count=int(sums["count"]),
+                       first_nonfinite=None if first == engine.NO_STEP else first - first_step)
+
+
+class FlaxBackend:
+    """Trains an NNX model (cast to the config's dtype; it holds the trained state after ``finish``)."""
+
+    framework = "jax"
+
+    def __init__(self, model: nnx.Module, config: RunConfig, runner: Runner | RunnerFactory | None = None):
+        dtype = jnp.dtype(config.dtype)
+        if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
+            raise ValueError("float64 training needs jax.config.update('jax_enable_x64', True) first")
+        self.model, self.config, self.dtype = model, config, dtype
+        self.num_train: int | None = None
+        cast_floating(model, dtype)
+        self._template: TrainState | None = None
+        self.graphdef, self.state_value = None, None  # set in prepare, once the step count is known
+        self._runner_arg = runner
+        self.runner: Runner | None = None
+        self.is_main_process = jax.process_index() == 0
+
+    # ----------------------------------------------------------------------------------------- the protocol
+    def prepare(self, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+                test_labels: np.ndarray) -> None:
+        recipe = self.config.recipe
+        self.num_train, self.num_test = len(train_labels), len(test_labels)
+        self.spe = steps_per_epoch(self.num_train, recipe.batch_size)
+        self.tx = engine.make_optimizer(recipe, self.spe)
+        self.graphdef, state = engine.init_train_state(self.model, self.tx)
+        self._template = state
+        runner = self._runner_arg or SingleDeviceRunner
+        if isinstance(runner, type) or not hasattr(runner, "train_step"):
+            runner = runner(self.graphdef, self.tx, recipe, dtype=self.dtype)
+        self.runner = runner
+        runner.check_batch_sizes(self.num_train, recipe.batch_size)  # before anything is compiled
+        self.state_value = runner.put_state(state)
+        self.train_data = runner.put_data(train_images, train_labels)
+        self.test_data = runner.put_data(test_images, test_labels) if self.num_test else None
+
+    def train_epoch(self, epoch: int, plan: EpochPlan, on_step: Callable[[int, Callable[[], float]], None]
+                    ) -> EpochResult:
+        runner, recipe = self.runner, self.config.recipe
+        device_plan = runner.put_plan(plan)
+        metrics = runner.zero_metrics()
+        read = [0.0]  # the running sum of batch losses as last read by a step's loss()
+
+        def step_loss() -> float:
+            total = float(np.asarray(metrics.loss_of_batches.addressable_data(0)))
+            loss, read[0] = total - read[0], total
+            return loss
+
+        for step in range(self.spe):
+            start, stop = batch_bounds(step, self.num_train, recipe.batch_size)
+            self.state_value, metrics = runner.train_step(self.state_value, metrics, self.train_data, device_plan,
+                                                          start, stop - start)
+            on_step(step, step_loss)
+        return epoch_result(recipe, _host_metrics(metrics), epoch * self.spe)  # the epoch's one wait for the device
+
+    def evaluate(self) -> tuple[float, float]:
+        runner, size = self.runner, self.config.recipe.eval_batch_size
+        metrics = runner.zero_metrics()
+        for start in range(0, self.num_test, size):
+            metrics = runner.eval_step(self.state_value, metrics, self.test_data, start, size)
+        sums = _host_metrics(metrics)
+        return _ratio(sums["loss_of_batches"], sums["batches"]), _ratio(100.0 * sums["correct"], sums["count"])
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The ``TrainState`` as a dict, so that its ``params`` and ``model_state`` have the names a weights-only
+        checkpoint gives them (``checkpoint.load_model`` reads either)."""
+        return codecs.flax_to_arrays(self.runner.get_state(self.state_value)._asdict()), {}
+
+    def load_state(self, arrays: Mapping[str, np.ndarray], extra: Mapping[str, Any]) -> None:
+        state = codecs.flax_from_arrays(self._template._asdict(), arrays)
+        self.state_value = self.runner.put_state(TrainState(**state))
+
+    def barrier(self, name: str) -> None:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(name)
+
+    def finish(self) -> nnx.Module:
+        state = self.train_state()
+        nnx.update(self.model, state.params, state.model_state)
+        return self.model
+
+    # ------------------------------------------------------------------------------------------------ extra
+    def train_state(self) -> TrainState:
+        """The whole training state (parameters, BatchNorm statistics, optimiser), host-readable."""
+        return self.runner.get_state(self.state_value)

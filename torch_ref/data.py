@@ -1,0 +1,97 @@
+"""Batches for the notebooks' loops: what ``DataLoader`` + the notebooks' transforms give, in an order you choose.
+
+The notebooks build their batches with::
+
+    transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),   # notebook 004's training set
+    transforms.ToTensor(), transforms.Normalize(mean, std)
+    DataLoader(dataset, batch_size=128, shuffle=True)
+
+``PlannedBatches`` does the same on a whole split held as uint8 NHWC arrays, except that the shuffle order, the
+crop offsets and the flips are handed to it (``set_plan``) instead of being drawn inside. Handing them in is what
+lets another framework (the Flax twin of this project) be fed exactly the same batches: same samples, same crops,
+same flips, bit-identical uint8 pixels. Without a plan it iterates in order without augmentation, as the
+notebooks' test loaders do.
+
+Plain PyTorch and NumPy, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["PlannedBatches", "augment", "gather", "to_tensor_normalize"]
+
+PADDING = 4  # RandomCrop(32, padding=4)
+
+
+def augment(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int = PADDING
+            ) -> torch.Tensor:
+    """RandomCrop(size, padding) with zero padding, then RandomHorizontalFlip, on uint8 NHWC images.
+
+    ``offsets[i] = (row, column)`` is where image ``i``'s crop starts in its padded copy (in [0, 2 * padding]);
+    ``flips[i]`` mirrors it left to right.
+    """
+    n, h, w, _ = images.shape
+    padded = torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
+    rows = offsets[:, 0, None] + torch.arange(h)  # (n, h)
+    cols = offsets[:, 1, None] + torch.arange(w)  # (n, w)
+    cropped = padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return torch.where(flips[:, None, None, None], cropped.flip(2), cropped)
+
+
+def to_tensor_normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``ToTensor()`` + ``Normalize(mean, std)`` on a uint8 NHWC batch: (x / 255 - mean) / std, in NCHW."""
+    x = images.to(dtype) / 255.0
+    x = (x - torch.tensor(mean, dtype=dtype)) / torch.tensor(std, dtype=dtype)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def gather(images: torch.Tensor, labels: torch.Tensor, permutation: torch.Tensor, offsets: torch.Tensor | None,
+           flips: torch.Tensor | None, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 NHWC batch at plan positions ``[start, stop)``, augmented when ``offsets`` is given."""
+    idx = permutation[start:stop]
+    x = images[idx]
+    if offsets is not None:
+        x = augment(x, offsets[start:stop], flips[start:stop])
+    return x, labels[idx]
+
+
+class PlannedBatches:
+    """An iterable of ``(images NCHW float, labels int64)`` batches, like a ``DataLoader``, over a given plan.
+
+    ``set_plan(permutation, offsets, flips)`` fixes the next epoch's order and augmentation (``offsets=None``:
+    no augmentation); without one the split is read in order. The last batch may be short
+    (``drop_last=False``). ``num_examples`` is the split's size.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: Sequence[float],
+                 std: Sequence[float], *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(np.asarray(labels).astype(np.int64))
+        self.batch_size, self.mean, self.std, self.dtype, self.device = batch_size, mean, std, dtype, device
+        self.num_examples = len(self.labels)
+        self.set_plan(np.arange(self.num_examples))
+
+    def set_plan(self, permutation: np.ndarray, offsets: np.ndarray | None = None, flips: np.ndarray | None = None
+                 ) -> None:
+        self.permutation = torch.from_numpy(np.asarray(permutation).astype(np.int64))
+        self.offsets = None if offsets is None else torch.from_numpy(np.asarray(offsets).astype(np.int64))
+        self.flips = None if flips is None else torch.from_numpy(np.asarray(flips, bool))
+
+    def __len__(self) -> int:
+        return -(-self.num_examples // self.batch_size)
+
+    def uint8_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step`` before ``ToTensor``/``Normalize``: uint8 NHWC images and labels."""
+        start = step * self.batch_size
+        return gather(self.images, self.labels, self.permutation, self.offsets, self.flips, start,
+                      min(start + self.batch_size, self.num_examples))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step in range(len(self)):
+            x, y = self.uint8_batch(step)
+            yield to_tensor_normalize(x, self.mean, self.std, self.dtype).to(self.device), y.to(self.device)
