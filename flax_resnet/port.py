@@ -28,7 +28,7 @@ from flax import nnx
 
 from flax_resnet.errors import FlaxResnetError
 
-__all__ = ["PortError", "load_torch_state_dict", "named_layers", "to_torch_state_dict", "torch_keys",
+__all__ = ["PortError", "load_torch_state_dict", "named_layers", "named_modules", "to_torch_state_dict", "torch_keys",
            "torch_shapes"]
 
 
@@ -111,6 +111,29 @@ def named_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     the order of the ``state_dict``.
     """
     return list(_iter_layers(model, ""))
+
+
+def named_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """Every module in ``model`` (``model`` itself first, as '') with the name torch gives its twin.
+
+    Like ``torch.nn.Module.named_modules()``: depth first, parents before children, each module once. The
+    names follow the same rule as the port's keys (attribute names joined by '.', ``nnx.Sequential`` children
+    by index), so containers and layers without weights (an empty shortcut, an ``Identity``) are named too:
+    what ``flax_resnet.parity`` needs to pair each torch module with its NNX twin.
+    """
+    found: list[tuple[str, nnx.Module]] = []
+    seen: set[int] = set()
+
+    def visit(module: nnx.Module, name: str) -> None:
+        if id(module) in seen:  # shared: torch lists it once, under its first name
+            return
+        seen.add(id(module))
+        found.append((name, module))
+        for child_name, child in _children(module):
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    return found
 
 
 def _walk(module: nnx.Module) -> Iterator[_Tensor]:
