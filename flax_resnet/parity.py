@@ -1,0 +1,625 @@
+"""Layer-by-layer parity of a PyTorch module and its Flax NNX port: does the port compute what torch computes,
+and if not, which layer is the first to compute something else?
+
+    report = parity.compare(torch_model, flax_model, input_shape=(2, 3, 32, 32))
+    print(report)                 # the table: every layer, BatchNorm statistic and gradient, worst errors
+    report.ok                     # True when every row is within the tolerance of the dtype
+    report.first_divergence      # 'layer2.0.conv1', or None
+
+``compare`` runs both models on the same NCHW batch (transposed to NHWC for Flax), records every module's
+output (torch forward hooks; on the NNX side each submodule's class is swapped for a recording subclass for the
+duration of one call), and compares them under torch's module names, in torch's forward order. Per mode it also
+compares, in train mode, the BatchNorm running statistics after that one train-mode pass, and the gradient of
+the loss with respect to every parameter, in torch's layout (the port's conversions). Everything runs on copies
+cast to ``dtype``: both models are left exactly as they were.
+
+What the Flax model needs: attribute names that follow torch's (as the port requires, see ``flax_resnet.port``),
+so each torch module has a twin of the same name, and torch's weights, typically after
+``port.load_torch_state_dict(flax_model, torch_model.state_dict())``. ``port_weights=True`` does that on the
+copy instead. Stock ``nnx.Conv``/``nnx.Linear``/``nnx.BatchNorm`` work as well as ``flax_resnet.layers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_resnet.dtypes import cast_floating
+from flax_resnet.port import load_torch_state_dict, named_modules, to_torch_state_dict
+
+__all__ = ["TOLERANCES", "ParityReport", "Row", "Tolerance", "compare"]
+
+
+# ------------------------------------------------------------------------------------------- tolerances
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest relative error, max|flax - torch| / max|torch| over a tensor, that still counts as equal."""
+
+    values: float  # layer outputs, logits, loss, BatchNorm running statistics, weights
+    gradients: float
+    why: str
+
+
+# The one place where the tolerances live. Relative to the tensor's largest torch value (not element by element,
+# where entries near zero would turn any rounding into a large relative change), as parity_tests/helpers.py does.
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(
+        1e-12, 1e-10,
+        "unit roundoff 1.1e-16; a convolution sums up to a few thousand products and a ResNet stacks a few dozen "
+        "of them: the notebook models measure up to 3e-14 for outputs, statistics and gradients (ResNet-18, "
+        "batch 2, 16x16, train mode), while a wrong padding, layout, variance or weight is off by 1e-3 or more. "
+        "Give every BatchNorm several values per channel: with 2 (batch 2 at 1x1) it divides by the difference "
+        "of two nearly equal numbers and rounding grows to 1e-10 (measured: ResNet-18 at 8x8)"),
+    "float32": Tolerance(
+        1e-4, 1e-3,
+        "unit roundoff 6e-8, accumulated the same way: the notebook models measure up to 2e-5 for outputs (the "
+        "two frameworks round in different orders, each ~1e-5 from its own float64 result) and 3e-5 for "
+        "gradients. Flax's BatchNorm computes the batch variance as E[x^2] - E[x]^2 (use_fast_variance, "
+        "the default, kept by flax_resnet.layers.BatchNorm2d), which cancels in float32: ResNet-18's train-mode "
+        "gradients at batch 4, 32x32 are 2e-2 from torch's in float32 (6e-6 with use_fast_variance=False). "
+        "Prove parity in float64; float32 shows what a float32 run sees"),
+}
+
+_TORCH_DTYPES = {"float32": "float32", "float64": "float64"}
+_LOGITS = "(logits)"  # the whole model's output; parentheses: no torch module name looks like this
+_LOSS = "(loss)"
+_SECTIONS = ("weights", "outputs", "running statistics", "gradients")
+
+
+# ----------------------------------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class Row:
+    """One compared tensor: a layer's output, a running statistic, a gradient or a weight, under torch's name."""
+
+    mode: str  # "eval" or "train"; "" for the weights, compared once before any pass
+    section: str  # one of "weights", "outputs", "running statistics", "gradients"
+    name: str  # the torch name: a module name for outputs, a state_dict key otherwise
+    layer: str  # the torch module name this row belongs to ("" for the whole model)
+    abs_err: float
+    rel_err: float
+    tolerance: float
+    kinds: str = ""  # "torch class / Flax class" for outputs
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= self.tolerance  # False for NaN too
+
+
+@dataclass
+class ParityReport:
+    """What ``compare`` found; ``str(report)`` is the table."""
+
+    torch_name: str
+    flax_name: str
+    dtype: str
+    input_shape: tuple[int, ...]
+    modes: tuple[str, ...]
+    loss: str
+    rows: list[Row]
+    forward_order: dict[str, int]  # torch module name -> position of its first output in torch's forward pass
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return TOLERANCES[self.dtype]
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    @property
+    def failures(self) -> list[Row]:
+        return [row for row in self.rows if not row.ok]
+
+    @property
+    def first_divergence(self) -> str | None:
+        """The torch name of the layer where the two models first part, or None if they never do.
+
+        Outputs decide first: the earliest layer, in torch's forward order over all modes, whose output differs
+        (every later layer then differs too, so only the first one says where the port is wrong). If every
+        output agrees: the first BatchNorm whose running statistics differ after the train-mode pass. Then
+        gradients: they flow backwards, so the layer nearest the output whose gradient differs. Last, a weight
+        that differs without changing any output. '(logits)' when only the model's own output differs (a
+        function between the modules, such as a flatten in another order).
+        """
+        row = self._divergent_row()
+        return None if row is None else row.layer or _LOGITS
+
+    def _divergent_row(self) -> Row | None:
+        by_section = {section: [row for row in self.failures if row.section == section] for section in _SECTIONS}
+        if by_section["outputs"]:
+            return min(by_section["outputs"], key=self._position)
+        if by_section["running statistics"]:
+            return min(by_section["running statistics"], key=self._position)
+        if by_section["gradients"]:
+            return max(by_section["gradients"], key=self._position)
+        if by_section["weights"]:
+            return min(by_section["weights"], key=self._position)
+        return None
+
+    def _position(self, row: Row) -> float:
+        if row.layer == "" or row.name in (_LOGITS, _LOSS):
+            return math.inf  # the model's output comes after every layer
+        return self.forward_order.get(row.layer, math.inf)
+
+    def table(self) -> str:
+        """The report as text: a header, one block per mode and section (worst errors per tensor, in torch's
+        names; '<-- differs' marks a row beyond the tolerance), and the verdict."""
+        tol = self.tolerance
+        width = max([len(row.name) for row in self.rows] + [24])
+        kinds_width = max([len(row.kinds) for row in self.rows] + [0])
+        lines = [
+            f"parity of {self.torch_name} (torch) and {self.flax_name} (Flax NNX), {self.dtype}, "
+            f"input {self.input_shape} NCHW (NHWC for Flax)",
+            f"tolerance: relative error <= {tol.values:g} (outputs, statistics, weights), {tol.gradients:g} "
+            "(gradients); relative error = max|flax - torch| / max|torch|",
+            f"loss for the gradients: {self.loss}",
+        ]
+        lines += [f"note: {note}" for note in self.notes]
+        blocks = [("", "weights", "")]
+        for mode in self.modes:
+            blocks += [(mode, "outputs", f"{mode} mode: outputs, in torch's forward order (torch / Flax class)"),
+                       (mode, "running statistics", f"{mode} mode: BatchNorm running statistics after the pass"),
+                       (mode, "gradients", f"{mode} mode: gradients of the loss (torch names and layout)")]
+        for mode, section, title in blocks:
+            rows = [row for row in self.rows if row.mode == mode and row.section == section]
+            if section == "weights":  # the same in every mode: listed only where they differ
+                compared = len(rows)
+                rows = [row for row in rows if not row.ok]
+                if not rows:
+                    lines.append(f"weights (torch layout): all {compared} tensors equal torch's")
+                    continue
+                title = f"weights (torch layout): {len(rows)} of {compared} tensors differ from torch's"
+            if not rows:
+                continue
+            kinds = kinds_width if section == "outputs" else 0
+            lines += ["", title, f"  {'':<{width}}  {'':<{kinds}}{'abs err':>9}  {'rel err':>9}"]
+            for row in rows:
+                mark = "" if row.ok else "  <-- differs"
+                note = f"  ({row.note})" if row.note else ""
+                lines.append(f"  {row.name:<{width}}  {row.kinds:<{kinds}}{_number(row.abs_err):>9}  "
+                             f"{_number(row.rel_err):>9}{mark}{note}")
+        lines.append("")
+        if self.ok:
+            lines.append(f"OK: all {len(self.rows)} comparisons within the {self.dtype} tolerance")
+        else:
+            row = self._divergent_row()
+            where = f"{row.mode} mode {row.section}" if row.mode else row.section
+            lines.append(f"DIFFERENT: {len(self.failures)} of {len(self.rows)} comparisons exceed the {self.dtype} "
+                         f"tolerance; first divergence: {self.first_divergence} ({where}: {row.name})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _number(value: float) -> str:
+    return "0" if value == 0 else f"{value:.1e}"
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dtype: str = "float64",
+            modes: Sequence[str] = ("eval", "train"), gradients: bool = True, labels: Any = None,
+            input_shape: Sequence[int] | None = None, seed: int = 0, port_weights: bool = False) -> ParityReport:
+    """Run ``torch_model`` and its NNX port ``flax_model`` side by side, layer by layer; return a ``ParityReport``.
+
+    ``inputs``: one NCHW batch (numpy array or torch tensor; torch's layout, transposed here for Flax). None:
+    a seeded unit-normal batch of ``input_shape``, or, without that, of shape (4, C, 32, 32) with C the input
+    channels of the first Conv2d (a Linear first: (4, in_features)). ``dtype``: both copies compute in it
+    ("float64", the default, proves parity to ~1e-14; "float32" shows what a float32 run sees); tolerances in
+    ``TOLERANCES``. ``modes``: "eval" (running statistics) and/or "train" (batch statistics; dropout is held
+    off, as its masks come from different random generators in the two frameworks). ``gradients``: compare
+    d(loss)/d(every parameter), where the loss is the mean cross-entropy of the logits against ``labels``
+    (seeded random class labels when None); a 4-D output (a block's feature map) is average-pooled to (N, C)
+    logits first. ``port_weights``: load torch's state_dict into the Flax copy first (the Flax model itself is
+    never changed); without it, the Flax model must hold torch's weights already, and the report's weights
+    block says which do not.
+
+    Both models are left exactly as they were: weights, BatchNorm statistics and counters, train/eval mode.
+    """
+    import torch
+
+    if dtype not in TOLERANCES:
+        raise ValueError(f"dtype {dtype!r} has no stated tolerance; use one of {', '.join(TOLERANCES)}")
+    modes = tuple(modes)
+    if not modes or any(mode not in ("eval", "train") for mode in modes):
+        raise ValueError(f"modes must be a non-empty sequence of 'eval' and 'train', got {modes!r}")
+    if not isinstance(torch_model, torch.nn.Module):
+        raise TypeError(f"torch_model must be a torch.nn.Module, got {type(torch_model).__name__} "
+                        "(the torch model comes first, its Flax port second)")
+    if not isinstance(flax_model, nnx.Module):
+        raise TypeError(f"flax_model must be a flax.nnx.Module, got {type(flax_model).__name__} "
+                        "(the torch model comes first, its Flax port second)")
+    x = _input_batch(torch_model, inputs, input_shape, seed, dtype)
+
+    with _numerics(dtype):
+        report = ParityReport(type(torch_model).__name__, type(flax_model).__name__, dtype, tuple(x.shape), modes,
+                              "", [], {})
+        tol = TOLERANCES[dtype]
+        t0, f0 = _copies(torch_model, flax_model, dtype, port_weights, report.notes)
+        report.rows += _weight_rows(t0, f0, tol, report.notes, port_weights)
+        torch_only: set[str] = set()
+        flax_only: set[str] = set()
+        for mode in modes:
+            t, f = (t0, f0) if mode == modes[0] else _copies(torch_model, flax_model, dtype, port_weights, [])
+            _set_mode(t, f, mode, report.notes)
+            out_t, records_t, order = _record_torch(t, x)
+            out_f, records_f = _record_flax(f, x)
+            for position, name in enumerate(order):
+                report.forward_order.setdefault(name, position)
+            report.rows += _output_rows(mode, order, records_t, records_f, _kinds(t, f), tol, torch_only)
+            flax_only.update(name for name in records_f if name not in records_t)
+            report.rows.append(_row(mode, "outputs", _LOGITS, "", [_numpy(out_f, nhwc=True)], [_numpy(out_t)],
+                                    tol.values, kinds=f"{type(t).__name__} / {type(f).__name__}"))
+            if mode == "train":
+                report.rows += _statistics_rows(t, f, tol)
+            if gradients:
+                labels_used = _labels(labels, out_t, seed)
+                report.loss = ("mean cross-entropy against the given labels" if labels is not None else
+                               f"mean cross-entropy against seeded random labels (seed {seed})")
+                if np.ndim(out_t) == 4:
+                    report.loss += "; the output feature map average-pooled to (N, C) logits first"
+                report.rows += _gradient_rows(mode, t, f, x, labels_used, tol)
+        if not gradients:
+            report.loss = "none (gradients=False)"
+        if torch_only:
+            report.notes.append("not compared, no NNX module of that name (a function there, or never called): "
+                                + ", ".join(sorted(torch_only)))
+        if flax_only:
+            report.notes.append("called in Flax only, not compared (torch never called a module of that name): "
+                                + ", ".join(sorted(flax_only)))
+    weights_differ = [row for row in report.rows if row.section == "weights" and not row.ok]
+    if weights_differ and not port_weights:
+        report.notes.append(f"{len(weights_differ)} weight tensors differ from torch's: port them first "
+                            "(flax_resnet.port.load_torch_state_dict(flax_model, torch_model.state_dict())) or "
+                            "pass port_weights=True")
+    return report
+
+
+# ------------------------------------------------------------------------------------------ preparation
+def _input_batch(torch_model: Any, inputs: Any, input_shape: Sequence[int] | None, seed: int,
+                 dtype: str) -> np.ndarray:
+    """The NCHW batch both models get, as numpy in ``dtype``."""
+    import torch
+
+    if inputs is not None and input_shape is not None:
+        raise ValueError("pass inputs (a batch) or input_shape (for a random batch), not both")
+    if inputs is not None:
+        x = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"inputs must be floating point (images), got dtype {x.dtype}")
+        return x.astype(dtype)
+    if input_shape is None:
+        input_shape = _guess_input_shape(torch_model)
+    return np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(dtype)
+
+
+def _guess_input_shape(torch_model: Any) -> tuple[int, ...]:
+    import torch
+
+    for module in torch_model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            return (4, module.in_channels, 32, 32)
+        if isinstance(module, torch.nn.Linear):
+            return (4, module.in_features)
+    raise ValueError(f"cannot guess the input shape of {type(torch_model).__name__} (no Conv2d or Linear): pass "
+                     "input_shape=(N, C, H, W) or inputs=")
+
+
+@contextlib.contextmanager
+def _numerics(dtype: str) -> Iterator[None]:
+    """float64 available in JAX (scoped, as the parity tests do) and full-precision float32 matmuls on GPUs in
+    both frameworks (no TF32), restored afterwards: the comparison is of the models, not of precision settings."""
+    import torch
+
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    with contextlib.ExitStack() as stack:
+        if dtype == "float64":
+            stack.enter_context(jax.enable_x64(True))
+        stack.enter_context(jax.default_matmul_precision("highest"))
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _copies(torch_model: Any, flax_model: nnx.Module, dtype: str, port_weights: bool,
+            notes: list[str]) -> tuple[Any, nnx.Module]:
+    """Copies of both models in ``dtype`` (the originals are never run: a train-mode pass would move their
+    BatchNorm statistics); the Flax copy given torch's weights when ``port_weights``."""
+    import torch
+
+    t = copy.deepcopy(torch_model).to(getattr(torch, _TORCH_DTYPES[dtype]))
+    f = cast_floating(nnx.clone(flax_model), jnp.dtype(dtype))
+    if port_weights:
+        state_dict = t.state_dict()
+        known = set(_flax_state(f))
+        # Stock nnx.BatchNorm keeps no batch counter (torch uses it only when momentum=None): not an error.
+        dropped = [k for k in state_dict if k.endswith("num_batches_tracked") and k not in known]
+        load_torch_state_dict(f, {k: v for k, v in state_dict.items() if k not in dropped})
+        if dropped:
+            notes.append(f"port_weights: {len(dropped)} num_batches_tracked not loaded (the Flax BatchNorm has none)")
+    return t, f
+
+
+def _flax_state(model: nnx.Module) -> dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in to_torch_state_dict(model).items()}
+
+
+_DROPOUT_NOTE = "dropout held off in train mode (its masks come from different random generators)"
+
+
+def _set_mode(t: Any, f: nnx.Module, mode: str, notes: list[str]) -> None:
+    import torch
+
+    if mode == "eval":
+        t.eval()
+        f.eval()
+        return
+    t.train()
+    f.train()
+    dropouts = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+                torch.nn.FeatureAlphaDropout)
+    held = [m for m in t.modules() if isinstance(m, dropouts)]
+    for module in held:
+        module.eval()
+    flax_held = [m for _, m in nnx.iter_modules(f) if isinstance(m, nnx.Dropout)]
+    for module in flax_held:
+        module.deterministic = True
+    if (held or flax_held) and _DROPOUT_NOTE not in notes:
+        notes.append(_DROPOUT_NOTE)
+
+
+# -------------------------------------------------------------------------------------------- recording
+def _leaves(value: Any) -> list[Any]:
+    """The arrays in a module's output (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(value, tuple | list):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return [value] if hasattr(value, "shape") else []
+
+
+def _numpy(value: Any, nhwc: bool = False) -> np.ndarray:
+    """A torch tensor or JAX array as numpy; a Flax 4-D activation (NHWC) in torch's NCHW layout."""
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy().copy()  # a copy: an in-place ReLU would change it afterwards
+    array = np.asarray(value)
+    return np.transpose(array, (0, 3, 1, 2)) if nhwc and array.ndim == 4 else array
+
+
+def _record_torch(model: Any, x: np.ndarray) -> tuple[np.ndarray, dict[str, list[list[np.ndarray]]], list[str]]:
+    """Output, every submodule's outputs (per call) and the order in which the submodules first finished."""
+    import torch
+
+    records: dict[str, list[list[np.ndarray]]] = {}
+    order: list[str] = []
+
+    def hook(name: str):
+        def record(module, args, output):
+            if name not in records:
+                order.append(name)
+            records.setdefault(name, []).append([_numpy(leaf) for leaf in _leaves(output)])
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(x).to(_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _numpy(out), records, order
+
+
+def _device(model: Any) -> Any:
+    import torch
+
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+_RECORDER: contextvars.ContextVar[dict[int, tuple[str, dict]] | None] = contextvars.ContextVar(
+    "flax_resnet_parity_recorder", default=None)
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+def _recording_class(cls: type) -> type:
+    """``cls`` with a ``__call__`` that also records the output of each call (one subclass per class, cached).
+
+    Why a subclass swapped in as the instance's class, not a wrapper module put in the parent's attribute: the
+    module stays the same object, so a parent that checks ``isinstance``, reads the child's weights or walks a
+    ``Sequential``'s layers still sees what it expects; and no parent attribute has to be found and restored.
+    """
+    if cls not in _RECORDING_CLASSES:
+        def __call__(self, *args, **kwargs):
+            out = super(recording, self).__call__(*args, **kwargs)
+            recorder = _RECORDER.get()
+            if recorder is not None and id(self) in recorder:
+                name, records = recorder[id(self)]
+                records.setdefault(name, []).append([_numpy(leaf, nhwc=True) for leaf in _leaves(out)])
+            return out
+
+        recording = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                "__qualname__": cls.__qualname__})
+        _RECORDING_CLASSES[cls] = recording
+    return _RECORDING_CLASSES[cls]
+
+
+def _record_flax(model: nnx.Module, x: np.ndarray) -> tuple[jax.Array, dict[str, list[list[np.ndarray]]]]:
+    records: dict[str, list[list[np.ndarray]]] = {}
+    modules = [(name, module) for name, module in named_modules(model) if name]
+    swapped = [(module, type(module)) for _, module in modules]
+    token = _RECORDER.set({id(module): (name, records) for name, module in modules})
+    try:
+        for module, cls in swapped:
+            # object.__setattr__: NNX's own __setattr__ would register '__class__' as an attribute of the module
+            object.__setattr__(module, "__class__", _recording_class(cls))
+        out = model(_flax_input(x))
+    finally:
+        for module, cls in swapped:
+            object.__setattr__(module, "__class__", cls)
+        _RECORDER.reset(token)
+    return out, records
+
+
+def _flax_input(x: np.ndarray) -> jax.Array:
+    return jnp.asarray(np.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def _errors(flax: list[np.ndarray], torch: list[np.ndarray]) -> tuple[float, float, str]:
+    """Worst absolute and relative error over the tensors of one output (relative to the largest torch value)."""
+    if len(flax) != len(torch):
+        return math.inf, math.inf, f"{len(torch)} tensors in torch, {len(flax)} in Flax"
+    worst_abs = worst_rel = 0.0
+    for a, b in zip(flax, torch, strict=True):
+        if a.shape != b.shape:
+            return math.inf, math.inf, f"shape {a.shape} in Flax, {b.shape} in torch"
+        if a.size == 0:
+            continue
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        diff = float(np.max(np.abs(a - b)))
+        scale = float(np.max(np.abs(b)))
+        worst_abs = max(worst_abs, diff) if not math.isnan(diff) else math.nan
+        rel = diff / scale if scale > 0 else diff
+        worst_rel = max(worst_rel, rel) if not math.isnan(rel) else math.nan
+    return worst_abs, worst_rel, ""
+
+
+def _row(mode: str, section: str, name: str, layer: str, flax: list[np.ndarray], torch: list[np.ndarray],
+         tolerance: float, kinds: str = "", note: str = "") -> Row:
+    abs_err, rel_err, problem = _errors(flax, torch)
+    return Row(mode, section, name, layer, abs_err, rel_err, tolerance, kinds, "; ".join(filter(None, [note, problem])))
+
+
+def _kinds(t: Any, f: nnx.Module) -> dict[str, str]:
+    flax_kinds = {name: type(module).__name__ for name, module in named_modules(f)}
+    return {name: f"{type(module).__name__} / {flax_kinds[name]}" for name, module in t.named_modules()
+            if name in flax_kinds}
+
+
+def _output_rows(mode: str, order: list[str], records_t: dict, records_f: dict, kinds: dict[str, str],
+                 tol: Tolerance, torch_only: set[str]) -> list[Row]:
+    rows = []
+    for name in order:
+        if name not in records_f:
+            torch_only.add(name)
+            continue
+        calls_t, calls_f = records_t[name], records_f[name]
+        if len(calls_t) != len(calls_f):
+            rows.append(Row(mode, "outputs", name, name, math.inf, math.inf, tol.values, kinds.get(name, ""),
+                            f"called {len(calls_t)}x in torch, {len(calls_f)}x in Flax"))
+            continue
+        worst = max((_row(mode, "outputs", name, name, f_out, t_out, tol.values, kinds.get(name, ""))
+                     for t_out, f_out in zip(calls_t, calls_f, strict=True)),
+                    key=lambda row: (not row.ok, row.rel_err if not math.isnan(row.rel_err) else math.inf))
+        if len(calls_t) > 1:
+            worst = Row(*[getattr(worst, f) for f in ("mode", "section", "name", "layer", "abs_err", "rel_err",
+                                                      "tolerance", "kinds")],
+                        note="; ".join(filter(None, [f"worst of {len(calls_t)} calls", worst.note])))
+        rows.append(worst)
+    return rows
+
+
+def _layer_of(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def _weight_rows(t: Any, f: nnx.Module, tol: Tolerance, notes: list[str], port_weights: bool) -> list[Row]:
+    torch_state = {key: value.detach().cpu().numpy() for key, value in t.state_dict().items()}
+    flax_state = _flax_state(f)
+    rows = []
+    absent = []
+    for key, value in torch_state.items():
+        if key not in flax_state:
+            if key.endswith("num_batches_tracked"):
+                absent.append(key)  # stock nnx.BatchNorm has no counter; torch reads it only when momentum=None
+                continue
+            rows.append(Row("", "weights", key, _layer_of(key), math.inf, math.inf, tol.values,
+                            note="missing in the Flax model"))
+            continue
+        rows.append(_row("", "weights", key, _layer_of(key), [flax_state[key]], [value], tol.values))
+    rows += [Row("", "weights", key, _layer_of(key), math.inf, math.inf, tol.values, note="not in the torch model")
+             for key in flax_state if key not in torch_state]
+    if absent and not port_weights:
+        notes.append(f"{len(absent)} BatchNorm layers keep no num_batches_tracked in Flax (stock nnx.BatchNorm): "
+                     "not compared")
+    return rows
+
+
+def _statistics_rows(t: Any, f: nnx.Module, tol: Tolerance) -> list[Row]:
+    """Every torch buffer (BatchNorm's running_mean, running_var, num_batches_tracked) after the train pass."""
+    flax_state = _flax_state(f)
+    rows = []
+    for key, value in t.named_buffers():
+        if key in flax_state:
+            rows.append(_row("train", "running statistics", key, _layer_of(key), [flax_state[key]],
+                             [value.detach().cpu().numpy()], tol.values))
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- gradients
+def _labels(labels: Any, out_t: np.ndarray, seed: int) -> np.ndarray:
+    if out_t.ndim not in (2, 4):
+        raise ValueError(f"cannot form a cross-entropy loss from an output of shape {out_t.shape} (expected logits "
+                         "(N, classes) or an NCHW feature map); pass gradients=False")
+    batch, classes = out_t.shape[:2]
+    if labels is None:
+        return np.random.default_rng(seed + 1).integers(0, classes, batch)
+    labels = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
+    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be {batch} integer class indices (shape ({batch},)), got {labels.dtype} "
+                         f"of shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"labels must lie in [0, {classes}) (the model has {classes} outputs)")
+    return labels.astype(np.int64)
+
+
+def _flax_loss(model: nnx.Module, x: jax.Array, labels: jax.Array) -> jax.Array:
+    logits = model(x)
+    if logits.ndim == 4:
+        logits = logits.mean(axis=(1, 2))  # NHWC
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1).mean()
+
+
+def _gradient_rows(mode: str, t: Any, f: nnx.Module, x: np.ndarray, labels: np.ndarray, tol: Tolerance) -> list[Row]:
+    """The loss and d(loss)/d(parameter) for every torch parameter, the Flax ones converted to torch's layout."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812 - torch's own abbreviation
+
+    t.zero_grad(set_to_none=True)
+    logits = t(torch.from_numpy(x).to(_device(t)))
+    if logits.ndim == 4:
+        logits = logits.mean(dim=(2, 3))
+    loss_t = F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
+    loss_t.backward()
+    loss_f, grads = nnx.value_and_grad(_flax_loss)(f, _flax_input(x), jnp.asarray(labels))
+    # The gradient State has the parameters' structure: put it in a copy's place and let the port name it and
+    # lay it out as torch does.
+    holder = nnx.clone(f)
+    nnx.update(holder, grads)
+    grads_f = _flax_state(holder)
+    rows = [_row(mode, "gradients", _LOSS, "", [np.asarray(loss_f)], [loss_t.detach().cpu().numpy()], tol.values)]
+    for name, param in t.named_parameters():
+        grad_t = param.grad.detach().cpu().numpy() if param.grad is not None else np.zeros(tuple(param.shape))
+        if name not in grads_f:
+            rows.append(Row(mode, "gradients", name, _layer_of(name), math.inf, math.inf, tol.gradients,
+                            note="no such parameter in the Flax model"))
+            continue
+        rows.append(_row(mode, "gradients", name, _layer_of(name), [grads_f[name]], [grad_t], tol.gradients))
+    return rows
