@@ -8,10 +8,10 @@ and if not, which layer is the first to compute something else?
 
 ``compare`` runs both models on the same NCHW batch (transposed to NHWC for Flax), records every module's
 output (torch forward hooks; on the NNX side each submodule's class is swapped for a recording subclass for the
-duration of one call), and compares them under torch's module names, in torch's forward order. Per mode it also
-compares, in train mode, the BatchNorm running statistics after that one train-mode pass, and the gradient of
-the loss with respect to every parameter, in torch's layout (the port's conversions). Everything runs on copies
-cast to ``dtype``: both models are left exactly as they were.
+duration of one call), and compares them under torch's module names, in torch's forward order, in eval and in
+train mode. In train mode it also compares the BatchNorm running statistics after that one pass, and the
+gradient of the loss with respect to every parameter, in torch's layout (the port's conversions); before any
+pass, every weight. Everything runs on copies cast to ``dtype``: both models are left exactly as they were.
 
 What the Flax model needs: attribute names that follow torch's (as the port requires, see ``flax_resnet.port``),
 so each torch module has a twin of the same name, and torch's weights, typically after
@@ -219,12 +219,17 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
     channels of the first Conv2d (a Linear first: (4, in_features)). ``dtype``: both copies compute in it
     ("float64", the default, proves parity to ~1e-14; "float32" shows what a float32 run sees); tolerances in
     ``TOLERANCES``. ``modes``: "eval" (running statistics) and/or "train" (batch statistics; dropout is held
-    off, as its masks come from different random generators in the two frameworks). ``gradients``: compare
-    d(loss)/d(every parameter), where the loss is the mean cross-entropy of the logits against ``labels``
-    (seeded random class labels when None); a 4-D output (a block's feature map) is average-pooled to (N, C)
-    logits first. ``port_weights``: load torch's state_dict into the Flax copy first (the Flax model itself is
-    never changed); without it, the Flax model must hold torch's weights already, and the report's weights
-    block says which do not.
+    off, as its masks come from different random generators in the two frameworks).
+
+    ``gradients``: compare d(loss)/d(every parameter) in train mode (in eval mode if ``modes`` has no
+    "train"). The loss is the mean cross-entropy of the logits against ``labels`` (seeded random class labels
+    when None: not the sum of the logits, whose gradient through a train-mode BatchNorm cancels); a 4-D output
+    (a block's feature map) is average-pooled to (N, C) logits first.
+
+    ``port_weights``: load torch's state_dict into the Flax copy first (the Flax model itself is never changed).
+    Without it (the default: it is the user's port that is being checked) the Flax model must hold torch's
+    weights already, typically after ``port.load_torch_state_dict``; the report's weights block lists those
+    that differ.
 
     Both models are left exactly as they were: weights, BatchNorm statistics and counters, train/eval mode.
     """
@@ -264,7 +269,8 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
                                     tol.values, kinds=f"{type(t).__name__} / {type(f).__name__}"))
             if mode == "train":
                 report.rows += _statistics_rows(t, f, tol)
-            if gradients:
+            # Gradients where training takes them, in train mode; in eval mode only when that is all there is.
+            if gradients and mode == ("train" if "train" in modes else "eval"):
                 labels_used = _labels(labels, out_t, seed)
                 report.loss = ("mean cross-entropy against the given labels" if labels is not None else
                                f"mean cross-entropy against seeded random labels (seed {seed})")
