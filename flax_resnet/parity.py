@@ -163,7 +163,9 @@ class ParityReport:
             f"parity of {self.torch_name} (torch) and {self.flax_name} (Flax NNX), {self.dtype}, "
             f"input {self.input_shape} NCHW (NHWC for Flax)",
             f"tolerance: relative error <= {tol.values:g} (outputs, statistics, weights), {tol.gradients:g} "
-            "(gradients); relative error = max|flax - torch| / max|torch|",
+            "(gradients)",
+            "relative error: max|flax - torch| / max|torch| over each tensor (the worst call of a module called "
+            "more than once)",
             f"loss for the gradients: {self.loss}",
         ]
         lines += [f"note: {note}" for note in self.notes]
@@ -196,8 +198,10 @@ class ParityReport:
         else:
             row = self._divergent_row()
             where = f"{row.mode} mode {row.section}" if row.mode else row.section
+            if row.name != self.first_divergence:
+                where += f": {row.name}"
             lines.append(f"DIFFERENT: {len(self.failures)} of {len(self.rows)} comparisons exceed the {self.dtype} "
-                         f"tolerance; first divergence: {self.first_divergence} ({where}: {row.name})")
+                         f"tolerance; first divergence: {self.first_divergence} ({where})")
         return "\n".join(lines)
 
     def __str__(self) -> str:
