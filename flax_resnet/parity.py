@@ -16,7 +16,8 @@ pass, every weight. Everything runs on copies cast to ``dtype``: both models are
 What the Flax model needs: attribute names that follow torch's (as the port requires, see ``flax_resnet.port``),
 so each torch module has a twin of the same name, and torch's weights, typically after
 ``port.load_torch_state_dict(flax_model, torch_model.state_dict())``. ``port_weights=True`` does that on the
-copy instead. Stock ``nnx.Conv``/``nnx.Linear``/``nnx.BatchNorm`` work as well as ``flax_resnet.layers``.
+copy instead. Models built from stock ``nnx.Conv``/``nnx.Linear``/``nnx.BatchNorm`` are compared as well as those
+built from ``flax_resnet.layers`` (a stock ``nnx.BatchNorm`` then shows its biased running variance).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -41,7 +42,7 @@ __all__ = ["TOLERANCES", "ParityReport", "Row", "Tolerance", "compare"]
 
 
 # ------------------------------------------------------------------------------------------- tolerances
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Tolerance:
     """Largest relative error, max|flax - torch| / max|torch| over a tensor, that still counts as equal."""
 
@@ -70,14 +71,13 @@ TOLERANCES: dict[str, Tolerance] = {
         "Prove parity in float64; float32 shows what a float32 run sees"),
 }
 
-_TORCH_DTYPES = {"float32": "float32", "float64": "float64"}
 _LOGITS = "(logits)"  # the whole model's output; parentheses: no torch module name looks like this
 _LOSS = "(loss)"
 _SECTIONS = ("weights", "outputs", "running statistics", "gradients")
 
 
 # ----------------------------------------------------------------------------------------------- report
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Row:
     """One compared tensor: a layer's output, a running statistic, a gradient or a weight, under torch's name."""
 
@@ -96,7 +96,7 @@ class Row:
         return self.rel_err <= self.tolerance  # False for NaN too
 
 
-@dataclass
+@dataclasses.dataclass
 class ParityReport:
     """What ``compare`` found; ``str(report)`` is the table."""
 
@@ -108,7 +108,7 @@ class ParityReport:
     loss: str
     rows: list[Row]
     forward_order: dict[str, int]  # torch module name -> position of its first output in torch's forward pass
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -161,7 +161,7 @@ class ParityReport:
         kinds_width = max([len(row.kinds) for row in self.rows] + [0])
         lines = [
             f"parity of {self.torch_name} (torch) and {self.flax_name} (Flax NNX), {self.dtype}, "
-            f"input {self.input_shape} NCHW (NHWC for Flax)",
+            f"input {self.input_shape}{' NCHW (NHWC for Flax)' if len(self.input_shape) == 4 else ''}",
             f"tolerance: relative error <= {tol.values:g} (outputs, statistics, weights), {tol.gradients:g} "
             "(gradients)",
             "relative error: max|flax - torch| / max|torch| over each tensor (the worst call of a module called "
@@ -351,7 +351,7 @@ def _copies(torch_model: Any, flax_model: nnx.Module, dtype: str, port_weights: 
     BatchNorm statistics); the Flax copy given torch's weights when ``port_weights``."""
     import torch
 
-    t = copy.deepcopy(torch_model).to(getattr(torch, _TORCH_DTYPES[dtype]))
+    t = copy.deepcopy(torch_model).to(getattr(torch, dtype))
     f = cast_floating(nnx.clone(flax_model), jnp.dtype(dtype))
     if port_weights:
         state_dict = t.state_dict()
@@ -538,9 +538,8 @@ def _output_rows(mode: str, order: list[str], records_t: dict, records_f: dict, 
                      for t_out, f_out in zip(calls_t, calls_f, strict=True)),
                     key=lambda row: (not row.ok, row.rel_err if not math.isnan(row.rel_err) else math.inf))
         if len(calls_t) > 1:
-            worst = Row(*[getattr(worst, f) for f in ("mode", "section", "name", "layer", "abs_err", "rel_err",
-                                                      "tolerance", "kinds")],
-                        note="; ".join(filter(None, [f"worst of {len(calls_t)} calls", worst.note])))
+            worst = dataclasses.replace(worst, note="; ".join(filter(None, [f"worst of {len(calls_t)} calls",
+                                                                            worst.note])))
         rows.append(worst)
     return rows
 

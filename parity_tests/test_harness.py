@@ -216,16 +216,18 @@ def _flax_snapshot(model: nnx.Module) -> tuple:
     return leaves, modes
 
 
-def test_models_are_left_exactly_as_they_were():
+@pytest.mark.parametrize("port_weights", [False, True])
+def test_models_are_left_exactly_as_they_were(port_weights):
     """float32 models in mixed modes (torch in eval mode but for one BatchNorm, Flax in train mode), compared in
     float64 in both modes with gradients: weights, statistics, counters, dtypes, modes, classes and torch's
-    .grad are bitwise what they were."""
-    torch_model, flax_model = _ported_user_pair()
+    .grad are bitwise what they were. With ``port_weights`` the Flax model keeps its own (Flax-initialised)
+    weights: only the copy gets torch's."""
+    torch_model, flax_model = _user_pair() if port_weights else _ported_user_pair()
     torch_model.eval()
     torch_model.bn2.train()
     flax_model.train()
     torch_before, flax_before = _torch_snapshot(torch_model), _flax_snapshot(flax_model)
-    report = parity.compare(torch_model, flax_model, input_shape=USER_INPUT)
+    report = parity.compare(torch_model, flax_model, input_shape=USER_INPUT, port_weights=port_weights)
     assert report.ok, str(report)
     torch_after, flax_after = _torch_snapshot(torch_model), _flax_snapshot(flax_model)
     assert torch_after[0].keys() == torch_before[0].keys()
