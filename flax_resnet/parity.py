@@ -227,7 +227,8 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
 
     ``gradients``: compare d(loss)/d(every parameter) in train mode (in eval mode if ``modes`` has no
     "train"). The loss is the mean cross-entropy of the logits against ``labels`` (seeded random class labels
-    when None: not the sum of the logits, whose gradient through a train-mode BatchNorm cancels); a 4-D output
+    when None. Not the sum of the logits: its gradient at the last layer is the same for every class and sample,
+    and a train-mode BatchNorm that receives the same gradient for every sample passes none back). A 4-D output
     (a block's feature map) is average-pooled to (N, C) logits first.
 
     ``port_weights``: load torch's state_dict into the Flax copy first (the Flax model itself is never changed).
@@ -291,7 +292,7 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
                                 + ", ".join(sorted(flax_only)))
     weights_differ = [row for row in report.rows if row.section == "weights" and not row.ok]
     if weights_differ and not port_weights:
-        report.notes.append(f"{len(weights_differ)} weight tensors differ from torch's: port them first "
+        report.notes.append(f"{len(weights_differ)} state_dict tensors differ from torch's: port them first "
                             "(flax_resnet.port.load_torch_state_dict(flax_model, torch_model.state_dict())) or "
                             "pass port_weights=True")
     return report
