@@ -2,8 +2,9 @@
 
 - a real ``python train.py`` killed with SIGKILL in the middle of an epoch: while it ran, a second run on its
   --out was refused naming its pid; afterwards --resume ends bit for bit where an uninterrupted run ends;
-- a truncated, bit-flipped, garbled or partly missing latest checkpoint (orbax's and torch's): detected, moved
-  aside, reported, and the run resumes from the one before (again to the bit-identical end);
+- a truncated, bit-flipped, garbled or partly missing latest checkpoint (of either framework: both write the same
+  store, ``flax_resnet.store``): detected, moved aside, reported, and the run resumes from the one before (again to
+  the bit-identical end);
 - a loss that becomes nan stops the run naming the epoch and step, with the last good checkpoint kept (both
   frameworks);
 - weights that do not fit (API, ``port``, ``train --init-from`` in both frameworks), pickles that would run code,
@@ -21,6 +22,7 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -30,13 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import checkpoint, cli, engine, port, registry, trainer
+from flax_resnet import cli, codecs, engine, port, registry, training
+from flax_resnet.data.plan import steps_per_epoch
 from flax_resnet.outdir import LOCK_FILE
-from flax_resnet.recipes import RECIPES
+from flax_resnet.recipes import RunConfig
+from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -57,17 +62,33 @@ def run_main(argv: list[str]) -> int:
         return int(e.code or 0)
 
 
-leaves = checkpoint.host_leaves  # every leaf as numpy, PRNG keys as their raw data
+def store_of(out: Path) -> CheckpointStore:
+    """The checkpoint store of a run's output directory (both frameworks write the same one)."""
+    return CheckpointStore(out / CHECKPOINT_SUBDIR, max_to_keep=None)
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return store_of(out).path(step)
+
+
+def aside_dir(out: Path) -> Path:
+    """Where unreadable checkpoints are moved to."""
+    return out / (CHECKPOINT_SUBDIR + UNREADABLE_SUFFIX)
 
 
 def saved_run(out: Path, step: int | None = None) -> tuple[list[np.ndarray], dict]:
-    """Every array of a run's checkpoint (parameters, BN statistics, optimizer state, step) and its metadata."""
-    meta = checkpoint.read_meta(out, step)
-    model = registry.build_flax(meta["model"], meta["model_kwargs"])
-    _, template = engine.init_train_state(model, engine.make_optimizer(RECIPES[meta["recipe"]["name"]], STEPS))
-    with checkpoint.Checkpoints(checkpoint.resolve(out), create=False, max_to_keep=None) as ckpts:
-        state, meta = ckpts.restore(template, step)
-    return leaves(state), meta
+    """Every array of a run's checkpoint (parameters, BN statistics, optimizer state, step) and its metadata,
+    verified against its digest. A Flax checkpoint is also restored into the ``TrainState`` of a fresh model of the
+    recorded settings (every name, shape and dtype must fit), and its arrays are returned in that state's order."""
+    arrays, meta = store_of(out).read(step)
+    if meta["framework"] != "jax":
+        return [arrays[name] for name in sorted(arrays)], meta
+    config = RunConfig.from_dict(meta)
+    model = registry.build_flax(config.model, config.model_kwargs)
+    tx = engine.make_optimizer(config.recipe, steps_per_epoch(config.num_train, config.recipe.batch_size))
+    _, template = engine.init_train_state(model, tx)
+    state = codecs.flax_from_arrays(template._asdict(), arrays)
+    return list(codecs.flax_to_arrays(state).values()), meta
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -80,16 +101,14 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert np.array_equal(x, y)
         else:  # bit-exactness across processes is a CPU property (GPU kernels may pick other algorithms)
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    histories = [json.loads((d / trainer.HISTORY_FILE).read_text()) for d in (a, b)] + [meta_a["history"],
-                                                                                        meta_b["history"]]
-    for key in trainer.HISTORY_KEYS:
+    histories = [training.read_history(d) for d in (a, b)] + [meta_a["history"], meta_b["history"]]
+    for key in training.HISTORY_KEYS:
         if key not in TIMED:
             assert histories[0][key] == histories[1][key] == histories[2][key] == histories[3][key], key
 
 
 def steps_of(out: Path) -> list[int]:
-    with checkpoint.Checkpoints(out / checkpoint.CHECKPOINT_SUBDIR, create=False, max_to_keep=None) as ckpts:
-        return ckpts.steps
+    return store_of(out).steps
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -121,35 +140,48 @@ def sigkill(proc: subprocess.Popen) -> None:
 
 
 # ----------------------------------------------------------------------------------------- bad checkpoints
-def _largest_file(directory: Path) -> Path:
-    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+def array_span(path: Path, name: str) -> tuple[int, int]:
+    """Where array ``name``'s bytes lie in a safetensors file: the format's first 8 bytes give the JSON header's
+    length, and the header gives each array's offsets from the end of the header."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    begin, end = json.loads(data[8:8 + length])[name]["data_offsets"]
+    return 8 + length + begin, 8 + length + end
+
+
+def flip_bit_in(path: Path, name: str) -> None:
+    """One bit of array ``name`` flipped, in the middle of its data."""
+    start, end = array_span(path, name)
+    data = bytearray(path.read_bytes())
+    data[(start + end) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
 
 
 def truncate(step_dir: Path) -> None:
-    """Half of the biggest data file of the model item, as a copy cut short or a disk that filled up."""
-    f = _largest_file(step_dir / "model")
+    """Half of the arrays file, as a copy cut short or a disk that filled up."""
+    f = step_dir / ARRAYS_FILE
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
 def flip_a_bit(step_dir: Path) -> None:
-    """One flipped byte in the middle of the optimizer's data: orbax itself restores this without complaint."""
-    f = _largest_file(step_dir / "opt")
-    data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    f.write_bytes(bytes(data))
+    """One flipped bit in the middle of the optimizer's biggest array: the file still parses, every array has its
+    shape, and safetensors itself loads it without complaint; only the recorded SHA-256 tells."""
+    f = step_dir / ARRAYS_FILE
+    arrays, _ = CheckpointStore(step_dir.parent).read(int(step_dir.name.removeprefix("epoch_")))
+    name = max((k for k in arrays if k.startswith("['opt_state']")), key=lambda k: arrays[k].size)
+    flip_bit_in(f, name)
+    assert len(safetensors.numpy.load(f.read_bytes())) == len(arrays)  # the damage is invisible to the format
 
 
 def garble_meta(step_dir: Path) -> None:
-    for f in (step_dir / "meta").iterdir():
-        if f.name != "commit_success.txt":
-            f.write_text("{this is not json")
+    (step_dir / META_FILE).write_text("{this is not json")
 
 
-def remove_item(step_dir: Path) -> None:
-    shutil.rmtree(step_dir / "opt")
+def remove_file(step_dir: Path) -> None:
+    (step_dir / ARRAYS_FILE).unlink()
 
 
-CORRUPTIONS = {"truncated": truncate, "bit flip": flip_a_bit, "garbled meta": garble_meta, "missing item": remove_item}
+CORRUPTIONS = {"truncated": truncate, "bit flip": flip_a_bit, "garbled meta": garble_meta, "missing file": remove_file}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +207,7 @@ def test_a_run_killed_mid_epoch_blocks_no_one_and_resumes_exactly(good_run, tmp_
     proc = start_paused([*TRAIN, "--epochs", "3", "--out", str(killed)], at_step=STEPS + 1, tmp_path=tmp_path)
     try:
         written = snapshot(killed)
-        assert steps_of(killed) == [1] and trainer.HISTORY_FILE in written
+        assert steps_of(killed) == [1] and training.HISTORY_FILE in written
         with monkeypatch.context() as m:
             m.setattr(cli, "load_data", refuse_data)
             for extra in ([], ["--resume"], ["--overwrite"]):
@@ -205,15 +237,16 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(corruption,
     the one before, saves that epoch again under the same number, and ends where the undamaged run ended."""
     out = tmp_path / "run"
     shutil.copytree(good_run, out)
-    CORRUPTIONS[corruption](out / "checkpoints" / "3")
-    damaged = snapshot(out / "checkpoints" / "3")
+    CORRUPTIONS[corruption](checkpoint_dir(out, 3))
+    damaged = snapshot(checkpoint_dir(out, 3))
     capsys.readouterr()
 
     assert run_main([*TRAIN, "--epochs", "3", "--max-to-keep", "3", "--out", str(out), "--resume"]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert f"checkpoint 3 in {out.absolute() / 'checkpoints'} is unreadable (" in said, said
+    assert f"checkpoint 3 in {out.absolute() / CHECKPOINT_SUBDIR} is unreadable (" in said, said
     assert "trying checkpoint 2" in said and "after epoch 2" in said and "Epoch 3/3" in said
-    aside = out / "checkpoints.unreadable" / "3"
+    assert "Epoch 1/3" not in said and "Epoch 2/3" not in said
+    aside = aside_dir(out) / checkpoint_dir(out, 3).name
     assert f"moved it to {aside.absolute()}" in said
     assert snapshot(aside) == damaged  # moved as it was, not deleted or repaired
     assert steps_of(out) == [1, 2, 3]
@@ -221,26 +254,28 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(corruption,
 
 
 def test_a_resume_past_a_damaged_checkpoint_prints_no_tracebacks(good_run, tmp_path):
-    """A real ``python train.py --resume`` over a truncated latest checkpoint: orbax abandons the read's other
-    tensorstore operations and coroutines when one fails, and each used to print a traceback when it ended or was
-    collected (~600 lines of stderr). The fallback is reported once, on stdout, and stderr stays empty."""
+    """A real ``python train.py --resume`` over a truncated latest checkpoint, as a child process so that all it
+    prints is seen (other threads, interpreter exit included): the fallback is reported once, on stdout, and
+    stderr stays empty. (The old orbax store printed ~600 lines of tracebacks here from the read's abandoned
+    operations.)"""
     out = tmp_path / "run"
     shutil.copytree(good_run, out)
-    truncate(out / "checkpoints" / "3")
+    truncate(checkpoint_dir(out, 3))
     proc = subprocess.run([sys.executable, "train.py", *TRAIN, "--epochs", "3", "--max-to-keep", "3", "--out",
                            str(out), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "checkpoint 3 in" in proc.stdout and "is unreadable" in proc.stdout and "Epoch 3/3" in proc.stdout
+    assert proc.stdout.count("is unreadable") == 1 and "checkpoint 3 in" in proc.stdout, proc.stdout
+    assert "Epoch 3/3" in proc.stdout
     assert proc.stderr == "", proc.stderr[-3000:]
 
 
 def test_no_readable_checkpoint_is_a_clear_error(good_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(good_run, out)
-    truncate(out / "checkpoints" / "3")
-    garble_meta(out / "checkpoints" / "2")
-    remove_item(out / "checkpoints" / "1")
-    history = (out / trainer.HISTORY_FILE).read_bytes()
+    truncate(checkpoint_dir(out, 3))
+    garble_meta(checkpoint_dir(out, 2))
+    remove_file(checkpoint_dir(out, 1))
+    history = (out / training.HISTORY_FILE).read_bytes()
     capsys.readouterr()
     assert run_main([*TRAIN, "--epochs", "3", "--out", str(out), "--resume"]) == 1
     captured = capsys.readouterr()
@@ -248,44 +283,47 @@ def test_no_readable_checkpoint_is_a_clear_error(good_run, tmp_path, capsys):
     assert err.startswith("error: no checkpoint in") and "can be resumed from" in err and "Traceback" not in err
     for step in (1, 2, 3):
         assert f"checkpoint {step}:" in err and f"checkpoint {step} in" in captured.out
-    assert sorted(p.name for p in (out / "checkpoints.unreadable").iterdir()) == ["1", "2", "3"]
-    assert (out / trainer.HISTORY_FILE).read_bytes() == history
+    assert sorted(p.name for p in aside_dir(out).iterdir()) == [checkpoint_dir(out, s).name for s in (1, 2, 3)]
+    assert (out / training.HISTORY_FILE).read_bytes() == history
 
 
 def test_a_checkpoint_of_another_run_is_refused_not_skipped(good_run, tmp_path, capsys):
     """A readable checkpoint made with other settings is no reason to fall back to an older one."""
     out = tmp_path / "run"
     shutil.copytree(good_run, out)
+    before = snapshot(out / CHECKPOINT_SUBDIR)
     assert run_main([*TRAIN, "--epochs", "3", "--seed", "1", "--out", str(out), "--resume"]) == 1
-    assert "seed: checkpoint 0, now 1" in capsys.readouterr().err
-    assert steps_of(out) == [1, 2, 3] and not (out / "checkpoints.unreadable").exists()
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error: ") and "seed: the checkpoint's run has 0, this one 1" in err, err
+    assert steps_of(out) == [1, 2, 3] and not aside_dir(out).exists()
+    assert snapshot(out / CHECKPOINT_SUBDIR) == before
 
 
 def test_torch_checkpoint_falls_back_too(tmp_path, tiny_dataset, make_recipe):
-    """``--framework torch`` checkpoints: a truncated and a bit-flipped newest file are both moved aside."""
-    from torch_ref import train as torch_train
-
+    """``--framework torch`` checkpoints (the same store): a truncated newest one and a bit flipped inside the
+    first conv's weights of the one before are both moved aside, and the run resumes from epoch 1 to the same
+    result. The bit flip leaves a file that safetensors loads without complaint: only the digest catches it."""
     recipe = make_recipe("plain-vs-residual", epochs=3)
-    straight = torch_train.run(registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0), recipe, tiny_dataset,
-                               seed=3, out_dir=tmp_path / "run", max_to_keep=3)
-    ckpt = tmp_path / "run" / "checkpoints"
-    three, two = ckpt / "epoch_0003.pt", ckpt / "epoch_0002.pt"
-    three.write_bytes(three.read_bytes()[:1000])
-    data = bytearray(two.read_bytes())
-    tensor = torch.load(two, weights_only=True)["model"]["conv1.weight"].numpy().tobytes()
-    data[data.find(tensor[:32]) + 8] ^= 0x10  # inside the first conv's weights: torch.load alone misses this
-    two.write_bytes(bytes(data))
+    config = RunConfig(recipe=recipe, model="SimpleResNet", model_kwargs={"n_blocks": 1}, framework="torch", seed=3)
+    out = tmp_path / "run"
+    straight = training.train(registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0), config, tiny_dataset,
+                              out_dir=out, max_to_keep=3).history
+    assert steps_of(out) == [1, 2, 3]
+    three, two = checkpoint_dir(out, 3), checkpoint_dir(out, 2)
+    (three / ARRAYS_FILE).write_bytes((three / ARRAYS_FILE).read_bytes()[:1000])
+    flip_bit_in(two / ARRAYS_FILE, codecs.MODEL_PREFIX + "conv1.weight")
+    assert len(safetensors.numpy.load((two / ARRAYS_FILE).read_bytes())) > 0
     lines: list[str] = []
     resumed_model = registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=9)
-    resumed = torch_train.run(resumed_model, recipe, tiny_dataset, seed=3, out_dir=tmp_path / "run", resume=True,
-                              max_to_keep=3, log=lines.append)
-    assert "epoch 3" in lines[0] and "unreadable" in lines[0] and "trying epoch 2" in lines[0]
-    assert "epoch 2" in lines[1] and "digest" in lines[1] and "trying epoch 1" in lines[1]
-    assert lines[2].startswith("resuming from") and "after epoch 1" in lines[2]
+    resumed = training.train(resumed_model, config, tiny_dataset, out_dir=out, resume=True, max_to_keep=3,
+                             log=lines.append).history
+    assert "checkpoint 3" in lines[0] and "unreadable" in lines[0] and "trying checkpoint 2" in lines[0], lines
+    assert "checkpoint 2" in lines[1] and "SHA-256" in lines[1] and "trying checkpoint 1" in lines[1], lines
+    assert lines[2].startswith("resuming from") and "after epoch 1" in lines[2], lines
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert resumed[key] == straight[key], key
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints.unreadable").iterdir()) == [
-        "epoch_0002.pt", "epoch_0003.pt"]
+    assert sorted(p.name for p in aside_dir(out).iterdir()) == [two.name, three.name]
+    assert steps_of(out) == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------------------------ divergence
@@ -297,41 +335,35 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(framework, tmp_path, cap
     """lr 0.1 for epoch 1, then 1e29: the loss becomes nan in epoch 2. The run stops there with exit 1 and a message
     naming the epoch and step; epoch 1's checkpoint and history stay, nothing of epoch 2 is written.
 
-    The named step must be the first non-finite one. For jax the trainer finds it from a minimum kept on the
-    device and read once per epoch; the oracle here reads the running loss sum on the host after every step
-    (through the trainer's ``on_step`` hook, which changes nothing in the computation). The torch loop reads every
-    loss anyway and stops at the first bad one, before its ``on_step`` hook sees it."""
-    from torch_ref import train as torch_train
-
+    The named step must be the first non-finite one. For jax the loop finds it from a minimum kept on the device
+    and read once per epoch; the oracle here reads each step's loss on the host after every step (through the
+    loop's ``on_step`` hook, which changes nothing in the computation). The torch backend reads every loss anyway
+    and stops at the first bad one, before the ``on_step`` hook sees it."""
     losses: list[float] = []
-    if framework == "jax":
-        real_train = trainer.train
+    real_train = training.train
 
-        def train(*args, **kwargs):
-            return real_train(*args, on_step=lambda step, m: losses.append(float(m.loss_of_batches)), **kwargs)
+    def train(*args, **kwargs):
+        return real_train(*args, on_step=lambda step, loss: losses.append(loss()), **kwargs)
 
-        monkeypatch.setattr(trainer, "train", train)
-    else:
-        real_run = torch_train.run
-        monkeypatch.setattr(torch_train, "run", lambda *a, **k: real_run(*a, on_step=losses.append, **k))
+    monkeypatch.setattr(training, "train", train)
     out = tmp_path / "run"
     code = run_main([*TRAIN, *DIVERGE, "--framework", framework, "--out", str(out)])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1 and err.startswith("error: training diverged: the training loss became nan at epoch 2, step "), err
     assert "Traceback" not in err and "This epoch was not saved" in err
-    assert f"the last good checkpoint (epoch 1) in {out.absolute() / 'checkpoints'} is kept" in err
-    history = json.loads((out / trainer.HISTORY_FILE).read_text())
+    assert f"the last good checkpoint (epoch 1) in {out.absolute() / CHECKPOINT_SUBDIR} is kept" in err
+    history = training.read_history(out)
     assert len(history["train_loss"]) == 1 and np.isfinite(history["train_loss"][0])
+    assert steps_of(out) == [1]
+    assert sorted(p.name for p in (out / CHECKPOINT_SUBDIR).iterdir()) == [checkpoint_dir(out, 1).name]  # no partial
+    assert saved_run(out, 1)[1]["epoch"] == 1
     if framework == "jax":
-        assert steps_of(out) == [1]
         first = next(i for i, loss in enumerate(losses) if not np.isfinite(loss))
-        assert first // STEPS == 1  # in epoch 2
-        assert f"at epoch 2, step {first % STEPS + 1} of {STEPS} (optimizer step {first + 1})." in err, (first, err)
     else:
-        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.pt"]
         first = len(losses)  # the steps before were finite
-        assert all(np.isfinite(losses)) and first // STEPS == 1
-        assert f"at epoch 2, step {first % STEPS + 1} of {STEPS}." in err, (first, err)
+        assert all(np.isfinite(losses))
+    assert first // STEPS == 1  # in epoch 2
+    assert f"at epoch 2, step {first % STEPS + 1} of {STEPS} (optimizer step {first + 1})." in err, (first, err)
 
 
 # ------------------------------------------------------------------------------------------- porting
@@ -551,16 +583,29 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-@pytest.mark.parametrize(("how", "framework"), [("full tmpfs", "jax"), ("file size limit", "jax"),
-                                               ("file size limit", "torch")])
+def assert_only_the_report(stderr: str) -> str:
+    """``stderr`` is one ``error:`` report as ``commands.fail`` prints it and nothing else (no log lines, no
+    tracebacks, nothing printed later by other threads or at exit): a blank separator line, the ``error:`` line,
+    then only its indented continuation lines. Returns the report on one line."""
+    assert stderr.startswith("\n") and stderr.endswith("\n"), stderr[-3000:]
+    lines = stderr[1:-1].split("\n")
+    assert lines[0].startswith("error: ") and all(line.startswith("  ") for line in lines[1:]), stderr[-3000:]
+    assert stderr.count("error: ") == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return " ".join(stderr.split())
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("how", ["full tmpfs", "file size limit"])
 def test_a_full_disk_while_checkpointing_loses_nothing(how, framework, tmp_path, request, capsys):
     """The checkpoint of epoch 2 cannot be written. 'full tmpfs': a real 4 MiB tmpfs is filled up during epoch 2
     (real ENOSPC from the kernel; needs root). 'file size limit': RLIMIT_FSIZE instead (real EFBIG from the kernel
-    for any write past 64 KiB; any user). Either way: exit 1 with a message that says what happened, every file
-    epoch 1 wrote unchanged, no partial checkpoint left, and --resume continues once there is room.
+    for any write past 64 KiB; any user). Either way, and for both frameworks (they write the same store): exit 1
+    with one message that says what happened and is all the run printed to stderr, every file epoch 1 wrote
+    unchanged, no partial checkpoint or temporary directory left (also not once the process has ended), and
+    --resume continues once there is room.
 
-    The run is a child process (tests/fault_worker.py): orbax's failing save formats tracebacks in several threads
-    at once, which on CPython 3.11.7 can corrupt the interpreter's AST state (gh-106905) for the rest of a process.
+    The run is a child process (tests/fault_worker.py), so that all it prints is seen and the fault (a full file
+    system, a lowered file size limit) ends with it.
     """
     if how == "full tmpfs":
         disk = request.getfixturevalue("tiny_disk")
@@ -575,27 +620,19 @@ def test_a_full_disk_while_checkpointing_loses_nothing(how, framework, tmp_path,
                            "--snapshot", str(hashes), "--snapshot-of", str(out), "--", *argv],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    # The report is all of stderr: orbax's own logs and tensorstore's late callbacks of the failed save (pages of
-    # tracebacks, some after the report) are dropped as repeats (checkpoint._FailedOperations).
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
-    message = " ".join(proc.stderr.split())
-    if framework == "jax":
-        assert message.startswith(f"error: could not write checkpoint 2 to {out.absolute() / 'checkpoints'} ({word}: ")
-        assert "its partial files were removed" in message and "(steps: 1) are unchanged" in message
-        assert "the disk is full" in message
-    else:  # torch's writer reports "file write failed", without the OS's reason
-        assert message.startswith(f"error: could not write checkpoint {out / 'checkpoints' / 'epoch_0002.pt'} (")
-        assert "(epochs [1]) are unchanged" in message
-    assert "--resume" in message and "Traceback" not in message
+    message = assert_only_the_report(proc.stderr)
+    checkpoints = out.absolute() / CHECKPOINT_SUBDIR
+    assert message.startswith(f"error: could not write checkpoint 2 to {checkpoints} ({word}); "), message
+    assert "its partial files were removed" in message and "(steps: 1) are unchanged" in message
+    assert "the disk is full" in message and "--resume" in message
+    assert "Epoch 1/2" in proc.stdout and "Epoch 2/2" not in proc.stdout
     if how == "full tmpfs":
         (disk / "ballast").unlink()
     before = {k: v for k, v in json.loads(hashes.read_text()).items() if k != LOCK_FILE}
-    assert file_hashes(out) == before and trainer.HISTORY_FILE in before
-    kept = "1" if framework == "jax" else "epoch_0001.pt"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [kept]
-    if framework == "jax":
-        saved_run(out, 1)  # readable, and it matches its digests
+    assert file_hashes(out) == before and training.HISTORY_FILE in before
+    assert sorted(p.name for p in checkpoints.iterdir()) == [checkpoint_dir(out, 1).name]  # hidden ones included
+    saved_run(out, 1)  # readable, and it matches its digest
 
     assert run_main([*argv, "--resume"]) == 0
-    assert len(json.loads((out / trainer.HISTORY_FILE).read_text())["train_loss"]) == 2
-
+    assert len(training.read_history(out)["train_loss"]) == 2
+    assert steps_of(out) == [1, 2]
