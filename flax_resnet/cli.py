@@ -325,7 +325,9 @@ def _run_train_claimed(args: argparse.Namespace, plan: _TrainPlan) -> int:
     from flax_resnet import store, training
     from flax_resnet.recipes import RunConfig
 
-    if store.CheckpointStore(plan.out / store.CHECKPOINT_SUBDIR).steps and not (args.resume or args.overwrite):
+    # anything in checkpoints/ (ours, or files someone put there) is refused before data is read
+    ckpt_dir = plan.out / store.CHECKPOINT_SUBDIR
+    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):
         return fail(f"{plan.out} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to "
                     "start over, or choose another --out.")
     config = RunConfig(recipe=plan.recipe, model=plan.model, model_kwargs=plan.model_kwargs,

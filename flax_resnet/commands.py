@@ -47,7 +47,7 @@ def fail(message: str) -> int:
                              subsequent_indent="    " if i else "  ", break_on_hyphens=False,
                              break_long_words=False) for i, line in enumerate(lines)]
     sys.stdout.flush()
-    print("\nerror: " + "\n".join(wrapped), file=sys.stderr)
+    print("error: " + "\n".join(wrapped), file=sys.stderr)
     return EXIT_FAILURE
 
 

@@ -585,10 +585,10 @@ def tiny_disk(tmp_path):
 
 def assert_only_the_report(stderr: str) -> str:
     """``stderr`` is one ``error:`` report as ``commands.fail`` prints it and nothing else (no log lines, no
-    tracebacks, nothing printed later by other threads or at exit): a blank separator line, the ``error:`` line,
-    then only its indented continuation lines. Returns the report on one line."""
-    assert stderr.startswith("\n") and stderr.endswith("\n"), stderr[-3000:]
-    lines = stderr[1:-1].split("\n")
+    tracebacks, nothing printed later by other threads or at exit): the ``error:`` line, then only its indented
+    continuation lines. Returns the report on one line."""
+    assert stderr.startswith("error: ") and stderr.endswith("\n"), stderr[-3000:]
+    lines = stderr[:-1].split("\n")
     assert lines[0].startswith("error: ") and all(line.startswith("  ") for line in lines[1:]), stderr[-3000:]
     assert stderr.count("error: ") == 1 and "Traceback" not in stderr, stderr[-3000:]
     return " ".join(stderr.split())

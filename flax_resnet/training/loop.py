@@ -266,35 +266,45 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
 
     for epoch in range(start_epoch, recipe.epochs):
         bar = progress(total=spe, desc=f"epoch {epoch + 1}/{recipe.epochs}") if progress else None
-
-        def step_done(step: int, loss: Callable[[], float], epoch: int = epoch, bar: Any = bar) -> None:
+        try:
+            row = _epoch(backend, config, epoch, spe, num_train, num_test, store, bar, on_step)
+            for key in HISTORY_KEYS:
+                history[key].append(row[key])
+            if store is not None:
+                arrays, extra = backend.state()
+                store.save(epoch + 1, arrays, {**meta, "epoch": epoch + 1, "history": history, "backend": extra})
+                if backend.is_main_process:
+                    _write_outputs(out_dir, history, recipe, title, epoch + 1)
             if bar is not None:
-                bar.update(1)
-            if on_step is not None:
-                on_step(epoch * spe + step, loss)
-
-        t0 = time.perf_counter()
-        result = backend.train_epoch(epoch, plans.epoch_plan(config.seed, epoch, num_train), step_done)
-        train_time = time.perf_counter() - t0
-        _check_epoch(epoch, spe, result, None, _kept(store))
-        test_loss = test_acc = None
-        if num_test:
-            test_loss, test_acc = backend.evaluate()
-            _check_epoch(epoch, spe, result, test_loss, _kept(store))
-        row = {"train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss, "test_acc": test_acc,
-               "epoch_time": time.perf_counter() - t0, "images_per_sec": result.count / max(train_time, 1e-9),
-               "lr": float(epoch_learning_rate(recipe, epoch))}
-        for key in HISTORY_KEYS:
-            history[key].append(row[key])
-        if store is not None:
-            arrays, extra = backend.state()
-            store.save(epoch + 1, arrays, {**meta, "epoch": epoch + 1, "history": history, "backend": extra})
-            if backend.is_main_process:
-                _write_outputs(out_dir, history, recipe, title, epoch + 1)
-        if bar is not None:
-            accuracy = "n/a" if test_acc is None else f"{test_acc:.2f}%"
-            bar.set_postfix_str(f"loss {row['train_loss']:.4f}, test acc {accuracy}")
-            bar.close()
+                accuracy = "n/a" if row["test_acc"] is None else f"{row['test_acc']:.2f}%"
+                bar.set_postfix_str(f"loss {row['train_loss']:.4f}, test acc {accuracy}")
+        finally:  # also on an error or Ctrl-C: a bar left open would be the line the error message ends up on
+            if bar is not None:
+                bar.close()
         if log:
             log(epoch_summary(epoch, recipe.epochs, row))
     return history
+
+
+def _epoch(backend: Backend, config: RunConfig, epoch: int, spe: int, num_train: int, num_test: int,
+           store: CheckpointStore | None, bar: ProgressBar | None, on_step: StepHook | None) -> dict[str, Any]:
+    """Train and evaluate one epoch; its row of history (``TrainError`` if the loss diverged)."""
+
+    def step_done(step: int, loss: Callable[[], float]) -> None:
+        if bar is not None:
+            bar.update(1)
+        if on_step is not None:
+            on_step(epoch * spe + step, loss)
+
+    recipe = config.recipe
+    t0 = time.perf_counter()
+    result = backend.train_epoch(epoch, plans.epoch_plan(config.seed, epoch, num_train), step_done)
+    train_time = time.perf_counter() - t0
+    _check_epoch(epoch, spe, result, None, _kept(store))
+    test_loss = test_acc = None
+    if num_test:
+        test_loss, test_acc = backend.evaluate()
+        _check_epoch(epoch, spe, result, test_loss, _kept(store))
+    return {"train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss, "test_acc": test_acc,
+            "epoch_time": time.perf_counter() - t0, "images_per_sec": result.count / max(train_time, 1e-9),
+            "lr": float(epoch_learning_rate(recipe, epoch))}
