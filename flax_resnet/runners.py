@@ -222,6 +222,18 @@ class SingleDeviceRunner:
     def eval_step(self, state, metrics, data, start, size):
         return self._eval(state, self._put_metrics(metrics), data, np.int32(start), size=size)
 
+    # Ahead-of-time lowering of the very functions ``train_step`` / ``eval_step`` run (same jit, same compiler
+    # options, same argument conversion), for tools that want the compile time or XLA's cost analysis without
+    # running a step (``flax_resnet.bench``). Nothing is executed and no buffer is donated or consumed.
+    def lower_train_step(self, state, metrics, data, plan, start, size) -> jax.stages.Lowered:
+        """``train_step``'s compiled step for these arguments, lowered: ``.compile()`` it, then e.g.
+        ``.cost_analysis()``. Takes exactly ``train_step``'s arguments."""
+        return self._train.lower(state, self._put_metrics(metrics), data, plan, np.int32(start), size=size)
+
+    def lower_eval_step(self, state, metrics, data, start, size) -> jax.stages.Lowered:
+        """``eval_step``'s compiled step for these arguments, lowered (see ``lower_train_step``)."""
+        return self._eval.lower(state, self._put_metrics(metrics), data, np.int32(start), size=size)
+
 
 @functools.cache
 def _zeros_like_metrics(dtype) -> Metrics:
