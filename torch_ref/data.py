@@ -12,6 +12,10 @@ lets another framework (the Flax twin of this project) be fed exactly the same b
 same flips, bit-identical uint8 pixels. Without a plan it iterates in order without augmentation, as the
 notebooks' test loaders do.
 
+By default the split stays in host memory and each batch is prepared there and then moved to ``device``, as a
+``DataLoader`` feeding a GPU does. ``resident=True`` keeps the split and the plan on ``device`` instead and prepares
+every batch there, with no host work or host-device copy per batch (for timing the model, not the loader).
+
 Plain PyTorch and NumPy, nothing else.
 """
 
@@ -35,19 +39,26 @@ def augment(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pa
     ``flips[i]`` mirrors it left to right.
     """
     n, h, w, _ = images.shape
+    device = images.device
     padded = torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
-    rows = offsets[:, 0, None] + torch.arange(h)  # (n, h)
-    cols = offsets[:, 1, None] + torch.arange(w)  # (n, w)
-    cropped = padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    rows = offsets[:, 0, None] + torch.arange(h, device=device)  # (n, h)
+    cols = offsets[:, 1, None] + torch.arange(w, device=device)  # (n, w)
+    cropped = padded[torch.arange(n, device=device)[:, None, None], rows[:, :, None], cols[:, None, :]]
     return torch.where(flips[:, None, None, None], cropped.flip(2), cropped)
 
 
-def to_tensor_normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``ToTensor()`` + ``Normalize(mean, std)`` on a uint8 NHWC batch: (x / 255 - mean) / std, in NCHW."""
+def to_tensor_normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+                        std: Sequence[float] | torch.Tensor, dtype: torch.dtype = torch.float32,
+                        memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``ToTensor()`` + ``Normalize(mean, std)`` on a uint8 NHWC batch: (x / 255 - mean) / std, in NCHW.
+
+    ``memory_format``: the layout of the NCHW result (``torch.channels_last`` keeps the NHWC memory order).
+    ``mean`` / ``std`` may be tensors already on the images' device (then no copy is made per batch).
+    """
     x = images.to(dtype) / 255.0
-    x = (x - torch.tensor(mean, dtype=dtype)) / torch.tensor(std, dtype=dtype)
-    return x.permute(0, 3, 1, 2).contiguous()
+    device = images.device
+    x = (x - torch.as_tensor(mean, dtype=dtype, device=device)) / torch.as_tensor(std, dtype=dtype, device=device)
+    return x.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
 
 
 def gather(images: torch.Tensor, labels: torch.Tensor, permutation: torch.Tensor, offsets: torch.Tensor | None,
@@ -65,33 +76,51 @@ class PlannedBatches:
 
     ``set_plan(permutation, offsets, flips)`` fixes the next epoch's order and augmentation (``offsets=None``:
     no augmentation); without one the split is read in order. The last batch may be short
-    (``drop_last=False``). ``num_examples`` is the split's size.
+    (``drop_last=False``). ``num_examples`` is the split's size; ``batch(step)`` is one batch, as iterating
+    yields it.
+
+    ``resident``: keep the split and the plan on ``device`` and gather, augment and normalise there (default:
+    in host memory, each finished batch moved to ``device``). ``memory_format``: the batches' layout
+    (``torch.channels_last`` for channels-last models).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: Sequence[float],
-                 std: Sequence[float], *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.labels = torch.from_numpy(np.asarray(labels).astype(np.int64))
+                 std: Sequence[float], *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 resident: bool = False, memory_format: torch.memory_format = torch.contiguous_format):
         self.batch_size, self.mean, self.std, self.dtype, self.device = batch_size, mean, std, dtype, device
+        self.resident, self.memory_format = resident, memory_format
+        self._home = torch.device(device) if resident else torch.device("cpu")  # where the split and plan live
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self._home)
+        self.labels = torch.from_numpy(np.asarray(labels).astype(np.int64)).to(self._home)
+        # the constants once, where the batches are normalised (not a host-to-device copy per batch)
+        self._mean = torch.tensor(mean, dtype=dtype, device=self._home)
+        self._std = torch.tensor(std, dtype=dtype, device=self._home)
         self.num_examples = len(self.labels)
         self.set_plan(np.arange(self.num_examples))
 
     def set_plan(self, permutation: np.ndarray, offsets: np.ndarray | None = None, flips: np.ndarray | None = None
                  ) -> None:
-        self.permutation = torch.from_numpy(np.asarray(permutation).astype(np.int64))
-        self.offsets = None if offsets is None else torch.from_numpy(np.asarray(offsets).astype(np.int64))
-        self.flips = None if flips is None else torch.from_numpy(np.asarray(flips, bool))
+        home = self._home
+        self.permutation = torch.from_numpy(np.asarray(permutation).astype(np.int64)).to(home)
+        self.offsets = None if offsets is None else torch.from_numpy(np.asarray(offsets).astype(np.int64)).to(home)
+        self.flips = None if flips is None else torch.from_numpy(np.asarray(flips, bool)).to(home)
 
     def __len__(self) -> int:
         return -(-self.num_examples // self.batch_size)
 
     def uint8_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``step`` before ``ToTensor``/``Normalize``: uint8 NHWC images and labels."""
+        """Batch ``step`` before ``ToTensor``/``Normalize``: uint8 NHWC images and labels (on ``device`` when
+        resident, else on the CPU)."""
         start = step * self.batch_size
         return gather(self.images, self.labels, self.permutation, self.offsets, self.flips, start,
                       min(start + self.batch_size, self.num_examples))
 
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step`` as iterating yields it: normalised NCHW images and int64 labels, on ``device``."""
+        x, y = self.uint8_batch(step)
+        x = to_tensor_normalize(x, self._mean, self._std, self.dtype, self.memory_format)
+        return x.to(self.device), y.to(self.device)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step in range(len(self)):
-            x, y = self.uint8_batch(step)
-            yield to_tensor_normalize(x, self.mean, self.std, self.dtype).to(self.device), y.to(self.device)
+            yield self.batch(step)
