@@ -3,17 +3,32 @@
 ``python train.py bench --model NAME --batch-size B [--precision {fp32,bf16}] [--json FILE] [--quick]``
 
 What is compared (same device, model, batch, precision, optimizer; synthetic CIFAR-sized uint8 data resident on
-the device, normalised and augmented (crop + flip) on the device by both frameworks, the same batches):
+the device, normalised and augmented (crop + flip) on the device by both frameworks; the same batches: epoch 0's
+plan of ``flax_resnet.data.plan`` for the step rows, epoch 1's for the epoch rows), each side timed through the
+public methods of the pieces that train:
 
-- ``flax``: the real training path, ``runners.SingleDeviceRunner`` (jit, donated state, on-device metrics);
+- ``flax``: a ``training.flax_backend.FlaxBackend`` built from a ``RunConfig`` and ``prepare``-d as the training
+  loop prepares it, over ``runners.SingleDeviceRunner`` (jit, donated state, on-device metrics). The step rows
+  call the runner's ``train_step`` / ``eval_step`` on the backend's state; their compile time and XLA cost come
+  from an ahead-of-time compile of the same steps (``lower_train_step`` / ``lower_eval_step``). The epoch row is
+  ``FlaxBackend.train_epoch``, the loop's own per-epoch piece (with a step hook that does nothing).
 - ``torch eager`` (NCHW), ``torch channels_last``, ``torch.compile + channels_last`` (its failure, or its
-  absence in ``--quick``, is reported as a row with status ``n/a: why``).
+  absence in ``--quick``, is reported as a row with status ``n/a: why``): the ``torch_ref`` model, the notebooks'
+  optimiser (``torch_ref.train.make_optimizer``) and the reference's batches (``torch_ref.data.PlannedBatches``
+  with ``resident=True``, so that they are gathered, cropped, flipped and normalised on the device as the Flax
+  runner does, in the variant's ``memory_format``). The step is the notebooks' step without their per-step
+  ``loss.item()`` and accuracy ``.item()``: those wait for the device every step, and the Flax step never does.
+  The epoch row is therefore one loop over the ``PlannedBatches`` with that same step, not
+  ``torch_ref.train.train_epoch``, whose per-step reads would time the notebook's bookkeeping, not torch.
 
 Rows per implementation: ``train step`` and ``eval step`` (warm-up, then each timed step synchronised: median,
-p10, p90) and ``epoch`` (a whole epoch through the same step, synchronised once at its end, including the read of
-the epoch's metrics; the epoch plan is drawn before the clock starts, as the trainer draws it once per epoch). Columns:
+p10, p90) and ``epoch`` (a whole epoch, the last batch short if the batch size does not divide it, synchronised
+once at its end, including the read of the epoch's metrics; the NumPy epoch plan is drawn before the clock
+starts, its upload to the device (``put_plan`` / ``set_plan``) is timed; a short last batch's shape is run once
+before, so that no compilation falls inside).
+Columns:
 
-- ``compile_s``: Flax, the XLA compilation of the step (``jit(...).lower(...).compile()``); torch.compile, its
+- ``compile_s``: Flax, the XLA compilation of the step (``runner.lower_train_step(...).compile()``); torch.compile, its
   first call minus a median step; none for eager torch;
 - ``peak_mem_mb``: GPU: ``jax`` ``peak_bytes_in_use`` (never reset: the process's peak so far) and
   ``torch.cuda.max_memory_allocated`` (reset per row); CPU: the process's peak resident set size (``VmHWM``,
@@ -285,42 +300,52 @@ def _mfu(setup: _Setup, gflop: float | None, seconds: float | None) -> float | N
 
 # ------------------------------------------------------------------------------------------- flax
 def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
-    """The three Flax rows, through ``SingleDeviceRunner``; also returns the forward MACs per batch."""
-    import jax
-    import jax.numpy as jnp
+    """The three Flax rows, through the trainer's own pieces; also returns the forward MACs per batch.
 
-    from flax_resnet import engine, runners
+    One ``training.flax_backend.FlaxBackend`` (built from a ``RunConfig``, prepared as the training loop
+    prepares it) holds the model's state and the resident split; the step rows run its ``SingleDeviceRunner``'s
+    ``train_step`` / ``eval_step`` on that state, the epoch row is the backend's ``train_epoch``.
+    """
+    import jax
+    import numpy as np
+
+    from flax_resnet import runners
+    from flax_resnet.data import plan as plans
     from flax_resnet.precision import apply_precision
+    from flax_resnet.recipes import RunConfig
+    from flax_resnet.training.flax_backend import FlaxBackend
 
     b, n = setup.batch_size, len(setup.labels)
     model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
     train_gflop, eval_gflop = 6 * macs / 1e9, 2 * macs / 1e9
-    tx = engine.make_optimizer(setup.recipe, engine.steps_per_epoch(n, b))
-    graphdef, state = engine.init_train_state(model, tx)
-    runner = runners.SingleDeviceRunner(graphdef, tx, setup.recipe)
+    config = RunConfig(recipe=setup.recipe, model=setup.model, model_kwargs=setup.model_kwargs, framework="jax",
+                       seed=setup.seed, precision=setup.precision)
+    backend = FlaxBackend(model, config, runner=runners.SingleDeviceRunner)
     memory = _PeakMemory("flax", setup)
     memory.reset()
-    data = runner.put_data(setup.images, setup.labels)
-    state = runner.put_state(state)
-    plan = engine.epoch_plan(setup.seed, 0, n)
+    # no test split: the eval rows time the eval step on the training split's first batch (as torch's do)
+    backend.prepare(setup.images, setup.labels, np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int32))
+    runner, data = backend.runner, backend.train_data
+    assert isinstance(runner, runners.SingleDeviceRunner)
+    plan = runner.put_plan(plans.epoch_plan(setup.seed, 0, n))
     rows = []
 
-    # train step: compile time and XLA's FLOPs from an ahead-of-time compile of the runner's own jit
+    # train step: compile time and XLA's FLOPs from an ahead-of-time compile of the runner's own step. The state
+    # stays the backend's (``state_value``): the steps advance it, and the epoch row continues from it.
     setup.log("flax: compiling the train step")
-    train_compile_s, train_xla = _aot(getattr(runner, "_train", None), state, runners.zero_metrics(), data, plan,
-                                      jnp.int32(0), size=b)
-    box = [state, runners.zero_metrics(), 0]
-    full_batches = max(n // b, 1)
+    train_compile_s, train_xla = _compile(runner.lower_train_step(backend.state_value, runner.zero_metrics(), data,
+                                                                  plan, 0, b))
+    box = [runner.zero_metrics(), 0]
+    full_batches = n // b  # n >= b (_make_setup)
 
     def train() -> Any:
-        start = (box[2] % full_batches) * b
-        box[2] += 1
-        box[0], box[1] = runner.train_step(box[0], box[1], data, plan, start, b)
-        return box[1]
+        start = (box[1] % full_batches) * b
+        box[1] += 1
+        backend.state_value, box[0] = runner.train_step(backend.state_value, box[0], data, plan, start, b)
+        return box[0]
 
-    times = _time(train, jax.block_until_ready, setup.warmup, setup.steps)
-    s = _summary(times, b)
+    s = _summary(_time(train, jax.block_until_ready, setup.warmup, setup.steps), b)
     rows.append(_row(setup, "flax", "train step", **s, compile_s=train_compile_s, gflop=train_gflop,
                      xla_gflop=train_xla, mfu=_mfu(setup, train_gflop, s["ms_median"] / 1e3),
                      peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind))
@@ -328,12 +353,12 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     # eval step
     setup.log("flax: eval step")
     memory.reset()
-    eval_compile_s, eval_xla = _aot(getattr(runner, "_eval", None), box[0], runners.zero_metrics(), data,
-                                    jnp.int32(0), size=b)
-    ebox = [runners.zero_metrics()]
+    eval_compile_s, eval_xla = _compile(runner.lower_eval_step(backend.state_value, runner.zero_metrics(), data,
+                                                               0, b))
+    ebox = [runner.zero_metrics()]
 
     def evaluate() -> Any:
-        ebox[0] = runner.eval_step(box[0], ebox[0], data, 0, b)
+        ebox[0] = runner.eval_step(backend.state_value, ebox[0], data, 0, b)
         return ebox[0]
 
     s = _summary(_time(evaluate, jax.block_until_ready, setup.warmup, setup.steps), b)
@@ -341,32 +366,30 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
                      xla_gflop=eval_xla, mfu=_mfu(setup, eval_gflop, s["ms_median"] / 1e3),
                      peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind))
 
-    # epoch: every batch of the split (the last one short if b does not divide n), one sync at the end
+    # epoch: the training loop's own per-epoch piece, FlaxBackend.train_epoch (puts the plan on the device, runs
+    # every batch of the split, the last one short if b does not divide n, and reads the metrics once at its end)
     if setup.epoch_images:
         setup.log(f"flax: epoch of {n} images")
         memory.reset()
         if n % b:  # compile the short last batch outside the timed epoch
-            box[0], box[1] = runner.train_step(box[0], box[1], data, plan, n - n % b, n % b)
-        jax.block_until_ready(engine.epoch_plan(setup.seed, 1, n))  # compile the plan outside too
-        plan = jax.block_until_ready(engine.epoch_plan(setup.seed, 2, n))
-        state, metrics = jax.block_until_ready((box[0], runners.zero_metrics()))
+            backend.state_value, _ = runner.train_step(backend.state_value, runner.zero_metrics(), data, plan,
+                                                       n - n % b, n % b)
+        epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # NumPy, drawn before the clock
+        jax.block_until_ready(backend.state_value)
         t0 = time.perf_counter()
-        steps = engine.steps_per_epoch(n, b)
-        for i in range(steps):
-            start, stop = engine.batch_bounds(i, n, b)
-            state, metrics = runner.train_step(state, metrics, data, plan, start, stop - start)
-        jax.device_get(metrics)  # the trainer reads the epoch's metrics once, at its end
-        jax.block_until_ready(state)
+        backend.train_epoch(1, epoch_plan, _no_progress)
+        jax.block_until_ready(backend.state_value)  # the last step's update (its metrics were read already)
         epoch_s = time.perf_counter() - t0
-        rows.append(_epoch_row(setup, "flax", epoch_s, steps, train_gflop, memory))
+        rows.append(_epoch_row(setup, "flax", epoch_s, plans.steps_per_epoch(n, b), train_gflop, memory))
     return rows, macs
 
 
-def _aot(jitted: Any, *args: Any, **kwargs: Any) -> tuple[float | None, float | None]:
-    """(XLA compile seconds, XLA's GFLOP) of ``jitted`` for these arguments; (None, None) if unavailable."""
-    if jitted is None or not hasattr(jitted, "lower"):
-        return None, None
-    lowered = jitted.lower(*args, **kwargs)
+def _no_progress(step: int, loss: Callable[[], float]) -> None:
+    """The epoch's per-step hook: no progress bar, and the loss is never read (that would sync per step)."""
+
+
+def _compile(lowered: Any) -> tuple[float, float | None]:
+    """(XLA compile seconds, XLA's GFLOP or None) of a lowered step."""
     t0 = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
@@ -384,53 +407,6 @@ def _epoch_row(setup: _Setup, impl: str, epoch_s: float, steps: int, train_gflop
 
 
 # ------------------------------------------------------------------------------------------- torch
-class _TorchData:
-    """The split resident on torch's device, and the same on-device batch preparation as the Flax runner."""
-
-    def __init__(self, setup: _Setup, device: Any):
-        import torch
-
-        self.torch, self.device, self.recipe = torch, device, setup.recipe
-        self.images = torch.from_numpy(setup.images).to(device)
-        self.labels = torch.from_numpy(setup.labels.astype("int64")).to(device)
-        self.mean = torch.tensor(setup.recipe.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(setup.recipe.std, device=device).view(1, 3, 1, 1)
-        self.arange = torch.arange(32, device=device)
-        self.seed = setup.seed
-        self.set_plan(0)
-
-    def set_plan(self, epoch: int) -> None:
-        """The epoch plan the Flax rows use for (seed, epoch): the same batches, crops and flips."""
-        import numpy as np
-
-        from flax_resnet import engine
-
-        plan = engine.epoch_plan(self.seed, epoch, len(self.labels))
-        t = self.torch
-        self.perm = t.from_numpy(np.array(plan.permutation, dtype=np.int64)).to(self.device)
-        self.offsets = t.from_numpy(np.array(plan.offsets, dtype=np.int64)).to(self.device)
-        self.flips = t.from_numpy(np.array(plan.flips)).to(self.device)
-
-    def batch(self, start: int, size: int, channels_last: bool, train: bool = True) -> tuple[Any, Any]:
-        """Gather, crop + flip (uint8 NHWC), normalise, NCHW float: what ``runners.gather_batch`` does.
-
-        ``train=False``: samples [start, start + size) in order, not augmented (``runners.gather_eval_batch``).
-        """
-        t = self.torch
-        idx = self.perm[start:start + size] if train else t.arange(start, start + size, device=self.device)
-        x = self.images[idx]
-        if train and self.recipe.augment:
-            x = t.nn.functional.pad(x, (0, 0, 4, 4, 4, 4))
-            off = self.offsets[start:start + size]
-            rows = (off[:, 0, None] + self.arange)[:, :, None]
-            cols = (off[:, 1, None] + self.arange)[:, None, :]
-            x = x[t.arange(size, device=self.device)[:, None, None], rows, cols]
-            x = t.where(self.flips[start:start + size, None, None, None], x.flip(2), x)
-        x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std  # channels_last-strided already
-        x = x.contiguous(memory_format=t.channels_last if channels_last else t.contiguous_format)
-        return x, self.labels[idx]
-
-
 def _phases(setup: _Setup) -> tuple[str, ...]:
     return PHASES if setup.epoch_images else PHASES[:2]
 
@@ -443,7 +419,6 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True  # as XLA's default precision does (convs are TF32 already)
         torch.backends.cudnn.allow_tf32 = True
-    data = _TorchData(setup, device)
     rows = []
     phases = _phases(setup)
     for impl in IMPLS[1:]:
@@ -451,7 +426,7 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
             rows += [_row(setup, impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in phases]
             continue
         try:
-            _torch_variant(setup, data, device, impl, macs, rows)
+            _torch_variant(setup, device, impl, macs, rows)
         except Exception as e:  # noqa: BLE001 - report any failure of a variant as its rows, keep the others
             reason = f"n/a: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
             setup.log(f"{impl}: {reason}")
@@ -474,11 +449,15 @@ def _timed_torch_row(setup: _Setup, impl: str, phase: str, step: Callable[[], An
                 peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind)
 
 
-def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs: int,
-                   rows: list[dict[str, Any]]) -> None:
+def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[dict[str, Any]]) -> None:
     """Append ``impl``'s rows to ``rows`` phase by phase, so that the rows done before a failure are kept."""
+    import numpy as np
     import torch
     import torch.nn.functional as F  # noqa: N812
+
+    from flax_resnet.data import plan as plans
+    from torch_ref.data import PlannedBatches
+    from torch_ref.train import make_optimizer
 
     b, n = setup.batch_size, len(setup.labels)
     channels_last = "channels_last" in impl
@@ -488,9 +467,13 @@ def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     r = setup.recipe
-    opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+    opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay)
     net = torch.compile(model) if compiled else model
     half = setup.precision == "bf16"
+    # torch_ref's batches with the split resident on the device: gathered, augmented and normalised there, as the
+    # Flax runner does inside its step, in the variant's memory format
+    batches = PlannedBatches(setup.images, setup.labels, b, r.mean, r.std, device=device, resident=True,
+                             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if half else contextlib.nullcontext()
@@ -500,38 +483,45 @@ def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs
             torch.cuda.synchronize()
 
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    counter = [0]
-    full_batches = max(n // b, 1)
 
-    def train_on(start: int, size: int) -> Any:
-        x, y = data.batch(start, size, channels_last)
+    # The minimal training step: the notebooks' step (torch_ref.train.train_epoch) without its per-step
+    # ``loss.item()`` and ``.sum().item()``. Those wait for the device every step, and the Flax step does not
+    # (its metrics are summed on the device and read once per epoch), so a fair speed comparison must not make
+    # torch wait either: the metrics stay on the device here too.
+    def train_on(x: Any, y: Any) -> Any:
         opt.zero_grad(set_to_none=True)
         with autocast():
             logits = net(x)
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         opt.step()
-        correct.add_((logits.argmax(1) == y).sum())  # metrics stay on the device, as in the Flax step
+        correct.add_((logits.argmax(1) == y).sum())
         return loss
 
+    step = [0]
+    full_batches = n // b  # n >= b (_make_setup)
+
     def train() -> Any:
-        start = (counter[0] % full_batches) * b
-        counter[0] += 1
-        return train_on(start, b)
+        x, y = batches.batch(step[0] % full_batches)
+        step[0] += 1
+        return train_on(x, y)
 
     memory = _PeakMemory("torch", setup)
     setup.log(f"{impl}: train step")
     memory.reset()
+    first = plans.epoch_plan(setup.seed, 0, n)  # the plan of the Flax step rows: the same batches
+    batches.set_plan(first.permutation, first.offsets, first.flips)
     model.train()
     rows.append(_timed_torch_row(setup, impl, "train step", train, sync, compiled, train_gflop, memory))
 
     setup.log(f"{impl}: eval step")
     memory.reset()
+    batches.set_plan(np.arange(n))  # in order, not augmented: the test loader's batches (runners.gather_eval_batch)
     model.eval()
 
     def evaluate() -> Any:
         with torch.inference_mode(), autocast():
-            x, y = data.batch(0, b, channels_last, train=False)
+            x, y = batches.batch(0)
             logits = net(x)
             return (logits.argmax(1) == y).sum()
 
@@ -542,17 +532,16 @@ def _torch_variant(setup: _Setup, data: _TorchData, device: Any, impl: str, macs
         setup.log(f"{impl}: epoch of {n} images")
         memory.reset()
         if n % b:  # the short last batch: a new shape (torch.compile recompiles) outside the timed epoch
-            sync(train_on(n - n % b, n % b))
-        data.set_plan(2)
+            sync(train_on(*batches.batch(len(batches) - 1)))
+        epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # the Flax epoch's plan, drawn before the clock
         sync()
         t0 = time.perf_counter()
-        steps = -(-n // b)
-        for i in range(steps):
-            start = i * b
-            train_on(start, min(b, n - start))
+        batches.set_plan(epoch_plan.permutation, epoch_plan.offsets, epoch_plan.flips)  # as train_epoch's put_plan
+        for x, y in batches:  # every batch, the last one short, as the notebooks' loops iterate their loader
+            train_on(x, y)
         correct.item()  # read the epoch's metrics once, at its end
         sync()
-        rows.append(_epoch_row(setup, impl, time.perf_counter() - t0, steps, train_gflop, memory))
+        rows.append(_epoch_row(setup, impl, time.perf_counter() - t0, len(batches), train_gflop, memory))
 
 
 # ------------------------------------------------------------------------------------------- API
