@@ -89,3 +89,29 @@ def test_bad_arguments_are_usage_errors(capsys):
     assert "does not take --n-blocks" in capsys.readouterr().err
     with pytest.raises(ValueError, match="precision"):
         bench.run_benchmark("SimpleResNet", 8, "fp16", warmup=0, steps=1)  # type: ignore[arg-type]
+
+
+def test_resident_channels_last_batches_are_the_default_loaders_batches():
+    """The bench's torch batches (``PlannedBatches(resident=True, memory_format=channels_last)``, prepared where
+    the model runs) are the training loop's, value for value, only laid out channels-last."""
+    import numpy as np
+    import torch
+
+    from flax_resnet.data import plan
+    from torch_ref.data import PlannedBatches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 40).astype(np.int32)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    loader = PlannedBatches(images, labels, 16, mean, std)
+    resident = PlannedBatches(images, labels, 16, mean, std, device="cpu", resident=True,
+                              memory_format=torch.channels_last)
+    p = plan.epoch_plan(1, 0, 40)
+    for batches in (loader, resident):
+        batches.set_plan(p.permutation, p.offsets, p.flips)
+    pairs = list(zip(loader, resident, strict=True))
+    assert len(pairs) == 3  # 40 = 16 + 16 + 8
+    for (x, y), (xr, yr) in pairs:
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+        assert xr.is_contiguous(memory_format=torch.channels_last) and x.is_contiguous()
