@@ -60,7 +60,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from flax_resnet import allocator, registry
+from flax_resnet import registry
+from flax_resnet.training import cpu
 
 Precision = Literal["fp32", "bf16"]
 
@@ -309,10 +310,10 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     import jax
     import numpy as np
 
-    from flax_resnet import runners
     from flax_resnet.data import plan as plans
     from flax_resnet.precision import apply_precision
     from flax_resnet.recipes import RunConfig
+    from flax_resnet.training import runners
     from flax_resnet.training.flax_backend import FlaxBackend
 
     b, n = setup.batch_size, len(setup.labels)
@@ -591,7 +592,7 @@ def environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": device.platform, "device_kind": device.device_kind, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "malloc_tuned": allocator.tuned_settings(),
+            "malloc_tuned": cpu.tuned_allocator(),
             "load_avg": _load_all()}
 
 

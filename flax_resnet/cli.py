@@ -111,7 +111,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="initial weights: a torch .pt state_dict or a Flax checkpoint (a run's --out or a "
                            "port output); default: the framework's own initialisation from --seed. Ignored "
                            "when --resume finds a checkpoint")
-    from flax_resnet.parallel import add_parallel_arguments  # the flags live with the code they drive
+    from flax_resnet.training.parallel import add_parallel_arguments  # the flags live with the code they drive
 
     add_parallel_arguments(p)
     what.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -305,10 +305,10 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     if args.framework == "jax":
-        from flax_resnet import distributed
+        from flax_resnet.training import distributed
 
         distributed.initialize_from_args(args)  # first: before anything touches a device
-    from flax_resnet.outdir import claim_output_dir
+    from flax_resnet.training.outdir import claim_output_dir
 
     # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
     # of one multi-process run share --out, so process 0 holds the claim for all of them.
@@ -338,8 +338,8 @@ def _run_train_claimed(args: argparse.Namespace, plan: _TrainPlan) -> int:
     dataset = load_data(args)
     runner = None
     if args.framework == "jax":
-        from flax_resnet import parallel
         from flax_resnet.precision import apply_precision
+        from flax_resnet.training import parallel
 
         model = registry.build_flax(plan.model, plan.model_kwargs, seed=args.seed)
         if args.init_from is not None:
@@ -498,9 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["train", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
-    from flax_resnet.allocator import tune_cpu_allocator
+    from flax_resnet.training.cpu import tune_allocator
 
-    tune_cpu_allocator()  # before JAX starts: every command's CPU steps profit (see its docstring)
+    tune_allocator()  # before JAX starts: every command's CPU steps profit (see its docstring)
     try:
         return args.handler(args, args.parser)
     except FlaxResnetError as e:

@@ -60,31 +60,6 @@ class Conv2d(nnx.Conv):
             bias_init=torch_default_bias_init(fan_in), rngs=rngs,
         )
 
-    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        return super().__call__(materialize_on_cpu(inputs), out_sharding=out_sharding)
-
-
-@jax.custom_vjp
-def materialize_on_cpu(x: jax.Array) -> jax.Array:
-    """Identity that, on CPU only, makes XLA keep ``x`` as a buffer instead of recomputing it; gradient unchanged.
-
-    Why: XLA:CPU computes a convolution's weight gradient on transposed copies of its input (CHWN) and fuses
-    the whole cheap elementwise chain that produced the input (BatchNorm, ReLU and the residual additions of
-    all earlier blocks) into that transpose, where it is recomputed with a cache-hostile access pattern. Measured
-    on ResNet-20 (batch 128, 2 cores): those transpose fusions took about half of the train step. An identity
-    gather is an "expensive" op to XLA, which will not duplicate it into the transpose, so the transpose reads a
-    buffer; the gather itself is one row-wise copy. ``optimization_barrier`` does not work here: XLA:CPU removes
-    it before fusion. On other platforms (cuDNN takes NHWC gradients directly) this is the plain identity.
-    """
-    return jax.lax.platform_dependent(x, cpu=_identity_gather, default=lambda y: y)
-
-
-def _identity_gather(x: jax.Array) -> jax.Array:
-    return jnp.take(x, jnp.arange(x.shape[0]), axis=0, unique_indices=True, indices_are_sorted=True, mode="clip")
-
-
-materialize_on_cpu.defvjp(lambda x: (materialize_on_cpu(x), None), lambda _, g: (g,))
-
 
 class Linear(nnx.Linear):
     """``nnx.Linear`` with torch's ``nn.Linear`` arguments and torch's default init."""

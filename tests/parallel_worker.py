@@ -6,7 +6,7 @@ set before jax is imported), so one CPU shows up as N devices. Modes:
 - ``compare``: 5 steps (the last one short) and an eval pass with every runner on all devices, plus, for
   ``bn_sync=False``, a reference computed by hand on one device from each device's share of the batch.
 - ``multihost``: the same training through ``jax.distributed.initialize`` (one process of several).
-- ``unreachable``: ``flax_resnet.distributed.initialize`` against a coordinator nobody runs; prints the error.
+- ``unreachable``: ``flax_resnet.training.distributed.initialize`` against a coordinator nobody runs; prints the error.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ def setup(dtype_name: str):
     import numpy as np
     from flax import nnx
 
-    from flax_resnet import cast_floating, engine
+    from flax_resnet import cast_floating
     from flax_resnet.models import SimpleResNet
     from flax_resnet.recipes import Recipe
+    from flax_resnet.training import engine
 
     if dtype_name == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -81,8 +82,8 @@ def train_and_eval(runner, recipe, data, state, plan, dtype, prefix: str) -> dic
     import jax
     import numpy as np
 
-    from flax_resnet import engine
-    from flax_resnet.runners import zero_metrics
+    from flax_resnet.training import engine
+    from flax_resnet.training.runners import zero_metrics
 
     train, test = runner.put_data(*data["train"]), runner.put_data(*data["test"])
     state = runner.put_state(state)
@@ -113,8 +114,8 @@ def reference_bn_off(recipe, data, graphdef, state, tx, plan, dtype, num_devices
     import optax
     from flax import nnx
 
-    from flax_resnet import engine
-    from flax_resnet.runners import DeviceData, gather_batch
+    from flax_resnet.training import engine
+    from flax_resnet.training.runners import DeviceData, gather_batch
 
     train = DeviceData(*(jnp.asarray(a) for a in data["train"]))
 
@@ -153,7 +154,7 @@ def compare(args) -> None:
     import jax
     import numpy as np
 
-    from flax_resnet import parallel
+    from flax_resnet.training import parallel
 
     recipe, data, graphdef, state, tx, plan, dtype = setup(args.dtype)
     out = {"num_devices": np.array(jax.device_count()),
@@ -171,13 +172,13 @@ def compare(args) -> None:
 
 
 def multihost(args) -> None:
-    from flax_resnet import distributed
+    from flax_resnet.training import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.timeout)
     import jax
     import numpy as np
 
-    from flax_resnet import parallel
+    from flax_resnet.training import parallel
 
     recipe, data, graphdef, state, tx, plan, dtype = setup(args.dtype)
     out = {"num_devices": np.array(jax.device_count()), "local_devices": np.array(jax.local_device_count()),
@@ -209,7 +210,7 @@ def checkpoint_roundtrip(runner, state, directory: Path):
 
 
 def unreachable(args) -> None:
-    from flax_resnet import distributed
+    from flax_resnet.training import distributed
 
     t0 = time.perf_counter()
     try:

@@ -131,7 +131,8 @@ def test_a_batch_size_the_devices_cannot_share_fails_before_compiling(tmp_path):
     runner's step and state placement are replaced by functions that fail the test if reached."""
     code = textwrap.dedent("""
         import sys
-        from flax_resnet import cli, parallel
+        from flax_resnet import cli
+        from flax_resnet.training import parallel
 
         def reached(*args, **kwargs):
             raise SystemExit("REACHED " + sys.argv[1])

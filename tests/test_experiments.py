@@ -145,7 +145,7 @@ def test_landscape_loss_ignores_batchnorm_statistics_and_leaves_the_model_alone(
     after = jax.tree.map(np.asarray, nnx.state(model))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
     model.eval()
-    from flax_resnet.engine import cross_entropy
+    from flax_resnet.training.engine import cross_entropy
 
     assert losses[1] == pytest.approx(float(cross_entropy(model(x), y)), rel=1e-5)
 
@@ -262,7 +262,7 @@ def test_markdown_table_and_json():
 def test_an_experiment_refuses_an_out_in_use_or_unwritable(command, tmp_path, capsys):
     """Like `train`, an experiment claims --out first: a second run on it, or an --out under a file, is one clear
     error (exit 1) before any data is loaded or anything trained, and the holder's files are untouched."""
-    from flax_resnet.outdir import claim_output_dir
+    from flax_resnet.training.outdir import claim_output_dir
 
     out = tmp_path / "busy"
     with claim_output_dir(out):

@@ -37,11 +37,12 @@ import torch
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import cli, codecs, engine, port, registry, training
+from flax_resnet import cli, codecs, port, registry, training
 from flax_resnet.data.plan import steps_per_epoch
-from flax_resnet.outdir import LOCK_FILE
 from flax_resnet.recipes import RunConfig
 from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore
+from flax_resnet.training import engine
+from flax_resnet.training.outdir import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fault_worker.py")

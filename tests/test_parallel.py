@@ -1,4 +1,4 @@
-"""Data-parallel and multi-host training (flax_resnet.parallel, flax_resnet.distributed) on simulated CPU devices.
+"""Data-parallel and multi-host training (flax_resnet.training.parallel, .distributed) on simulated CPU devices.
 
 The runs happen in subprocesses (tests/parallel_worker.py) with ``--xla_force_host_platform_device_count=N`` set
 before jax is imported; they save what they computed as .npz and the tests compare here. Compilation is the cost,
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_resnet import distributed, parallel
+from flax_resnet.training import distributed, parallel
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TIMEOUT_S = 420  # per subprocess; the runs take 20-90 s on two busy cores

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import bench, engine, registry, training
+from flax_resnet import bench, registry, training
 from flax_resnet.precision import apply_precision, compute_dtypes
 from flax_resnet.recipes import RunConfig
+from flax_resnet.training import engine
 
 
 def tiny_model(seed: int = 0) -> nnx.Module:

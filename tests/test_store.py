@@ -31,9 +31,10 @@ import pytest
 import torch
 from flax import nnx
 
-from flax_resnet import codecs, engine, store
+from flax_resnet import codecs, store
 from flax_resnet.recipes import RECIPES
 from flax_resnet.store import CheckpointError, CheckpointStore, UnreadableCheckpoint
+from flax_resnet.training import engine
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = RECIPES["resnet18-cifar"]  # SGD with momentum 0.9 and weight decay

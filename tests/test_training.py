@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import codecs, engine, plots, registry, training
+from flax_resnet import codecs, plots, registry, training
 from flax_resnet.data import plan
 from flax_resnet.recipes import RunConfig
-from flax_resnet.runners import SingleDeviceRunner
 from flax_resnet.store import CheckpointStore
+from flax_resnet.training import engine
 from flax_resnet.training.flax_backend import epoch_result
+from flax_resnet.training.runners import SingleDeviceRunner
 
 TINY_MODEL = ("SimpleResNet", {"n_blocks": 1})
 
@@ -266,7 +267,7 @@ def test_both_frameworks_see_bit_identical_uint8_batches(tiny_dataset, make_reci
     torch: every uint8 batch of two epochs (the last one short) must be equal, byte for byte."""
     import torch
 
-    from flax_resnet.runners import DeviceData, gather_uint8
+    from flax_resnet.training.runners import DeviceData, gather_uint8
     from torch_ref.data import PlannedBatches
 
     recipe = make_recipe("resnet18-cifar", batch_size=24, augment=augment)

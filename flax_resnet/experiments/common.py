@@ -424,7 +424,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _handle(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``command``; its expected failures (``FlaxResnetError``) reach the CLI's one handler."""
-    from flax_resnet.outdir import claim_output_dir
+    from flax_resnet.training.outdir import claim_output_dir
 
     work = command.plan(args, parser)  # usage errors exit here, before anything is read or written
     out = args.out or Path(commands.RUNS_DIR) / (f"{command.name}-quick" if args.quick else command.name)

@@ -102,7 +102,7 @@ def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[
     import jax.numpy as jnp
     from flax import nnx
 
-    from flax_resnet.engine import cross_entropy
+    from flax_resnet.training.engine import cross_entropy
 
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -146,7 +146,7 @@ def _fixed_batch(dataset: Any, recipe: Recipe, size: int, split: str) -> tuple[A
     """The first ``size`` images of a split, normalised with the run's recipe (no augmentation)."""
     import jax.numpy as jnp
 
-    from flax_resnet.engine import normalize
+    from flax_resnet.training.engine import normalize
 
     images = getattr(dataset, f"{split}_images")[:size]
     labels = getattr(dataset, f"{split}_labels")[:size]

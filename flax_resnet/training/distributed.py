@@ -1,7 +1,7 @@
 """Multi-host start-up: ``jax.distributed.initialize`` with explicit flags or the cluster's own environment.
 
 Every process of a multi-host run calls ``initialize`` first, before anything touches a JAX device; then
-``jax.devices()`` lists the devices of all processes and the runners of ``flax_resnet.parallel`` train on all of
+``jax.devices()`` lists the devices of all processes and the runners of ``training.parallel`` train on all of
 them, each process feeding its own devices. Only the main process (``is_main_process``) writes history, plots and
 logs; checkpoints are saved by every process together (orbax writes each replicated array once).
 
@@ -149,5 +149,5 @@ def process_count() -> int:
 
 
 def initialize_from_args(args) -> bool:
-    """``initialize`` from the flags of ``flax_resnet.parallel.add_parallel_arguments``."""
+    """``initialize`` from the flags of ``flax_resnet.training.parallel.add_parallel_arguments``."""
     return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)

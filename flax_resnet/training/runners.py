@@ -1,8 +1,8 @@
-"""How the pure steps of ``flax_resnet.engine`` are run: the interface the training loop talks to.
+"""How the pure steps of ``flax_resnet.training.engine`` are run: the interface the training loop talks to.
 
 A runner owns placement (where the data and state live) and compilation (how the step is wrapped). The loop
 asks it for "the step at positions [start, start + size) of this epoch plan" and never touches devices itself,
-so one loop serves one device, ``pmap`` and ``shard_map`` (``flax_resnet.parallel``).
+so one loop serves one device, ``pmap`` and ``shard_map`` (``flax_resnet.training.parallel``).
 
 Everything a step needs stays on the device: the whole split (uint8), the epoch plan, the running metric
 sums. The host only dispatches; it reads metrics once per epoch.
@@ -19,10 +19,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flax_resnet import engine
 from flax_resnet.data.plan import EpochPlan
-from flax_resnet.engine import Metrics, TrainState
 from flax_resnet.recipes import Recipe
+from flax_resnet.training import cpu, engine
+from flax_resnet.training.engine import Metrics, TrainState
 
 
 class DeviceData(NamedTuple):
@@ -148,20 +148,12 @@ def gather_eval_batch(data: DeviceData, start, size: int, recipe: Recipe, dtype
     return engine.normalize(data.images[idx], recipe.mean, recipe.std, dtype), data.labels[idx], mask
 
 
-# XLA:CPU options for the compiled steps (measured: BENCHMARKS.md, "CPU speed log"). Convolutions go to Eigen,
-# which runs them on all cores, instead of YNNPACK (XLA's default for convolutions with more than 16 channels),
-# which ran them on one thread here and was 1.5-3x slower per weight gradient; YNNPACK keeps the reductions
-# (BatchNorm statistics), where XLA's own code is 5x slower. The concurrency-optimised scheduler lets independent
-# ops (a layer's input and weight gradients) overlap. ResNet-20, batch 128, 2 cores: 0.71x -> 0.84x torch eager.
-CPU_COMPILER_OPTIONS: dict[str, str] = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
-}
-
-
-def compiler_options(device: jax.Device) -> dict[str, str] | None:
-    """Per-``jax.jit`` XLA options for steps running on ``device`` (``CPU_COMPILER_OPTIONS`` on CPU, else none)."""
-    return dict(CPU_COMPILER_OPTIONS) if device.platform == "cpu" else None
+def step_graph(graphdef: nnx.GraphDef, state: TrainState, platform: str) -> nnx.GraphDef:
+    """The graph a step runs on ``platform``: on the CPU with its speed measures applied (``cpu``); called at
+    trace time inside the step, so it costs nothing per step."""
+    if platform != "cpu":
+        return graphdef
+    return cpu.materialize_conv_inputs(graphdef, state.params, state.model_state)
 
 
 class SingleDeviceRunner:
@@ -174,7 +166,7 @@ class SingleDeviceRunner:
         self.graphdef, self.tx, self.recipe, self.dtype = graphdef, tx, recipe, dtype
         self.device = device or jax.devices()[0]
         self.leaves = StateLeaves()
-        options = compiler_options(self.device)
+        options = cpu.compiler_options(self.device)
         self._train = jax.jit(self.leaves.train(self._train_impl), static_argnames="size", donate_argnums=(0, 1),
                               compiler_options=options)
         self._eval = jax.jit(self.leaves.eval(self._eval_impl), static_argnames="size", donate_argnums=(1,),
@@ -200,12 +192,14 @@ class SingleDeviceRunner:
 
     def _train_impl(self, state, metrics, data, plan, start, *, size):
         images, labels = gather_batch(data, plan, start, size, self.recipe, self.dtype)
-        state, step_metrics = engine.train_step(self.graphdef, self.tx, state, images, labels)
+        graphdef = step_graph(self.graphdef, state, self.device.platform)
+        state, step_metrics = engine.train_step(graphdef, self.tx, state, images, labels)
         return state, metrics + step_metrics
 
     def _eval_impl(self, state, metrics, data, start, *, size):
         images, labels, mask = gather_eval_batch(data, start, size, self.recipe, self.dtype)
-        return metrics + engine.eval_step(self.graphdef, state, images, labels, mask)
+        return metrics + engine.eval_step(step_graph(self.graphdef, state, self.device.platform), state, images, labels,
+                                          mask)
 
     def _put_metrics(self, metrics: Metrics) -> Metrics:
         # Fresh sums (zero_metrics) are uncommitted arrays and the step's outputs committed ones: jit keys its

@@ -1,4 +1,4 @@
-"""Data parallelism: one per-device step of ``flax_resnet.engine``, run on many devices (and hosts) two ways.
+"""Data parallelism: one per-device step of ``flax_resnet.training.engine``, run on many devices (and hosts) two ways.
 
 The step is the engine's pure ``train_step`` / ``eval_step`` with its collectives named by one axis, ``AXIS``.
 What differs is only the wrapper that maps it over devices:
@@ -8,7 +8,7 @@ What differs is only the wrapper that maps it over devices:
 - ``PmapRunner``: ``jax.pmap`` (in maintenance since JAX 0.8 and itself implemented on shard_map). The state
   lives the classic pmap way, stacked with a leading axis of one row per local device.
 
-Both implement ``flax_resnet.runners.Runner`` and give the same numbers as ``SingleDeviceRunner`` with the same
+Both implement ``flax_resnet.training.runners.Runner`` and give the same numbers as ``SingleDeviceRunner`` with the same
 global batch: every device holds the whole uint8 split and gathers its own contiguous share of each global
 batch (device d of N takes plan positions [start + d*size/N, start + (d+1)*size/N)); the loss and gradients are
 averaged over devices (``pmean``), the metric sums added (``psum``), and BatchNorm statistics are computed over
@@ -25,7 +25,7 @@ padding masked out. Training batches must divide by the device count (``validate
 training, with a batch size that works). Dropout keys are folded with the device index inside the step, so
 devices draw different masks for their different samples.
 
-Multi-host: after ``flax_resnet.distributed.initialize`` the mesh spans the devices of all processes, grouped by
+Multi-host: after ``training.distributed.initialize`` the mesh spans the devices of all processes, grouped by
 process; each process puts the same (seeded) state and the same data, and its devices compute only their shares.
 ``get_state`` returns globally replicated ``jax.Array``s: every process passes them to orbax's save together and
 orbax writes each array once.
@@ -46,12 +46,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_resnet import engine
 from flax_resnet.data.plan import EpochPlan
-from flax_resnet.engine import Metrics, TrainState
 from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import Recipe
-from flax_resnet.runners import (
+from flax_resnet.training import engine
+from flax_resnet.training.engine import Metrics, TrainState
+from flax_resnet.training.runners import (
     DeviceData,
     Runner,
     RunnerState,
@@ -59,8 +59,9 @@ from flax_resnet.runners import (
     StateLeaves,
     gather_batch,
     gather_eval_batch,
+    step_graph,
 )
-from flax_resnet.runners import zero_metrics as _zero_metrics
+from flax_resnet.training.runners import zero_metrics as _zero_metrics
 
 AXIS = "data"  # the one mesh / pmap axis every collective of the step names
 
@@ -150,7 +151,7 @@ def _per_device_keys(model_state, axis_name: str):
 
 def device_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe, dtype,
                       bn_sync: bool, num_devices: int, state: TrainState, metrics: Metrics, data: DeviceData,
-                      plan: EpochPlan, start, size: int) -> tuple[TrainState, Metrics]:
+                      plan: EpochPlan, start, size: int, platform: str = "") -> tuple[TrainState, Metrics]:
     """One device's share of the global step at plan positions [start, start + size); collectives over ``AXIS``.
 
     This is the function both wrappers map over the devices; it must run inside ``pmap`` or ``shard_map``.
@@ -160,8 +161,8 @@ def device_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, 
     images, labels = gather_batch(data, plan, local_start, local, recipe, dtype)
     keys = state.model_state
     state = state._replace(model_state=_per_device_keys(state.model_state, AXIS))
-    state, step_metrics = engine.train_step(with_bn_axis(graphdef, state, AXIS if bn_sync else None), tx, state,
-                                            images, labels, axis_name=AXIS)
+    graph = with_bn_axis(step_graph(graphdef, state, platform), state, AXIS if bn_sync else None)
+    state, step_metrics = engine.train_step(graph, tx, state, images, labels, axis_name=AXIS)
     # the stored keys stay the replicated ones (only the RNG counters advance, equally on every device)
     state = state._replace(model_state=jax.tree.map(lambda new, old: old if _is_key(old) else new,
                                                     state.model_state, keys))
@@ -171,13 +172,14 @@ def device_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, 
 
 
 def device_eval_step(graphdef: nnx.GraphDef, recipe: Recipe, dtype, num_devices: int, state: TrainState,
-                     metrics: Metrics, data: DeviceData, start, size: int) -> Metrics:
+                     metrics: Metrics, data: DeviceData, start, size: int, platform: str = "") -> Metrics:
     """One device's share of the eval batch [start, start + size), padded up to a multiple of the devices."""
     local = -(-size // num_devices)
     local_start = start + jax.lax.axis_index(AXIS) * local
     images, labels, mask = gather_eval_batch(data, local_start, local, recipe, dtype)
     mask = mask & (local_start + jnp.arange(local) < start + size)  # the padding belongs to the next batch
-    return metrics + engine.eval_step(graphdef, state, images, labels, mask, axis_name=AXIS)
+    return metrics + engine.eval_step(step_graph(graphdef, state, platform), state, images, labels, mask,
+                                      axis_name=AXIS)
 
 
 # ------------------------------------------------------------------------------------------ placement helpers
@@ -225,6 +227,7 @@ class _DataParallel:
         self.graphdef, self.tx, self.recipe, self.dtype, self.bn_sync = graphdef, tx, recipe, dtype, bn_sync
         self.devices = list(devices) if devices is not None else default_devices()
         self.num_devices = len(self.devices)
+        self.platform = self.devices[0].platform  # the speed measures of ``runners.step_graph`` follow it
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
         self.replicated = NamedSharding(self.mesh, P())
@@ -275,12 +278,12 @@ class ShardMapRunner(_DataParallel):
 
     def _train_impl(self, state, metrics, data, plan, start, *, size):
         step = functools.partial(device_train_step, self.graphdef, self.tx, self.recipe, self.dtype, self.bn_sync,
-                                 self.num_devices, size=size)
+                                 self.num_devices, size=size, platform=self.platform)
         return self._map(self.leaves.train(step), 5)(state, metrics, data, plan, start)
 
     def _eval_impl(self, state, metrics, data, start, *, size):
         step = functools.partial(device_eval_step, self.graphdef, self.recipe, self.dtype, self.num_devices,
-                                 size=size)
+                                 size=size, platform=self.platform)
         return self._map(self.leaves.eval(step), 4)(state, metrics, data, start)
 
     def put_state(self, state: TrainState) -> RunnerState:
@@ -316,7 +319,7 @@ class PmapRunner(_DataParallel):
     def _train_fn(self, size: int):
         if size not in self._train_fns:
             step = functools.partial(device_train_step, self.graphdef, self.tx, self.recipe, self.dtype,
-                                     self.bn_sync, self.num_devices, size=size)
+                                     self.bn_sync, self.num_devices, size=size, platform=self.platform)
             self._train_fns[size] = jax.pmap(self.leaves.train(step), AXIS, in_axes=(0, None, None, None, None),
                                              out_axes=(0, None), devices=self.devices, donate_argnums=(0, 1))
         return self._train_fns[size]
@@ -324,7 +327,7 @@ class PmapRunner(_DataParallel):
     def _eval_fn(self, size: int):
         if size not in self._eval_fns:
             step = functools.partial(device_eval_step, self.graphdef, self.recipe, self.dtype, self.num_devices,
-                                     size=size)
+                                     size=size, platform=self.platform)
             self._eval_fns[size] = jax.pmap(self.leaves.eval(step), AXIS, in_axes=(0, None, None, None), out_axes=None,
                                             devices=self.devices, donate_argnums=(1,))
         return self._eval_fns[size]

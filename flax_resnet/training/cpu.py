@@ -1,0 +1,125 @@
+"""Speed measures for XLA:CPU, in one place: the runners apply them, nothing else knows about them.
+
+Three measures, each measured on the project's 2-core AMD EPYC machines (AVX2 + FMA, no AVX-512) with ResNet-20
+at batch 128 (BENCHMARKS.md, "CPU speed log"):
+
+- ``tune_allocator``: glibc keeps freed memory for reuse. XLA:CPU allocates each execution's temporary buffer
+  (295 MB for ResNet-20 at batch 128) and frees it afterwards; glibc serves such requests with a fresh ``mmap``
+  and returns them with ``munmap``, so every step page-faulted the whole buffer back in: 75,000 page faults and
+  150 ms of kernel time per step (389 -> 338 ms/step with the tuning). Process-wide, so the command line calls it
+  first thing (the library never changes the process on its own).
+- ``compiler_options``: per-``jax.jit`` XLA options. Convolutions go to Eigen, which runs them on all cores,
+  instead of YNNPACK (XLA's default for convolutions of more than 16 channels), which ran them on one thread here
+  and was 1.5-3x slower per weight gradient; YNNPACK keeps the reductions (BatchNorm statistics), where XLA's own
+  code is 5x slower; the concurrency-optimised scheduler lets independent ops overlap. 0.71x -> 0.84x torch eager.
+  These are experimental XLA flags: a jaxlib that renames or drops one would make every compile fail, so they
+  are tried once on a tiny function and dropped, with one warning, when the running jaxlib refuses them.
+- ``materialize_conv_inputs``: the input of every convolution kept as a buffer. XLA:CPU computes a convolution's
+  weight gradient on transposed copies of its input and fuses the whole cheap elementwise chain that produced the
+  input (BatchNorm, ReLU, the residual additions of all earlier blocks) into that transpose, where it is recomputed
+  with a cache-hostile access pattern: about half of the train step. An identity gather is an "expensive" op to
+  XLA, which will not duplicate it into the transpose (``optimization_barrier`` does not work: XLA:CPU removes it
+  before fusion). 503 -> 338 ms/step. GPUs (cuDNN takes NHWC gradients directly) do not need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_resnet import layers
+
+__all__ = ["COMPILER_OPTIONS", "compiler_options", "materialize_conv_inputs", "tune_allocator", "tuned_allocator"]
+
+# ------------------------------------------------------------------------------------------------ allocator
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+_ALLOCATOR_TUNED: dict[str, int] | None = None
+
+
+def tune_allocator() -> dict[str, int] | None:
+    """One glibc arena, no mmap, a 2 GB trim threshold (see the module docstring); call first thing, before JAX
+    runs anything: only the allocations made afterwards profit. Linux/glibc only, idempotent;
+    ``FLAX_RESNET_MALLOC=default`` opts out. Returns the settings applied, or None when nothing was done."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None or os.environ.get("FLAX_RESNET_MALLOC") == "default":
+        return _ALLOCATOR_TUNED
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    settings = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+    codes = {"M_ARENA_MAX": _M_ARENA_MAX, "M_MMAP_MAX": _M_MMAP_MAX, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD}
+    if all(mallopt(codes[k], v) == 1 for k, v in settings.items()):
+        _ALLOCATOR_TUNED = settings
+    return _ALLOCATOR_TUNED
+
+
+def tuned_allocator() -> dict[str, int] | None:
+    """The settings ``tune_allocator`` applied in this process, or None."""
+    return _ALLOCATOR_TUNED
+
+
+# ------------------------------------------------------------------------------------------ compiler options
+COMPILER_OPTIONS: dict[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+}
+
+
+@functools.cache
+def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether the running jaxlib compiles with ``options`` (tried once per process on a tiny function)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.zeros(2)).compile()
+    except Exception as e:  # noqa: BLE001 - an unknown or renamed option is reported as assorted errors
+        warnings.warn(f"this jaxlib ({jax.__version__}) does not accept flax-resnet's XLA:CPU speed options "
+                      f"({', '.join(dict(options))}): {' '.join(str(e).split())[:200]}. Training runs without them, "
+                      "correctly but slower on the CPU.", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def compiler_options(device: jax.Device) -> dict[str, str] | None:
+    """Per-``jax.jit`` XLA options for steps running on ``device``: ``COMPILER_OPTIONS`` on a CPU whose jaxlib
+    accepts them, else none."""
+    if device.platform != "cpu" or not _accepted(tuple(COMPILER_OPTIONS.items())):
+        return None
+    return dict(COMPILER_OPTIONS)
+
+
+# ------------------------------------------------------------------------------------- conv-input buffers
+@jax.custom_vjp
+def _materialize(x: jax.Array) -> jax.Array:
+    """Identity as a row-wise gather (an op XLA will not fuse into its consumers); gradient unchanged."""
+    return jnp.take(x, jnp.arange(x.shape[0]), axis=0, unique_indices=True, indices_are_sorted=True, mode="clip")
+
+
+_materialize.defvjp(lambda x: (_materialize(x), None), lambda _, g: (g,))
+
+
+class MaterializedInputConv2d(layers.Conv2d):
+    """``layers.Conv2d`` whose input is kept as a buffer (see the module docstring); same numbers."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        return super().__call__(_materialize(inputs), out_sharding=out_sharding)
+
+
+def materialize_conv_inputs(graphdef: nnx.GraphDef, *state: nnx.State) -> nnx.GraphDef:
+    """The graph with every ``layers.Conv2d`` made a ``MaterializedInputConv2d`` (called at trace time with the
+    step's own state, as ``parallel.with_bn_axis`` is: no run-time cost, the model passed in is not changed)."""
+    model = nnx.merge(graphdef, *state)
+    for _, module in nnx.iter_modules(model):
+        if type(module) is layers.Conv2d:
+            module.__class__ = MaterializedInputConv2d
+    return nnx.split(model, nnx.Param, ...)[0]
