@@ -4,7 +4,7 @@ Commands:
 
 - ``train``: train a notebook model with a notebook recipe, in JAX/Flax (default) or in the PyTorch reference;
   writes ``history.json``, ``curves.png`` and a checkpoint per epoch to ``--out``.
-- ``port``: convert weights between a torch ``.pt`` state_dict and a Flax (orbax) checkpoint, both ways.
+- ``port``: convert weights between a torch ``.pt`` state_dict and a Flax checkpoint, both ways.
 
 This module only parses and wires; the work is in ``flax_resnet.training`` (both frameworks' training),
 ``flax_resnet.store`` and ``flax_resnet.port``. Imports of JAX, torch and the data layer happen inside the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,9 +33,13 @@ from flax_resnet.commands import (
     RUNS_DIR,
     HelpFormatter,
     add_data_arguments,
+    check_data_arguments,
+    expanded_path,
     fail,
+    finite_float,
     load_data,
     progress_factory,
+    seed,
     write_line,
 )
 from flax_resnet.errors import FlaxResnetError
@@ -107,7 +112,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(default: %(default)s)")
     registry.add_model_arguments(what, lambda arg: f"{arg.help} "
                                  f"({', '.join(s.name for s in registry.MODELS.values() if arg.name in s.args)} only)")
-    what.add_argument("--init-from", metavar="PATH", type=Path,
+    what.add_argument("--init-from", metavar="PATH", type=expanded_path,
                       help="initial weights: a torch .pt state_dict or a Flax checkpoint (a run's --out or a "
                            "port output); default: the framework's own initialisation from --seed. Ignored "
                            "when --resume finds a checkpoint")
@@ -120,7 +125,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="bf16: mixed precision for --framework jax (bfloat16 convolutions and activations; "
                            "float32 weights, optimizer, BatchNorm statistics and loss; see flax_resnet.precision) "
                            "(default: %(default)s)")
-    what.add_argument("--seed", type=int, default=0, metavar="N",
+    what.add_argument("--seed", type=seed, default=0, metavar="N",
                       help="seed of the initialisation and of the batch order and augmentation "
                            "(default: %(default)s)")
 
@@ -131,23 +136,26 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     rec.add_argument("--batch-size", type=int, metavar="N",
                      help="training batch size (the last batch of an epoch may be short)")
     rec.add_argument("--eval-batch-size", type=int, metavar="N", help="test batch size")
-    rec.add_argument("--lr", type=float, help="initial learning rate of SGD")
-    rec.add_argument("--momentum", type=float, metavar="M", help="SGD momentum, in [0, 1)")
-    rec.add_argument("--weight-decay", type=float, metavar="WD", help="SGD weight decay (coupled, on every parameter)")
+    rec.add_argument("--lr", type=finite_float(minimum=0, exclusive_min=True), help="initial learning rate of SGD")
+    rec.add_argument("--momentum", type=finite_float(minimum=0, maximum=1, exclusive_max=True), metavar="M",
+                     help="SGD momentum, in [0, 1)")
+    rec.add_argument("--weight-decay", type=finite_float(minimum=0), metavar="WD",
+                     help="SGD weight decay (coupled, on every parameter)")
     rec.add_argument("--schedule", choices=("multistep", "cosine", "constant"),
                      help="learning-rate schedule, stepped per epoch")
     rec.add_argument("--milestones", type=int, nargs="*", metavar="EPOCH",
                      help="epochs at which multistep multiplies the learning rate by --gamma")
-    rec.add_argument("--gamma", type=float, metavar="G", help="multistep factor")
+    rec.add_argument("--gamma", type=finite_float(minimum=0, exclusive_min=True), metavar="G", help="multistep factor")
     rec.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                      help="random crop 32 with 4 pixels of zero padding + horizontal flip")
-    rec.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean")
-    rec.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std")
+    rec.add_argument("--mean", type=finite_float(), nargs=3, metavar=("R", "G", "B"), help="normalisation mean")
+    rec.add_argument("--std", type=finite_float(minimum=0, exclusive_min=True), nargs=3, metavar=("R", "G", "B"),
+                     help="normalisation std")
     rec.add_argument("--train-loss-mean", choices=("samples", "batches"),
                      help="train loss as mean over samples (notebook 000) or over batches (notebook 004)")
 
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, metavar="DIR",
+    out.add_argument("--out", type=expanded_path, metavar="DIR",
                      help=f"output directory; default: {RUNS_DIR}/<model>-<recipe>-<framework> "
                           "(with -synthetic appended for the synthetic data)")
     out.add_argument("--resume", action="store_true",
@@ -195,10 +203,6 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _T
     for name in ("mean", "std"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
-    if "gamma" in overrides and overrides["gamma"] <= 0:
-        parser.error(f"--gamma must be positive, got {overrides['gamma']}")
-    if "std" in overrides and min(overrides["std"]) <= 0:
-        parser.error("--std must be positive")
     try:
         recipe = dataclasses.replace(RECIPES[args.recipe], model=args.model, **overrides)
     except ValueError as e:
@@ -213,8 +217,9 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _T
             parser.error(f"--{name.replace('_', '-')} must be at least {1 if name == 'train_samples' else 0}")
     if args.max_to_keep < 1:
         parser.error("--max-to-keep must be at least 1")
-    if args.seed < 0:
-        parser.error("--seed must be >= 0")
+    check_data_arguments(args, parser)
+    if not math.isfinite(args.distributed_timeout) or args.distributed_timeout <= 0:
+        parser.error(f"--distributed-timeout must be a finite number of seconds > 0, got {args.distributed_timeout}")
     if args.init_from is not None and not args.init_from.exists():
         parser.error(f"--init-from {args.init_from}: no such file or directory")
     if args.framework == "torch" and (args.parallel != "auto" or args.bn_sync != "on" or args.coordinator):
@@ -289,12 +294,28 @@ def _port_into(model: Any, state_dict: Any, name: str, kwargs: dict[str, Any]) -
 
 
 def _init_flax_from(model: Any, path: Path, name: str | None = None, kwargs: dict[str, Any] | None = None) -> None:
+    """--init-from for a Flax model: a torch .pt state_dict, or a checkpoint of either framework."""
     from flax_resnet import checkpoint
 
     if path.is_dir():
+        _check_recorded_model(checkpoint.read_meta(path), path, name, kwargs)
         checkpoint.load_model(path, model)
     else:
         _port_into(model, _load_torch_file(path), name or type(model).__name__, kwargs or {})
+
+
+def _check_recorded_model(meta: dict[str, Any], path: Path, name: str | None, kwargs: dict[str, Any] | None) -> None:
+    """A checkpoint records its model: one that is not the model asked for is named, before its arrays are read."""
+    from flax_resnet.port import PortError
+
+    recorded, recorded_kwargs = meta.get("model"), meta.get("model_kwargs") or {}
+    if name is None or recorded is None or (recorded, recorded_kwargs) == (name, kwargs or {}):
+        return
+    flags = " ".join(f"{registry.MODEL_ARGS[k].flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
+                     for k, v in recorded_kwargs.items() if k in registry.MODEL_ARGS)
+    raise PortError(f"{path} holds weights of {recorded}({', '.join(f'{k}={v}' for k, v in recorded_kwargs.items())}), "
+                    f"not of {name}({', '.join(f'{k}={v}' for k, v in (kwargs or {}).items())}); pass --model "
+                    f"{recorded} {flags}".rstrip())
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -368,12 +389,13 @@ def _run_train_claimed(args: argparse.Namespace, plan: _TrainPlan) -> int:
 
 def _init_torch_from(model: Any, path: Path, name: str, kwargs: dict[str, Any]) -> None:
     """--init-from for a torch model: a .pt state_dict, or a Flax checkpoint ported to torch's layout."""
-    from flax_resnet.port import PortError, to_torch_state_dict
+    from flax_resnet.port import PortError
 
     if path.is_dir():
-        flax_model = registry.build_flax(name, kwargs)
-        _init_flax_from(flax_model, path)
-        state_dict = to_torch_state_dict(flax_model)
+        from flax_resnet import checkpoint
+
+        _check_recorded_model(checkpoint.read_meta(path), path, name, kwargs)
+        state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax(name, kwargs))
     else:
         state_dict = _load_torch_file(path)
     try:
@@ -387,7 +409,7 @@ def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``port`` command: torch .pt <-> Flax checkpoint."""
     p = subparsers.add_parser(
         "port", help="convert weights: torch .pt <-> Flax checkpoint", formatter_class=HelpFormatter,
-        description="Convert a torch state_dict (.pt) into a Flax (orbax) checkpoint directory, or a Flax "
+        description="Convert a torch state_dict (.pt) into a Flax checkpoint directory, or a Flax "
                     "checkpoint (a port output or a training run's --out) into a .pt state_dict that the torch "
                     "model loads with strict=True. The direction follows --from: a file is a .pt, a directory "
                     "a checkpoint.",
@@ -403,6 +425,7 @@ def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "the one registered model whose keys and shapes fit")
     registry.add_model_arguments(p, lambda arg: f"with --model: {arg.help}")
     p.add_argument("--step", type=int, help="which checkpoint step to read (default: the latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --to .pt file")
     p.set_defaults(handler=run_port, parser=p)
     return p
 
@@ -424,8 +447,10 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--to {dst} exists and is not an empty directory")
     elif dst.is_dir():
         parser.error(f"--to {dst} is a directory; give the .pt file to write")
+    elif dst.exists() and not args.overwrite:
+        parser.error(f"--to {dst} exists; pass --overwrite to replace it")
 
-    from flax_resnet import checkpoint, port
+    from flax_resnet import checkpoint
 
     if src.is_file():
         state_dict = _load_torch_file(src)
@@ -433,36 +458,54 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             name, kwargs = args.model, registry.model_kwargs(args.model, given)
         else:
             name, kwargs = registry.infer_model(list(state_dict), {k: tuple(v.shape) for k, v in state_dict.items()})
-        model = registry.build_flax(name, kwargs)
+        model = registry.build_flax_to_fill(name, kwargs)
         _port_into(model, state_dict, name, kwargs)
-        checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs, "dtype": "float32",
-                                           "source": str(src)})
+        _written(dst, lambda: checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs,
+                                                                 "dtype": "float32", "source": str(src)}))
         print(f"wrote {name} {kwargs or ''} as a Flax checkpoint to {dst}")
         return 0
     meta = checkpoint.read_meta(src, args.step)
     name = args.model or meta.get("model")
     if name is None or name not in registry.MODELS:
         parser.error(f"{src} does not record a registered model; name it with --model")
-    try:
-        kwargs = registry.model_kwargs(name, given if args.model else meta.get("model_kwargs", {}))
-    except ValueError as e:
-        raise port.PortError(f"{src}: {e}") from e
+    kwargs = registry.model_kwargs(name, given) if args.model else meta.get("model_kwargs") or {}
+    _check_recorded_model(meta, src, name, kwargs)
     if meta.get("dtype") == "float64":
         import jax
 
         jax.config.update("jax_enable_x64", True)
     from flax_resnet.dtypes import cast_floating
 
-    model = cast_floating(registry.build_flax(name, kwargs), meta.get("dtype", "float32"))
+    model = cast_floating(registry.build_flax_to_fill(name, kwargs), meta.get("dtype", "float32"))
     state_dict, _ = checkpoint.torch_state_dict(src, model, args.step)
     import torch
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    torch.save(state_dict, tmp)
-    tmp.replace(dst)
+
+    def write() -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.save(state_dict, tmp)
+            tmp.replace(dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    _written(dst, write)
     print(f"wrote {name} {kwargs or ''} as a torch state_dict to {dst}")
     return 0
+
+
+def _written(dst: Path, write: Callable[[], Any]) -> None:
+    """Run ``write``; a failed write (read-only file system, full disk) is one error naming the cause, with no
+    partial file left (torch reports a failed write as a RuntimeError)."""
+    from flax_resnet.port import PortError
+
+    try:
+        write()
+    except (OSError, RuntimeError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+        raise PortError(f"could not write {dst} ({cause}); nothing was written there. Free space or choose "
+                        "another --to.") from e
 
 
 # -------------------------------------------------------------------------------------------------- main

@@ -8,18 +8,61 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_DATA_DIR", "EXIT_FAILURE", "RUNS_DIR", "HelpFormatter", "add_data_arguments", "fail",
-           "load_data", "progress_factory", "write_line"]
+__all__ = ["DEFAULT_DATA_DIR", "EXIT_FAILURE", "RUNS_DIR", "SEED_MAX", "HelpFormatter", "add_data_arguments",
+           "check_data_arguments", "expanded_path", "fail", "finite_float", "load_data", "progress_factory", "seed",
+           "write_line"]
 
 DEFAULT_DATA_DIR = "data"
 RUNS_DIR = "runs"
 EXIT_FAILURE = 1
+SEED_MAX = 2**32 - 1  # JAX seeds are 32-bit: a larger seed would wrap (2**32 trained exactly like 0)
+
+
+# ------------------------------------------------------------------------------------------ option types
+def expanded_path(text: str) -> Path:
+    """A path option with ``~`` expanded: the shell leaves ``--out=~/x`` as it is, and a directory named ``~``
+    would be created beside the one the user meant."""
+    return Path(text).expanduser()
+
+
+def finite_float(*, minimum: float | None = None, maximum: float | None = None, exclusive_min: bool = False,
+                 exclusive_max: bool = False) -> Callable[[str], float]:
+    """An argparse type for a finite number in a range: nan and inf are refused at parse time (they would train
+    for a while and then diverge, or silently give meaningless results)."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        low_ok = minimum is None or (value > minimum if exclusive_min else value >= minimum)
+        high_ok = maximum is None or (value < maximum if exclusive_max else value <= maximum)
+        if not math.isfinite(value) or not (low_ok and high_ok):
+            lo = "" if minimum is None else f"{'>' if exclusive_min else '>='} {minimum:g}"
+            hi = "" if maximum is None else f"{'<' if exclusive_max else '<='} {maximum:g}"
+            bounds = " and ".join(b for b in (lo, hi) if b)
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text}")
+        return value
+
+    return number
+
+
+def seed(text: str) -> int:
+    """An argparse type for a seed: an integer in [0, 2**32 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_MAX}] (JAX seeds are 32-bit), got {text}")
+    return value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -77,9 +120,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, dataset_default: str 
     default = f" (default: {dataset_default})" if dataset_default else " (default: cifar10; synthetic with --quick)"
     g.add_argument("--dataset", choices=("cifar10", "synthetic"), default=dataset_default,
                    help=f"CIFAR-10, or a small generated set that needs no download{default}")
-    g.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR), metavar="DIR",
+    g.add_argument("--data-dir", type=expanded_path, default=Path(DEFAULT_DATA_DIR), metavar="DIR",
                    help="where CIFAR-10 is (or gets) prepared (default: %(default)s)")
-    g.add_argument("--archive", type=Path, metavar="PATH",
+    g.add_argument("--archive", type=expanded_path, metavar="PATH",
                    help="prepare CIFAR-10 from this official archive (cifar-10-binary.tar.gz or "
                         "cifar-10-python.tar.gz) instead of downloading it")
     g.add_argument("--no-download", action="store_true", help="never download: use prepared data or --archive only")
@@ -92,6 +135,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, dataset_default: str 
     if image_size:
         g.add_argument("--image-size", type=int, metavar="PX",
                        help="side of the synthetic images (default 32); smaller is faster (synthetic only)")
+
+
+def check_data_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Usage errors of the data options, before anything is read or written."""
+    if args.data_dir.exists() and not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir} is a file; give a directory (it is created if missing)")
+    if args.archive is not None:
+        if args.archive.is_dir():
+            parser.error(f"--archive {args.archive} is a directory; give the archive file itself "
+                         "(cifar-10-python.tar.gz or cifar-10-binary.tar.gz)")
+        if not args.archive.exists():
+            parser.error(f"--archive {args.archive}: no such file")
 
 
 def load_data(args: argparse.Namespace) -> Any:

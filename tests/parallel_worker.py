@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     p.add_argument("--timeout", type=float, default=60)
-    p.add_argument("--checkpoint", type=Path, help="multihost: save get_state with orbax here, restore, compare")
+    p.add_argument("--checkpoint", type=Path, help="multihost: checkpoint get_state here, restore, compare")
     return p.parse_args(argv)
 
 
@@ -193,18 +193,23 @@ def multihost(args) -> None:
 
 
 def checkpoint_roundtrip(runner, state, directory: Path):
-    """Every process saves ``get_state`` with orbax (which writes each replicated array once), restores it into
-    the same shardings, puts it back; the largest difference to the saved state."""
+    """What the training loop does with a multi-process state: every process calls the one store's ``save`` (process
+    0 writes, all meet at the barrier), then every process reads it back through the Flax codec into the same
+    shardings and puts it on its devices; the largest difference to the saved state."""
     import jax
     import numpy as np
-    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+
+    from flax_resnet import codecs
+    from flax_resnet.store import CheckpointStore
+    from flax_resnet.training.engine import TrainState
 
     saved = runner.get_state(runner.put_state(state))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory, saved)
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), saved)
-    back = runner.get_state(runner.put_state(checkpointer.restore(directory, target)))
+    store = CheckpointStore(directory, is_writer=jax.process_index() == 0,
+                            barrier=multihost_utils.sync_global_devices)
+    store.save(1, codecs.flax_to_arrays(saved._asdict()), {"processes": jax.process_count()})
+    arrays, _ = store.read(1)
+    back = runner.get_state(runner.put_state(TrainState(**codecs.flax_from_arrays(saved._asdict(), arrays))))
     return np.array(max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                         for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(back), strict=True)))
 

@@ -280,4 +280,4 @@ def test_two_processes_match_one_process_with_four_devices(multihost, four_devic
         assert bool(result["is_main"]) == (rank == 0)
         for run in ("shard_map", "pmap"):
             assert_runs_agree(four_devices, run, run, 1e-10, other=result)
-            assert float(result[f"{run}/checkpoint_error"]) == 0.0  # orbax saved and restored it from both
+            assert float(result[f"{run}/checkpoint_error"]) == 0.0  # saved once, restored by both

@@ -6,7 +6,7 @@ as the notebook does, by one global norm over all parameters (d / ||d||), then
 ``loss(params + alpha * d)`` for 21 alphas in [-1, 1] on one fixed batch (the first test batch, as
 ``next(iter(testloader))`` with ``shuffle=False``) in eval mode. BatchNorm running statistics are not
 perturbed. The networks come from training checkpoints: a run directory of ``train`` or of an experiment
-(Flax/orbax, or ``--framework torch`` .pt checkpoints, ported), whose metadata names the model, its
+(of either framework; torch weights are ported), whose metadata names the model, its
 arguments and the recipe (so the batch is normalised as in training). ``--quick`` without checkpoints first
 trains a tiny plain and a tiny residual network on synthetic data.
 """

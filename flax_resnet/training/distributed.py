@@ -3,7 +3,7 @@
 Every process of a multi-host run calls ``initialize`` first, before anything touches a JAX device; then
 ``jax.devices()`` lists the devices of all processes and the runners of ``training.parallel`` train on all of
 them, each process feeding its own devices. Only the main process (``is_main_process``) writes history, plots and
-logs; checkpoints are saved by every process together (orbax writes each replicated array once).
+logs; checkpoints are written by process 0 while every process waits at a barrier (the state is replicated).
 
 Process 0 runs the coordinator service at ``--coordinator HOST:PORT``; the others connect to it. A coordinator
 that never answers is waited for ``timeout_s`` seconds, then ``DistributedInitError`` says which address was

@@ -27,8 +27,8 @@ devices draw different masks for their different samples.
 
 Multi-host: after ``training.distributed.initialize`` the mesh spans the devices of all processes, grouped by
 process; each process puts the same (seeded) state and the same data, and its devices compute only their shares.
-``get_state`` returns globally replicated ``jax.Array``s: every process passes them to orbax's save together and
-orbax writes each array once.
+``get_state`` returns globally replicated ``jax.Array``s; the checkpoint store writes process 0's copy while the
+others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ class ShardMapRunner(_DataParallel):
         return self.leaves.flatten(jax.tree.map(lambda x: _replicate(x, self.replicated), state))
 
     def get_state(self, state: RunnerState) -> TrainState:
-        """The state as it is: globally replicated ``jax.Array``s, which orbax saves from every process."""
+        """The state as it is: globally replicated ``jax.Array``s (process 0's copy is what a checkpoint holds)."""
         return self.leaves.unflatten(state)
 
     def train_step(self, state, metrics, data, plan, start, size):
@@ -343,7 +343,7 @@ class PmapRunner(_DataParallel):
         return self.leaves.flatten(jax.tree.map(stack, state))
 
     def get_state(self, state: RunnerState) -> TrainState:
-        """Row 0 of the stacked state as globally replicated ``jax.Array``s (what orbax saves across hosts)."""
+        """Row 0 of the stacked state as globally replicated ``jax.Array``s (what a checkpoint holds)."""
 
         def unstack(x):
             impl = None

@@ -1,0 +1,186 @@
+"""What a careless or hostile user tries, through the command line where they meet it: nothing is lost or mixed,
+and every bad value gets one line naming the fix (exit 2 for usage, 1 for a run that cannot go on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flax_resnet import cli, registry
+from flax_resnet.store import CheckpointStore
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["train", "--model", "SimpleResNet", "--n-blocks", "1", "--recipe", "resnet18-cifar", "--dataset", "synthetic",
+        "--train-samples", "32",
+        "--test-samples", "16", "--batch-size", "16", "--no-progress"]
+
+
+def run_main(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def one_error(err: str) -> str:
+    """The stderr of a failed command: one ``error:`` message and no traceback; returned on one line."""
+    assert "error:" in err and "Traceback" not in err, err
+    return " ".join(err.split())
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--weight-decay", "nan"), ("--momentum", "1"),
+    ("--gamma", "nan"), ("--std", "nan 1 1"), ("--mean", "1 inf 1"), ("--seed", "4294967296"),
+    ("--seed", "99999999999999999999"), ("--distributed-timeout", "nan"),
+])
+def test_meaningless_numbers_are_refused_at_parse_time(option, value, tmp_path, capsys):
+    code = run_main([*TINY, "--out", str(tmp_path / "out"), option, *value.split()])
+    assert code == 2
+    err = one_error(capsys.readouterr().err)
+    assert option in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_paths_that_cannot_be_meant_are_refused(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert run_main([*TINY, "--dataset", "cifar10", "--data-dir", str(a_file)]) == 2
+    assert "is a file" in one_error(capsys.readouterr().err)
+    assert run_main([*TINY, "--dataset", "cifar10", "--archive", str(tmp_path)]) == 2
+    assert "is a directory; give the archive file" in one_error(capsys.readouterr().err)
+
+
+def test_a_tilde_in_out_is_the_home_directory_for_every_output(tmp_path):
+    """bash leaves ``--out=~/x`` unexpanded: checkpoints, history and curves must all go to $HOME/x, and a second
+    run with another seed is refused before it trains."""
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, "--epochs", "1", "--out=~/x"]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = tmp_path / "home" / "x"
+    assert (out / "history.json").is_file() and (out / "curves.png").is_file()
+    assert CheckpointStore(out / "checkpoints").steps == [1]
+    assert not (tmp_path / "~").exists()
+    second = subprocess.run([*cmd, "--seed", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 1 and "--resume" in one_error(second.stderr)
+    assert "Epoch 1/1" not in second.stdout  # refused before training
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory) -> Path:
+    """A finished 2-epoch JAX run (cosine schedule: the default recipe's) to resume against."""
+    out = tmp_path_factory.mktemp("runs") / "jax"
+    assert run_main([*TINY, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (["--framework", "torch"], "framework: the checkpoint's run has 'jax', this one 'torch'"),
+    (["--epochs", "4"], "--epochs: the checkpoint's run has 2, this one 4 (the cosine schedule's T_max"),
+    (["--train-samples", "48"], "num_train: the checkpoint's run has 32, this one 48"),
+])
+def test_resume_refuses_another_run_naming_what_differs(change, named, two_epoch_run, tmp_path, capsys):
+    """Another framework, a longer cosine run, other data: refused (exit 1), naming the field, nothing touched."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(two_epoch_run), str(out)], check=True)
+    (out / ".lock").unlink(missing_ok=True)
+    before = snapshot(out)
+    code = run_main([*TINY, "--epochs", "2", "--out", str(out), "--resume", *change])
+    assert code == 1
+    assert named in one_error(capsys.readouterr().err)
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_a_run_on_other_data(two_epoch_run, tmp_path, capsys):
+    """A synthetic run resumed as CIFAR-10 with the same counts: the data set is part of the run."""
+    from flax_resnet.recipes import RunConfig
+
+    saved = CheckpointStore(two_epoch_run / "checkpoints").read_meta()
+    config = RunConfig.from_dict(saved)
+    problems = config.__class__(**{**config.__dict__, "dataset": "cifar10"}).resume_problems(saved)
+    assert problems == ["dataset: the checkpoint's run has 'synthetic', this one 'cifar10'"]
+
+
+def test_overwrite_removes_both_frameworks_checkpoints_and_nothing_else(two_epoch_run, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(two_epoch_run), str(out)], check=True)
+    (out / ".lock").unlink(missing_ok=True)
+    foreign = {"checkpoints/notes.txt": b"mine", "checkpoints/best/model.pt": b"also mine",
+               "checkpoints/5/model.bin": b"not yours"}
+    for name, data in foreign.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    assert run_main([*TINY, "--epochs", "1", "--framework", "torch", "--out", str(out), "--overwrite"]) == 0
+    store = CheckpointStore(out / "checkpoints")
+    assert store.steps == [1] and store.read_meta()["framework"] == "torch"  # the jax run's epochs 1-2 are gone
+    for name, data in foreign.items():
+        assert (out / name).read_bytes() == data
+
+
+def test_overwrite_refuses_a_symlinked_checkpoint_directory(two_epoch_run, tmp_path, capsys):
+    """checkpoints/ a link to another disk holding a run's checkpoints: --overwrite will not delete through the
+    link (one error, the target untouched); with no checkpoints there, runs write through it as usual."""
+    elsewhere = tmp_path / "elsewhere"
+    subprocess.run(["cp", "-a", str(two_epoch_run / "checkpoints"), str(elsewhere)], check=True)
+    (elsewhere / "precious").write_text("keep")
+    before = snapshot(elsewhere)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere)
+    assert run_main([*TINY, "--epochs", "1", "--out", str(out), "--overwrite"]) == 1
+    assert "symbolic link" in one_error(capsys.readouterr().err)
+    assert snapshot(elsewhere) == before
+
+
+def test_no_test_set_writes_null_not_nan(tmp_path):
+    out = tmp_path / "run"
+    assert run_main([*TINY, "--epochs", "1", "--test-samples", "0", "--out", str(out)]) == 0
+    text = (out / "history.json").read_text()
+    history = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in history.json"))
+    assert history["test_loss"] == [None] and history["test_acc"] == [None]
+
+
+def test_init_from_a_checkpoint_of_another_model_names_it(two_epoch_run, tmp_path, capsys):
+    code = run_main([*TINY[:4], "2", *TINY[5:], "--epochs", "1", "--out", str(tmp_path / "b"),
+                     "--init-from", str(two_epoch_run)])
+    assert code == 1
+    err = one_error(capsys.readouterr().err)
+    assert "holds weights of SimpleResNet(n_blocks=1), not of SimpleResNet(n_blocks=2)" in err
+    assert "--model SimpleResNet --n-blocks 1" in err and len(err) < 400
+
+
+def test_port_never_overwrites_silently_and_reports_a_failed_write(two_epoch_run, tmp_path, capsys, monkeypatch):
+    precious = tmp_path / "precious.pt"
+    precious.write_bytes(b"not to be lost")
+    assert run_main(["port", "--from", str(two_epoch_run), "--to", str(precious)]) == 2
+    assert "--overwrite" in one_error(capsys.readouterr().err)
+    assert precious.read_bytes() == b"not to be lost"
+
+    built = []
+    real = registry.build_flax_to_fill
+    monkeypatch.setattr(registry, "build_flax_to_fill", lambda *a, **k: built.append(a) or real(*a, **k))
+    target = tmp_path / "ro" / "w.pt"
+    target.parent.mkdir()
+    os.chmod(target.parent, 0o500)
+    try:
+        if os.access(target.parent, os.W_OK):  # root: permission bits do not stop writes; a file in the way does
+            os.chmod(target.parent, 0o700)
+            (target.parent / f".{target.name}.tmp").mkdir()
+        code = run_main(["port", "--from", str(two_epoch_run), "--to", str(target)])
+        err = one_error(capsys.readouterr().err)
+    finally:
+        os.chmod(target.parent, 0o700)
+    assert code == 1 and f"could not write {target}" in err
+    assert not target.exists()
+    assert built, "port builds the model without running its initialisers (registry.build_flax_to_fill)"
+    assert run_main(["port", "--from", str(two_epoch_run), "--to", str(precious), "--overwrite"]) == 0
+    assert precious.read_bytes()[:2] == b"PK"  # a torch zip file now
