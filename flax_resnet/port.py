@@ -201,6 +201,13 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> N
             problems.append(f"size mismatch for {key}: the state_dict has shape {tuple(array.shape)}, "
                             f"the model needs {spec.torch_shape}")
             continue
+        target = np.dtype(spec.variable.dtype)
+        if target.kind == "i" and array.size and not (np.iinfo(target).min <= array.min() and
+                                                      array.max() <= np.iinfo(target).max):
+            # torch counts batches in int64; JAX without x64 in int32, where 2**31 would wrap negative
+            problems.append(f"{key} = {array.max()} does not fit the Flax model's {target.name} counter (at most "
+                            f"{np.iinfo(target).max}; torch counts in int64): it would wrap around")
+            continue
         # A copy: on CPU, JAX may alias a numpy buffer, and torch's buffers are updated in place later.
         updates.append((spec.variable, np.array(spec.from_torch(array), copy=True)))
     if missing or unexpected or problems:

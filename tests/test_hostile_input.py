@@ -184,3 +184,44 @@ def test_port_never_overwrites_silently_and_reports_a_failed_write(two_epoch_run
     assert built, "port builds the model without running its initialisers (registry.build_flax_to_fill)"
     assert run_main(["port", "--from", str(two_epoch_run), "--to", str(precious), "--overwrite"]) == 0
     assert precious.read_bytes()[:2] == b"PK"  # a torch zip file now
+
+
+def test_a_batch_counter_beyond_int32_is_refused_not_wrapped():
+    """torch's num_batches_tracked is int64; the Flax BatchNorm2d's is int32: 2**31 must not come back negative."""
+    import torch
+
+    from flax_resnet import port
+
+    model = registry.build_flax_to_fill("SimpleResNet", {"n_blocks": 1})
+    state_dict = registry.build_torch("SimpleResNet", {"n_blocks": 1}).state_dict()
+    state_dict["bn1.num_batches_tracked"] = torch.tensor(2**31, dtype=torch.int64)
+    with pytest.raises(port.PortError, match=r"bn1.num_batches_tracked = 2147483648 does not fit .* int32"):
+        port.load_torch_state_dict(model, state_dict)
+    state_dict["bn1.num_batches_tracked"] = torch.tensor(2**31 - 1, dtype=torch.int64)
+    port.load_torch_state_dict(model, state_dict)
+    assert int(port.to_torch_state_dict(model)["bn1.num_batches_tracked"]) == 2**31 - 1
+
+
+def test_ctrl_c_during_compilation_exits_130_with_the_resume_hint(tmp_path):
+    """Ctrl-C while XLA compiles (on its own threads) used to end in a segmentation fault at interpreter teardown.
+    The child here interrupts itself while a compilation runs on another thread, as Ctrl-C during the first step
+    does: it must exit 130 (not 139 or a signal), print the resume hint, and print no traceback."""
+    code = (
+        "import os, signal, sys, threading, time\n"
+        "import jax, jax.numpy as jnp\n"
+        "from flax_resnet import cli\n"
+        "from flax_resnet.training import flax_backend\n"
+        "def interrupted(self, *args, **kwargs):\n"
+        "    big = lambda x: jax.lax.fori_loop(0, 200, lambda i, y: jnp.tanh(y @ y.T + i), x)\n"
+        "    threading.Thread(target=lambda: jax.jit(big).lower(jnp.ones((256, 256))).compile(), daemon=True).start()\n"
+        "    time.sleep(0.2)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "flax_backend.FlaxBackend.train_epoch = interrupted\n"
+        f"sys.exit(cli.main({[*TINY, '--epochs', '1', '--out', str(tmp_path / 'out')]!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert "interrupted; continue with the same command and --resume" in proc.stderr
+    assert "Traceback" not in proc.stderr
