@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flax_resnet.data import plan as plan_lib  # noqa: E402
+
 # 5 steps of 32; eval batches of 20 do not divide by 8 devices: the runners pad them
 NUM_TRAIN, NUM_TEST, BATCH, EVAL_BATCH, IMAGE = 160, 40, 32, 20, 8
 
@@ -70,10 +72,10 @@ def setup(dtype_name: str):
     data = {split: (rng.integers(0, 256, (n, IMAGE, IMAGE, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32))
             for split, n in (("train", NUM_TRAIN), ("test", NUM_TEST))}
     model = nnx.jit(lambda: cast_floating(SimpleResNet(1, rngs=nnx.Rngs(0)), dtype))()  # one compile, not 100
-    tx = engine.make_optimizer(recipe, engine.steps_per_epoch(NUM_TRAIN, BATCH))
+    tx = engine.make_optimizer(recipe, plan_lib.steps_per_epoch(NUM_TRAIN, BATCH))
     graphdef, state = engine.init_train_state(model, tx)
     state = jax.device_get(state)  # host copies: every run puts (and donates) its own
-    plan = jax.jit(engine.epoch_plan, static_argnums=(0, 1, 2))(1, 0, NUM_TRAIN)
+    plan = plan_lib.epoch_plan(1, 0, NUM_TRAIN)  # NumPy; each runner puts it on its devices (put_plan)
     return recipe, data, graphdef, state, tx, plan, dtype
 
 
@@ -82,14 +84,14 @@ def train_and_eval(runner, recipe, data, state, plan, dtype, prefix: str) -> dic
     import jax
     import numpy as np
 
-    from flax_resnet.training import engine
     from flax_resnet.training.runners import zero_metrics
 
     train, test = runner.put_data(*data["train"]), runner.put_data(*data["test"])
     state = runner.put_state(state)
+    plan = runner.put_plan(plan)
     metrics, sums = zero_metrics(dtype), []
-    for step in range(engine.steps_per_epoch(NUM_TRAIN, BATCH)):
-        start, stop = engine.batch_bounds(step, NUM_TRAIN, BATCH)
+    for step in range(plan_lib.steps_per_epoch(NUM_TRAIN, BATCH)):
+        start, stop = plan_lib.batch_bounds(step, NUM_TRAIN, BATCH)
         state, metrics = runner.train_step(state, metrics, train, plan, start, stop - start)
         sums.append(np.array([float(x) for x in jax.device_get(metrics)]))
     evals = zero_metrics(dtype)
@@ -134,8 +136,8 @@ def reference_bn_off(recipe, data, graphdef, state, tx, plan, dtype, num_devices
         return loss, correct, grads, nnx.state(model, nnx.Not(nnx.Param))
 
     sums, total = [], np.zeros(5)
-    for step in range(engine.steps_per_epoch(NUM_TRAIN, BATCH)):
-        start, stop = engine.batch_bounds(step, NUM_TRAIN, BATCH)
+    for step in range(plan_lib.steps_per_epoch(NUM_TRAIN, BATCH)):
+        start, stop = plan_lib.batch_bounds(step, NUM_TRAIN, BATCH)
         local = (stop - start) // num_devices
         results = [shard_grads(state, start + d * local, size=local) for d in range(num_devices)]
         grads = jax.tree.map(lambda *g: sum(g) / num_devices, *(r[2] for r in results))

@@ -276,30 +276,33 @@ def test_an_experiment_refuses_an_out_in_use_or_unwritable(command, tmp_path, ca
 
 
 def test_landscape_reads_a_torch_run_and_refuses_a_damaged_one(tmp_path, capsys):
-    """A `--framework torch` run's latest epoch_N.pt is ported with its digest checked (TorchCheckpoints.read);
-    a damaged one is a one-line error (exit 1), not a traceback."""
+    """A `--framework torch` run's latest checkpoint (the one store, torch layout) is ported with its digest
+    checked; a damaged one is a one-line error (exit 1), not a traceback."""
     import torch
 
-    from flax_resnet.checkpoint import CheckpointError
+    from flax_resnet.codecs import torch_model_arrays
     from flax_resnet.experiments.landscape import load_network
     from flax_resnet.port import to_torch_state_dict
+    from flax_resnet.store import CheckpointError, CheckpointStore
 
     run = tmp_path / "torch-run"
     assert run_main(["train", "--model", "SimpleResNet", "--n-blocks", "1", "--dataset", "synthetic",
                      "--train-samples", "64", "--test-samples", "16", "--epochs", "1", "--batch-size", "32",
                      "--framework", "torch", "--no-progress", "--out", str(run)]) == 0
-    saved = torch.load(run / "checkpoints" / "epoch_0001.pt", weights_only=True)
+    arrays, meta = CheckpointStore(run / "checkpoints").read(1)
+    assert meta["framework"] == "torch"
     net = load_network(run)
     assert (net.name, net.epoch) == ("SimpleResNet", 1)
     ported = to_torch_state_dict(net.model)
-    assert all(torch.equal(ported[k], v) for k, v in saved["model"].items())
+    saved = torch_model_arrays(arrays)
+    assert saved and all(torch.equal(ported[k], torch.from_numpy(v)) for k, v in saved.items())
 
-    file = run / "checkpoints" / "epoch_0001.pt"
+    file = run / "checkpoints" / "epoch_0001" / "arrays.safetensors"
     file.write_bytes(file.read_bytes()[:-200])  # truncated
-    with pytest.raises(CheckpointError, match="epoch_0001.pt is unreadable"):
+    with pytest.raises(CheckpointError, match="epoch_0001"):
         load_network(run)
     capsys.readouterr()
     assert run_main(["landscape", "--no-progress", "--dataset", "synthetic", "--train-samples", "64",
                      "--test-samples", "16", "--checkpoint", str(run), "--out", str(tmp_path / "ls")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "epoch_0001.pt is unreadable" in " ".join(err.split()), err
+    assert err.startswith("error: ") and "epoch_0001" in err and "Traceback" not in err, err
