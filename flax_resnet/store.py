@@ -1,12 +1,10 @@
 """One checkpoint store for every framework: NumPy arrays in a safetensors file plus JSON metadata, per step.
 
-Layout of a store's ``directory``::
+Layout of a store's ``directory`` (step 0 is allowed: the weights-only checkpoints ``port`` writes)::
 
     epoch_0003/arrays.safetensors   every array of the state, by name (``flax_resnet.codecs`` names them)
     epoch_0003/meta.json            {"format": ..., "version": 1, "step": 3,
                                      "arrays": {"sha256": ..., "bytes": ...}, "meta": <the caller's metadata>}
-
-Step 0 is allowed (weights-only checkpoints written by ``port``).
 
 Why not orbax: when one of an orbax save's tensorstore writes fails (a full disk), orbax raises, closes its event
 loop and abandons the other writes, which then print tracebacks at times nobody chooses. Measured with
@@ -15,22 +13,23 @@ onto a tmpfs with 20 MiB free, 3 runs each: ``CheckpointManager`` with its defau
 before raising and 58-660 more within 2 s after (``RuntimeError: Event loop is closed`` tracebacks);
 ``enable_async_checkpointing=False`` 114-188 and 0-142; adding ``use_ocdbt=False`` or ``save_concurrent_gb=1``, or
 using ``StandardCheckpointer``, did no better (115-313 lines, then up to 478). Every variant raised a ``ValueError``
-of ~430 characters and left a partial ``2.orbax-checkpoint-tmp`` of 40-490 files; with the items
-``flax_resnet.checkpoint`` saves (``Composite``), writes still landing kept it there or brought it back after it was
-removed in 2 of 8 runs. Keeping that quiet took logging filters and a replaced ``sys.unraisablehook`` installed at
-import time, ``gc`` calls and polling the file system for quiet. Here one process writes plain files with plain
-``write`` calls, so a failure is one ``OSError`` in the OS's words, in the caller's thread, with nothing left
-running: in the same test, 0 lines printed, no partial files, one ``CheckpointError`` of ~270 characters. It is
-faster too (same state, ext4, median of 5 on a shared 2-core machine): save 0.20 s and read back 0.11 s, against
-orbax's 0.50 s and 0.30 s (synchronous) or 0.57 s and 0.37 s (its default).
+of ~430 characters and left a partial ``2.orbax-checkpoint-tmp`` of 40-490 files; with ``Composite`` items, writes
+still landing kept it there or brought it back after it was removed in 2 of 8 runs. Keeping that quiet took logging
+filters and a replaced ``sys.unraisablehook`` installed at import time, ``gc`` calls and polling the file system
+for quiet. Here one process writes plain files with plain ``write`` calls, so a failure is one ``OSError`` in the
+OS's words, in the caller's thread, with nothing left running: in the same test, 0 lines printed, no partial
+files, one ``CheckpointError`` of ~270 characters. It is faster too (same state, ext4, median of 5 on a shared
+2-core machine): save 0.20 s and read back 0.11 s, against orbax's 0.50 s and 0.30 s (synchronous) or 0.57 s and
+0.37 s (its default).
 
 Writing, the big_vision way: the writer (process 0 of a multi-process run, ``is_writer``) serialises the arrays
-(``safetensors.numpy.save``) and the metadata in memory, writes both into a hidden temporary directory next to
-the checkpoints, ``fsync``s them, renames the directory into place and ``fsync``s the parent; then every process
-meets at ``barrier`` (``jax``'s ``sync_global_devices`` in a multi-process run), so no process moves on before
-the checkpoint exists. A crash at any moment leaves either the complete checkpoint or a hidden temporary
-directory, never a checkpoint that looks whole and is not. A failed write (ENOSPC, EDQUOT, EFBIG, ...) removes
-the temporary directory at once, so the space is free again, and raises one ``CheckpointError``.
+and the metadata in memory, writes both into a hidden temporary directory next to the checkpoints, ``fsync``s
+them, renames the directory into place and ``fsync``s the parent; then every process meets at ``barrier``
+(``jax``'s ``sync_global_devices`` in a multi-process run), so no process moves on before the checkpoint exists.
+A crash at any moment leaves either the complete checkpoint or a hidden temporary directory (swept by the next
+save), never a checkpoint that looks whole and is not. A failed write (ENOSPC, EDQUOT, EFBIG, ...) removes the
+temporary directory at once, leaves the checkpoints already there as they were, and raises one
+``CheckpointError``; nothing is printed.
 
 Reading verifies: ``meta.json`` records the SHA-256 and size of ``arrays.safetensors``; a truncated file, a
 flipped bit, a garbled or missing file is an ``UnreadableCheckpoint`` naming the file and the problem on one
@@ -72,15 +71,14 @@ META_FILE = "meta.json"
 FORMAT = "flax-resnet-checkpoint"  # the marker that tells this store's checkpoints from anything else
 FORMAT_VERSION = 1
 
-_STEP_DIR = re.compile(r"^epoch_(\d{4,})$")
+_STEP_DIR = re.compile(r"^epoch_(\d{4}|[1-9]\d{4,})$")  # exactly the names ``CheckpointStore.path`` gives
 _TMP_DIR = re.compile(r"^\.epoch_\d{4,}\.(tmp|old)-[0-9]+-[0-9a-f]+$")
 # The dtypes safetensors' NumPy loader knows. Others of 1, 2, 4 or 8 bytes (bfloat16, the float8 types of
 # ml_dtypes) are stored as unsigned integers of the same size and viewed back on reading (``_VIEWS``).
 _LOADABLE = {np.dtype(t) for t in (np.float64, np.float32, np.float16, np.int64, np.uint64, np.int32, np.uint32,
                                    np.int16, np.uint16, np.int8, np.uint8, np.bool_, np.complex64)}
 _VIEWS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-# No room: the disk, a quota, a file size limit. Each gets the same advice.
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk, a quota, a file size limit: the same advice
 
 
 class CheckpointError(FlaxResnetError, RuntimeError):
@@ -107,13 +105,11 @@ def resolve(path: str | Path) -> Path:
 
 def _os_words(e: OSError) -> str:
     """An OSError as the OS says it, e.g. 'No space left on device' (not Python's '[Errno 28] ...: path')."""
-    if e.strerror:
-        return e.strerror
-    return os.strerror(e.errno) if e.errno else str(e)
+    return e.strerror or (os.strerror(e.errno) if e.errno else str(e))
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -121,8 +117,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file and ``fsync`` it: every error (a full disk may show only at the flush or the
-    fsync) is an OSError raised here."""
+    """Write a new file and ``fsync`` it (a full disk may show only at the flush or the fsync: an OSError here)."""
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
@@ -151,28 +146,14 @@ def _dtype_named(name: str) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, name))
 
 
-def _safetensors_format(path: Path) -> str | None:
-    """The ``format`` entry of a safetensors file's header metadata (the format's first 8 bytes give the header's
-    length, then the header is JSON), or None when unreadable: tells this store's files even with meta.json gone."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                return None
-            header = json.loads(f.read(length))
-        return header.get("__metadata__", {}).get("format")
-    except (OSError, ValueError, struct.error, AttributeError):
-        return None
-
-
 class CheckpointStore:
     """The checkpoints of one directory: ``save``, ``read``, ``restore_latest_good``, ``set_aside``, ``remove_all``.
 
     In a multi-process run every process makes a store on the same (shared) directory, only one with
     ``is_writer=True``, and passes the same ``barrier(name)`` (which returns once every process has called it
     with that name). Every process reads; only the writer writes, moves and removes, and around each change
-    every process meets at the barrier. Arrays are NumPy arrays keyed by any string (``flax_resnet.codecs``
-    turns a framework's state into them and back); metadata is anything ``json.dumps`` accepts.
+    every process meets at the barrier. Arrays are NumPy arrays keyed by any string; metadata is anything
+    ``json.dumps`` accepts.
     """
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, is_writer: bool = True,
@@ -181,7 +162,8 @@ class CheckpointStore:
             raise ValueError(f"max_to_keep must be at least 1 (or None to keep all), not {max_to_keep}")
         # absolute but not resolved: remove_all must see whether the directory itself is a symbolic link
         self.directory = Path(directory).expanduser().absolute()
-        self.max_to_keep, self.is_writer, self._barrier = max_to_keep, is_writer, barrier
+        self.max_to_keep, self.is_writer = max_to_keep, is_writer
+        self._barrier = barrier or (lambda name: None)
         self._swept = False  # stale temporary directories are removed before the first save
 
     def __repr__(self) -> str:
@@ -203,12 +185,7 @@ class CheckpointStore:
     @property
     def steps(self) -> list[int]:
         """The steps of the checkpoints here, ascending (damaged ones included: ``read`` tells)."""
-        steps = []
-        for entry in self._entries():
-            m = _STEP_DIR.match(entry.name)
-            if m and entry.name == self.path(int(m.group(1))).name and entry.is_dir():
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        return sorted(int(m.group(1)) for e in self._entries() if (m := _STEP_DIR.match(e.name)) and e.is_dir())
 
     @property
     def latest(self) -> int | None:
@@ -226,19 +203,11 @@ class CheckpointStore:
             raise CheckpointError(f"there is no checkpoint {step} in {self.directory} (steps there: {there})")
         return step
 
-    def _barrier_named(self, name: str) -> None:
-        if self._barrier is not None:
-            self._barrier(name)
-
     # ------------------------------------------------------------------------------------------ writing
     def save(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
         """Write checkpoint ``step`` (``arrays`` and the JSON metadata ``meta``), then keep the newest
-        ``max_to_keep``; returns its path. Every process calls this; only the writer writes.
-
-        On failure (e.g. a full disk) the temporary directory is removed, the checkpoints already there are left
-        as they were, and one ``CheckpointError`` says why in the OS's words; nothing is printed. Every process
-        still meets at the barrier (the others cannot know the writer failed: its error ends the run).
-        """
+        ``max_to_keep`` (never pruning ``step``); returns its path. Every process calls this and meets at the
+        barrier, also when the writer fails (the others cannot know: its error ends the run)."""
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise ValueError(f"a checkpoint step is an integer >= 0, not {step!r}")
         step = int(step)
@@ -247,7 +216,7 @@ class CheckpointStore:
                 self._write(step, arrays, meta)
                 self._prune(keep=step)
         finally:
-            self._barrier_named(f"checkpoint-{step}")
+            self._barrier(f"checkpoint-{step}")
         return self.path(step)
 
     def _serialise(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bytes, bytes]:
@@ -275,7 +244,9 @@ class CheckpointStore:
                                   "move it away, or start over with --overwrite")
         tmp: Path | None = None
         try:
-            self._make_directory()
+            if not self.directory.is_dir():
+                self.directory.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.directory.parent)
             self._sweep()
             tmp = self.directory / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
             tmp.mkdir()
@@ -285,49 +256,35 @@ class CheckpointStore:
             os.rename(tmp, target)  # atomic; fails rather than replace a checkpoint that appeared meanwhile
             tmp = None
             _fsync_dir(self.directory)
-        except OSError as e:
-            left = self._discard(tmp) if tmp is not None else None
-            raise self._write_error(step, e, left) from e
-        except BaseException:  # an interrupt: leave no temporary directory behind either
+        except BaseException as e:  # a failed write or an interrupt: leave no temporary directory behind
             if tmp is not None:
-                self._discard(tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise self._write_error(step, e, tmp if tmp is not None and tmp.exists() else None) from e
             raise
 
-    def _make_directory(self) -> None:
-        if not self.directory.is_dir():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.directory.parent)
-
     def _sweep(self) -> None:
-        """Remove the temporary directories of saves that were interrupted (a crash, SIGKILL) before this store's
-        first save: only one run writes to a directory at a time (the output directory's lock)."""
+        """Before this store's first save, remove the temporary directories of interrupted saves (only one run
+        writes to a directory at a time: the output directory's lock)."""
         if not self._swept:
             for entry in self._entries():
                 if _TMP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
             self._swept = True
 
-    @staticmethod
-    def _discard(path: Path) -> Path | None:
-        """Remove ``path`` (a directory); ``path`` when it could not all be removed."""
-        shutil.rmtree(path, ignore_errors=True)
-        return path if path.exists() else None
-
     def _write_error(self, step: int, e: OSError, left: Path | None) -> CheckpointError:
-        words = _os_words(e)
         where = f" ({e.filename})" if e.filename and not str(e.filename).startswith(str(self.directory)) else ""
         partial = (f"its partial files could not all be removed ({left})" if left is not None
                    else "its partial files were removed")
         kept = ", ".join(str(s) for s in self.steps if s != step) or "none"
         fix = ("the disk is full: free some space (or choose another --out), then continue with --resume"
                if e.errno in _NO_ROOM else "fix the cause, then continue with --resume")
-        return CheckpointError(f"could not write checkpoint {step} to {self.directory} ({words}{where}); {partial} "
-                               f"and the checkpoints already there (steps: {kept}) are unchanged; {fix}")
+        return CheckpointError(f"could not write checkpoint {step} to {self.directory} ({_os_words(e)}{where}); "
+                               f"{partial} and the checkpoints already there (steps: {kept}) are unchanged; {fix}")
 
     def _prune(self, keep: int) -> None:
-        """Remove the oldest checkpoints beyond ``max_to_keep`` (never ``keep``, the one just written). Best
-        effort: one that cannot be removed stays whole (it is renamed away before its files go) and the next save
-        tries again; a failure here is no reason to fail a save that succeeded."""
+        """Remove the oldest checkpoints beyond ``max_to_keep``, never ``keep``. Best effort: one that cannot be
+        removed stays whole and the next save tries again; that is no reason to fail a save that succeeded."""
         if self.max_to_keep is None:
             return
         steps = self.steps
@@ -347,19 +304,19 @@ class CheckpointStore:
     def _problem(self, step: int, problem: str) -> UnreadableCheckpoint:
         return UnreadableCheckpoint(step, self.directory, problem)
 
-    def _read_doc(self, step: int) -> dict[str, Any]:
-        path = self.path(step) / META_FILE
+    def _read_file(self, step: int, name: str) -> bytes:
         try:
-            doc = json.loads(path.read_bytes())
+            return (self.path(step) / name).read_bytes()
         except FileNotFoundError:
-            raise self._problem(step, f"{META_FILE} is missing") from None
+            raise self._problem(step, f"{name} is missing") from None
         except OSError as e:
-            raise self._problem(step, f"{META_FILE} cannot be read ({_os_words(e)})") from e
-        except UnicodeDecodeError:
-            raise self._problem(step, f"{META_FILE} is not text (garbled)") from None
-        except json.JSONDecodeError as e:
-            raise self._problem(step, f"{META_FILE} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
-                                      "garbled or cut short)") from None
+            raise self._problem(step, f"{name} cannot be read ({_os_words(e)})") from e
+
+    def _read_doc(self, step: int) -> dict[str, Any]:
+        try:
+            doc = json.loads(self._read_file(step, META_FILE))
+        except ValueError as e:  # json.JSONDecodeError, or UnicodeDecodeError for bytes that are not text
+            raise self._problem(step, f"{META_FILE} is not valid JSON ({e}; garbled or cut short)") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise self._problem(step, f"{META_FILE} is not the metadata of a flax-resnet checkpoint")
         if not isinstance(doc.get("version"), int) or doc["version"] > FORMAT_VERSION:
@@ -374,13 +331,7 @@ class CheckpointStore:
         return doc
 
     def _read_arrays(self, step: int, doc: dict[str, Any]) -> dict[str, np.ndarray]:
-        path, info = self.path(step) / ARRAYS_FILE, doc["arrays"]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise self._problem(step, f"{ARRAYS_FILE} is missing") from None
-        except OSError as e:
-            raise self._problem(step, f"{ARRAYS_FILE} cannot be read ({_os_words(e)})") from e
+        data, info = self._read_file(step, ARRAYS_FILE), doc["arrays"]
         if len(data) != info["bytes"]:
             how = "cut short" if len(data) < info["bytes"] else "grown"
             raise self._problem(step, f"{ARRAYS_FILE} has {len(data)} bytes where {info['bytes']} were written "
@@ -414,34 +365,28 @@ class CheckpointStore:
         return self._read_arrays(step, doc), doc["meta"]
 
     # ------------------------------------------------------------------------------------------ recovery
-    def _unreadable_target(self, step: int) -> Path:
-        """A free path in ``<directory>.unreadable/``: ``epoch_NNNN``, then ``epoch_NNNN-1``, ... (an earlier
-        set-aside of the same step is never overwritten)."""
+    def set_aside(self, step: int) -> Path:
+        """Move checkpoint ``step`` to ``<directory>.unreadable/`` (kept for inspection, never deleted; an earlier
+        set-aside of the same step neither: ``epoch_NNNN-1``, ...), so that the run can write that step again;
+        returns where it went (the same in every process)."""
+        source = self.path(self._step(step))
         aside = self.directory.with_name(self.directory.name + UNREADABLE_SUFFIX)
-        name = self.path(step).name
-        target, n = aside / name, 0
+        target, n = aside / source.name, 0
         while target.exists():
             n += 1
-            target = aside / f"{name}-{n}"
-        return target
-
-    def set_aside(self, step: int) -> Path:
-        """Move checkpoint ``step`` to ``<directory>.unreadable/`` (kept for inspection, never deleted), so that the
-        run can write that step again; returns where it went (the same in every process)."""
-        source = self.path(self._step(step))
-        target = self._unreadable_target(step)
-        self._barrier_named(f"checkpoint-set-aside-{step}")  # every process is done reading it
+            target = aside / f"{source.name}-{n}"
+        self._barrier(f"checkpoint-set-aside-{step}")  # every process is done reading it
         try:
             if self.is_writer:
-                target.parent.mkdir(parents=True, exist_ok=True)
+                aside.mkdir(parents=True, exist_ok=True)
                 os.rename(source, target)
-                _fsync_dir(target.parent)
+                _fsync_dir(aside)
                 _fsync_dir(self.directory)
         except OSError as e:
             raise CheckpointError(f"could not move the unreadable checkpoint {source} to {target} ({_os_words(e)}); "
                                   "move it away yourself, then run again with --resume") from e
         finally:
-            self._barrier_named(f"checkpoint-set-aside-{step}-done")
+            self._barrier(f"checkpoint-set-aside-{step}-done")
         return target
 
     def restore_latest_good(self, check_meta: Callable[[dict[str, Any]], None] | None = None,
@@ -478,19 +423,25 @@ class CheckpointStore:
                               + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
 
     # ------------------------------------------------------------------------------------------ removal
-    def _is_ours(self, path: Path) -> bool:
-        """Whether ``path`` is a checkpoint this store wrote: its meta.json or its arrays file carries the format
-        marker (either suffices, so that a checkpoint with one damaged file is still recognised)."""
+    @staticmethod
+    def _is_ours(path: Path) -> bool:
+        """Whether ``path`` is a checkpoint this store wrote: its meta.json or the header of its arrays file carries
+        the format marker (either suffices, so that a checkpoint with one damaged file is still recognised)."""
         with contextlib.suppress(OSError):
             with open(path / META_FILE, "rb") as f:
                 if f'"format": "{FORMAT}"'.encode() in f.read(4096):
                     return True
-        return _safetensors_format(path / ARRAYS_FILE) == FORMAT
+        try:
+            with open(path / ARRAYS_FILE, "rb") as f:  # safetensors: the header's length in 8 bytes, then its JSON
+                (length,) = struct.unpack("<Q", f.read(8))
+                return json.loads(f.read(min(length, 100_000_000)))["__metadata__"]["format"] == FORMAT
+        except (OSError, ValueError, struct.error, KeyError, TypeError):
+            return False
 
     def remove_all(self) -> list[Path]:
         """Remove every checkpoint this store wrote, and its stale temporary directories (for --overwrite); returns
         what was removed. Anything else in the directory (a ``notes.txt``, another tool's ``best/model.pt``, an
-        ``epoch_0005`` without the format marker) is left where it is."""
+        ``epoch_0005`` without the format marker, a symbolic link) is left where it is."""
         if self.directory.is_symlink():
             raise CheckpointError(f"{self.directory} is a symbolic link; --overwrite removes checkpoints only from a "
                                   "real directory: point --out at the link's target, or remove the link")
@@ -500,10 +451,9 @@ class CheckpointStore:
                 for entry in self._entries():
                     if entry.is_symlink() or not entry.is_dir():
                         continue
-                    m = _STEP_DIR.match(entry.name)
                     if _TMP_DIR.match(entry.name):
                         shutil.rmtree(entry)
-                    elif m and entry.name == self.path(int(m.group(1))).name and self._is_ours(entry):
+                    elif _STEP_DIR.match(entry.name) and self._is_ours(entry):
                         self._remove_checkpoint(entry)
                     else:
                         continue
@@ -514,5 +464,5 @@ class CheckpointStore:
             raise CheckpointError(f"could not remove the checkpoints in {self.directory} ({_os_words(e)}: "
                                   f"{e.filename}); remove them yourself, then run again") from e
         finally:
-            self._barrier_named("checkpoint-remove-all")
+            self._barrier("checkpoint-remove-all")
         return removed
