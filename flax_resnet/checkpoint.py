@@ -45,17 +45,13 @@ def read_meta(path: str | Path, step: int | None = None) -> dict[str, Any]:
     return CheckpointStore(resolve(path)).read_meta(step)
 
 
-def _torch_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k.removeprefix(codecs.MODEL_PREFIX): v for k, v in arrays.items() if k.startswith(codecs.MODEL_PREFIX)}
-
-
 def load_model(path: str | Path, model: nnx.Module, step: int | None = None) -> dict[str, Any]:
     """Overwrite ``model``'s variables with checkpoint ``step`` (default: the latest) at ``path``, of either
     framework; returns the checkpoint's metadata. ``CheckpointError`` (or ``port.PortError`` for torch weights)
     names what does not fit, and ``model`` is then unchanged."""
     arrays, meta = CheckpointStore(resolve(path)).read(step)
     if meta.get("framework") == "torch":
-        port.load_torch_state_dict(model, _torch_arrays(arrays))
+        port.load_torch_state_dict(model, codecs.torch_model_arrays(arrays))
         return meta
     state = codecs.flax_from_arrays(model_template(model), arrays, strict=False)
     nnx.update(model, state["params"], state["model_state"])
@@ -70,7 +66,7 @@ def torch_state_dict(path: str | Path, flax_model: nnx.Module | None = None, ste
 
     arrays, meta = CheckpointStore(resolve(path)).read(step)
     if meta.get("framework") == "torch":
-        return {k: torch.from_numpy(np.array(v)) for k, v in _torch_arrays(arrays).items()}, meta
+        return {k: torch.from_numpy(np.array(v)) for k, v in codecs.torch_model_arrays(arrays).items()}, meta
     if flax_model is None:
         raise CheckpointError(f"{path} holds Flax weights; reading them in torch's layout needs the model they fit")
     load_model(path, flax_model, step)

@@ -26,7 +26,7 @@ import numpy as np
 from flax_resnet.store import CheckpointError
 
 __all__ = ["MODEL_PREFIX", "OPTIMIZER_PREFIX", "flax_from_arrays", "flax_to_arrays", "torch_from_arrays",
-           "torch_to_arrays"]
+           "torch_model_arrays", "torch_to_arrays"]
 
 MODEL_PREFIX = "model/"
 OPTIMIZER_PREFIX = "optimizer/"
@@ -35,19 +35,14 @@ _LISTED = 10  # lines of a misfit report before "... and N more": enough to see 
 
 def _misfit(what: str, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str) -> CheckpointError:
     """One error for every way the arrays do not fit: counts first, then at most ``_LISTED`` lines."""
-    counts = ", ".join(f"{len(items)} {name}" for name, items in
-                       (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if items)
-    kinds = [[f"{name:<10} {k}" for k in items] for name, items in
-             (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))]
-    # every kind gets its share of the lines (a long list of one kind must not hide the others)
-    quota = [0, 0, 0]
-    while sum(quota) < _LISTED and any(q < len(k) for q, k in zip(quota, kinds, strict=True)):
-        for i, kind in enumerate(kinds):
-            if quota[i] < len(kind) and sum(quota) < _LISTED:
-                quota[i] += 1
-    lines = [line for q, kind in zip(quota, kinds, strict=True) for line in kind[:q]]
-    shown = [line if len(line) <= 160 else line[:157] + "..." for line in lines]
-    hidden = len(missing) + len(unexpected) + len(mismatched) - len(lines)
+    kinds = [(kind, items) for kind, items in (("missing", missing), ("unexpected", unexpected),
+                                               ("mismatched", mismatched)) if items]
+    counts = ", ".join(f"{len(items)} {kind}" for kind, items in kinds)
+    # the lines shown are taken from the kinds in turn (a long list of one kind must not hide the others)
+    turns = sorted((j, i) for i, (_, items) in enumerate(kinds) for j in range(len(items)))[:_LISTED]
+    shown = [f"{kinds[i][0]:<10} {kinds[i][1][j]}" for j, i in sorted(turns, key=lambda turn: turn[::-1])]
+    hidden = sum(len(items) for _, items in kinds) - len(shown)
+    shown = [line if len(line) <= 160 else line[:157] + "..." for line in shown]
     if hidden:
         shown.append(f"... and {hidden} more")
     return CheckpointError(f"the checkpoint does not fit {what} ({counts}):\n  " + "\n  ".join(shown) + f"\n{hint}")
@@ -114,9 +109,7 @@ def _restored(leaf: Any, array: np.ndarray) -> Any:
     if _is_key(leaf):
         sharding = jax.random.key_data(leaf).sharding if isinstance(leaf, jax.Array) else None
         return jax.random.wrap_key_data(_place(array, sharding), impl=jax.random.key_impl(leaf))
-    if isinstance(leaf, jax.Array):
-        return _place(array, leaf.sharding)
-    if isinstance(leaf, jax.ShapeDtypeStruct):
+    if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
         return _place(array, leaf.sharding)
     if isinstance(leaf, np.ndarray | np.generic):
         return np.array(array)
@@ -156,42 +149,28 @@ def flax_from_arrays(template: Any, arrays: Mapping[str, np.ndarray], *, strict:
 
 
 # ----------------------------------------------------------------------------------------------- torch
-def _torch_numpy(tensor: Any) -> tuple[np.ndarray, bool]:
-    """A tensor as a NumPy copy; bfloat16 (which NumPy lacks) as its bits in int16, flagged True."""
-    import torch
-
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().copy(), True
-    return tensor.numpy().copy(), False
+def _host_copy(tensor: Any) -> np.ndarray:
+    return tensor.detach().cpu().numpy().copy()
 
 
-def _torch_tensor(array: np.ndarray, bfloat16: bool) -> Any:
-    import torch
-
-    tensor = torch.from_numpy(np.array(array))  # a writable copy of its own (the store's may be shared)
-    return tensor.view(torch.bfloat16) if bfloat16 else tensor
+def torch_model_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's part of ``torch_to_arrays``' arrays, keyed as in its ``state_dict``."""
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in arrays.items() if k.startswith(MODEL_PREFIX)}
 
 
 def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``(arrays, extra)``: ``model.state_dict()`` under ``model/<key>`` and the tensors of
     ``optimizer.state_dict()`` (momentum buffers, ...) under ``optimizer/<parameter index>/<name>``; ``extra`` is the
-    JSON-able rest of the optimiser's state (``param_groups``, non-tensor per-parameter values) and the names of
-    bfloat16 arrays, for the checkpoint's metadata. Everything is a copy, safe to keep while training goes on."""
+    JSON-able rest of the optimiser's state (``param_groups``, non-tensor per-parameter values), for the
+    checkpoint's metadata. Everything is a copy, safe to keep while training goes on. The torch reference trains
+    in float32 or float64 (``torch_backend.TORCH_DTYPES``), dtypes NumPy has."""
     import torch
 
     arrays: dict[str, np.ndarray] = {}
-    bfloat16: list[str] = []
-
-    def put(name: str, tensor: Any) -> None:
-        arrays[name], is_bf16 = _torch_numpy(tensor)
-        if is_bf16:
-            bfloat16.append(name)
-
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"model state {key!r} is a {type(value).__name__}, not a tensor")
-        put(MODEL_PREFIX + key, value)
+        arrays[MODEL_PREFIX + key] = _host_copy(value)
     extra: dict[str, Any] = {}
     if optimizer is not None:
         state_dict = optimizer.state_dict()
@@ -199,13 +178,11 @@ def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.nda
         for index, values in state_dict["state"].items():
             for name, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    put(f"{OPTIMIZER_PREFIX}{index}/{name}", value)
+                    arrays[f"{OPTIMIZER_PREFIX}{index}/{name}"] = _host_copy(value)
                 else:
                     other.setdefault(str(index), {})[name] = value
         extra = {"param_groups": state_dict["param_groups"], "state": other}
-    if bfloat16:
-        extra["bfloat16"] = bfloat16
-    json.dumps(extra)  # a value JSON cannot hold is a TypeError now, not when the checkpoint is written
+        json.dumps(extra)  # a value JSON cannot hold is a TypeError now, not when the checkpoint is written
     return arrays, extra
 
 
@@ -217,24 +194,22 @@ def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarra
     """
     import torch
 
-    bfloat16 = set(extra.get("bfloat16", ()))
-    current = model.state_dict()
-    saved = {k.removeprefix(MODEL_PREFIX): v for k, v in arrays.items() if k.startswith(MODEL_PREFIX)}
+    current, saved = model.state_dict(), torch_model_arrays(arrays)
     missing = [k for k in current if k not in saved]
     unexpected = sorted(k for k in saved if k not in current)
     mismatched = []
     for key, tensor in current.items():
-        if key in saved:
-            array, is_bf16 = saved[key], MODEL_PREFIX + key in bfloat16
-            saved_dtype = torch.bfloat16 if is_bf16 else torch.from_numpy(np.empty(0, array.dtype)).dtype
-            if tuple(array.shape) != tuple(tensor.shape) or saved_dtype != tensor.dtype:
-                mismatched.append(f"{key}: saved {str(saved_dtype).removeprefix('torch.')}{list(array.shape)}, this "
-                                  f"model has {str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}")
+        array = saved.get(key)
+        if array is not None and (array.shape != tuple(tensor.shape)
+                                  or torch.from_numpy(np.empty(0, array.dtype)).dtype != tensor.dtype):
+            mismatched.append(f"{key}: saved {_describe(array.dtype, array.shape)}, this model has "
+                              f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}")
     if missing or unexpected or mismatched:
         raise _misfit(f"this {type(model).__name__}", missing, unexpected, mismatched,
                       "Was it written for another model, model arguments or dtype? Name the same ones as the run "
                       "that wrote it (its meta.json records them).")
-    model.load_state_dict({k: _torch_tensor(v, MODEL_PREFIX + k in bfloat16) for k, v in saved.items()})
+    # writable copies of their own (the store's arrays may be shared)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.items()})
     if optimizer is None:
         return
     if "param_groups" not in extra:
@@ -244,7 +219,7 @@ def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarra
     for key, array in arrays.items():
         if key.startswith(OPTIMIZER_PREFIX):
             index, _, name = key.removeprefix(OPTIMIZER_PREFIX).partition("/")
-            state.setdefault(int(index), {})[name] = _torch_tensor(array, key in bfloat16)
+            state.setdefault(int(index), {})[name] = torch.from_numpy(np.array(array))
     for index, values in extra.get("state", {}).items():
         state.setdefault(int(index), {}).update(values)
     try:
