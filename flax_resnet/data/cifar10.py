@@ -1,10 +1,8 @@
 """CIFAR-10 as a :class:`~flax_resnet.data.dataset.Dataset`: prepared data, a local archive or a download.
 
-Through TFDS without TensorFlow (see ``cifar10_builder``). tensorflow-datasets is an optional dependency, so
-this module imports neither it nor the builder (which imports it) at import time: they are imported inside
-the functions that prepare or read CIFAR-10, and machines without TFDS (the GPU machine) can still import
-``flax_resnet.data`` and use the synthetic data. Imports go one way: this module -> ``dataset`` (and ->
-``cifar10_builder`` lazily) -> ``flax_resnet.errors``.
+Through TFDS without TensorFlow (``cifar10_builder``). tensorflow-datasets is an optional dependency, so it and the
+builder are imported inside the functions that prepare or read CIFAR-10: machines without TFDS (the GPU machine)
+can still import ``flax_resnet.data`` and use the synthetic data.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +34,8 @@ SOURCE_PORT = 443
 DOWNLOAD_SUBDIR = "downloads"
 
 
-def load_cifar10(
-    data_dir: str | Path,
-    *,
-    archive: str | Path | None = None,
-    download: bool = True,
-    skip_checksum: bool = False,
-    connect_timeout: float = 5.0,
-) -> Dataset:
+def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, download: bool = True,
+                 skip_checksum: bool = False, connect_timeout: float = 5.0) -> Dataset:
     """CIFAR-10 from `data_dir`, preparing it there first if needed.
 
     Prepared data in `data_dir` is read as is. Otherwise it is prepared from `archive` (the official
@@ -62,11 +53,9 @@ def load_cifar10(
             path = _download(data_dir, skip_checksum=skip_checksum, connect_timeout=connect_timeout)
             _prepare(data_dir, path, skip_checksum=skip_checksum)
         else:
-            raise DataError(
-                f"no prepared CIFAR-10 in {data_dir} and downloading is off. Pass --archive PATH (the official "
-                "cifar-10-binary.tar.gz or cifar-10-python.tar.gz), allow the download, or point --data-dir "
-                "at a directory where CIFAR-10 was prepared before."
-            )
+            raise DataError(f"no prepared CIFAR-10 in {data_dir} and downloading is off. Pass --archive PATH (the "
+                            "official cifar-10-binary.tar.gz or cifar-10-python.tar.gz), allow the download, or "
+                            "point --data-dir at a directory where CIFAR-10 was prepared before.")
     return _read_prepared(data_dir)
 
 
@@ -78,14 +67,7 @@ def _builder(data_dir: Path, **kwargs: Any) -> Any:
 
 def _is_prepared(data_dir: Path) -> bool:
     builder = _builder(data_dir)
-    if not Path(builder.data_dir).is_dir() or not builder.is_prepared():
-        return False
-    file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
-    if file_format != "array_record":
-        raise DataError(
-            f"{builder.data_dir} holds CIFAR-10 in {file_format} format, not array_record; use another --data-dir"
-        )
-    return True
+    return Path(builder.data_dir).is_dir() and builder.is_prepared()
 
 
 def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
@@ -144,10 +126,8 @@ def _read_prepared(data_dir: Path) -> Dataset:
 
 
 def source_answers(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` seconds (DNS included).
-
-    Runs in a daemon thread because a socket timeout does not bound name resolution.
-    """
+    """Whether a TCP connection to host:port opens within `timeout` seconds (DNS included: it runs in a daemon
+    thread, because a socket timeout does not bound name resolution)."""
     result: list[bool] = []
 
     def connect() -> None:
@@ -164,53 +144,44 @@ def source_answers(host: str, port: int, timeout: float) -> bool:
 
 
 def _download(data_dir: Path, *, skip_checksum: bool, connect_timeout: float) -> Path:
-    """The official binary archive in data_dir/downloads, fetched unless a verified copy is already there."""
+    """The official binary archive in data_dir/downloads, fetched (with a tqdm bar on stderr when that is a
+    terminal) unless a verified copy is already there."""
+    from tqdm import tqdm
+
     from flax_resnet.data.cifar10_builder import BINARY, verify_md5
 
     target = data_dir / DOWNLOAD_SUBDIR / BINARY.filename
     if target.is_file():
-        if skip_checksum:
-            return target
         try:
-            verify_md5(target)
+            if not skip_checksum:
+                verify_md5(target)
             return target
         except DataError:
             log.warning("discarding %s: wrong md5", target)
             target.unlink()
     if not source_answers(SOURCE_HOST, SOURCE_PORT, connect_timeout):
-        raise DataError(
-            f"CIFAR-10 is not prepared in {data_dir} and {SOURCE_HOST}:{SOURCE_PORT} does not answer within "
-            f"{connect_timeout:g} s (offline?). Either pass --archive PATH to the official "
-            f"{BINARY.filename} or cifar-10-python.tar.gz, or run once on a machine with network and reuse "
-            "its prepared data with --data-dir."
-        )
+        raise DataError(f"CIFAR-10 is not prepared in {data_dir} and {SOURCE_HOST}:{SOURCE_PORT} does not answer "
+                        f"within {connect_timeout:g} s (offline?). Either pass --archive PATH to the official "
+                        f"{BINARY.filename} or cifar-10-python.tar.gz, or run once on a machine with network and "
+                        "reuse its prepared data with --data-dir.")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=BINARY.filename + ".", suffix=".part")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            _fetch(BINARY.url, out.write, timeout=max(connect_timeout, 30.0))
+        with (os.fdopen(fd, "wb") as out,
+              urllib.request.urlopen(BINARY.url, timeout=max(connect_timeout, 30.0)) as response,
+              tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                   desc=BINARY.filename, disable=None) as bar):
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
         if not skip_checksum:
             verify_md5(tmp)
         tmp.replace(target)
     except (urllib.error.URLError, OSError) as e:
-        raise DataError(
-            f"downloading {BINARY.url} failed ({e}). Retry, or pass --archive PATH to a copy of "
-            f"{BINARY.filename} fetched another way."
-        ) from e
+        raise DataError(f"downloading {BINARY.url} failed ({e}). Retry, or pass --archive PATH to a copy of "
+                        f"{BINARY.filename} fetched another way.") from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return target
-
-
-def _fetch(url: str, write: Callable[[bytes], Any], *, timeout: float) -> None:
-    """Streams `url` into `write`, with a tqdm bar on stderr when that is a terminal."""
-    from tqdm import tqdm
-
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=None) as bar:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                write(chunk)
-                bar.update(len(chunk))

@@ -1,16 +1,12 @@
-"""A TFDS builder for CIFAR-10 that needs no TensorFlow.
+"""A TFDS builder for CIFAR-10 that needs no TensorFlow (TFDS's own ``cifar10`` reads through ``tf.io.gfile`` and
+encodes PNGs with TF).
 
-TFDS's own ``cifar10`` builder cannot prepare data without TensorFlow (it reads through ``tf.io.gfile`` and
-encodes PNGs with TF). This one reads the official archive -- the binary ``cifar-10-binary.tar.gz`` or the
-python-pickle ``cifar-10-python.tar.gz`` -- with :mod:`tarfile`, encodes the images with Pillow, and writes
-array_record files, which the instance's ``as_data_source()`` reads without TensorFlow. It is not registered
-with TFDS (``skip_registration``): the name ``cifar10`` there stays TFDS's own builder, and nothing here looks
-a builder up by name. Its data lives under ``data_dir/cifar10/1.0.0``.
-
-It never downloads: ``flax_resnet.data.cifar10.load_cifar10`` fetches the archive (failing fast when offline)
-and hands it over as ``archive_path``. Importing this module imports ``tensorflow_datasets`` (an optional
-dependency), so only ``flax_resnet.data.cifar10`` imports it, inside the functions that need TFDS; it imports
-nothing of the project but ``flax_resnet.data.dataset``.
+It reads an official archive (binary or python-pickle) with :mod:`tarfile`, encodes the images with Pillow and
+writes array_record files, which the instance's ``as_data_source()`` reads without TensorFlow. It is unregistered
+(``skip_registration``), so TFDS's name ``cifar10`` stays TFDS's own builder; its data lives under
+``data_dir/cifar10/1.0.0``. It never downloads: ``flax_resnet.data.cifar10`` fetches the archive (failing fast
+when offline), hands it over as ``archive_path``, and is the only module to import this one (which imports
+``tensorflow_datasets``, an optional dependency), inside the functions that need TFDS.
 """
 
 from __future__ import annotations
@@ -41,61 +37,41 @@ TEST_BATCH = "test_batch"
 
 @dataclasses.dataclass(frozen=True)
 class ArchiveSpec:
-    """One official CIFAR-10 archive: where it lives, its md5, and the folder its batch files are in."""
+    """One official CIFAR-10 archive: its format, name, md5, and the folder its batch files are in."""
 
-    kind: str
+    kind: str  # "binary" (data_batch_1.bin, ...: label byte + 3072 pixel bytes per record) or "python" (pickles)
     filename: str
-    url: str
     md5: str
     folder: str
-    suffix: str  # of the batch files inside `folder`
+
+    @property
+    def url(self) -> str:
+        return f"https://www.cs.toronto.edu/~kriz/{self.filename}"
 
 
-BINARY = ArchiveSpec(
-    kind="binary",
-    filename="cifar-10-binary.tar.gz",
-    url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-    md5="c32a1d4ab5d03f1284b67883e8d87530",
-    folder="cifar-10-batches-bin",
-    suffix=".bin",
-)
-PYTHON = ArchiveSpec(
-    kind="python",
-    filename="cifar-10-python.tar.gz",
-    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    md5="c58f30108f718f92721af3b95e74349a",
-    folder="cifar-10-batches-py",
-    suffix="",
-)
+BINARY = ArchiveSpec("binary", "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", "cifar-10-batches-bin")
+PYTHON = ArchiveSpec("python", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py")
 ARCHIVES = (BINARY, PYTHON)
 
 Split = tuple[np.ndarray, np.ndarray]  # (uint8 NHWC images, int64 labels)
 
 
 def md5sum(path: str | os.PathLike[str]) -> str:
-    """The md5 hex digest of a file, read in chunks (the archives are ~170 MB)."""
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def verify_md5(path: str | os.PathLike[str]) -> ArchiveSpec:
-    """Checks that `path` is one of the official archives, byte for byte; returns which one.
-
-    Raises DataError otherwise: a truncated download or a different file must not become "CIFAR-10".
-    """
+    """Which official archive `path` is, byte for byte; DataError otherwise (a truncated download or another file
+    must not become "CIFAR-10")."""
     actual = md5sum(path)
     for spec in ARCHIVES:
         if actual == spec.md5:
             return spec
     expected = ", ".join(f"{s.filename} {s.md5}" for s in ARCHIVES)
-    raise DataError(
-        f"{path}: md5 {actual} matches no official CIFAR-10 archive ({expected}). The file is truncated, "
-        "corrupt or not CIFAR-10; download it again (or pass skip_checksum=True if it is a deliberate "
-        "test archive)."
-    )
+    raise DataError(f"{path}: md5 {actual} matches no official CIFAR-10 archive ({expected}). The file is truncated, "
+                    "corrupt or not CIFAR-10; download it again (or pass skip_checksum=True if it is a deliberate "
+                    "test archive).")
 
 
 def _records_to_nhwc(data: np.ndarray) -> np.ndarray:
@@ -121,19 +97,13 @@ class _BatchUnpickler(pickle.Unpickler):
     """Unpickles a CIFAR-10 batch and nothing else: pickle can run code, so only the globals a batch file
     needs (numpy array reconstruction, and `_codecs.encode` for bytes pickled by Python 3) are allowed."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"): ("numpy", "ndarray"),
-        ("numpy", "dtype"): ("numpy", "dtype"),
-        ("_codecs", "encode"): ("_codecs", "encode"),
-    }
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str) -> Any:
-        target = self._ALLOWED.get((module, name))
-        if target is None:
+        if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
-        return super().find_class(*target)
+        return super().find_class(module.replace("numpy.core.", "numpy._core."), name)  # numpy 2's name
 
 
 def _parse_pickle(raw: bytes, where: str) -> Split:
@@ -155,37 +125,29 @@ def _parse_pickle(raw: bytes, where: str) -> Split:
 
 
 def read_archive(path: str | os.PathLike[str]) -> dict[str, Split]:
-    """Reads an official CIFAR-10 archive (either format) into {"train": ..., "test": ...}.
-
-    Train is data_batch_1..5 in that order, test is test_batch: the archive's own order, kept. Everything is
-    read and checked before anything is written, so a bad archive fails here with DataError.
-    """
+    """An official CIFAR-10 archive (either format) as {"train": data_batch_1..5 in order, "test": test_batch},
+    all read and checked before anything is written, so a bad archive fails here with DataError."""
     path = Path(path)
     try:
         with tarfile.open(path, "r:*") as tar:
             members = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
             spec = next((s for s in ARCHIVES if any(n.startswith(s.folder + "/") for n in members)), None)
             if spec is None:
-                raise DataError(
-                    f"{path}: not a CIFAR-10 archive (no folder {BINARY.folder}/ or {PYTHON.folder}/ inside)"
-                )
-            parse = _parse_binary if spec.kind == "binary" else _parse_pickle
+                raise DataError(f"{path}: not a CIFAR-10 archive (no folder {BINARY.folder}/ or {PYTHON.folder}/ "
+                                "inside)")
+            parse, suffix = (_parse_binary, ".bin") if spec.kind == "binary" else (_parse_pickle, "")
             batches: dict[str, Split] = {}
             for name in (*TRAIN_BATCHES, TEST_BATCH):
-                member_name = f"{spec.folder}/{name}{spec.suffix}"
+                member_name = f"{spec.folder}/{name}{suffix}"
                 member = members.get(member_name)
                 if member is None:
                     raise DataError(f"{path}: {member_name} is missing from the {spec.kind} archive")
-                f = tar.extractfile(member)
-                assert f is not None  # a regular file
-                batches[name] = parse(f.read(), f"{path}:{member_name}")
+                batches[name] = parse(tar.extractfile(member).read(), f"{path}:{member_name}")  # a regular file
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: cannot read the archive, truncated or not a tar.gz ({e})") from e
     train = [batches[name] for name in TRAIN_BATCHES]
-    return {
-        "train": (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
-        "test": batches[TEST_BATCH],
-    }
+    return {"train": (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
+            "test": batches[TEST_BATCH]}
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -196,59 +158,36 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """CIFAR-10 from the official archive, prepared as array_record without TensorFlow.
-
-    Same features as TFDS's builder (``id``, ``image``, ``label``), examples in the archive's order.
-    Pass ``archive_path`` to prepare; reading prepared data needs nothing.
-    """
+    """CIFAR-10 from the official archive (``archive_path``, needed to prepare only), as array_record: TFDS's
+    features (``id``, ``image``, ``label``), examples in the archive's order."""
 
     # Not TFDS's 3.0.2: data that TFDS's builder prepared (TFRecord, shuffled) lives in another directory.
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "flax-resnet: from the official archive, array_record, archive order."}
 
-    def __init__(
-        self,
-        *,
-        archive_path: str | os.PathLike[str] | None = None,
-        skip_checksum: bool = False,
-        file_format: str | None = "array_record",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, archive_path: str | os.PathLike[str] | None = None, skip_checksum: bool = False,
+                 **kwargs: Any) -> None:
         self._archive_path = None if archive_path is None else Path(archive_path)
         self._skip_checksum = skip_checksum
-        super().__init__(file_format=file_format, **kwargs)
+        super().__init__(file_format="array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        features = {"id": tfds.features.Text(), "image": tfds.features.Image(shape=IMAGE_SHAPE),
+                    "label": tfds.features.ClassLabel(names=CLASS_NAMES)}
         return tfds.core.DatasetInfo(
-            builder=self,
+            builder=self, features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label"),
             description="CIFAR-10: 60,000 32x32 colour images in 10 classes (50,000 train, 10,000 test).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "id": tfds.features.Text(),
-                    "image": tfds.features.Image(shape=IMAGE_SHAPE),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            # Keep the archive's order (data_batch_1..5, test_batch) instead of TFDS's hash shuffle.
-            disable_shuffling=True,
-            homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
-        )
+            disable_shuffling=True,  # the archive's order (data_batch_1..5, test_batch), not TFDS's hash shuffle
+            homepage="https://www.cs.toronto.edu/~kriz/cifar.html")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
-        del dl_manager  # we never download: TFDS's downloader retries for minutes when offline
+        del dl_manager  # never used: TFDS's downloader retries for minutes when offline
         if self._archive_path is None:
-            raise DataError(
-                "the flax-resnet cifar10 builder prepares from a local archive: pass archive_path= "
-                f"(the official {BINARY.filename} or {PYTHON.filename}), or use "
-                "flax_resnet.data.load_cifar10, which can also download it"
-            )
-        if not self._archive_path.is_file():
-            raise DataError(f"archive {self._archive_path} does not exist")
+            raise DataError(f"this builder prepares CIFAR-10 from a local archive: pass archive_path= (the official "
+                            f"{BINARY.filename} or {PYTHON.filename}), or use flax_resnet.data.load_cifar10")
         if not self._skip_checksum:
             verify_md5(self._archive_path)
-        splits = read_archive(self._archive_path)
-        return {name: self._generate_examples(name, *split) for name, split in splits.items()}
+        return {name: self._generate_examples(name, *split) for name, split in read_archive(self._archive_path).items()}
 
     def _generate_examples(self, split: str, images: np.ndarray, labels: np.ndarray) -> Iterator[Any]:
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
