@@ -2,8 +2,8 @@
 
 Every process of a multi-host run calls ``initialize`` first, before anything touches a JAX device; then
 ``jax.devices()`` lists the devices of all processes and the runners of ``training.parallel`` train on all of
-them, each process feeding its own devices. Only the main process (``is_main_process``) writes history, plots and
-logs; checkpoints are written by process 0 while every process waits at a barrier (the state is replicated).
+them, each process feeding its own devices. Only the main process (``is_main_process``) writes history, plots,
+logs and checkpoints (every process meets at the checkpoint store's barriers).
 
 Process 0 runs the coordinator service at ``--coordinator HOST:PORT``; the others connect to it. A coordinator
 that never answers is waited for ``timeout_s`` seconds, then ``DistributedInitError`` says which address was
@@ -31,22 +31,15 @@ class DistributedInitError(FlaxResnetError, RuntimeError):
 
 
 # Environment variables by which JAX's own cluster detection (jax._src.clusters) recognises a launcher.
-_CLUSTERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("SLURM", ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")),
-    ("Open MPI", ("OMPI_MCA_orte_hnp_uri",)),
-    ("JAX_COORDINATOR_ADDRESS", ("JAX_COORDINATOR_ADDRESS",)),
-)
+_CLUSTERS = {"SLURM": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+             "Open MPI": ("OMPI_MCA_orte_hnp_uri",), "JAX_COORDINATOR_ADDRESS": ("JAX_COORDINATOR_ADDRESS",)}
 
 
 def detect_cluster() -> str | None:
-    """The name of the multi-process launcher this process runs under, or ``None`` for a plain single process.
-
-    A SLURM job step with one task (``SLURM_NTASKS=1``) counts as a single process: nothing to coordinate.
-    """
-    for name, variables in _CLUSTERS:
-        if all(v in os.environ for v in variables):
-            if name == "SLURM" and os.environ.get("SLURM_NTASKS") == "1":
-                continue
+    """The name of the multi-process launcher this process runs under, or ``None`` for a plain single process
+    (a SLURM job step with one task included: nothing to coordinate)."""
+    for name, variables in _CLUSTERS.items():
+        if all(v in os.environ for v in variables) and not (name == "SLURM" and os.environ["SLURM_NTASKS"] == "1"):
             return name
     return None
 
@@ -85,7 +78,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     With none given, a detected launcher (SLURM's ``srun``, Open MPI's ``mpirun``, ``JAX_COORDINATOR_ADDRESS``)
     lets JAX fill them in itself; without one this is a single-process run and nothing happens. Under SLURM,
     JAX's detection also pins each process to the GPU of its ``SLURM_LOCALID``: launch one task per GPU.
-    Must be called before any JAX computation (or ``jax.devices()``).
     """
     given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     cluster = detect_cluster()
@@ -140,12 +132,7 @@ def shutdown() -> None:
 
 
 def is_main_process() -> bool:
-    """True in process 0, the one that writes history, plots and logs (checkpoints: every process calls save)."""
     return jax.process_index() == 0
-
-
-def process_count() -> int:
-    return jax.process_count()
 
 
 def initialize_from_args(args) -> bool:

@@ -14,9 +14,11 @@ created, so a failed start leaves no trace.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
+import itertools
 import os
 import socket
 import tempfile
@@ -34,11 +36,10 @@ class OutputDirError(FlaxResnetError, RuntimeError):
 
 
 def _holder(path: Path) -> str:
-    try:
-        record = path.read_text().strip()
-    except OSError:
-        record = ""
-    return record or "a run that has not yet recorded its pid"
+    with contextlib.suppress(OSError):
+        if record := path.read_text().strip():
+            return record
+    return "a run that has not yet recorded its pid"
 
 
 class OutputClaim:
@@ -65,17 +66,10 @@ class OutputClaim:
 
 
 def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",)) -> OutputClaim:
-    """Create ``out`` if needed, check it is writable (and its existing ``probe`` subdirectories), lock it.
-
-    Raises ``OutputDirError`` with what is wrong and what to do.
-    """
+    """Create ``out`` if needed, check it is writable (and its existing ``probe`` subdirectories), lock it;
+    ``OutputDirError`` says what is wrong and what to do."""
     out = Path(out).expanduser().absolute()
-    created = []
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        created.append(parent)
-        parent = parent.parent
-    created.reverse()  # outermost first
+    created = list(itertools.takewhile(lambda p: not p.exists(), (out, *out.parents)))[::-1]  # outermost first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -96,16 +90,15 @@ def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",))
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise OutputDirError(f"cannot lock {lock_path} ({e.strerror})") from e
+                raise OutputDirError(f"cannot lock {lock_path} ({e.strerror}); choose an --out on a file system "
+                                     "with file locks (a local disk)") from e
             raise OutputDirError(f"{out} is in use by another run ({_holder(lock_path)}); wait for it to finish "
                                  "or choose another --out. (A lock left behind by a run that was killed does not "
                                  "block: it ends with its process.)") from e
-        try:  # the file we locked may have been unlinked by a holder releasing it just before: then lock anew
-            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
+        # the file we locked may have been unlinked by a holder releasing it just before: then lock anew
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
         os.close(fd)
     claim = OutputClaim(out, fd, created)
     try:
