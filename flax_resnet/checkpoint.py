@@ -20,8 +20,7 @@ from flax import nnx
 from flax_resnet import codecs, port
 from flax_resnet.store import CheckpointError, CheckpointStore, resolve
 
-__all__ = ["CheckpointError", "load_model", "model_arrays", "model_template", "read_meta", "save_model",
-           "torch_state_dict"]
+__all__ = ["CheckpointError", "load_model", "model_template", "read_meta", "save_model", "torch_state_dict"]
 
 
 def model_template(model: nnx.Module) -> dict[str, nnx.State]:
@@ -31,13 +30,10 @@ def model_template(model: nnx.Module) -> dict[str, nnx.State]:
     return {"params": params, "model_state": model_state}
 
 
-def model_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
-    return codecs.flax_to_arrays(model_template(model))
-
-
 def save_model(path: str | Path, model: nnx.Module, meta: Mapping[str, Any], step: int = 0) -> Path:
     """Write ``model``'s weights as checkpoint ``step`` of a store at ``path`` (a new or empty directory)."""
-    return CheckpointStore(path, max_to_keep=None).save(step, model_arrays(model), {"framework": "jax", **meta})
+    arrays = codecs.flax_to_arrays(model_template(model))
+    return CheckpointStore(path, max_to_keep=None).save(step, arrays, {"framework": "jax", **meta})
 
 
 def read_meta(path: str | Path, step: int | None = None) -> dict[str, Any]:
@@ -58,7 +54,7 @@ def load_model(path: str | Path, model: nnx.Module, step: int | None = None) -> 
     return meta
 
 
-def torch_state_dict(path: str | Path, flax_model: nnx.Module | None = None, step: int | None = None
+def torch_state_dict(path: str | Path, flax_model: nnx.Module, step: int | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state_dict, meta)`` of checkpoint ``step`` at ``path`` in torch's layout (torch tensors); a Flax
     checkpoint is read into ``flax_model`` (a model of the right architecture) and ported."""
@@ -67,7 +63,5 @@ def torch_state_dict(path: str | Path, flax_model: nnx.Module | None = None, ste
     arrays, meta = CheckpointStore(resolve(path)).read(step)
     if meta.get("framework") == "torch":
         return {k: torch.from_numpy(np.array(v)) for k, v in codecs.torch_model_arrays(arrays).items()}, meta
-    if flax_model is None:
-        raise CheckpointError(f"{path} holds Flax weights; reading them in torch's layout needs the model they fit")
     load_model(path, flax_model, step)
     return port.to_torch_state_dict(flax_model), meta

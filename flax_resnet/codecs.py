@@ -3,10 +3,11 @@
 The store holds arrays and JSON, nothing framework-specific; a codec per framework turns its state into arrays and
 back, bit for bit:
 
-- Flax/JAX (``flax_to_arrays`` / ``flax_from_arrays``): any pytree (an ``engine.TrainState``, an ``nnx.State``),
-  each leaf under its ``jax.tree_util.keystr`` path, e.g. ``.params['conv1']['kernel'].value``. PRNG key arrays are
-  stored as their raw data (``jax.random.key_data``) and rebuilt with the template's implementation. Restoring
-  checks every name, shape and dtype against a template first and reports all misfits in one short error.
+- Flax/JAX (``flax_to_arrays`` / ``flax_from_arrays``): a pytree of ``jax.Array``s (an ``engine.TrainState``, an
+  ``nnx.State``), each leaf under its ``jax.tree_util.keystr`` path, e.g. ``.params['conv1']['kernel'].value``.
+  PRNG key arrays are stored as their raw data (``jax.random.key_data``). Restoring checks every name, shape and
+  dtype against a template first, reports all misfits in one short error (at most ``_LISTED`` lines), and gives
+  each leaf the template's sharding (a PRNG key also its implementation).
 - PyTorch (``torch_to_arrays`` / ``torch_from_arrays``): ``model.state_dict()`` under ``model/<key>``, the
   optimiser's per-parameter tensors under ``optimizer/<parameter index>/<name>``; what is not a tensor (the
   parameter groups: lr, momentum, ...) comes back as a JSON-able dict for the checkpoint's metadata. torch is
@@ -20,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flax_resnet.store import CheckpointError
@@ -83,49 +83,34 @@ def flax_to_arrays(tree: Any) -> dict[str, np.ndarray]:
 def _expected(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype a leaf of the template is stored with (a PRNG key: its raw data's)."""
     if _is_key(leaf):
-        data = jax.eval_shape(jax.random.key_data, leaf)
-        return tuple(data.shape), np.dtype(data.dtype)
-    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-        return tuple(leaf.shape), np.dtype(leaf.dtype)
-    array = np.asarray(leaf)
-    return array.shape, array.dtype
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
+    return tuple(leaf.shape), np.dtype(leaf.dtype)
 
 
-def _place(array: np.ndarray, sharding: Any) -> jax.Array:
+def _place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """``array`` on the devices of ``sharding`` (all of it on each: the states here are replicated).
 
     From a private copy: on CPU ``jax.device_put`` may share the NumPy buffer, or copy it later (measured: a
     2-element array changed afterwards showed the change, even with ``may_alias=False``), so the state would change
     with the arrays it was read from.
     """
-    if sharding is None or sharding.is_fully_addressable:
+    if sharding.is_fully_addressable:
         return jax.device_put(np.array(array), sharding)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: np.array(array[index]))
 
 
-def _restored(leaf: Any, array: np.ndarray) -> Any:
-    """``array`` in the form of the template's ``leaf``: a jax.Array with its sharding, a PRNG key with its
-    implementation, or a NumPy array / Python scalar as the template had."""
+def _restored(leaf: jax.Array, array: np.ndarray) -> jax.Array:
+    """``array`` as a leaf like the template's ``leaf``: on its sharding, a PRNG key with its implementation."""
     if _is_key(leaf):
-        sharding = jax.random.key_data(leaf).sharding if isinstance(leaf, jax.Array) else None
-        return jax.random.wrap_key_data(_place(array, sharding), impl=jax.random.key_impl(leaf))
-    if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
-        return _place(array, leaf.sharding)
-    if isinstance(leaf, np.ndarray | np.generic):
-        return np.array(array)
-    if isinstance(leaf, bool | int | float | complex):
-        return type(leaf)(array.item())
-    return jnp.asarray(array)
+        return jax.random.wrap_key_data(_place(array, jax.random.key_data(leaf).sharding),
+                                        impl=jax.random.key_impl(leaf))
+    return _place(array, leaf.sharding)
 
 
 def flax_from_arrays(template: Any, arrays: Mapping[str, np.ndarray], *, strict: bool = True) -> Any:
-    """A tree shaped like ``template`` with the values of ``arrays`` (as ``flax_to_arrays`` made them).
-
-    Every leaf's name, shape and dtype is checked first; ``CheckpointError`` lists what is missing, unexpected or
-    mismatched, in at most ~10 lines. ``strict=False`` ignores arrays the template has no leaf for (weights read
-    from a training checkpoint that also holds optimiser state). Leaves that are ``jax.Array``s come back with the
-    template's sharding; PRNG keys with the template's implementation.
-    """
+    """A tree shaped like ``template`` with the values of ``arrays`` (as ``flax_to_arrays`` made them), or one
+    ``CheckpointError`` listing what is missing, unexpected or mismatched. ``strict=False`` ignores arrays the
+    template has no leaf for (weights read from a training checkpoint that also holds optimiser state)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     missing, mismatched, names = [], [], set()
     for path, leaf in flat:
