@@ -46,7 +46,8 @@ def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, dow
     leaves no dataset behind.
     """
     data_dir = Path(data_dir).expanduser()
-    if not _is_prepared(data_dir):
+    builder = _builder(data_dir)
+    if not (Path(builder.data_dir).is_dir() and builder.is_prepared()):
         if archive is not None:
             _prepare(data_dir, Path(archive).expanduser(), skip_checksum=skip_checksum)
         elif download:
@@ -65,18 +66,11 @@ def _builder(data_dir: Path, **kwargs: Any) -> Any:
     return Cifar10(data_dir=os.fspath(data_dir), **kwargs)
 
 
-def _is_prepared(data_dir: Path) -> bool:
-    builder = _builder(data_dir)
-    return Path(builder.data_dir).is_dir() and builder.is_prepared()
-
-
 def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
-    """Verifies and converts `archive` into array_record data under `data_dir`, all or nothing.
-
-    TFDS writes into a temporary `incomplete.*` directory and renames it when complete (and removes it on an
-    exception); we also remove the dataset directory if this call created it, and TFDS's (unused) download
-    directory. TFDS's messages go to stderr, so that stdout stays the caller's.
-    """
+    """Verifies and converts `archive` into array_record data under `data_dir`, all or nothing: TFDS writes into
+    an `incomplete.*` directory, renamed when complete and removed on an exception; we remove the dataset directory
+    if this call created it, and TFDS's (unused) download directory. TFDS's messages go to stderr (stdout is the
+    caller's)."""
     if not archive.is_file():
         raise DataError(f"archive {archive} does not exist")
     builder = _builder(data_dir, archive_path=archive, skip_checksum=skip_checksum)
@@ -103,12 +97,8 @@ _READ_CHUNK = 4096
 
 
 def _read_prepared(data_dir: Path) -> Dataset:
-    """Reads prepared CIFAR-10 through the builder's ``as_data_source`` (random access, no TensorFlow).
-
-    From our builder instance, not ``tfds.data_source("cifar10")``: that looks the name up in TFDS's registry,
-    where "cifar10" is TFDS's own builder (other version, TFRecord), and taking the name over would mean
-    writing into TFDS's private registry.
-    """
+    """Prepared CIFAR-10 through our builder instance's ``as_data_source`` (random access, no TensorFlow), not
+    ``tfds.data_source("cifar10")``: in TFDS's registry that name is TFDS's own builder (TFRecord)."""
     names = ("train", "test")
     sources = _builder(data_dir).as_data_source(split=list(names))
     splits = {}
@@ -128,19 +118,16 @@ def _read_prepared(data_dir: Path) -> Dataset:
 def source_answers(host: str, port: int, timeout: float) -> bool:
     """Whether a TCP connection to host:port opens within `timeout` seconds (DNS included: it runs in a daemon
     thread, because a socket timeout does not bound name resolution)."""
-    result: list[bool] = []
+    answered = threading.Event()
 
     def connect() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+            answered.set()
 
     thread = threading.Thread(target=connect, daemon=True, name="cifar10-connect-check")
     thread.start()
     thread.join(timeout + 0.5)
-    return bool(result and result[0])
+    return answered.is_set()
 
 
 def _download(data_dir: Path, *, skip_checksum: bool, connect_timeout: float) -> Path:
