@@ -57,26 +57,20 @@ def _is_key(leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def _host_array(path: str, leaf: Any) -> np.ndarray:
-    """A leaf as a NumPy array, PRNG keys as their raw data; a multi-process array from this process's copy."""
-    if isinstance(leaf, jax.Array):
-        if _is_key(leaf):
-            leaf = jax.random.key_data(leaf)
-        if not leaf.is_fully_addressable:
-            if not leaf.sharding.is_fully_replicated:
-                raise CheckpointError(f"{path} is split across processes; checkpoints hold replicated states only "
-                                      "(each process holding the whole array)")
-            leaf = leaf.addressable_data(0)  # every process holds all of it: this process's copy
-    return np.asarray(leaf)
-
-
 def flax_to_arrays(tree: Any) -> dict[str, np.ndarray]:
-    """Every leaf of ``tree`` as a NumPy array keyed by its ``jax.tree_util.keystr`` path (PRNG keys as their
-    ``jax.random.key_data``). The arrays are copies on the host, safe to keep while training goes on."""
+    """Every leaf of ``tree`` as a NumPy array keyed by its ``jax.tree_util.keystr`` path: copies on the host, safe
+    to keep while training goes on; of an array every process holds whole, this process's copy."""
     arrays = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         key = jax.tree_util.keystr(path)
-        arrays[key] = np.array(_host_array(key, leaf))  # a copy: jax may share host memory with NumPy on CPU
+        if _is_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            if not leaf.sharding.is_fully_replicated:
+                raise CheckpointError(f"{key} is split across processes; checkpoints hold replicated states only "
+                                      "(each process holding the whole array)")
+            leaf = leaf.addressable_data(0)
+        arrays[key] = np.array(leaf)  # a copy: jax may share host memory with NumPy on CPU
     return arrays
 
 
@@ -144,11 +138,9 @@ def torch_model_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """``(arrays, extra)``: ``model.state_dict()`` under ``model/<key>`` and the tensors of
-    ``optimizer.state_dict()`` (momentum buffers, ...) under ``optimizer/<parameter index>/<name>``; ``extra`` is the
-    JSON-able rest of the optimiser's state (``param_groups``, non-tensor per-parameter values), for the
-    checkpoint's metadata. Everything is a copy, safe to keep while training goes on. The torch reference trains
-    in float32 or float64 (``torch_backend.TORCH_DTYPES``), dtypes NumPy has."""
+    """``(arrays, extra)`` as the module docstring lays them out (``extra``: the optimiser's JSON-able rest, {}
+    without one): copies, safe to keep while training goes on. The torch reference trains in float32 or float64
+    (``torch_backend.TORCH_DTYPES``), dtypes NumPy has."""
     import torch
 
     arrays: dict[str, np.ndarray] = {}

@@ -336,8 +336,7 @@ class CheckpointStore:
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The metadata of checkpoint ``step`` (default: the latest), without reading its arrays."""
-        step = self._step(step)
-        return self._read_doc(step)["meta"]
+        return self._read_doc(self._step(step))["meta"]
 
     def read(self, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The arrays and metadata of checkpoint ``step`` (default: the latest), verified against the digest

@@ -1,7 +1,6 @@
 """What the rest of the project sees of a data set: :class:`Dataset`, :class:`DataError`, and a synthetic one.
 
-Needs numpy only; CIFAR-10 (which needs tensorflow-datasets, an optional dependency) is in
-``flax_resnet.data.cifar10`` and imports this module, never the other way round.
+NumPy only: ``flax_resnet.data.cifar10`` (which needs tensorflow-datasets) imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -24,11 +23,8 @@ class DataError(FlaxResnetError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """A whole data set in host memory: uint8 NHWC images and int32 labels, train and test.
-
-    Kept as uint8 (150 MB for CIFAR-10) so it can be put on the device whole; normalisation and
-    augmentation happen there.
-    """
+    """A whole data set in host memory: uint8 NHWC images and int32 labels, train and test. Kept as uint8 (150 MB
+    for CIFAR-10) so it can be put on the device whole; normalisation and augmentation happen there."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -45,9 +41,6 @@ class Dataset:
                 raise ValueError(f"{split}_images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
             if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
                 raise ValueError(f"{split}_labels must be int32 ({len(images)},), got {labels.dtype} {labels.shape}")
-
-
-# -------------------------------------------------------------------------------------------------- synthetic
 
 
 def synthetic_dataset(num_train: int = 2048, num_test: int = 512, *, seed: int = 0, image_size: int = 32) -> Dataset:
@@ -86,6 +79,4 @@ def synthetic_dataset(num_train: int = 2048, num_test: int = 512, *, seed: int =
         images = images * contrast + brightness + noise
         return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
 
-    train = draw(num_train)
-    test = draw(num_test)
-    return Dataset(*train, *test, name="synthetic")
+    return Dataset(*draw(num_train), *draw(num_test), name="synthetic")
