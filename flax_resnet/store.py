@@ -6,21 +6,19 @@ Layout of a store's ``directory`` (step 0 is allowed: the weights-only checkpoin
     epoch_0003/meta.json            {"format": ..., "version": 1, "step": 3,
                                      "arrays": {"sha256": ..., "bytes": ...}, "meta": <the caller's metadata>}
 
-Why not orbax: when one of an orbax save's tensorstore writes fails (a full disk), orbax raises, closes its event
-loop and abandons the other writes, which then print tracebacks at times nobody chooses. Measured with
-orbax-checkpoint 0.12.8 used plainly through its public API, saving a ResNet18-sized state (11.2M float32, 45 MB)
-onto a tmpfs with 20 MiB free, 3 runs each: ``CheckpointManager`` with its defaults printed 399-494 lines to stderr
-before raising and 58-660 more within 2 s after (``RuntimeError: Event loop is closed`` tracebacks);
-``enable_async_checkpointing=False`` 114-188 and 0-142; adding ``use_ocdbt=False`` or ``save_concurrent_gb=1``, or
-using ``StandardCheckpointer``, did no better (115-313 lines, then up to 478). Every variant raised a ``ValueError``
-of ~430 characters and left a partial ``2.orbax-checkpoint-tmp`` of 40-490 files; with ``Composite`` items, writes
-still landing kept it there or brought it back after it was removed in 2 of 8 runs. Keeping that quiet took logging
-filters and a replaced ``sys.unraisablehook`` installed at import time, ``gc`` calls and polling the file system
-for quiet. Here one process writes plain files with plain ``write`` calls, so a failure is one ``OSError`` in the
-OS's words, in the caller's thread, with nothing left running: in the same test, 0 lines printed, no partial
-files, one ``CheckpointError`` of ~270 characters. It is faster too (same state, ext4, median of 5 on a shared
-2-core machine): save 0.20 s and read back 0.11 s, against orbax's 0.50 s and 0.30 s (synchronous) or 0.57 s and
-0.37 s (its default).
+Why not orbax (measured with orbax-checkpoint 0.12.8 through its public API, saving a ResNet18-sized state,
+11.2M float32 = 45 MB, onto a tmpfs with 20 MiB free, 3 runs each): when one of its tensorstore writes fails,
+orbax raises, closes its event loop and abandons the other writes, which then print tracebacks at times nobody
+chooses. ``CheckpointManager`` with its defaults printed 399-494 lines to stderr before raising and 58-660 more
+within 2 s after (``RuntimeError: Event loop is closed``); ``enable_async_checkpointing=False`` 114-188 and 0-142;
+``use_ocdbt=False``, ``save_concurrent_gb=1`` or ``StandardCheckpointer`` no better (115-313, then up to 478).
+Every variant raised a ~430-character ``ValueError`` and left a partial ``2.orbax-checkpoint-tmp`` of 40-490 files
+(with ``Composite`` items, writes still landing kept it or brought it back after removal in 2 of 8 runs); keeping
+that quiet took logging filters, a replaced ``sys.unraisablehook`` at import time, ``gc`` calls and polling the
+file system. Here one process writes plain files with plain ``write`` calls: a failure is one ``OSError`` in the
+OS's words, in the caller's thread, nothing left running (same test: 0 lines printed, no partial files, one
+~270-character ``CheckpointError``). Faster too (same state, ext4, median of 5, shared 2-core machine): save
+0.20 s and read back 0.11 s; orbax 0.50 s and 0.30 s (synchronous), 0.57 s and 0.37 s (its default).
 
 Writing, the big_vision way: the writer (process 0 of a multi-process run, ``is_writer``; every process reads)
 serialises the arrays and the metadata in memory, writes both into a hidden temporary directory next to the
@@ -373,12 +371,9 @@ class CheckpointStore:
     def restore_latest_good(self, check_meta: Callable[[dict[str, Any]], None] | None = None,
                             report: Callable[[str], None] | None = None
                             ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
-        """``(step, arrays, meta)`` of the newest checkpoint that reads back whole: the resume path.
-
-        ``check_meta(meta)`` may raise to refuse a checkpoint of another run; that error propagates (a checkpoint
-        of another run is no reason to fall back to an older one). Each newer checkpoint that cannot be read is
-        set aside (``set_aside``) and ``report`` told so. ``CheckpointError`` when none is readable, listing why.
-        """
+        """``(step, arrays, meta)`` of the newest checkpoint that reads back whole, each newer one set aside and
+        ``report`` told. ``check_meta(meta)`` may refuse a checkpoint by raising; that error propagates (another
+        run's checkpoint is no reason to fall back). ``CheckpointError`` when none is readable, listing why."""
         problems = []
         for step in reversed(self.steps):
             try:

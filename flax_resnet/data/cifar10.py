@@ -169,6 +169,5 @@ def _download(data_dir: Path, *, skip_checksum: bool, connect_timeout: float) ->
         raise DataError(f"downloading {BINARY.url} failed ({e}). Retry, or pass --archive PATH to a copy of "
                         f"{BINARY.filename} fetched another way.") from e
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return target

@@ -104,12 +104,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=max(1, math.ceil(timeout_s)))
-    except RuntimeError as e:
+    except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...) and friends
         if "before any JAX calls" in str(e) or "should only be called once" in str(e):
             raise DistributedInitError(
                 f"jax.distributed.initialize must run first, before anything uses a JAX device: {e}") from e
-        raise _connect_error(where, process_id, timeout_s, e) from e
-    except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...) and friends
         raise _connect_error(where, process_id, timeout_s, e) from e
     return True
 

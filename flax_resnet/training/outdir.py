@@ -75,8 +75,6 @@ def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",))
     except OSError as e:
         raise OutputDirError(f"cannot create the output directory {out} ({e.strerror}: {e.filename}); "
                              "choose another --out") from e
-    if not out.is_dir():
-        raise OutputDirError(f"--out {out} is a file, not a directory")
     lock_path = out / LOCK_FILE
     while True:
         try:
