@@ -3,9 +3,8 @@
 
 A weights-only checkpoint (written by ``port``, step 0) holds ``{"params": ..., "model_state": ...}`` of an NNX
 model (``codecs.flax_to_arrays`` names). A training checkpoint of the Flax loop holds the same two entries plus the
-optimiser's; one of the torch loop holds the torch ``state_dict`` under ``model/``. ``load_model`` reads the
-weights out of any of them into an NNX model (porting torch's layout), ``torch_state_dict`` into torch's layout.
-Functions taking a path accept a run's output directory (its ``checkpoints/``) or a store directory.
+optimiser's; one of the torch loop holds the torch ``state_dict`` under ``model/``. Functions taking a path accept
+a run's output directory (its ``checkpoints/``) or a store directory.
 """
 
 from __future__ import annotations

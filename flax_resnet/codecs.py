@@ -128,10 +128,6 @@ def flax_from_arrays(template: Any, arrays: Mapping[str, np.ndarray], *, strict:
 
 
 # ----------------------------------------------------------------------------------------------- torch
-def _host_copy(tensor: Any) -> np.ndarray:
-    return tensor.detach().cpu().numpy().copy()
-
-
 def torch_model_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The model's part of ``torch_to_arrays``' arrays, keyed as in its ``state_dict``."""
     return {k.removeprefix(MODEL_PREFIX): v for k, v in arrays.items() if k.startswith(MODEL_PREFIX)}
@@ -147,7 +143,7 @@ def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.nda
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"model state {key!r} is a {type(value).__name__}, not a tensor")
-        arrays[MODEL_PREFIX + key] = _host_copy(value)
+        arrays[MODEL_PREFIX + key] = value.detach().cpu().numpy().copy()
     extra: dict[str, Any] = {}
     if optimizer is not None:
         state_dict = optimizer.state_dict()
@@ -155,7 +151,7 @@ def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.nda
         for index, values in state_dict["state"].items():
             for name, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    arrays[f"{OPTIMIZER_PREFIX}{index}/{name}"] = _host_copy(value)
+                    arrays[f"{OPTIMIZER_PREFIX}{index}/{name}"] = value.detach().cpu().numpy().copy()
                 else:
                     other.setdefault(str(index), {})[name] = value
         extra = {"param_groups": state_dict["param_groups"], "state": other}

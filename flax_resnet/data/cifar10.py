@@ -48,15 +48,13 @@ def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, dow
     data_dir = Path(data_dir).expanduser()
     builder = _builder(data_dir)
     if not (Path(builder.data_dir).is_dir() and builder.is_prepared()):
-        if archive is not None:
-            _prepare(data_dir, Path(archive).expanduser(), skip_checksum=skip_checksum)
-        elif download:
-            path = _download(data_dir, skip_checksum=skip_checksum, connect_timeout=connect_timeout)
-            _prepare(data_dir, path, skip_checksum=skip_checksum)
-        else:
+        if archive is None and not download:
             raise DataError(f"no prepared CIFAR-10 in {data_dir} and downloading is off. Pass --archive PATH (the "
                             "official cifar-10-binary.tar.gz or cifar-10-python.tar.gz), allow the download, or "
                             "point --data-dir at a directory where CIFAR-10 was prepared before.")
+        path = (Path(archive).expanduser() if archive is not None
+                else _download(data_dir, skip_checksum=skip_checksum, connect_timeout=connect_timeout))
+        _prepare(data_dir, path, skip_checksum=skip_checksum)
     return _read_prepared(data_dir)
 
 

@@ -28,7 +28,6 @@ from PIL import Image
 
 from flax_resnet.data.dataset import DataError
 
-IMAGE_SHAPE = (32, 32, 3)
 RECORD_PIXELS = 32 * 32 * 3
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -172,7 +171,7 @@ class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(file_format="array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = {"id": tfds.features.Text(), "image": tfds.features.Image(shape=IMAGE_SHAPE),
+        features = {"id": tfds.features.Text(), "image": tfds.features.Image(shape=(32, 32, 3)),
                     "label": tfds.features.ClassLabel(names=CLASS_NAMES)}
         return tfds.core.DatasetInfo(
             builder=self, features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label"),

@@ -56,16 +56,14 @@ def wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int | N
     host, port = _split_address(coordinator)
     deadline = time.monotonic() + timeout_s
     while True:
-        remaining = deadline - time.monotonic()
         try:
-            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, remaining))):
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
                 return
         except socket.gaierror as e:
             raise DistributedInitError(f"cannot resolve the coordinator host {host!r} of --coordinator "
                                        f"{coordinator} ({e}); give process 0's hostname or IP address") from e
         except OSError as e:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if (remaining := deadline - time.monotonic()) <= 0:
                 raise _connect_error(coordinator, process_id, timeout_s, e) from e
             time.sleep(min(0.5, remaining))
 

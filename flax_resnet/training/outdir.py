@@ -35,13 +35,6 @@ class OutputDirError(FlaxResnetError, RuntimeError):
     """An output directory that cannot be written, or one that another run is writing to."""
 
 
-def _holder(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        if record := path.read_text().strip():
-            return record
-    return "a run that has not yet recorded its pid"
-
-
 class OutputClaim:
     """A held claim on an output directory (a context manager; ``release`` is idempotent)."""
 
@@ -90,9 +83,12 @@ def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",))
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise OutputDirError(f"cannot lock {lock_path} ({e.strerror}); choose an --out on a file system "
                                      "with file locks (a local disk)") from e
-            raise OutputDirError(f"{out} is in use by another run ({_holder(lock_path)}); wait for it to finish "
-                                 "or choose another --out. (A lock left behind by a run that was killed does not "
-                                 "block: it ends with its process.)") from e
+            holder = "a run that has not yet recorded its pid"
+            with contextlib.suppress(OSError):
+                holder = lock_path.read_text().strip() or holder
+            raise OutputDirError(f"{out} is in use by another run ({holder}); wait for it to finish or choose another "
+                                 "--out. (A lock left behind by a run that was killed does not block: it ends with "
+                                 "its process.)") from e
         # the file we locked may have been unlinked by a holder releasing it just before: then lock anew
         with contextlib.suppress(FileNotFoundError):
             if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
