@@ -6,12 +6,12 @@ back, bit for bit:
 - Flax/JAX (``flax_to_arrays`` / ``flax_from_arrays``): a pytree of ``jax.Array``s (an ``engine.TrainState``, an
   ``nnx.State``), each leaf under its ``jax.tree_util.keystr`` path, e.g. ``.params['conv1']['kernel'].value``.
   PRNG key arrays are stored as their raw data (``jax.random.key_data``). Restoring checks every name, shape and
-  dtype against a template first, reports all misfits in one short error (at most ``_LISTED`` lines), and gives
-  each leaf the template's sharding (a PRNG key also its implementation).
-- PyTorch (``torch_to_arrays`` / ``torch_from_arrays``): ``model.state_dict()`` under ``model/<key>``, the
-  optimiser's per-parameter tensors under ``optimizer/<parameter index>/<name>``; what is not a tensor (the
-  parameter groups: lr, momentum, ...) comes back as a JSON-able dict for the checkpoint's metadata. torch is
-  imported inside these functions only (it is needed only for ``--framework torch``).
+  dtype against a template first, reports all misfits in one short error, and gives each leaf the template's
+  sharding (a PRNG key also its implementation).
+- PyTorch (``torch_to_arrays`` / ``torch_from_arrays``, which import torch: only ``--framework torch`` needs it):
+  ``model.state_dict()`` under ``model/<key>``, the optimiser's per-parameter tensors under
+  ``optimizer/<parameter index>/<name>``, and what is not a tensor (the parameter groups: lr, momentum, ...) as a
+  JSON-able dict for the checkpoint's metadata.
 """
 
 from __future__ import annotations
@@ -106,25 +106,22 @@ def flax_from_arrays(template: Any, arrays: Mapping[str, np.ndarray], *, strict:
     ``CheckpointError`` listing what is missing, unexpected or mismatched. ``strict=False`` ignores arrays the
     template has no leaf for (weights read from a training checkpoint that also holds optimiser state)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    missing, mismatched, names = [], [], set()
-    for path, leaf in flat:
-        name = jax.tree_util.keystr(path)
-        names.add(name)
-        if name not in arrays:
-            missing.append(name)
-            continue
+    names = [jax.tree_util.keystr(path) for path, _ in flat]
+    missing = [name for name in names if name not in arrays]
+    mismatched = []
+    for name, (_, leaf) in zip(names, flat, strict=True):
         shape, dtype = _expected(leaf)
-        got = arrays[name]
-        if tuple(got.shape) != shape or got.dtype != dtype:
+        got = arrays.get(name)
+        if got is not None and (tuple(got.shape) != shape or got.dtype != dtype):
             mismatched.append(f"{name}: saved {_describe(got.dtype, got.shape)}, this state has "
                               f"{_describe(dtype, shape)}")
-    unexpected = sorted(set(arrays) - names) if strict else []
+    unexpected = sorted(set(arrays) - set(names)) if strict else []
     if missing or unexpected or mismatched:
         raise _misfit("this state", missing, unexpected, mismatched,
                       "Was it written for another model, model arguments, optimiser or dtype? Name the same ones "
                       "as the run that wrote it (its meta.json records them).")
-    return jax.tree_util.tree_unflatten(treedef, [_restored(leaf, arrays[jax.tree_util.keystr(path)])
-                                                  for path, leaf in flat])
+    return jax.tree_util.tree_unflatten(treedef, [_restored(leaf, arrays[name])
+                                                  for name, (_, leaf) in zip(names, flat, strict=True)])
 
 
 # ----------------------------------------------------------------------------------------------- torch
@@ -160,11 +157,9 @@ def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.nda
 
 
 def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarray], extra: Mapping[str, Any]) -> None:
-    """Load what ``torch_to_arrays`` made into ``model`` and ``optimizer`` (None: weights only), in place.
-
-    The model's keys, shapes and dtypes are checked first (one ``CheckpointError`` listing every misfit); then
-    ``load_state_dict`` copies the values into the existing parameters, so an optimiser built on them stays valid.
-    """
+    """Load what ``torch_to_arrays`` made into ``model`` and ``optimizer`` (None: weights only), in place, after
+    checking the model's keys, shapes and dtypes (one ``CheckpointError`` listing every misfit); ``load_state_dict``
+    copies the values into the existing parameters, so an optimiser built on them stays valid."""
     import torch
 
     current, saved = model.state_dict(), torch_model_arrays(arrays)

@@ -142,10 +142,9 @@ def _dtype_named(name: str) -> np.dtype:
 
 
 class CheckpointStore:
-    """The checkpoints of one directory. In a multi-process run every process makes one on the same (shared)
-    directory, only one with ``is_writer=True``, all with the same ``barrier(name)`` (which returns once every
-    process has called it with that name). Arrays are NumPy arrays keyed by any string; metadata is anything
-    ``json.dumps`` accepts."""
+    """The checkpoints of one directory. In a multi-process run every process makes one on the same (shared) directory,
+    only one with ``is_writer=True``, all with the same ``barrier(name)`` (which returns once every process has
+    called it with that name). Arrays are NumPy arrays keyed by any string; metadata is anything JSON can hold."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, is_writer: bool = True,
                  barrier: Callable[[str], None] | None = None) -> None:
@@ -313,9 +312,8 @@ class CheckpointStore:
     def _read_arrays(self, step: int, doc: dict[str, Any]) -> dict[str, np.ndarray]:
         data, info = self._read_file(step, ARRAYS_FILE), doc["arrays"]
         if len(data) != info["bytes"]:
-            how = "cut short" if len(data) < info["bytes"] else "grown"
             raise self._problem(step, f"{ARRAYS_FILE} has {len(data)} bytes where {info['bytes']} were written "
-                                      f"({how})")
+                                      f"({'cut short' if len(data) < info['bytes'] else 'grown'})")
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise self._problem(step, f"{ARRAYS_FILE} does not match the SHA-256 recorded when it was written "
                                       "(corrupted)")
@@ -403,10 +401,9 @@ class CheckpointStore:
     def _is_ours(path: Path) -> bool:
         """Whether ``path`` is a checkpoint this store wrote: its meta.json or the header of its arrays file carries
         the format marker (either suffices, so that a checkpoint with one damaged file is still recognised)."""
-        with contextlib.suppress(OSError):
-            with open(path / META_FILE, "rb") as f:
-                if f'"format": "{FORMAT}"'.encode() in f.read(4096):
-                    return True
+        with contextlib.suppress(OSError), open(path / META_FILE, "rb") as f:
+            if f'"format": "{FORMAT}"'.encode() in f.read(4096):
+                return True
         try:
             with open(path / ARRAYS_FILE, "rb") as f:  # safetensors: the header's length in 8 bytes, then its JSON
                 (length,) = struct.unpack("<Q", f.read(8))

@@ -126,7 +126,6 @@ def _parse_pickle(raw: bytes, where: str) -> Split:
 def read_archive(path: str | os.PathLike[str]) -> dict[str, Split]:
     """An official CIFAR-10 archive (either format) as {"train": data_batch_1..5 in order, "test": test_batch},
     all read and checked before anything is written, so a bad archive fails here with DataError."""
-    path = Path(path)
     try:
         with tarfile.open(path, "r:*") as tar:
             members = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
@@ -157,8 +156,8 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """CIFAR-10 from the official archive (``archive_path``, needed to prepare only), as array_record: TFDS's
-    features (``id``, ``image``, ``label``), examples in the archive's order."""
+    """CIFAR-10 from the official archive (``archive_path``: ``cifar10._prepare`` passes it, reading needs none) as
+    array_record: TFDS's features (``id``, ``image``, ``label``), examples in the archive's order."""
 
     # Not TFDS's 3.0.2: data that TFDS's builder prepared (TFRecord, shuffled) lives in another directory.
     VERSION = tfds.core.Version("1.0.0")
@@ -180,10 +179,7 @@ class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             homepage="https://www.cs.toronto.edu/~kriz/cifar.html")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
-        del dl_manager  # never used: TFDS's downloader retries for minutes when offline
-        if self._archive_path is None:
-            raise DataError(f"this builder prepares CIFAR-10 from a local archive: pass archive_path= (the official "
-                            f"{BINARY.filename} or {PYTHON.filename}), or use flax_resnet.data.load_cifar10")
+        del dl_manager  # never used: TFDS's downloader retries for minutes when offline (cifar10._download fetches)
         if not self._skip_checksum:
             verify_md5(self._archive_path)
         return {name: self._generate_examples(name, *split) for name, split in read_archive(self._archive_path).items()}

@@ -34,9 +34,8 @@ class Dataset:
     name: str = "custom"  # what the data is ('cifar10', 'synthetic'): recorded by checkpoints, checked on resume
 
     def __post_init__(self) -> None:
-        for split in ("train", "test"):
-            images = getattr(self, f"{split}_images")
-            labels = getattr(self, f"{split}_labels")
+        for split, images, labels in (("train", self.train_images, self.train_labels),
+                                      ("test", self.test_images, self.test_labels)):
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"{split}_images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
             if labels.dtype != np.int32 or labels.shape != images.shape[:1]:

@@ -1,9 +1,9 @@
 """Multi-host start-up: ``jax.distributed.initialize`` with explicit flags or the cluster's own environment.
 
 Every process of a multi-host run calls ``initialize`` first, before anything touches a JAX device; then
-``jax.devices()`` lists the devices of all processes and the runners of ``training.parallel`` train on all of
-them, each process feeding its own devices. Only the main process (``is_main_process``) writes history, plots,
-logs and checkpoints (every process meets at the checkpoint store's barriers).
+``jax.devices()`` lists the devices of all processes and the runners of ``training.parallel`` train on all of them,
+each process feeding its own devices. Only the main process (``is_main_process``) writes history, plots, logs and
+checkpoints (every process meets at the checkpoint store's barriers).
 
 Process 0 runs the coordinator service at ``--coordinator HOST:PORT``; the others connect to it. A coordinator
 that never answers is waited for ``timeout_s`` seconds, then ``DistributedInitError`` says which address was
