@@ -152,11 +152,15 @@ def check_data_arguments(args: argparse.Namespace, parser: argparse.ArgumentPars
 def load_data(args: argparse.Namespace) -> Any:
     """The data set that ``add_data_arguments``' options name."""
     from flax_resnet import data
+    from flax_resnet.data import cifar10
 
     if args.dataset == "synthetic":
         return data.synthetic_dataset(num_train=args.train_samples or 2048,
                                       num_test=512 if args.test_samples is None else args.test_samples,
                                       seed=0, image_size=getattr(args, "image_size", None) or 32)
+    if args.archive is not None and cifar10.is_prepared(args.data_dir):
+        print(f"note: CIFAR-10 is already prepared in {args.data_dir}, so --archive {args.archive} is not read "
+              f"(remove {args.data_dir / 'cifar10'} to prepare it again)", file=sys.stderr)
     ds = data.load_dataset("cifar10", data_dir=args.data_dir, archive=args.archive, download=not args.no_download,
                            skip_checksum=args.skip_checksum)
     n_train = args.train_samples or len(ds.train_labels)

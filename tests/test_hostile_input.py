@@ -225,3 +225,25 @@ def test_ctrl_c_during_compilation_exits_130_with_the_resume_hint(tmp_path):
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
     assert "interrupted; continue with the same command and --resume" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cifar10_messages_name_the_flag_and_a_prepared_dir_says_the_archive_is_unused(tmp_path, capsys):
+    """The md5 error names --skip-checksum (not a Python keyword); preparing prints nothing of TFDS's
+    "Downloading and preparing"; an --archive given for already prepared data is reported as not read."""
+    import cifar_archives as ca
+
+    archive = ca.write_archive(tmp_path / "a.tar.gz", "python", ca.random_batches())
+    cifar = ["train", "--model", "SimpleResNet", "--n-blocks", "1", "--epochs", "1", "--no-progress", "--no-download",
+             "--data-dir", str(tmp_path / "data"), "--archive", str(archive), "--out", str(tmp_path / "out"),
+             "--batch-size", "8"]
+    assert run_main(cifar) == 1
+    err = one_error(capsys.readouterr().err)
+    assert "--skip-checksum" in err and "skip_checksum=True" in err
+    assert run_main([*cifar, "--skip-checksum"]) == 0
+    out, err = capsys.readouterr()
+    assert "Downloading and preparing" not in out + err
+    other = tmp_path / "other.tar.gz"
+    other.write_bytes(b"never read")
+    cifar[cifar.index(str(archive))] = str(other)
+    assert run_main([*cifar, "--skip-checksum", "--overwrite"]) == 0
+    assert f"--archive {other} is not read" in " ".join(capsys.readouterr().err.split())

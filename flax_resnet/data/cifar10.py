@@ -8,11 +8,11 @@ can still import ``flax_resnet.data`` and use the synthetic data.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import urllib.error
@@ -24,7 +24,7 @@ import numpy as np
 
 from flax_resnet.data.dataset import DataError, Dataset
 
-__all__ = ["load_cifar10", "source_answers"]
+__all__ = ["is_prepared", "load_cifar10", "source_answers"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, dow
     minutes-long retry loop. Preparing is all or nothing: a bad archive raises DataError and leaves no dataset.
     """
     data_dir = Path(data_dir).expanduser()
-    builder = _builder(data_dir)
-    if not (Path(builder.data_dir).is_dir() and builder.is_prepared()):
+    if not is_prepared(data_dir):
         if archive is None and not download:
             raise DataError(f"no prepared CIFAR-10 in {data_dir} and downloading is off. Pass --archive PATH (the "
                             "official cifar-10-binary.tar.gz or cifar-10-python.tar.gz), allow the download, or "
@@ -54,6 +53,12 @@ def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, dow
                 else _download(data_dir, skip_checksum=skip_checksum, connect_timeout=connect_timeout))
         _prepare(data_dir, path, skip_checksum=skip_checksum)
     return _read_prepared(data_dir)
+
+
+def is_prepared(data_dir: str | Path) -> bool:
+    """Whether CIFAR-10 is prepared in ``data_dir`` (then ``load_cifar10`` reads it and looks at no archive)."""
+    builder = _builder(Path(data_dir).expanduser())
+    return Path(builder.data_dir).is_dir() and builder.is_prepared()
 
 
 def _builder(data_dir: Path, **kwargs: Any) -> Any:
@@ -66,7 +71,7 @@ def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
     """Verifies and converts `archive` into array_record data under `data_dir`, all or nothing: TFDS writes into an
     `incomplete.*` directory, renamed when complete and removed on an exception; we remove the dataset directory if
     this call created it, and TFDS's (unused) download directory. TFDS's messages go to stderr (stdout is the
-    caller's)."""
+    caller's, and TFDS's own words, "Downloading and preparing dataset", would be wrong: nothing is downloaded)."""
     if not archive.is_file():
         raise DataError(f"archive {archive} does not exist")
     builder = _builder(data_dir, archive_path=archive, skip_checksum=skip_checksum)
@@ -76,7 +81,7 @@ def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     tfds_downloads = tempfile.mkdtemp(dir=data_dir, prefix=".tfds-downloads-")
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(download_dir=tfds_downloads)
     except Exception as e:
         if created:  # TFDS removed its incomplete.* directory already; remove the then empty parent

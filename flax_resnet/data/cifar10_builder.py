@@ -69,8 +69,8 @@ def verify_md5(path: str | os.PathLike[str]) -> ArchiveSpec:
             return spec
     expected = ", ".join(f"{s.filename} {s.md5}" for s in ARCHIVES)
     raise DataError(f"{path}: md5 {actual} matches no official CIFAR-10 archive ({expected}). The file is truncated, "
-                    "corrupt or not CIFAR-10; download it again (or pass skip_checksum=True if it is a deliberate "
-                    "test archive).")
+                    "corrupt or not CIFAR-10; download it again (or pass --skip-checksum, skip_checksum=True in "
+                    "Python, if it is a deliberate test archive).")
 
 
 def _records_to_nhwc(data: np.ndarray) -> np.ndarray:
