@@ -240,37 +240,6 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _T
     return _TrainPlan(args.model, kwargs, recipe, out)
 
 
-def _load_torch_file(path: Path) -> dict[str, Any]:
-    """A state_dict from a .pt file: a plain state_dict, or the model of a ``--framework torch`` checkpoint."""
-    import pickle
-    import re
-    import zipfile
-
-    import torch
-
-    from flax_resnet.port import PortError  # a ValueError: `port` and `train` both report it
-
-    try:  # weights_only: tensors and plain containers only; unpickling anything else could run code
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
-        what = " ".join(found.group(1).split()) if found else "objects other than tensors"
-        raise PortError(f"{path} was refused: it holds pickled Python objects ({what}), which torch.load "
-                         "refused to load (weights_only=True) because unpickling them could run code. Only plain "
-                         "state_dicts of tensors are accepted; if you trust the file, load it yourself and "
-                         "torch.save its state_dict().") from e
-    except Exception as e:
-        why = " ".join(str(e).split())[:300]
-        if not zipfile.is_zipfile(path):
-            why = f"not a complete file written by torch.save ({type(e).__name__}: {why})"
-        raise PortError(f"cannot read {path} as a torch file: {why}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise PortError(f"{path} holds a {type(obj).__name__}, not a state_dict (a dict of tensor names to tensors)")
-    return obj
-
-
 def _weights_hint(state_dict: Any, name: str, kwargs: dict[str, Any]) -> str:
     """Which registered model some misfitting weights belong to, as the options to pass (or nothing)."""
     try:
@@ -296,14 +265,15 @@ def _port_into(model: Any, state_dict: Any, name: str, kwargs: dict[str, Any]) -
 
 
 def _init_flax_from(model: Any, path: Path, name: str | None = None, kwargs: dict[str, Any] | None = None) -> None:
-    """--init-from for a Flax model: a torch .pt state_dict, or a checkpoint of either framework."""
-    from flax_resnet import checkpoint
+    """--init-from for a Flax model: a torch state_dict file (.pt or .safetensors), or a checkpoint of either
+    framework."""
+    from flax_resnet import checkpoint, port
 
     if path.is_dir():
         _check_recorded_model(checkpoint.read_meta(path), path, name, kwargs)
         checkpoint.load_model(path, model)
     else:
-        _port_into(model, _load_torch_file(path), name or type(model).__name__, kwargs or {})
+        _port_into(model, port.read_state_dict(path), name or type(model).__name__, kwargs or {})
 
 
 def _check_recorded_model(meta: dict[str, Any], path: Path, name: str | None, kwargs: dict[str, Any] | None) -> None:
@@ -389,7 +359,11 @@ def _run_train_claimed(args: argparse.Namespace, plan: _TrainPlan) -> int:
 
 
 def _init_torch_from(model: Any, path: Path, name: str, kwargs: dict[str, Any]) -> None:
-    """--init-from for a torch model: a .pt state_dict, or a Flax checkpoint ported to torch's layout."""
+    """--init-from for a torch model: a state_dict file (.pt or .safetensors), or a checkpoint of either framework
+    in torch's layout."""
+    import torch
+
+    from flax_resnet import port
     from flax_resnet.port import PortError
 
     if path.is_dir():
@@ -398,7 +372,7 @@ def _init_torch_from(model: Any, path: Path, name: str, kwargs: dict[str, Any]) 
         _check_recorded_model(checkpoint.read_meta(path), path, name, kwargs)
         state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax(name, kwargs))
     else:
-        state_dict = _load_torch_file(path)
+        state_dict = {k: torch.as_tensor(v) for k, v in port.read_state_dict(path).items()}
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # torch's report of a misfit
@@ -410,17 +384,19 @@ def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``port`` command: torch .pt <-> Flax checkpoint."""
     p = subparsers.add_parser(
         "port", help="convert weights: torch .pt <-> Flax checkpoint", formatter_class=HelpFormatter,
-        description="Convert a torch state_dict (.pt) into a Flax checkpoint directory, or a Flax "
-                    "checkpoint (a port output or a training run's --out) into a .pt state_dict that the torch "
-                    "model loads with strict=True. The direction follows --from: a file is a .pt, a directory "
-                    "a checkpoint.",
+        description="Convert a torch state_dict (.safetensors or .pt) into a Flax checkpoint directory, or a Flax "
+                    "checkpoint (a port output or a training run's --out, of either framework) into a state_dict file "
+                    "that the torch model loads with strict=True: .safetensors (needs no torch; read it with "
+                    "safetensors.torch.load_file) or .pt. The direction follows --from: a file is a state_dict, a "
+                    "directory a checkpoint.",
         epilog="examples:\n"
-               "  python train.py port --from resnet18.pt --to ckpt/resnet18\n"
+               "  python train.py port --from resnet18.safetensors --to ckpt/resnet18\n"
+               "  python train.py port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.safetensors\n"
                "  python train.py port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.pt\n")
-    p.add_argument("--from", dest="source", type=Path, required=True, metavar="PATH",
-                   help="a .pt state_dict file, or a checkpoint directory")
-    p.add_argument("--to", dest="target", type=Path, required=True, metavar="PATH",
-                   help="the checkpoint directory to create (from a .pt), or the .pt file to write")
+    p.add_argument("--from", dest="source", type=expanded_path, required=True, metavar="PATH",
+                   help="a state_dict file (.safetensors or .pt), or a checkpoint directory")
+    p.add_argument("--to", dest="target", type=expanded_path, required=True, metavar="PATH",
+                   help="the checkpoint directory to create (from a file), or the .safetensors or .pt file to write")
     p.add_argument("--model", choices=registry.model_names(), metavar="NAME",
                    help="the model the weights belong to; default: a checkpoint's own record, or, for a .pt, "
                         "the one registered model whose keys and shapes fit")
@@ -451,10 +427,10 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif dst.exists() and not args.overwrite:
         parser.error(f"--to {dst} exists; pass --overwrite to replace it")
 
-    from flax_resnet import checkpoint
+    from flax_resnet import checkpoint, port
 
     if src.is_file():
-        state_dict = _load_torch_file(src)
+        state_dict = port.read_state_dict(src)
         if args.model is not None:
             name, kwargs = args.model, registry.model_kwargs(args.model, given)
         else:
@@ -478,20 +454,9 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from flax_resnet.dtypes import cast_floating
 
     model = cast_floating(registry.build_flax_to_fill(name, kwargs), meta.get("dtype", "float32"))
-    state_dict, _ = checkpoint.torch_state_dict(src, model, args.step)
-    import torch
-
-    tmp = dst.with_name(f".{dst.name}.tmp")
-
-    def write() -> None:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.save(state_dict, tmp)
-            tmp.replace(dst)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    _written(dst, write)
+    checkpoint.load_model(src, model, args.step)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _written(dst, lambda: port.save_torch_state_dict(model, dst))
     print(f"wrote {name} {kwargs or ''} as a torch state_dict to {dst}")
     return 0
 

@@ -13,13 +13,19 @@ names joined by '.', ``nnx.Sequential`` children by index) and converts by layer
 
 Loading checks everything before it changes anything: one ``PortError`` lists every missing key, unexpected
 key and shape mismatch (like torch's strict loading) and the model is left untouched.
+
+Files: ``.safetensors`` (how PyTorch weights are shared today) is read and written with NumPy alone, so porting
+needs no torch; a ``.pt`` file needs torch and is loaded with ``weights_only=True`` (a pickle that would run code
+is refused).
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -28,8 +34,10 @@ from flax import nnx
 
 from flax_resnet.errors import FlaxResnetError
 
-__all__ = ["PortError", "load_torch_state_dict", "named_layers", "named_modules", "to_torch_state_dict", "torch_keys",
-           "torch_shapes"]
+__all__ = ["PortError", "load_torch_state_dict", "named_layers", "named_modules", "read_state_dict",
+           "save_torch_state_dict", "to_numpy_state_dict", "to_torch_state_dict", "torch_keys", "torch_shapes"]
+
+StateDictSource = Mapping[str, Any] | str | os.PathLike[str]
 
 
 class PortError(FlaxResnetError, ValueError):
@@ -177,14 +185,18 @@ def _some(keys: list[Any]) -> str:
     return shown + (f", ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
 
 
-def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> None:
-    """Copy a torch ``state_dict`` (torch tensors or numpy arrays) into ``model`` in place.
+def load_torch_state_dict(model: nnx.Module, state_dict: StateDictSource) -> None:
+    """Copy a torch ``state_dict`` (torch tensors or numpy arrays, or a ``.safetensors`` / ``.pt`` file of one)
+    into ``model`` in place.
 
     Values are cast to the model's dtypes, as ``torch.nn.Module.load_state_dict`` does. Raises ``PortError``
     listing every missing key, unexpected key and shape mismatch; then nothing has been changed.
     """
+    if isinstance(state_dict, str | os.PathLike):
+        state_dict = read_state_dict(state_dict)
     if not isinstance(state_dict, Mapping):
-        raise PortError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+        raise PortError(f"expected a state_dict (a mapping of names to tensors) or a path to a .safetensors or .pt "
+                        f"file, got {type(state_dict).__name__}")
     expected = {t.key: t for t in _walk(model)}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -233,14 +245,87 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> N
         var[...] = value
 
 
-def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
-    """The model's weights as a torch ``state_dict`` that the torch twin loads with ``strict=True``."""
-    import torch
-
+def to_numpy_state_dict(model: nnx.Module) -> OrderedDict[str, np.ndarray]:
+    """The model's weights in torch's layout and names, as NumPy arrays (no torch needed)."""
     state_dict = OrderedDict()
     for spec in _walk(model):
         array = np.array(spec.to_torch(np.asarray(spec.variable[...])), order="C")
         if spec.key.endswith("num_batches_tracked"):
             array = array.astype(np.int64)
-        state_dict[spec.key] = torch.from_numpy(array)  # not ascontiguousarray: it makes 0-d arrays 1-d
+        state_dict[spec.key] = array
     return state_dict
+
+
+def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
+    """The model's weights as a torch ``state_dict`` that the torch twin loads with ``strict=True``."""
+    import torch
+
+    # torch.from_numpy, not ascontiguousarray: that makes 0-d arrays 1-d
+    return OrderedDict((k, torch.from_numpy(v)) for k, v in to_numpy_state_dict(model).items())
+
+
+def save_torch_state_dict(model: nnx.Module, path: str | os.PathLike[str]) -> Path:
+    """Write the model's weights for torch: ``.safetensors`` (NumPy only; torch reads it with
+    ``safetensors.torch.load_file``) or ``.pt`` (``torch.save``), atomically (a failed write leaves no file)."""
+    import safetensors.numpy
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if path.suffix == ".safetensors":
+            safetensors.numpy.save_file(dict(to_numpy_state_dict(model)), tmp)
+        else:
+            import torch
+
+            torch.save(to_torch_state_dict(model), tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A state_dict from a file: ``.safetensors`` as NumPy arrays (no torch needed); otherwise a torch file loaded
+    with ``weights_only=True`` (a plain state_dict, or the ``model`` of a training checkpoint dict)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        import safetensors.numpy
+
+        try:
+            return safetensors.numpy.load_file(path)
+        except Exception as e:  # noqa: BLE001 - safetensors reports a damaged file as assorted errors
+            raise PortError(f"cannot read {path} as a safetensors file: {' '.join(str(e).split())[:300]}") from e
+    return _read_torch_file(path)
+
+
+def _read_torch_file(path: Path) -> dict[str, Any]:
+    """A state_dict from a .pt file: a plain state_dict, or the model of a ``--framework torch`` checkpoint."""
+    import pickle
+    import re
+    import zipfile
+
+    try:
+        import torch
+    except ImportError as e:
+        raise PortError(f"{path} is a torch file, which needs torch: pip install 'flax-resnet[torch]' (or convert it "
+                        "to .safetensors where torch is installed)") from e
+
+    try:  # weights_only: tensors and plain containers only; unpickling anything else could run code
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
+        what = " ".join(found.group(1).split()) if found else "objects other than tensors"
+        raise PortError(f"{path} was refused: it holds pickled Python objects ({what}), which torch.load "
+                         "refused to load (weights_only=True) because unpickling them could run code. Only plain "
+                         "state_dicts of tensors are accepted; if you trust the file, load it yourself and "
+                         "torch.save its state_dict().") from e
+    except Exception as e:
+        why = " ".join(str(e).split())[:300]
+        if not zipfile.is_zipfile(path):
+            why = f"not a complete file written by torch.save ({type(e).__name__}: {why})"
+        raise PortError(f"cannot read {path} as a torch file: {why}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise PortError(f"{path} holds a {type(obj).__name__}, not a state_dict (a dict of tensor names to tensors)")
+    return obj
