@@ -1,33 +1,34 @@
-"""The notebooks' training curves as PNG files (matplotlib's Agg canvas: no display, no global state).
-
-- ``plot_history``: one run. Notebook 004's figure (loss curves train/test, accuracy curves train/test, with
-  the 75% target line for the ResNet-18 recipe) when the run has a test loss worth showing, else notebook
-  000's three panels (training loss, training accuracy, test accuracy).
-- ``plot_comparison``: several runs in notebook 000's three panels (its plain-vs-residual figure).
-"""
+"""The notebooks' training curves as PNG files (matplotlib's Agg canvas: no display, no global pyplot state)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["TARGET_ACCURACY", "plot_comparison", "plot_history", "save_figure"]
+__all__ = ["CURVE_PANELS", "PLAIN_COLOR", "RESNET_COLOR", "TARGET_ACCURACY", "curves_figure", "plot_comparison",
+           "plot_history", "save_figure"]
 
 # The accuracy a recipe's notebook asks for (notebook 004: "achieve >75% test accuracy").
 TARGET_ACCURACY: dict[str, float] = {"resnet18-cifar": 75.0}
-
-# Notebook 000's colours and markers: plain network amber circles, ResNet green squares; then matplotlib's.
-_STYLES = [("o-", "#f59e0b"), ("s-", "#22c55e"), ("^-", "#3b82f6"), ("d-", "#ef4444"), ("v-", "#8b5cf6")]
+# notebook 000's colours: the plain network amber, the ResNet green
+PLAIN_COLOR = "#f59e0b"
+RESNET_COLOR = "#22c55e"
+_STYLES = [("o", PLAIN_COLOR), ("s", RESNET_COLOR), ("^", "#3b82f6"), ("d", "#ef4444"), ("v", "#8b5cf6")]
+# notebook 000's three panels: (history key, title, y label)
+CURVE_PANELS = (("train_loss", "Training Loss", "Loss"), ("train_acc", "Training Accuracy", "Accuracy (%)"),
+                ("test_acc", "Test Accuracy", "Accuracy (%)"))
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Write a PNG atomically, so a reader never sees half a PNG while training goes on (matplotlib's Agg
-    canvas: no display, no global pyplot state). A figure without a layout engine gets ``tight_layout``; one
-    made with ``layout='constrained'`` keeps it."""
+    """Write a PNG atomically, so a reader never sees half a PNG while training goes on. A figure without a
+    layout engine gets ``tight_layout``; one made with ``layout='constrained'`` keeps it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -42,18 +43,44 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
-def _epochs(values: Sequence[float]) -> range:
-    return range(1, len(values) + 1)
+def curves_figure(curves: Sequence[tuple[str, Mapping[str, Sequence[float]], Mapping[str, Any]]],
+                  panels: Sequence[tuple[str, str, str]] = CURVE_PANELS, title: str | None = None,
+                  width: float = 5.0, height: float = 3.8, extra: int = 0) -> tuple[Figure, Any]:
+    """Per-epoch curves, one panel per (history key, title, y label); ``curves`` are (label, history, style).
+
+    ``extra`` empty panels are added on the right for the caller to draw in; returns the figure and all axes.
+    """
+    fig = Figure(figsize=(width * (len(panels) + extra), height))
+    axes = fig.subplots(1, len(panels) + extra, squeeze=False)[0]
+    for ax, (key, panel_title, ylabel) in zip(axes, panels, strict=False):
+        for label, history, style in curves:
+            values = history.get(key, [])
+            ax.plot(range(1, len(values) + 1), values, label=label, **style)
+        ax.set(xlabel="Epoch", ylabel=ylabel, title=panel_title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig, axes
+
+
+def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
+    """Notebook 000's figure: training loss, training accuracy and test accuracy of each run, side by side."""
+    curves = [(label, history, {"marker": marker, "color": color})
+              for (label, history), (marker, color) in zip(histories.items(), itertools.cycle(_STYLES))]
+    return save_figure(curves_figure(curves, height=4.0)[0], path)
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path: str | Path, *, title: str | None = None,
                  target_accuracy: float | None = None, test_loss: bool = True) -> Path:
-    """The curves of one run; notebook 004's two panels if ``test_loss``, else notebook 000's three."""
+    """The curves of one run: notebook 004's loss and accuracy panels (train and test, with the recipe's target
+    accuracy) if ``test_loss`` and the run has a test loss, else notebook 000's three panels."""
     if not test_loss or not history.get("test_loss"):
         return plot_comparison({title or "run": history}, path)
     fig = Figure(figsize=(12, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
-    epochs = _epochs(history["train_loss"])
+    epochs = range(1, len(history["train_loss"]) + 1)
     ax_loss.plot(epochs, history["train_loss"], label="Train")
     ax_loss.plot(epochs, history["test_loss"], label="Test")
     ax_loss.set(xlabel="Epoch", ylabel="Loss", title="Loss Curves")
@@ -67,21 +94,4 @@ def plot_history(history: Mapping[str, Sequence[float]], path: str | Path, *, ti
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
-
-
-def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
-    """Notebook 000's figure: training loss, training accuracy and test accuracy of each run, side by side."""
-    fig = Figure(figsize=(15, 4))
-    axes = fig.subplots(1, 3)
-    panels = [("train_loss", "Training Loss", "Training Loss"), ("train_acc", "Accuracy (%)", "Training Accuracy"),
-              ("test_acc", "Accuracy (%)", "Test Accuracy")]
-    for i, (label, history) in enumerate(histories.items()):
-        marker, color = _STYLES[i % len(_STYLES)]
-        for ax, (key, _, _) in zip(axes, panels, strict=True):
-            ax.plot(_epochs(history[key]), history[key], marker, label=label, color=color)
-    for ax, (_, ylabel, title) in zip(axes, panels, strict=True):
-        ax.set(xlabel="Epoch", ylabel=ylabel, title=title)
-        ax.legend()
-        ax.grid(True, alpha=0.3)
     return save_figure(fig, path)

@@ -1,13 +1,5 @@
-"""The notebooks' experiments as commands of ``train.py``, one module each.
-
-| command             | module              | what it shows                                                        |
-| ------------------- | ------------------- | -------------------------------------------------------------------- |
-| ``plain-vs-residual`` | ``plain_vs_residual`` | notebook 000: PlainDeepCNN vs SimpleResNet at 31 conv layers        |
-| ``depth``           | ``depth``           | PlainNet and SimpleResNet at two depths each: degradation            |
-| ``he-init``         | ``init_variance``   | notebook 004's verify_he_init: variance per layer, He vs default     |
-| ``ablation``        | ``ablation``        | notebook 004: ResNet18 with BatchNorm, without, with dropout         |
-| ``landscape``       | ``landscape``       | notebook 004: 1-D loss landscape of trained plain/residual networks  |
-| ``compare``         | ``compare``         | Flax vs PyTorch: same weights, same batches; curves and speed        |
+"""The notebooks' experiments as commands of ``train.py``, one module each (``COMMANDS``; the README's
+Experiments section says what each shows).
 
 Each writes its figure (PNG), ``summary.md`` (the table) and ``results.json`` (raw numbers) into ``--out``,
 prints the table, and has ``--quick`` (synthetic data, small models, a few steps) for CI. The shared

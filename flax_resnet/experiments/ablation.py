@@ -1,9 +1,7 @@
 """``ablation``: notebook 004's ``ablation_study``: ResNet18 with BatchNorm, without it, with dropout.
 
-The three configurations of the notebook (``with_bn``: ResNet18; ``without_bn``: every BatchNorm replaced by
-an identity, ResNet18NoBN; ``with_dropout``: dropout after each residual block, ResNet18Dropout) trained with
-notebook 004's recipe for ``ablation_study``'s default of 10 epochs (cosine schedule over the run). Outputs:
-the curves of all three in one figure, final test accuracies as the notebook's ``results`` dict and a table.
+Notebook 004's recipe for ``ablation_study``'s default of 10 epochs (cosine schedule over the run); the
+results dict keeps the notebook's keys.
 """
 
 from __future__ import annotations
@@ -11,10 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import Context, Report, Run, fmt
+from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import Recipe
 
 __all__ = ["COMMAND", "CONFIGURATIONS", "FIGURE", "run_ablation"]
@@ -32,34 +29,29 @@ QUICK = {"dataset": "synthetic", "image_size": 8, "train_samples": 64, "test_sam
          "batch_size": 32, "eval_batch_size": 32}
 
 
-def run_ablation(recipe: Recipe, dataset: Any, ctx: Context, *, dropout_p: float = 0.2, framework: str = "jax",
-                 seed: int = 0, resume: bool = False, overwrite: bool = False, data_note: str = "") -> Report:
+def run_ablation(recipe: Recipe, ctx: Context, *, dropout_p: float = 0.2) -> Report:
     """Train the three configurations with ``recipe`` from the same seed; one figure, one table."""
-    runs: dict[str, Run] = {}
-    for key, (label, model, _) in CONFIGURATIONS.items():
-        kwargs = {"p": dropout_p} if model == "ResNet18Dropout" else {}
-        runs[key] = common.train_run(label, model, kwargs, recipe, dataset, framework=framework, seed=seed,
-                                     out_dir=ctx.run_dir(model), resume=resume, overwrite=overwrite, log=ctx.log,
-                                     progress=ctx.progress)
+    from flax_resnet import plots
+
+    runs = {key: ctx.train(label, model, {"p": dropout_p} if model == "ResNet18Dropout" else {}, recipe, model)
+            for key, (label, model, _) in CONFIGURATIONS.items()}
     curves = [(run.label, run.history, {"color": CONFIGURATIONS[key][2], "marker": "o", "markersize": 3})
               for key, run in runs.items()]
-    panels = (("train_loss", "Training Loss", "Loss"), ("test_loss", "Test Loss", "Loss"),
-              *common.CURVE_PANELS[1:])
-    fig, axes = common.curves_figure(curves, panels=panels, width=4.0, height=3.6)
+    panels = (("train_loss", "Training Loss", "Loss"), ("test_loss", "Test Loss", "Loss"), *plots.CURVE_PANELS[1:])
+    fig, axes = plots.curves_figure(curves, panels=panels, width=4.0, height=3.6)
     axes[1].set_yscale("log")  # a network without BatchNorm can start with test losses in the thousands
-    figure = common.save_figure(fig, ctx.out / FIGURE)
+    figure = plots.save_figure(fig, ctx.out / FIGURE)
 
-    accuracy = {key: run.final("test_acc") for key, run in runs.items()}
-    rows = [[key, run.model, f"{run.params:,}", fmt(run.final("train_loss"), ".4f"),
-             fmt(run.final("train_acc"), ".2f", "%"), fmt(run.final("test_acc"), ".2f", "%"),
+    rows = [[key, run.model, f"{run.params:,}", *run.final_cells(),
              fmt(max(run.history["test_acc"], default=float("nan")), ".2f", "%"), fmt(run.train_time, ".1f", " s")]
             for key, run in runs.items()]
     table = common.markdown_table(["configuration", "model", "parameters", "final train loss", "final train acc",
                                    "final test acc", "best test acc", "time"], rows, "llrrrrrr")
     notes = [f"resnet18-cifar recipe: {recipe.epochs} epochs (cosine over the run), batch {recipe.batch_size}, "
              f"lr {recipe.lr:g}, augmentation {'on' if recipe.augment else 'off'}, dropout p = {dropout_p:g}, "
-             f"{framework}; {data_note}."]
-    results = {"results": accuracy, "recipe": dataclasses.asdict(recipe), "dropout_p": dropout_p, "data": data_note,
+             f"{ctx.framework}; {ctx.data_note}."]
+    results = {"results": {key: run.final("test_acc") for key, run in runs.items()},
+               "recipe": dataclasses.asdict(recipe), "dropout_p": dropout_p, "data": ctx.data_note,
                "runs": {k: r.as_json() for k, r in runs.items()}}
     return Report("Ablation: BatchNorm and dropout in ResNet18", table, results, [figure], notes)
 
@@ -71,17 +63,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.prepare_run_args(args, parser, QUICK)
+    common.prepare_args(args, parser, QUICK)
     if not 0 <= args.dropout_p < 1:
         parser.error("--dropout-p must be in [0, 1)")
     recipe = common.make_recipe("resnet18-cifar", args, parser, epochs=EPOCHS)
-
-    def work(ctx: Context) -> Report:
-        dataset = common.load_data(args)
-        return run_ablation(recipe, dataset, ctx, dropout_p=args.dropout_p, framework=args.framework,
-                            **common.run_settings(args, dataset))
-
-    return work
+    return lambda ctx: run_ablation(recipe, ctx, dropout_p=args.dropout_p)
 
 
 COMMAND = common.Command(

@@ -1,10 +1,11 @@
-"""What every experiment command shares: options, quick mode, data, training a run, and the output files.
+"""What every experiment command shares: options, quick mode, training a run, and the output files.
 
 An experiment is a ``Command``: a name, its options, and a ``plan`` that checks the parsed arguments (usage
 errors before anything is read or written) and returns the work as a function of a ``Context`` (output
-directory, log, progress bar factory). The work returns a ``Report``; ``_handle`` writes it as
-``summary.md`` (Markdown table, notes, figure links) and ``results.json`` (raw numbers) into ``--out`` and
-prints the table. The experiment functions themselves never print: they log through the context.
+directory, log, progress bar factory, the data and the settings its training runs share). The work returns a
+``Report``; ``_handle`` writes it as ``summary.md`` (Markdown table, notes, figure links) and ``results.json``
+(raw numbers) into ``--out`` and prints the table. The experiment functions themselves never print: they log
+through the context.
 """
 
 from __future__ import annotations
@@ -20,25 +21,17 @@ import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flax_resnet import commands, registry
 from flax_resnet.recipes import RECIPES, Recipe
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-__all__ = ["PLAIN_COLOR", "RESNET_COLOR", "Command", "Context", "Report", "Run", "add_data_options",
-           "add_output_options", "add_training_options", "apply_quick", "count_conv_layers", "count_params",
-           "curves_figure", "fmt", "load_data", "make_recipe", "markdown_table", "register", "save_figure",
-           "to_jsonable", "train_run"]
+__all__ = ["Command", "Context", "Report", "Run", "add_data_options", "add_output_options", "add_run_options",
+           "count_conv_layers", "count_params", "fmt", "make_recipe", "markdown_table", "prepare_args", "quick_epilog",
+           "register", "to_jsonable", "train_run"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
-FIGURE_DPI = 100
-# notebook 000's colours: the plain network amber, the ResNet green
-PLAIN_COLOR = "#f59e0b"
-RESNET_COLOR = "#22c55e"
 
 Log = Callable[[str], None]
 
@@ -61,8 +54,9 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     commands.add_data_arguments(p, dataset_default=None, image_size=True)
 
 
-def add_training_options(p: argparse.ArgumentParser, *, framework: bool = True) -> None:
-    """Seed, the recipe numbers an experiment may shorten, framework, resume/overwrite."""
+def add_run_options(p: argparse.ArgumentParser, name: str, *, framework: bool = True) -> None:
+    """What every experiment that trains offers: seed, the recipe numbers it may change, framework,
+    resume/overwrite, then the data and output options."""
     g = p.add_argument_group("training")
     g.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the initialisation, batch order and augmentation (default: %(default)s)")
@@ -79,52 +73,23 @@ def add_training_options(p: argparse.ArgumentParser, *, framework: bool = True) 
     g.add_argument("--resume", action="store_true",
                    help="continue the runs already in --out (a finished run is read back, not trained again)")
     g.add_argument("--overwrite", action="store_true", help="delete the runs already in --out and start over")
-
-
-def add_run_options(p: argparse.ArgumentParser, name: str, *, framework: bool = True) -> None:
-    """What every experiment that trains offers: the training, data and output options."""
-    add_training_options(p, framework=framework)
     add_data_options(p)
     add_output_options(p, name)
 
 
-def prepare_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: Mapping[str, Any]) -> None:
-    """--quick's defaults filled in, then the shared usage checks (before anything is read or written)."""
-    apply_quick(args, **quick)
-    check_training_args(args, parser)
-
-
-def apply_quick(args: argparse.Namespace, **values: Any) -> None:
-    """With --quick, fill the options the user left unset with ``values`` (--image-size only for synthetic data)."""
+def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: Mapping[str, Any]) -> None:
+    """With --quick, fill the options the user left unset with ``quick`` (--image-size only for synthetic data);
+    then the usage errors of the shared options, before anything is read or written."""
     if args.quick and getattr(args, "dataset", "") is None:
-        args.dataset = values.get("dataset", "synthetic")
+        args.dataset = quick.get("dataset", "synthetic")
     if hasattr(args, "dataset") and args.dataset is None:
         args.dataset = "cifar10"
     if args.quick:
-        for name, value in values.items():
+        for name, value in quick.items():
             if name == "image_size" and args.dataset != "synthetic":
                 continue  # a quick run on CIFAR-10 keeps its 32x32 images
             if getattr(args, name, None) is None:
                 setattr(args, name, value)
-
-
-def _option_value(value: Any) -> str:
-    if isinstance(value, list):
-        return " ".join(_option_value(v) for v in value)
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def quick_epilog(values: Mapping[str, Any]) -> str:
-    """The --quick defaults, for the command's --help."""
-    shown = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {_option_value(v)}")
-                      for k, v in values.items())
-    return "\n".join(textwrap.wrap(f"--quick sets (where not given): {shown}", 108))
-
-
-def check_training_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Usage errors of the shared options, before anything is read or written."""
     for name in ("epochs", "batch_size", "eval_batch_size", "train_samples", "image_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -141,6 +106,21 @@ def check_training_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         parser.error("--image-size is for --dataset synthetic only")
     if getattr(args, "image_size", None) is not None and args.image_size < 8:
         parser.error("--image-size must be at least 8 (three stride-2 stages)")
+
+
+def _option_value(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(_option_value(v) for v in value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def quick_epilog(values: Mapping[str, Any]) -> str:
+    """The --quick defaults, for the command's --help."""
+    shown = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {_option_value(v)}")
+                      for k, v in values.items())
+    return "\n".join(textwrap.wrap(f"--quick sets (where not given): {shown}", 108))
 
 
 def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser, **defaults: Any) -> Recipe:
@@ -162,25 +142,6 @@ def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentPa
     except ValueError as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits
-
-
-# ------------------------------------------------------------------------------------------------- data
-def load_data(args: argparse.Namespace) -> Any:
-    """The data set the options name (``commands.load_data``, as ``train`` reads it)."""
-    return commands.load_data(args)
-
-
-def data_description(args: argparse.Namespace, dataset: Any) -> str:
-    n_train, n_test = len(dataset.train_labels), len(dataset.test_labels)
-    size = dataset.train_images.shape[1]
-    what = "synthetic data" if args.dataset == "synthetic" else "CIFAR-10"
-    return f"{what}, {n_train} training and {n_test} test images of {size}x{size}"
-
-
-def run_settings(args: argparse.Namespace, dataset: Any) -> dict[str, Any]:
-    """The keyword arguments every experiment's ``run_*`` function takes from the command line."""
-    return {"seed": args.seed, "resume": args.resume, "overwrite": args.overwrite,
-            "data_note": data_description(args, dataset)}
 
 
 # --------------------------------------------------------------------------------------------- counting
@@ -229,21 +190,13 @@ class Run:
         values = self.history[key]
         return float(values[-1]) if values else math.nan
 
+    def final_cells(self, accuracy: str = ".2f") -> list[str]:
+        """Final training loss, training accuracy and test accuracy, for a table."""
+        return [fmt(self.final("train_loss"), ".4f"), fmt(self.final("train_acc"), accuracy, "%"),
+                fmt(self.final("test_acc"), accuracy, "%")]
+
     def as_json(self) -> dict[str, Any]:
-        return {"label": self.label, "model": self.model, "model_kwargs": self.model_kwargs,
-                "framework": self.framework, "params": self.params, "conv_layers": self.conv_layers,
-                "train_time": self.train_time, "history": self.history,
-                "out_dir": None if self.out_dir is None else str(self.out_dir)}
-
-
-def _prefixed(log: Log | None, label: str) -> Log | None:
-    return None if log is None else (lambda line: log(f"[{label}] {line}"))
-
-
-def _labelled(progress: Callable[..., Any] | None, label: str) -> Callable[..., Any] | None:
-    if progress is None:
-        return None
-    return lambda total, desc: progress(total=total, desc=f"{label} {desc}")
+        return {**dataclasses.asdict(self), "train_time": self.train_time}
 
 
 def train_run(label: str, model: str, model_kwargs: Mapping[str, Any], recipe: Recipe, dataset: Any, *,
@@ -257,7 +210,7 @@ def train_run(label: str, model: str, model_kwargs: Mapping[str, Any], recipe: R
     in either framework, which is how ``compare`` starts both from the same point. ``dtype`` 'float64' needs
     ``jax_enable_x64`` on.
     """
-    from flax_resnet import training
+    from flax_resnet import port, training
     from flax_resnet.recipes import RunConfig
 
     kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
@@ -265,20 +218,19 @@ def train_run(label: str, model: str, model_kwargs: Mapping[str, Any], recipe: R
                        dtype=dtype)
     title = f"{label}: {model}({', '.join(f'{k}={v}' for k, v in kwargs.items())}), {recipe.name}, {framework}"
     if framework == "jax":
-        from flax_resnet import port
-
         net = registry.build_flax(model, kwargs, seed=seed)
         if state_dict is not None:
             port.load_torch_state_dict(net, state_dict)
-    elif framework == "torch":
+    else:
         net = registry.build_torch(model, kwargs, seed=seed)
         if state_dict is not None:
             net.load_state_dict(state_dict, strict=True)
-    else:
-        raise ValueError(f"unknown framework {framework!r}")
     size, convs = count_params(net), count_conv_layers(net)
-    history = training.train(net, config, dataset, out_dir=out_dir, resume=resume, overwrite=overwrite,
-                             log=_prefixed(log, label), progress=_labelled(progress, label), title=title).history
+    history = training.train(
+        net, config, dataset, out_dir=out_dir, resume=resume, overwrite=overwrite, title=title,
+        log=None if log is None else (lambda line: log(f"[{label}] {line}")),
+        progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")),
+    ).history
     return Run(label, model, dict(kwargs), framework, size, convs, {k: list(v) for k, v in history.items()}, out_dir)
 
 
@@ -317,55 +269,30 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def save_figure(fig: Figure, path: Path, dpi: int = FIGURE_DPI) -> Path:
-    """``plots.save_figure`` at the experiments' resolution (imported here, so that ``--help`` needs no
-    matplotlib)."""
-    from flax_resnet import plots
-
-    return plots.save_figure(fig, path, dpi)
-
-
-CURVE_PANELS = (("train_loss", "Training Loss", "Loss"), ("train_acc", "Training Accuracy", "Accuracy (%)"),
-                ("test_acc", "Test Accuracy", "Accuracy (%)"))
-
-
-def curves_figure(curves: Sequence[tuple[str, Mapping[str, Sequence[float]], Mapping[str, Any]]],
-                  panels: Sequence[tuple[str, str, str]] = CURVE_PANELS, title: str | None = None,
-                  width: float = 5.0, height: float = 3.8, extra: int = 0) -> tuple[Figure, Any]:
-    """Per-epoch curves, one panel per (history key, title, y label); ``curves`` are (label, history, style).
-
-    ``extra`` empty panels are added on the right for the caller to draw in; returns the figure and all axes.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(width * (len(panels) + extra), height))
-    axes = fig.subplots(1, len(panels) + extra, squeeze=False)[0]
-    for ax, (key, panel_title, ylabel) in zip(axes, panels, strict=False):
-        for label, history, style in curves:
-            values = history.get(key, [])
-            ax.plot(range(1, len(values) + 1), values, label=label, **style)
-        ax.set(xlabel="Epoch", ylabel=ylabel, title=panel_title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return fig, axes
-
-
 # ---------------------------------------------------------------------------------------------- command
 @dataclasses.dataclass
 class Context:
-    """Where an experiment writes and how it reports progress (the CLI's log and progress bar)."""
+    """Where an experiment writes, how it reports progress, and what its training runs share (``_handle`` fills
+    it in from the options; ``dataset`` once --out is claimed)."""
 
     out: Path
     log: Log | None = None
     progress: Callable[..., Any] | None = None
+    framework: str = "jax"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    dataset: Any = None
+    data_note: str = ""
 
-    def run_dir(self, name: str) -> Path:
-        """Output directory of one training run inside the experiment's (history, curves, checkpoints)."""
-        return self.out / "runs" / name
+    def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], recipe: Recipe, name: str,
+              **options: Any) -> Run:
+        """``train_run`` on the context's data with its settings (``options`` override them) into
+        ``OUT/runs/<name>``."""
+        settings = {"framework": self.framework, "seed": self.seed, "resume": self.resume,
+                    "overwrite": self.overwrite, **options}
+        return train_run(label, model, model_kwargs, recipe, self.dataset, out_dir=self.out / "runs" / name,
+                         log=self.log, progress=self.progress, **settings)
 
 
 @dataclasses.dataclass
@@ -417,11 +344,6 @@ class Command:
     epilog: str = ""
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"handler", "parser", "command"}
-    return {k: to_jsonable(v) for k, v in vars(args).items() if k not in skip}
-
-
 def _handle(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``command``; its expected failures (``FlaxResnetError``) reach the CLI's one handler."""
     from flax_resnet.training.outdir import claim_output_dir
@@ -430,15 +352,23 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
     out = args.out or Path(commands.RUNS_DIR) / (f"{command.name}-quick" if args.quick else command.name)
     # as `train` does: an unwritable --out, or another run writing to it, fails before any data or training
     claim = claim_output_dir(out, probe=())
-    ctx = Context(out, log=commands.write_line, progress=commands.progress_factory(not args.no_progress))
+    settings = {k: getattr(args, k) for k in ("framework", "seed", "resume", "overwrite") if hasattr(args, k)}
+    ctx = Context(out, commands.write_line, commands.progress_factory(not args.no_progress), **settings)
     start = time.perf_counter()
     with claim:
         try:
+            if hasattr(args, "dataset"):
+                ctx.dataset = commands.load_data(args)
+                size = ctx.dataset.train_images.shape[1]
+                ctx.data_note = (f"{'synthetic data' if args.dataset == 'synthetic' else 'CIFAR-10'}, "
+                                 f"{len(ctx.dataset.train_labels)} training and {len(ctx.dataset.test_labels)} "
+                                 f"test images of {size}x{size}")
             report = work(ctx)
         except KeyboardInterrupt:
             print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
             return 130
-        report.write(out, command.name, _settings(args))
+        skip = {"handler", "parser", "command"}
+        report.write(out, command.name, {k: to_jsonable(v) for k, v in vars(args).items() if k not in skip})
     print()
     print(report.markdown(out), end="")
     print(f"\n{command.name}: done in {time.perf_counter() - start:.0f} s; outputs in {out}")

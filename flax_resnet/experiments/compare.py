@@ -3,8 +3,7 @@
 torch draws the initial weights (``registry.build_torch`` from ``--seed``); the Flax model gets them through
 ``flax_resnet.port``, so both start from one point. Both loops read the engine's batch stream for the same
 seed (``torch_ref.train`` replays it), so any difference in the curves comes from the frameworks' arithmetic
-(float32 rounding, ReLU sign flips; dropout draws its masks from each framework's own RNG). Outputs: the
-curves overlaid, images/s per epoch, and a table of final accuracies, epoch times and throughput.
+(float32 rounding, ReLU sign flips; dropout draws its masks from each framework's own RNG).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import numpy as np
 
 from flax_resnet import registry
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import Context, Report, Run, fmt
+from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["COMMAND", "FIGURE", "run_compare"]
@@ -33,45 +32,41 @@ STYLES = {"jax": {"color": "#2563eb", "marker": "o", "linestyle": "-", "markersi
 LABELS = {"jax": "Flax (JAX)", "torch": "PyTorch"}
 
 
-def _later(values: list[float]) -> list[float]:
-    """Epochs after the first (which includes compilation), or the only one."""
-    return values[1:] if len(values) > 1 else values
-
-
-def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, dataset: Any, ctx: Context, *,
-                seed: int = 0, dtype: str = "float32", resume: bool = False, overwrite: bool = False,
-                data_note: str = "") -> Report:
-    """Train ``model`` in both frameworks from torch's initial weights for ``seed``; figure and table.
+def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: Context, *,
+                dtype: str = "float32") -> Report:
+    """Train ``model`` in both frameworks from torch's initial weights for the context's seed; figure and table.
 
     In float32 the two trajectories drift apart slowly (rounding differences flip a few ReLUs, and training
-    amplifies them, most in the first epochs at lr 0.1); in float64 they agree to many digits.
+    amplifies them, most in the first epochs at lr 0.1); in float64 (which turns ``jax_enable_x64`` on) they
+    agree to many digits.
     """
-    torch_model = registry.build_torch(model, model_kwargs, seed=seed)
+    from flax_resnet import plots
+
+    if dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    torch_model = registry.build_torch(model, model_kwargs, seed=ctx.seed)
     state_dict = {k: v.detach().clone() for k, v in torch_model.state_dict().items()}
-    runs: dict[str, Run] = {}
-    for framework in ("jax", "torch"):
-        runs[framework] = common.train_run(LABELS[framework], model, model_kwargs, recipe, dataset,
-                                           framework=framework, seed=seed, out_dir=ctx.run_dir(framework),
-                                           resume=resume, overwrite=overwrite, state_dict=state_dict, dtype=dtype,
-                                           log=ctx.log, progress=ctx.progress)
+    runs = {fw: ctx.train(LABELS[fw], model, model_kwargs, recipe, fw, framework=fw, state_dict=state_dict,
+                          dtype=dtype) for fw in ("jax", "torch")}
     curves = [(run.label, run.history, STYLES[fw]) for fw, run in runs.items()]
-    panels = (*common.CURVE_PANELS, ("images_per_sec", "Training throughput", "images/s"))
-    fig, _ = common.curves_figure(curves, panels=panels, width=4.0, height=3.6,
-                                  title=f"{model}({', '.join(f'{k}={v}' for k, v in model_kwargs.items())}), "
-                                        f"{recipe.name}, {dtype}: same initial weights, same batches")
-    figure = common.save_figure(fig, ctx.out / FIGURE)
+    panels = (*plots.CURVE_PANELS, ("images_per_sec", "Training throughput", "images/s"))
+    fig, _ = plots.curves_figure(curves, panels=panels, width=4.0, height=3.6,
+                                 title=f"{model}({', '.join(f'{k}={v}' for k, v in model_kwargs.items())}), "
+                                       f"{recipe.name}, {dtype}: same initial weights, same batches")
+    figure = plots.save_figure(fig, ctx.out / FIGURE)
 
     rows, timing = [], {}
     for fw, run in runs.items():
-        h = run.history
-        later_time = statistics.fmean(_later(h["epoch_time"])) if h["epoch_time"] else float("nan")
-        rate = statistics.median(_later(h["images_per_sec"])) if h["images_per_sec"] else float("nan")
-        timing[fw] = {"first_epoch_time": h["epoch_time"][0] if h["epoch_time"] else None,
-                      "later_epoch_time_mean": later_time, "images_per_sec_median": rate}
-        rows.append([run.label, fmt(run.final("train_loss"), ".4f"), fmt(run.final("train_acc"), ".2f", "%"),
-                     fmt(run.final("test_acc"), ".2f", "%"), fmt(timing[fw]["first_epoch_time"] or float("nan"), ".1f",
-                                                                 " s"),
-                     fmt(later_time, ".1f", " s"), fmt(rate, ".0f")])
+        times, rates = run.history["epoch_time"], run.history["images_per_sec"]
+        later = times[1:] or times  # epochs after the first (which includes compilation), or the only one
+        timing[fw] = {"first_epoch_time": times[0] if times else None,
+                      "later_epoch_time_mean": statistics.fmean(later) if later else float("nan"),
+                      "images_per_sec_median": statistics.median(rates[1:] or rates) if rates else float("nan")}
+        rows.append([run.label, *run.final_cells(), fmt(times[0] if times else float("nan"), ".1f", " s"),
+                     fmt(timing[fw]["later_epoch_time_mean"], ".1f", " s"),
+                     fmt(timing[fw]["images_per_sec_median"], ".0f")])
     table = common.markdown_table(["framework", "final train loss", "final train acc", "final test acc",
                                    "first epoch (with compile)", "later epochs (mean)", "images/s (median)"], rows)
     jax_loss, torch_loss = (np.asarray(runs[fw].history["train_loss"], float) for fw in ("jax", "torch"))
@@ -80,13 +75,12 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, datase
     notes = [f"Largest per-epoch difference in training loss: {fmt(loss_gap, '.2e')}; final test accuracy, Flax "
              f"minus torch: {fmt(acc_gap, '+.2f')} points.",
              f"{recipe.name} recipe: {recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.lr:g}, {dtype}; "
-             "both from "
-             f"torch's initialisation for seed {seed} (ported into Flax) and the same batch stream; {data_note}. "
-             "Throughput leaves out the first epoch (compilation) when there are more. In float32 the trajectories "
-             "drift apart as training amplifies rounding differences; --dtype float64 shows them agree."]
+             f"both from torch's initialisation for seed {ctx.seed} (ported into Flax) and the same batch stream; "
+             f"{ctx.data_note}. Throughput leaves out the first epoch (compilation) when there are more. In float32 "
+             "the trajectories drift apart as training amplifies rounding differences; --dtype float64 shows them "
+             "agree."]
     results = {"model": model, "model_kwargs": model_kwargs, "dtype": dtype, "recipe": dataclasses.asdict(recipe),
-               "data": data_note,
-               "runs": {fw: r.as_json() for fw, r in runs.items()}, "timing": timing,
+               "data": ctx.data_note, "runs": {fw: r.as_json() for fw, r in runs.items()}, "timing": timing,
                "max_train_loss_difference": loss_gap, "test_acc_difference": acc_gap}
     return Report("Flax vs PyTorch: same weights, same batches", table, results, [figure], notes)
 
@@ -106,24 +100,14 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
     spec = registry.get_spec(args.model)
     quick = {k: v for k, v in QUICK.items() if k not in registry.MODEL_ARGS or k in spec.args}
-    common.prepare_run_args(args, parser, quick)
+    common.prepare_args(args, parser, quick)
     recipe_name = args.recipe or spec.recipe
     try:
         kwargs = registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, recipe_name)
     except ValueError as e:
         parser.error(str(e))
     recipe = dataclasses.replace(common.make_recipe(recipe_name, args, parser), model=args.model)
-
-    def work(ctx: Context) -> Report:
-        if args.dtype == "float64":
-            import jax
-
-            jax.config.update("jax_enable_x64", True)
-        dataset = common.load_data(args)
-        return run_compare(args.model, kwargs, recipe, dataset, ctx, dtype=args.dtype,
-                           **common.run_settings(args, dataset))
-
-    return work
+    return lambda ctx: run_compare(args.model, kwargs, recipe, ctx, dtype=args.dtype)
 
 
 COMMAND = common.Command(

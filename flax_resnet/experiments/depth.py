@@ -1,11 +1,9 @@
 """``depth``: the degradation problem in one figure: plain networks get worse with depth, residual ones do not.
 
-Notebook 004 builds a shallow and a deep plain network, ``PlainNet`` [1, 1, 1, 1] (9 conv layers) and
-[3, 3, 3, 3] (25), to show that the deeper one trains worse; notebook 000's ``SimpleResNet`` supplies the
-residual side, by default at n_blocks 1 and 4 (7 and 25 conv layers: the deep one as deep as the deep
+Notebook 004's shallow and deep ``PlainNet`` ([1, 1, 1, 1] and [3, 3, 3, 3]: 9 and 25 conv layers) against
+notebook 000's ``SimpleResNet`` at n_blocks 1 and 4 (7 and 25 conv layers: the deep one as deep as the deep
 PlainNet). All runs use one recipe (default: notebook 000's, no augmentation, since degradation is about
-fitting the training data). The figure overlays training loss, training accuracy and test accuracy per
-epoch and plots final training accuracy against depth, per family.
+fitting the training data).
 """
 
 from __future__ import annotations
@@ -13,10 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import PLAIN_COLOR, RESNET_COLOR, Context, Report, Run, fmt
+from flax_resnet.experiments.common import Context, Report, Run, fmt
 from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["COMMAND", "FIGURE", "run_depth"]
@@ -29,55 +26,43 @@ QUICK = {"dataset": "synthetic", "plain_blocks": [(1, 1, 1, 1), (2, 2, 2, 2)], "
 _DASHES = ["--", "-", "-.", ":"]
 
 
-def _family_style(color: str, marker: str, index: int, count: int) -> dict[str, Any]:
-    """Shallow runs dashed and lighter, the deepest solid."""
-    deepest = index == count - 1
-    return {"color": color, "marker": marker, "markersize": 4, "linestyle": "-" if deepest else _DASHES[index % 4],
-            "alpha": 1.0 if deepest else 0.6}
-
-
-def run_depth(recipe: Recipe, dataset: Any, ctx: Context, *, plain_blocks: Sequence[Sequence[int]] = ((1, 1, 1, 1),
-              (3, 3, 3, 3)), resnet_blocks: Sequence[int] = (1, 4), framework: str = "jax", seed: int = 0,
-              resume: bool = False, overwrite: bool = False, data_note: str = "") -> Report:
+def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[int]] = ((1, 1, 1, 1), (3, 3, 3, 3)),
+              resnet_blocks: Sequence[int] = (1, 4)) -> Report:
     """Train every PlainNet and SimpleResNet depth with ``recipe``; one figure, one table."""
-    families: dict[str, list[Run]] = {"PlainNet": [], "SimpleResNet": []}
-    for blocks in plain_blocks:
-        blocks = tuple(blocks)
-        label = f"PlainNet {list(blocks)}"
-        families["PlainNet"].append(common.train_run(
-            label, "PlainNet", {"num_blocks": blocks}, recipe, dataset, framework=framework, seed=seed,
-            out_dir=ctx.run_dir("PlainNet-" + "-".join(map(str, blocks))), resume=resume, overwrite=overwrite,
-            log=ctx.log, progress=ctx.progress))
-    for n in resnet_blocks:
-        families["SimpleResNet"].append(common.train_run(
-            f"SimpleResNet n={n}", "SimpleResNet", {"n_blocks": n}, recipe, dataset, framework=framework, seed=seed,
-            out_dir=ctx.run_dir(f"SimpleResNet-n{n}"), resume=resume, overwrite=overwrite, log=ctx.log,
-            progress=ctx.progress))
+    from flax_resnet import plots
 
+    families: dict[str, list[Run]] = {
+        "PlainNet": [ctx.train(f"PlainNet {list(b)}", "PlainNet", {"num_blocks": tuple(b)}, recipe,
+                               "PlainNet-" + "-".join(map(str, b))) for b in plain_blocks],
+        "SimpleResNet": [ctx.train(f"SimpleResNet n={n}", "SimpleResNet", {"n_blocks": n}, recipe, f"SimpleResNet-n{n}")
+                         for n in resnet_blocks]}
+    styles = {"PlainNet": (plots.PLAIN_COLOR, "o"), "SimpleResNet": (plots.RESNET_COLOR, "s")}
     curves = []
-    for runs, color, marker in zip(families.values(), (PLAIN_COLOR, RESNET_COLOR), ("o", "s"), strict=True):
+    for family, runs in families.items():
         runs.sort(key=lambda r: r.conv_layers)
-        for i, run in enumerate(runs):
+        color, marker = styles[family]
+        for i, run in enumerate(runs):  # shallow runs dashed and lighter, the deepest solid
+            deepest = i == len(runs) - 1
             curves.append((f"{run.label} ({run.conv_layers} conv)", run.history,
-                           _family_style(color, marker, i, len(runs))))
-    fig, axes = common.curves_figure(curves, width=4.2, height=3.6, extra=1)
+                           {"color": color, "marker": marker, "markersize": 4, "alpha": 1.0 if deepest else 0.6,
+                            "linestyle": "-" if deepest else _DASHES[i % 4]}))
+    fig, axes = plots.curves_figure(curves, width=4.2, height=3.6, extra=1)
     ax = axes[-1]
-    for (family, runs), color, marker in zip(families.items(), (PLAIN_COLOR, RESNET_COLOR), ("o", "s"), strict=True):
+    for family, runs in families.items():
+        color, marker = styles[family]
         ax.plot([r.conv_layers for r in runs], [r.final("train_acc") for r in runs], marker=marker, color=color,
                 label=family)
     ax.set(xlabel="Conv layers", ylabel="Final training accuracy (%)", title="Final training accuracy vs depth")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    figure = common.save_figure(fig, ctx.out / FIGURE)
+    figure = plots.save_figure(fig, ctx.out / FIGURE)
 
     rows, drops = [], {}
     for family, runs in families.items():
         for run in runs:
             blocks = run.model_kwargs.get("num_blocks", run.model_kwargs.get("n_blocks"))
             rows.append([family, blocks if isinstance(blocks, int) else list(blocks), run.conv_layers,
-                         f"{run.params:,}", fmt(run.final("train_loss"), ".4f"),
-                         fmt(run.final("train_acc"), ".1f", "%"), fmt(run.final("test_acc"), ".1f", "%"),
-                         fmt(run.train_time, ".1f", " s")])
+                         f"{run.params:,}", *run.final_cells(".1f"), fmt(run.train_time, ".1f", " s")])
         if len(runs) > 1:
             drops[family] = runs[-1].final("train_acc") - runs[0].final("train_acc")
     table = common.markdown_table(["network", "blocks", "conv layers", "parameters", "final train loss",
@@ -88,8 +73,8 @@ def run_depth(recipe: Recipe, dataset: Any, ctx: Context, *, plain_blocks: Seque
             f"{family} {fmt(d, '+.1f')} points" for family, d in drops.items())
             + " (degradation shows as a negative number for the plain network).")
     notes.append(f"{recipe.name} recipe for every run: {recipe.epochs} epochs, batch {recipe.batch_size}, "
-                 f"lr {recipe.lr:g}, {framework}; {data_note}.")
-    results = {"recipe": dataclasses.asdict(recipe), "data": data_note,
+                 f"lr {recipe.lr:g}, {ctx.framework}; {ctx.data_note}.")
+    results = {"recipe": dataclasses.asdict(recipe), "data": ctx.data_note,
                "runs": {family: [r.as_json() for r in runs] for family, runs in families.items()},
                "deep_minus_shallow_train_acc": drops}
     return Report("Depth: plain vs residual networks", table, results, [figure], notes)
@@ -118,19 +103,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.prepare_run_args(args, parser, QUICK)
+    common.prepare_args(args, parser, QUICK)
     plain_blocks = args.plain_blocks or [(1, 1, 1, 1), (3, 3, 3, 3)]
     resnet_blocks = args.resnet_blocks or [1, 4]
     if min(resnet_blocks) < 1:
         parser.error("--resnet-blocks must be at least 1")
     recipe = common.make_recipe(args.recipe, args, parser)
-
-    def work(ctx: Context) -> Report:
-        dataset = common.load_data(args)
-        return run_depth(recipe, dataset, ctx, plain_blocks=plain_blocks, resnet_blocks=resnet_blocks,
-                         framework=args.framework, **common.run_settings(args, dataset))
-
-    return work
+    return lambda ctx: run_depth(recipe, ctx, plain_blocks=plain_blocks, resnet_blocks=resnet_blocks)
 
 
 COMMAND = common.Command(

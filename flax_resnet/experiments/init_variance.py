@@ -1,21 +1,11 @@
 """``he-init``: notebook 004's ``verify_he_init`` in both frameworks, He initialisation vs the default.
 
-For each model (SimpleNet and ResNet18 by default) a unit-variance batch (the notebook's (64, 3, 32, 32),
-the same numbers for both frameworks, NHWC for Flax) goes through a fresh model once, in train mode as in
-the notebook, and the variance of every Conv/Linear output is recorded (``torch_ref.he_init.verify_he_init``
-and its twin ``flax_resnet.he_init.activation_variances``). Each framework draws its own weights; the
-initialisations compared:
-
-| key           | weights                                                                                  |
-| ------------- | ---------------------------------------------------------------------------------------- |
-| ``he``        | the model's own (notebook) init: kaiming_normal(relu), fan_out for convs                |
-| ``default``   | the framework default of the layers: torch's kaiming_uniform(a=sqrt 5), U(+-1/sqrt(fan_in)) |
-|               | for weights and biases; our Flax layers mirror it exactly                              |
-| ``stock``     | Flax only: Flax's own stock default, lecun_normal (truncated) kernels and zero biases    |
-
-In a plain ReLU chain (SimpleNet) He initialisation keeps the variance roughly constant from layer to layer
-(gain within [1/4, 4] of 1); the torch default loses a factor of about 6 per ReLU layer (1/(3 fan_in)
-variance, halved by the ReLU) where no BatchNorm restores it.
+A unit-variance batch goes once through fresh models in train mode, as in the notebook, and the variance of
+every Conv/Linear output is recorded (``torch_ref.he_init.verify_he_init`` and its twin
+``flax_resnet.he_init.activation_variances``), for each initialisation of ``SERIES``: ``he``, the notebook's
+kaiming_normal(relu) (fan_out for convs); ``default``, torch's kaiming_uniform(a=sqrt 5), U(+-1/sqrt(fan_in))
+for weights and biases, which our Flax layers mirror exactly; ``stock``, Flax's own lecun_normal kernels and
+zero biases. Each framework draws its own weights.
 """
 
 from __future__ import annotations
@@ -76,10 +66,8 @@ def flax_reinit(model: Any, kind: str, seed: int) -> Any:
     for i, layer in enumerate(layers):
         k_kernel, k_bias = jax.random.split(jax.random.fold_in(key, i))
         shape, dtype = layer.kernel.shape, layer.kernel.dtype
-        if kind == "default":
-            layer.kernel[...] = torch_default_kernel_init()(k_kernel, shape, dtype)
-        else:
-            layer.kernel[...] = nnx.initializers.lecun_normal()(k_kernel, shape, dtype)
+        kernel_init = torch_default_kernel_init() if kind == "default" else nnx.initializers.lecun_normal()
+        layer.kernel[...] = kernel_init(k_kernel, shape, dtype)
         if layer.bias is not None:
             fan_in = math.prod(shape[:-1])  # HWIO or (in, out)
             bias_shape = layer.bias.shape
@@ -140,12 +128,15 @@ def _bar_chart(results: dict[str, Any], path: Any) -> Any:
                f"unit-variance input {tuple(result['input_shape'])}")
         ax.grid(True, axis="y", alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncol=4, fontsize=8)
-    return common.save_figure(fig, path)
+    from flax_resnet import plots
+
+    return plots.save_figure(fig, path)
 
 
-def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18"), batch: int = 64, seed: int = 0,
+def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18"), batch: int = 64,
                 stock: bool = True) -> Report:
-    """Per-layer output variances of each model, framework and init; one bar chart, one table."""
+    """Per-layer output variances of each model, framework and init (the context's seed); a bar chart, a table."""
+    seed = ctx.seed
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)  # the notebook's torch.randn(input_shape)
     inits = [("torch", "he"), ("flax", "he"), ("torch", "default"), ("flax", "default")]
@@ -193,17 +184,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.apply_quick(args, **QUICK)
+    common.prepare_args(args, parser, QUICK)
     batch = 64 if args.batch is None else args.batch
     if batch < 2:
         parser.error("--batch must be at least 2 (a variance needs two values per feature)")
-    if args.seed < 0:
-        parser.error("--seed must be >= 0")
-
-    def work(ctx: Context) -> Report:
-        return run_he_init(ctx, models=args.models, batch=batch, seed=args.seed, stock=not args.no_stock)
-
-    return work
+    return lambda ctx: run_he_init(ctx, models=args.models, batch=batch, stock=not args.no_stock)
 
 
 COMMAND = common.Command(

@@ -1,14 +1,10 @@
 """``landscape``: notebook 004's ``plot_loss_landscape_1d`` for trained plain and residual networks.
 
-The loss along one random direction through the trained weights: d drawn from a standard normal for every
-parameter (``model.parameters()``: conv and linear weights and biases, BatchNorm scales and shifts), normalised
-as the notebook does, by one global norm over all parameters (d / ||d||), then
-``loss(params + alpha * d)`` for 21 alphas in [-1, 1] on one fixed batch (the first test batch, as
-``next(iter(testloader))`` with ``shuffle=False``) in eval mode. BatchNorm running statistics are not
-perturbed. The networks come from training checkpoints: a run directory of ``train`` or of an experiment
-(of either framework; torch weights are ported), whose metadata names the model, its
-arguments and the recipe (so the batch is normalised as in training). ``--quick`` without checkpoints first
-trains a tiny plain and a tiny residual network on synthetic data.
+The loss ``loss(params + alpha * d)`` for 21 alphas in [-1, 1] on one fixed batch (the first test batch, as
+``next(iter(testloader))`` with ``shuffle=False``) in eval mode, d as ``line_loss`` draws it. The networks come
+from checkpoints of ``train`` or of an experiment (either framework; torch's are ported), whose metadata names
+the model, its arguments and the recipe (so the batch is normalised as in training). ``--quick`` without
+checkpoints first trains a tiny plain and a tiny residual network on synthetic data.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import numpy as np
 
 from flax_resnet import registry
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import PLAIN_COLOR, RESNET_COLOR, Context, Report, fmt
+from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["COMMAND", "FIGURE", "Network", "line_loss", "load_network", "loss_along_direction", "run_landscape"]
@@ -73,7 +69,6 @@ def load_network(path: Path, label: str | None = None) -> Network:
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
     meta = checkpoint.read_meta(root)
-    epoch = meta.get("epoch")
     name = meta.get("model")
     if name is None or name not in registry.MODELS:
         raise CheckpointError(f"the checkpoint in {root} does not record a model this version can build")
@@ -85,18 +80,18 @@ def load_network(path: Path, label: str | None = None) -> Network:
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
     model = registry.build_flax(name, kwargs)
     checkpoint.load_model(root, model)
-    return Network(label or name, model, name, kwargs, _recipe_from_meta(meta), Path(path), epoch)
+    return Network(label or name, model, name, kwargs, _recipe_from_meta(meta), Path(path), meta.get("epoch"))
 
 
 def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[..., np.ndarray]:
     """``f(images, labels, alphas)``: eval-mode mean cross-entropy at params + alpha * d / ||d|| per alpha.
 
-    d is one standard-normal draw per parameter array (``nnx.Param``: BatchNorm's running statistics are
-    not parameters and stay as trained) from numpy's generator for ``seed``; ||d|| is the norm over all of
-    them together, as in the notebook. ``relative`` scales the unit direction to the parameters' own global
-    norm ||theta||, so that alpha = 1 is a step as long as the weights (the notebook's unit step is tiny for a
-    network with many parameters). One compilation serves every batch of the same shape; the model itself is
-    not changed.
+    d is one standard-normal draw per parameter array (``nnx.Param``, the notebook's ``model.parameters()``:
+    BatchNorm's running statistics are not parameters and stay as trained) from numpy's generator for
+    ``seed``; ||d|| is the norm over all of them together, as in the notebook. ``relative`` scales the unit
+    direction to the parameters' own global norm ||theta||, so that alpha = 1 is a step as long as the weights
+    (the notebook's unit step is tiny for a network with many parameters). One compilation serves every batch
+    of the same shape; the weights are not changed.
     """
     import jax
     import jax.numpy as jnp
@@ -104,14 +99,15 @@ def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[
 
     from flax_resnet.training.engine import cross_entropy
 
+    def norm(arrays: Sequence[np.ndarray]) -> float:  # one norm over all arrays together, float64 on the host
+        return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
+
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(params)
     rng = np.random.default_rng(seed)  # numpy draws: no compilation per parameter shape
     direction = [rng.standard_normal(leaf.shape) for leaf in leaves]
-    scale = 1.0 / _global_norm(direction)
-    if relative:
-        scale *= _global_norm([np.asarray(leaf, np.float64) for leaf in leaves])
+    scale = 1.0 / norm(direction) * (norm([np.asarray(leaf) for leaf in leaves]) if relative else 1.0)
     direction = jax.tree.unflatten(treedef, [jnp.asarray(d * scale, leaf.dtype)
                                              for d, leaf in zip(direction, leaves, strict=True)])
 
@@ -124,11 +120,8 @@ def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[
 
         return jax.lax.map(at, alphas)
 
-    def evaluate(images: Any, labels: Any, alphas: Sequence[float]) -> np.ndarray:
-        values = losses(params, direction, images, labels, jnp.asarray(alphas, jnp.float32))
-        return np.asarray(values, dtype=np.float64)
-
-    return evaluate
+    return lambda images, labels, alphas: np.asarray(
+        losses(params, direction, images, labels, jnp.asarray(alphas, jnp.float32)), dtype=np.float64)
 
 
 def loss_along_direction(model: Any, images: Any, labels: Any, alphas: Sequence[float], seed: int = 0, *,
@@ -137,32 +130,17 @@ def loss_along_direction(model: Any, images: Any, labels: Any, alphas: Sequence[
     return line_loss(model, seed, relative=relative)(images, labels, alphas)
 
 
-def _global_norm(arrays: Sequence[np.ndarray]) -> float:
-    """One norm over all arrays together (float64 on the host)."""
-    return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
-
-
 def _fixed_batch(dataset: Any, recipe: Recipe, size: int, split: str) -> tuple[Any, Any]:
     """The first ``size`` images of a split, normalised with the run's recipe (no augmentation)."""
     import jax.numpy as jnp
 
+    from flax_resnet.data import DataError
     from flax_resnet.training.engine import normalize
 
-    images = getattr(dataset, f"{split}_images")[:size]
-    labels = getattr(dataset, f"{split}_labels")[:size]
+    images, labels = getattr(dataset, f"{split}_images")[:size], getattr(dataset, f"{split}_labels")[:size]
     if len(labels) == 0:
-        from flax_resnet.data import DataError
-
         raise DataError(f"the {split} split is empty: no batch to evaluate the landscape on")
     return normalize(jnp.asarray(images), recipe.mean, recipe.std), jnp.asarray(labels)
-
-
-def _color(net: Network, index: int) -> str:
-    if net.name.startswith("Plain"):
-        return PLAIN_COLOR
-    if "Res" in net.name:
-        return RESNET_COLOR
-    return _OTHER_COLORS[index % len(_OTHER_COLORS)]
 
 
 def _summary(alphas: np.ndarray, losses: np.ndarray) -> dict[str, float]:
@@ -173,11 +151,13 @@ def _summary(alphas: np.ndarray, losses: np.ndarray) -> dict[str, float]:
             "mean_rise_at_ends": float((losses[0] + losses[-1]) / 2 - losses[centre])}
 
 
-def run_landscape(networks: Sequence[Network], dataset: Any, ctx: Context, *, points: int = 21, radius: float = 1.0,
-                  relative: bool = False, batch_size: int | None = None, splits: Sequence[str] = ("test",),
-                  seed: int = 0, data_note: str = "") -> Report:
-    """The 1-D loss landscape of each network along its own random direction (same seed); one plot, one table."""
+def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21, radius: float = 1.0,
+                  relative: bool = False, batch_size: int | None = None, splits: Sequence[str] = ("test",)) -> Report:
+    """The 1-D loss landscape of each network on the context's data, along its own random direction for the
+    context's seed; one plot, one table."""
     from matplotlib.figure import Figure
+
+    from flax_resnet import plots
 
     alphas = np.linspace(-radius, radius, points)
     fig = Figure(figsize=(8, 4.2))
@@ -188,14 +168,16 @@ def run_landscape(networks: Sequence[Network], dataset: Any, ctx: Context, *, po
         depths.add(convs)
         entry = {"model": net.name, "model_kwargs": net.model_kwargs, "source": str(net.source), "epoch": net.epoch,
                  "conv_layers": convs, "params": params, "splits": {}}
-        along = line_loss(net.model, seed, relative=relative)
+        plain = net.name.startswith("Plain")
+        color = (plots.PLAIN_COLOR if plain else plots.RESNET_COLOR if "Res" in net.name
+                 else _OTHER_COLORS[i % len(_OTHER_COLORS)])
+        along = line_loss(net.model, ctx.seed, relative=relative)
         for split in splits:
-            images, labels = _fixed_batch(dataset, net.recipe, batch_size or net.recipe.eval_batch_size, split)
+            images, labels = _fixed_batch(ctx.dataset, net.recipe, batch_size or net.recipe.eval_batch_size, split)
             losses = along(images, labels, alphas)
             summary = _summary(alphas, losses)
             entry["splits"][split] = {"batch_size": int(labels.shape[0]), "losses": losses.tolist(), **summary}
-            ax.plot(alphas, losses, marker="o" if net.name.startswith("Plain") else "s", color=_color(net, i),
-                    markersize=4,
+            ax.plot(alphas, losses, marker="o" if plain else "s", color=color, markersize=4,
                     linestyle="--" if split == "train" and len(splits) > 1 else "-",
                     label=f"{net.label}: {net.name} ({convs} conv layers)" + (f", {split}" if len(splits) > 1 else ""))
             rows.append([net.label, f"{net.name} ({convs} conv)", split, fmt(summary["loss_at_0"], ".4f"),
@@ -214,17 +196,17 @@ def run_landscape(networks: Sequence[Network], dataset: Any, ctx: Context, *, po
            title="Loss Landscape (1D slice)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    figure = common.save_figure(fig, ctx.out / FIGURE)
+    figure = plots.save_figure(fig, ctx.out / FIGURE)
     table = common.markdown_table(["network", "model", "batch", "loss at 0", "min loss (alpha)",
                                    f"loss at {-radius:g}", f"loss at +{radius:g}", "mean rise at the ends"],
                                   rows, "lllrrrrr")
     notes = [f"Loss on the first {' and first '.join(splits)} batch in eval mode along a random direction d with "
-             f"one global norm over all parameters, |d| = {unit} (seed {seed}), {points} points in "
-             f"[{-radius:g}, {radius:g}]; {data_note}."]
+             f"one global norm over all parameters, |d| = {unit} (seed {ctx.seed}), {points} points in "
+             f"[{-radius:g}, {radius:g}]; {ctx.data_note}."]
     if len(depths) > 1:
         notes.append(f"The networks differ in depth ({sorted(depths)} conv layers): compare at equal depth.")
     results = {"alphas": alphas.tolist(), "relative": relative, "networks": curves, "splits": list(splits),
-               "seed": seed, "data": data_note}
+               "seed": ctx.seed, "data": ctx.data_note}
     return Report("1-D loss landscape", table, results, [figure], notes)
 
 
@@ -257,7 +239,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
     given = [("plain", args.plain), ("residual", args.residual)] + [(None, c) for c in args.checkpoint]
     given = [(label, path) for label, path in given if path is not None]
-    common.prepare_run_args(args, parser, QUICK)
+    common.prepare_args(args, parser, QUICK)
     if not given and not args.quick:
         parser.error("name the trained networks: --plain DIR --residual DIR, or --checkpoint DIR (repeatable)")
     for _, path in given:
@@ -268,20 +250,14 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be at least 1")
     splits = ("test", "train") if args.split == "both" else (args.split or "test",)
+    recipe = common.make_recipe("plain-vs-residual", args, parser, eval_batch_size=100)
 
     def work(ctx: Context) -> Report:
-        dataset = common.load_data(args)
-        pairs = list(given)
-        if not pairs:  # --quick: make the checkpoints first, as `train` would
-            recipe = common.make_recipe("plain-vs-residual", args, parser, eval_batch_size=100)
-            for label, model in QUICK_MODELS:
-                run = common.train_run(label, model, {"n_blocks": 1}, recipe, dataset, seed=args.seed,
-                                       out_dir=ctx.run_dir(model), overwrite=True, log=ctx.log, progress=ctx.progress)
-                pairs.append((label, run.out_dir))
-        networks = [load_network(path, label) for label, path in pairs]
-        return run_landscape(networks, dataset, ctx, points=args.points, radius=args.radius,
-                             relative=bool(args.relative), batch_size=args.batch, splits=splits, seed=args.seed,
-                             data_note=common.data_description(args, dataset))
+        pairs = given or [  # --quick: make the checkpoints first, as `train` would
+            (label, ctx.train(label, model, {"n_blocks": 1}, recipe, model, overwrite=True).out_dir)
+            for label, model in QUICK_MODELS]
+        return run_landscape([load_network(path, label) for label, path in pairs], ctx, points=args.points,
+                             radius=args.radius, relative=bool(args.relative), batch_size=args.batch, splits=splits)
 
     return work
 
