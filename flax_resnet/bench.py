@@ -2,46 +2,37 @@
 
 ``python train.py bench --model NAME --batch-size B [--precision {fp32,bf16}] [--json FILE] [--quick]``
 
-What is compared (same device, model, batch, precision, optimizer; synthetic CIFAR-sized uint8 data resident on
-the device, normalised and augmented (crop + flip) on the device by both frameworks; the same batches: epoch 0's
-plan of ``flax_resnet.data.plan`` for the step rows, epoch 1's for the epoch rows), each side timed through the
-public methods of the pieces that train:
+Both sides run the same model, batch, precision, optimizer and batches on the same device: synthetic CIFAR-sized
+uint8 data resident on the device, normalised and augmented (crop + flip) there; epoch 0's plan of
+``flax_resnet.data.plan`` for the step rows, epoch 1's for the epoch rows. Each side is timed through the public
+pieces that train:
 
 - ``flax``: a ``training.flax_backend.FlaxBackend`` built from a ``RunConfig`` and ``prepare``-d as the training
-  loop prepares it, over ``runners.SingleDeviceRunner`` (jit, donated state, on-device metrics). The step rows
-  call the runner's ``train_step`` / ``eval_step`` on the backend's state; their compile time and XLA cost come
-  from an ahead-of-time compile of the same steps (``lower_train_step`` / ``lower_eval_step``). The epoch row is
-  ``FlaxBackend.train_epoch``, the loop's own per-epoch piece (with a step hook that does nothing).
-- ``torch eager`` (NCHW), ``torch channels_last``, ``torch.compile + channels_last`` (its failure, or its
-  absence in ``--quick``, is reported as a row with status ``n/a: why``): the ``torch_ref`` model, the notebooks'
-  optimiser (``torch_ref.train.make_optimizer``) and the reference's batches (``torch_ref.data.PlannedBatches``
-  with ``resident=True``, so that they are gathered, cropped, flipped and normalised on the device as the Flax
-  runner does, in the variant's ``memory_format``). The step is the notebooks' step without their per-step
-  ``loss.item()`` and accuracy ``.item()``: those wait for the device every step, and the Flax step never does.
-  The epoch row is therefore one loop over the ``PlannedBatches`` with that same step, not
-  ``torch_ref.train.train_epoch``, whose per-step reads would time the notebook's bookkeeping, not torch.
+  loop prepares it, over ``runners.SingleDeviceRunner``. The step rows call the runner's ``train_step`` /
+  ``eval_step`` on the backend's state (compile time and XLA cost from ``lower_train_step`` / ``lower_eval_step``);
+  the epoch row is ``FlaxBackend.train_epoch``.
+- ``torch eager`` (NCHW), ``torch channels_last``, ``torch.compile + channels_last`` (its failure, or its absence
+  in ``--quick``, is a row with status ``n/a: why``): the ``torch_ref`` model, ``torch_ref.train.make_optimizer``
+  and ``torch_ref.data.PlannedBatches(resident=True)`` in the variant's memory format. The step is the notebooks'
+  without their per-step ``loss.item()`` and accuracy ``.item()``: those wait for the device every step, and the
+  Flax step never does. So the epoch row loops over the batches with that step, not ``torch_ref.train.train_epoch``.
 
-Rows per implementation: ``train step`` and ``eval step`` (warm-up, then each timed step synchronised: median,
-p10, p90) and ``epoch`` (a whole epoch, the last batch short if the batch size does not divide it, synchronised
-once at its end, including the read of the epoch's metrics; the NumPy epoch plan is drawn before the clock
-starts, its upload to the device (``put_plan`` / ``set_plan``) is timed; a short last batch's shape is run once
-before, so that no compilation falls inside).
-Columns:
+Rows per implementation: ``train step`` and ``eval step`` (warm-up, then each step synchronised: median, p10, p90)
+and ``epoch`` (every batch, the last one short if the batch size does not divide the images, synchronised once at
+its end, including the read of its metrics; the plan is drawn before the clock, its upload timed; a short last
+batch's shape runs once before, so that no compilation falls inside). Columns besides the times:
 
-- ``compile_s``: Flax, the XLA compilation of the step (``runner.lower_train_step(...).compile()``); torch.compile, its
-  first call minus a median step; none for eager torch;
-- ``peak_mem_mb``: GPU: ``jax`` ``peak_bytes_in_use`` (never reset: the process's peak so far) and
-  ``torch.cuda.max_memory_allocated`` (reset per row); CPU: the process's peak resident set size (``VmHWM``,
-  reset per row through ``/proc/self/clear_refs``), which counts both frameworks' heaps and the data;
-  ``peak_mem_kind`` says which;
-- ``gflop``: analytic model FLOPs per step: 2 x the multiply-adds of every convolution and matmul of the forward
-  pass, x 3 for a training step (forward, input gradients, weight gradients); ``xla_gflop``: XLA's cost
-  analysis of the compiled Flax step (all ops, for comparison);
-- ``mfu``: analytic FLOPs / time / the device's dense peak (``PEAK_TFLOPS``; fp32 against the TF32 peak, the
-  precision both frameworks use for float32 convolutions on these GPUs by default); GPUs only;
+- ``compile_s``: Flax, ``runner.lower_train_step(...).compile()``; torch.compile, its first call minus a median
+  step; none for eager torch;
+- ``peak_mem_mb``: GPU: jax's ``peak_bytes_in_use`` (never reset: the process's peak so far) and
+  ``torch.cuda.max_memory_allocated`` (reset per row); CPU: the process's peak RSS (``VmHWM``, reset per row),
+  which counts both frameworks' heaps and the data; ``peak_mem_kind`` says which;
+- ``gflop``: 2 x the multiply-adds of every convolution and matmul of the forward pass, x 3 for a training step
+  (forward, input gradients, weight gradients); ``xla_gflop``: XLA's cost analysis of the compiled Flax step;
+- ``mfu``: ``gflop`` / time / the device's dense peak (``PEAK_TFLOPS``); GPUs only;
 - ``flax_speedup``: the Flax row's images/s over this row's, same phase.
 
-Imports of JAX and torch happen inside the functions, so the command line's ``--help`` stays quick.
+JAX and torch are imported inside the functions, so that ``--help`` stays quick.
 """
 
 from __future__ import annotations
@@ -49,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -77,7 +67,7 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 IMPLS = ("flax", "torch eager", "torch channels_last", "torch.compile channels_last")
 PHASES = ("train step", "eval step", "epoch")
-# (key, header) of the printed table; the JSON rows hold these and more (see ``run_benchmark``)
+# (key, header) of the printed table; the JSON rows hold these and more (see ``_row``)
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("phase", "phase"), ("impl", "implementation"), ("images_per_s", "img/s"), ("ms_median", "ms/step"),
     ("ms_p10", "p10"), ("ms_p90", "p90"), ("compile_s", "compile s"), ("peak_mem_mb", "peak MB"),
@@ -110,15 +100,6 @@ class _Setup:
 
 
 # ------------------------------------------------------------------------------------------- measuring
-def _summary(times_s: Sequence[float], batch: int) -> dict[str, float]:
-    import numpy as np
-
-    t = np.asarray(times_s) * 1e3
-    median = float(np.median(t))
-    return {"ms_median": median, "ms_p10": float(np.percentile(t, 10)), "ms_p90": float(np.percentile(t, 90)),
-            "images_per_s": batch / (median / 1e3)}
-
-
 def _time(step: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, steps: int) -> list[float]:
     """Per-step wall times, each step synchronised (so the time is the device's, not the dispatch's)."""
     for _ in range(warmup):
@@ -135,61 +116,45 @@ class _PeakMemory:
     """Peak memory of one row: torch's allocator on GPU, jax's allocator (never reset) on GPU, else peak RSS."""
 
     def __init__(self, framework: str, setup: _Setup):
-        self.framework, self.gpu = framework, setup.platform == "gpu"
+        self.torch_gpu = setup.platform == "gpu" and framework == "torch"
+        self.jax_gpu = setup.platform == "gpu" and framework != "torch"
+        self.kind = ("torch.cuda.max_memory_allocated" if self.torch_gpu
+                     else "jax peak_bytes_in_use (process peak so far)" if self.jax_gpu
+                     else "process peak RSS (VmHWM, reset per row)" if self.reset()
+                     else "process peak RSS (since start)")
 
-    @property
-    def kind(self) -> str:
-        if self.gpu:
-            return ("torch.cuda.max_memory_allocated" if self.framework == "torch"
-                    else "jax peak_bytes_in_use (process peak so far)")
-        return "process peak RSS (VmHWM, reset per row)" if _can_reset_rss() else "process peak RSS (since start)"
-
-    def reset(self) -> None:
-        if self.gpu and self.framework == "torch":
+    def reset(self) -> bool:
+        """Start the row's peak; False where the kernel does not let the process reset its peak RSS."""
+        if self.torch_gpu:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-        elif not self.gpu:
-            _reset_rss_peak()
+        elif not self.jax_gpu:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                return False
+        return True
 
-    def read_mb(self) -> float | None:
-        if self.gpu and self.framework == "torch":
+    def fields(self) -> dict[str, Any]:
+        """The row's ``peak_mem_mb`` and ``peak_mem_kind``."""
+        if self.torch_gpu:
             import torch
 
-            return torch.cuda.max_memory_allocated() / 2**20
-        if self.gpu:
+            peak = torch.cuda.max_memory_allocated()
+        elif self.jax_gpu:
             import jax
 
-            stats = jax.devices()[0].memory_stats() or {}
-            peak = stats.get("peak_bytes_in_use")
-            return None if peak is None else peak / 2**20
-        return _peak_rss_mb()
+            peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+        else:
+            import resource
 
-
-@functools.cache
-def _can_reset_rss() -> bool:
-    """Whether this kernel lets the process reset its peak RSS (asked once: asking resets it)."""
-    return _reset_rss_peak()
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            status = Path("/proc/self/status")
+            lines = status.read_text().splitlines() if status.exists() else []
+            kib = next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")),
+                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            peak = kib * 1024
+        return {"peak_mem_mb": None if peak is None else peak / 2**20, "peak_mem_kind": self.kind}
 
 
 def _peak_tflops(device_kind: str, precision: str) -> float | None:
@@ -215,8 +180,18 @@ def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int
         m.eval()
         return m(x)
 
+    total = 0
     x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-    return _macs(jax.make_jaxpr(forward)(state, x).jaxpr)
+    for eqn in iter_eqns(jax.make_jaxpr(forward)(state, x).jaxpr):
+        if eqn.primitive.name == "conv_general_dilated":
+            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
+            out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += math.prod(out.shape) * (math.prod(rhs.shape) // out_features)
+        elif eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+    return total
 
 
 def iter_eqns(jaxpr: Any) -> Iterator[Any]:
@@ -233,33 +208,22 @@ def iter_eqns(jaxpr: Any) -> Iterator[Any]:
                     yield from iter_eqns(sub)
 
 
-def _macs(jaxpr: Any) -> int:
-    total = 0
-    for eqn in iter_eqns(jaxpr):
-        name = eqn.primitive.name
-        if name == "conv_general_dilated":
-            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
-            out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += math.prod(out.shape) * (math.prod(rhs.shape) // out_features)
-        elif name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval
-            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
-    return total
-
-
-def _xla_flops(compiled: Any) -> float | None:
+def _compile(lowered: Any) -> tuple[float, float | None]:
+    """(XLA compile seconds, XLA's GFLOP or None) of a lowered step."""
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends have no cost analysis
-        return None
+        cost = None
     if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
+        cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+    return seconds, flops / 1e9 if flops and flops > 0 else None
 
 
-# ------------------------------------------------------------------------------------------- setup
+# ------------------------------------------------------------------------------------------- rows
 def _make_setup(model: str, model_kwargs: dict[str, Any], batch_size: int, precision: Precision, warmup: int,
                 steps: int, epoch_images: int, seed: int, log: Callable[[str], None]) -> _Setup:
     import jax
@@ -282,9 +246,9 @@ def _make_setup(model: str, model_kwargs: dict[str, Any], batch_size: int, preci
 
 
 def _row(setup: _Setup, impl: str, phase: str, **fields: Any) -> dict[str, Any]:
-    row = {"phase": phase, "impl": impl, "status": "ok", "images_per_s": None, "ms_median": None, "ms_p10": None,
-           "ms_p90": None, "epoch_s": None, "compile_s": None, "peak_mem_mb": None, "peak_mem_kind": None,
-           "gflop": None, "xla_gflop": None, "mfu": None, "flax_speedup": None,
+    row = {"phase": phase, "impl": impl, "status": "ok",
+           **dict.fromkeys(("images_per_s", "ms_median", "ms_p10", "ms_p90", "epoch_s", "compile_s", "peak_mem_mb",
+                            "peak_mem_kind", "gflop", "xla_gflop", "mfu", "flax_speedup")),
            "model": setup.model, "model_kwargs": setup.model_kwargs, "batch_size": setup.batch_size,
            "precision": setup.precision, "platform": setup.platform, "device_kind": setup.device_kind,
            "load_avg_1m": (_load_all() or [None])[0]}
@@ -299,14 +263,32 @@ def _mfu(setup: _Setup, gflop: float | None, seconds: float | None) -> float | N
     return gflop * 1e9 / seconds / (peak * 1e12)
 
 
+def _step_row(setup: _Setup, impl: str, phase: str, step: Callable[[], Any], sync: Callable[[Any], Any],
+              gflop: float, memory: _PeakMemory, *, time_first: bool = False, **fields: Any) -> dict[str, Any]:
+    """A step row: warm-up, then the timed steps (median, p10, p90). With ``time_first`` (torch.compile) the first
+    call compiles, and its time beyond a median step is reported as ``compile_s``."""
+    import numpy as np
+
+    first = _time(step, sync, 0, 1)[0] if time_first else None
+    ms = np.asarray(_time(step, sync, setup.warmup, setup.steps)) * 1e3
+    median = float(np.median(ms))
+    if first is not None:
+        fields["compile_s"] = max(first - median / 1e3, 0.0)
+    return _row(setup, impl, phase, images_per_s=setup.batch_size / (median / 1e3), ms_median=median,
+                ms_p10=float(np.percentile(ms, 10)), ms_p90=float(np.percentile(ms, 90)), gflop=gflop,
+                mfu=_mfu(setup, gflop, median / 1e3), **memory.fields(), **fields)
+
+
+def _epoch_row(setup: _Setup, impl: str, epoch_s: float, steps: int, train_gflop: float,
+               memory: _PeakMemory) -> dict[str, Any]:
+    n = len(setup.labels)
+    return _row(setup, impl, "epoch", images_per_s=n / epoch_s, ms_median=epoch_s / steps * 1e3, epoch_s=epoch_s,
+                gflop=train_gflop, mfu=_mfu(setup, train_gflop * n / setup.batch_size, epoch_s), **memory.fields())
+
+
 # ------------------------------------------------------------------------------------------- flax
 def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
-    """The three Flax rows, through the trainer's own pieces; also returns the forward MACs per batch.
-
-    One ``training.flax_backend.FlaxBackend`` (built from a ``RunConfig``, prepared as the training loop
-    prepares it) holds the model's state and the resident split; the step rows run its ``SingleDeviceRunner``'s
-    ``train_step`` / ``eval_step`` on that state, the epoch row is the backend's ``train_epoch``.
-    """
+    """The three Flax rows (see the module docstring); also returns the forward MACs per batch."""
     import jax
     import numpy as np
 
@@ -330,13 +312,10 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     runner, data = backend.runner, backend.train_data
     assert isinstance(runner, runners.SingleDeviceRunner)
     plan = runner.put_plan(plans.epoch_plan(setup.seed, 0, n))
-    rows = []
 
-    # train step: compile time and XLA's FLOPs from an ahead-of-time compile of the runner's own step. The state
-    # stays the backend's (``state_value``): the steps advance it, and the epoch row continues from it.
+    # The steps advance the backend's own state (``state_value``), and the epoch row continues from it.
     setup.log("flax: compiling the train step")
-    train_compile_s, train_xla = _compile(runner.lower_train_step(backend.state_value, runner.zero_metrics(), data,
-                                                                  plan, 0, b))
+    compile_s, xla = _compile(runner.lower_train_step(backend.state_value, runner.zero_metrics(), data, plan, 0, b))
     box = [runner.zero_metrics(), 0]
     full_batches = n // b  # n >= b (_make_setup)
 
@@ -346,29 +325,21 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
         backend.state_value, box[0] = runner.train_step(backend.state_value, box[0], data, plan, start, b)
         return box[0]
 
-    s = _summary(_time(train, jax.block_until_ready, setup.warmup, setup.steps), b)
-    rows.append(_row(setup, "flax", "train step", **s, compile_s=train_compile_s, gflop=train_gflop,
-                     xla_gflop=train_xla, mfu=_mfu(setup, train_gflop, s["ms_median"] / 1e3),
-                     peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind))
+    rows = [_step_row(setup, "flax", "train step", train, jax.block_until_ready, train_gflop, memory,
+                      compile_s=compile_s, xla_gflop=xla)]
 
-    # eval step
     setup.log("flax: eval step")
     memory.reset()
-    eval_compile_s, eval_xla = _compile(runner.lower_eval_step(backend.state_value, runner.zero_metrics(), data,
-                                                               0, b))
+    compile_s, xla = _compile(runner.lower_eval_step(backend.state_value, runner.zero_metrics(), data, 0, b))
     ebox = [runner.zero_metrics()]
 
     def evaluate() -> Any:
         ebox[0] = runner.eval_step(backend.state_value, ebox[0], data, 0, b)
         return ebox[0]
 
-    s = _summary(_time(evaluate, jax.block_until_ready, setup.warmup, setup.steps), b)
-    rows.append(_row(setup, "flax", "eval step", **s, compile_s=eval_compile_s, gflop=eval_gflop,
-                     xla_gflop=eval_xla, mfu=_mfu(setup, eval_gflop, s["ms_median"] / 1e3),
-                     peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind))
+    rows.append(_step_row(setup, "flax", "eval step", evaluate, jax.block_until_ready, eval_gflop, memory,
+                          compile_s=compile_s, xla_gflop=xla))
 
-    # epoch: the training loop's own per-epoch piece, FlaxBackend.train_epoch (puts the plan on the device, runs
-    # every batch of the split, the last one short if b does not divide n, and reads the metrics once at its end)
     if setup.epoch_images:
         setup.log(f"flax: epoch of {n} images")
         memory.reset()
@@ -380,8 +351,8 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
         t0 = time.perf_counter()
         backend.train_epoch(1, epoch_plan, _no_progress)
         jax.block_until_ready(backend.state_value)  # the last step's update (its metrics were read already)
-        epoch_s = time.perf_counter() - t0
-        rows.append(_epoch_row(setup, "flax", epoch_s, plans.steps_per_epoch(n, b), train_gflop, memory))
+        rows.append(_epoch_row(setup, "flax", time.perf_counter() - t0, plans.steps_per_epoch(n, b), train_gflop,
+                               memory))
     return rows, macs
 
 
@@ -389,29 +360,7 @@ def _no_progress(step: int, loss: Callable[[], float]) -> None:
     """The epoch's per-step hook: no progress bar, and the loss is never read (that would sync per step)."""
 
 
-def _compile(lowered: Any) -> tuple[float, float | None]:
-    """(XLA compile seconds, XLA's GFLOP or None) of a lowered step."""
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - t0
-    flops = _xla_flops(compiled)
-    return seconds, None if flops is None else flops / 1e9
-
-
-def _epoch_row(setup: _Setup, impl: str, epoch_s: float, steps: int, train_gflop: float,
-               memory: _PeakMemory) -> dict[str, Any]:
-    n = len(setup.labels)
-    gflop_epoch = train_gflop * n / setup.batch_size
-    return _row(setup, impl, "epoch", images_per_s=n / epoch_s, ms_median=epoch_s / steps * 1e3, epoch_s=epoch_s,
-                gflop=train_gflop, mfu=_mfu(setup, gflop_epoch, epoch_s), peak_mem_mb=memory.read_mb(),
-                peak_mem_kind=memory.kind)
-
-
 # ------------------------------------------------------------------------------------------- torch
-def _phases(setup: _Setup) -> tuple[str, ...]:
-    return PHASES if setup.epoch_images else PHASES[:2]
-
-
 def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_skipped: str) -> list[dict[str, Any]]:
     import torch
 
@@ -421,7 +370,7 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
         torch.backends.cuda.matmul.allow_tf32 = True  # as XLA's default precision does (convs are TF32 already)
         torch.backends.cudnn.allow_tf32 = True
     rows = []
-    phases = _phases(setup)
+    phases = PHASES if setup.epoch_images else PHASES[:2]
     for impl in IMPLS[1:]:
         if impl.startswith("torch.compile") and not compile_torch:
             rows += [_row(setup, impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in phases]
@@ -436,20 +385,6 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
     return rows
 
 
-def _timed_torch_row(setup: _Setup, impl: str, phase: str, step: Callable[[], Any], sync: Callable[[Any], Any],
-                     compiled: bool, gflop: float, memory: _PeakMemory) -> dict[str, Any]:
-    """One torch step row; with torch.compile the first call compiles, and its time beyond a step is reported."""
-    first = None
-    if compiled:
-        t0 = time.perf_counter()
-        sync(step())
-        first = time.perf_counter() - t0
-    s = _summary(_time(step, sync, setup.warmup, setup.steps), setup.batch_size)
-    compile_s = None if first is None else max(first - s["ms_median"] / 1e3, 0.0)
-    return _row(setup, impl, phase, **s, compile_s=compile_s, gflop=gflop, mfu=_mfu(setup, gflop, s["ms_median"] / 1e3),
-                peak_mem_mb=memory.read_mb(), peak_mem_kind=memory.kind)
-
-
 def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[dict[str, Any]]) -> None:
     """Append ``impl``'s rows to ``rows`` phase by phase, so that the rows done before a failure are kept."""
     import numpy as np
@@ -461,9 +396,9 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     from torch_ref.train import make_optimizer
 
     b, n = setup.batch_size, len(setup.labels)
-    channels_last = "channels_last" in impl
     compiled = impl.startswith("torch.compile")
     train_gflop, eval_gflop = 6 * macs / 1e9, 2 * macs / 1e9
+    channels_last = "channels_last" in impl
     model = registry.build_torch(setup.model, setup.model_kwargs, seed=setup.seed).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -485,10 +420,7 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
 
     correct = torch.zeros((), dtype=torch.int64, device=device)
 
-    # The minimal training step: the notebooks' step (torch_ref.train.train_epoch) without its per-step
-    # ``loss.item()`` and ``.sum().item()``. Those wait for the device every step, and the Flax step does not
-    # (its metrics are summed on the device and read once per epoch), so a fair speed comparison must not make
-    # torch wait either: the metrics stay on the device here too.
+    # The notebooks' step without its per-step ``.item()`` reads: the metrics stay on the device, as Flax's do.
     def train_on(x: Any, y: Any) -> Any:
         opt.zero_grad(set_to_none=True)
         with autocast():
@@ -513,7 +445,7 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     first = plans.epoch_plan(setup.seed, 0, n)  # the plan of the Flax step rows: the same batches
     batches.set_plan(first.permutation, first.offsets, first.flips)
     model.train()
-    rows.append(_timed_torch_row(setup, impl, "train step", train, sync, compiled, train_gflop, memory))
+    rows.append(_step_row(setup, impl, "train step", train, sync, train_gflop, memory, time_first=compiled))
 
     setup.log(f"{impl}: eval step")
     memory.reset()
@@ -526,7 +458,7 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
             logits = net(x)
             return (logits.argmax(1) == y).sum()
 
-    rows.append(_timed_torch_row(setup, impl, "eval step", evaluate, sync, compiled, eval_gflop, memory))
+    rows.append(_step_row(setup, impl, "eval step", evaluate, sync, eval_gflop, memory, time_first=compiled))
     model.train()
 
     if setup.epoch_images:
@@ -592,8 +524,7 @@ def environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": device.platform, "device_kind": device.device_kind, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "malloc_tuned": cpu.tuned_allocator(),
-            "load_avg": _load_all()}
+            "malloc_tuned": cpu.tuned_allocator(), "load_avg": _load_all()}
 
 
 def _load_all() -> list[float] | None:
@@ -703,14 +634,6 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
           f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=_json_default) + "\n")
+        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
     return 0
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
 
