@@ -28,7 +28,7 @@ from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["Command", "Context", "Report", "Run", "add_data_options", "add_output_options", "add_run_options",
            "count_conv_layers", "count_params", "fmt", "make_recipe", "markdown_table", "prepare_args", "quick_epilog",
-           "register", "to_jsonable", "train_run"]
+           "register", "to_jsonable"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -90,14 +90,12 @@ def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quic
                 continue  # a quick run on CIFAR-10 keeps its 32x32 images
             if getattr(args, name, None) is None:
                 setattr(args, name, value)
-    for name in ("epochs", "batch_size", "eval_batch_size", "train_samples", "image_size"):
+    for name in ("train_samples", "image_size"):  # (--epochs, --lr and the batch sizes: make_recipe)
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "test_samples", None) is not None and args.test_samples < 0:
         parser.error("--test-samples must be at least 0")
-    if getattr(args, "lr", None) is not None and args.lr <= 0:
-        parser.error("--lr must be positive")
     if getattr(args, "seed", 0) < 0:
         parser.error("--seed must be >= 0")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
@@ -124,7 +122,8 @@ def quick_epilog(values: Mapping[str, Any]) -> str:
 
 
 def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser, **defaults: Any) -> Recipe:
-    """The recipe ``name`` with the experiment's ``defaults`` and the user's --epochs/--batch-size/... over it.
+    """The recipe ``name`` with the experiment's ``defaults`` and the user's --epochs/--batch-size/... over it
+    (the recipe's checks of them are usage errors).
 
     When the run is shorter or longer than the recipe's, multistep milestones move with it (round(m * epochs
     / recipe epochs), kept inside the run), so a short run still decays its learning rate where the
@@ -140,7 +139,7 @@ def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentPa
     try:
         return dataclasses.replace(recipe, **fields)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(f"--{str(e).replace('_', '-')}")
         raise  # unreachable: parser.error exits
 
 
@@ -199,41 +198,6 @@ class Run:
         return {**dataclasses.asdict(self), "train_time": self.train_time}
 
 
-def train_run(label: str, model: str, model_kwargs: Mapping[str, Any], recipe: Recipe, dataset: Any, *,
-              framework: str = "jax", seed: int = 0, out_dir: Path | None = None, resume: bool = False,
-              overwrite: bool = False, state_dict: Mapping[str, Any] | None = None, dtype: str = "float32",
-              log: Log | None = None, progress: Callable[..., Any] | None = None) -> Run:
-    """Train one registered model with ``flax_resnet.training``, as ``train`` would.
-
-    ``out_dir`` gets the run's history, curves and checkpoints (with the metadata ``train`` writes, so the
-    ``landscape`` and ``port`` commands read them); ``state_dict`` (torch layout) replaces the initial weights
-    in either framework, which is how ``compare`` starts both from the same point. ``dtype`` 'float64' needs
-    ``jax_enable_x64`` on.
-    """
-    from flax_resnet import port, training
-    from flax_resnet.recipes import RunConfig
-
-    kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
-    config = RunConfig(recipe=recipe, model=model, model_kwargs=kwargs, framework=framework, seed=seed,
-                       dtype=dtype)
-    title = f"{label}: {model}({', '.join(f'{k}={v}' for k, v in kwargs.items())}), {recipe.name}, {framework}"
-    if framework == "jax":
-        net = registry.build_flax(model, kwargs, seed=seed)
-        if state_dict is not None:
-            port.load_torch_state_dict(net, state_dict)
-    else:
-        net = registry.build_torch(model, kwargs, seed=seed)
-        if state_dict is not None:
-            net.load_state_dict(state_dict, strict=True)
-    size, convs = count_params(net), count_conv_layers(net)
-    history = training.train(
-        net, config, dataset, out_dir=out_dir, resume=resume, overwrite=overwrite, title=title,
-        log=None if log is None else (lambda line: log(f"[{label}] {line}")),
-        progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")),
-    ).history
-    return Run(label, model, dict(kwargs), framework, size, convs, {k: list(v) for k, v in history.items()}, out_dir)
-
-
 # ---------------------------------------------------------------------------------------------- outputs
 def fmt(value: float, spec: str = ".2f", suffix: str = "") -> str:
     """A number for a table; non-finite values as 'n/a' (a diverged run must not break the table)."""
@@ -285,14 +249,42 @@ class Context:
     dataset: Any = None
     data_note: str = ""
 
-    def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], recipe: Recipe, name: str,
-              **options: Any) -> Run:
-        """``train_run`` on the context's data with its settings (``options`` override them) into
-        ``OUT/runs/<name>``."""
-        settings = {"framework": self.framework, "seed": self.seed, "resume": self.resume,
-                    "overwrite": self.overwrite, **options}
-        return train_run(label, model, model_kwargs, recipe, self.dataset, out_dir=self.out / "runs" / name,
-                         log=self.log, progress=self.progress, **settings)
+    def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], recipe: Recipe, name: str, *,
+              framework: str | None = None, overwrite: bool | None = None,
+              state_dict: Mapping[str, Any] | None = None, dtype: str = "float32") -> Run:
+        """Train one registered model on the context's data with ``flax_resnet.training``, as ``train`` would.
+
+        ``OUT/runs/<name>`` gets the run's history, curves and checkpoints (with the metadata ``train`` writes,
+        so the ``landscape`` and ``port`` commands read them). ``framework`` and ``overwrite`` default to the
+        context's; ``state_dict`` (torch layout) replaces the initial weights in either framework, which is how
+        ``compare`` starts both from the same point. ``dtype`` 'float64' needs ``jax_enable_x64`` on.
+        """
+        from flax_resnet import port, training
+        from flax_resnet.recipes import RunConfig
+
+        framework = framework or self.framework
+        kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
+        config = RunConfig(recipe=recipe, model=model, model_kwargs=kwargs, framework=framework, seed=self.seed,
+                           dtype=dtype)
+        title = f"{label}: {model}({', '.join(f'{k}={v}' for k, v in kwargs.items())}), {recipe.name}, {framework}"
+        if framework == "jax":
+            net = registry.build_flax(model, kwargs, seed=self.seed)
+            if state_dict is not None:
+                port.load_torch_state_dict(net, state_dict)
+        else:
+            net = registry.build_torch(model, kwargs, seed=self.seed)
+            if state_dict is not None:
+                net.load_state_dict(state_dict, strict=True)
+        size, convs = count_params(net), count_conv_layers(net)
+        log, progress, out_dir = self.log, self.progress, self.out / "runs" / name
+        history = training.train(
+            net, config, self.dataset, out_dir=out_dir, resume=self.resume, title=title,
+            overwrite=self.overwrite if overwrite is None else overwrite,
+            log=None if log is None else (lambda line: log(f"[{label}] {line}")),
+            progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")),
+        ).history
+        return Run(label, model, dict(kwargs), framework, size, convs, {k: list(v) for k, v in history.items()},
+                   out_dir)
 
 
 @dataclasses.dataclass
@@ -315,7 +307,7 @@ class Report:
             parts += ["", *links]
         return "\n".join(parts) + "\n"
 
-    def write(self, out: Path, command: str, settings: Mapping[str, Any]) -> tuple[Path, Path]:
+    def write(self, out: Path, command: str, settings: Mapping[str, Any]) -> None:
         """``summary.md`` and ``results.json`` (the results with the command and its settings) in ``out``."""
         out.mkdir(parents=True, exist_ok=True)
         summary = out / SUMMARY_FILE
@@ -326,10 +318,6 @@ class Report:
         tmp = results.with_name(f".{results.name}.tmp")
         tmp.write_text(json.dumps(to_jsonable(payload), indent=1, allow_nan=False) + "\n")
         os.replace(tmp, results)
-        return summary, results
-
-
-Plan = Callable[[argparse.Namespace, argparse.ArgumentParser], Callable[[Context], Report]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +328,7 @@ class Command:
     help: str
     description: str
     add_options: Callable[[argparse.ArgumentParser], None]
-    plan: Plan
+    plan: Callable[[argparse.Namespace, argparse.ArgumentParser], Callable[[Context], Report]]
     epilog: str = ""
 
 

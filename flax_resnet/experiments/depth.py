@@ -1,9 +1,8 @@
 """``depth``: the degradation problem in one figure: plain networks get worse with depth, residual ones do not.
 
-Notebook 004's shallow and deep ``PlainNet`` ([1, 1, 1, 1] and [3, 3, 3, 3]: 9 and 25 conv layers) against
-notebook 000's ``SimpleResNet`` at n_blocks 1 and 4 (7 and 25 conv layers: the deep one as deep as the deep
-PlainNet). All runs use one recipe (default: notebook 000's, no augmentation, since degradation is about
-fitting the training data).
+SimpleResNet's n_blocks 1 and 4 give 7 and 25 conv layers, the deep one as deep as notebook 004's deep PlainNet
+[3, 3, 3, 3]. The default recipe is notebook 000's, without augmentation: degradation is about fitting the
+training data.
 """
 
 from __future__ import annotations

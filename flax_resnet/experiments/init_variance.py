@@ -1,11 +1,9 @@
 """``he-init``: notebook 004's ``verify_he_init`` in both frameworks, He initialisation vs the default.
 
-A unit-variance batch goes once through fresh models in train mode, as in the notebook, and the variance of
-every Conv/Linear output is recorded (``torch_ref.he_init.verify_he_init`` and its twin
-``flax_resnet.he_init.activation_variances``), for each initialisation of ``SERIES``: ``he``, the notebook's
-kaiming_normal(relu) (fan_out for convs); ``default``, torch's kaiming_uniform(a=sqrt 5), U(+-1/sqrt(fan_in))
-for weights and biases, which our Flax layers mirror exactly; ``stock``, Flax's own lecun_normal kernels and
-zero biases. Each framework draws its own weights.
+Variances recorded by ``torch_ref.he_init.verify_he_init`` and its twin ``flax_resnet.he_init.activation_variances``
+for each initialisation of ``SERIES``: ``he``, the notebook's kaiming_normal(relu) (fan_out for convs);
+``default``, torch's kaiming_uniform(a=sqrt 5), U(+-1/sqrt(fan_in)) for weights and biases, which our Flax
+layers mirror exactly; ``stock``, Flax's own lecun_normal kernels and zero biases.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from flax_resnet import registry
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 
-__all__ = ["COMMAND", "FIGURE", "SERIES", "flax_reinit", "layer_gains", "run_he_init", "torch_reinit"]
+__all__ = ["COMMAND", "FIGURE", "SERIES", "flax_reinit", "layer_gains", "run_he_init"]
 
 NAME = "he-init"
 FIGURE = "he_init.png"
@@ -35,16 +33,6 @@ SERIES: dict[tuple[str, str], tuple[str, str]] = {
     ("flax", "default"): ("Flax: our layers' default (= torch's)", "#fb923c"),
     ("flax", "stock"): ("Flax: stock nnx default (lecun_normal, zero bias)", "#3b82f6"),
 }
-
-
-def torch_reinit(model: Any) -> Any:
-    """Every Conv2d/Linear back to torch's default initialisation (``reset_parameters``), in place."""
-    import torch.nn as nn
-
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            module.reset_parameters()
-    return model
 
 
 def flax_reinit(model: Any, kind: str, seed: int) -> Any:
@@ -90,8 +78,10 @@ def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, see
         from torch_ref.he_init import verify_he_init
 
         model = registry.build_torch(model_name, {}, seed=seed)
-        if init == "default":
-            torch_reinit(model)
+        if init == "default":  # every Conv2d/Linear back to torch's default initialisation
+            for module in model.modules():
+                if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+                    module.reset_parameters()
         model.train()
         return verify_he_init(model, x=torch.from_numpy(x_nchw))
     import jax.numpy as jnp
@@ -107,6 +97,8 @@ def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, see
 
 def _bar_chart(results: dict[str, Any], path: Any) -> Any:
     from matplotlib.figure import Figure
+
+    from flax_resnet import plots
 
     n_models = len(results)
     widest = max(len(r["layers"]) for r in results.values())
@@ -128,8 +120,6 @@ def _bar_chart(results: dict[str, Any], path: Any) -> Any:
                f"unit-variance input {tuple(result['input_shape'])}")
         ax.grid(True, axis="y", alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncol=4, fontsize=8)
-    from flax_resnet import plots
-
     return plots.save_figure(fig, path)
 
 

@@ -262,18 +262,15 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
     return work
 
 
-def _epilog() -> str:
-    return (common.quick_epilog(QUICK) + "\n(and, when no network is named, first trains PlainDeepCNN(1) and "
-            "SimpleResNet(1) with notebook 000's recipe, milestones scaled to the run)\n\nexamples:\n"
-            "  python train.py plain-vs-residual --out runs/pvr\n"
-            "  python train.py landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"
-            "  python train.py landscape --relative --checkpoint runs/ResNet18-resnet18-cifar-jax")
-
-
 COMMAND = common.Command(
     NAME, help="notebook 004's 1-D loss landscape of trained plain and residual networks",
     description="Evaluate the loss of trained networks along one random direction in parameter space, normalised "
                 "as notebook 004 does (d/||d||, one norm over all parameters), at 21 points in [-1, 1] on a fixed "
                 "batch in eval mode (BatchNorm statistics unperturbed), and plot the curves of a plain and a "
                 f"residual network of the same depth in one figure ({FIGURE}).",
-    add_options=_add_options, plan=_plan, epilog=_epilog())
+    add_options=_add_options, plan=_plan,
+    epilog=common.quick_epilog(QUICK) + "\n(and, when no network is named, first trains PlainDeepCNN(1) and "
+           "SimpleResNet(1) with notebook 000's recipe, milestones scaled to the run)\n\nexamples:\n"
+           "  python train.py plain-vs-residual --out runs/pvr\n"
+           "  python train.py landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"
+           "  python train.py landscape --relative --checkpoint runs/ResNet18-resnet18-cifar-jax")
