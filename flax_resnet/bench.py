@@ -116,6 +116,7 @@ class _PeakMemory:
     """Peak memory of one row: torch's allocator on GPU, jax's allocator (never reset) on GPU, else peak RSS."""
 
     def __init__(self, framework: str, setup: _Setup):
+        self.log = setup.log
         self.torch_gpu = setup.platform == "gpu" and framework == "torch"
         self.jax_gpu = setup.platform == "gpu" and framework != "torch"
         self.kind = ("torch.cuda.max_memory_allocated" if self.torch_gpu
@@ -123,8 +124,13 @@ class _PeakMemory:
                      else "process peak RSS (VmHWM, reset per row)" if self.reset()
                      else "process peak RSS (since start)")
 
+    def start(self, message: str) -> None:
+        """Log the row's start and reset its peak."""
+        self.log(message)
+        self.reset()
+
     def reset(self) -> bool:
-        """Start the row's peak; False where the kernel does not let the process reset its peak RSS."""
+        """Reset the peak; False where the kernel does not let the process reset its peak RSS."""
         if self.torch_gpu:
             import torch
 
@@ -224,27 +230,6 @@ def _compile(lowered: Any) -> tuple[float, float | None]:
 
 
 # ------------------------------------------------------------------------------------------- rows
-def _make_setup(model: str, model_kwargs: dict[str, Any], batch_size: int, precision: Precision, warmup: int,
-                steps: int, epoch_images: int, seed: int, log: Callable[[str], None]) -> _Setup:
-    import jax
-    import numpy as np
-
-    from flax_resnet.recipes import get_recipe
-
-    spec = registry.get_spec(model)
-    kwargs = registry.model_kwargs(model, model_kwargs)
-    # the model's notebook recipe, with augmentation on: the benchmark includes the on-device crop + flip
-    recipe = dataclasses.replace(get_recipe(spec.recipe), batch_size=batch_size, eval_batch_size=batch_size,
-                                 augment=True)
-    n = max(epoch_images, batch_size)
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    device = jax.devices()[0]
-    return _Setup(model, kwargs, batch_size, precision, warmup, steps, epoch_images, seed, recipe, images, labels,
-                  device.platform, device.device_kind, log)
-
-
 def _row(setup: _Setup, impl: str, phase: str, **fields: Any) -> dict[str, Any]:
     row = {"phase": phase, "impl": impl, "status": "ok",
            **dict.fromkeys(("images_per_s", "ms_median", "ms_p10", "ms_p90", "epoch_s", "compile_s", "peak_mem_mb",
@@ -306,7 +291,7 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
                        seed=setup.seed, precision=setup.precision)
     backend = FlaxBackend(model, config, runner=runners.SingleDeviceRunner)
     memory = _PeakMemory("flax", setup)
-    memory.reset()
+    memory.start("flax: compiling the train step")
     # no test split: the eval rows time the eval step on the training split's first batch (as torch's do)
     backend.prepare(setup.images, setup.labels, np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int32))
     runner, data = backend.runner, backend.train_data
@@ -314,10 +299,9 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     plan = runner.put_plan(plans.epoch_plan(setup.seed, 0, n))
 
     # The steps advance the backend's own state (``state_value``), and the epoch row continues from it.
-    setup.log("flax: compiling the train step")
     compile_s, xla = _compile(runner.lower_train_step(backend.state_value, runner.zero_metrics(), data, plan, 0, b))
     box = [runner.zero_metrics(), 0]
-    full_batches = n // b  # n >= b (_make_setup)
+    full_batches = n // b  # n >= b (run_benchmark)
 
     def train() -> Any:
         start = (box[1] % full_batches) * b
@@ -328,8 +312,7 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     rows = [_step_row(setup, "flax", "train step", train, jax.block_until_ready, train_gflop, memory,
                       compile_s=compile_s, xla_gflop=xla)]
 
-    setup.log("flax: eval step")
-    memory.reset()
+    memory.start("flax: eval step")
     compile_s, xla = _compile(runner.lower_eval_step(backend.state_value, runner.zero_metrics(), data, 0, b))
     ebox = [runner.zero_metrics()]
 
@@ -341,23 +324,18 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
                           compile_s=compile_s, xla_gflop=xla))
 
     if setup.epoch_images:
-        setup.log(f"flax: epoch of {n} images")
-        memory.reset()
+        memory.start(f"flax: epoch of {n} images")
         if n % b:  # compile the short last batch outside the timed epoch
             backend.state_value, _ = runner.train_step(backend.state_value, runner.zero_metrics(), data, plan,
                                                        n - n % b, n % b)
         epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # NumPy, drawn before the clock
         jax.block_until_ready(backend.state_value)
         t0 = time.perf_counter()
-        backend.train_epoch(1, epoch_plan, _no_progress)
+        backend.train_epoch(1, epoch_plan, lambda step, loss: None)  # no progress bar; the loss is never read
         jax.block_until_ready(backend.state_value)  # the last step's update (its metrics were read already)
         rows.append(_epoch_row(setup, "flax", time.perf_counter() - t0, plans.steps_per_epoch(n, b), train_gflop,
                                memory))
     return rows, macs
-
-
-def _no_progress(step: int, loss: Callable[[], float]) -> None:
-    """The epoch's per-step hook: no progress bar, and the loss is never read (that would sync per step)."""
 
 
 # ------------------------------------------------------------------------------------------- torch
@@ -432,7 +410,7 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
         return loss
 
     step = [0]
-    full_batches = n // b  # n >= b (_make_setup)
+    full_batches = n // b  # n >= b (run_benchmark)
 
     def train() -> Any:
         x, y = batches.batch(step[0] % full_batches)
@@ -440,15 +418,13 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
         return train_on(x, y)
 
     memory = _PeakMemory("torch", setup)
-    setup.log(f"{impl}: train step")
-    memory.reset()
+    memory.start(f"{impl}: train step")
     first = plans.epoch_plan(setup.seed, 0, n)  # the plan of the Flax step rows: the same batches
     batches.set_plan(first.permutation, first.offsets, first.flips)
     model.train()
     rows.append(_step_row(setup, impl, "train step", train, sync, train_gflop, memory, time_first=compiled))
 
-    setup.log(f"{impl}: eval step")
-    memory.reset()
+    memory.start(f"{impl}: eval step")
     batches.set_plan(np.arange(n))  # in order, not augmented: the test loader's batches (runners.gather_eval_batch)
     model.eval()
 
@@ -462,8 +438,7 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     model.train()
 
     if setup.epoch_images:
-        setup.log(f"{impl}: epoch of {n} images")
-        memory.reset()
+        memory.start(f"{impl}: epoch of {n} images")
         if n % b:  # the short last batch: a new shape (torch.compile recompiles) outside the timed epoch
             sync(train_on(*batches.batch(len(batches) - 1)))
         epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # the Flax epoch's plan, drawn before the clock
@@ -482,14 +457,17 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
                   quick: bool = False, model_kwargs: dict[str, Any] | None = None, epoch_images: int | None = None,
                   torch_compile: bool | None = None, seed: int = 0,
                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Benchmark the Flax step against the torch variants; one dict per (implementation, phase).
+    """Benchmark the Flax step against the torch variants; one dict per (implementation, phase), phase by phase
+    (``PHASES``), then implementation (``IMPLS``); ``format_table`` prints them.
 
-    ``quick``: the CI-sized run: SimpleResNet(1) at batch 16 whatever the model and batch given, at most 2 + 5
-    steps, a 256-image epoch and no torch.compile unless ``epoch_images`` / ``torch_compile`` say otherwise.
-    ``epoch_images``: size of the timed epoch (default 50,000; 0: no epoch rows). ``torch_compile``: include
-    torch.compile (default: yes unless ``quick``). Rows come phase by phase (``PHASES``), then implementation
-    (``IMPLS``); ``format_table`` prints them.
+    ``quick``: ``QUICK``'s model, batch and epoch, at most its warm-up and steps, and no torch.compile, unless
+    ``epoch_images`` (default 50,000; 0: no epoch rows) / ``torch_compile`` (default: not ``quick``) say otherwise.
     """
+    import jax
+    import numpy as np
+
+    from flax_resnet.recipes import get_recipe
+
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if quick:
@@ -501,9 +479,17 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     # Let torch and jax share a GPU: jax would otherwise take 75% of its memory up front. Read when jax first
     # touches a device, so it must be set before that.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    setup = _make_setup(model_name, dict(model_kwargs or {}), batch_size, precision, warmup, steps,
-                        DEFAULT_EPOCH_IMAGES if epoch_images is None else epoch_images, seed,
-                        log or (lambda _: None))
+    epoch_images = DEFAULT_EPOCH_IMAGES if epoch_images is None else epoch_images
+    kwargs = registry.model_kwargs(model_name, dict(model_kwargs or {}))
+    # the model's notebook recipe, with augmentation on: the benchmark includes the on-device crop + flip
+    recipe = dataclasses.replace(get_recipe(registry.get_spec(model_name).recipe), batch_size=batch_size,
+                                 eval_batch_size=batch_size, augment=True)
+    rng = np.random.default_rng(seed)
+    n = max(epoch_images, batch_size)  # at least one batch
+    images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
+    device = jax.devices()[0]
+    setup = _Setup(model_name, kwargs, batch_size, precision, warmup, steps, epoch_images, seed, recipe, images,
+                   labels, device.platform, device.device_kind, log or (lambda _: None))
     rows, macs = _flax_rows(setup)
     skipped = ("skipped (--quick: torch.compile takes about a minute to compile on CPU)" if quick
                and torch_compile is None else "skipped (torch_compile=False / --no-torch-compile)")
