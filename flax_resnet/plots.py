@@ -47,9 +47,7 @@ def curves_figure(curves: Sequence[tuple[str, Mapping[str, Sequence[float]], Map
                   panels: Sequence[tuple[str, str, str]] = CURVE_PANELS, title: str | None = None,
                   width: float = 5.0, height: float = 3.8, extra: int = 0) -> tuple[Figure, Any]:
     """Per-epoch curves, one panel per (history key, title, y label); ``curves`` are (label, history, style).
-
-    ``extra`` empty panels are added on the right for the caller to draw in; returns the figure and all axes.
-    """
+    ``extra`` empty panels are added on the right for the caller to draw in; returns the figure and all axes."""
     fig = Figure(figsize=(width * (len(panels) + extra), height))
     axes = fig.subplots(1, len(panels) + extra, squeeze=False)[0]
     for ax, (key, panel_title, ylabel) in zip(axes, panels, strict=False):
@@ -78,20 +76,11 @@ def plot_history(history: Mapping[str, Sequence[float]], path: str | Path, *, ti
     accuracy) if ``test_loss`` and the run has a test loss, else notebook 000's three panels."""
     if not test_loss or not history.get("test_loss"):
         return plot_comparison({title or "run": history}, path)
-    fig = Figure(figsize=(12, 4))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    epochs = range(1, len(history["train_loss"]) + 1)
-    ax_loss.plot(epochs, history["train_loss"], label="Train")
-    ax_loss.plot(epochs, history["test_loss"], label="Test")
-    ax_loss.set(xlabel="Epoch", ylabel="Loss", title="Loss Curves")
-    ax_acc.plot(epochs, history["train_acc"], label="Train")
-    ax_acc.plot(epochs, history["test_acc"], label="Test")
+    curves = [(split.title(), {"loss": history[f"{split}_loss"], "acc": history[f"{split}_acc"]}, {})
+              for split in ("train", "test")]
+    panels = (("loss", "Loss Curves", "Loss"), ("acc", "Accuracy Curves", "Accuracy (%)"))
+    fig, (_, ax_acc) = curves_figure(curves, panels, title, width=6.0, height=4.0)
     if target_accuracy is not None:
         ax_acc.axhline(y=target_accuracy, color="r", linestyle="--", label=f"Target ({target_accuracy:g}%)")
-    ax_acc.set(xlabel="Epoch", ylabel="Accuracy (%)", title="Accuracy Curves")
-    for ax in (ax_loss, ax_acc):
-        ax.legend()
-        ax.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title)
+        ax_acc.legend(fontsize=8)
     return save_figure(fig, path)
