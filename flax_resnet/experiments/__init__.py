@@ -1,11 +1,7 @@
-"""The notebooks' experiments as commands of ``train.py``, one module each (``COMMANDS``; the README's
-Experiments section says what each shows).
+"""The notebooks' experiments as commands of ``train.py``, one module each (``COMMANDS``), over ``common``.
 
-Each writes its figure (PNG), ``summary.md`` (the table) and ``results.json`` (raw numbers) into ``--out``,
-prints the table, and has ``--quick`` (synthetic data, small models, a few steps) for CI. The shared
-plumbing (options, quick mode, training a run, output files) is in ``common``. Importing this package loads
-neither torch, matplotlib nor tensorflow-datasets (JAX and the Flax models come with ``flax_resnet`` itself):
-the experiments import them when they run.
+Importing this package loads neither torch, matplotlib nor tensorflow-datasets (JAX and the Flax models come
+with ``flax_resnet`` itself): the experiments import them when they run.
 """
 
 from __future__ import annotations

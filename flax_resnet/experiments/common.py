@@ -1,11 +1,9 @@
 """What every experiment command shares: options, quick mode, training a run, and the output files.
 
 An experiment is a ``Command``: a name, its options, and a ``plan`` that checks the parsed arguments (usage
-errors before anything is read or written) and returns the work as a function of a ``Context`` (output
-directory, log, progress bar factory, the data and the settings its training runs share). The work returns a
-``Report``; ``_handle`` writes it as ``summary.md`` (Markdown table, notes, figure links) and ``results.json``
-(raw numbers) into ``--out`` and prints the table. The experiment functions themselves never print: they log
-through the context.
+errors before anything is read or written) and returns the work as a function of a ``Context``. The work
+returns a ``Report``, which ``_handle`` writes as ``summary.md`` and ``results.json`` into ``--out`` and prints.
+The experiment functions themselves never print: they log through the context.
 """
 
 from __future__ import annotations
@@ -23,8 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flax_resnet import commands, registry
-from flax_resnet.recipes import RECIPES, Recipe
+import jax
+from flax import nnx
+
+from flax_resnet import commands, port, registry, training
+from flax_resnet.recipes import RECIPES, Recipe, RunConfig
+from flax_resnet.training.outdir import claim_output_dir
 
 __all__ = ["Command", "Context", "Report", "Run", "add_data_options", "add_output_options", "add_run_options",
            "count_conv_layers", "count_params", "fmt", "make_recipe", "markdown_table", "prepare_args", "quick_epilog",
@@ -32,8 +34,6 @@ __all__ = ["Command", "Context", "Report", "Run", "add_data_options", "add_outpu
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
-
-Log = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -90,10 +90,9 @@ def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quic
                 continue  # a quick run on CIFAR-10 keeps its 32x32 images
             if getattr(args, name, None) is None:
                 setattr(args, name, value)
-    for name in ("train_samples", "image_size"):  # (--epochs, --lr and the batch sizes: make_recipe)
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    # (--epochs, --lr and the batch sizes: make_recipe)
+    if getattr(args, "train_samples", None) is not None and args.train_samples < 1:
+        parser.error("--train-samples must be at least 1")
     if getattr(args, "test_samples", None) is not None and args.test_samples < 0:
         parser.error("--test-samples must be at least 0")
     if getattr(args, "seed", 0) < 0:
@@ -148,9 +147,6 @@ def count_params(model: Any) -> int:
     """Trainable parameters, as the notebooks count them: ``sum(p.numel() for p in model.parameters())``."""
     if hasattr(model, "parameters"):  # torch
         return int(sum(p.numel() for p in model.parameters()))
-    import jax
-    from flax import nnx
-
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
@@ -161,8 +157,6 @@ def count_conv_layers(model: Any) -> int:
         import torch.nn as nn
 
         return sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1))
-    from flax import nnx
-
     return sum(1 for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv) and tuple(m.kernel_size) != (1, 1))
 
 
@@ -240,7 +234,7 @@ class Context:
     it in from the options; ``dataset`` once --out is claimed)."""
 
     out: Path
-    log: Log | None = None
+    log: Callable[[str], None] | None = None
     progress: Callable[..., Any] | None = None
     framework: str = "jax"
     seed: int = 0
@@ -252,16 +246,9 @@ class Context:
     def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], recipe: Recipe, name: str, *,
               framework: str | None = None, overwrite: bool | None = None,
               state_dict: Mapping[str, Any] | None = None, dtype: str = "float32") -> Run:
-        """Train one registered model on the context's data with ``flax_resnet.training``, as ``train`` would.
-
-        ``OUT/runs/<name>`` gets the run's history, curves and checkpoints (with the metadata ``train`` writes,
-        so the ``landscape`` and ``port`` commands read them). ``framework`` and ``overwrite`` default to the
-        context's; ``state_dict`` (torch layout) replaces the initial weights in either framework, which is how
-        ``compare`` starts both from the same point. ``dtype`` 'float64' needs ``jax_enable_x64`` on.
-        """
-        from flax_resnet import port, training
-        from flax_resnet.recipes import RunConfig
-
+        """Train one registered model on the context's data as ``train`` would, into ``OUT/runs/<name>`` (which
+        ``landscape`` and ``port`` read). ``framework`` and ``overwrite`` default to the context's; ``state_dict``
+        (torch layout) replaces the initial weights in either framework (``compare`` starts both from it)."""
         framework = framework or self.framework
         kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
         config = RunConfig(recipe=recipe, model=model, model_kwargs=kwargs, framework=framework, seed=self.seed,
@@ -334,8 +321,6 @@ class Command:
 
 def _handle(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``command``; its expected failures (``FlaxResnetError``) reach the CLI's one handler."""
-    from flax_resnet.training.outdir import claim_output_dir
-
     work = command.plan(args, parser)  # usage errors exit here, before anything is read or written
     out = args.out or Path(commands.RUNS_DIR) / (f"{command.name}-quick" if args.quick else command.name)
     # as `train` does: an unwritable --out, or another run writing to it, fails before any data or training

@@ -3,7 +3,9 @@
 torch draws the initial weights (``registry.build_torch`` from ``--seed``); the Flax model gets them through
 ``flax_resnet.port``, so both start from one point. Both loops read the engine's batch stream for the same
 seed (``torch_ref.train`` replays it), so any difference in the curves comes from the frameworks' arithmetic
-(float32 rounding, ReLU sign flips; dropout draws its masks from each framework's own RNG).
+(dropout draws its masks from each framework's own RNG). In float32 the trajectories drift apart slowly:
+rounding differences flip a few ReLUs and training amplifies them, most in the first epochs at lr 0.1; in
+float64 they agree to many digits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from flax_resnet import registry
@@ -35,16 +38,10 @@ LABELS = {"jax": "Flax (JAX)", "torch": "PyTorch"}
 def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: Context, *,
                 dtype: str = "float32") -> Report:
     """Train ``model`` in both frameworks from torch's initial weights for the context's seed; figure and table.
-
-    In float32 the two trajectories drift apart slowly (rounding differences flip a few ReLUs, and training
-    amplifies them, most in the first epochs at lr 0.1); in float64 (which turns ``jax_enable_x64`` on) they
-    agree to many digits.
-    """
+    ``dtype`` 'float64' turns ``jax_enable_x64`` on."""
     from flax_resnet import plots
 
     if dtype == "float64":
-        import jax
-
         jax.config.update("jax_enable_x64", True)
     torch_model = registry.build_torch(model, model_kwargs, seed=ctx.seed)
     state_dict = {k: v.detach().clone() for k, v in torch_model.state_dict().items()}

@@ -22,7 +22,6 @@ FIGURE = "depth.png"
 QUICK = {"dataset": "synthetic", "plain_blocks": [(1, 1, 1, 1), (2, 2, 2, 2)], "resnet_blocks": [1, 2],
          "image_size": 8, "train_samples": 64, "test_samples": 32, "epochs": 2, "batch_size": 32,
          "eval_batch_size": 32}
-_DASHES = ["--", "-", "-.", ":"]
 
 
 def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[int]] = ((1, 1, 1, 1), (3, 3, 3, 3)),
@@ -44,7 +43,7 @@ def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[i
             deepest = i == len(runs) - 1
             curves.append((f"{run.label} ({run.conv_layers} conv)", run.history,
                            {"color": color, "marker": marker, "markersize": 4, "alpha": 1.0 if deepest else 0.6,
-                            "linestyle": "-" if deepest else _DASHES[i % 4]}))
+                            "linestyle": "-" if deepest else ("--", "-", "-.", ":")[i % 4]}))
     fig, axes = plots.curves_figure(curves, width=4.2, height=3.6, extra=1)
     ax = axes[-1]
     for family, runs in families.items():

@@ -13,11 +13,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from flax_resnet import registry
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
+from flax_resnet.he_init import activation_variances
+from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
 
 __all__ = ["COMMAND", "FIGURE", "SERIES", "flax_reinit", "layer_gains", "run_he_init"]
 
@@ -36,17 +41,9 @@ SERIES: dict[tuple[str, str], tuple[str, str]] = {
 
 
 def flax_reinit(model: Any, kind: str, seed: int) -> Any:
-    """Every Conv/Linear of a Flax model re-drawn with the ``default`` (torch's) or ``stock`` (Flax's) init.
-
-    Drawn eagerly, layer by layer: JAX caches the eager kernels per shape, so repeated calls are quick (a
-    single jitted draw of all weights compiles for longer than the eager draws take).
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
-
+    """Every Conv/Linear of a Flax model re-drawn with the ``default`` (torch's) or ``stock`` (Flax's) init,
+    eagerly, layer by layer: JAX caches the eager kernels per shape, so repeated calls are quick (a single
+    jitted draw of all weights compiles for longer than the eager draws take)."""
     if kind not in ("default", "stock"):
         raise ValueError(f"unknown init {kind!r}")
     key = jax.random.key(seed)
@@ -84,10 +81,6 @@ def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, see
                     module.reset_parameters()
         model.train()
         return verify_he_init(model, x=torch.from_numpy(x_nchw))
-    import jax.numpy as jnp
-
-    from flax_resnet.he_init import activation_variances
-
     model = registry.build_flax(model_name, {}, seed=seed)
     if init != "he":
         flax_reinit(model, init, seed)
@@ -129,9 +122,7 @@ def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18
     seed = ctx.seed
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)  # the notebook's torch.randn(input_shape)
-    inits = [("torch", "he"), ("flax", "he"), ("torch", "default"), ("flax", "default")]
-    if stock:
-        inits.append(("flax", "stock"))
+    inits = [key for key in SERIES if stock or key != ("flax", "stock")]
     results: dict[str, Any] = {}
     rows = []
     for model_name in models:

@@ -15,12 +15,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from flax_resnet import registry
+from flax_resnet import checkpoint, registry
+from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
+from flax_resnet.store import CheckpointError, resolve
+from flax_resnet.training.engine import cross_entropy, normalize
 
 __all__ = ["COMMAND", "FIGURE", "Network", "line_loss", "load_network", "loss_along_direction", "run_landscape"]
 
@@ -46,14 +52,11 @@ class Network:
 
 
 def _recipe_from_meta(meta: dict[str, Any]) -> Recipe:
-    fields = dict(meta.get("recipe") or {})
+    fields = meta.get("recipe")
     if not fields:
         return RECIPES[registry.get_spec(meta["model"]).recipe]
-    for key in ("milestones", "mean", "std"):
-        if key in fields:
-            fields[key] = tuple(fields[key])
-    known = {f.name for f in dataclasses.fields(Recipe)}
-    return Recipe(**{k: v for k, v in fields.items() if k in known})
+    known = {f.name for f in dataclasses.fields(Recipe)}  # JSON's lists back to the recipe's tuples
+    return Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known})
 
 
 def load_network(path: Path, label: str | None = None) -> Network:
@@ -62,9 +65,6 @@ def load_network(path: Path, label: str | None = None) -> Network:
     Read with ``checkpoint.load_model`` (a torch run's weights are ported), digest-checked. Raises
     ``CheckpointError`` when there is no checkpoint or it names no model.
     """
-    from flax_resnet import checkpoint
-    from flax_resnet.store import CheckpointError, resolve
-
     root = resolve(path)
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
@@ -86,19 +86,11 @@ def load_network(path: Path, label: str | None = None) -> Network:
 def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[..., np.ndarray]:
     """``f(images, labels, alphas)``: eval-mode mean cross-entropy at params + alpha * d / ||d|| per alpha.
 
-    d is one standard-normal draw per parameter array (``nnx.Param``, the notebook's ``model.parameters()``:
-    BatchNorm's running statistics are not parameters and stay as trained) from numpy's generator for
-    ``seed``; ||d|| is the norm over all of them together, as in the notebook. ``relative`` scales the unit
-    direction to the parameters' own global norm ||theta||, so that alpha = 1 is a step as long as the weights
-    (the notebook's unit step is tiny for a network with many parameters). One compilation serves every batch
-    of the same shape; the weights are not changed.
+    d is one standard-normal draw per ``nnx.Param`` (the notebook's ``model.parameters()``; BatchNorm's running
+    statistics stay as trained) from numpy's generator for ``seed``, ||d|| one norm over all of them, as in the
+    notebook. ``relative`` scales d / ||d|| to the weights' own norm ||theta||: the notebook's unit step is tiny
+    for a network with many parameters. The weights are not changed.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from flax_resnet.training.engine import cross_entropy
-
     def norm(arrays: Sequence[np.ndarray]) -> float:  # one norm over all arrays together, float64 on the host
         return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
 
@@ -132,11 +124,6 @@ def loss_along_direction(model: Any, images: Any, labels: Any, alphas: Sequence[
 
 def _fixed_batch(dataset: Any, recipe: Recipe, size: int, split: str) -> tuple[Any, Any]:
     """The first ``size`` images of a split, normalised with the run's recipe (no augmentation)."""
-    import jax.numpy as jnp
-
-    from flax_resnet.data import DataError
-    from flax_resnet.training.engine import normalize
-
     images, labels = getattr(dataset, f"{split}_images")[:size], getattr(dataset, f"{split}_labels")[:size]
     if len(labels) == 0:
         raise DataError(f"the {split} split is empty: no batch to evaluate the landscape on")
