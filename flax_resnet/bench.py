@@ -2,44 +2,36 @@
 
 ``python train.py bench --model NAME --batch-size B [--precision {fp32,bf16}] [--json FILE] [--quick]``
 
-Both sides run the same model, batch, precision, optimizer and batches on the same device: synthetic CIFAR-sized
-uint8 data resident on the device, normalised and augmented (crop + flip) there; epoch 0's plan of
-``flax_resnet.data.plan`` for the step rows, epoch 1's for the epoch rows. Each side is timed through the public
-pieces that train:
+Both sides run the same model, batch, precision, optimizer and batches (epoch 0's plan of ``flax_resnet.data.plan``
+for the step rows, epoch 1's for the epoch rows) on synthetic CIFAR-sized uint8 data resident on the device,
+normalised and augmented (crop + flip) there, each through the public pieces that train:
 
-- ``flax``: a ``training.flax_backend.FlaxBackend`` built from a ``RunConfig`` and ``prepare``-d as the training
-  loop prepares it, over ``runners.SingleDeviceRunner``. The step rows call the runner's ``train_step`` /
-  ``eval_step`` on the backend's state (compile time and XLA cost from ``lower_train_step`` / ``lower_eval_step``);
-  the epoch row is ``FlaxBackend.train_epoch``.
+- ``flax``: a ``FlaxBackend`` prepared as the training loop prepares it, over ``runners.SingleDeviceRunner``: its
+  ``train_step`` / ``eval_step`` (compile time and XLA cost from ``lower_train_step`` / ``lower_eval_step``), and
+  ``FlaxBackend.train_epoch`` for the epoch row.
 - ``torch eager`` (NCHW), ``torch channels_last``, ``torch.compile + channels_last`` (its failure, or its absence
-  in ``--quick``, is a row with status ``n/a: why``): the ``torch_ref`` model, ``torch_ref.train.make_optimizer``
-  and ``torch_ref.data.PlannedBatches(resident=True)`` in the variant's memory format. The step is the notebooks'
-  without their per-step ``loss.item()`` and accuracy ``.item()``: those wait for the device every step, and the
-  Flax step never does. So the epoch row loops over the batches with that step, not ``torch_ref.train.train_epoch``.
+  in ``--quick``, is a row with status ``n/a: why``): the ``torch_ref`` model, optimizer and
+  ``PlannedBatches(resident=True)``. The step is the notebooks' without their per-step ``loss.item()`` and
+  accuracy ``.item()``: those wait for the device every step, and the Flax step never does; so the epoch row
+  loops over the batches with that step, not ``torch_ref.train.train_epoch``.
 
-Rows per implementation: ``train step`` and ``eval step`` (warm-up, then each step synchronised: median, p10, p90)
-and ``epoch`` (every batch, the last one short if the batch size does not divide the images, synchronised once at
-its end, including the read of its metrics; the plan is drawn before the clock, its upload timed; a short last
-batch's shape runs once before, so that no compilation falls inside). Columns besides the times:
+Rows: ``train step`` and ``eval step`` (warm-up, then each step synchronised: median, p10, p90) and ``epoch``
+(every batch, the last one short if need be, synchronised once at its end, including the read of its metrics;
+no compilation inside). ``compile_s``: Flax's XLA compilation of the step, torch.compile's first call minus a
+median step. ``peak_mem_mb``: the allocators' peaks on GPUs (jax's never reset: the process's so far), else the
+process's peak RSS, reset per row (both frameworks' heaps and the data). ``gflop``: 2 x the multiply-adds of
+every convolution and matmul of the forward pass, x 3 for a training step (forward, input and weight gradients);
+``xla_gflop``: XLA's cost analysis of the Flax step; ``mfu``: ``gflop`` / time / the device's dense peak
+(``PEAK_TFLOPS``, GPUs only); ``flax_speedup``: the Flax row's images/s over this row's.
 
-- ``compile_s``: Flax, ``runner.lower_train_step(...).compile()``; torch.compile, its first call minus a median
-  step; none for eager torch;
-- ``peak_mem_mb``: GPU: jax's ``peak_bytes_in_use`` (never reset: the process's peak so far) and
-  ``torch.cuda.max_memory_allocated`` (reset per row); CPU: the process's peak RSS (``VmHWM``, reset per row),
-  which counts both frameworks' heaps and the data; ``peak_mem_kind`` says which;
-- ``gflop``: 2 x the multiply-adds of every convolution and matmul of the forward pass, x 3 for a training step
-  (forward, input gradients, weight gradients); ``xla_gflop``: XLA's cost analysis of the compiled Flax step;
-- ``mfu``: ``gflop`` / time / the device's dense peak (``PEAK_TFLOPS``); GPUs only;
-- ``flax_speedup``: the Flax row's images/s over this row's, same phase.
-
-JAX and torch are imported inside the functions, so that ``--help`` stays quick.
+torch is imported inside the functions, so that ``--help`` stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -50,8 +42,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.extend import core
+
 from flax_resnet import registry
-from flax_resnet.training import cpu
+from flax_resnet.data import plan as plans
+from flax_resnet.precision import apply_precision
+from flax_resnet.recipes import RunConfig, get_recipe
+from flax_resnet.training import cpu, runners
+from flax_resnet.training.flax_backend import FlaxBackend
 
 Precision = Literal["fp32", "bf16"]
 
@@ -116,13 +118,11 @@ class _PeakMemory:
     """Peak memory of one row: torch's allocator on GPU, jax's allocator (never reset) on GPU, else peak RSS."""
 
     def __init__(self, framework: str, setup: _Setup):
-        self.log = setup.log
-        self.torch_gpu = setup.platform == "gpu" and framework == "torch"
-        self.jax_gpu = setup.platform == "gpu" and framework != "torch"
-        self.kind = ("torch.cuda.max_memory_allocated" if self.torch_gpu
-                     else "jax peak_bytes_in_use (process peak so far)" if self.jax_gpu
-                     else "process peak RSS (VmHWM, reset per row)" if self.reset()
-                     else "process peak RSS (since start)")
+        self.log, self.source = setup.log, framework if setup.platform == "gpu" else "rss"
+        self.kind = {"torch": "torch.cuda.max_memory_allocated", "flax": "jax peak_bytes_in_use (process peak so far)",
+                     "rss": "process peak RSS (VmHWM, reset per row)"}[self.source]
+        if self.source == "rss" and not self.reset():
+            self.kind = "process peak RSS (since start)"
 
     def start(self, message: str) -> None:
         """Log the row's start and reset its peak."""
@@ -131,11 +131,11 @@ class _PeakMemory:
 
     def reset(self) -> bool:
         """Reset the peak; False where the kernel does not let the process reset its peak RSS."""
-        if self.torch_gpu:
+        if self.source == "torch":
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-        elif not self.jax_gpu:
+        elif self.source == "rss":
             try:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
@@ -144,13 +144,11 @@ class _PeakMemory:
 
     def fields(self) -> dict[str, Any]:
         """The row's ``peak_mem_mb`` and ``peak_mem_kind``."""
-        if self.torch_gpu:
+        if self.source == "torch":
             import torch
 
             peak = torch.cuda.max_memory_allocated()
-        elif self.jax_gpu:
-            import jax
-
+        elif self.source == "flax":
             peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
         else:
             import resource
@@ -171,14 +169,8 @@ def _peak_tflops(device_kind: str, precision: str) -> float | None:
 
 
 def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int:
-    """Multiply-adds of every convolution and matmul in one forward pass of the Flax ``model`` (eval mode).
-
-    Read from the traced jaxpr (nothing is computed), so it follows the model's actual layers.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
+    """Multiply-adds of every convolution and matmul in one forward pass of the Flax ``model`` (eval mode), read
+    from the traced jaxpr (nothing is computed), so it follows the model's actual layers."""
     graphdef, state = nnx.split(model)
 
     def forward(state, x):
@@ -202,8 +194,6 @@ def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int
 
 def iter_eqns(jaxpr: Any) -> Iterator[Any]:
     """Every equation of a jaxpr, nested ones (jit, custom_vjp, cond branches) included."""
-    from jax.extend import core
-
     for eqn in jaxpr.eqns:
         yield eqn
         for param in eqn.params.values():
@@ -252,8 +242,6 @@ def _step_row(setup: _Setup, impl: str, phase: str, step: Callable[[], Any], syn
               gflop: float, memory: _PeakMemory, *, time_first: bool = False, **fields: Any) -> dict[str, Any]:
     """A step row: warm-up, then the timed steps (median, p10, p90). With ``time_first`` (torch.compile) the first
     call compiles, and its time beyond a median step is reported as ``compile_s``."""
-    import numpy as np
-
     first = _time(step, sync, 0, 1)[0] if time_first else None
     ms = np.asarray(_time(step, sync, setup.warmup, setup.steps)) * 1e3
     median = float(np.median(ms))
@@ -274,15 +262,6 @@ def _epoch_row(setup: _Setup, impl: str, epoch_s: float, steps: int, train_gflop
 # ------------------------------------------------------------------------------------------- flax
 def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     """The three Flax rows (see the module docstring); also returns the forward MACs per batch."""
-    import jax
-    import numpy as np
-
-    from flax_resnet.data import plan as plans
-    from flax_resnet.precision import apply_precision
-    from flax_resnet.recipes import RunConfig
-    from flax_resnet.training import runners
-    from flax_resnet.training.flax_backend import FlaxBackend
-
     b, n = setup.batch_size, len(setup.labels)
     model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
@@ -300,14 +279,12 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
 
     # The steps advance the backend's own state (``state_value``), and the epoch row continues from it.
     compile_s, xla = _compile(runner.lower_train_step(backend.state_value, runner.zero_metrics(), data, plan, 0, b))
-    box = [runner.zero_metrics(), 0]
-    full_batches = n // b  # n >= b (run_benchmark)
+    metrics, order, full_batches = [runner.zero_metrics()], itertools.count(), n // b  # n >= b (run_benchmark)
 
     def train() -> Any:
-        start = (box[1] % full_batches) * b
-        box[1] += 1
-        backend.state_value, box[0] = runner.train_step(backend.state_value, box[0], data, plan, start, b)
-        return box[0]
+        start = next(order) % full_batches * b
+        backend.state_value, metrics[0] = runner.train_step(backend.state_value, metrics[0], data, plan, start, b)
+        return metrics[0]
 
     rows = [_step_row(setup, "flax", "train step", train, jax.block_until_ready, train_gflop, memory,
                       compile_s=compile_s, xla_gflop=xla)]
@@ -365,11 +342,9 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
 
 def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[dict[str, Any]]) -> None:
     """Append ``impl``'s rows to ``rows`` phase by phase, so that the rows done before a failure are kept."""
-    import numpy as np
     import torch
     import torch.nn.functional as F  # noqa: N812
 
-    from flax_resnet.data import plan as plans
     from torch_ref.data import PlannedBatches
     from torch_ref.train import make_optimizer
 
@@ -383,14 +358,13 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     r = setup.recipe
     opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay)
     net = torch.compile(model) if compiled else model
-    half = setup.precision == "bf16"
     # torch_ref's batches with the split resident on the device: gathered, augmented and normalised there, as the
     # Flax runner does inside its step, in the variant's memory format
     batches = PlannedBatches(setup.images, setup.labels, b, r.mean, r.std, device=device, resident=True,
                              memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if half else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16")
 
     def sync(_: Any = None) -> None:
         if device.type == "cuda":
@@ -409,13 +383,10 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
         correct.add_((logits.argmax(1) == y).sum())
         return loss
 
-    step = [0]
-    full_batches = n // b  # n >= b (run_benchmark)
+    order, full_batches = itertools.count(), n // b  # n >= b (run_benchmark)
 
     def train() -> Any:
-        x, y = batches.batch(step[0] % full_batches)
-        step[0] += 1
-        return train_on(x, y)
+        return train_on(*batches.batch(next(order) % full_batches))
 
     memory = _PeakMemory("torch", setup)
     memory.start(f"{impl}: train step")
@@ -463,11 +434,6 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     ``quick``: ``QUICK``'s model, batch and epoch, at most its warm-up and steps, and no torch.compile, unless
     ``epoch_images`` (default 50,000; 0: no epoch rows) / ``torch_compile`` (default: not ``quick``) say otherwise.
     """
-    import jax
-    import numpy as np
-
-    from flax_resnet.recipes import get_recipe
-
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if quick:
@@ -503,7 +469,6 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
 
 def environment() -> dict[str, Any]:
     """Versions, device and load, for the report's header and the JSON file."""
-    import jax
     import torch
 
     device = jax.devices()[0]
@@ -608,12 +573,10 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.epoch_images is not None and args.epoch_images < 0:
         parser.error("--epoch-images must be >= 0")
 
-    def log(message: str) -> None:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
-
     rows = run_benchmark(args.model, args.batch_size, args.precision, warmup=args.warmup, steps=args.steps,
                          quick=args.quick, model_kwargs=given, epoch_images=args.epoch_images,
-                         torch_compile=args.torch_compile, seed=args.seed, log=log)
+                         torch_compile=args.torch_compile, seed=args.seed,
+                         log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
     env = environment()
     print(format_table(rows))
     print(f"load average at end: {env['load_avg']}  (jax {env['jax']}, torch {env['torch']}, "
