@@ -49,7 +49,9 @@ from flax import nnx
 from jax.extend import core
 
 from flax_resnet import registry
+from flax_resnet.commands import expanded_path, seed
 from flax_resnet.data import plan as plans
+from flax_resnet.errors import FlaxResnetError
 from flax_resnet.precision import apply_precision
 from flax_resnet.recipes import RunConfig, get_recipe
 from flax_resnet.training import cpu, runners
@@ -553,8 +555,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                         f"{QUICK['batch_size']}, {QUICK['warmup']} + {QUICK['steps']} steps, a "
                         f"{QUICK['epoch_images']}-image epoch, no torch.compile (overrides --model, --batch-size "
                         "and larger --warmup/--steps; --epoch-images and --torch-compile still apply)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of weights and data (default: 0)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows (and the environment) as JSON")
+    p.add_argument("--seed", type=seed, default=0, metavar="N", help="seed of weights and data (default: 0)")
+    p.add_argument("--json", type=expanded_path, metavar="FILE",
+                   help="also write the rows (and the environment) as JSON")
     p.set_defaults(handler=run_bench_command, parser=p)
     return p
 
@@ -572,6 +575,9 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error("--batch-size and --steps must be at least 1, --warmup at least 0")
     if args.epoch_images is not None and args.epoch_images < 0:
         parser.error("--epoch-images must be >= 0")
+    if args.json is not None and (args.json.is_dir() or (args.json.parent.exists() and not args.json.parent.is_dir())):
+        parser.error(f"--json {args.json}: give a file path whose folder is a directory (checked before the run, "
+                     "not after it)")
 
     rows = run_benchmark(args.model, args.batch_size, args.precision, warmup=args.warmup, steps=args.steps,
                          quick=args.quick, model_kwargs=given, epoch_images=args.epoch_images,
@@ -582,7 +588,11 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     print(f"load average at end: {env['load_avg']}  (jax {env['jax']}, torch {env['torch']}, "
           f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']})")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
+        except OSError as e:
+            raise FlaxResnetError(f"could not write --json {args.json} ({e.strerror or e}); the table above has every "
+                                  "figure") from e
     return 0
 

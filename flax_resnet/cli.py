@@ -300,7 +300,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.framework == "jax":
         from flax_resnet.training import distributed
 
-        distributed.initialize_from_args(args)  # first: before anything touches a device
+        distributed.initialize_from_args(args, on_timeout=_exit_with)  # first: before anything touches a device
     from flax_resnet.training.outdir import claim_output_dir
 
     # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
@@ -314,6 +314,15 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     finally:
         if claim is not None:
             claim.release()
+
+
+def _exit_with(error: Exception) -> None:
+    """Report ``error`` and end the process now, from any thread (the multi-host join's watchdog: JAX would abort
+    the process with a C++ stack trace a moment later)."""
+    fail(str(error))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _run_train_claimed(args: argparse.Namespace, plan: _TrainPlan) -> int:

@@ -247,3 +247,47 @@ def test_cifar10_messages_name_the_flag_and_a_prepared_dir_says_the_archive_is_u
     cifar[cifar.index(str(archive))] = str(other)
     assert run_main([*cifar, "--skip-checksum", "--overwrite"]) == 0
     assert f"--archive {other} is not read" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("argv", [
+    ["landscape", "--quick", "--radius", "nan"], ["landscape", "--quick", "--radius", "-1"],
+    ["plain-vs-residual", "--quick", "--lr", "inf"], ["ablation", "--quick", "--dropout-p", "1.5"],
+    ["depth", "--quick", "--seed", "-3"],
+])
+def test_experiment_numbers_are_checked_at_parse_time(argv, tmp_path, capsys):
+    assert run_main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert argv[2] in one_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_json_to_a_directory_fails_before_the_run(tmp_path, capsys):
+    assert run_main(["bench", "--quick", "--json", str(tmp_path)]) == 2
+    err = one_error(capsys.readouterr().err)
+    assert "--json" in err and "before the run" in err
+
+
+def test_landscape_names_swapped_runs(two_epoch_run, tmp_path, capsys):
+    """--plain given a residual network's run: the checkpoint names its model, so that is said, not plotted."""
+    code = run_main(["landscape", "--no-progress", "--dataset", "synthetic", "--train-samples", "32",
+                     "--test-samples", "16", "--plain", str(two_epoch_run), "--residual", str(two_epoch_run),
+                     "--out", str(tmp_path / "ls")])
+    assert code == 1
+    err = one_error(capsys.readouterr().err)
+    assert "holds a SimpleResNet, which is not a plain network; swap --plain and --residual" in err
+
+
+def test_process_0_whose_peer_never_comes_gets_the_named_error(tmp_path):
+    """Process 0 of a 2-process run, alone: after --distributed-timeout seconds one named error and exit 1, not
+    JAX's C++ abort (exit 134, a stack trace) that follows when its own timeout runs out."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, "--epochs", "1", "--out", str(tmp_path / "out"),
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0",
+           "--distributed-timeout", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    err = one_error(proc.stderr)
+    assert "process 0 waited 3 s" in err and "not all 2 processes joined" in err

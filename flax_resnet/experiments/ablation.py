@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
+from flax_resnet import commands
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import Recipe
@@ -57,7 +58,8 @@ def run_ablation(recipe: Recipe, ctx: Context, *, dropout_p: float = 0.2) -> Rep
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dropout-p", type=float, default=0.2, metavar="X",
+    p.add_argument("--dropout-p", type=commands.finite_float(minimum=0, maximum=1, exclusive_max=True), default=0.2,
+                   metavar="X",
                    help="dropout probability after each block of the dropout configuration (default: %(default)s)")
     common.add_run_options(p, NAME)
 

@@ -40,7 +40,7 @@ SUMMARY_FILE = "summary.md"
 def add_output_options(p: argparse.ArgumentParser, name: str) -> None:
     """--out, --quick, --no-progress."""
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, metavar="DIR",
+    g.add_argument("--out", type=commands.expanded_path, metavar="DIR",
                    help=f"output directory for figures, summary.md and results.json; default: "
                         f"{commands.RUNS_DIR}/{name} ({commands.RUNS_DIR}/{name}-quick with --quick)")
     g.add_argument("--quick", action="store_true",
@@ -58,13 +58,14 @@ def add_run_options(p: argparse.ArgumentParser, name: str, *, framework: bool = 
     """What every experiment that trains offers: seed, the recipe numbers it may change, framework,
     resume/overwrite, then the data and output options."""
     g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=0, metavar="N",
+    g.add_argument("--seed", type=commands.seed, default=0, metavar="N",
                    help="seed of the initialisation, batch order and augmentation (default: %(default)s)")
     g.add_argument("--epochs", type=int, metavar="N",
                    help="epochs per run (default: the experiment's); multistep milestones scale with it")
     g.add_argument("--batch-size", type=int, metavar="N", help="training batch size (default: the recipe's)")
     g.add_argument("--eval-batch-size", type=int, metavar="N", help="test batch size (default: the recipe's)")
-    g.add_argument("--lr", type=float, help="initial learning rate (default: the recipe's)")
+    g.add_argument("--lr", type=commands.finite_float(minimum=0, exclusive_min=True),
+                   help="initial learning rate (default: the recipe's)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop 32 with 4 pixels of zero padding + horizontal flip (default: the recipe's)")
     if framework:

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from flax_resnet import checkpoint, registry
+from flax_resnet.commands import expanded_path, finite_float
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
@@ -200,13 +201,13 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
 def _add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("networks (run directories of `train` or of an experiment, e.g. "
                              "runs/pvr/runs/SimpleResNet)")
-    g.add_argument("--plain", type=Path, metavar="DIR", help="the trained plain network")
-    g.add_argument("--residual", type=Path, metavar="DIR", help="the trained residual network")
+    g.add_argument("--plain", type=expanded_path, metavar="DIR", help="the trained plain network")
+    g.add_argument("--residual", type=expanded_path, metavar="DIR", help="the trained residual network")
     g.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="DIR",
                    help="any trained network (repeatable; labelled by its model)")
     g = p.add_argument_group("landscape")
     g.add_argument("--points", type=int, default=21, metavar="N", help="points along the line (default: %(default)s)")
-    g.add_argument("--radius", type=float, default=1.0, metavar="R",
+    g.add_argument("--radius", type=finite_float(minimum=0, exclusive_min=True), default=1.0, metavar="R",
                    help="alphas run over [-R, R] (default: %(default)s, the notebook's)")
     g.add_argument("--relative", action="store_true", default=None,
                    help="scale the unit direction to the network's parameter norm ||theta|| (alpha = 1: a step as "
@@ -243,7 +244,12 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
         pairs = given or [  # --quick: make the checkpoints first, as `train` would
             (label, ctx.train(label, model, {"n_blocks": 1}, recipe, model, overwrite=True).out_dir)
             for label, model in QUICK_MODELS]
-        return run_landscape([load_network(path, label) for label, path in pairs], ctx, points=args.points,
+        networks = [load_network(path, label) for label, path in pairs]
+        for (label, path), network in zip(pairs, networks, strict=True):
+            if label is not None and (label == "plain") != network.name.startswith("Plain"):
+                raise CheckpointError(f"--{label} {path} holds a {network.name}, which is not a {label} network; "
+                                      "swap --plain and --residual")
+        return run_landscape(networks, ctx, points=args.points,
                              radius=args.radius, relative=bool(args.relative), batch_size=args.batch, splits=splits)
 
     return work

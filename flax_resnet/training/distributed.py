@@ -19,7 +19,9 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -68,14 +70,23 @@ def wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int | N
             time.sleep(min(0.5, remaining))
 
 
+# How much longer JAX's own timeout is than ``on_timeout``'s: JAX ends the process with a C++ abort (exit 134, a
+# stack trace) when process 0's peers do not arrive in time, so the named error must come first.
+ABORT_GRACE_S = 30
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               timeout_s: float = 300.0) -> bool:
+               timeout_s: float = 300.0, on_timeout: Callable[[DistributedInitError], object] | None = None) -> bool:
     """Join a multi-process JAX run; returns whether one was joined (``False``: a plain single process).
 
     With all three of ``coordinator``, ``num_processes`` and ``process_id`` given, they are used as they are.
     With none given, a detected launcher (SLURM's ``srun``, Open MPI's ``mpirun``, ``JAX_COORDINATOR_ADDRESS``)
     lets JAX fill them in itself; without one this is a single-process run and nothing happens. Under SLURM,
     JAX's detection also pins each process to the GPU of its ``SLURM_LOCALID``: launch one task per GPU.
+
+    ``on_timeout(error)`` is called from a watchdog thread if joining takes longer than ``timeout_s`` (process 0
+    waiting for peers that never come): JAX itself would abort the process with a C++ stack trace, so a command
+    line passes a function that reports ``error`` and exits.
     """
     given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     cluster = detect_cluster()
@@ -99,14 +110,27 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if coordinator is not None and process_id not in (None, 0):
         wait_for_coordinator(coordinator, timeout_s, process_id)
     where = coordinator or f"the address {cluster} provides"
+    watchdog = None
+    if on_timeout is not None:
+        late = DistributedInitError(
+            f"process {process_id if process_id is not None else '?'} waited {timeout_s:g} s at {where} and not all "
+            f"{num_processes or 'the'} processes joined. Start every process with the same --coordinator and "
+            "--num-processes and its own --process-id, or raise --distributed-timeout if they start far apart.")
+        watchdog = threading.Timer(timeout_s, on_timeout, args=(late,))
+        watchdog.daemon = True
+        watchdog.start()
+    grace = ABORT_GRACE_S if on_timeout is not None else 0
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=max(1, math.ceil(timeout_s)))
+                                   process_id=process_id, initialization_timeout=max(1, math.ceil(timeout_s)) + grace)
     except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...) and friends
         if "before any JAX calls" in str(e) or "should only be called once" in str(e):
             raise DistributedInitError(
                 f"jax.distributed.initialize must run first, before anything uses a JAX device: {e}") from e
         raise _connect_error(where, process_id, timeout_s, e) from e
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     return True
 
 
@@ -131,6 +155,7 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def initialize_from_args(args) -> bool:
+def initialize_from_args(args, on_timeout: Callable[[DistributedInitError], object] | None = None) -> bool:
     """``initialize`` from the flags of ``flax_resnet.training.parallel.add_parallel_arguments``."""
-    return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
+    return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout,
+                      on_timeout=on_timeout)
