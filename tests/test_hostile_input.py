@@ -100,14 +100,43 @@ def test_resume_refuses_another_run_naming_what_differs(change, named, two_epoch
     assert snapshot(out) == before
 
 
-def test_resume_refuses_a_run_on_other_data(two_epoch_run, tmp_path, capsys):
-    """A synthetic run resumed as CIFAR-10 with the same counts: the data set is part of the run."""
-    from flax_resnet.recipes import RunConfig
+def test_resume_refuses_a_run_on_other_data(tmp_path, capsys):
+    """A synthetic run resumed on CIFAR-10 with the same counts (35 training, 5 test images: the tiny official-format
+    archive the tests write): the data set is part of the run, so it is refused, named."""
+    import cifar_archives as ca
 
-    saved = CheckpointStore(two_epoch_run / "checkpoints").read_meta()
-    config = RunConfig.from_dict(saved)
-    problems = config.__class__(**{**config.__dict__, "dataset": "cifar10"}).resume_problems(saved)
-    assert problems == ["dataset: the checkpoint's run has 'synthetic', this one 'cifar10'"]
+    archive = ca.write_archive(tmp_path / "a.tar.gz", "binary", ca.random_batches())
+    base = [*TINY[:11], "--test-samples", "5", "--batch-size", "16", "--no-progress", "--epochs", "1",
+            "--out", str(tmp_path / "run")]
+    base[base.index("--train-samples") + 1] = "35"
+    assert run_main(base) == 0
+    code = run_main([*base, "--resume", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--archive",
+                     str(archive), "--skip-checksum", "--no-download"])
+    assert code == 1
+    assert "dataset: the checkpoint's run has 'synthetic', this one 'cifar10'" in one_error(capsys.readouterr().err)
+
+
+def test_a_list_of_problems_keeps_its_lines_and_an_error_starts_its_own_line(two_epoch_run, tmp_path):
+    """Several differing fields come as one line each (not one flattened paragraph); an error during an epoch
+    comes after the progress bar is cleared, not glued to its end."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(two_epoch_run), str(out)], check=True)
+    (out / ".lock").unlink(missing_ok=True)
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, "--epochs", "2", "--out", str(out)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([*cmd, "--resume", "--seed", "5", "--framework", "torch"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert any(line.strip().startswith("seed: the checkpoint's run has 0, this one 5") for line in lines), lines
+    assert any(line.strip().startswith("framework: the checkpoint's run has 'jax'") for line in lines), lines
+
+    bar = [c for c in cmd if c != "--no-progress"]
+    bar[bar.index(str(out))] = str(tmp_path / "diverged")
+    proc = subprocess.run([*bar, "--lr", "1e30"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and "training diverged" in proc.stderr
+    where = proc.stderr.index("error: ")
+    assert where == 0 or proc.stderr[where - 1] in "\r\n", repr(proc.stderr[max(0, where - 80):where + 20])
 
 
 def test_overwrite_removes_both_frameworks_checkpoints_and_nothing_else(two_epoch_run, tmp_path):
