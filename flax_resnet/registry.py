@@ -160,13 +160,23 @@ def build_flax_to_fill(name: str, kwargs: Mapping[str, Any] | None = None) -> An
     """The Flax model ``name`` with zeros for every variable, for code that overwrites them all (a port, a
     checkpoint read). Why: building it for real runs every initialiser eagerly, each compiled once per weight shape:
     about 11 s of the 15-25 s ``port`` took for a one-block SimpleResNet on the CPU (measured). This traces the
-    constructor abstractly (``nnx.eval_shape``) and fills the shapes; PRNG keys (dropout) get ``key(0)``."""
+    constructor abstractly (``nnx.eval_shape``) and fills the shapes; PRNG keys (dropout) get ``key(0)``.
+
+    ``nnx.merge`` sets each module's attributes in sorted order; the constructor's order (torch's registration
+    order, which ``port`` follows for the order of a state_dict's keys) is recorded while tracing and put back.
+    """
     import jax
     import numpy as np
     from flax import nnx
 
-    abstract = nnx.eval_shape(lambda: build_flax(name, kwargs, seed=0))
-    graphdef, state = nnx.split(abstract)
+    orders: dict[tuple[Any, ...], list[str]] = {}
+
+    def build() -> Any:
+        model = build_flax(name, kwargs, seed=0)
+        orders.update((tuple(path), list(vars(module))) for path, module in nnx.iter_modules(model))
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
 
     def fill(leaf: Any) -> Any:
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
@@ -174,7 +184,14 @@ def build_flax_to_fill(name: str, kwargs: Mapping[str, Any] | None = None) -> An
             return key if leaf.shape == () else jax.random.split(key, leaf.shape)
         return jax.numpy.asarray(np.zeros(leaf.shape, leaf.dtype))
 
-    return nnx.merge(graphdef, jax.tree.map(fill, state))
+    model = nnx.merge(graphdef, jax.tree.map(fill, state))
+    for path, module in nnx.iter_modules(model):
+        attributes = vars(module)
+        first = [k for k in orders.get(tuple(path), ()) if k in attributes]
+        ordered = {k: attributes[k] for k in first} | {k: v for k, v in attributes.items() if k not in first}
+        attributes.clear()
+        attributes.update(ordered)
+    return model
 
 
 def build_torch(name: str, kwargs: Mapping[str, Any] | None = None, *, seed: int | None = None) -> Any:
