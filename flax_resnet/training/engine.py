@@ -2,7 +2,6 @@
 
 Everything here is a pure function of arrays, so one step serves one device (``jax.jit``), ``jax.pmap`` and
 ``jax.jit`` + ``jax.shard_map``: collectives are named by ``axis_name`` and skipped when it is ``None``.
-The loop around it (progress, history, checkpoints) lives in ``flax_resnet.training``.
 
 The batch stream is data too (``flax_resnet.plan``): the runners put an epoch's plan on the device and gather,
 augment (``augment``) and normalise (``normalize``) each batch there, inside the compiled step.
@@ -23,23 +22,15 @@ from flax_resnet.recipes import Recipe, epoch_learning_rate
 
 
 # --------------------------------------------------------------------------------------------- optimiser
-def make_schedule(recipe: Recipe, steps_per_epoch: int) -> optax.Schedule:
-    """Per-step schedule equal to torch's per-epoch scheduler: lr(step) = epoch_lr(step // steps_per_epoch)."""
-
-    def schedule(step):
-        return epoch_learning_rate(recipe, step // steps_per_epoch)
-
-    return schedule
-
-
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
-    """torch's ``SGD(lr, momentum, weight_decay)``: coupled decay g + wd * p on every parameter, then momentum.
+    """torch's ``SGD(lr, momentum, weight_decay)``: coupled decay g + wd * p on every parameter, then momentum,
+    with torch's per-epoch schedule as a per-step one: lr(step) = epoch_lr(step // steps_per_epoch).
 
     optax's trace starts at zero, so its first step is g, as torch's momentum buffer is on its first step.
     """
     return optax.chain(
         optax.add_decayed_weights(recipe.weight_decay),
-        optax.sgd(make_schedule(recipe, steps_per_epoch), momentum=recipe.momentum or None),
+        optax.sgd(lambda step: epoch_learning_rate(recipe, step // steps_per_epoch), momentum=recipe.momentum or None),
     )
 
 
@@ -116,12 +107,6 @@ class Metrics(NamedTuple):
     batches: jax.Array
     first_nonfinite: jax.Array  # min over steps, see above
 
-    @staticmethod
-    def zeros() -> Metrics:
-        f = jnp.zeros((), jnp.float32)
-        i = jnp.zeros((), jnp.int32)
-        return Metrics(f, f, i, i, i, jnp.full((), NO_STEP, jnp.int32))
-
     def __add__(self, other: Metrics) -> Metrics:  # type: ignore[override]
         sums = (a + b for a, b in zip(self[:-1], other[:-1], strict=True))
         return Metrics(*sums, jnp.minimum(self.first_nonfinite, other.first_nonfinite))
@@ -131,24 +116,18 @@ def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean cross-entropy over the (unmasked) batch, torch's ``nn.CrossEntropyLoss()``."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    if mask is None:
-        return losses.mean()
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy over the batch, torch's ``nn.CrossEntropyLoss()``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
                images: jax.Array, labels: jax.Array, axis_name: str | None = None
                ) -> tuple[TrainState, Metrics]:
-    """One SGD step on one device's share of the batch; pure.
-
-    With ``axis_name``, the loss is the mean over the global batch: each device's mean loss is averaged
-    (``pmean``) and so are the gradients, which equals one device's gradient of the global mean when every
-    device holds the same number of samples. BatchNorm synchronises through its own ``axis_name``.
-    """
-
+    """One SGD step on one device's share of the batch; pure. With ``axis_name``, the loss is the mean over the
+    global batch: each device's mean loss is averaged (``pmean``) and so are the gradients, which equals one
+    device's gradient of the global mean when every device holds the same number of samples. BatchNorm
+    synchronises through its own ``axis_name``."""
     model = nnx.merge(graphdef, state.params, state.model_state)
     model.train()
 
@@ -179,9 +158,8 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array, labe
     model.eval()
     logits = model(images)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    mask_f = mask.astype(losses.dtype)
     count = _psum(jnp.sum(mask).astype(jnp.int32), axis_name)
-    loss_sum = _psum(jnp.sum(losses * mask_f), axis_name)
+    loss_sum = _psum(jnp.sum(losses * mask.astype(losses.dtype)), axis_name)
     correct = _psum(jnp.sum((jnp.argmax(logits, -1) == labels) & mask).astype(jnp.int32), axis_name)
-    batch_mean = loss_sum / jnp.maximum(count, 1)
-    return Metrics(loss_sum, batch_mean, correct, count, jnp.ones((), jnp.int32), jnp.full((), NO_STEP, jnp.int32))
+    return Metrics(loss_sum, loss_sum / jnp.maximum(count, 1), correct, count, jnp.ones((), jnp.int32),
+                   jnp.full((), NO_STEP, jnp.int32))

@@ -11,7 +11,8 @@ sums. The host only dispatches; it reads metrics once per epoch.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,63 +63,19 @@ class StateLeaves:
             raise RuntimeError("the runner has no state yet: call put_state first")
         return self.treedef.unflatten(leaves)
 
-    def train(self, step):
-        """``step(state, ...) -> (state, metrics)`` as ``(leaves, ...) -> (leaves, metrics)``."""
+    def wrap(self, step, train: bool):
+        """``step(state, ...)`` as ``(leaves, ...)``; a train step's new state (``(state, metrics)``) as leaves too."""
 
-        @functools.wraps(step)
-        def on_leaves(leaves, *args, **kwargs):
-            state, metrics = step(self.unflatten(leaves), *args, **kwargs)
-            new_leaves, treedef = jax.tree.flatten(state)
+        def on_leaves(leaves, *args):
+            out = step(self.unflatten(leaves), *args)
+            if not train:
+                return out
+            new_leaves, treedef = jax.tree.flatten(out[0])
             if treedef != self.treedef:  # trace time only: a changed structure would scramble the leaves
                 raise ValueError(f"the step changed the state's structure:\n{treedef}\n!=\n{self.treedef}")
-            return new_leaves, metrics
+            return new_leaves, out[1]
 
         return on_leaves
-
-    def eval(self, step):
-        """``step(state, ...) -> metrics`` as ``(leaves, ...) -> metrics``."""
-
-        @functools.wraps(step)
-        def on_leaves(leaves, *args, **kwargs):
-            return step(self.unflatten(leaves), *args, **kwargs)
-
-        return on_leaves
-
-
-class Runner(Protocol):
-    """What the training loop needs from a way of running steps; the loop calls every method.
-
-    ``check_batch_sizes`` comes first, before anything is compiled, so that a batch size the devices cannot share
-    fails in seconds. ``put_state`` returns the runner's own form of the state (a ``RunnerState``): pass it only to
-    ``train_step``, ``eval_step`` and ``get_state``, which gives a ``TrainState`` back. ``put_plan`` puts an
-    epoch's NumPy plan (``flax_resnet.plan``) where the steps read it, once per epoch.
-    """
-
-    num_devices: int
-
-    def check_batch_sizes(self, num_examples: int, batch_size: int) -> None:
-        """Raise ``parallel.BatchSizeError`` (naming a batch size that works) if some batch cannot be run."""
-        ...
-
-    def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData: ...
-
-    def put_state(self, state: TrainState) -> RunnerState: ...
-
-    def put_plan(self, plan: EpochPlan) -> EpochPlan: ...
-
-    def zero_metrics(self) -> Metrics:
-        """Fresh metric sums, already where the steps keep them."""
-        ...
-
-    def get_state(self, state: RunnerState) -> TrainState:
-        """One host-readable copy of the state (for checkpoints, export, porting)."""
-        ...
-
-    def train_step(self, state: RunnerState, metrics: Metrics, data: DeviceData, plan: EpochPlan, start: int,
-                   size: int) -> tuple[RunnerState, Metrics]: ...
-
-    def eval_step(self, state: RunnerState, metrics: Metrics, data: DeviceData, start: int, size: int
-                  ) -> Metrics: ...
 
 
 def gather_uint8(data: DeviceData, plan: EpochPlan, start, size: int, augment: bool) -> tuple[jax.Array, jax.Array]:
@@ -156,39 +113,84 @@ def step_graph(graphdef: nnx.GraphDef, state: TrainState, platform: str) -> nnx.
     return cpu.materialize_conv_inputs(graphdef, state.params, state.model_state)
 
 
-class SingleDeviceRunner:
-    """``jax.jit`` on one device; state and metric buffers are donated so steps update in place."""
+class Runner:
+    """What the training loop needs from a way of running steps (the loop calls every public method), and what
+    every runner shares: the state held as leaves (``StateLeaves``), the steps compiled once per batch size, and
+    their argument conversion. A subclass says where arrays go (``_put``, ``_put_metrics``) and how its
+    per-device steps ``_train_impl`` / ``_eval_impl`` are compiled (``_wrap``).
+
+    ``check_batch_sizes`` comes first, before anything is compiled, so that a batch size the devices cannot share
+    fails in seconds (``parallel.BatchSizeError``, naming a batch size that works). ``put_state`` returns the
+    runner's own form of the state (a ``RunnerState``): pass it only to ``train_step``, ``eval_step`` and
+    ``get_state``, which gives one host-readable ``TrainState`` back (for checkpoints, export, porting).
+    ``put_plan`` puts an epoch's NumPy plan where the steps read it, once per epoch; ``zero_metrics`` gives fresh
+    metric sums, already where the steps keep them.
+    """
 
     num_devices = 1
 
-    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe,
-                 dtype=jnp.float32, device: jax.Device | None = None):
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe, dtype):
         self.graphdef, self.tx, self.recipe, self.dtype = graphdef, tx, recipe, dtype
-        self.device = device or jax.devices()[0]
         self.leaves = StateLeaves()
-        options = cpu.compiler_options(self.device)
-        self._train = jax.jit(self.leaves.train(self._train_impl), static_argnames="size", donate_argnums=(0, 1),
-                              compiler_options=options)
-        self._eval = jax.jit(self.leaves.eval(self._eval_impl), static_argnames="size", donate_argnums=(1,),
-                             compiler_options=options)
+        self._steps: dict[tuple[bool, int], Callable] = {}
 
-    def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData:
-        return DeviceData(jax.device_put(images, self.device), jax.device_put(labels.astype(np.int32), self.device))
+    def _step(self, train: bool, size: int) -> Callable:
+        if train and size % self.num_devices:
+            raise ValueError(f"a training batch of {size} samples does not split evenly across {self.num_devices} "
+                             "devices (the runner's check_batch_sizes, which the training loop calls first, catches "
+                             "this up front)")
+        if (train, size) not in self._steps:
+            impl = functools.partial(self._train_impl if train else self._eval_impl, size=size)
+            self._steps[train, size] = self._wrap(self.leaves.wrap(impl, train), train,
+                                                  donate_argnums=(0, 1) if train else (1,))
+        return self._steps[train, size]
 
     def check_batch_sizes(self, num_examples: int, batch_size: int) -> None:
         """One device runs batches of any size."""
 
+    def put_data(self, images: np.ndarray, labels: np.ndarray) -> DeviceData:
+        return DeviceData(*self._put((np.asarray(images), np.asarray(labels).astype(np.int32))))
+
     def put_state(self, state: TrainState) -> RunnerState:
-        return self.leaves.flatten(jax.device_put(state, self.device))
+        return self.leaves.flatten(self._put(state))
 
     def put_plan(self, plan: EpochPlan) -> EpochPlan:
-        return EpochPlan(*jax.device_put(tuple(plan), self.device))
+        return EpochPlan(*self._put(tuple(np.asarray(x) for x in plan)))
 
     def zero_metrics(self) -> Metrics:
         return self._put_metrics(zero_metrics(self.dtype))
 
     def get_state(self, state: RunnerState) -> TrainState:
         return self.leaves.unflatten(state)
+
+    # ``start`` goes in as a NumPy scalar: ``jnp.int32(start)`` would dispatch a conversion of its own every step.
+    def train_step(self, state: RunnerState, metrics: Metrics, data: DeviceData, plan: EpochPlan, start: int,
+                   size: int) -> tuple[RunnerState, Metrics]:
+        return self._step(True, size)(state, self._put_metrics(metrics), data, plan, np.int32(start))
+
+    def eval_step(self, state: RunnerState, metrics: Metrics, data: DeviceData, start: int, size: int) -> Metrics:
+        return self._step(False, size)(state, self._put_metrics(metrics), data, np.int32(start))
+
+    # Ahead-of-time lowering of the very functions ``train_step`` / ``eval_step`` run, with their arguments, for
+    # tools that want the compile time or XLA's cost analysis without running a step (``flax_resnet.bench``):
+    # ``.compile()`` the result, then e.g. ``.cost_analysis()``. Nothing is executed or donated.
+    def lower_train_step(self, state, metrics, data, plan, start, size) -> jax.stages.Lowered:
+        return self._step(True, size).lower(state, self._put_metrics(metrics), data, plan, np.int32(start))
+
+    def lower_eval_step(self, state, metrics, data, start, size) -> jax.stages.Lowered:
+        return self._step(False, size).lower(state, self._put_metrics(metrics), data, np.int32(start))
+
+
+class SingleDeviceRunner(Runner):
+    """``jax.jit`` on one device; state and metric buffers are donated so steps update in place."""
+
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe,
+                 dtype=jnp.float32, device: jax.Device | None = None):
+        super().__init__(graphdef, tx, recipe, dtype)
+        self.device = device or jax.devices()[0]
+
+    def _wrap(self, fn, train: bool, donate_argnums) -> Callable:
+        return jax.jit(fn, donate_argnums=donate_argnums, compiler_options=cpu.compiler_options(self.device))
 
     def _train_impl(self, state, metrics, data, plan, start, *, size):
         images, labels = gather_batch(data, plan, start, size, self.recipe, self.dtype)
@@ -198,8 +200,11 @@ class SingleDeviceRunner:
 
     def _eval_impl(self, state, metrics, data, start, *, size):
         images, labels, mask = gather_eval_batch(data, start, size, self.recipe, self.dtype)
-        return metrics + engine.eval_step(step_graph(self.graphdef, state, self.device.platform), state, images, labels,
-                                          mask)
+        graphdef = step_graph(self.graphdef, state, self.device.platform)
+        return metrics + engine.eval_step(graphdef, state, images, labels, mask)
+
+    def _put(self, tree):
+        return jax.device_put(tree, self.device)
 
     def _put_metrics(self, metrics: Metrics) -> Metrics:
         # Fresh sums (zero_metrics) are uncommitted arrays and the step's outputs committed ones: jit keys its
@@ -207,34 +212,11 @@ class SingleDeviceRunner:
         # step's own outputs pass through untouched (no per-step copy).
         if isinstance(metrics.count, jax.Array) and metrics.count.committed:
             return metrics
-        return jax.device_put(metrics, self.device)
-
-    # ``start`` goes in as a NumPy scalar: ``jnp.int32(start)`` would dispatch a conversion of its own every step.
-    def train_step(self, state, metrics, data, plan, start, size):
-        return self._train(state, self._put_metrics(metrics), data, plan, np.int32(start), size=size)
-
-    def eval_step(self, state, metrics, data, start, size):
-        return self._eval(state, self._put_metrics(metrics), data, np.int32(start), size=size)
-
-    # Ahead-of-time lowering of the very functions ``train_step`` / ``eval_step`` run (same jit, same compiler
-    # options, same argument conversion), for tools that want the compile time or XLA's cost analysis without
-    # running a step (``flax_resnet.bench``). Nothing is executed and no buffer is donated or consumed.
-    def lower_train_step(self, state, metrics, data, plan, start, size) -> jax.stages.Lowered:
-        """``train_step``'s compiled step for these arguments, lowered: ``.compile()`` it, then e.g.
-        ``.cost_analysis()``. Takes exactly ``train_step``'s arguments."""
-        return self._train.lower(state, self._put_metrics(metrics), data, plan, np.int32(start), size=size)
-
-    def lower_eval_step(self, state, metrics, data, start, size) -> jax.stages.Lowered:
-        """``eval_step``'s compiled step for these arguments, lowered (see ``lower_train_step``)."""
-        return self._eval.lower(state, self._put_metrics(metrics), data, np.int32(start), size=size)
-
-
-@functools.cache
-def _zeros_like_metrics(dtype) -> Metrics:
-    z = Metrics.zeros()
-    return Metrics(z.loss_x_count.astype(dtype), z.loss_of_batches.astype(dtype), *z[2:])
+        return self._put(metrics)
 
 
 def zero_metrics(dtype=jnp.float32) -> Metrics:
-    """Fresh metric sums in the loss dtype (float64 runs keep float64 losses)."""
-    return jax.tree.map(jnp.copy, _zeros_like_metrics(jnp.dtype(dtype)))
+    """Fresh metric sums, each its own buffer (the steps donate them), the losses in the loss dtype (float64 runs
+    keep float64 losses)."""
+    f, i = functools.partial(jnp.zeros, (), dtype), functools.partial(jnp.zeros, (), jnp.int32)
+    return Metrics(f(), f(), i(), i(), i(), jnp.full((), engine.NO_STEP, jnp.int32))
