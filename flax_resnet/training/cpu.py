@@ -24,6 +24,7 @@ at batch 128 (BENCHMARKS.md, "CPU speed log"):
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
@@ -39,7 +40,8 @@ from flax_resnet import layers
 __all__ = ["COMPILER_OPTIONS", "compiler_options", "materialize_conv_inputs", "tune_allocator", "tuned_allocator"]
 
 # ------------------------------------------------------------------------------------------------ allocator
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+# glibc's mallopt parameters (malloc.h): name -> (code, value)
+_MALLOPT = {"M_ARENA_MAX": (-8, 1), "M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 2**31 - 1)}
 _ALLOCATOR_TUNED: dict[str, int] | None = None
 
 
@@ -52,16 +54,12 @@ def tune_allocator() -> dict[str, int] | None:
         return _ALLOCATOR_TUNED
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
-    import ctypes
-
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return None
-    settings = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
-    codes = {"M_ARENA_MAX": _M_ARENA_MAX, "M_MMAP_MAX": _M_MMAP_MAX, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD}
-    if all(mallopt(codes[k], v) == 1 for k, v in settings.items()):
-        _ALLOCATOR_TUNED = settings
+    if all(mallopt(code, value) == 1 for code, value in _MALLOPT.values()):
+        _ALLOCATOR_TUNED = {name: value for name, (_, value) in _MALLOPT.items()}
     return _ALLOCATOR_TUNED
 
 
@@ -91,8 +89,7 @@ def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
 
 
 def compiler_options(device: jax.Device) -> dict[str, str] | None:
-    """Per-``jax.jit`` XLA options for steps running on ``device``: ``COMPILER_OPTIONS`` on a CPU whose jaxlib
-    accepts them, else none."""
+    """``COMPILER_OPTIONS`` for steps running on ``device`` if it is a CPU whose jaxlib accepts them, else None."""
     if device.platform != "cpu" or not _accepted(tuple(COMPILER_OPTIONS.items())):
         return None
     return dict(COMPILER_OPTIONS)

@@ -1,17 +1,13 @@
 """Multi-host start-up: ``jax.distributed.initialize`` with explicit flags or the cluster's own environment.
 
-Every process of a multi-host run calls ``initialize`` first, before anything touches a JAX device; then
-``jax.devices()`` lists the devices of all processes and the runners of ``training.parallel`` train on all of them,
-each process feeding its own devices. Only the main process (``is_main_process``) writes history, plots, logs and
-checkpoints (every process meets at the checkpoint store's barriers).
+Every process calls ``initialize`` first, before anything touches a JAX device; then the runners of
+``training.parallel`` train on the devices of all processes. Only the main process (``is_main_process``) writes
+history, plots, logs and checkpoints (every process meets at the checkpoint store's barriers).
 
-Process 0 runs the coordinator service at ``--coordinator HOST:PORT``; the others connect to it. A coordinator
-that never answers is waited for ``timeout_s`` seconds, then ``DistributedInitError`` says which address was
-tried and what to check. Why we probe the port ourselves first: when XLA's coordination client times out it does
-not raise, it terminates the whole process (a fatal log, "DEADLINE_EXCEEDED ... RegisterTask"), so a Python
-error with the fix named is only possible before handing over to it. Past the probe, JAX's own
-``initialization_timeout`` (the same ``timeout_s``) bounds the wait for the other processes; process 0, which
-has no one to probe, relies on it alone.
+Process 0 serves the coordinator at ``--coordinator HOST:PORT``; the others first probe that port themselves for
+``timeout_s`` seconds. Why: when XLA's coordination client times out it does not raise, it terminates the process
+(a fatal log, "DEADLINE_EXCEEDED ... RegisterTask"), so a ``DistributedInitError`` naming the address and what to
+check is only possible before handing over to it. Past the probe, JAX's ``initialization_timeout`` bounds the wait.
 """
 
 from __future__ import annotations
@@ -38,8 +34,7 @@ _CLUSTERS = {"SLURM": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "S
 
 
 def detect_cluster() -> str | None:
-    """The name of the multi-process launcher this process runs under, or ``None`` for a plain single process
-    (a SLURM job step with one task included: nothing to coordinate)."""
+    """The multi-process launcher this process runs under, or ``None`` (also for a SLURM step with one task)."""
     for name, variables in _CLUSTERS.items():
         if all(v in os.environ for v in variables) and not (name == "SLURM" and os.environ["SLURM_NTASKS"] == "1"):
             return name
@@ -79,14 +74,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                timeout_s: float = 300.0, on_timeout: Callable[[DistributedInitError], object] | None = None) -> bool:
     """Join a multi-process JAX run; returns whether one was joined (``False``: a plain single process).
 
-    With all three of ``coordinator``, ``num_processes`` and ``process_id`` given, they are used as they are.
-    With none given, a detected launcher (SLURM's ``srun``, Open MPI's ``mpirun``, ``JAX_COORDINATOR_ADDRESS``)
-    lets JAX fill them in itself; without one this is a single-process run and nothing happens. Under SLURM,
-    JAX's detection also pins each process to the GPU of its ``SLURM_LOCALID``: launch one task per GPU.
+    Give all three of ``coordinator``, ``num_processes`` and ``process_id``, or none: then a detected launcher
+    (SLURM's ``srun``, Open MPI's ``mpirun``, ``JAX_COORDINATOR_ADDRESS``) lets JAX fill them in (under SLURM it
+    also pins each process to the GPU of its ``SLURM_LOCALID``: launch one task per GPU).
 
     ``on_timeout(error)`` is called from a watchdog thread if joining takes longer than ``timeout_s`` (process 0
-    waiting for peers that never come): JAX itself would abort the process with a C++ stack trace, so a command
-    line passes a function that reports ``error`` and exits.
+    waiting for peers that never come), ahead of JAX's own abort with a C++ stack trace: a command line passes a
+    function that reports ``error`` and exits.
     """
     given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     cluster = detect_cluster()
