@@ -10,20 +10,14 @@ __all__ = ["verify_he_init"]
 
 def verify_he_init(model: nn.Module, input_shape: tuple[int, ...] = (64, 3, 32, 32), *,
                    x: torch.Tensor | None = None) -> tuple[list[float], list[str]]:
-    """Run one forward pass on a unit-variance batch and return the output variance of each conv/linear layer.
+    """Run one forward pass on a unit-variance batch and return ``(variances, layer_names)``: ``Tensor.var()`` of
+    each ``nn.Conv2d`` / ``nn.Linear`` output, in the order the layers ran, with the ``named_modules()`` names.
 
-    As the notebook writes it: forward hooks on every ``nn.Conv2d`` and ``nn.Linear`` capture the outputs,
-    ``model(x)`` runs under ``torch.no_grad()`` in the model's current mode (in train mode BatchNorm updates
-    its running statistics, as in the notebook), and the hooks are removed. Returns ``(variances,
-    layer_names)``: ``Tensor.var()`` (unbiased, over all elements) of each layer's output, in the order the
-    layers ran, with the ``named_modules()`` names.
-
-    Two additions to the notebook's version, both off by default: ``x`` feeds a given batch instead of
-    ``torch.randn(input_shape)`` (to compare with the Flax twin on the same input), and the random batch is
-    made with the model's dtype and device so that a float64 or GPU model works too.
+    As the notebook writes it: forward hooks capture the outputs of ``model(x)`` under ``torch.no_grad()`` in the
+    model's current mode (in train mode BatchNorm updates its running statistics). Two additions: ``x`` feeds a
+    given batch instead of ``torch.randn(input_shape)`` (to compare with the Flax twin on the same input), and the
+    random batch has the model's dtype and device, so that a float64 or GPU model works too.
     """
-    variances: list[float] = []
-    layer_names: list[str] = []
     if x is None:
         reference = next(model.parameters(), None)
         options = {} if reference is None else {"dtype": reference.dtype, "device": reference.device}
@@ -48,7 +42,4 @@ def verify_he_init(model: nn.Module, input_shape: tuple[int, ...] = (64, 3, 32, 
         for h in handles:
             h.remove()
 
-    for name, act in activations.items():
-        variances.append(act.var().item())
-        layer_names.append(name)
-    return variances, layer_names
+    return [act.var().item() for act in activations.values()], list(activations)
