@@ -30,30 +30,20 @@ __all__ = ["PRECISIONS", "Precision", "apply_precision", "compute_dtypes"]
 
 
 def apply_precision(model: nnx.Module, precision: Precision) -> nnx.Module:
-    """Set the computation dtype of every conv, linear and BatchNorm layer of ``model`` in place; returns it.
-
-    ``"fp32"`` restores the default (compute in the variables' dtype), so the call is idempotent and reversible.
-    The dtypes are static attributes: they live in the graphdef that ``nnx.split`` returns, not in the state.
-    """
+    """Set the computation dtype of every conv, linear and BatchNorm layer of ``model`` in place (static attributes:
+    they live in the graphdef); returns it. ``"fp32"`` restores the default (compute in the variables' dtype)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     half = precision == "bf16"
-    compute = jnp.bfloat16 if half else None
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, nnx.Conv | nnx.BatchNorm):
-            module.dtype = compute
-        elif isinstance(module, nnx.Linear):
-            module.dtype = compute
-            # float32 logits: the loss and accuracy are computed in float32 whatever the layers do
+        if isinstance(module, nnx.Conv | nnx.BatchNorm | nnx.Linear):
+            module.dtype = jnp.bfloat16 if half else None
+        if isinstance(module, nnx.Linear):  # float32 logits: loss and accuracy in float32 whatever the layers do
             module.preferred_element_type = jnp.float32 if half else None
     return model
 
 
 def compute_dtypes(model: nnx.Module) -> dict[str, str]:
     """Layer path -> computation dtype name ('default' when unset), for reports and tests."""
-    out = {}
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, nnx.Conv | nnx.BatchNorm | nnx.Linear):
-            dtype = module.dtype
-            out["/".join(map(str, path))] = "default" if dtype is None else jnp.dtype(dtype).name
-    return out
+    return {"/".join(map(str, path)): "default" if module.dtype is None else jnp.dtype(module.dtype).name
+            for path, module in nnx.iter_modules(model) if isinstance(module, nnx.Conv | nnx.BatchNorm | nnx.Linear)}
