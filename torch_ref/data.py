@@ -7,16 +7,8 @@ The notebooks build their batches with::
     DataLoader(dataset, batch_size=128, shuffle=True)
 
 ``PlannedBatches`` does the same on a whole split held as uint8 NHWC arrays, except that the shuffle order, the
-crop offsets and the flips are handed to it (``set_plan``) instead of being drawn inside. Handing them in is what
-lets another framework (the Flax twin of this project) be fed exactly the same batches: same samples, same crops,
-same flips, bit-identical uint8 pixels. Without a plan it iterates in order without augmentation, as the
-notebooks' test loaders do.
-
-By default the split stays in host memory and each batch is prepared there and then moved to ``device``, as a
-``DataLoader`` feeding a GPU does. ``resident=True`` keeps the split and the plan on ``device`` instead and prepares
-every batch there, with no host work or host-device copy per batch (for timing the model, not the loader).
-
-Plain PyTorch and NumPy, nothing else.
+crop offsets and the flips are handed to it (``set_plan``) instead of being drawn inside, so that the Flax twin
+of this project can be fed exactly the same batches: bit-identical uint8 pixels. Plain PyTorch and NumPy.
 """
 
 from __future__ import annotations
@@ -75,13 +67,13 @@ class PlannedBatches:
     """An iterable of ``(images NCHW float, labels int64)`` batches, like a ``DataLoader``, over a given plan.
 
     ``set_plan(permutation, offsets, flips)`` fixes the next epoch's order and augmentation (``offsets=None``:
-    no augmentation); without one the split is read in order. The last batch may be short
-    (``drop_last=False``). ``num_examples`` is the split's size; ``batch(step)`` is one batch, as iterating
-    yields it.
+    none); without one the split is read in order, as the notebooks' test loaders do. The last batch may be
+    short (``drop_last=False``).
 
-    ``resident``: keep the split and the plan on ``device`` and gather, augment and normalise there (default:
-    in host memory, each finished batch moved to ``device``). ``memory_format``: the batches' layout
-    (``torch.channels_last`` for channels-last models).
+    By default the split stays in host memory and each finished batch is moved to ``device``, as a ``DataLoader``
+    feeding a GPU does; ``resident=True`` keeps the split and the plan on ``device`` and prepares every batch
+    there (for timing the model, not the loader). ``memory_format``: the batches' layout (``torch.channels_last``
+    for channels-last models).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: Sequence[float],

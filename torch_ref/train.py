@@ -1,15 +1,10 @@
-"""The notebooks' training loops, in plain PyTorch, as the notebooks wrote them.
-
-- notebook 000: ``train_model`` (its epoch, ``train_one_epoch``, averages the loss over samples);
-- notebook 004: ``train_epoch`` (averages the loss over batches), ``evaluate``, ``train_resnet``.
-
-Their optimiser and schedules are ``make_optimizer`` / ``make_scheduler``: torch's SGD with coupled weight decay,
-the scheduler stepped once per epoch. The loops take any iterable of ``(inputs, targets)`` batches: a
+"""The notebooks' training loops, in plain PyTorch, as the notebooks wrote them: notebook 000's ``train_model``
+(its epoch, ``train_one_epoch``, averages the loss over samples) and notebook 004's ``train_epoch`` (over
+batches), ``evaluate`` and ``train_resnet``. The loops take any iterable of ``(inputs, targets)`` batches: a
 ``DataLoader``, or ``torch_ref.data.PlannedBatches`` to replay a given order and augmentation.
 
-One addition to the notebooks' code: ``on_step(loss)`` is called with each training step's loss (the loop reads
-it with ``loss.item()`` anyway), so a caller can show progress or stop a diverging run; raising from it stops the
-epoch.
+One addition to the notebooks' code: ``on_step(loss)`` is called with each training step's loss (read with
+``loss.item()`` anyway), so a caller can show progress or stop a diverging run by raising from it.
 """
 
 from __future__ import annotations
