@@ -1,21 +1,14 @@
 """The command line: ``python train.py [COMMAND] [OPTIONS]`` (no command: ``train`` with its defaults).
 
-Commands:
+``train`` trains a notebook model with a notebook recipe, in JAX/Flax (default) or the PyTorch reference, writing
+``history.json``, ``curves.png`` and a checkpoint per epoch to ``--out``; ``port`` converts weights between a torch
+state_dict file and a Flax checkpoint. This module only parses and wires: the work is in ``flax_resnet.training``,
+``store`` and ``port``, imported inside the handlers so that ``--help`` is quick.
 
-- ``train``: train a notebook model with a notebook recipe, in JAX/Flax (default) or in the PyTorch reference;
-  writes ``history.json``, ``curves.png`` and a checkpoint per epoch to ``--out``.
-- ``port``: convert weights between a torch ``.pt`` state_dict and a Flax checkpoint, both ways.
-
-This module only parses and wires; the work is in ``flax_resnet.training`` (both frameworks' training),
-``flax_resnet.store`` and ``flax_resnet.port``. Imports of JAX, torch and the data layer happen inside the
-handlers, so ``--help`` is quick.
-
-Adding a command: write, in your own module, a function ``add_<name>_parser(subparsers)`` that calls
-``subparsers.add_parser(name, help=..., description=...)``, adds its options and ends with
-``parser.set_defaults(handler=<function(args, parser) -> exit code>, parser=parser)``; then list it in
-``SUBCOMMANDS`` below. Handlers report usage errors with ``parser.error(...)`` (exit 2) before doing anything;
-expected failures are raised as ``errors.FlaxResnetError`` (each layer has its subclass), which ``main`` catches
-once and prints as ``error: ...`` on stderr with exit code 1 (``commands.fail``).
+Adding a command: a function ``add_<name>_parser(subparsers)`` that adds its parser and options and ends with
+``parser.set_defaults(handler=<function(args, parser) -> exit code>, parser=parser)``, listed in ``SUBCOMMANDS``.
+Handlers report usage errors with ``parser.error(...)`` (exit 2) before doing anything; expected failures raise an
+``errors.FlaxResnetError``, which ``main`` prints once as ``error: ...`` on stderr (exit 1, ``commands.fail``).
 """
 
 from __future__ import annotations
@@ -25,9 +18,9 @@ import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flax_resnet import bench, experiments, registry
 from flax_resnet.commands import (
@@ -46,7 +39,7 @@ from flax_resnet.commands import (
 from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import RECIPES, Recipe
 
-__all__ = ["SUBCOMMANDS", "add_port_parser", "add_train_parser", "build_parser", "default_out_dir", "fail", "main"]
+__all__ = ["SUBCOMMANDS", "add_port_parser", "add_train_parser", "build_parser", "fail", "main"]
 
 DEFAULT_RECIPE = "resnet18-cifar"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
@@ -82,26 +75,21 @@ def _model_table() -> str:
     return "\n".join(lines)
 
 
-def _train_epilog() -> str:
-    return (
-        "recipes (the notebooks'; each number can be overridden by the option of the same name):\n"
-        f"{_recipe_table()}\n\n"
-        "models (--model; the default recipe is the model's notebook's):\n"
-        f"{_model_table()}\n\n"
-        "examples:\n"
-        "  python train.py                                            # ResNet18, notebook 004 recipe, CIFAR-10\n"
-        "  python train.py train --dataset synthetic --model SimpleResNet --n-blocks 1 --epochs 3   # no data\n"
-        "  python train.py train --model PlainDeepCNN --recipe plain-vs-residual --framework torch\n"
-        "  python train.py train --resume                             # continue the default run\n"
-    )
-
-
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``train`` command and its options."""
     p = subparsers.add_parser(
-        "train", help="train a model (the default command)", formatter_class=HelpFormatter, epilog=_train_epilog(),
+        "train", help="train a model (the default command)", formatter_class=HelpFormatter,
         description="Train one of the notebooks' models with one of their recipes, in JAX/Flax or PyTorch. "
-                    "Writes history.json, curves.png and a checkpoint per epoch to --out.")
+                    "Writes history.json, curves.png and a checkpoint per epoch to --out.",
+        epilog="recipes (the notebooks'; each number can be overridden by the option of the same name):\n"
+               f"{_recipe_table()}\n\n"
+               "models (--model; the default recipe is the model's notebook's):\n"
+               f"{_model_table()}\n\n"
+               "examples:\n"
+               "  python train.py                                           # ResNet18, notebook 004 recipe, CIFAR-10\n"
+               "  python train.py train --dataset synthetic --model SimpleResNet --n-blocks 1 --epochs 3   # no data\n"
+               "  python train.py train --model PlainDeepCNN --recipe plain-vs-residual --framework torch\n"
+               "  python train.py train --resume                            # continue the default run\n")
     what = p.add_argument_group("what to train")
     what.add_argument("--model", choices=registry.model_names(), metavar="NAME",
                       help="model class (see the list below); default: the recipe's model, ResNet18 for the "
@@ -176,33 +164,15 @@ _RECIPE_OPTIONS = ("epochs", "batch_size", "eval_batch_size", "lr", "momentum", 
                    "milestones", "gamma", "augment", "mean", "std", "train_loss_mean")
 
 
-def default_out_dir(model: str, recipe: str, framework: str, dataset: str = "cifar10") -> Path:
-    suffix = "-synthetic" if dataset == "synthetic" else ""
-    return Path(RUNS_DIR) / f"{model}-{recipe}-{framework}{suffix}"
-
-
-@dataclasses.dataclass(frozen=True)
-class _TrainPlan:
-    """Everything ``train`` decided from its arguments, before touching data or disk."""
-
-    model: str
-    model_kwargs: dict[str, Any]
-    recipe: Recipe
-    out: Path
-
-
-def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _TrainPlan:
-    """Check every argument; any problem is a usage error (exit 2) before anything is read or written."""
+def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Recipe:
+    """Check every argument; any problem is a usage error (exit 2) before anything is read or written. Fills in
+    ``args.model``, ``args.recipe``, ``args.model_kwargs`` and ``args.out``; returns the recipe to train with."""
     if args.recipe is None:
         args.recipe = registry.get_spec(args.model).recipe if args.model else DEFAULT_RECIPE
     if args.model is None:
         args.model = RECIPES[args.recipe].model
     overrides = {name: getattr(args, name) for name in _RECIPE_OPTIONS if getattr(args, name) is not None}
-    if "milestones" in overrides:
-        overrides["milestones"] = tuple(overrides["milestones"])
-        if any(m < 1 for m in overrides["milestones"]):
-            parser.error("--milestones must be epochs >= 1")
-    for name in ("mean", "std"):
+    for name in ("milestones", "mean", "std"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
     try:
@@ -210,15 +180,15 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _T
     except ValueError as e:
         parser.error(f"--{str(e).replace('_', '-')}")
     try:
-        kwargs = registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, args.recipe)
+        given = {a: getattr(args, a) for a in registry.MODEL_ARGS}
+        args.model_kwargs = registry.model_kwargs(args.model, given, args.recipe)
     except ValueError as e:
         parser.error(str(e))
-    for name in ("train_samples", "test_samples"):
-        value = getattr(args, name)
-        if value is not None and value < (1 if name == "train_samples" else 0):
-            parser.error(f"--{name.replace('_', '-')} must be at least {1 if name == 'train_samples' else 0}")
-    if args.max_to_keep < 1:
-        parser.error("--max-to-keep must be at least 1")
+    minimums = {"--milestones": (min(recipe.milestones, default=1), 1), "--train-samples": (args.train_samples, 1),
+                "--test-samples": (args.test_samples, 0), "--max-to-keep": (args.max_to_keep, 1)}
+    for flag, (value, least) in minimums.items():
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}")
     check_data_arguments(args, parser)
     if not math.isfinite(args.distributed_timeout) or args.distributed_timeout <= 0:
         parser.error(f"--distributed-timeout must be a finite number of seconds > 0, got {args.distributed_timeout}")
@@ -234,27 +204,47 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _T
                      "notebooks' float32 loops; `train.py bench --precision bf16` times torch autocast)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    out = args.out or default_out_dir(args.model, args.recipe, args.framework, args.dataset)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file, not a directory")
-    return _TrainPlan(args.model, kwargs, recipe, out)
+    suffix = "-synthetic" if args.dataset == "synthetic" else ""
+    args.out = args.out or Path(RUNS_DIR) / f"{args.model}-{args.recipe}-{args.framework}{suffix}"
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a directory")
+    return recipe
 
 
-def _weights_hint(state_dict: Any, name: str, kwargs: dict[str, Any]) -> str:
+def _call(name: str, kwargs: Mapping[str, Any]) -> str:
+    """``SimpleResNet(n_blocks=1)``: a model as its constructor call."""
+    return f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
+def _model_flags(name: str, kwargs: Mapping[str, Any]) -> str:
+    """``--model SimpleResNet --n-blocks 1``: the options that build ``name`` with ``kwargs``."""
+    flags = [f"{registry.MODEL_ARGS[k].flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
+             for k, v in kwargs.items() if k in registry.MODEL_ARGS]
+    return " ".join(["--model", name, *flags])
+
+
+def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
     """Which registered model some misfitting weights belong to, as the options to pass (or nothing)."""
     try:
-        other, other_kwargs = registry.infer_model(list(state_dict),
-                                                   {k: tuple(v.shape) for k, v in state_dict.items()})
+        other = registry.infer_model(list(state_dict), {k: tuple(v.shape) for k, v in state_dict.items()})
     except Exception:  # noqa: BLE001 - only a hint: none of the models fits, or several, or no shapes
         return ""
-    if (other, other_kwargs) == (name, kwargs):
+    if other == (name, kwargs):
         return ""
-    flags = [f"{registry.MODEL_ARGS[k].flag} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
-             for k, v in other_kwargs.items()]
-    return f"\nThese look like the weights of {other}: pass --model {' '.join([other, *flags])}."
+    return f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
 
 
-def _port_into(model: Any, state_dict: Any, name: str, kwargs: dict[str, Any]) -> None:
+def _check_recorded_model(meta: Mapping[str, Any], path: Path, name: str, kwargs: Mapping[str, Any]) -> None:
+    """A checkpoint records its model: one that is not the model asked for is named, before its arrays are read."""
+    from flax_resnet.port import PortError
+
+    recorded, recorded_kwargs = meta.get("model"), meta.get("model_kwargs") or {}
+    if recorded is not None and (recorded, recorded_kwargs) != (name, kwargs):
+        raise PortError(f"{path} holds weights of {_call(recorded, recorded_kwargs)}, not of {_call(name, kwargs)}; "
+                        f"pass {_model_flags(recorded, recorded_kwargs)}")
+
+
+def _port_into(model: Any, state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> None:
     """``port.load_torch_state_dict``, its error naming the model the weights do fit, if one does."""
     from flax_resnet import port
 
@@ -264,34 +254,32 @@ def _port_into(model: Any, state_dict: Any, name: str, kwargs: dict[str, Any]) -
         raise port.PortError(f"{e}{_weights_hint(state_dict, name, kwargs)}") from e
 
 
-def _init_flax_from(model: Any, path: Path, name: str | None = None, kwargs: dict[str, Any] | None = None) -> None:
-    """--init-from for a Flax model: a torch state_dict file (.pt or .safetensors), or a checkpoint of either
-    framework."""
+def _init_from(model: Any, path: Path, name: str, kwargs: Mapping[str, Any], framework: str) -> None:
+    """--init-from: a torch state_dict file (.pt or .safetensors) or a checkpoint of either framework."""
     from flax_resnet import checkpoint, port
 
     if path.is_dir():
         _check_recorded_model(checkpoint.read_meta(path), path, name, kwargs)
-        checkpoint.load_model(path, model)
+        if framework == "jax":
+            checkpoint.load_model(path, model)
+            return
+        state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax(name, kwargs))
     else:
-        _port_into(model, port.read_state_dict(path), name or type(model).__name__, kwargs or {})
-
-
-def _check_recorded_model(meta: dict[str, Any], path: Path, name: str | None, kwargs: dict[str, Any] | None) -> None:
-    """A checkpoint records its model: one that is not the model asked for is named, before its arrays are read."""
-    from flax_resnet.port import PortError
-
-    recorded, recorded_kwargs = meta.get("model"), meta.get("model_kwargs") or {}
-    if name is None or recorded is None or (recorded, recorded_kwargs) == (name, kwargs or {}):
+        state_dict = port.read_state_dict(path)
+    if framework == "jax":
+        _port_into(model, state_dict, name, kwargs)
         return
-    flags = " ".join(f"{registry.MODEL_ARGS[k].flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
-                     for k, v in recorded_kwargs.items() if k in registry.MODEL_ARGS)
-    raise PortError(f"{path} holds weights of {recorded}({', '.join(f'{k}={v}' for k, v in recorded_kwargs.items())}), "
-                    f"not of {name}({', '.join(f'{k}={v}' for k, v in (kwargs or {}).items())}); pass --model "
-                    f"{recorded} {flags}".rstrip())
+    import torch
+
+    try:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
+    except RuntimeError as e:  # torch's report of a misfit
+        hint = _weights_hint(state_dict, name, kwargs)
+        raise port.PortError(f"--init-from {path} does not fit {name}: {e}{hint}") from e
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    plan = _plan_train(args, parser)
+    recipe = _plan_train(args, parser)
 
     import jax
 
@@ -300,92 +288,66 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.framework == "jax":
         from flax_resnet.training import distributed
 
-        distributed.initialize_from_args(args, on_timeout=_exit_with)  # first: before anything touches a device
+        # First, before anything touches a device. A peer that never joins is reported by a watchdog thread before
+        # JAX would abort the process with a C++ stack trace.
+        distributed.initialize_from_args(args, on_timeout=lambda e: _exit_now(fail(str(e))))
     from flax_resnet.training.outdir import claim_output_dir
 
     # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
     # of one multi-process run share --out, so process 0 holds the claim for all of them.
-    claim = claim_output_dir(plan.out) if jax.process_index() == 0 else None
+    claim = claim_output_dir(args.out) if jax.process_index() == 0 else None
     try:
-        return _run_train_claimed(args, plan)
+        return _run_train_claimed(args, recipe)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command and --resume (--out {plan.out})", file=sys.stderr)
+        print(f"\ninterrupted; continue with the same command and --resume (--out {args.out})", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if claim is not None:
             claim.release()
 
 
-def _exit_with(error: Exception) -> None:
-    """Report ``error`` and end the process now, from any thread (the multi-host join's watchdog: JAX would abort
-    the process with a C++ stack trace a moment later)."""
-    fail(str(error))
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once, from any thread, with no interpreter teardown (see ``main``)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)
 
 
-def _run_train_claimed(args: argparse.Namespace, plan: _TrainPlan) -> int:
-    """``run_train`` once --out is claimed: load the data, build the model, train."""
+def _run_train_claimed(args: argparse.Namespace, recipe: Recipe) -> int:
     from flax_resnet import store, training
     from flax_resnet.recipes import RunConfig
 
     # anything in checkpoints/ (ours, or files someone put there) is refused before data is read
-    ckpt_dir = plan.out / store.CHECKPOINT_SUBDIR
+    ckpt_dir = args.out / store.CHECKPOINT_SUBDIR
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):
-        return fail(f"{plan.out} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to "
+        return fail(f"{args.out} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to "
                     "start over, or choose another --out.")
-    config = RunConfig(recipe=plan.recipe, model=plan.model, model_kwargs=plan.model_kwargs,
-                       framework=args.framework, dataset=args.dataset, seed=args.seed, dtype=args.dtype,
-                       precision=args.precision, bn_sync=args.bn_sync == "on")
-    arguments = ", ".join(f"{k}={v}" for k, v in plan.model_kwargs.items())
-    title = f"{plan.model}({arguments}), {plan.recipe.name}, {args.framework}"
+    name, kwargs = args.model, args.model_kwargs
+    config = RunConfig(recipe=recipe, model=name, model_kwargs=kwargs, framework=args.framework, dataset=args.dataset,
+                       seed=args.seed, dtype=args.dtype, precision=args.precision, bn_sync=args.bn_sync == "on")
     dataset = load_data(args)
     runner = None
     if args.framework == "jax":
         from flax_resnet.precision import apply_precision
         from flax_resnet.training import parallel
 
-        model = registry.build_flax(plan.model, plan.model_kwargs, seed=args.seed)
+        model = registry.build_flax(name, kwargs, seed=args.seed)
         if args.init_from is not None:
-            _init_flax_from(model, args.init_from, plan.model, plan.model_kwargs)
+            _init_from(model, args.init_from, name, kwargs, "jax")
         apply_precision(model, args.precision)
         runner = parallel.runner_factory_from_args(args)
     else:
-        model = registry.build_torch(plan.model, plan.model_kwargs, seed=args.seed)
+        model = registry.build_torch(name, kwargs, seed=args.seed)
         if args.init_from is not None:
-            _init_torch_from(model, args.init_from, plan.model, plan.model_kwargs)
-    result = training.train(model, config, dataset, runner=runner, out_dir=plan.out, resume=args.resume,
+            _init_from(model, args.init_from, name, kwargs, "torch")
+    result = training.train(model, config, dataset, runner=runner, out_dir=args.out, resume=args.resume,
                             overwrite=args.overwrite, max_to_keep=args.max_to_keep,
-                            progress=progress_factory(not args.no_progress), log=write_line, title=title)
-    history = result.history
-    if history["test_acc"] and history["test_acc"][-1] is not None:
-        print(f"done: {plan.model} ({plan.recipe.name}, {args.framework}) final test accuracy "
-              f"{history['test_acc'][-1]:.2f}%; outputs in {plan.out}")
-    else:
-        print(f"done: {plan.model} ({plan.recipe.name}, {args.framework}); outputs in {plan.out}")
+                            progress=progress_factory(not args.no_progress), log=write_line,
+                            title=f"{_call(name, kwargs)}, {recipe.name}, {args.framework}")
+    accuracy = (result.history["test_acc"] or [None])[-1]
+    final = "" if accuracy is None else f" final test accuracy {accuracy:.2f}%"
+    print(f"done: {name} ({recipe.name}, {args.framework}){final}; outputs in {args.out}")
     return 0
-
-
-def _init_torch_from(model: Any, path: Path, name: str, kwargs: dict[str, Any]) -> None:
-    """--init-from for a torch model: a state_dict file (.pt or .safetensors), or a checkpoint of either framework
-    in torch's layout."""
-    import torch
-
-    from flax_resnet import port
-    from flax_resnet.port import PortError
-
-    if path.is_dir():
-        from flax_resnet import checkpoint
-
-        _check_recorded_model(checkpoint.read_meta(path), path, name, kwargs)
-        state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax(name, kwargs))
-    else:
-        state_dict = {k: torch.as_tensor(v) for k, v in port.read_state_dict(path).items()}
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:  # torch's report of a misfit
-        raise PortError(f"--init-from {path} does not fit {name}: {e}{_weights_hint(state_dict, name, kwargs)}") from e
 
 
 # -------------------------------------------------------------------------------------------------- port
@@ -425,7 +387,7 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("model options (--n-blocks, ...) need --model")
     if args.model is not None:
         try:
-            registry.model_kwargs(args.model, given)
+            kwargs = registry.model_kwargs(args.model, given)
         except ValueError as e:
             parser.error(str(e))
     if src.is_file():
@@ -440,10 +402,8 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if src.is_file():
         state_dict = port.read_state_dict(src)
-        if args.model is not None:
-            name, kwargs = args.model, registry.model_kwargs(args.model, given)
-        else:
-            name, kwargs = registry.infer_model(list(state_dict), {k: tuple(v.shape) for k, v in state_dict.items()})
+        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+        name, kwargs = (args.model, kwargs) if args.model else registry.infer_model(list(state_dict), shapes)
         model = registry.build_flax_to_fill(name, kwargs)
         _port_into(model, state_dict, name, kwargs)
         _written(dst, lambda: checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs,
@@ -451,10 +411,9 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"wrote {name} {kwargs or ''} as a Flax checkpoint to {dst}")
         return 0
     meta = checkpoint.read_meta(src, args.step)
-    name = args.model or meta.get("model")
-    if name is None or name not in registry.MODELS:
+    name, kwargs = (args.model, kwargs) if args.model else (meta.get("model"), meta.get("model_kwargs") or {})
+    if name not in registry.MODELS:
         parser.error(f"{src} does not record a registered model; name it with --model")
-    kwargs = registry.model_kwargs(name, given) if args.model else meta.get("model_kwargs") or {}
     _check_recorded_model(meta, src, name, kwargs)
     if meta.get("dtype") == "float64":
         import jax
@@ -485,12 +444,8 @@ def _written(dst: Path, write: Callable[[], Any]) -> None:
 
 # -------------------------------------------------------------------------------------------------- main
 # Each entry adds one command.
-SUBCOMMANDS: list[Callable[[Any], Any]] = [
-    add_train_parser,
-    add_port_parser,
-    experiments.add_experiments_parser,
-    bench.add_bench_parser,
-]
+SUBCOMMANDS: list[Callable[[Any], Any]] = [add_train_parser, add_port_parser, experiments.add_experiments_parser,
+                                           bench.add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,10 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns the exit code.
-
-    Every expected failure is a ``FlaxResnetError`` and is reported here, once, as ``error: ...`` (exit 1).
-    """
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
@@ -530,9 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Leave at once: XLA may still be compiling on its own threads, and tearing the interpreter down under them
         # crashed with a segmentation fault (exit 139) in 13 of 17 interrupts during the first compile (measured).
         # Everything worth keeping is already written, and the --out lock is released.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        _exit_now(EXIT_INTERRUPTED)
     return code
 
 
