@@ -1,11 +1,9 @@
 """The training loop, written once for both frameworks: epochs -> steps -> eval -> history -> checks -> checkpoint.
 
-What differs between JAX/Flax and PyTorch is a small ``Backend`` (``flax_backend.FlaxBackend`` over a runner,
-``torch_backend.TorchBackend`` over the notebooks' own loops); everything around the steps is here, once:
-
-Per epoch: the epoch plan of ``(seed, epoch)`` (``flax_resnet.plan``; so a resumed run sees the batches an
-uninterrupted one would), the backend's training steps, an evaluation over every test sample, then one row of
-history:
+A small ``Backend`` per framework (``flax_backend.FlaxBackend`` over a runner, ``torch_backend.TorchBackend`` over
+the notebooks' own loops) runs the steps. Per epoch: the epoch plan of ``(seed, epoch)`` (``flax_resnet.data.plan``;
+so a resumed run sees the batches an uninterrupted one would), the training steps, an evaluation over every test
+sample, then one row of history:
 
 | key                | definition                                                                                |
 | ------------------ | ----------------------------------------------------------------------------------------- |
@@ -18,12 +16,10 @@ history:
 | ``images_per_sec`` | training images per second of the training phase                                          |
 | ``lr``             | the learning rate of the epoch (torch's per-epoch scheduler value)                         |
 
-A nan or inf loss stops the run with ``TrainError`` naming the epoch and step, before that epoch is saved.
-With an output directory, each epoch also writes a checkpoint (``flax_resnet.store``: the backend's state as
-arrays, the ``RunConfig`` and the history as metadata), then ``history.json`` and ``curves.png``. ``resume``
-continues from the newest readable checkpoint when its ``RunConfig`` fits (``RunConfig.resume_problems`` names
-each field that differs), with the same final result as an uninterrupted run. The library never prints:
-progress goes to the bar from ``progress`` and epoch lines to ``log``.
+A nan or inf loss stops the run with ``TrainError`` naming the epoch and step, before that epoch is saved. With an
+output directory, each epoch writes a checkpoint (``flax_resnet.store``: the backend's state as arrays, the
+``RunConfig`` and the history as metadata), then ``history.json`` and ``curves.png``. The library never prints:
+progress goes to the bar from ``progress``, epoch lines to ``log``.
 """
 
 from __future__ import annotations
@@ -47,7 +43,7 @@ from flax_resnet.recipes import Recipe, RunConfig, epoch_learning_rate
 from flax_resnet.store import CHECKPOINT_SUBDIR, CheckpointStore
 
 __all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "Backend", "EpochResult", "StepHook", "TrainError",
-           "empty_history", "epoch_summary", "read_history", "run", "write_history"]
+           "read_history", "run", "write_history"]
 
 HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time", "images_per_sec", "lr")
 HISTORY_FILE = "history.json"
@@ -57,6 +53,8 @@ History = dict[str, list[Any]]
 StepHook = Callable[[int, Callable[[], float]], None]
 """``on_step(global_step, loss)``: called after each training step; ``loss()`` reads that step's loss (a host
 sync per call on a device: for tests and debugging)."""
+ProgressFactory = Callable[..., Any]
+"""``factory(total=steps, desc="epoch 1/20")``: a bar with tqdm's ``update``, ``set_postfix_str`` and ``close``."""
 
 
 class TrainError(FlaxResnetError, RuntimeError):
@@ -74,67 +72,39 @@ class EpochResult:
 
 
 class Backend(Protocol):
-    """What the loop needs from a framework. The loop calls every method, in this order:
-
-    ``prepare`` once (checks that must fail before any compilation, e.g. a batch size the devices cannot
-    share; puts the data where the steps read it), ``load_state`` when resuming, then per epoch
-    ``train_epoch`` + ``evaluate`` + ``state`` (for the checkpoint), and ``finish`` at the end.
+    """What the loop needs from a framework, called in this order: ``prepare`` once (checks that must fail before
+    any compilation, e.g. a batch size the devices cannot share; puts the data where the steps read it),
+    ``load_state`` when resuming, then per epoch ``train_epoch``, ``evaluate`` (test loss as notebook 004's
+    ``evaluate`` defines it, accuracy in percent) and ``state`` (the whole training state as named host arrays plus
+    JSON-able extras, for the checkpoint), and ``finish`` (the trained model) at the end. ``barrier``: all
+    processes meet (a no-op with one process); only the main process reports and writes outputs.
     """
 
     framework: str
-    is_main_process: bool  # reports and writes outputs (process 0 of a multi-process run)
+    is_main_process: bool
 
     def prepare(self, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                 test_labels: np.ndarray) -> None: ...
 
-    def train_epoch(self, epoch: int, plan: EpochPlan, on_step: Callable[[int, Callable[[], float]], None]
-                    ) -> EpochResult: ...
+    def train_epoch(self, epoch: int, plan: EpochPlan, on_step: StepHook) -> EpochResult: ...
 
-    def evaluate(self) -> tuple[float, float]:
-        """(test loss as notebook 004's ``evaluate`` defines it, test accuracy in percent)."""
-        ...
+    def evaluate(self) -> tuple[float, float]: ...
 
-    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The whole training state as named host arrays, plus JSON-able extras (both go into a checkpoint)."""
-        ...
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
 
     def load_state(self, arrays: Mapping[str, np.ndarray], extra: Mapping[str, Any]) -> None: ...
 
-    def barrier(self, name: str) -> None:
-        """All processes meet here (a no-op with one process)."""
-        ...
+    def barrier(self, name: str) -> None: ...
 
-    def finish(self) -> Any:
-        """The trained model, holding the final state."""
-        ...
-
-
-class ProgressBar(Protocol):
-    """The part of ``tqdm`` the loop uses."""
-
-    def update(self, n: int = 1) -> Any: ...
-
-    def set_postfix_str(self, s: str = "", refresh: bool = True) -> Any: ...
-
-    def close(self) -> Any: ...
-
-
-ProgressFactory = Callable[..., ProgressBar]  # called as factory(total=steps, desc="epoch 1/20")
-
-
-def empty_history() -> History:
-    return {key: [] for key in HISTORY_KEYS}
-
-
-def _finite_or_none(value: Any) -> Any:
-    return value if not isinstance(value, float) or math.isfinite(value) else None
+    def finish(self) -> Any: ...
 
 
 def write_history(out_dir: str | Path, history: History) -> Path:
     """``history.json``, written atomically; a missing value (no test set) is ``null``, as JSON has no NaN."""
     path = Path(out_dir) / HISTORY_FILE
     tmp = path.with_name(f".{path.name}.tmp")
-    clean = {key: [_finite_or_none(v) for v in values] for key, values in history.items()}
+    clean = {key: [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
+             for key, values in history.items()}
     try:
         tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
         os.replace(tmp, path)
@@ -164,60 +134,39 @@ def _write_outputs(out_dir: Path, history: History, recipe: Recipe, title: str |
 def epoch_summary(epoch: int, epochs: int, row: Mapping[str, Any]) -> str:
     """The notebooks' per-epoch line, with time and throughput."""
 
-    def pct(v: Any) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}%"
+    def show(v: Any, spec: str, unit: str = "") -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{unit}"
 
-    def num(v: Any) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
-    return (f"Epoch {epoch + 1}/{epochs}: Train Loss: {num(row['train_loss'])}, Train Acc: {pct(row['train_acc'])}, "
-            f"Test Loss: {num(row['test_loss'])}, Test Acc: {pct(row['test_acc'])} "
+    return (f"Epoch {epoch + 1}/{epochs}: Train Loss: {show(row['train_loss'], '.4f')}, "
+            f"Train Acc: {show(row['train_acc'], '.2f', '%')}, Test Loss: {show(row['test_loss'], '.4f')}, "
+            f"Test Acc: {show(row['test_acc'], '.2f', '%')} "
             f"({row['epoch_time']:.1f} s, {row['images_per_sec']:.0f} img/s, lr {row['lr']:.4g})")
 
 
-def _kept(store: CheckpointStore | None) -> str:
-    """What a stopped run leaves behind, for its error message."""
+def _check_epoch(epoch: int, spe: int, result: EpochResult, test_loss: float | None,
+                 store: CheckpointStore | None) -> None:
+    """Stop a run whose loss became nan or inf, naming the epoch and step, and what it leaves behind. The test loss
+    is checked too: weights that went non-finite in the epoch's last update show up only there."""
     if store is None:
-        return "no output directory was given, so nothing was written"
-    if store.latest is None:
-        return f"no checkpoint was written to {store.directory}"
-    return f"the last good checkpoint (epoch {store.latest}) in {store.directory} is kept"
-
-
-def _diverged(where: str, loss: float, kept: str) -> TrainError:
-    kind = "nan" if math.isnan(loss) else "inf"
-    return TrainError(f"training diverged: the training loss became {kind} at {where}. This epoch was not saved; "
-                      f"{kept}. Lower --lr (or check the data), then start over with --overwrite or continue from "
-                      "the last checkpoint with --resume.")
-
-
-def _check_epoch(epoch: int, spe: int, result: EpochResult, test_loss: float | None, kept: str) -> None:
-    """Stop a run whose loss became nan or inf, naming the epoch and step. The test loss is checked too: weights
-    that went non-finite in the epoch's last update show up only there."""
+        kept = "no output directory was given, so nothing was written"
+    elif store.latest is None:
+        kept = f"no checkpoint was written to {store.directory}"
+    else:
+        kept = f"the last good checkpoint (epoch {store.latest}) in {store.directory} is kept"
     if result.first_nonfinite is not None or not math.isfinite(result.loss):
         where = f"epoch {epoch + 1}"
         if result.first_nonfinite is not None:
             step = result.first_nonfinite
             where += f", step {step + 1} of {spe} (optimizer step {epoch * spe + step + 1})"
-        raise _diverged(where, result.loss if not math.isfinite(result.loss) else math.nan, kept)
+        kind = "inf" if math.isinf(result.loss) else "nan"
+        raise TrainError(f"training diverged: the training loss became {kind} at {where}. This epoch was not saved; "
+                         f"{kept}. Lower --lr (or check the data), then start over with --overwrite or continue from "
+                         "the last checkpoint with --resume.")
     if test_loss is not None and not math.isfinite(test_loss):
         raise TrainError(f"training diverged: the weights after epoch {epoch + 1} give a non-finite test loss "
                          f"({test_loss}) although every training loss of the epoch was finite. This epoch was not "
                          f"saved; {kept}. Lower --lr, then start over with --overwrite or continue from the last "
                          "checkpoint with --resume.")
-
-
-def _open_store(out_dir: Path, config: RunConfig, backend: Backend, resume: bool, overwrite: bool,
-                max_to_keep: int | None) -> CheckpointStore:
-    """The run's checkpoint store; refuses another run's checkpoints unless told what to do with them."""
-    store = CheckpointStore(out_dir / CHECKPOINT_SUBDIR, max_to_keep=max_to_keep, is_writer=backend.is_main_process,
-                            barrier=backend.barrier)
-    if store.steps and not resume:
-        if not overwrite:
-            raise TrainError(f"{out_dir} already holds checkpoints of a run (epochs {store.steps}); pass --resume to "
-                             "continue it, --overwrite to start over, or choose another --out")
-        store.remove_all()  # only the files the store wrote; every process calls it, the writer removes
-    return store
 
 
 def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_labels: np.ndarray,
@@ -228,8 +177,9 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
     """Train through ``backend`` as ``config`` says; returns the history (the backend holds the trained state).
 
     ``out_dir``: where checkpoints, ``history.json`` and ``curves.png`` go (nothing is written without it).
-    ``resume``: continue from the newest readable checkpoint there (an unreadable newer one is set aside and
-    reported); ``overwrite``: remove the checkpoints there and start over.
+    ``resume``: continue from the newest readable checkpoint there whose ``RunConfig`` fits
+    (``RunConfig.resume_problems``; an unreadable newer one is set aside and reported), with the same result as an
+    uninterrupted run; ``overwrite``: remove the checkpoints there and start over.
     """
     recipe = config.recipe
     num_train, num_test = len(train_labels), len(test_labels)
@@ -244,10 +194,17 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
         report = log or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))
 
     meta = config.asdict()
-    history, start_epoch, store = empty_history(), 0, None
+    history: History = {key: [] for key in HISTORY_KEYS}
+    start_epoch, store = 0, None
     if out_dir is not None:
         out_dir = Path(out_dir)
-        store = _open_store(out_dir, config, backend, resume, overwrite, max_to_keep)
+        store = CheckpointStore(out_dir / CHECKPOINT_SUBDIR, max_to_keep=max_to_keep,
+                                is_writer=backend.is_main_process, barrier=backend.barrier)
+        if store.steps and not resume:
+            if not overwrite:
+                raise TrainError(f"{out_dir} already holds checkpoints of a run (epochs {store.steps}); pass --resume "
+                                 "to continue it, --overwrite to start over, or choose another --out")
+            store.remove_all()  # only the files the store wrote; every process calls it, the writer removes
         if resume and store.steps:
 
             def check(saved: dict[str, Any]) -> None:
@@ -257,10 +214,9 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
                                      "cannot continue it:\n  " + "\n  ".join(problems)
                                      + "\nRun with the checkpoint's settings, or start over with --overwrite.")
 
-            step, arrays, saved = store.restore_latest_good(check_meta=check, report=report)
+            start_epoch, arrays, saved = store.restore_latest_good(check_meta=check, report=report)
             backend.load_state(arrays, saved.get("backend", {}))
             history = {key: list(saved["history"].get(key, [])) for key in HISTORY_KEYS}
-            start_epoch = step
             if log:
                 log(f"resuming from {store.directory} after epoch {start_epoch}")
 
@@ -287,7 +243,7 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
 
 
 def _epoch(backend: Backend, config: RunConfig, epoch: int, spe: int, num_train: int, num_test: int,
-           store: CheckpointStore | None, bar: ProgressBar | None, on_step: StepHook | None) -> dict[str, Any]:
+           store: CheckpointStore | None, bar: Any, on_step: StepHook | None) -> dict[str, Any]:
     """Train and evaluate one epoch; its row of history (``TrainError`` if the loss diverged)."""
 
     def step_done(step: int, loss: Callable[[], float]) -> None:
@@ -296,15 +252,14 @@ def _epoch(backend: Backend, config: RunConfig, epoch: int, spe: int, num_train:
         if on_step is not None:
             on_step(epoch * spe + step, loss)
 
-    recipe = config.recipe
     t0 = time.perf_counter()
     result = backend.train_epoch(epoch, plans.epoch_plan(config.seed, epoch, num_train), step_done)
     train_time = time.perf_counter() - t0
-    _check_epoch(epoch, spe, result, None, _kept(store))
+    _check_epoch(epoch, spe, result, None, store)
     test_loss = test_acc = None
     if num_test:
         test_loss, test_acc = backend.evaluate()
-        _check_epoch(epoch, spe, result, test_loss, _kept(store))
+        _check_epoch(epoch, spe, result, test_loss, store)
     return {"train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss, "test_acc": test_acc,
             "epoch_time": time.perf_counter() - t0, "images_per_sec": result.count / max(train_time, 1e-9),
-            "lr": float(epoch_learning_rate(recipe, epoch))}
+            "lr": float(epoch_learning_rate(config.recipe, epoch))}
