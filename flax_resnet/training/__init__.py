@@ -51,13 +51,12 @@ def train(model: Any, config: RunConfig, dataset: Any, *, runner: Any = None, de
     """
     config = dataclasses.replace(config, dataset=getattr(dataset, "name", config.dataset),
                                  num_train=len(dataset.train_labels), num_test=len(dataset.test_labels))
-    if isinstance(model, nnx.Module):
-        if config.framework != "jax":
-            raise ValueError(f"an NNX model trains with framework 'jax', but the config says {config.framework!r}")
+    kind, framework = ("an NNX", "jax") if isinstance(model, nnx.Module) else ("a torch", "torch")
+    if config.framework != framework:
+        raise ValueError(f"{kind} model trains with framework {framework!r}, but the config says {config.framework!r}")
+    if framework == "jax":
         backend: Any = FlaxBackend(model, config, runner=runner)
     else:
-        if config.framework != "torch":
-            raise ValueError(f"a torch model trains with framework 'torch', but the config says {config.framework!r}")
         from flax_resnet.training.torch_backend import TorchBackend  # torch is an optional dependency
 
         backend = TorchBackend(model, config, device=device)

@@ -43,12 +43,8 @@ def _ratio(num: float, den: float) -> float:
 
 
 def epoch_result(recipe: Recipe, sums: Mapping[str, float], first_step: int) -> EpochResult:
-    """An epoch's result from its metric sums (``engine.Metrics`` read to the host).
-
-    The loss follows the recipe: notebook 000's ``train_model`` averages over samples (``loss_x_count / count``),
-    notebook 004's ``train_epoch`` over batches (``loss_of_batches / batches``). ``first_step`` is the global step
-    the epoch began with (to turn ``first_nonfinite`` into a step of the epoch).
-    """
+    """An epoch's result from its metric sums (``engine.Metrics`` read to the host), the loss as the recipe's
+    notebook averages it; ``first_step``: the global step the epoch began with."""
     if recipe.train_loss_mean == "samples":
         loss = _ratio(sums["loss_x_count"], sums["count"])
     else:
@@ -67,30 +63,23 @@ class FlaxBackend:
         dtype = jnp.dtype(config.dtype)
         if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
             raise ValueError("float64 training needs jax.config.update('jax_enable_x64', True) first")
-        self.model, self.config, self.dtype = model, config, dtype
-        self.num_train: int | None = None
+        self.model, self.config, self.dtype, self._runner_arg = model, config, dtype, runner
         cast_floating(model, dtype)
-        self._template: TrainState | None = None
-        self.graphdef, self.state_value = None, None  # set in prepare, once the step count is known
-        self._runner_arg = runner
-        self.runner: Runner | None = None
         self.is_main_process = jax.process_index() == 0
 
-    # ----------------------------------------------------------------------------------------- the protocol
     def prepare(self, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                 test_labels: np.ndarray) -> None:
         recipe = self.config.recipe
         self.num_train, self.num_test = len(train_labels), len(test_labels)
         self.spe = steps_per_epoch(self.num_train, recipe.batch_size)
         self.tx = engine.make_optimizer(recipe, self.spe)
-        self.graphdef, state = engine.init_train_state(self.model, self.tx)
-        self._template = state
+        self.graphdef, self._template = engine.init_train_state(self.model, self.tx)
         runner = self._runner_arg or SingleDeviceRunner
         if isinstance(runner, type) or not hasattr(runner, "train_step"):
             runner = runner(self.graphdef, self.tx, recipe, dtype=self.dtype)
-        self.runner = runner
+        self.runner: Runner = runner
         runner.check_batch_sizes(self.num_train, recipe.batch_size)  # before anything is compiled
-        self.state_value = runner.put_state(state)
+        self.state_value = runner.put_state(self._template)
         self.train_data = runner.put_data(train_images, train_labels)
         self.test_data = runner.put_data(test_images, test_labels) if self.num_test else None
 
@@ -139,7 +128,6 @@ class FlaxBackend:
         nnx.update(self.model, state.params, state.model_state)
         return self.model
 
-    # ------------------------------------------------------------------------------------------------ extra
     def train_state(self) -> TrainState:
         """The whole training state (parameters, BatchNorm statistics, optimiser), host-readable."""
         return self.runner.get_state(self.state_value)

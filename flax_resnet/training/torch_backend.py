@@ -1,10 +1,8 @@
 """The PyTorch side of the training loop: the notebooks' own loops (``torch_ref.train``) on the same batch stream.
 
-Each epoch's plan is handed to ``torch_ref.data.PlannedBatches``, which gathers and augments in torch, so the
-torch model sees bit-identical uint8 batches to the Flax one's; the epoch itself is notebook 000's
-``train_one_epoch`` or notebook 004's ``train_epoch`` (the recipe's loss definition), then ``evaluate``, then
-``scheduler.step()``, with torch's SGD and per-epoch schedulers. torch is an optional dependency: this module is
-imported only for ``framework='torch'``.
+``torch_ref.data.PlannedBatches`` gathers and augments each epoch's plan in torch (uint8 batches bit-identical to
+the Flax ones); the epoch is notebook 000's ``train_one_epoch`` or notebook 004's ``train_epoch`` (the recipe's
+loss definition), then ``evaluate``, then ``scheduler.step()``. Imported only for ``framework='torch'``.
 """
 
 from __future__ import annotations
@@ -31,10 +29,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class _Diverged(Exception):
-    """Raised from the step hook to leave the notebook's epoch loop at the first non-finite loss."""
-
-    def __init__(self, step: int):
-        self.step = step
+    """Raised from the step hook, with the step, to leave the notebook's epoch loop at the first non-finite loss."""
 
 
 class TorchBackend:
@@ -85,7 +80,7 @@ class TorchBackend:
             loss, accuracy = self.one_epoch(self.model, self.train_loader, self.criterion, self.optimizer,
                                             self.device, on_step=hook)
         except _Diverged as e:
-            return EpochResult(loss=math.nan, accuracy=math.nan, count=0, first_nonfinite=e.step)
+            return EpochResult(loss=math.nan, accuracy=math.nan, count=0, first_nonfinite=e.args[0])
         if self.scheduler is not None:
             self.scheduler.step()
         return EpochResult(loss=loss, accuracy=accuracy, count=self.train_loader.num_examples)
