@@ -1,13 +1,9 @@
 """Model names -> constructors for both frameworks, from one table.
 
-Every notebook class has the same name in ``flax_resnet.models`` and ``torch_ref.models``, so one entry per
-name says everything: which constructor arguments it takes (and so which command-line options), which fixed
-arguments it gets (``PlainNet`` is always built from ``PlainBlock``, resolved in each framework's module), and
-which recipe it belongs to. Adding a model is one line in ``MODELS``; adding a constructor argument is one
-entry in ``MODEL_ARGS``.
-
-Nothing heavy is imported here (the CLI builds ``--help`` from this table): the model modules, and torch,
-load only when a model is built.
+Every notebook class has the same name in ``flax_resnet.models`` and ``torch_ref.models``, so one ``MODELS`` line
+per name says which constructor arguments it takes (and so which command-line options, one ``MODEL_ARGS`` entry
+each), which fixed arguments it gets (``PlainNet`` is always built from ``PlainBlock``) and which recipe it belongs
+to. Nothing heavy is imported here (``--help`` reads this table): model modules and torch load when a model is built.
 """
 
 from __future__ import annotations
@@ -70,9 +66,8 @@ MODEL_ARGS: dict[str, ModelArg] = {
 
 
 def add_model_arguments(parser: Any, describe: Callable[[ModelArg], str] = lambda arg: arg.help) -> None:
-    """One command-line option per constructor argument of ``MODEL_ARGS`` (``--n-blocks``, ...), stored under
-    the argument's name with default None (unset: ``model_kwargs`` then uses the model's default).
-    ``parser``: an ``argparse`` parser or argument group; ``describe``: each option's help text."""
+    """One option per ``MODEL_ARGS`` entry on an argparse parser or group, stored under the argument's name; unset
+    is None (``model_kwargs`` then uses the model's default)."""
     for arg in MODEL_ARGS.values():
         parser.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
                             metavar="N" if arg.type is int else "X", help=describe(arg))
@@ -118,11 +113,8 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def model_kwargs(name: str, given: Mapping[str, Any] | None = None, recipe: str | None = None) -> dict[str, Any]:
-    """The constructor arguments of ``name``: ``given`` (None values ignored) over recipe and class defaults.
-
-    Raises ``ValueError`` for an argument the model does not take or a value out of range, so that callers
-    (the CLI) can reject a run before doing anything.
-    """
+    """The constructor arguments of ``name``: ``given`` (None values ignored) over recipe and class defaults;
+    ``ValueError`` for an argument the model does not take or a value out of range."""
     spec = get_spec(name)
     given = {k: v for k, v in (given or {}).items() if v is not None}
     foreign = [MODEL_ARGS[k].flag if k in MODEL_ARGS else k for k in given if k not in spec.args]
@@ -207,9 +199,8 @@ def infer_model(state_dict_keys: Sequence[str], shapes: Mapping[str, tuple[int, 
                 ) -> tuple[str, dict[str, Any]]:
     """Which registered model a torch ``state_dict`` belongs to, with the constructor arguments read from it.
 
-    Builds each candidate abstractly (``nnx.eval_shape``: no weights are computed) and compares keys and, when
-    given, shapes. A variant with the same weights as another model (ResNet18Dropout) is not a separate answer.
-    Raises ``ValueError`` when none or several fit.
+    Compares keys and, when given, shapes with each candidate built abstractly (``nnx.eval_shape``). A variant with
+    another model's weights (ResNet18Dropout) is not a separate answer. ``ValueError`` when none or several fit.
     """
     from flax import nnx
 
@@ -218,11 +209,7 @@ def infer_model(state_dict_keys: Sequence[str], shapes: Mapping[str, tuple[int, 
     keys = list(state_dict_keys)
     matches: list[tuple[str, dict[str, Any]]] = []
     for name, spec in MODELS.items():
-        given = {}
-        for arg_name in spec.args:
-            reader = MODEL_ARGS[arg_name].from_keys
-            if reader is not None:
-                given[arg_name] = reader(keys)
+        given = {a: MODEL_ARGS[a].from_keys(keys) for a in spec.args if MODEL_ARGS[a].from_keys is not None}
         try:
             kwargs = model_kwargs(name, given)
         except ValueError:
