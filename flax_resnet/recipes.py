@@ -1,9 +1,7 @@
 """How a run trains: the notebooks' recipes, and the ``RunConfig`` that names everything deciding a run's result.
 
 Every number of a recipe is a field, so the command line can override any of them with ``dataclasses.replace``.
-A ``RunConfig`` is built once (by the command line, the experiments or a library caller) and handed to the
-training loop; its ``asdict()`` is what every checkpoint records, and ``resume_problems`` is what ``--resume``
-checks against it.
+Every checkpoint records the ``RunConfig``'s ``asdict()``; ``resume_problems`` is what ``--resume`` checks.
 """
 
 from __future__ import annotations
@@ -40,15 +38,12 @@ class Recipe:
     report_test_loss: bool = True
 
     def __post_init__(self):
-        for field in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        rules = [(f, "be at least 1", getattr(self, f) >= 1) for f in ("epochs", "batch_size", "eval_batch_size")]
+        rules += [("lr", "be positive", self.lr > 0), ("momentum", "be in [0, 1)", 0 <= self.momentum < 1),
+                  ("weight_decay", "be >= 0", self.weight_decay >= 0)]
+        for field, rule, ok in rules:
+            if not ok:
+                raise ValueError(f"{field} must {rule}, got {getattr(self, field)}")
 
 
 RECIPES: dict[str, Recipe] = {
