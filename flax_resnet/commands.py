@@ -1,13 +1,11 @@
 """What every command of the command line shares: help layout, error reporting, progress, the data options.
-
-Imported by ``cli`` (train, port) and by the experiment and benchmark commands; it imports nothing heavier than
-the standard library at import time, so ``--help`` stays quick.
-"""
+Only the standard library is imported at import time, so ``--help`` stays quick."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import textwrap
@@ -102,15 +100,12 @@ def write_line(line: str) -> None:
 
 
 def progress_factory(enabled: bool) -> Callable[..., Any] | None:
-    """tqdm bars on stderr, one per epoch, or none."""
+    """tqdm bars on stderr, one per epoch (``factory(total=..., desc=...)``), or none."""
     if not enabled:
         return None
     from tqdm import tqdm
 
-    def factory(total: int, desc: str) -> Any:
-        return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
-
-    return factory
+    return functools.partial(tqdm, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, dataset_default: str | None = "cifar10",
