@@ -171,10 +171,8 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         args.recipe = registry.get_spec(args.model).recipe if args.model else DEFAULT_RECIPE
     if args.model is None:
         args.model = RECIPES[args.recipe].model
-    overrides = {name: getattr(args, name) for name in _RECIPE_OPTIONS if getattr(args, name) is not None}
-    for name in ("milestones", "mean", "std"):
-        if name in overrides:
-            overrides[name] = tuple(overrides[name])
+    overrides = {name: tuple(value) if isinstance(value, list) else value for name in _RECIPE_OPTIONS
+                 if (value := getattr(args, name)) is not None}
     try:
         recipe = dataclasses.replace(RECIPES[args.recipe], model=args.model, **overrides)
     except ValueError as e:
@@ -239,7 +237,8 @@ def _check_recorded_model(meta: Mapping[str, Any], path: Path, name: str, kwargs
     from flax_resnet.port import PortError
 
     recorded, recorded_kwargs = meta.get("model"), meta.get("model_kwargs") or {}
-    if recorded is not None and (recorded, recorded_kwargs) != (name, kwargs):
+    as_recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}  # JSON has no tuples
+    if recorded is not None and (recorded, recorded_kwargs) != (name, as_recorded):
         raise PortError(f"{path} holds weights of {_call(recorded, recorded_kwargs)}, not of {_call(name, kwargs)}; "
                         f"pass {_model_flags(recorded, recorded_kwargs)}")
 
