@@ -78,11 +78,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def fail(message: str) -> int:
-    """An expected failure (no data, a bad checkpoint): the message on stderr, no traceback; exit code 1.
-
-    Lines break at spaces only, so that paths (often with hyphens) stay whole and can be copied; a message laid
-    out in lines (a list of problems) keeps its lines.
-    """
+    """An expected failure: the message on stderr, no traceback; exit code 1. Lines break at spaces only, so that
+    paths (often with hyphens) stay whole; a message laid out in lines (a list of problems) keeps its lines."""
     lines = message.strip().split("\n")
     wrapped = [textwrap.fill(" ".join(line.split()), width=110, initial_indent="  " if i else "",
                              subsequent_indent="    " if i else "  ", break_on_hyphens=False,

@@ -81,9 +81,6 @@ def epoch_learning_rate(recipe: Recipe, epoch):
     return recipe.lr * jnp.ones_like(jnp.asarray(epoch, jnp.float32))
 
 
-FRAMEWORKS = ("jax", "torch")
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything that decides a training run's result, and so what a resumed run must share with its checkpoint.
@@ -107,8 +104,8 @@ class RunConfig:
     bn_sync: bool = True
 
     def __post_init__(self) -> None:
-        if self.framework not in FRAMEWORKS:
-            raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
+        if self.framework not in ("jax", "torch"):
+            raise ValueError(f"framework must be one of jax, torch, got {self.framework!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 

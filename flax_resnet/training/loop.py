@@ -99,7 +99,7 @@ class Backend(Protocol):
     def finish(self) -> Any: ...
 
 
-def write_history(out_dir: str | Path, history: History) -> Path:
+def write_history(out_dir: str | Path, history: History) -> None:
     """``history.json``, written atomically; a missing value (no test set) is ``null``, as JSON has no NaN."""
     path = Path(out_dir) / HISTORY_FILE
     tmp = path.with_name(f".{path.name}.tmp")
@@ -110,7 +110,6 @@ def write_history(out_dir: str | Path, history: History) -> Path:
         os.replace(tmp, path)
     finally:  # a failed write (a full disk) leaves the previous history.json and no partial file
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def read_history(out_dir: str | Path) -> History:
