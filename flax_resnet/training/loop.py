@@ -3,18 +3,12 @@
 A small ``Backend`` per framework (``flax_backend.FlaxBackend`` over a runner, ``torch_backend.TorchBackend`` over
 the notebooks' own loops) runs the steps. Per epoch: the epoch plan of ``(seed, epoch)`` (``flax_resnet.data.plan``;
 so a resumed run sees the batches an uninterrupted one would), the training steps, an evaluation over every test
-sample, then one row of history:
-
-| key                | definition                                                                                |
-| ------------------ | ----------------------------------------------------------------------------------------- |
-| ``train_loss``     | recipe.train_loss_mean 'samples': mean over samples (notebook 000's ``train_model``);      |
-|                    | 'batches': mean of batch losses (notebook 004's ``train_epoch``)                           |
-| ``train_acc``      | percent of training samples classified right during the epoch (train mode, as both)       |
-| ``test_loss``      | mean over test batches of the batch-mean loss (notebook 004's ``evaluate``); null: no tests |
-| ``test_acc``       | percent of test samples classified right (eval mode); null when there is no test set       |
-| ``epoch_time``     | seconds for the epoch, training and evaluation (the first includes compilation)            |
-| ``images_per_sec`` | training images per second of the training phase                                          |
-| ``lr``             | the learning rate of the epoch (torch's per-epoch scheduler value)                         |
+sample, then one row of history: ``train_loss`` (recipe.train_loss_mean 'samples': mean over samples, as notebook
+000's ``train_model``; 'batches': mean of batch losses, as notebook 004's ``train_epoch``), ``train_acc`` (percent
+of training samples classified right during the epoch, in train mode as both do), ``test_loss`` (mean over test
+batches of the batch-mean loss, as notebook 004's ``evaluate``) and ``test_acc`` (percent of test samples classified
+right, in eval mode), both null without a test set, ``epoch_time`` (seconds of training and evaluation; the first
+includes compilation), ``images_per_sec`` (of the training phase) and ``lr`` (torch's per-epoch scheduler value).
 
 A nan or inf loss stops the run with ``TrainError`` naming the epoch and step, before that epoch is saved. With an
 output directory, each epoch writes a checkpoint (``flax_resnet.store``: the backend's state as arrays, the
@@ -85,17 +79,11 @@ class Backend(Protocol):
 
     def prepare(self, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                 test_labels: np.ndarray) -> None: ...
-
     def train_epoch(self, epoch: int, plan: EpochPlan, on_step: StepHook) -> EpochResult: ...
-
     def evaluate(self) -> tuple[float, float]: ...
-
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
-
     def load_state(self, arrays: Mapping[str, np.ndarray], extra: Mapping[str, Any]) -> None: ...
-
     def barrier(self, name: str) -> None: ...
-
     def finish(self) -> Any: ...
 
 
