@@ -32,6 +32,7 @@ from flax_resnet.commands import (
     fail,
     finite_float,
     load_data,
+    number,
     progress_factory,
     seed,
     write_line,
@@ -133,7 +134,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="SGD weight decay (coupled, on every parameter)")
     rec.add_argument("--schedule", choices=("multistep", "cosine", "constant"),
                      help="learning-rate schedule, stepped per epoch")
-    rec.add_argument("--milestones", type=int, nargs="*", metavar="EPOCH",
+    rec.add_argument("--milestones", type=number(int, minimum=1), nargs="*", metavar="EPOCH",
                      help="epochs at which multistep multiplies the learning rate by --gamma")
     rec.add_argument("--gamma", type=finite_float(minimum=0, exclusive_min=True), metavar="G", help="multistep factor")
     rec.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -153,7 +154,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                           "uninterrupted run; an unreadable checkpoint is moved aside and the one before used); "
                           "starts afresh if there is none")
     out.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --out and start over")
-    out.add_argument("--max-to-keep", type=int, default=3, metavar="N",
+    out.add_argument("--max-to-keep", type=number(int, minimum=1), default=3, metavar="N",
                      help="checkpoints kept (the last N epochs; default: %(default)s)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
     p.set_defaults(handler=run_train, parser=p)
@@ -182,11 +183,6 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         args.model_kwargs = registry.model_kwargs(args.model, given, args.recipe)
     except ValueError as e:
         parser.error(str(e))
-    minimums = {"--milestones": (min(recipe.milestones, default=1), 1), "--train-samples": (args.train_samples, 1),
-                "--test-samples": (args.test_samples, 0), "--max-to-keep": (args.max_to_keep, 1)}
-    for flag, (value, least) in minimums.items():
-        if value is not None and value < least:
-            parser.error(f"{flag} must be at least {least}")
     check_data_arguments(args, parser)
     if not math.isfinite(args.distributed_timeout) or args.distributed_timeout <= 0:
         parser.error(f"--distributed-timeout must be a finite number of seconds > 0, got {args.distributed_timeout}")

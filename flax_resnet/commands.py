@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DEFAULT_DATA_DIR", "EXIT_FAILURE", "RUNS_DIR", "SEED_MAX", "HelpFormatter", "add_data_arguments",
-           "check_data_arguments", "expanded_path", "fail", "finite_float", "load_data", "progress_factory", "seed",
-           "write_line"]
+           "check_data_arguments", "expanded_path", "fail", "finite_float", "load_data", "number", "progress_factory",
+           "seed", "write_line"]
 
 DEFAULT_DATA_DIR = "data"
 RUNS_DIR = "runs"
@@ -30,37 +30,30 @@ def expanded_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def finite_float(*, minimum: float | None = None, maximum: float | None = None, exclusive_min: bool = False,
-                 exclusive_max: bool = False) -> Callable[[str], float]:
-    """An argparse type for a finite number in a range: nan and inf are refused at parse time (they would train
-    for a while and then diverge, or silently give meaningless results)."""
+def number(kind: type = float, *, minimum: float | None = None, maximum: float | None = None,
+           exclusive_min: bool = False, exclusive_max: bool = False, why: str = "") -> Callable[[str], Any]:
+    """An argparse type for a finite ``kind`` (float or int) in a range: nan and inf are refused at parse time (they
+    would train for a while and then diverge, or silently give meaningless results)."""
+    noun = "an integer" if kind is int else "a finite number"
 
-    def number(text: str) -> float:
+    def parse(text: str) -> Any:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         low_ok = minimum is None or (value > minimum if exclusive_min else value >= minimum)
         high_ok = maximum is None or (value < maximum if exclusive_max else value <= maximum)
-        if not math.isfinite(value) or not (low_ok and high_ok):
-            lo = "" if minimum is None else f"{'>' if exclusive_min else '>='} {minimum:g}"
-            hi = "" if maximum is None else f"{'<' if exclusive_max else '<='} {maximum:g}"
-            bounds = " and ".join(b for b in (lo, hi) if b)
-            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text}")
+        if not (low_ok and high_ok) or (kind is float and not math.isfinite(value)):
+            limits = ((">" if exclusive_min else ">=", minimum), ("<" if exclusive_max else "<=", maximum))
+            rule = " and ".join(f"{op} {limit}" for op, limit in limits if limit is not None)
+            raise argparse.ArgumentTypeError(f"must be {noun}{' ' + rule if rule else ''}{why}, got {text}")
         return value
 
-    return number
+    return parse
 
 
-def seed(text: str) -> int:
-    """An argparse type for a seed: an integer in [0, 2**32 - 1]."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_MAX}] (JAX seeds are 32-bit), got {text}")
-    return value
+finite_float = functools.partial(number, float)
+seed = number(int, minimum=0, maximum=SEED_MAX, why=" (JAX seeds are 32-bit)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -119,10 +112,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, dataset_default: str 
                         "cifar-10-python.tar.gz) instead of downloading it")
     g.add_argument("--no-download", action="store_true", help="never download: use prepared data or --archive only")
     g.add_argument("--skip-checksum", action="store_true", help="do not check the archive's md5")
-    g.add_argument("--train-samples", type=int, metavar="N",
+    g.add_argument("--train-samples", type=number(int, minimum=1), metavar="N",
                    help="use only the first N training images (synthetic: generate N; default 2048 there, all "
                         "50000 for CIFAR-10)")
-    g.add_argument("--test-samples", type=int, metavar="N",
+    g.add_argument("--test-samples", type=number(int, minimum=0), metavar="N",
                    help="use only the first N test images (synthetic: generate N; default 512 there)")
     if image_size:
         g.add_argument("--image-size", type=int, metavar="PX",
