@@ -48,19 +48,15 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by 
 
 # ------------------------------------------------------------------------------------------------- train
 def _recipe_table() -> str:
-    def schedule(r: Recipe) -> str:
-        if r.schedule == "multistep":
-            return f"multistep {list(r.milestones)} x{r.gamma:g}"
-        return "cosine (T_max = epochs)" if r.schedule == "cosine" else r.schedule
-
-    columns = [("recipe", lambda r: r.name), ("model", lambda r: r.model), ("epochs", lambda r: r.epochs),
-               ("batch", lambda r: r.batch_size), ("eval", lambda r: r.eval_batch_size), ("lr", lambda r: r.lr),
-               ("momentum", lambda r: r.momentum), ("wd", lambda r: r.weight_decay), ("schedule", schedule),
-               ("augment", lambda r: "crop+flip" if r.augment else "none"),
-               ("loss mean", lambda r: r.train_loss_mean),
-               ("std", lambda r: " ".join(f"{s:g}" for s in r.std))]
-    rows = [[name for name, _ in columns]] + [[str(get(r)) for _, get in columns] for r in RECIPES.values()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    rows = [["recipe", "model", "epochs", "batch", "eval", "lr", "momentum", "wd", "schedule", "augment", "loss mean",
+             "std"]]
+    for r in RECIPES.values():
+        schedule = {"multistep": f"multistep {list(r.milestones)} x{r.gamma:g}", "cosine": "cosine (T_max = epochs)"}
+        rows.append([str(v) for v in (r.name, r.model, r.epochs, r.batch_size, r.eval_batch_size, r.lr, r.momentum,
+                                      r.weight_decay, schedule.get(r.schedule, r.schedule),
+                                      "crop+flip" if r.augment else "none", r.train_loss_mean,
+                                      " ".join(f"{s:g}" for s in r.std))])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     mean = " ".join(f"{m:g}" for m in next(iter(RECIPES.values())).mean)
     return "\n".join(lines) + f"\n  (mean {mean} in both)"

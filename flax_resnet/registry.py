@@ -45,10 +45,6 @@ def _positive(value: Any) -> str | None:
     return None if all(v >= 1 for v in values) else "must be at least 1"
 
 
-def _probability(value: float) -> str | None:
-    return None if 0 <= value < 1 else "must be in [0, 1)"
-
-
 MODEL_ARGS: dict[str, ModelArg] = {
     "n_blocks": ModelArg(
         "n_blocks", "--n-blocks", int, 3,
@@ -58,10 +54,9 @@ MODEL_ARGS: dict[str, ModelArg] = {
     "num_blocks": ModelArg(
         "num_blocks", "--num-blocks", int, (1, 1, 1, 1),
         "blocks in each of PlainNet's four layers; default 1 1 1 1 (notebook 004: shallow 1 1 1 1, deep 3 3 3 3)",
-        nargs=4,
-        check=_positive, from_keys=lambda keys: tuple(_blocks_in(keys, f"layer{i}") for i in range(1, 5))),
-    "p": ModelArg("p", "--dropout-p", float, 0.2,
-                  "dropout probability after each block of ResNet18Dropout; default 0.2", check=_probability),
+        nargs=4, check=_positive, from_keys=lambda keys: tuple(_blocks_in(keys, f"layer{i}") for i in range(1, 5))),
+    "p": ModelArg("p", "--dropout-p", float, 0.2, "dropout probability after each block of ResNet18Dropout; "
+                  "default 0.2", check=lambda p: None if 0 <= p < 1 else "must be in [0, 1)"),
 }
 
 
@@ -141,11 +136,11 @@ def _build(module_name: str, name: str, kwargs: Mapping[str, Any], **extra: Any)
     return getattr(module, name)(**fixed, **model_kwargs(name, kwargs), **extra)
 
 
-def build_flax(name: str, kwargs: Mapping[str, Any] | None = None, *, seed: int = 0, rngs: Any = None) -> Any:
-    """The Flax NNX model ``name``, initialised from ``seed`` (or the given ``nnx.Rngs``)."""
+def build_flax(name: str, kwargs: Mapping[str, Any] | None = None, *, seed: int = 0) -> Any:
+    """The Flax NNX model ``name``, initialised from ``seed``."""
     from flax import nnx
 
-    return _build("flax_resnet.models", name, kwargs or {}, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+    return _build("flax_resnet.models", name, kwargs or {}, rngs=nnx.Rngs(seed))
 
 
 def build_flax_to_fill(name: str, kwargs: Mapping[str, Any] | None = None) -> Any:
