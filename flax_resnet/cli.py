@@ -457,8 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from flax_resnet.training.cpu import tune_allocator
 
     tune_allocator()  # before JAX starts: every command's CPU steps profit (see its docstring)

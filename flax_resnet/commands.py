@@ -148,7 +148,6 @@ def load_data(args: argparse.Namespace) -> Any:
               f"(remove {args.data_dir / 'cifar10'} to prepare it again)", file=sys.stderr)
     ds = data.load_dataset("cifar10", data_dir=args.data_dir, archive=args.archive, download=not args.no_download,
                            skip_checksum=args.skip_checksum)
-    n_train = args.train_samples or len(ds.train_labels)
-    n_test = len(ds.test_labels) if args.test_samples is None else args.test_samples
+    n_train, n_test = args.train_samples, args.test_samples  # None: all of them
     return dataclasses.replace(ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
                                test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])

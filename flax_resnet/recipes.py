@@ -144,7 +144,5 @@ class RunConfig:
         """The configuration recorded in a checkpoint (``asdict``'s inverse)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in fields}
-        recipe = dict(kwargs.pop("recipe"))
-        for name in ("milestones", "mean", "std"):
-            recipe[name] = tuple(recipe[name])
+        recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.pop("recipe").items()}
         return cls(recipe=Recipe(**recipe), **kwargs)

@@ -176,9 +176,8 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
     backend.prepare(train_images, train_labels, test_images, test_labels)  # fails before any compilation
     if not backend.is_main_process:
         progress = log = None
-    report = None  # what must not go unsaid when the caller gave no log (the library does not print)
-    if backend.is_main_process:
-        report = log or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))
+    # what must not go unsaid when the caller gave no log (the library does not print)
+    report = (log or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))) if backend.is_main_process else None
 
     meta = config.asdict()
     history: History = {key: [] for key in HISTORY_KEYS}
