@@ -174,11 +174,7 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         recipe = dataclasses.replace(RECIPES[args.recipe], model=args.model, **overrides)
     except ValueError as e:
         parser.error(f"--{str(e).replace('_', '-')}")
-    try:
-        given = {a: getattr(args, a) for a in registry.MODEL_ARGS}
-        args.model_kwargs = registry.model_kwargs(args.model, given, args.recipe)
-    except ValueError as e:
-        parser.error(str(e))
+    args.model_kwargs = _model_kwargs(args, parser, args.recipe)
     check_data_arguments(args, parser)
     if not math.isfinite(args.distributed_timeout) or args.distributed_timeout <= 0:
         parser.error(f"--distributed-timeout must be a finite number of seconds > 0, got {args.distributed_timeout}")
@@ -199,6 +195,14 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a directory")
     return recipe
+
+
+def _model_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser, recipe: str | None = None) -> dict:
+    """``registry.model_kwargs`` of the model options (--n-blocks, ...); a bad one is a usage error."""
+    try:
+        return registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, recipe)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _call(name: str, kwargs: Mapping[str, Any]) -> str:
@@ -373,14 +377,9 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     src, dst = args.source, args.target
     if not src.exists():
         parser.error(f"--from {src}: no such file or directory")
-    given = {a: getattr(args, a) for a in registry.MODEL_ARGS}
-    if args.model is None and any(v is not None for v in given.values()):
+    if args.model is None and any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
         parser.error("model options (--n-blocks, ...) need --model")
-    if args.model is not None:
-        try:
-            kwargs = registry.model_kwargs(args.model, given)
-        except ValueError as e:
-            parser.error(str(e))
+    kwargs = _model_kwargs(args, parser) if args.model else None
     if src.is_file():
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             parser.error(f"--to {dst} exists and is not an empty directory")
