@@ -230,13 +230,11 @@ def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
 
 def _check_recorded_model(meta: Mapping[str, Any], path: Path, name: str, kwargs: Mapping[str, Any]) -> None:
     """A checkpoint records its model: one that is not the model asked for is named, before its arrays are read."""
-    from flax_resnet.port import PortError
-
     recorded, recorded_kwargs = meta.get("model"), meta.get("model_kwargs") or {}
     as_recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}  # JSON has no tuples
     if recorded is not None and (recorded, recorded_kwargs) != (name, as_recorded):
-        raise PortError(f"{path} holds weights of {_call(recorded, recorded_kwargs)}, not of {_call(name, kwargs)}; "
-                        f"pass {_model_flags(recorded, recorded_kwargs)}")
+        raise FlaxResnetError(f"{path} holds weights of {_call(recorded, recorded_kwargs)}, not of "
+                              f"{_call(name, kwargs)}; pass {_model_flags(recorded, recorded_kwargs)}")
 
 
 def _port_into(model: Any, state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> None:
@@ -422,14 +420,12 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _written(dst: Path, write: Callable[[], Any]) -> None:
     """Run ``write``; a failed write (read-only file system, full disk) is one error naming the cause, with no
     partial file left (torch reports a failed write as a RuntimeError)."""
-    from flax_resnet.port import PortError
-
     try:
         write()
     except (OSError, RuntimeError) as e:
         cause = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
-        raise PortError(f"could not write {dst} ({cause}); nothing was written there. Free space or choose "
-                        "another --to.") from e
+        raise FlaxResnetError(f"could not write {dst} ({cause}); nothing was written there. Free space or choose "
+                              "another --to.") from e
 
 
 # -------------------------------------------------------------------------------------------------- main

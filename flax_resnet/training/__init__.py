@@ -1,9 +1,6 @@
-"""Training: one loop (``loop``) for both frameworks over a small backend each, and ``train``, its front door.
-
-``train(model, config, dataset)`` picks the backend from the model: an NNX module trains in JAX/Flax
-(``flax_backend``, through a runner: one device, ``pmap`` or ``shard_map``), a torch ``nn.Module`` in the PyTorch
-reference (``torch_backend``, the notebooks' own loops). Both see the same batches for the same ``config.seed``.
-"""
+"""Training: ``train(model, config, dataset)``, the front door of one loop (``loop``) for both frameworks; an NNX
+module trains in JAX/Flax (``flax_backend``, through a runner), a torch ``nn.Module`` in the PyTorch reference
+(``torch_backend``). Both see the same batches for the same ``config.seed``."""
 
 from __future__ import annotations
 

@@ -134,12 +134,9 @@ def _check_epoch(epoch: int, spe: int, result: EpochResult, test_loss: float | N
                  store: CheckpointStore | None) -> None:
     """Stop a run whose loss became nan or inf, naming the epoch and step, and what it leaves behind. The test loss
     is checked too: weights that went non-finite in the epoch's last update show up only there."""
-    if store is None:
-        kept = "no output directory was given, so nothing was written"
-    elif store.latest is None:
-        kept = f"no checkpoint was written to {store.directory}"
-    else:
-        kept = f"the last good checkpoint (epoch {store.latest}) in {store.directory} is kept"
+    kept = ("no output directory was given, so nothing was written" if store is None
+            else f"no checkpoint was written to {store.directory}" if store.latest is None
+            else f"the last good checkpoint (epoch {store.latest}) in {store.directory} is kept")
     if result.first_nonfinite is not None or not math.isfinite(result.loss):
         where = f"epoch {epoch + 1}"
         if result.first_nonfinite is not None:
