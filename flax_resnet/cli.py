@@ -429,7 +429,6 @@ def _written(dst: Path, write: Callable[[], Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- main
-# Each entry adds one command.
 SUBCOMMANDS: list[Callable[[Any], Any]] = [add_train_parser, add_port_parser, experiments.add_experiments_parser,
                                            bench.add_bench_parser]
 

@@ -61,5 +61,4 @@ def train(model: Any, config: RunConfig, dataset: Any, *, runner: Any = None, de
                   dataset.test_labels, out_dir=out_dir, resume=resume, overwrite=overwrite, max_to_keep=max_to_keep,
                   progress=progress, log=log, on_step=on_step, title=title)
     trained = backend.finish()
-    return TrainResult(trained, history, backend.train_state() if isinstance(backend, FlaxBackend) else None)
-
+    return TrainResult(trained, history, getattr(backend, "final_state", None))

@@ -124,10 +124,7 @@ class FlaxBackend:
             multihost_utils.sync_global_devices(name)
 
     def finish(self) -> nnx.Module:
-        state = self.train_state()
+        """The model with the trained weights; ``final_state`` keeps the whole ``TrainState`` (with the optimiser's)."""
+        self.final_state = state = self.runner.get_state(self.state_value)
         nnx.update(self.model, state.params, state.model_state)
         return self.model
-
-    def train_state(self) -> TrainState:
-        """The whole training state (parameters, BatchNorm statistics, optimiser), host-readable."""
-        return self.runner.get_state(self.state_value)
