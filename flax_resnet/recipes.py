@@ -74,8 +74,7 @@ def epoch_learning_rate(recipe: Recipe, epoch):
     import jax.numpy as jnp
 
     if recipe.schedule == "multistep":
-        passed = sum((epoch >= m) for m in recipe.milestones) if recipe.milestones else 0
-        return recipe.lr * jnp.power(recipe.gamma, passed)
+        return recipe.lr * jnp.power(recipe.gamma, sum(epoch >= m for m in recipe.milestones))  # milestones passed
     if recipe.schedule == "cosine":  # CosineAnnealingLR(T_max=epochs, eta_min=0)
         return recipe.lr * 0.5 * (1 + jnp.cos(jnp.pi * epoch / recipe.epochs))
     return recipe.lr * jnp.ones_like(jnp.asarray(epoch, jnp.float32))

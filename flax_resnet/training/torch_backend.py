@@ -1,8 +1,7 @@
 """The PyTorch side of the training loop: the notebooks' own loops (``torch_ref.train``) on the same batch stream.
-
-``torch_ref.data.PlannedBatches`` gathers and augments each epoch's plan in torch (uint8 batches bit-identical to
-the Flax ones); the epoch is notebook 000's ``train_one_epoch`` or notebook 004's ``train_epoch`` (the recipe's
-loss definition), then ``evaluate``, then ``scheduler.step()``. Imported only for ``framework='torch'``.
+``torch_ref.data.PlannedBatches`` gathers and augments each epoch's plan (uint8 batches bit-identical to the Flax
+ones), then come notebook 000's ``train_one_epoch`` or 004's ``train_epoch`` (the recipe's loss definition),
+``evaluate`` and ``scheduler.step()``. Imported only for ``framework='torch'``.
 """
 
 from __future__ import annotations
