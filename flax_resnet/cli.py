@@ -319,20 +319,16 @@ def _run_train_claimed(args: argparse.Namespace, recipe: Recipe) -> int:
     config = RunConfig(recipe=recipe, model=name, model_kwargs=kwargs, framework=args.framework, dataset=args.dataset,
                        seed=args.seed, dtype=args.dtype, precision=args.precision, bn_sync=args.bn_sync == "on")
     dataset = load_data(args)
+    model = (registry.build_flax if args.framework == "jax" else registry.build_torch)(name, kwargs, seed=args.seed)
+    if args.init_from is not None:
+        _init_from(model, args.init_from, name, kwargs, args.framework)
     runner = None
     if args.framework == "jax":
         from flax_resnet.precision import apply_precision
         from flax_resnet.training import parallel
 
-        model = registry.build_flax(name, kwargs, seed=args.seed)
-        if args.init_from is not None:
-            _init_from(model, args.init_from, name, kwargs, "jax")
         apply_precision(model, args.precision)
         runner = parallel.runner_factory_from_args(args)
-    else:
-        model = registry.build_torch(name, kwargs, seed=args.seed)
-        if args.init_from is not None:
-            _init_from(model, args.init_from, name, kwargs, "torch")
     result = training.train(model, config, dataset, runner=runner, out_dir=args.out, resume=args.resume,
                             overwrite=args.overwrite, max_to_keep=args.max_to_keep,
                             progress=progress_factory(not args.no_progress), log=write_line,
