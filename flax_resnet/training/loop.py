@@ -130,27 +130,37 @@ def epoch_summary(epoch: int, epochs: int, row: Mapping[str, Any]) -> str:
             f"({row['epoch_time']:.1f} s, {row['images_per_sec']:.0f} img/s, lr {row['lr']:.4g})")
 
 
-def _check_epoch(epoch: int, spe: int, result: EpochResult, test_loss: float | None,
-                 store: CheckpointStore | None) -> None:
-    """Stop a run whose loss became nan or inf, naming the epoch and step, and what it leaves behind. The test loss
-    is checked too: weights that went non-finite in the epoch's last update show up only there."""
-    kept = ("no output directory was given, so nothing was written" if store is None
-            else f"no checkpoint was written to {store.directory}" if store.latest is None
-            else f"the last good checkpoint (epoch {store.latest}) in {store.directory} is kept")
-    if result.first_nonfinite is not None or not math.isfinite(result.loss):
-        where = f"epoch {epoch + 1}"
-        if result.first_nonfinite is not None:
-            step = result.first_nonfinite
-            where += f", step {step + 1} of {spe} (optimizer step {epoch * spe + step + 1})"
-        kind = "inf" if math.isinf(result.loss) else "nan"
-        raise TrainError(f"training diverged: the training loss became {kind} at {where}. This epoch was not saved; "
-                         f"{kept}. Lower --lr (or check the data), then start over with --overwrite or continue from "
-                         "the last checkpoint with --resume.")
-    if test_loss is not None and not math.isfinite(test_loss):
+def _kept(store: CheckpointStore | None) -> str:
+    """What a stopped run leaves behind, for its error message."""
+    if store is None:
+        return "no output directory was given, so nothing was written"
+    latest = store.latest
+    if latest is None:
+        return f"no checkpoint was written to {store.directory}"
+    return f"the last good checkpoint (epoch {latest}) in {store.directory} is kept"
+
+
+def _check_training(epoch: int, spe: int, result: EpochResult, store: CheckpointStore | None) -> None:
+    """Stop a run whose training loss became nan or inf, naming the epoch and step, before it is evaluated."""
+    if result.first_nonfinite is None and math.isfinite(result.loss):
+        return
+    where = f"epoch {epoch + 1}"
+    if result.first_nonfinite is not None:
+        step = result.first_nonfinite
+        where += f", step {step + 1} of {spe} (optimizer step {epoch * spe + step + 1})"
+    kind = "inf" if math.isinf(result.loss) else "nan"
+    raise TrainError(f"training diverged: the training loss became {kind} at {where}. This epoch was not saved; "
+                     f"{_kept(store)}. Lower --lr (or check the data), then start over with --overwrite or continue "
+                     "from the last checkpoint with --resume.")
+
+
+def _check_test_loss(epoch: int, test_loss: float, store: CheckpointStore | None) -> None:
+    """Weights that went non-finite in the epoch's last update show up only in the test loss."""
+    if not math.isfinite(test_loss):
         raise TrainError(f"training diverged: the weights after epoch {epoch + 1} give a non-finite test loss "
                          f"({test_loss}) although every training loss of the epoch was finite. This epoch was not "
-                         f"saved; {kept}. Lower --lr, then start over with --overwrite or continue from the last "
-                         "checkpoint with --resume.")
+                         f"saved; {_kept(store)}. Lower --lr, then start over with --overwrite or continue from the "
+                         "last checkpoint with --resume.")
 
 
 def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_labels: np.ndarray,
@@ -238,11 +248,11 @@ def _epoch(backend: Backend, config: RunConfig, epoch: int, spe: int, num_train:
     t0 = time.perf_counter()
     result = backend.train_epoch(epoch, plans.epoch_plan(config.seed, epoch, num_train), step_done)
     train_time = time.perf_counter() - t0
-    _check_epoch(epoch, spe, result, None, store)
+    _check_training(epoch, spe, result, store)
     test_loss = test_acc = None
     if num_test:
         test_loss, test_acc = backend.evaluate()
-        _check_epoch(epoch, spe, result, test_loss, store)
+        _check_test_loss(epoch, test_loss, store)
     return {"train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss, "test_acc": test_acc,
             "epoch_time": time.perf_counter() - t0, "images_per_sec": result.count / max(train_time, 1e-9),
             "lr": float(epoch_learning_rate(config.recipe, epoch))}
