@@ -1,6 +1,6 @@
 """Speed benchmark: the Flax train step against three PyTorch variants, in one process, on one device.
 
-``python train.py bench --model NAME --batch-size B [--precision {fp32,bf16}] [--json FILE] [--quick]``
+``flax-resnet bench --model NAME --batch-size B [--precision {fp32,bf16}] [--json FILE] [--quick]``
 
 Both sides run the same model, batch, precision, optimizer and batches (epoch 0's plan of ``flax_resnet.data.plan``
 for the step rows, epoch 1's for the epoch rows) on synthetic CIFAR-sized uint8 data resident on the device,
@@ -24,7 +24,7 @@ every convolution and matmul of the forward pass, x 3 for a training step (forwa
 ``xla_gflop``: XLA's cost analysis of the Flax step; ``mfu``: ``gflop`` / time / the device's dense peak
 (``PEAK_TFLOPS``, GPUs only); ``flax_speedup``: the Flax row's images/s over this row's.
 
-torch is imported inside the functions, so that ``--help`` stays quick.
+JAX, Flax and torch are imported inside the functions that run, so that ``bench --help`` takes no 1.7 s for JAX.
 """
 
 from __future__ import annotations
@@ -42,20 +42,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.extend import core
 
 from flax_resnet import registry
 from flax_resnet.commands import expanded_path, seed
 from flax_resnet.data import plan as plans
-from flax_resnet.errors import FlaxResnetError
-from flax_resnet.precision import apply_precision
+from flax_resnet.errors import FlaxResnetError, require
 from flax_resnet.recipes import RunConfig, get_recipe
-from flax_resnet.training import cpu, runners
-from flax_resnet.training.flax_backend import FlaxBackend
 
 Precision = Literal["fp32", "bf16"]
 
@@ -151,6 +144,8 @@ class _PeakMemory:
 
             peak = torch.cuda.max_memory_allocated()
         elif self.source == "flax":
+            import jax
+
             peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
         else:
             import resource
@@ -173,6 +168,10 @@ def _peak_tflops(device_kind: str, precision: str) -> float | None:
 def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int:
     """Multiply-adds of every convolution and matmul in one forward pass of the Flax ``model`` (eval mode), read
     from the traced jaxpr (nothing is computed), so it follows the model's actual layers."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     graphdef, state = nnx.split(model)
 
     def forward(state, x):
@@ -196,6 +195,8 @@ def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int
 
 def iter_eqns(jaxpr: Any) -> Iterator[Any]:
     """Every equation of a jaxpr, nested ones (jit, custom_vjp, cond branches) included."""
+    from jax.extend import core
+
     for eqn in jaxpr.eqns:
         yield eqn
         for param in eqn.params.values():
@@ -264,6 +265,12 @@ def _epoch_row(setup: _Setup, impl: str, epoch_s: float, steps: int, train_gflop
 # ------------------------------------------------------------------------------------------- flax
 def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     """The three Flax rows (see the module docstring); also returns the forward MACs per batch."""
+    import jax
+
+    from flax_resnet.precision import apply_precision
+    from flax_resnet.training import runners
+    from flax_resnet.training.flax_backend import FlaxBackend
+
     b, n = setup.batch_size, len(setup.labels)
     model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
@@ -436,6 +443,8 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     ``quick``: ``QUICK``'s model, batch and epoch, at most its warm-up and steps, and no torch.compile, unless
     ``epoch_images`` (default 50,000; 0: no epoch rows) / ``torch_compile`` (default: not ``quick``) say otherwise.
     """
+    import jax
+
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if quick:
@@ -471,7 +480,10 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
 
 def environment() -> dict[str, Any]:
     """Versions, device and load, for the report's header and the JSON file."""
+    import jax
     import torch
+
+    from flax_resnet.training import cpu
 
     device = jax.devices()[0]
     return {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -579,6 +591,7 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(f"--json {args.json}: give a file path whose folder is a directory (checked before the run, "
                      "not after it)")
 
+    require("torch", "bench (it times Flax against PyTorch)")
     rows = run_benchmark(args.model, args.batch_size, args.precision, warmup=args.warmup, steps=args.steps,
                          quick=args.quick, model_kwargs=given, epoch_images=args.epoch_images,
                          torch_compile=args.torch_compile, seed=args.seed,

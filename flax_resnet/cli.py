@@ -27,20 +27,22 @@ from flax_resnet.commands import (
     RUNS_DIR,
     HelpFormatter,
     add_data_arguments,
+    add_parallel_arguments,
     check_data_arguments,
     expanded_path,
     fail,
     finite_float,
     load_data,
     number,
+    program_name,
     progress_factory,
     seed,
     write_line,
 )
-from flax_resnet.errors import FlaxResnetError
+from flax_resnet.errors import EXTRAS, FlaxResnetError, installed, missing_extra, require
 from flax_resnet.recipes import RECIPES, Recipe
 
-__all__ = ["SUBCOMMANDS", "add_port_parser", "add_train_parser", "build_parser", "fail", "main"]
+__all__ = ["SUBCOMMANDS", "add_port_parser", "add_train_parser", "add_verify_parser", "build_parser", "fail", "main"]
 
 DEFAULT_RECIPE = "resnet18-cifar"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
@@ -74,6 +76,7 @@ def _model_table() -> str:
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``train`` command and its options."""
+    prog = program_name()
     p = subparsers.add_parser(
         "train", help="train a model (the default command)", formatter_class=HelpFormatter,
         description="Train one of the notebooks' models with one of their recipes, in JAX/Flax or PyTorch. "
@@ -83,10 +86,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                "models (--model; the default recipe is the model's notebook's):\n"
                f"{_model_table()}\n\n"
                "examples:\n"
-               "  python train.py                                           # ResNet18, notebook 004 recipe, CIFAR-10\n"
-               "  python train.py train --dataset synthetic --model SimpleResNet --n-blocks 1 --epochs 3   # no data\n"
-               "  python train.py train --model PlainDeepCNN --recipe plain-vs-residual --framework torch\n"
-               "  python train.py train --resume                            # continue the default run\n")
+               f"  {prog}                                           # ResNet18, notebook 004 recipe, CIFAR-10\n"
+               f"  {prog} train --dataset synthetic --model SimpleResNet --n-blocks 1 --epochs 3   # no data\n"
+               f"  {prog} train --model PlainDeepCNN --recipe plain-vs-residual --framework torch\n"
+               f"  {prog} train --resume                            # continue the default run\n")
     what = p.add_argument_group("what to train")
     what.add_argument("--model", choices=registry.model_names(), metavar="NAME",
                       help="model class (see the list below); default: the recipe's model, ResNet18 for the "
@@ -103,8 +106,6 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="initial weights: a torch .pt state_dict or a Flax checkpoint (a run's --out or a "
                            "port output); default: the framework's own initialisation from --seed. Ignored "
                            "when --resume finds a checkpoint")
-    from flax_resnet.training.parallel import add_parallel_arguments  # the flags live with the code they drive
-
     add_parallel_arguments(p)
     what.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                       help="floating-point type of weights and computation (default: %(default)s)")
@@ -187,13 +188,17 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         parser.error("--coordinator, --num-processes and --process-id go together (or none of them, under SLURM)")
     if args.precision == "bf16" and (args.framework != "jax" or args.dtype != "float32"):
         parser.error("--precision bf16 is for --framework jax with --dtype float32 (the torch reference runs the "
-                     "notebooks' float32 loops; `train.py bench --precision bf16` times torch autocast)")
+                     f"notebooks' float32 loops; `{program_name()} bench --precision bf16` times torch autocast)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     suffix = "-synthetic" if args.dataset == "synthetic" else ""
     args.out = args.out or Path(RUNS_DIR) / f"{args.model}-{args.recipe}-{args.framework}{suffix}"
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a directory")
+    if args.framework == "torch":
+        require("torch", "--framework torch")
+    if args.init_from is not None and args.init_from.is_file() and args.init_from.suffix != ".safetensors":
+        require("torch", "--init-from FILE.pt (a .safetensors file needs no torch)")
     return recipe
 
 
@@ -342,6 +347,7 @@ def _run_train_claimed(args: argparse.Namespace, recipe: Recipe) -> int:
 # -------------------------------------------------------------------------------------------------- port
 def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``port`` command: torch .pt <-> Flax checkpoint."""
+    prog = program_name()
     p = subparsers.add_parser(
         "port", help="convert weights: torch .pt <-> Flax checkpoint", formatter_class=HelpFormatter,
         description="Convert a torch state_dict (.safetensors or .pt) into a Flax checkpoint directory, or a Flax "
@@ -350,9 +356,9 @@ def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "safetensors.torch.load_file) or .pt. The direction follows --from: a file is a state_dict, a "
                     "directory a checkpoint.",
         epilog="examples:\n"
-               "  python train.py port --from resnet18.safetensors --to ckpt/resnet18\n"
-               "  python train.py port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.safetensors\n"
-               "  python train.py port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.pt\n")
+               f"  {prog} port --from resnet18.safetensors --to ckpt/resnet18\n"
+               f"  {prog} port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.safetensors\n"
+               f"  {prog} port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.pt\n")
     p.add_argument("--from", dest="source", type=expanded_path, required=True, metavar="PATH",
                    help="a state_dict file (.safetensors or .pt), or a checkpoint directory")
     p.add_argument("--to", dest="target", type=expanded_path, required=True, metavar="PATH",
@@ -382,6 +388,8 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif dst.exists() and not args.overwrite:
         parser.error(f"--to {dst} exists; pass --overwrite to replace it")
 
+    if (src.is_file() and src.suffix != ".safetensors") or dst.suffix == ".pt":
+        require("torch", "a torch .pt file (.safetensors needs no torch)")
     from flax_resnet import checkpoint, port
 
     if src.is_file():
@@ -424,18 +432,87 @@ def _written(dst: Path, write: Callable[[], Any]) -> None:
                               "another --to.") from e
 
 
+# ------------------------------------------------------------------------------------------------ verify
+def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``verify`` command: ``parity.compare`` of a registered model's two frameworks on the user's weights."""
+    prog = program_name()
+    p = subparsers.add_parser(
+        "verify", help="check that the Flax port computes what the torch model computes, layer by layer",
+        formatter_class=HelpFormatter,
+        description="Load weights into the PyTorch model, port them into its Flax NNX twin as `port` does, and run "
+                    "both on the same batch (flax_resnet.parity.compare): every layer's output in eval and train "
+                    "mode, the BatchNorm running statistics after a train-mode pass, every parameter's gradient. "
+                    "Prints the table and the first layer where they part, if any. Exit code 0 when every "
+                    "comparison is within the tolerance of the dtype, 1 when not.",
+        epilog="examples:\n"
+               f"  {prog} verify --model ResNet18                          # torch's own initialisation\n"
+               f"  {prog} verify --weights resnet18.safetensors --float64  # the model is inferred\n"
+               f"  {prog} verify --model SimpleResNet --n-blocks 5 --weights runs/SimpleResNet-plain-vs-residual-jax\n")
+    p.add_argument("--model", choices=registry.model_names(), metavar="NAME",
+                   help="the model to check; default: the one registered model whose keys and shapes fit --weights")
+    registry.add_model_arguments(p, lambda arg: f"with --model: {arg.help}")
+    p.add_argument("--weights", type=expanded_path, metavar="PATH",
+                   help="a torch state_dict (.safetensors or .pt) or a checkpoint directory of either framework; "
+                        "default: torch's initialisation from --seed")
+    p.add_argument("--float64", action="store_true",
+                   help="compare in float64, where agreement proves the port exact (to ~1e-14); default float32, "
+                        "what a float32 run sees (see flax_resnet.parity.TOLERANCES for both tolerances)")
+    p.add_argument("--batch-size", type=number(int, minimum=2), default=4, metavar="N",
+                   help="images in the random NCHW batch (default: %(default)s; at least 2 for train-mode BatchNorm)")
+    p.add_argument("--image-size", type=number(int, minimum=8), default=32, metavar="PX",
+                   help="side of the images (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, metavar="N",
+                   help="seed of the batch, the labels and, without --weights, torch's initialisation (default: 0)")
+    p.set_defaults(handler=run_verify, parser=p)
+    return p
+
+
+def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.weights is None and args.model is None:
+        parser.error("name the model with --model, or give --weights to infer it from")
+    if args.weights is not None and not args.weights.exists():
+        parser.error(f"--weights {args.weights}: no such file or directory")
+    if args.model is None and any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
+        parser.error("model options (--n-blocks, ...) need --model")
+    kwargs = _model_kwargs(args, parser) if args.model else None
+    require("torch", "verify (it runs the PyTorch model)")
+
+    from flax_resnet import checkpoint, parity, port
+
+    name = args.model
+    if name is None and args.weights.is_dir():
+        meta = checkpoint.read_meta(args.weights)
+        name, kwargs = meta.get("model"), meta.get("model_kwargs") or {}
+        if name not in registry.MODELS:
+            parser.error(f"{args.weights} does not record a registered model; name it with --model")
+    elif name is None:
+        state_dict = port.read_state_dict(args.weights)
+        name, kwargs = registry.infer_model(list(state_dict), {k: tuple(v.shape) for k, v in state_dict.items()})
+    torch_model = registry.build_torch(name, kwargs, seed=args.seed)
+    if args.weights is not None:
+        _init_from(torch_model, args.weights, name, kwargs, "torch")
+    flax_model = registry.build_flax_to_fill(name, kwargs)
+    _port_into(flax_model, torch_model.state_dict(), name, kwargs)  # the port under test
+    source = f"torch's initialisation, seed {args.seed}" if args.weights is None else str(args.weights)
+    print(f"verifying {_call(name, kwargs)} with {source}", flush=True)
+    report = parity.compare(torch_model, flax_model, dtype="float64" if args.float64 else "float32",
+                            input_shape=(args.batch_size, 3, args.image_size, args.image_size), seed=args.seed)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
 # -------------------------------------------------------------------------------------------------- main
-SUBCOMMANDS: list[Callable[[Any], Any]] = [add_train_parser, add_port_parser, experiments.add_experiments_parser,
-                                           bench.add_bench_parser]
+SUBCOMMANDS: list[Callable[[Any], Any]] = [add_train_parser, add_port_parser, add_verify_parser,
+                                           experiments.add_experiments_parser, bench.add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train.py", formatter_class=HelpFormatter,
+        prog=program_name(), formatter_class=HelpFormatter,
         description="The ResNets of two PyTorch course notebooks, in JAX/Flax NNX and in PyTorch: training, "
                     "weight porting and more. Without a command, runs `train` (ResNet18, the notebook-004 "
                     "recipe, CIFAR-10); options before a command are taken as `train`'s.",
-        epilog="`python train.py COMMAND --help` explains each command's options.")
+        epilog=f"`{program_name()} COMMAND --help` explains each command's options.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -455,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.handler(args, args.parser)
     except FlaxResnetError as e:
         return fail(str(e))
+    except ModuleNotFoundError as e:  # an optional dependency that the commands' own checks did not foresee
+        missing = (e.name or "").partition(".")[0]
+        if missing not in EXTRAS or installed(missing):
+            raise
+        return fail(str(missing_extra(missing, args.command)))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED

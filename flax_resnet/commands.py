@@ -13,14 +13,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flax_resnet.errors import require
+from flax_resnet.recipes import PARALLEL_KINDS
+
 __all__ = ["DEFAULT_DATA_DIR", "EXIT_FAILURE", "RUNS_DIR", "SEED_MAX", "HelpFormatter", "add_data_arguments",
-           "check_data_arguments", "expanded_path", "fail", "finite_float", "load_data", "number", "progress_factory",
-           "seed", "write_line"]
+           "add_parallel_arguments", "check_data_arguments", "expanded_path", "fail", "finite_float", "load_data",
+           "number", "program_name", "progress_factory", "seed", "write_line"]
 
 DEFAULT_DATA_DIR = "data"
 RUNS_DIR = "runs"
 EXIT_FAILURE = 1
 SEED_MAX = 2**32 - 1  # JAX seeds are 32-bit: a larger seed would wrap (2**32 trained exactly like 0)
+
+
+def program_name() -> str:
+    """The program as the user started it, for usage lines and examples: ``flax-resnet`` (the console script),
+    ``python -m flax_resnet`` or ``python train.py`` (a checkout's script; a non-editable install has none)."""
+    argv0 = Path(sys.argv[0] if sys.argv and sys.argv[0] and sys.argv[0] != "-c" else "flax-resnet")
+    if argv0.name == "__main__.py":
+        return "python -m flax_resnet"
+    if argv0.suffix == ".py":
+        return f"python {argv0.name}"
+    return argv0.name
 
 
 # ------------------------------------------------------------------------------------------ option types
@@ -123,7 +137,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, dataset_default: str 
 
 
 def check_data_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Usage errors of the data options, before anything is read or written."""
+    """Usage errors of the data options, and CIFAR-10's optional dependencies, before anything is read or
+    written."""
+    if args.dataset == "cifar10":
+        for module in ("tensorflow_datasets", "PIL"):
+            require(module, "--dataset cifar10")
     if args.data_dir.exists() and not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is a file; give a directory (it is created if missing)")
     if args.archive is not None:
@@ -151,3 +169,31 @@ def load_data(args: argparse.Namespace) -> Any:
     n_train, n_test = args.train_samples, args.test_samples  # None: all of them
     return dataclasses.replace(ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
                                test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of data-parallel and multi-host training, in their own help group."""
+    g = parser.add_argument_group(
+        "devices and hosts",
+        "Data parallelism: each global batch is split evenly across all devices (of all processes); results "
+        "equal a one-device run with the same --batch-size.")
+    g.add_argument("--parallel", choices=PARALLEL_KINDS, default="auto",
+                   help="how steps run: 'single' one device with jax.jit; 'shard_map' jax.jit + jax.shard_map over "
+                        "a mesh of all devices (JAX's recommended path); 'pmap' the same step with jax.pmap; "
+                        "'auto' (default) shard_map when more than one device is visible, else single")
+    g.add_argument("--bn-sync", choices=("on", "off"), default="on",
+                   help="'on' (default): BatchNorm statistics over the whole global batch (synchronised across "
+                        "devices, as one device would compute them); 'off': per-device statistics, like torch DDP "
+                        "without SyncBatchNorm, keeping device 0's running statistics as DDP keeps rank 0's")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-host: address of process 0, where it serves the JAX coordinator (a free port on its "
+                        "host, reachable from all processes); give it, --num-processes and --process-id to every "
+                        "process, or none of them under SLURM/Open MPI, whose environment JAX reads itself")
+    g.add_argument("--num-processes", type=int, metavar="N", help="multi-host: number of processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I",
+                   help="multi-host: this process's rank in [0, N); rank 0 runs the coordinator and writes history, "
+                        "plots and logs")
+    g.add_argument("--distributed-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="multi-host: how long to wait for the coordinator and the other processes before failing "
+                        "(default: %(default)s)")
+    return parser

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_resnet.errors import FlaxResnetError
+from flax_resnet.errors import FlaxResnetError, require
 
 __all__ = ["PortError", "load_torch_state_dict", "named_layers", "named_modules", "read_state_dict",
            "save_torch_state_dict", "to_numpy_state_dict", "to_torch_state_dict", "torch_keys", "torch_shapes"]
@@ -258,6 +258,7 @@ def to_numpy_state_dict(model: nnx.Module) -> OrderedDict[str, np.ndarray]:
 
 def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
     """The model's weights as a torch ``state_dict`` that the torch twin loads with ``strict=True``."""
+    require("torch", "to_torch_state_dict (to_numpy_state_dict needs no torch)")
     import torch
 
     # torch.from_numpy, not ascontiguousarray: that makes 0-d arrays 1-d
@@ -275,6 +276,7 @@ def save_torch_state_dict(model: nnx.Module, path: str | os.PathLike[str]) -> Pa
         if path.suffix == ".safetensors":
             safetensors.numpy.save_file(dict(to_numpy_state_dict(model)), tmp)
         else:
+            require("torch", f"writing {path.name} (a torch file; .safetensors needs no torch)")
             import torch
 
             torch.save(to_torch_state_dict(model), tmp)

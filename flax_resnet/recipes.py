@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+# how the steps run on the devices (flax_resnet.training.parallel.make_runner)
+ParallelKind = Literal["single", "pmap", "shard_map", "auto"]
+PARALLEL_KINDS: tuple[str, ...] = ("auto", "single", "pmap", "shard_map")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from flax_resnet.errors import require
+
 __all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "add_model_arguments", "build_flax", "build_torch",
            "get_spec", "infer_model", "model_kwargs", "model_names"]
 
@@ -183,6 +185,7 @@ def build_flax_to_fill(name: str, kwargs: Mapping[str, Any] | None = None) -> An
 
 def build_torch(name: str, kwargs: Mapping[str, Any] | None = None, *, seed: int | None = None) -> Any:
     """The torch model ``name``, with torch's own initialisation drawn after ``torch.manual_seed(seed)``."""
+    require("torch", f"the PyTorch model {name}")
     import torch
 
     if seed is not None:

@@ -244,3 +244,44 @@ def test_port_reports_weights_that_do_not_fit(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "missing key" in err and "Traceback" not in err
     assert not (tmp_path / "ckpt").exists()
+
+
+# -------------------------------------------------------------------------------------------- verify
+VERIFY_SMALL = ["--batch-size", "2", "--image-size", "16"]  # 2 x 4 x 4 values per channel at the last BatchNorm
+
+
+def test_verify_agrees_on_a_notebook_model_and_says_so(capsys):
+    code = run_main(["verify", "--model", "SimpleResNet", "--n-blocks", "1", "--float64", *VERIFY_SMALL])
+    out = capsys.readouterr().out
+    assert code == 0, out[-2000:]
+    assert "float64" in out and "stage3.0.conv2" in out and out.rstrip().splitlines()[-1].startswith("OK: all")
+
+
+def test_verify_infers_the_model_from_weights_and_exits_1_at_the_wrong_layer(tmp_path, monkeypatch, capsys):
+    """A .safetensors file names the model by its keys; a port that gets one layer wrong (here: fc's bias
+    shifted after loading) exits 1 and names that layer."""
+    from flax_resnet import port
+
+    weights = tmp_path / "w.safetensors"
+    port.save_torch_state_dict(registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=3), weights)
+    loaded = port.load_torch_state_dict
+
+    def wrong_port(model, state_dict):
+        loaded(model, state_dict)
+        model.fc.bias[...] = model.fc.bias[...] + 0.5
+
+    monkeypatch.setattr(port, "load_torch_state_dict", wrong_port)
+    code = run_main(["verify", "--weights", str(weights), *VERIFY_SMALL])
+    out = capsys.readouterr().out
+    assert code == 1, out[-2000:]
+    assert "verifying SimpleResNet(n_blocks=1)" in out
+    assert out.rstrip().splitlines()[-1].startswith("DIFFERENT:") and "first divergence: fc " in out
+
+
+@pytest.mark.parametrize("argv", [["verify"], ["verify", "--n-blocks", "2", "--weights", "w.pt"],
+                                  ["verify", "--model", "SimpleResNet", "--weights", "missing.pt"]])
+def test_verify_usage_errors(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"")
+    assert run_main(argv) == 2
+    assert "error:" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flax_resnet import commands
 from flax_resnet.training import distributed, parallel
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
@@ -198,7 +199,7 @@ def test_make_runner_rejects_unknown_kind():
 
 
 def test_parallel_arguments_parse():
-    parser = parallel.add_parallel_arguments(argparse.ArgumentParser())
+    parser = commands.add_parallel_arguments(argparse.ArgumentParser())
     args = parser.parse_args([])
     assert (args.parallel, args.bn_sync, args.coordinator, args.num_processes, args.process_id) == (
         "auto", "on", None, None, None)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from flax_resnet.data.dataset import DataError, Dataset
+from flax_resnet.errors import require
 
 __all__ = ["is_prepared", "load_cifar10", "source_answers"]
 
@@ -62,6 +63,8 @@ def is_prepared(data_dir: str | Path) -> bool:
 
 
 def _builder(data_dir: Path, **kwargs: Any) -> Any:
+    for module in ("tensorflow_datasets", "PIL"):
+        require(module, "CIFAR-10")
     from flax_resnet.data.cifar10_builder import Cifar10  # imports tensorflow_datasets
 
     return Cifar10(data_dir=os.fspath(data_dir), **kwargs)

@@ -3,7 +3,8 @@
 An experiment is a ``Command``: a name, its options, and a ``plan`` that checks the parsed arguments (usage
 errors before anything is read or written) and returns the work as a function of a ``Context``. The work
 returns a ``Report``, which ``_handle`` writes as ``summary.md`` and ``results.json`` into ``--out`` and prints.
-The experiment functions themselves never print: they log through the context.
+The experiment functions themselves never print: they log through the context. JAX, Flax, torch and matplotlib
+are imported inside the functions that run, in this package, so that ``--help`` takes no 1.7 s for JAX.
 """
 
 from __future__ import annotations
@@ -21,12 +22,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-from flax import nnx
-
-from flax_resnet import commands, port, registry, training
+from flax_resnet import commands, registry
+from flax_resnet.errors import require
 from flax_resnet.recipes import RECIPES, Recipe, RunConfig
-from flax_resnet.training.outdir import claim_output_dir
 
 __all__ = ["Command", "Context", "Report", "Run", "add_data_options", "add_output_options", "add_run_options",
            "count_conv_layers", "count_params", "fmt", "make_recipe", "markdown_table", "prepare_args", "quick_epilog",
@@ -104,6 +102,8 @@ def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quic
         parser.error("--image-size is for --dataset synthetic only")
     if getattr(args, "image_size", None) is not None and args.image_size < 8:
         parser.error("--image-size must be at least 8 (three stride-2 stages)")
+    if hasattr(args, "dataset"):
+        commands.check_data_arguments(args, parser)
 
 
 def _option_value(value: Any) -> str:
@@ -148,6 +148,9 @@ def count_params(model: Any) -> int:
     """Trainable parameters, as the notebooks count them: ``sum(p.numel() for p in model.parameters())``."""
     if hasattr(model, "parameters"):  # torch
         return int(sum(p.numel() for p in model.parameters()))
+    import jax
+    from flax import nnx
+
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
@@ -158,6 +161,8 @@ def count_conv_layers(model: Any) -> int:
         import torch.nn as nn
 
         return sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1))
+    from flax import nnx
+
     return sum(1 for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv) and tuple(m.kernel_size) != (1, 1))
 
 
@@ -250,6 +255,8 @@ class Context:
         """Train one registered model on the context's data as ``train`` would, into ``OUT/runs/<name>`` (which
         ``landscape`` and ``port`` read). ``framework`` and ``overwrite`` default to the context's; ``state_dict``
         (torch layout) replaces the initial weights in either framework (``compare`` starts both from it)."""
+        from flax_resnet import port, training
+
         framework = framework or self.framework
         kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
         config = RunConfig(recipe=recipe, model=model, model_kwargs=kwargs, framework=framework, seed=self.seed,
@@ -317,12 +324,18 @@ class Command:
     description: str
     add_options: Callable[[argparse.ArgumentParser], None]
     plan: Callable[[argparse.Namespace, argparse.ArgumentParser], Callable[[Context], Report]]
-    epilog: str = ""
+    epilog: str = ""  # "{prog}" in it stands for the program's name (``commands.program_name``)
+    needs_torch: bool = False  # whatever --framework says (he-init and compare measure both frameworks)
 
 
 def _handle(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``command``; its expected failures (``FlaxResnetError``) reach the CLI's one handler."""
+    from flax_resnet.training.outdir import claim_output_dir
+
     work = command.plan(args, parser)  # usage errors exit here, before anything is read or written
+    require("matplotlib", f"{command.name} (its figures)")
+    if command.needs_torch or getattr(args, "framework", "jax") == "torch":
+        require("torch", f"{command.name}{'' if command.needs_torch else ' --framework torch'}")
     out = args.out or Path(commands.RUNS_DIR) / (f"{command.name}-quick" if args.quick else command.name)
     # as `train` does: an unwritable --out, or another run writing to it, fails before any data or training
     claim = claim_output_dir(out, probe=())
@@ -351,8 +364,9 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
 
 def register(subparsers: Any, command: Command) -> argparse.ArgumentParser:
     """Add ``command`` to the CLI's subparsers, with the ``train`` command's conventions."""
+    epilog = command.epilog.replace("{prog}", commands.program_name())  # the program as the user typed it
     p = subparsers.add_parser(command.name, help=command.help, description=command.description,
-                              epilog=command.epilog or None, formatter_class=commands.HelpFormatter)
+                              epilog=epilog or None, formatter_class=commands.HelpFormatter)
     command.add_options(p)
     p.set_defaults(handler=functools.partial(_handle, command), parser=p)
     return p

@@ -16,7 +16,6 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
 from flax_resnet import registry
@@ -39,6 +38,8 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
                 dtype: str = "float32") -> Report:
     """Train ``model`` in both frameworks from torch's initial weights for the context's seed; figure and table.
     ``dtype`` 'float64' turns ``jax_enable_x64`` on."""
+    import jax
+
     from flax_resnet import plots
 
     if dtype == "float64":
@@ -112,4 +113,5 @@ COMMAND = common.Command(
     description="Train one model with one recipe in JAX/Flax and in the PyTorch reference, both from torch's initial "
                 "weights (ported into Flax) and on the same batch stream, and write the curves overlaid with the "
                 f"throughput per epoch ({FIGURE}) and a table of final accuracies, epoch times and images/s.",
-    add_options=_add_options, plan=_plan, epilog=common.quick_epilog(QUICK) + " (--n-blocks where the model takes it)")
+    add_options=_add_options, plan=_plan, needs_torch=True,
+    epilog=common.quick_epilog(QUICK) + " (--n-blocks where the model takes it)")

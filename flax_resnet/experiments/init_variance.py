@@ -13,16 +13,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from flax_resnet import registry
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
-from flax_resnet.he_init import activation_variances
-from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
 
 __all__ = ["COMMAND", "FIGURE", "SERIES", "flax_reinit", "layer_gains", "run_he_init"]
 
@@ -44,6 +39,12 @@ def flax_reinit(model: Any, kind: str, seed: int) -> Any:
     """Every Conv/Linear of a Flax model re-drawn with the ``default`` (torch's) or ``stock`` (Flax's) init,
     eagerly, layer by layer: JAX caches the eager kernels per shape, so repeated calls are quick (a single
     jitted draw of all weights compiles for longer than the eager draws take)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
+
     if kind not in ("default", "stock"):
         raise ValueError(f"unknown init {kind!r}")
     key = jax.random.key(seed)
@@ -81,6 +82,10 @@ def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, see
                     module.reset_parameters()
         model.train()
         return verify_he_init(model, x=torch.from_numpy(x_nchw))
+    import jax.numpy as jnp
+
+    from flax_resnet.he_init import activation_variances
+
     model = registry.build_flax(model_name, {}, seed=seed)
     if init != "he":
         flax_reinit(model, init, seed)
@@ -179,4 +184,4 @@ COMMAND = common.Command(
                 "framework default (torch's kaiming_uniform(a=sqrt 5), which our Flax layers mirror, and Flax's "
                 f"stock lecun_normal), in torch and in Flax side by side: one bar chart ({FIGURE}) with the target "
                 "line at 1, and a table of first/last/min/max variance per model, framework and init.",
-    add_options=_add_options, plan=_plan, epilog=common.quick_epilog(QUICK))
+    add_options=_add_options, plan=_plan, needs_torch=True, epilog=common.quick_epilog(QUICK))

@@ -15,19 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from flax_resnet import checkpoint, registry
+from flax_resnet import registry
 from flax_resnet.commands import expanded_path, finite_float
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
 from flax_resnet.store import CheckpointError, resolve
-from flax_resnet.training.engine import cross_entropy, normalize
 
 __all__ = ["COMMAND", "FIGURE", "Network", "line_loss", "load_network", "loss_along_direction", "run_landscape"]
 
@@ -66,6 +62,8 @@ def load_network(path: Path, label: str | None = None) -> Network:
     Read with ``checkpoint.load_model`` (a torch run's weights are ported), digest-checked. Raises
     ``CheckpointError`` when there is no checkpoint or it names no model.
     """
+    from flax_resnet import checkpoint
+
     root = resolve(path)
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
@@ -92,6 +90,12 @@ def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[
     notebook. ``relative`` scales d / ||d|| to the weights' own norm ||theta||: the notebook's unit step is tiny
     for a network with many parameters. The weights are not changed.
     """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flax_resnet.training.engine import cross_entropy
+
     def norm(arrays: Sequence[np.ndarray]) -> float:  # one norm over all arrays together, float64 on the host
         return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
 
@@ -125,6 +129,10 @@ def loss_along_direction(model: Any, images: Any, labels: Any, alphas: Sequence[
 
 def _fixed_batch(dataset: Any, recipe: Recipe, size: int, split: str) -> tuple[Any, Any]:
     """The first ``size`` images of a split, normalised with the run's recipe (no augmentation)."""
+    import jax.numpy as jnp
+
+    from flax_resnet.training.engine import normalize
+
     images, labels = getattr(dataset, f"{split}_images")[:size], getattr(dataset, f"{split}_labels")[:size]
     if len(labels) == 0:
         raise DataError(f"the {split} split is empty: no batch to evaluate the landscape on")
@@ -264,6 +272,6 @@ COMMAND = common.Command(
     add_options=_add_options, plan=_plan,
     epilog=common.quick_epilog(QUICK) + "\n(and, when no network is named, first trains PlainDeepCNN(1) and "
            "SimpleResNet(1) with notebook 000's recipe, milestones scaled to the run)\n\nexamples:\n"
-           "  python train.py plain-vs-residual --out runs/pvr\n"
-           "  python train.py landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"
-           "  python train.py landscape --relative --checkpoint runs/ResNet18-resnet18-cifar-jax")
+           "  {prog} plain-vs-residual --out runs/pvr\n"
+           "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"
+           "  {prog} landscape --relative --checkpoint runs/ResNet18-resnet18-cifar-jax")

@@ -74,6 +74,6 @@ COMMAND = common.Command(
                 f"test accuracy per epoch) as {FIGURE}, its summary table as summary.md and the histories as "
                 "results.json. Each run's checkpoints stay in OUT/runs/<model> (for `landscape`).",
     add_options=_add_options, plan=_plan,
-    epilog=common.quick_epilog(QUICK) + "\n\nexample:\n  python train.py plain-vs-residual --out runs/pvr\n"
-                                        "  python train.py landscape --plain runs/pvr/runs/PlainDeepCNN "
+    epilog=common.quick_epilog(QUICK) + "\n\nexample:\n  {prog} plain-vs-residual --out runs/pvr\n"
+                                        "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN "
                                         "--residual runs/pvr/runs/SimpleResNet")

@@ -150,6 +150,6 @@ def is_main_process() -> bool:
 
 
 def initialize_from_args(args, on_timeout: Callable[[DistributedInitError], object] | None = None) -> bool:
-    """``initialize`` from the flags of ``flax_resnet.training.parallel.add_parallel_arguments``."""
+    """``initialize`` from the flags of ``flax_resnet.commands.add_parallel_arguments``."""
     return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout,
                       on_timeout=on_timeout)

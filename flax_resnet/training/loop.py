@@ -32,7 +32,7 @@ import numpy as np
 
 from flax_resnet.data import plan as plans
 from flax_resnet.data.plan import EpochPlan
-from flax_resnet.errors import FlaxResnetError
+from flax_resnet.errors import FlaxResnetError, installed
 from flax_resnet.recipes import Recipe, RunConfig, epoch_learning_rate
 from flax_resnet.store import CHECKPOINT_SUBDIR, CheckpointStore
 
@@ -105,11 +105,14 @@ def read_history(out_dir: str | Path) -> History:
 
 
 def _write_outputs(out_dir: Path, history: History, recipe: Recipe, title: str | None, epoch: int) -> None:
-    """``history.json`` and ``curves.png`` after epoch ``epoch``'s checkpoint; a failure says what is safe."""
-    from flax_resnet import plots
-
+    """``history.json`` and ``curves.png`` after epoch ``epoch``'s checkpoint; a failure says what is safe. Without
+    matplotlib (the [plots] extra) there is no ``curves.png``: the core install trains all the same."""
     try:
         write_history(out_dir, history)
+        if not installed("matplotlib"):
+            return
+        from flax_resnet import plots
+
         plots.plot_history(history, out_dir / PLOT_FILE, title=title, test_loss=recipe.report_test_loss,
                            target_accuracy=plots.TARGET_ACCURACY.get(recipe.name))
     except OSError as e:
@@ -191,6 +194,8 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
     start_epoch, store = 0, None
     if out_dir is not None:
         out_dir = Path(out_dir)
+        if log is not None and not installed("matplotlib"):
+            log(f"note: no {PLOT_FILE} without matplotlib: pip install 'flax-resnet[plots]'")
         store = CheckpointStore(out_dir / CHECKPOINT_SUBDIR, max_to_keep=max_to_keep,
                                 is_writer=backend.is_main_process, barrier=backend.barrier)
         if store.steps and not resume:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_resnet.errors import FlaxResnetError
-from flax_resnet.recipes import Recipe
+from flax_resnet.recipes import PARALLEL_KINDS, ParallelKind, Recipe
 from flax_resnet.training import engine
 from flax_resnet.training.engine import Metrics, TrainState
 from flax_resnet.training.runners import (
@@ -50,8 +49,6 @@ from flax_resnet.training.runners import (
 
 AXIS = "data"  # the one mesh / pmap axis every collective of the step names
 
-ParallelKind = Literal["single", "pmap", "shard_map", "auto"]
-PARALLEL_KINDS: tuple[str, ...] = ("auto", "single", "pmap", "shard_map")
 
 
 # ------------------------------------------------------------------------------------------ batch sizes
@@ -277,34 +274,6 @@ def make_runner(kind: ParallelKind, graphdef: nnx.GraphDef, tx: optax.GradientTr
 
 
 # ------------------------------------------------------------------------------------------ command line
-def add_parallel_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of data-parallel and multi-host training, in their own help group."""
-    g = parser.add_argument_group(
-        "devices and hosts",
-        "Data parallelism: each global batch is split evenly across all devices (of all processes); results "
-        "equal a one-device run with the same --batch-size.")
-    g.add_argument("--parallel", choices=PARALLEL_KINDS, default="auto",
-                   help="how steps run: 'single' one device with jax.jit; 'shard_map' jax.jit + jax.shard_map over "
-                        "a mesh of all devices (JAX's recommended path); 'pmap' the same step with jax.pmap; "
-                        "'auto' (default) shard_map when more than one device is visible, else single")
-    g.add_argument("--bn-sync", choices=("on", "off"), default="on",
-                   help="'on' (default): BatchNorm statistics over the whole global batch (synchronised across "
-                        "devices, as one device would compute them); 'off': per-device statistics, like torch DDP "
-                        "without SyncBatchNorm, keeping device 0's running statistics as DDP keeps rank 0's")
-    g.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="multi-host: address of process 0, where it serves the JAX coordinator (a free port on its "
-                        "host, reachable from all processes); give it, --num-processes and --process-id to every "
-                        "process, or none of them under SLURM/Open MPI, whose environment JAX reads itself")
-    g.add_argument("--num-processes", type=int, metavar="N", help="multi-host: number of processes in the run")
-    g.add_argument("--process-id", type=int, metavar="I",
-                   help="multi-host: this process's rank in [0, N); rank 0 runs the coordinator and writes history, "
-                        "plots and logs")
-    g.add_argument("--distributed-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="multi-host: how long to wait for the coordinator and the other processes before failing "
-                        "(default: %(default)s)")
-    return parser
-
-
 def runner_factory(kind: ParallelKind = "auto", *, bn_sync: bool = True,
                    devices: Sequence[jax.Device] | None = None) -> Callable[..., Runner]:
     """``make_runner`` with the parallel choices bound: ``factory(graphdef, tx, recipe, dtype=dtype)``, the form
@@ -313,10 +282,9 @@ def runner_factory(kind: ParallelKind = "auto", *, bn_sync: bool = True,
 
 
 def runner_factory_from_args(args: argparse.Namespace) -> Callable[..., Runner]:
-    """``runner_factory`` from the flags of ``add_parallel_arguments``."""
+    """``runner_factory`` from the flags of ``commands.add_parallel_arguments``."""
     return runner_factory(args.parallel, bn_sync=args.bn_sync == "on")
 
 
-__all__ = ["AXIS", "PARALLEL_KINDS", "ParallelKind", "PmapRunner", "ShardMapRunner", "add_parallel_arguments",
-           "default_devices", "make_runner", "runner_factory",
-           "runner_factory_from_args", "validate_batch_sizes", "with_bn_axis", "BatchSizeError"]
+__all__ = ["AXIS", "PARALLEL_KINDS", "ParallelKind", "PmapRunner", "ShardMapRunner", "default_devices", "make_runner",
+           "runner_factory", "runner_factory_from_args", "validate_batch_sizes", "with_bn_axis", "BatchSizeError"]
