@@ -28,7 +28,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -215,7 +215,8 @@ def _number(value: float) -> str:
 # ------------------------------------------------------------------------------------------------ compare
 def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dtype: str = "float64",
             modes: Sequence[str] = ("eval", "train"), gradients: bool = True, labels: Any = None,
-            input_shape: Sequence[int] | None = None, seed: int = 0, port_weights: bool = False) -> ParityReport:
+            input_shape: Sequence[int] | None = None, seed: int = 0, port_weights: bool = False,
+            precision: Literal["highest", "default"] = "highest") -> ParityReport:
     """Run ``torch_model`` and its NNX port ``flax_model`` side by side, layer by layer; return a ``ParityReport``.
 
     ``inputs``: one NCHW batch (numpy array or torch tensor; torch's layout, transposed here for Flax). None:
@@ -236,12 +237,19 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
     weights already, typically after ``port.load_torch_state_dict``; the report's weights block lists those
     that differ.
 
+    ``precision``: "highest" (the default) computes float32 matmuls and convolutions in full float32 in both
+    frameworks (``jax.default_matmul_precision('highest')``, TF32 off in torch); "default" leaves both frameworks'
+    settings as they are, to show what a run with them sees on a GPU (XLA's default and torch's cuDNN default use
+    TF32 there; the tolerances assume full float32). CPUs compute float32 in full either way.
+
     Both models are left exactly as they were: weights, BatchNorm statistics and counters, train/eval mode.
     """
     import torch
 
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype {dtype!r} has no stated tolerance; use one of {', '.join(TOLERANCES)}")
+    if precision not in ("highest", "default"):
+        raise ValueError(f"precision must be 'highest' or 'default', got {precision!r}")
     modes = tuple(modes)
     if not modes or any(mode not in ("eval", "train") for mode in modes):
         raise ValueError(f"modes must be a non-empty sequence of 'eval' and 'train', got {modes!r}")
@@ -253,7 +261,7 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
                         "(the torch model comes first, its Flax port second)")
     x = _input_batch(torch_model, inputs, input_shape, seed, dtype)
 
-    with _numerics(dtype):
+    with _numerics(dtype, precision):
         report = ParityReport(type(torch_model).__name__, type(flax_model).__name__, dtype, tuple(x.shape), modes,
                               "", [], {})
         tol = TOLERANCES[dtype]
@@ -329,21 +337,19 @@ def _guess_input_shape(torch_model: Any) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def _numerics(dtype: str) -> Iterator[None]:
-    """float64 available in JAX (scoped, as the parity tests do) and full-precision float32 matmuls on GPUs in
-    both frameworks (no TF32), restored afterwards: the comparison is of the models, not of precision settings."""
-    import torch
+def _numerics(dtype: str, precision: str = "highest") -> Iterator[None]:
+    """float64 available in JAX (scoped, as the parity tests do) and, at "highest", full-precision float32 matmuls
+    and convolutions on GPUs in both frameworks (no TF32), restored afterwards: the comparison is of the models,
+    not of precision settings."""
+    from flax_resnet.precision import torch_fp32_precision
 
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     with contextlib.ExitStack() as stack:
         if dtype == "float64":
             stack.enter_context(jax.enable_x64(True))
-        stack.enter_context(jax.default_matmul_precision("highest"))
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        if precision == "highest":
+            stack.enter_context(jax.default_matmul_precision("highest"))
+            stack.enter_context(torch_fp32_precision("ieee"))
+        yield
 
 
 def _copies(torch_model: Any, flax_model: nnx.Module, dtype: str, port_weights: bool,

@@ -14,10 +14,15 @@ What runs in which dtype under "bf16":
 - gradients reach the float32 parameters through the casts, so the optimizer updates float32 values.
 
 bfloat16 has float32's exponent range, so unlike float16 no loss scaling is needed.
+
+``torch_fp32_precision`` is the torch side of float32 precision on GPUs (TF32 or full float32), scoped; the
+parity harness turns TF32 off with it, the benchmark on.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import jax.numpy as jnp
@@ -26,7 +31,7 @@ from flax import nnx
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
-__all__ = ["PRECISIONS", "Precision", "apply_precision", "compute_dtypes"]
+__all__ = ["PRECISIONS", "Precision", "apply_precision", "compute_dtypes", "torch_fp32_precision"]
 
 
 def apply_precision(model: nnx.Module, precision: Precision) -> nnx.Module:
@@ -47,3 +52,32 @@ def compute_dtypes(model: nnx.Module) -> dict[str, str]:
     """Layer path -> computation dtype name ('default' when unset), for reports and tests."""
     return {"/".join(map(str, path)): "default" if module.dtype is None else jnp.dtype(module.dtype).name
             for path, module in nnx.iter_modules(model) if isinstance(module, nnx.Conv | nnx.BatchNorm | nnx.Linear)}
+
+
+@contextlib.contextmanager
+def torch_fp32_precision(mode: Literal["ieee", "tf32"]) -> Iterator[None]:
+    """Within the block, torch computes float32 matmuls (cuBLAS) and cuDNN convolutions in ``mode``: "ieee" (full
+    float32) or "tf32" (TensorFloat-32 tensor cores, 10-bit mantissa); both settings are restored afterwards. Only
+    CUDA devices read them: on a CPU nothing changes.
+
+    Through torch's ``fp32_precision`` settings (torch >= 2.9), not the deprecated ``allow_tf32`` flags: torch
+    refuses to read a legacy flag once the new settings of cuDNN's convolutions and RNNs differ, so one process
+    must not mix the two. Older torch has only the flags, which are used there.
+    """
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(cudnn, "conv"):  # torch >= 2.9
+        saved = (matmul.fp32_precision, cudnn.conv.fp32_precision)
+        matmul.fp32_precision = cudnn.conv.fp32_precision = mode
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, cudnn.conv.fp32_precision = saved
+        return
+    saved_flags = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = mode == "tf32"
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved_flags

@@ -31,6 +31,7 @@ if _ROOT not in sys.path:
 import jax  # noqa: E402
 import torch  # noqa: E402
 
+from flax_resnet.precision import torch_fp32_precision  # noqa: E402
 from parity_tests.helpers import GPU  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # xdist workers share the cores: don't oversubscribe them
@@ -59,16 +60,9 @@ def _parity_numerics():
     JAX's own scoped forms of ``jax.config.update('jax_enable_x64', True)`` and
     ``jax.config.update('jax_default_matmul_precision', 'highest')`` are used, so that they end with the test.
     """
-    saved_tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     with contextlib.ExitStack() as stack:
         stack.enter_context(jax.enable_x64(True))
         if GPU:
             stack.enter_context(jax.default_matmul_precision("highest"))
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-            stack.callback(_restore_tf32, saved_tf32)
+            stack.enter_context(torch_fp32_precision("ieee"))
         yield
-
-
-def _restore_tf32(saved: tuple[bool, bool]) -> None:
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
