@@ -30,6 +30,7 @@ JAX, Flax and torch are imported inside the functions that run, so that ``bench 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -328,24 +329,27 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
 def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_skipped: str) -> list[dict[str, Any]]:
     import torch
 
+    from flax_resnet.precision import torch_fp32_precision
+
     device = torch.device("cuda" if setup.platform == "gpu" and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True  # as XLA's default precision does (convs are TF32 already)
-        torch.backends.cudnn.allow_tf32 = True
-    rows = []
+    rows: list[dict[str, Any]] = []
     phases = PHASES if setup.epoch_images else PHASES[:2]
-    for impl in IMPLS[1:]:
-        if impl.startswith("torch.compile") and not compile_torch:
-            rows += [_row(setup, impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in phases]
-            continue
-        try:
-            _torch_variant(setup, device, impl, macs, rows)
-        except Exception as e:  # noqa: BLE001 - report any failure of a variant as its rows, keep the others
-            reason = f"n/a: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
-            setup.log(f"{impl}: {reason}")
-            done = {r["phase"] for r in rows if r["impl"] == impl}
-            rows += [_row(setup, impl, phase, status=reason) for phase in phases if phase not in done]
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":  # both restored afterwards
+            stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.benchmark = True
+            stack.enter_context(torch_fp32_precision("tf32"))  # as XLA's default precision does
+        for impl in IMPLS[1:]:
+            if impl.startswith("torch.compile") and not compile_torch:
+                rows += [_row(setup, impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in phases]
+                continue
+            try:
+                _torch_variant(setup, device, impl, macs, rows)
+            except Exception as e:  # noqa: BLE001 - report any failure of a variant as its rows, keep the others
+                reason = f"n/a: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+                setup.log(f"{impl}: {reason}")
+                done = {r["phase"] for r in rows if r["impl"] == impl}
+                rows += [_row(setup, impl, phase, status=reason) for phase in phases if phase not in done]
     return rows
 
 
@@ -489,7 +493,42 @@ def environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": device.platform, "device_kind": device.device_kind, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "malloc_tuned": cpu.tuned_allocator(), "load_avg": _load_all()}
+            "malloc_tuned": cpu.tuned_allocator(), "load_avg": _load_all(), "cpu": describe_cpu()}
+
+
+# (key, /proc/cpuinfo flag, label) of the vector extensions XLA:CPU and torch's kernels make use of
+CPU_FEATURES: tuple[tuple[str, str, str], ...] = (("avx2", "avx2", "AVX2"), ("fma", "fma", "FMA"),
+                                                  ("avx512", "avx512f", "AVX-512"))
+
+
+def describe_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's model and whether it has AVX2, FMA and AVX-512 (True/False; None where unknown), with ``text``, a
+    one-line summary for headers. Why: XLA:CPU and torch pick their kernels by these extensions, so CPU speeds are
+    comparable between machines only with them known (BENCHMARKS.md's CPU log was measured without AVX-512).
+
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (default: read it; its first processor's ``model name`` and
+    ``flags``). Where there is none (macOS, Windows), the model is ``platform.processor()`` and the extensions
+    are unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the blank line after the first processor's block
+                break
+            continue
+        fields.setdefault(key.strip().lower(), value.strip())
+    flags = set(fields["flags"].split()) if "flags" in fields else None
+    model = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    info: dict[str, Any] = {"model": model, "source": "/proc/cpuinfo" if fields else "platform.processor()"}
+    info.update((key, None if flags is None else flag in flags) for key, flag, _ in CPU_FEATURES)
+    yes_no = {True: "yes", False: "no", None: "unknown"}
+    info["text"] = f"{model} ({', '.join(f'{label} {yes_no[info[key]]}' for key, _, label in CPU_FEATURES)})"
+    return info
 
 
 def _load_all() -> list[float] | None:
@@ -513,8 +552,9 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as an aligned text table (one line per row), with a header naming the run and the notes."""
+def format_table(rows: Sequence[dict[str, Any]], cpu_text: str | None = None) -> str:
+    """The rows as an aligned text table (one line per row), with a header naming the run, the CPU (``cpu_text``,
+    default ``describe_cpu()``'s; the host's CPU matters on GPUs too: it feeds them) and the notes."""
     cells = [[header for _, header in COLUMNS]]
     cells += [[_fmt(key, row.get(key)) for key, _ in COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
@@ -528,6 +568,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         epoch = next((x for x in rows if x["phase"] == "epoch" and x["epoch_s"]), None)
         head.append(f"{r['model']}({kwargs}), batch {r['batch_size']}, {r['precision']}, {r['platform']} "
                     f"({r['device_kind']}), load avg at start {r['load_avg_1m']}")
+        head.append(f"CPU: {cpu_text or describe_cpu()['text']}")
         if epoch is not None:
             head.append(f"epoch rows: {epoch['images_per_s'] * epoch['epoch_s']:.0f} images; ms/step is the "
                         "epoch's mean")

@@ -115,3 +115,34 @@ def test_resident_channels_last_batches_are_the_default_loaders_batches():
     for (x, y), (xr, yr) in pairs:
         assert torch.equal(x, xr) and torch.equal(y, yr)
         assert xr.is_contiguous(memory_format=torch.channels_last) and x.is_contiguous()
+
+
+FAKE_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw
+bogomips\t: 4000.00
+
+processor\t: 1
+model name\t: Another CPU that is not read
+flags\t\t: fpu
+"""
+
+
+def test_cpu_description_reads_model_and_vector_extensions():
+    """The first processor's model and flags; AVX-512 from avx512f; no cpuinfo: platform.processor(), unknown
+    extensions. The bench header and its JSON carry it."""
+    intel = bench.describe_cpu(FAKE_CPUINFO)
+    assert intel["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert (intel["avx2"], intel["fma"], intel["avx512"]) == (True, True, True)
+    assert intel["text"] == "Intel(R) Xeon(R) Platinum 8480+ (AVX2 yes, FMA yes, AVX-512 yes)"
+    amd = bench.describe_cpu("processor : 0\nmodel name : AMD EPYC\nflags : fma avx avx2\n")
+    assert (amd["avx2"], amd["fma"], amd["avx512"]) == (True, True, False)
+    elsewhere = bench.describe_cpu("")
+    assert elsewhere["source"] == "platform.processor()" and elsewhere["model"]
+    assert (elsewhere["avx2"], elsewhere["fma"], elsewhere["avx512"]) == (None, None, None)
+    assert "AVX-512 unknown" in elsewhere["text"]
+    row = bench._row(bench._Setup("SimpleNet", {}, 2, "fp32", 0, 1, 0, 0, None, None, None, "cpu", "cpu", print),
+                     "flax", "train step")
+    assert "CPU: Intel(R) Xeon(R) Platinum 8480+ (AVX2 yes" in bench.format_table([row], intel["text"])
+    assert "cpu" in bench.environment()
