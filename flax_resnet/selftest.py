@@ -1,0 +1,430 @@
+"""Self-test on a new machine: ``python train.py selftest [--quick] [--out DIR] [--skip PART ...]``.
+
+What a user runs first on a machine to see, in one process, on whatever device JAX sees, that the Flax port
+computes what the PyTorch reference computes there, and how fast both are. Four parts, in this order (the one that
+decides the exit code first; ``selftest.json`` and ``selftest.md`` in ``--out`` are rewritten after each part, so a
+run stopped early keeps what it measured):
+
+- ``parity``: every model of ``registry.MODELS`` (the notebook-000 models with one block per stage: the deeper ones
+  repeat the same layers) against its ``torch_ref`` twin with ``parity.compare``, on torch's weights (BatchNorm
+  affine parameters and running statistics randomised, so eval mode is not the identity), in eval and train mode:
+  float64 outputs, BatchNorm statistics and gradients, and float32 outputs and statistics (float32 gradients are
+  not a parity check: see ``parity.TOLERANCES``), at full float32 precision (``jax_default_matmul_precision=
+  'highest'``, TF32 off in torch). Every row must hold, or the exit code is 1 and the report names the model.
+- ``default-precision``: the float32 comparison again at each framework's own default precision (XLA's default
+  and torch's cuDNN default use TF32 on NVIDIA GPUs since Ampere), to show what that does to parity on this device.
+  Informational: these rows never fail the self-test (on a GPU they are expected to exceed the float32 tolerance).
+- ``bench``: ``bench.run_benchmark`` for ResNet-18 at batch 512 in bf16 and fp32: Flax against torch eager,
+  channels_last and torch.compile (``torch.compile``, skippable on its own), with MFU on known GPUs. Its epoch rows
+  use 97 full batches (49,664 images): a short last batch would be one more compilation per implementation.
+- ``epochs``: two epochs of ResNet-18 on a CIFAR-sized synthetic set (50,000 / 10,000 images) in bf16 at batch 512
+  through ``training.train`` (the path of ``train.py train``): the second epoch's time (training and evaluation,
+  no compilation) and what the recipe's 20 epochs would take (the first epoch, then 19 like the second).
+
+``--quick``: the same code paths at CPU size: parity of SimpleResNet(n_blocks=1) and SimpleNet plus a shape check
+of ResNet-18 (state_dict and output shapes, nothing computed), ``bench --quick`` in both precisions, and two
+epochs of SimpleResNet(n_blocks=1) on 512 / 128 synthetic images at batch 32.
+
+Cost (measured on the project's 2-core AMD EPYC, AVX2 + FMA, load 1-2; estimated for one H100/H200, where the
+first call of each operation or step compiles and compilation, not arithmetic, is most of the time):
+
+================  ================================  ==================================================
+part              2-core CPU (measured)             one H100/H200 (estimated)
+================  ================================  ==================================================
+start-up          5 s (imports)                     15 s (imports, CUDA and cuDNN start-up)
+parity            --quick 25 s; full ~190 s         ~120-200 s: eager op-by-op, every operation compiled
+                  (ResNet-50 float64 alone 70 s)    once per shape and dtype, like the CPU (milliseconds
+                                                    each), the arithmetic negligible
+default-prec.     --quick 3 s; full ~35 s           ~30 s (float32 again, a new precision setting: new
+                                                    compilations)
+bench             --quick 45 s (both precisions)    ~200 s: per precision Flax compiles (~25 s train +
+                                                    eval), torch eager/channels_last (cuDNN autotuning,
+                                                    ~10 s), torch.compile (~60 s train + eval), the
+                                                    step rows (<5 s) and 8 epoch rows (~3 s each)
+torch.compile     (not in --quick)                  ~120 s of the bench's ~200 s: ``--skip
+                                                    torch.compile`` when short of time
+epochs            --quick 15 s                      ~60 s: synthetic data 15 s (NumPy), compilation of
+                                                    the train and eval steps for full and short
+                                                    batches ~30 s, two epochs ~10 s
+total             --quick ~90 s                     ~6-7.5 min; over 8 min: ``--skip torch.compile``
+                                                    (-2 min) or ``--skip default-precision`` (-0.5 min)
+================  ================================  ==================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from flax_resnet import bench, parity, registry
+from flax_resnet.errors import FlaxResnetError
+
+__all__ = ["FULL", "PARTS", "QUICK", "Plan", "environment", "run", "to_markdown"]
+
+# The parts, in the order they run; each can be left out with --skip (torch.compile: bench's torch.compile rows).
+PARTS: tuple[str, ...] = ("parity", "default-precision", "bench", "torch.compile", "epochs")
+JSON_FILE, MARKDOWN_FILE = "selftest.json", "selftest.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The sizes of one self-test: the full one for a GPU, or ``--quick``'s for a CPU."""
+
+    name: str
+    parity_models: tuple[tuple[str, dict[str, Any]], ...]  # (name, constructor arguments)
+    parity_input: tuple[int, int]  # (batch, height = width) of the parity batch; SimpleNet's fc needs 32x32
+    shape_models: tuple[str, ...]  # models only shape-checked (state_dict and output shapes, nothing computed)
+    bench_model: str
+    bench_kwargs: dict[str, Any]
+    bench_batch: int
+    bench_warmup: int
+    bench_steps: int
+    bench_epoch_images: int
+    epochs_model: str
+    epochs_kwargs: dict[str, Any]
+    epochs_batch: int
+    num_train: int
+    num_test: int
+    epochs: int = 2
+    estimate_epochs: int = 20  # the resnet18-cifar recipe's
+
+
+def _every_model() -> tuple[tuple[str, dict[str, Any]], ...]:
+    one_block = {"n_blocks": 1, "num_blocks": (1, 1, 1, 1)}
+    return tuple((name, {arg: one_block[arg] for arg in spec.args if arg in one_block})
+                 for name, spec in registry.MODELS.items())
+
+
+FULL = Plan("full", _every_model(), (4, 32), (), "ResNet18", {}, 512, 3, 20, 97 * 512, "ResNet18", {}, 512,
+            50_000, 10_000)
+# bench --quick's model and batch, with fewer steps and a two-batch epoch: torch's bf16 autocast takes seconds per
+# step on a 2-core CPU
+QUICK = Plan("quick", (("SimpleResNet", {"n_blocks": 1}), ("SimpleNet", {})), (2, 16), ("ResNet18",),
+             bench.QUICK["model"], dict(bench.QUICK["model_kwargs"]), bench.QUICK["batch_size"], 1, 2,
+             2 * bench.QUICK["batch_size"], "SimpleResNet", {"n_blocks": 1}, 32, 512, 128)
+
+# (dtype, precision, gradients, counted): the comparisons of the parity parts
+_PARITY_CHECKS = (("float64", "highest", True, True), ("float32", "highest", False, True))
+_DEFAULT_CHECKS = (("float32", "default", False, False),)
+
+
+# ------------------------------------------------------------------------------------------- environment
+def environment() -> dict[str, Any]:
+    """Where the self-test ran: date, device, versions, CPU (``bench.describe_cpu``), load."""
+    import flax
+    import jaxlib
+    import optax
+
+    env = bench.environment()
+    env.update(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), jaxlib=jaxlib.__version__,
+               flax=flax.__version__, optax=optax.__version__, device=str(jax.devices()[0]),
+               device_count=jax.device_count(), machine=platform.machine())
+    return env
+
+
+# ------------------------------------------------------------------------------------------- parity
+def _perturb_batchnorm(model: Any, seed: int = 0) -> None:
+    """Random BatchNorm affine parameters and running statistics (as parity_tests.helpers does): with torch's
+    initial 1 / 0 a swapped scale and bias, or mean and variance, would go unseen, and eval mode would pass the
+    activations through unnormalised (ResNet-50's grow until float64 rounding exceeds its tolerance)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                shape = module.weight.shape
+                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
+                module.bias.copy_(0.2 * torch.randn(shape, generator=generator))
+                module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+
+
+def _worst(rows: list[parity.Row], section: str) -> float | str | None:
+    errors = [row.rel_err for row in rows if row.section == section]
+    if not errors:
+        return None
+    worst = max(errors, key=lambda e: math.inf if math.isnan(e) else e)
+    return worst if math.isfinite(worst) else str(worst)
+
+
+def _call(name: str, kwargs: dict[str, Any]) -> str:
+    return f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
+def _parity_rows(plan: Plan, checks: tuple[tuple[str, str, bool, bool], ...],
+                 say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One row per (model, check): ``parity.compare``'s verdict and worst relative error per section."""
+    rows = []
+    batch, size = plan.parity_input
+    for name, kwargs in plan.parity_models:
+        torch_model = registry.build_torch(name, kwargs, seed=0)
+        _perturb_batchnorm(torch_model)
+        flax_model = registry.build_flax_to_fill(name, kwargs)  # port_weights=True fills it with torch's weights
+        shape = (batch, 3, 32, 32) if name == "SimpleNet" else (batch, 3, size, size)
+        for dtype, precision, gradients, counted in checks:
+            t0 = time.perf_counter()
+            report = parity.compare(torch_model, flax_model, input_shape=shape, dtype=dtype, gradients=gradients,
+                                    port_weights=True, precision=precision)
+            tol = report.tolerance
+            if counted:
+                status = "ok" if report.ok else "FAIL"
+            else:
+                status = "within tolerance" if report.ok else "exceeds tolerance"
+            row = {"model": name, "kwargs": kwargs, "check": "parity", "dtype": dtype, "precision": precision,
+                   "gradients": gradients, "counted": counted, "ok": report.ok, "status": status,
+                   "input_shape": list(shape), "comparisons": len(report.rows), "failures": len(report.failures),
+                   "outputs_rel_err": _worst(report.rows, "outputs"),
+                   "statistics_rel_err": _worst(report.rows, "running statistics"),
+                   "gradients_rel_err": _worst(report.rows, "gradients"),
+                   "weights_rel_err": _worst(report.rows, "weights"),
+                   "tolerance": tol.values, "gradient_tolerance": tol.gradients if gradients else None,
+                   "first_divergence": report.first_divergence, "seconds": time.perf_counter() - t0}
+            if not report.ok:
+                row["report"] = report.table()
+            rows.append(row)
+            say(f"{_call(name, kwargs)} {dtype} {precision}: {status} ({row['seconds']:.1f} s)")
+    return rows
+
+
+def _shape_rows(plan: Plan, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Models too big to compare on a small CPU: their state_dict keys and shapes and their output shape, with
+    no arithmetic (``nnx.eval_shape`` and torch's meta device)."""
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from flax_resnet.port import torch_shapes
+
+    rows = []
+    for name in plan.shape_models:
+        t0 = time.perf_counter()
+        kwargs = registry.model_kwargs(name)
+        with torch.device("meta"):
+            torch_model = registry.build_torch(name, kwargs).eval()
+            out_t = tuple(torch_model(torch.empty(2, 3, 32, 32)).shape)
+        want = {key: tuple(value.shape) for key, value in torch_model.state_dict().items()}
+        abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: registry.build_flax(name, kwargs))
+        have = torch_shapes(abstract)
+        abstract.eval()
+        graphdef, state = nnx.split(abstract)
+        out_f = jax.eval_shape(lambda s, x, g=graphdef: nnx.merge(g, s)(x), state,
+                               jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)).shape
+        problems = [f"state_dict {key}: torch {want.get(key)}, Flax {have.get(key)}" for key in {*want, *have}
+                    if want.get(key) != have.get(key)]
+        if tuple(out_f) != out_t:
+            problems.append(f"output: torch {out_t}, Flax {tuple(out_f)}")
+        ok = not problems
+        rows.append({"model": name, "kwargs": kwargs, "check": "shapes", "dtype": "float32", "precision": "n/a",
+                     "gradients": False, "counted": True, "ok": ok, "status": "ok" if ok else "FAIL",
+                     "input_shape": [2, 3, 32, 32], "comparisons": len(want) + 1, "failures": len(problems),
+                     "first_divergence": None if ok else sorted(problems)[0], "problems": sorted(problems)[:20],
+                     "seconds": time.perf_counter() - t0})
+        say(f"{_call(name, kwargs)} shapes: {rows[-1]['status']} ({rows[-1]['seconds']:.1f} s)")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- bench, epochs
+def _bench_rows(plan: Plan, torch_compile: bool, say: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+    """``bench.run_benchmark`` in bf16 and fp32 (with ``--quick``: its own quick sizes)."""
+    rows = {}
+    for precision in ("bf16", "fp32"):
+        rows[precision] = bench.run_benchmark(
+            plan.bench_model, plan.bench_batch, precision, warmup=plan.bench_warmup, steps=plan.bench_steps,
+            quick=plan.name == "quick", model_kwargs=plan.bench_kwargs, epoch_images=plan.bench_epoch_images,
+            torch_compile=None if plan.name == "quick" else torch_compile,
+            log=lambda message, p=precision: say(f"{p}: {message}"))
+    return rows
+
+
+def _epoch_rows(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
+    """Two epochs through ``training.train`` (as ``train.py train --precision bf16 --dataset synthetic``)."""
+    from flax_resnet import training
+    from flax_resnet.data import synthetic_dataset
+    from flax_resnet.precision import apply_precision
+    from flax_resnet.recipes import RunConfig, get_recipe
+
+    t0 = time.perf_counter()
+    data = synthetic_dataset(plan.num_train, plan.num_test, seed=0)
+    data_s = time.perf_counter() - t0
+    say(f"synthetic data: {plan.num_train:,} + {plan.num_test:,} images ({data_s:.1f} s)")
+    recipe = dataclasses.replace(get_recipe("resnet18-cifar"), epochs=plan.epochs, batch_size=plan.epochs_batch)
+    config = RunConfig(recipe=recipe, model=plan.epochs_model, model_kwargs=plan.epochs_kwargs, framework="jax",
+                       dataset="synthetic", precision="bf16")
+    model = apply_precision(registry.build_flax(plan.epochs_model, plan.epochs_kwargs, seed=0), "bf16")
+    result = training.train(model, config, data, log=say, title="selftest")
+    times, rates = result.history["epoch_time"], result.history["images_per_sec"]
+    first, second = times[0], times[-1]
+    return {"model": plan.epochs_model, "kwargs": plan.epochs_kwargs, "recipe": recipe.name, "precision": "bf16",
+            "batch_size": plan.epochs_batch, "eval_batch_size": recipe.eval_batch_size, "num_train": plan.num_train,
+            "num_test": plan.num_test, "data_s": data_s, "epoch_times_s": times,
+            "first_epoch_s": first, "epoch_s": second, "train_images_per_s": rates[-1],
+            "test_acc": result.history["test_acc"], "estimate_epochs": plan.estimate_epochs,
+            "estimate_s": first + (plan.estimate_epochs - 1) * second}
+
+
+# ------------------------------------------------------------------------------------------- run
+@contextlib.contextmanager
+def _part(doc: dict[str, Any], name: str, say: Callable[[str], None], started: float) -> Iterator[None]:
+    """Time one part into ``doc['parts']``; an exception ends the part (recorded, the run goes on)."""
+    say(f"{name}: start")
+    t0 = time.perf_counter()
+    try:
+        yield
+        status = "ok"
+    except Exception as e:  # noqa: BLE001 - a crashed part is a failed self-test, the other parts still run
+        status = f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        doc.setdefault("errors", {})[name] = traceback.format_exc()
+    doc["parts"][name] = {"status": status, "seconds": time.perf_counter() - t0}
+    say(f"{name}: {status} in {doc['parts'][name]['seconds']:.1f} s (total {time.perf_counter() - started:.1f} s)")
+
+
+def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the self-test (see the module docstring), writing ``selftest.json`` and ``selftest.md`` to ``out_dir``
+    after each part; returns the JSON document. ``doc['ok']``: every parity row held and no part failed;
+    ``doc['failed']`` says which did not."""
+    unknown = sorted(set(skip) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown part(s) {', '.join(unknown)} to skip; the parts are {', '.join(PARTS)}")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / JSON_FILE).write_text("{}\n")  # fails now, not after minutes of measuring
+    except OSError as e:
+        raise FlaxResnetError(f"cannot write to --out {out_dir} ({e.strerror or e}); choose another --out") from e
+    # Let torch and jax share a GPU (as bench does): read when jax first touches a device, which is below.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        line = f"[selftest {time.perf_counter() - started:6.1f}s] {message}"
+        (log or (lambda text: print(text, file=sys.stderr, flush=True)))(line)
+
+    plan = QUICK if quick else FULL
+    doc: dict[str, Any] = {"mode": plan.name, "skipped": sorted(skip), "environment": environment(), "parts": {},
+                           "parity": [], "bench": {}, "epochs": None, "plan": dataclasses.asdict(plan)}
+    say(f"{plan.name} self-test on {doc['environment']['device']} ({doc['environment']['device_kind']}); "
+        f"CPU {doc['environment']['cpu']['text']}; writing to {out_dir}")
+
+    def save() -> None:
+        _finish(doc, started)
+        _write(out_dir, doc)
+
+    if "parity" not in skip:
+        with _part(doc, "parity", say, started):
+            doc["parity"] += _parity_rows(plan, _PARITY_CHECKS, say)
+            doc["parity"] += _shape_rows(plan, say)
+        save()
+    if "default-precision" not in skip:
+        with _part(doc, "default-precision", say, started):
+            doc["parity"] += _parity_rows(plan, _DEFAULT_CHECKS, say)
+        save()
+    if "bench" not in skip:
+        with _part(doc, "bench", say, started):
+            doc["bench"] = _bench_rows(plan, "torch.compile" not in skip, say)
+        save()
+    if "epochs" not in skip:
+        with _part(doc, "epochs", say, started):
+            doc["epochs"] = _epoch_rows(plan, say)
+        save()
+    doc["environment"]["load_avg_end"] = bench.environment()["load_avg"]
+    save()
+    return doc
+
+
+def _finish(doc: dict[str, Any], started: float) -> None:
+    failed = [f"{_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}: first divergence "
+              f"{r['first_divergence']}" for r in doc["parity"] if r["counted"] and not r["ok"]]
+    failed += [f"part {name}: {part['status']}" for name, part in doc["parts"].items() if part["status"] != "ok"]
+    doc.update(ok=not failed, failed=failed, total_s=time.perf_counter() - started)
+
+
+def _write(out_dir: Path, doc: dict[str, Any]) -> None:
+    try:
+        (out_dir / JSON_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        (out_dir / MARKDOWN_FILE).write_text(to_markdown(doc))
+    except OSError as e:
+        raise FlaxResnetError(f"could not write the report to {out_dir} ({e.strerror or e}); choose another "
+                              "--out") from e
+
+
+# ------------------------------------------------------------------------------------------- report
+def _err(value: Any) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else ("0" if value == 0 else f"{value:.1e}")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    """``selftest.md``: the verdict, the environment, one table per part, the time per part."""
+    env = doc["environment"]
+    lines = [f"# flax-resnet self-test ({doc['mode']})", "",
+             "**PASS**: every parity row holds" if doc.get("ok") else
+             "**FAIL**: " + "; ".join(doc.get("failed", [])), "",
+             f"- date: {env['date']}",
+             f"- device: {env['device']} ({env['platform']}, {env['device_kind']}, {env['device_count']} device(s))",
+             f"- CPU: {env['cpu']['text']}, {env['cpu_count']} logical CPUs, load average at start {env['load_avg']}"
+             f", at end {env.get('load_avg_end', 'n/a')}",
+             f"- versions: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, "
+             f"optax {env['optax']}, torch {env['torch']}",
+             f"- skipped: {', '.join(doc['skipped']) or 'nothing'}", ""]
+    if doc["parity"]:
+        lines += ["## Parity (torch_ref vs Flax, relative error max|flax - torch| / max|torch| per tensor, the "
+                  "worst tensor)", "",
+                  "Rows at precision `default` are informational (XLA's and torch's default float32 precision, "
+                  "TF32 on NVIDIA GPUs): they never fail the self-test.", ""]
+        rows = [[_call(r["model"], r["kwargs"]), r["check"], r["dtype"], r["precision"],
+                 "x".join(map(str, r["input_shape"])), _err(r.get("outputs_rel_err")),
+                 _err(r.get("statistics_rel_err")), _err(r.get("gradients_rel_err")),
+                 f"{r['tolerance']:g}" + (f" / {r['gradient_tolerance']:g}" if r.get("gradient_tolerance") else "")
+                 if "tolerance" in r else "-", r["status"] + ("" if r["ok"] else f" ({r['first_divergence']})"),
+                 f"{r['seconds']:.1f}"] for r in doc["parity"]]
+        lines += _table(["model", "check", "dtype", "precision", "input", "outputs", "BN statistics", "gradients",
+                         "tolerance", "status", "s"], rows)
+        lines.append("")
+        for r in doc["parity"]:
+            if r["counted"] and not r["ok"]:
+                detail = r.get("report") or "\n".join(r.get("problems", []))
+                lines += [f"### {_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}", "", "```", detail,
+                          "```", ""]
+    for precision, rows in doc["bench"].items():
+        lines += [f"## Benchmark, {precision}", "", "```", bench.format_table(rows, env["cpu"]["text"]), "```", ""]
+    if doc["epochs"]:
+        e = doc["epochs"]
+        lines += ["## Training through training.train (synthetic CIFAR-sized data)", ""]
+        lines += _table(["model", "precision", "batch", "train / test images", "epoch 1 s (compiles)",
+                         "epoch 2 s", "train img/s", f"{e['estimate_epochs']} epochs (estimate)"],
+                        [[_call(e["model"], e["kwargs"]), e["precision"], str(e["batch_size"]),
+                          f"{e['num_train']:,} / {e['num_test']:,}", f"{e['first_epoch_s']:.1f}", f"{e['epoch_s']:.1f}",
+                          f"{e['train_images_per_s']:,.0f}", _duration(e["estimate_s"])]])
+        lines += ["", f"Epoch times include the evaluation of the {e['num_test']:,} test images; the estimate is "
+                  f"epoch 1 plus {e['estimate_epochs'] - 1} epochs like epoch 2. Data generation took "
+                  f"{e['data_s']:.1f} s.", ""]
+    lines += ["## Time per part", ""]
+    lines += _table(["part", "status", "s"], [[name, part["status"], f"{part['seconds']:.1f}"]
+                                               for name, part in doc["parts"].items()]
+                    + [["total", "", f"{doc.get('total_s', 0):.1f}"]])
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
