@@ -168,11 +168,16 @@ def _call(name: str, kwargs: dict[str, Any]) -> str:
 def _parity_rows(plan: Plan, checks: tuple[tuple[str, str, bool, bool], ...],
                  say: Callable[[str], None]) -> list[dict[str, Any]]:
     """One row per (model, check): ``parity.compare``'s verdict and worst relative error per section."""
+    import torch
+
     rows = []
     batch, size = plan.parity_input
+    # torch on the GPU too when JAX has one, so that the default-precision rows show both frameworks' TF32
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     for name, kwargs in plan.parity_models:
         torch_model = registry.build_torch(name, kwargs, seed=0)
         _perturb_batchnorm(torch_model)
+        torch_model.to(device)
         flax_model = registry.build_flax_to_fill(name, kwargs)  # port_weights=True fills it with torch's weights
         shape = (batch, 3, 32, 32) if name == "SimpleNet" else (batch, 3, size, size)
         for dtype, precision, gradients, counted in checks:
@@ -185,8 +190,9 @@ def _parity_rows(plan: Plan, checks: tuple[tuple[str, str, bool, bool], ...],
             else:
                 status = "within tolerance" if report.ok else "exceeds tolerance"
             row = {"model": name, "kwargs": kwargs, "check": "parity", "dtype": dtype, "precision": precision,
-                   "gradients": gradients, "counted": counted, "ok": report.ok, "status": status,
-                   "input_shape": list(shape), "comparisons": len(report.rows), "failures": len(report.failures),
+                   "torch_device": device, "gradients": gradients, "counted": counted, "ok": report.ok,
+                   "status": status, "input_shape": list(shape), "comparisons": len(report.rows),
+                   "failures": len(report.failures),
                    "outputs_rel_err": _worst(report.rows, "outputs"),
                    "statistics_rel_err": _worst(report.rows, "running statistics"),
                    "gradients_rel_err": _worst(report.rows, "gradients"),
