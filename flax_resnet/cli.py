@@ -522,7 +522,7 @@ def add_selftest_parser(subparsers: Any) -> argparse.ArgumentParser:
                f"  {prog} selftest --out runs/selftest-h100       # on a GPU\n"
                f"  {prog} selftest --skip torch.compile           # two minutes less\n")
     p.add_argument("--quick", action="store_true",
-                   help="CPU-sized: small models, bench --quick, two tiny epochs (about 1.5 minutes on 2 cores)")
+                   help="CPU-sized: small models, bench --quick, two tiny epochs (1.5-2 minutes on 2 cores)")
     p.add_argument("--out", type=expanded_path, default=Path(RUNS_DIR) / "selftest", metavar="DIR",
                    help="where selftest.json and selftest.md go (default: %(default)s)")
     p.add_argument("--skip", nargs="+", choices=parts, default=[], metavar="PART",

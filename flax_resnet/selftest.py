@@ -25,30 +25,33 @@ run stopped early keeps what it measured):
 of ResNet-18 (state_dict and output shapes, nothing computed), ``bench --quick`` in both precisions, and two
 epochs of SimpleResNet(n_blocks=1) on 512 / 128 synthetic images at batch 32.
 
-Cost (measured on the project's 2-core AMD EPYC, AVX2 + FMA, load 1-2; estimated for one H100/H200, where the
-first call of each operation or step compiles and compilation, not arithmetic, is most of the time):
+Cost. Measured on the project's 2-core AMD EPYC (AVX2 + FMA, no AVX-512) while other jobs kept its load average
+at 4-6; estimated, not measured, for one H100/H200, where the first call of each operation or step compiles and
+compilation, not arithmetic, is most of the time:
 
-================  ================================  ==================================================
-part              2-core CPU (measured)             one H100/H200 (estimated)
-================  ================================  ==================================================
-start-up          5 s (imports)                     15 s (imports, CUDA and cuDNN start-up)
-parity            --quick 25 s; full ~190 s         ~120-200 s: eager op-by-op, every operation compiled
-                  (ResNet-50 float64 alone 70 s)    once per shape and dtype, like the CPU (milliseconds
-                                                    each), the arithmetic negligible
-default-prec.     --quick 3 s; full ~35 s           ~30 s (float32 again, a new precision setting: new
-                                                    compilations)
-bench             --quick 45 s (both precisions)    ~200 s: per precision Flax compiles (~25 s train +
-                                                    eval), torch eager/channels_last (cuDNN autotuning,
-                                                    ~10 s), torch.compile (~60 s train + eval), the
-                                                    step rows (<5 s) and 8 epoch rows (~3 s each)
-torch.compile     (not in --quick)                  ~120 s of the bench's ~200 s: ``--skip
-                                                    torch.compile`` when short of time
-epochs            --quick 15 s                      ~60 s: synthetic data 15 s (NumPy), compilation of
-                                                    the train and eval steps for full and short
-                                                    batches ~30 s, two epochs ~10 s
-total             --quick ~90 s                     ~6-7.5 min; over 8 min: ``--skip torch.compile``
-                                                    (-2 min) or ``--skip default-precision`` (-0.5 min)
-================  ================================  ==================================================
+=================  =====================================  ===============================================
+part               2-core CPU, load 4-6 (measured)        one H100/H200 (estimated)
+=================  =====================================  ===============================================
+start-up           2-6 s (imports)                        ~15 s (imports, CUDA and cuDNN start-up)
+parity             --quick 28 s; full ~7 min (ResNet-50   ~2-3 min: op by op, every operation compiled
+                   float64 71 s, PlainNet 54 s, the       once per shape and dtype (as on the CPU, some
+                   float64 pass of the first model 42 s:  milliseconds each); the arithmetic, most of the
+                   the first compilations)                CPU's time at 32x32 in float64, is negligible
+default-precision  --quick 9 s                            ~30 s (float32 again under a new precision
+                                                          setting: new compilations)
+bench              --quick 71 s (both precisions; 22 s    ~3.5 min: per precision Flax compiles (~25 s,
+                   of it the first eager initialisation)  train + eval steps), torch eager/channels_last
+                                                          (cuDNN autotuning ~10 s), torch.compile (~60 s,
+                                                          train + eval graphs), step rows (<5 s), 4 epoch
+                                                          rows of 97 batches (~3 s each)
+torch.compile      (not in --quick)                       ~2 min of bench's ~3.5: ``--skip torch.compile``
+epochs             --quick 17 s                           ~1 min: synthetic data ~15 s (NumPy; 26 s here),
+                                                          train and eval steps compiled for full and short
+                                                          batches ~30 s, two epochs ~10 s
+total              --quick 130 s at load 4-6 (~100 s      ~7-7.5 min; ``--skip torch.compile`` leaves
+                   inside pytest); aim on an idle 2-core  ~5.5 min, ``--skip default-precision`` saves
+                   machine 60-90 s                        another ~0.5 min
+=================  =====================================  ===============================================
 """
 
 from __future__ import annotations
