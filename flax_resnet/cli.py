@@ -514,8 +514,8 @@ def add_selftest_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "precision, for information), the benchmark of ResNet-18 at batch 512 in bf16 and fp32, and "
                     "two epochs of ResNet-18 on CIFAR-sized synthetic data (the epoch time and what 20 would "
                     "take). Writes selftest.json and selftest.md to --out and prints the report. Exit code 1 when "
-                    "a parity row fails (the report names the model) or a part fails. Full: about 6-7.5 minutes "
-                    "on one H100/H200; --quick: about 1.5 minutes on a 2-core CPU. Needs no data set and no "
+                    "a parity row fails (the report names the model) or a part fails. Full: an estimated 7-7.5 minutes "
+                    "on one H100/H200; --quick: 1.5-2 minutes on a 2-core CPU. Needs no data set and no "
                     "network.",
         epilog="examples:\n"
                f"  {prog} selftest --quick                        # CPU-sized, same code paths\n"
