@@ -33,11 +33,11 @@ compilation, not arithmetic, is most of the time:
 part               2-core CPU, load 4-6 (measured)        one H100/H200 (estimated)
 =================  =====================================  ===============================================
 start-up           2-6 s (imports)                        ~15 s (imports, CUDA and cuDNN start-up)
-parity             --quick 28 s; full ~7 min (ResNet-50   ~2-3 min: op by op, every operation compiled
+parity             --quick 28 s; full 6.2 min (ResNet-50  ~2-3 min: op by op, every operation compiled
                    float64 71 s, PlainNet 54 s, the       once per shape and dtype (as on the CPU, some
                    float64 pass of the first model 42 s:  milliseconds each); the arithmetic, most of the
                    the first compilations)                CPU's time at 32x32 in float64, is negligible
-default-precision  --quick 9 s                            ~30 s (float32 again under a new precision
+default-precision  --quick 9 s; full ~70 s                ~30 s (float32 again under a new precision
                                                           setting: new compilations)
 bench              --quick 71 s (both precisions; 22 s    ~3.5 min: per precision Flax compiles (~25 s,
                    of it the first eager initialisation)  train + eval steps), torch eager/channels_last
