@@ -82,8 +82,9 @@ class BatchNorm2d(nnx.BatchNorm):
     variables and the masked path are the parent's. ``num_batches_tracked`` mirrors torch's buffer so
     state_dicts round-trip exactly. The batch variance is torch's two-pass E[(x - E[x])^2], not Flax's default
     E[x^2] - E[x]^2 (``use_fast_variance``), which cancels in float32: with it ResNet-18's train-mode gradients
-    (batch 4, 32x32) were 2e-2 from torch's, with the two-pass variance 1e-5 (measured, ``train.py verify``). With ``axis_name`` set the statistics (and n) are taken over all devices of
-    that axis: synchronised BatchNorm.
+    (batch 4, 32x32) were 2e-2 from torch's, with the two-pass variance 1e-5 (measured, ``train.py verify``).
+    With ``axis_name`` set the statistics (and n) are taken over all devices of that axis: synchronised
+    BatchNorm.
 
     The statistics and the normalisation are written out with public ``jax.numpy`` / ``jax.lax`` (see
     ``_batch_stats`` and ``_normalize``) rather than borrowed from Flax's private helpers, which may change
