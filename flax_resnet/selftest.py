@@ -1,4 +1,4 @@
-"""Self-test on a new machine: ``python train.py selftest [--quick] [--out DIR] [--skip PART ...]``.
+"""Self-test on a new machine: ``flax-resnet selftest [--quick] [--out DIR] [--skip PART ...]``.
 
 What a user runs first on a machine to see, in one process, on whatever device JAX sees, that the Flax port
 computes what the PyTorch reference computes there, and how fast both are. Four parts, in this order (the one that
@@ -8,8 +8,8 @@ run stopped early keeps what it measured):
 - ``parity``: every model of ``registry.MODELS`` (the notebook-000 models with one block per stage: the deeper ones
   repeat the same layers) against its ``torch_ref`` twin with ``parity.compare``, on torch's weights (BatchNorm
   affine parameters and running statistics randomised, so eval mode is not the identity), in eval and train mode:
-  float64 outputs, BatchNorm statistics and gradients, and float32 outputs and statistics (float32 gradients are
-  not a parity check: see ``parity.TOLERANCES``), at full float32 precision (``jax_default_matmul_precision=
+  float64 outputs, BatchNorm statistics and gradients, and float32 outputs and statistics (float32 gradients:
+  ``train.py verify``, left out here for time), at full float32 precision (``jax_default_matmul_precision=
   'highest'``, TF32 off in torch). Every row must hold, or the exit code is 1 and the report names the model.
 - ``default-precision``: the float32 comparison again at each framework's own default precision (XLA's default
   and torch's cuDNN default use TF32 on NVIDIA GPUs since Ampere), to show what that does to parity on this device.
