@@ -1,7 +1,8 @@
 """The notebooks in notebooks/ are stored for review: valid nbformat v4, no outputs, and they honour quick mode.
 
-Running them is nbmake's job (``FLAX_RESNET_QUICK=1 pytest --nbmake notebooks -p no:xdist``); these checks read the
-files only, so they cost nothing and fail a notebook committed with its outputs.
+Running them is nbmake's job: ``pytest`` collects notebooks/ with ``--nbmake`` (pyproject.toml) and runs each one in
+quick mode (notebooks/conftest.py). These checks read the files only, so they cost nothing and fail a notebook
+committed with its outputs.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def test_the_notebooks_are_there():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_notebook_is_valid_nbformat_v4(path: Path):
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat  # nbmake's own dependency, so installed with the [test] extra
     notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)
     assert notebook.nbformat == 4, f"{path.name} is nbformat {notebook.nbformat}, expected 4"
     nbformat.validate(notebook)
