@@ -38,7 +38,7 @@ from flax import nnx
 from flax_resnet.dtypes import cast_floating
 from flax_resnet.port import load_torch_state_dict, named_modules, to_torch_state_dict
 
-__all__ = ["TOLERANCES", "ParityReport", "Row", "Tolerance", "compare"]
+__all__ = ["TOLERANCES", "ParityReport", "Row", "Tolerance", "compare", "perturb_batchnorm"]
 
 
 # ------------------------------------------------------------------------------------------- tolerances
@@ -210,6 +210,24 @@ class ParityReport:
 
 def _number(value: float) -> str:
     return "0" if value == 0 else f"{value:.1e}"
+
+
+def perturb_batchnorm(torch_model: Any, seed: int = 0) -> None:
+    """Give every ``nn.BatchNorm2d`` of ``torch_model`` random affine parameters and running statistics, in place
+    (port them into the Flax twin afterwards). With torch's initial 1 / 0 a swapped scale and bias, or mean and
+    variance, would go unseen, and eval mode would pass activations through unnormalised (ResNet-50's grow until
+    float64 rounding exceeds its tolerance)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in torch_model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                shape = module.weight.shape
+                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
+                module.bias.copy_(0.2 * torch.randn(shape, generator=generator))
+                module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
 
 
 # ------------------------------------------------------------------------------------------------ compare

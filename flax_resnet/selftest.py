@@ -139,23 +139,6 @@ def environment() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- parity
-def _perturb_batchnorm(model: Any, seed: int = 0) -> None:
-    """Random BatchNorm affine parameters and running statistics (as parity_tests.helpers does): with torch's
-    initial 1 / 0 a swapped scale and bias, or mean and variance, would go unseen, and eval mode would pass the
-    activations through unnormalised (ResNet-50's grow until float64 rounding exceeds its tolerance)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                shape = module.weight.shape
-                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-                module.bias.copy_(0.2 * torch.randn(shape, generator=generator))
-                module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-
-
 def _worst(rows: list[parity.Row], section: str) -> float | str | None:
     errors = [row.rel_err for row in rows if row.section == section]
     if not errors:
@@ -179,7 +162,7 @@ def _parity_rows(plan: Plan, checks: tuple[tuple[str, str, bool, bool], ...],
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     for name, kwargs in plan.parity_models:
         torch_model = registry.build_torch(name, kwargs, seed=0)
-        _perturb_batchnorm(torch_model)
+        parity.perturb_batchnorm(torch_model)
         torch_model.to(device)
         flax_model = registry.build_flax_to_fill(name, kwargs)  # port_weights=True fills it with torch's weights
         shape = (batch, 3, 32, 32) if name == "SimpleNet" else (batch, 3, size, size)

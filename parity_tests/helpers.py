@@ -22,6 +22,7 @@ from flax import nnx
 
 import flax_resnet as fr
 import torch_ref as tr
+from flax_resnet.parity import perturb_batchnorm
 
 # float32: unit roundoff 2**-24 ~ 6e-8; a conv output sums up to C*k*k ~ 4600 products whose rounding errors
 # add up like a random walk (~sqrt(4600) * 6e-8 ~ 4e-6 of the terms' magnitude), then a few dozen layers.
@@ -145,21 +146,6 @@ def torch_model(case: Case, seed: int = 0, dtype: torch.dtype = torch.float32) -
     """The case's torch model, initialised under ``torch.manual_seed(seed)``, on the test device."""
     torch.manual_seed(seed)
     return case.torch().to(device=TORCH_DEVICE, dtype=dtype)
-
-
-def perturb_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give every torch BatchNorm random affine parameters and running statistics, so that a swapped
-    scale/bias or mean/variance cannot hide behind the initial 1/0 (and eval mode has non-trivial statistics
-    even where no train-mode forward ran first, as for the dropout model)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                shape = module.weight.shape
-                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-                module.bias.copy_(0.2 * torch.randn(shape, generator=generator))
-                module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
 
 
 def flax_twin(case: Case, dtype=jnp.float64) -> nnx.Module:

@@ -18,7 +18,7 @@ from flax import nnx
 
 import flax_resnet as fr
 from flax_resnet import parity, registry
-from parity_tests.helpers import perturb_batchnorm
+from flax_resnet.parity import perturb_batchnorm
 
 # Small constructor arguments: the harness is what is tested here, not the depth of the models.
 SMALL_ARGS = {"n_blocks": 1, "num_blocks": (1, 1, 1, 1)}
