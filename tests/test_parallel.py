@@ -111,8 +111,8 @@ JOBS = {  # longest first: they start in this order, two at a time
 @pytest.fixture(scope="module")
 def jobs(request, tmp_path_factory):
     """Starts the worker runs that the selected tests of this module need; name -> Future of their results."""
-    needed = {name for item in request.session.items if item.module is request.module
-              for name in JOBS if name in item.fixturenames}
+    needed = {name for item in request.session.items if getattr(item, "module", None) is request.module
+              for name in JOBS if name in getattr(item, "fixturenames", ())}  # notebooks are items without either
     tmp, procs = tmp_path_factory.mktemp("parallel"), Procs()
     pool = ThreadPoolExecutor(max_workers=2)
     futures: dict[str, Future] = {name: pool.submit(JOBS[name], procs, tmp) for name in JOBS if name in needed}
