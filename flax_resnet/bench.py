@@ -230,7 +230,7 @@ def _row(setup: _Setup, impl: str, phase: str, **fields: Any) -> dict[str, Any]:
                             "peak_mem_kind", "gflop", "xla_gflop", "mfu", "flax_speedup")),
            "model": setup.model, "model_kwargs": setup.model_kwargs, "batch_size": setup.batch_size,
            "precision": setup.precision, "platform": setup.platform, "device_kind": setup.device_kind,
-           "load_avg_1m": (_load_all() or [None])[0]}
+           "load_avg_1m": (load_average() or [None])[0]}
     row.update(fields)
     return row
 
@@ -493,7 +493,7 @@ def environment() -> dict[str, Any]:
     return {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": device.platform, "device_kind": device.device_kind, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "malloc_tuned": cpu.tuned_allocator(), "load_avg": _load_all(), "cpu": describe_cpu()}
+            "malloc_tuned": cpu.tuned_allocator(), "load_avg": load_average(), "cpu": describe_cpu()}
 
 
 # (key, /proc/cpuinfo flag, label) of the vector extensions XLA:CPU and torch's kernels make use of
@@ -531,7 +531,8 @@ def describe_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
     return info
 
 
-def _load_all() -> list[float] | None:
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none): the first thing to spoil a timing."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -564,9 +565,9 @@ def format_table(rows: Sequence[dict[str, Any]], cpu_text: str | None = None) ->
     head = []
     if rows:
         r = rows[0]
-        kwargs = ", ".join(f"{k}={v}" for k, v in r["model_kwargs"].items())
         epoch = next((x for x in rows if x["phase"] == "epoch" and x["epoch_s"]), None)
-        head.append(f"{r['model']}({kwargs}), batch {r['batch_size']}, {r['precision']}, {r['platform']} "
+        model = registry.constructor_call(r["model"], r["model_kwargs"])
+        head.append(f"{model}, batch {r['batch_size']}, {r['precision']}, {r['platform']} "
                     f"({r['device_kind']}), load avg at start {r['load_avg_1m']}")
         head.append(f"CPU: {cpu_text or describe_cpu()['text']}")
         if epoch is not None:
@@ -638,7 +639,7 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
                          torch_compile=args.torch_compile, seed=args.seed,
                          log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
     env = environment()
-    print(format_table(rows))
+    print(format_table(rows, env["cpu"]["text"]))
     print(f"load average at end: {env['load_avg']}  (jax {env['jax']}, torch {env['torch']}, "
           f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']})")
     if args.json:

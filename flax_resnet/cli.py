@@ -211,11 +211,6 @@ def _model_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser, rec
         parser.error(str(e))
 
 
-def _call(name: str, kwargs: Mapping[str, Any]) -> str:
-    """``SimpleResNet(n_blocks=1)``: a model as its constructor call."""
-    return f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
-
-
 def _model_flags(name: str, kwargs: Mapping[str, Any]) -> str:
     """``--model SimpleResNet --n-blocks 1``: the options that build ``name`` with ``kwargs``."""
     flags = [f"{registry.MODEL_ARGS[k].flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
@@ -239,8 +234,9 @@ def _check_recorded_model(meta: Mapping[str, Any], path: Path, name: str, kwargs
     recorded, recorded_kwargs = meta.get("model"), meta.get("model_kwargs") or {}
     as_recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}  # JSON has no tuples
     if recorded is not None and (recorded, recorded_kwargs) != (name, as_recorded):
-        raise FlaxResnetError(f"{path} holds weights of {_call(recorded, recorded_kwargs)}, not of "
-                              f"{_call(name, kwargs)}; pass {_model_flags(recorded, recorded_kwargs)}")
+        raise FlaxResnetError(f"{path} holds weights of {registry.constructor_call(recorded, recorded_kwargs)}, not "
+                              f"of {registry.constructor_call(name, kwargs)}; pass "
+                              f"{_model_flags(recorded, recorded_kwargs)}")
 
 
 def _port_into(model: Any, state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> None:
@@ -338,7 +334,7 @@ def _run_train_claimed(args: argparse.Namespace, recipe: Recipe) -> int:
     result = training.train(model, config, dataset, runner=runner, out_dir=args.out, resume=args.resume,
                             overwrite=args.overwrite, max_to_keep=args.max_to_keep,
                             progress=progress_factory(not args.no_progress), log=write_line,
-                            title=f"{_call(name, kwargs)}, {recipe.name}, {args.framework}")
+                            title=f"{registry.constructor_call(name, kwargs)}, {recipe.name}, {args.framework}")
     accuracy = (result.history["test_acc"] or [None])[-1]
     final = "" if accuracy is None else f" final test accuracy {accuracy:.2f}%"
     print(f"done: {name} ({recipe.name}, {args.framework}){final}; outputs in {args.out}")
@@ -389,8 +385,6 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif dst.exists() and not args.overwrite:
         parser.error(f"--to {dst} exists; pass --overwrite to replace it")
 
-    if (src.is_file() and src.suffix != ".safetensors") or dst.suffix == ".pt":
-        require("torch", "a torch .pt file (.safetensors needs no torch)")
     from flax_resnet import checkpoint, port
 
     if src.is_file():
@@ -476,7 +470,6 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.model is None and any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
         parser.error("model options (--n-blocks, ...) need --model")
     kwargs = _model_kwargs(args, parser) if args.model else None
-    require("torch", "verify (it runs the PyTorch model)")
 
     from flax_resnet import checkpoint, parity, port
 
@@ -495,7 +488,7 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     flax_model = registry.build_flax_to_fill(name, kwargs)
     _port_into(flax_model, torch_model.state_dict(), name, kwargs)  # the port under test
     source = f"torch's initialisation, seed {args.seed}" if args.weights is None else str(args.weights)
-    print(f"verifying {_call(name, kwargs)} with {source}", flush=True)
+    print(f"verifying {registry.constructor_call(name, kwargs)} with {source}", flush=True)
     report = parity.compare(torch_model, flax_model, dtype="float64" if args.float64 else "float32",
                             input_shape=(args.batch_size, 3, args.image_size, args.image_size), seed=args.seed)
     print(report.table())

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flax_resnet.errors import require
 from flax_resnet.recipes import PARALLEL_KINDS
 
 __all__ = ["DEFAULT_DATA_DIR", "EXIT_FAILURE", "RUNS_DIR", "SEED_MAX", "HelpFormatter", "add_data_arguments",
@@ -140,8 +139,9 @@ def check_data_arguments(args: argparse.Namespace, parser: argparse.ArgumentPars
     """Usage errors of the data options, and CIFAR-10's optional dependencies, before anything is read or
     written."""
     if args.dataset == "cifar10":
-        for module in ("tensorflow_datasets", "PIL"):
-            require(module, "--dataset cifar10")
+        from flax_resnet.data import cifar10
+
+        cifar10.require_dependencies()
     if args.data_dir.exists() and not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is a file; give a directory (it is created if missing)")
     if args.archive is not None:

@@ -306,11 +306,8 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     import re
     import zipfile
 
-    try:
-        import torch
-    except ImportError as e:
-        raise PortError(f"{path} is a torch file, which needs torch: pip install 'flax-resnet[torch]' (or convert it "
-                        "to .safetensors where torch is installed)") from e
+    require("torch", f"reading {path} (a torch file; .safetensors needs no torch)")
+    import torch
 
     try:  # weights_only: tensors and plain containers only; unpickling anything else could run code
         obj = torch.load(path, map_location="cpu", weights_only=True)

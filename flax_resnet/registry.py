@@ -17,7 +17,7 @@ from typing import Any
 from flax_resnet.errors import require
 
 __all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "add_model_arguments", "build_flax", "build_torch",
-           "get_spec", "infer_model", "model_kwargs", "model_names"]
+           "constructor_call", "get_spec", "infer_model", "model_kwargs", "model_names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +129,11 @@ def model_kwargs(name: str, given: Mapping[str, Any] | None = None, recipe: str 
             raise ValueError(f"{arg.flag} {problem}, got {value}")
         kwargs[arg_name] = value
     return kwargs
+
+
+def constructor_call(name: str, kwargs: Mapping[str, Any]) -> str:
+    """``SimpleResNet(n_blocks=1)``: a model as its constructor call, for messages, titles and reports."""
+    return f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
 
 
 def _build(module_name: str, name: str, kwargs: Mapping[str, Any], **extra: Any) -> Any:

@@ -147,10 +147,6 @@ def _worst(rows: list[parity.Row], section: str) -> float | str | None:
     return worst if math.isfinite(worst) else str(worst)
 
 
-def _call(name: str, kwargs: dict[str, Any]) -> str:
-    return f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
-
-
 def _parity_rows(plan: Plan, checks: tuple[tuple[str, str, bool, bool], ...],
                  say: Callable[[str], None]) -> list[dict[str, Any]]:
     """One row per (model, check): ``parity.compare``'s verdict and worst relative error per section."""
@@ -188,7 +184,7 @@ def _parity_rows(plan: Plan, checks: tuple[tuple[str, str, bool, bool], ...],
             if not report.ok:
                 row["report"] = report.table()
             rows.append(row)
-            say(f"{_call(name, kwargs)} {dtype} {precision}: {status} ({row['seconds']:.1f} s)")
+            say(f"{registry.constructor_call(name, kwargs)} {dtype} {precision}: {status} ({row['seconds']:.1f} s)")
     return rows
 
 
@@ -225,7 +221,7 @@ def _shape_rows(plan: Plan, say: Callable[[str], None]) -> list[dict[str, Any]]:
                      "input_shape": [2, 3, 32, 32], "comparisons": len(want) + 1, "failures": len(problems),
                      "first_divergence": None if ok else sorted(problems)[0], "problems": sorted(problems)[:20],
                      "seconds": time.perf_counter() - t0})
-        say(f"{_call(name, kwargs)} shapes: {rows[-1]['status']} ({rows[-1]['seconds']:.1f} s)")
+        say(f"{registry.constructor_call(name, kwargs)} shapes: {rows[-1]['status']} ({rows[-1]['seconds']:.1f} s)")
     return rows
 
 
@@ -333,13 +329,13 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
         with _part(doc, "epochs", say, started):
             doc["epochs"] = _epoch_rows(plan, say)
         save()
-    doc["environment"]["load_avg_end"] = bench.environment()["load_avg"]
+    doc["environment"]["load_avg_end"] = bench.load_average()
     save()
     return doc
 
 
 def _finish(doc: dict[str, Any], started: float) -> None:
-    failed = [f"{_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}: first divergence "
+    failed = [f"{registry.constructor_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}: first divergence "
               f"{r['first_divergence']}" for r in doc["parity"] if r["counted"] and not r["ok"]]
     failed += [f"part {name}: {part['status']}" for name, part in doc["parts"].items() if part["status"] != "ok"]
     doc.update(ok=not failed, failed=failed, total_s=time.perf_counter() - started)
@@ -384,7 +380,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
                   "worst tensor)", "",
                   "Rows at precision `default` are informational (XLA's and torch's default float32 precision, "
                   "TF32 on NVIDIA GPUs): they never fail the self-test.", ""]
-        rows = [[_call(r["model"], r["kwargs"]), r["check"], r["dtype"], r["precision"],
+        rows = [[registry.constructor_call(r["model"], r["kwargs"]), r["check"], r["dtype"], r["precision"],
                  "x".join(map(str, r["input_shape"])), _err(r.get("outputs_rel_err")),
                  _err(r.get("statistics_rel_err")), _err(r.get("gradients_rel_err")),
                  f"{r['tolerance']:g}" + (f" / {r['gradient_tolerance']:g}" if r.get("gradient_tolerance") else "")
@@ -396,8 +392,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
         for r in doc["parity"]:
             if r["counted"] and not r["ok"]:
                 detail = r.get("report") or "\n".join(r.get("problems", []))
-                lines += [f"### {_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}", "", "```", detail,
-                          "```", ""]
+                title = f"{registry.constructor_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}"
+                lines += [f"### {title}", "", "```", detail, "```", ""]
     for precision, rows in doc["bench"].items():
         lines += [f"## Benchmark, {precision}", "", "```", bench.format_table(rows, env["cpu"]["text"]), "```", ""]
     if doc["epochs"]:
@@ -405,7 +401,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         lines += ["## Training through training.train (synthetic CIFAR-sized data)", ""]
         lines += _table(["model", "precision", "batch", "train / test images", "epoch 1 s (compiles)",
                          "epoch 2 s", "train img/s", f"{e['estimate_epochs']} epochs (estimate)"],
-                        [[_call(e["model"], e["kwargs"]), e["precision"], str(e["batch_size"]),
+                        [[registry.constructor_call(e["model"], e["kwargs"]), e["precision"], str(e["batch_size"]),
                           f"{e['num_train']:,} / {e['num_test']:,}", f"{e['first_epoch_s']:.1f}", f"{e['epoch_s']:.1f}",
                           f"{e['train_images_per_s']:,.0f}", _duration(e["estimate_s"])]])
         lines += ["", f"Epoch times include the evaluation of the {e['num_test']:,} test images; the estimate is "

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from flax_resnet.errors import EXTRAS
+
 ROOT = Path(__file__).resolve().parent.parent
 # pyproject.toml's extras -> the top-level modules they install
-EXTRA_MODULES = {"torch": ("torch",), "data": ("tensorflow_datasets", "PIL", "importlib_resources"),
-                 "plots": ("matplotlib",)}
+EXTRA_MODULES = {extra: tuple(m for m, e in EXTRAS.items() if e == extra) for extra in set(EXTRAS.values())}
 ALL_EXTRAS = tuple(m for modules in EXTRA_MODULES.values() for m in modules)
 TINY = ["--dataset", "synthetic", "--model", "SimpleResNet", "--n-blocks", "1", "--train-samples", "64",
         "--test-samples", "16", "--batch-size", "32", "--epochs", "1", "--no-progress"]
@@ -150,5 +151,7 @@ def test_the_package_exports_the_models_lazily_and_has_one_version():
     assert list(flax_resnet._MODELS) == list(models.__all__)
     assert set(flax_resnet.__all__) <= set(dir(flax_resnet))
     assert flax_resnet.ResNet18 is models.ResNet18
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(EXTRAS.values()) <= set(project["optional-dependencies"])  # the extras the errors name exist
+    version = project["version"]
     assert flax_resnet.__version__ == importlib.metadata.version("flax-resnet") == version

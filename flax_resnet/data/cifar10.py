@@ -25,7 +25,7 @@ import numpy as np
 from flax_resnet.data.dataset import DataError, Dataset
 from flax_resnet.errors import require
 
-__all__ = ["is_prepared", "load_cifar10", "source_answers"]
+__all__ = ["is_prepared", "load_cifar10", "require_dependencies", "source_answers"]
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,14 @@ def is_prepared(data_dir: str | Path) -> bool:
     return Path(builder.data_dir).is_dir() and builder.is_prepared()
 
 
-def _builder(data_dir: Path, **kwargs: Any) -> Any:
+def require_dependencies() -> None:
+    """Stop with the ``pip install`` to run where the [data] extra (TFDS, Pillow) is missing: before any work."""
     for module in ("tensorflow_datasets", "PIL"):
         require(module, "CIFAR-10")
+
+
+def _builder(data_dir: Path, **kwargs: Any) -> Any:
+    require_dependencies()
     from flax_resnet.data.cifar10_builder import Cifar10  # imports tensorflow_datasets
 
     return Cifar10(data_dir=os.fspath(data_dir), **kwargs)

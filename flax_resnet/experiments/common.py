@@ -261,7 +261,7 @@ class Context:
         kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
         config = RunConfig(recipe=recipe, model=model, model_kwargs=kwargs, framework=framework, seed=self.seed,
                            dtype=dtype)
-        title = f"{label}: {model}({', '.join(f'{k}={v}' for k, v in kwargs.items())}), {recipe.name}, {framework}"
+        title = f"{label}: {registry.constructor_call(model, kwargs)}, {recipe.name}, {framework}"
         if framework == "jax":
             net = registry.build_flax(model, kwargs, seed=self.seed)
             if state_dict is not None:

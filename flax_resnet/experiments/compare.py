@@ -51,7 +51,7 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
     curves = [(run.label, run.history, STYLES[fw]) for fw, run in runs.items()]
     panels = (*plots.CURVE_PANELS, ("images_per_sec", "Training throughput", "images/s"))
     fig, _ = plots.curves_figure(curves, panels=panels, width=4.0, height=3.6,
-                                 title=f"{model}({', '.join(f'{k}={v}' for k, v in model_kwargs.items())}), "
+                                 title=f"{registry.constructor_call(model, model_kwargs)}, "
                                        f"{recipe.name}, {dtype}: same initial weights, same batches")
     figure = plots.save_figure(fig, ctx.out / FIGURE)
 
