@@ -1,30 +1,9 @@
 """Speed benchmark: the Flax train step against three PyTorch variants, in one process, on one device.
 
-``flax-resnet bench --model NAME --batch-size B [--precision {fp32,bf16}] [--json FILE] [--quick]``
-
-Both sides run the same model, batch, precision, optimizer and batches (epoch 0's plan of ``flax_resnet.data.plan``
-for the step rows, epoch 1's for the epoch rows) on synthetic CIFAR-sized uint8 data resident on the device,
-normalised and augmented (crop + flip) there, each through the public pieces that train:
-
-- ``flax``: a ``FlaxBackend`` prepared as the training loop prepares it, over ``runners.SingleDeviceRunner``: its
-  ``train_step`` / ``eval_step`` (compile time and XLA cost from ``lower_train_step`` / ``lower_eval_step``), and
-  ``FlaxBackend.train_epoch`` for the epoch row.
-- ``torch eager`` (NCHW), ``torch channels_last``, ``torch.compile + channels_last`` (its failure, or its absence
-  in ``--quick``, is a row with status ``n/a: why``): the ``torch_ref`` model, optimizer and
-  ``PlannedBatches(resident=True)``. The step is the notebooks' without their per-step ``loss.item()`` and
-  accuracy ``.item()``: those wait for the device every step, and the Flax step never does; so the epoch row
-  loops over the batches with that step, not ``torch_ref.train.train_epoch``.
-
-Rows: ``train step`` and ``eval step`` (warm-up, then each step synchronised: median, p10, p90) and ``epoch``
-(every batch, the last one short if need be, synchronised once at its end, including the read of its metrics;
-no compilation inside). ``compile_s``: Flax's XLA compilation of the step, torch.compile's first call minus a
-median step. ``peak_mem_mb``: the allocators' peaks on GPUs (jax's never reset: the process's so far), else the
-process's peak RSS, reset per row (both frameworks' heaps and the data). ``gflop``: 2 x the multiply-adds of
-every convolution and matmul of the forward pass, x 3 for a training step (forward, input and weight gradients);
-``xla_gflop``: XLA's cost analysis of the Flax step; ``mfu``: ``gflop`` / time / the device's dense peak
-(``PEAK_TFLOPS``, GPUs only); ``flax_speedup``: the Flax row's images/s over this row's.
-
-JAX, Flax and torch are imported inside the functions that run, so that ``bench --help`` takes no 1.7 s for JAX.
+Both sides run the same model, batch, precision, optimizer and batches on synthetic CIFAR-sized data resident on
+the device, through the public pieces that train (``FlaxBackend`` over ``runners.SingleDeviceRunner``; the
+``torch_ref`` model, optimizer and ``PlannedBatches``). What each row and column measures: BENCHMARKS.md, "What
+bench measures". JAX, Flax and torch are imported inside the functions that run: ``bench --help`` takes no 1.7 s.
 """
 
 from __future__ import annotations
@@ -32,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import json
 import math
@@ -46,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from flax_resnet import registry
-from flax_resnet.commands import expanded_path, seed
+from flax_resnet.commands import expanded_path, number, seed
 from flax_resnet.data import plan as plans
 from flax_resnet.errors import FlaxResnetError, require
 from flax_resnet.recipes import RunConfig, get_recipe
@@ -65,7 +45,7 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 IMPLS = ("flax", "torch eager", "torch channels_last", "torch.compile channels_last")
 PHASES = ("train step", "eval step", "epoch")
-# (key, header) of the printed table; the JSON rows hold these and more (see ``_row``)
+# (key, header) of the printed table; the JSON rows hold these and more (see ``_row`` and ``run_benchmark``)
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("phase", "phase"), ("impl", "implementation"), ("images_per_s", "img/s"), ("ms_median", "ms/step"),
     ("ms_p10", "p10"), ("ms_p90", "p90"), ("compile_s", "compile s"), ("peak_mem_mb", "peak MB"),
@@ -75,11 +55,14 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 QUICK = {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}, "batch_size": 16, "warmup": 2, "steps": 5,
          "epoch_images": 256}
 DEFAULT_EPOCH_IMAGES = 50_000  # CIFAR-10's training split
+# what ``peak_mem_mb`` reads: each framework's allocator on a GPU (jax's cannot be reset), else the process's RSS
+PEAK_MEMORY_KINDS = {"torch": "torch.cuda.max_memory_allocated", "flax": "jax peak_bytes_in_use (process peak so far)",
+                     "rss": "process peak RSS (VmHWM, reset per row)"}
 
 
 @dataclasses.dataclass
 class _Setup:
-    """Everything both frameworks share: the model, batch, data, recipe and device."""
+    """What both frameworks share: the model, batch, data, recipe and device."""
 
     model: str
     model_kwargs: dict[str, Any]
@@ -87,13 +70,12 @@ class _Setup:
     precision: Precision
     warmup: int
     steps: int
-    epoch_images: int
+    phases: tuple[str, ...]  # PHASES, without the epoch with epoch_images=0
     seed: int
     recipe: Any  # flax_resnet.recipes.Recipe
-    images: Any  # uint8 NHWC numpy, epoch_images (at least one batch) of them
+    images: Any  # uint8 NHWC numpy, at least one batch of them
     labels: Any  # int32 numpy
     platform: str  # jax's default backend: 'cpu' / 'gpu'
-    device_kind: str
     log: Callable[[str], None]
 
 
@@ -110,53 +92,78 @@ def _time(step: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, step
     return times
 
 
-class _PeakMemory:
-    """Peak memory of one row: torch's allocator on GPU, jax's allocator (never reset) on GPU, else peak RSS."""
+def _reset_peak(source: str) -> bool:
+    """Reset the peak memory of ``source`` (a key of ``PEAK_MEMORY_KINDS``); False where the process may not reset
+    its peak RSS (no /proc: macOS, Windows)."""
+    if source == "torch":
+        import torch
 
-    def __init__(self, framework: str, setup: _Setup):
-        self.log, self.source = setup.log, framework if setup.platform == "gpu" else "rss"
-        self.kind = {"torch": "torch.cuda.max_memory_allocated", "flax": "jax peak_bytes_in_use (process peak so far)",
-                     "rss": "process peak RSS (VmHWM, reset per row)"}[self.source]
-        if self.source == "rss" and not self.reset():
-            self.kind = "process peak RSS (since start)"
+        torch.cuda.reset_peak_memory_stats()
+    elif source == "rss":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+    return True
 
-    def start(self, message: str) -> None:
-        """Log the row's start and reset its peak."""
-        self.log(message)
-        self.reset()
 
-    def reset(self) -> bool:
-        """Reset the peak; False where the kernel does not let the process reset its peak RSS."""
-        if self.source == "torch":
-            import torch
+def _peak_mb(source: str) -> float | None:
+    if source == "torch":
+        import torch
 
-            torch.cuda.reset_peak_memory_stats()
-        elif self.source == "rss":
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                return False
-        return True
+        return torch.cuda.max_memory_allocated() / 2**20
+    if source == "flax":
+        import jax
 
-    def fields(self) -> dict[str, Any]:
-        """The row's ``peak_mem_mb`` and ``peak_mem_kind``."""
-        if self.source == "torch":
-            import torch
+        peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+        return None if peak is None else peak / 2**20
+    kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    return kib / 2**10
 
-            peak = torch.cuda.max_memory_allocated()
-        elif self.source == "flax":
-            import jax
 
-            peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-        else:
-            import resource
+def _measure(setup: _Setup, impl: str, source: str, phases: dict[str, Callable[[], dict[str, Any]]],
+             rows: list[dict[str, Any]]) -> None:
+    """Append one row per phase of ``setup.phases`` to ``rows`` (so that a failure keeps the rows before it): the
+    fields that ``phases[phase]()`` measures, with the peak memory of ``source`` while it ran."""
+    for phase in setup.phases:
+        setup.log(f"{impl}: {phase}")
+        reset = _reset_peak(source)
+        fields = phases[phase]()
+        rows.append(_row(impl, phase, peak_mem_mb=_peak_mb(source) if reset else None,
+                         peak_mem_kind=PEAK_MEMORY_KINDS[source], **fields))
 
-            status = Path("/proc/self/status")
-            lines = status.read_text().splitlines() if status.exists() else []
-            kib = next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")),
-                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-            peak = kib * 1024
-        return {"peak_mem_mb": None if peak is None else peak / 2**20, "peak_mem_kind": self.kind}
+
+def _step_fields(setup: _Setup, step: Callable[[], Any], sync: Callable[[Any], Any], gflop: float, *,
+                 time_first: bool = False, **fields: Any) -> dict[str, Any]:
+    """A step row's figures: warm-up, then the timed steps (median, p10, p90). With ``time_first`` (torch.compile)
+    the first call compiles, and its time beyond a median step is reported as ``compile_s``."""
+    first = _time(step, sync, 0, 1)[0] if time_first else None
+    ms = np.asarray(_time(step, sync, setup.warmup, setup.steps)) * 1e3
+    median = float(np.median(ms))
+    if first is not None:
+        fields["compile_s"] = max(first - median / 1e3, 0.0)
+    return {"images_per_s": setup.batch_size / (median / 1e3), "ms_median": median,
+            "ms_p10": float(np.percentile(ms, 10)), "ms_p90": float(np.percentile(ms, 90)), "gflop": gflop, **fields}
+
+
+def _epoch_fields(setup: _Setup, epoch: Callable[[], Any], sync: Callable[[], Any], steps: int,
+                  gflop: float) -> dict[str, Any]:
+    """An epoch row's figures: ``epoch`` runs every batch and reads its metrics; synchronised once, at its end."""
+    sync()
+    t0 = time.perf_counter()
+    epoch()
+    sync()
+    seconds = time.perf_counter() - t0
+    return {"images_per_s": len(setup.labels) / seconds, "ms_median": seconds / steps * 1e3, "epoch_s": seconds,
+            "gflop": gflop}
+
+
+def _row(impl: str, phase: str, **fields: Any) -> dict[str, Any]:
+    return {"phase": phase, "impl": impl, "status": "ok",
+            **dict.fromkeys(("images_per_s", "ms_median", "ms_p10", "ms_p90", "epoch_s", "compile_s", "peak_mem_mb",
+                             "peak_mem_kind", "gflop", "xla_gflop", "mfu", "flax_speedup")),
+            "load_avg_1m": (load_average() or [None])[0], **fields}
 
 
 def _peak_tflops(device_kind: str, precision: str) -> float | None:
@@ -166,9 +173,9 @@ def _peak_tflops(device_kind: str, precision: str) -> float | None:
     return None
 
 
-def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int:
-    """Multiply-adds of every convolution and matmul in one forward pass of the Flax ``model`` (eval mode), read
-    from the traced jaxpr (nothing is computed), so it follows the model's actual layers."""
+def count_forward_macs(model: Any, batch_size: int) -> int:
+    """Multiply-adds of every convolution and matmul in one forward pass of the Flax ``model`` (eval mode) on CIFAR
+    images, read from the traced jaxpr (nothing is computed), so it follows the model's actual layers."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -181,7 +188,7 @@ def count_forward_macs(model: Any, batch_size: int, image_size: int = 32) -> int
         return m(x)
 
     total = 0
-    x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.float32)
     for eqn in iter_eqns(jax.make_jaxpr(forward)(state, x).jaxpr):
         if eqn.primitive.name == "conv_general_dilated":
             out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
@@ -213,59 +220,13 @@ def _compile(lowered: Any) -> tuple[float, float | None]:
     t0 = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends have no cost analysis
-        cost = None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
+    flops = (compiled.cost_analysis() or {}).get("flops")
     return seconds, flops / 1e9 if flops and flops > 0 else None
-
-
-# ------------------------------------------------------------------------------------------- rows
-def _row(setup: _Setup, impl: str, phase: str, **fields: Any) -> dict[str, Any]:
-    row = {"phase": phase, "impl": impl, "status": "ok",
-           **dict.fromkeys(("images_per_s", "ms_median", "ms_p10", "ms_p90", "epoch_s", "compile_s", "peak_mem_mb",
-                            "peak_mem_kind", "gflop", "xla_gflop", "mfu", "flax_speedup")),
-           "model": setup.model, "model_kwargs": setup.model_kwargs, "batch_size": setup.batch_size,
-           "precision": setup.precision, "platform": setup.platform, "device_kind": setup.device_kind,
-           "load_avg_1m": (load_average() or [None])[0]}
-    row.update(fields)
-    return row
-
-
-def _mfu(setup: _Setup, gflop: float | None, seconds: float | None) -> float | None:
-    peak = _peak_tflops(setup.device_kind, setup.precision) if setup.platform == "gpu" else None
-    if peak is None or not gflop or not seconds:
-        return None
-    return gflop * 1e9 / seconds / (peak * 1e12)
-
-
-def _step_row(setup: _Setup, impl: str, phase: str, step: Callable[[], Any], sync: Callable[[Any], Any],
-              gflop: float, memory: _PeakMemory, *, time_first: bool = False, **fields: Any) -> dict[str, Any]:
-    """A step row: warm-up, then the timed steps (median, p10, p90). With ``time_first`` (torch.compile) the first
-    call compiles, and its time beyond a median step is reported as ``compile_s``."""
-    first = _time(step, sync, 0, 1)[0] if time_first else None
-    ms = np.asarray(_time(step, sync, setup.warmup, setup.steps)) * 1e3
-    median = float(np.median(ms))
-    if first is not None:
-        fields["compile_s"] = max(first - median / 1e3, 0.0)
-    return _row(setup, impl, phase, images_per_s=setup.batch_size / (median / 1e3), ms_median=median,
-                ms_p10=float(np.percentile(ms, 10)), ms_p90=float(np.percentile(ms, 90)), gflop=gflop,
-                mfu=_mfu(setup, gflop, median / 1e3), **memory.fields(), **fields)
-
-
-def _epoch_row(setup: _Setup, impl: str, epoch_s: float, steps: int, train_gflop: float,
-               memory: _PeakMemory) -> dict[str, Any]:
-    n = len(setup.labels)
-    return _row(setup, impl, "epoch", images_per_s=n / epoch_s, ms_median=epoch_s / steps * 1e3, epoch_s=epoch_s,
-                gflop=train_gflop, mfu=_mfu(setup, train_gflop * n / setup.batch_size, epoch_s), **memory.fields())
 
 
 # ------------------------------------------------------------------------------------------- flax
 def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
-    """The three Flax rows (see the module docstring); also returns the forward MACs per batch."""
+    """The Flax rows: the training loop's backend and runner; also returns the forward MACs per batch."""
     import jax
 
     from flax_resnet.precision import apply_precision
@@ -275,53 +236,48 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     b, n = setup.batch_size, len(setup.labels)
     model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
-    train_gflop, eval_gflop = 6 * macs / 1e9, 2 * macs / 1e9
     config = RunConfig(recipe=setup.recipe, model=setup.model, model_kwargs=setup.model_kwargs, framework="jax",
                        seed=setup.seed, precision=setup.precision)
     backend = FlaxBackend(model, config, runner=runners.SingleDeviceRunner)
-    memory = _PeakMemory("flax", setup)
-    memory.start("flax: compiling the train step")
     # no test split: the eval rows time the eval step on the training split's first batch (as torch's do)
     backend.prepare(setup.images, setup.labels, np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int32))
     runner, data = backend.runner, backend.train_data
     assert isinstance(runner, runners.SingleDeviceRunner)
     plan = runner.put_plan(plans.epoch_plan(setup.seed, 0, n))
-
     # The steps advance the backend's own state (``state_value``), and the epoch row continues from it.
-    compile_s, xla = _compile(runner.lower_train_step(backend.state_value, runner.zero_metrics(), data, plan, 0, b))
-    metrics, order, full_batches = [runner.zero_metrics()], itertools.count(), n // b  # n >= b (run_benchmark)
+    metrics, order = [runner.zero_metrics(), runner.zero_metrics()], itertools.count()
 
     def train() -> Any:
-        start = next(order) % full_batches * b
+        start = next(order) % (n // b) * b  # n >= b (run_benchmark)
         backend.state_value, metrics[0] = runner.train_step(backend.state_value, metrics[0], data, plan, start, b)
         return metrics[0]
 
-    rows = [_step_row(setup, "flax", "train step", train, jax.block_until_ready, train_gflop, memory,
-                      compile_s=compile_s, xla_gflop=xla)]
-
-    memory.start("flax: eval step")
-    compile_s, xla = _compile(runner.lower_eval_step(backend.state_value, runner.zero_metrics(), data, 0, b))
-    ebox = [runner.zero_metrics()]
-
     def evaluate() -> Any:
-        ebox[0] = runner.eval_step(backend.state_value, ebox[0], data, 0, b)
-        return ebox[0]
+        metrics[1] = runner.eval_step(backend.state_value, metrics[1], data, 0, b)
+        return metrics[1]
 
-    rows.append(_step_row(setup, "flax", "eval step", evaluate, jax.block_until_ready, eval_gflop, memory,
-                          compile_s=compile_s, xla_gflop=xla))
+    def train_row() -> dict[str, Any]:
+        compile_s, xla = _compile(runner.lower_train_step(backend.state_value, runner.zero_metrics(), data, plan, 0, b))
+        return _step_fields(setup, train, jax.block_until_ready, 6 * macs / 1e9, compile_s=compile_s, xla_gflop=xla)
 
-    if setup.epoch_images:
-        memory.start(f"flax: epoch of {n} images")
+    def eval_row() -> dict[str, Any]:
+        compile_s, xla = _compile(runner.lower_eval_step(backend.state_value, runner.zero_metrics(), data, 0, b))
+        return _step_fields(setup, evaluate, jax.block_until_ready, 2 * macs / 1e9, compile_s=compile_s,
+                            xla_gflop=xla)
+
+    def epoch_row() -> dict[str, Any]:
         if n % b:  # compile the short last batch outside the timed epoch
             backend.state_value, _ = runner.train_step(backend.state_value, runner.zero_metrics(), data, plan,
                                                        n - n % b, n % b)
         epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # NumPy, drawn before the clock
-        jax.block_until_ready(backend.state_value)
-        t0 = time.perf_counter()
-        backend.train_epoch(1, epoch_plan, lambda step, loss: None)  # no progress bar; the loss is never read
-        jax.block_until_ready(backend.state_value)  # the last step's update (its metrics were read already)
-        rows.append(_epoch_row(setup, "flax", time.perf_counter() - t0, plans.steps_per_epoch(n, b), train_gflop,
-                               memory))
+        # no progress bar, the loss never read; the end waits for the last step's update
+        return _epoch_fields(setup, lambda: backend.train_epoch(1, epoch_plan, lambda step, loss: None),
+                             lambda: jax.block_until_ready(backend.state_value), plans.steps_per_epoch(n, b),
+                             6 * macs / 1e9)
+
+    rows: list[dict[str, Any]] = []
+    _measure(setup, "flax", "flax" if setup.platform == "gpu" else "rss",
+             {"train step": train_row, "eval step": eval_row, "epoch": epoch_row}, rows)
     return rows, macs
 
 
@@ -333,7 +289,6 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
 
     device = torch.device("cuda" if setup.platform == "gpu" and torch.cuda.is_available() else "cpu")
     rows: list[dict[str, Any]] = []
-    phases = PHASES if setup.epoch_images else PHASES[:2]
     with contextlib.ExitStack() as stack:
         if device.type == "cuda":  # both restored afterwards
             stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
@@ -341,7 +296,7 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
             stack.enter_context(torch_fp32_precision("tf32"))  # as XLA's default precision does
         for impl in IMPLS[1:]:
             if impl.startswith("torch.compile") and not compile_torch:
-                rows += [_row(setup, impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in phases]
+                rows += [_row(impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in setup.phases]
                 continue
             try:
                 _torch_variant(setup, device, impl, macs, rows)
@@ -349,12 +304,14 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
                 reason = f"n/a: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
                 setup.log(f"{impl}: {reason}")
                 done = {r["phase"] for r in rows if r["impl"] == impl}
-                rows += [_row(setup, impl, phase, status=reason) for phase in phases if phase not in done]
+                rows += [_row(impl, phase, status=reason) for phase in setup.phases if phase not in done]
     return rows
 
 
 def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[dict[str, Any]]) -> None:
-    """Append ``impl``'s rows to ``rows`` phase by phase, so that the rows done before a failure are kept."""
+    """Append ``impl``'s rows to ``rows``. The step is the notebooks' without their per-step ``.item()`` reads,
+    which wait for the device every step (the Flax step never does); so the epoch row loops over the batches with
+    it, not ``torch_ref.train.train_epoch``."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
@@ -362,9 +319,7 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     from torch_ref.train import make_optimizer
 
     b, n = setup.batch_size, len(setup.labels)
-    compiled = impl.startswith("torch.compile")
-    train_gflop, eval_gflop = 6 * macs / 1e9, 2 * macs / 1e9
-    channels_last = "channels_last" in impl
+    compiled, channels_last = impl.startswith("torch.compile"), "channels_last" in impl
     model = registry.build_torch(setup.model, setup.model_kwargs, seed=setup.seed).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -375,6 +330,7 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     # Flax runner does inside its step, in the variant's memory format
     batches = PlannedBatches(setup.images, setup.labels, b, r.mean, r.std, device=device, resident=True,
                              memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16")
@@ -383,9 +339,6 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-
-    # The notebooks' step without its per-step ``.item()`` reads: the metrics stay on the device, as Flax's do.
     def train_on(x: Any, y: Any) -> Any:
         opt.zero_grad(set_to_none=True)
         with autocast():
@@ -396,44 +349,41 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
         correct.add_((logits.argmax(1) == y).sum())
         return loss
 
-    order, full_batches = itertools.count(), n // b  # n >= b (run_benchmark)
+    order = itertools.count()
 
-    def train() -> Any:
-        return train_on(*batches.batch(next(order) % full_batches))
-
-    memory = _PeakMemory("torch", setup)
-    memory.start(f"{impl}: train step")
-    first = plans.epoch_plan(setup.seed, 0, n)  # the plan of the Flax step rows: the same batches
-    batches.set_plan(first.permutation, first.offsets, first.flips)
-    model.train()
-    rows.append(_step_row(setup, impl, "train step", train, sync, train_gflop, memory, time_first=compiled))
-
-    memory.start(f"{impl}: eval step")
-    batches.set_plan(np.arange(n))  # in order, not augmented: the test loader's batches (runners.gather_eval_batch)
-    model.eval()
+    def train_row() -> dict[str, Any]:
+        first = plans.epoch_plan(setup.seed, 0, n)  # the plan of the Flax step rows: the same batches
+        batches.set_plan(first.permutation, first.offsets, first.flips)
+        model.train()
+        return _step_fields(setup, lambda: train_on(*batches.batch(next(order) % (n // b))), sync, 6 * macs / 1e9,
+                            time_first=compiled)
 
     def evaluate() -> Any:
         with torch.inference_mode(), autocast():
             x, y = batches.batch(0)
-            logits = net(x)
-            return (logits.argmax(1) == y).sum()
+            return (net(x).argmax(1) == y).sum()
 
-    rows.append(_step_row(setup, impl, "eval step", evaluate, sync, eval_gflop, memory, time_first=compiled))
-    model.train()
+    def eval_row() -> dict[str, Any]:
+        batches.set_plan(np.arange(n))  # in order, not augmented: the test loader's (runners.gather_eval_batch)
+        model.eval()
+        return _step_fields(setup, evaluate, sync, 2 * macs / 1e9, time_first=compiled)
 
-    if setup.epoch_images:
-        memory.start(f"{impl}: epoch of {n} images")
-        if n % b:  # the short last batch: a new shape (torch.compile recompiles) outside the timed epoch
-            sync(train_on(*batches.batch(len(batches) - 1)))
-        epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # the Flax epoch's plan, drawn before the clock
-        sync()
-        t0 = time.perf_counter()
+    epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # the Flax epoch's plan, drawn before the clock
+
+    def epoch() -> None:
         batches.set_plan(epoch_plan.permutation, epoch_plan.offsets, epoch_plan.flips)  # as train_epoch's put_plan
         for x, y in batches:  # every batch, the last one short, as the notebooks' loops iterate their loader
             train_on(x, y)
         correct.item()  # read the epoch's metrics once, at its end
-        sync()
-        rows.append(_epoch_row(setup, impl, time.perf_counter() - t0, len(batches), train_gflop, memory))
+
+    def epoch_row() -> dict[str, Any]:
+        model.train()
+        if n % b:  # the short last batch: a new shape (torch.compile recompiles) outside the timed epoch
+            sync(train_on(*batches.batch(len(batches) - 1)))
+        return _epoch_fields(setup, epoch, sync, len(batches), 6 * macs / 1e9)
+
+    _measure(setup, impl, "torch" if device.type == "cuda" else "rss",
+             {"train step": train_row, "eval step": eval_row, "epoch": epoch_row}, rows)
 
 
 # ------------------------------------------------------------------------------------------- API
@@ -455,8 +405,6 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
         model_name, model_kwargs, batch_size = QUICK["model"], dict(QUICK["model_kwargs"]), QUICK["batch_size"]
         warmup, steps = min(warmup, QUICK["warmup"]), min(steps, QUICK["steps"])
         epoch_images = QUICK["epoch_images"] if epoch_images is None else epoch_images
-    if batch_size < 1 or steps < 1 or warmup < 0:
-        raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
     # Let torch and jax share a GPU: jax would otherwise take 75% of its memory up front. Read when jax first
     # touches a device, so it must be set before that.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -469,31 +417,42 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     n = max(epoch_images, batch_size)  # at least one batch
     images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
     device = jax.devices()[0]
-    setup = _Setup(model_name, kwargs, batch_size, precision, warmup, steps, epoch_images, seed, recipe, images,
-                   labels, device.platform, device.device_kind, log or (lambda _: None))
+    setup = _Setup(model_name, kwargs, batch_size, precision, warmup, steps, PHASES if epoch_images else PHASES[:2],
+                   seed, recipe, images, labels, device.platform, log or (lambda _: None))
     rows, macs = _flax_rows(setup)
     skipped = ("skipped (--quick: torch.compile takes about a minute to compile on CPU)" if quick
                and torch_compile is None else "skipped (torch_compile=False / --no-torch-compile)")
     rows += _torch_rows(setup, macs, not quick if torch_compile is None else torch_compile, skipped)
     flax = {r["phase"]: r["images_per_s"] for r in rows if r["impl"] == "flax"}
+    peak = _peak_tflops(device.device_kind, precision) if device.platform == "gpu" else None
     for r in rows:
-        if r["images_per_s"] and flax.get(r["phase"]):
+        r.update(model=model_name, model_kwargs=kwargs, batch_size=batch_size, precision=precision,
+                 platform=device.platform, device_kind=device.device_kind)
+        if r["images_per_s"]:
             r["flax_speedup"] = flax[r["phase"]] / r["images_per_s"]
+            # gflop per batch x batches per second / the peak
+            r["mfu"] = r["gflop"] * r["images_per_s"] / batch_size / (peak * 1e3) if peak else None
     return sorted(rows, key=lambda r: (PHASES.index(r["phase"]), IMPLS.index(r["impl"])))
 
 
 def environment() -> dict[str, Any]:
-    """Versions, device and load, for the report's header and the JSON file."""
+    """Where a run ran: date, versions, device, CPU and load, for report headers and JSON files."""
+    import flax
     import jax
+    import jaxlib
+    import optax
     import torch
 
     from flax_resnet.training import cpu
 
     device = jax.devices()[0]
-    return {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": device.platform, "device_kind": device.device_kind, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "malloc_tuned": cpu.tuned_allocator(), "load_avg": load_average(), "cpu": describe_cpu()}
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "device": str(device), "device_count": jax.device_count(), "platform": device.platform,
+            "device_kind": device.device_kind, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc_tuned": cpu.tuned_allocator(),
+            "load_avg": load_average(), "cpu": describe_cpu()}
 
 
 # (key, /proc/cpuinfo flag, label) of the vector extensions XLA:CPU and torch's kernels make use of
@@ -502,26 +461,17 @@ CPU_FEATURES: tuple[tuple[str, str, str], ...] = (("avx2", "avx2", "AVX2"), ("fm
 
 
 def describe_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
-    """The CPU's model and whether it has AVX2, FMA and AVX-512 (True/False; None where unknown), with ``text``, a
-    one-line summary for headers. Why: XLA:CPU and torch pick their kernels by these extensions, so CPU speeds are
-    comparable between machines only with them known (BENCHMARKS.md's CPU log was measured without AVX-512).
-
-    ``cpuinfo``: the text of ``/proc/cpuinfo`` (default: read it; its first processor's ``model name`` and
-    ``flags``). Where there is none (macOS, Windows), the model is ``platform.processor()`` and the extensions
-    are unknown."""
+    """The CPU's model and whether it has AVX2, FMA and AVX-512 (None where unknown), with ``text``, a one-line
+    summary. XLA:CPU and torch pick their kernels by these extensions, so CPU speeds compare between machines only
+    with them known. ``cpuinfo``: the text of ``/proc/cpuinfo`` (default: read it; where there is none, the model
+    is ``platform.processor()`` and the extensions are unknown)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
             cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if fields:  # the blank line after the first processor's block
-                break
-            continue
-        fields.setdefault(key.strip().lower(), value.strip())
+    first = cpuinfo.split("\n\n")[0].splitlines()  # the first processor's block
+    fields = {key.strip().lower(): value.strip() for key, sep, value in (line.partition(":") for line in first) if sep}
     flags = set(fields["flags"].split()) if "flags" in fields else None
     model = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
     info: dict[str, Any] = {"model": model, "source": "/proc/cpuinfo" if fields else "platform.processor()"}
@@ -546,36 +496,30 @@ def _fmt(key: str, value: Any) -> str:
         return f"{100 * value:.1f}%"
     if key == "flax_speedup":
         return f"{value:.2f}x"
-    if key in ("images_per_s", "peak_mem_mb"):
-        return f"{value:,.0f}"
-    if key in ("ms_median", "ms_p10", "ms_p90", "compile_s", "gflop", "xla_gflop"):
+    if isinstance(value, float):
         return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
     return str(value)
 
 
-def format_table(rows: Sequence[dict[str, Any]], cpu_text: str | None = None) -> str:
-    """The rows as an aligned text table (one line per row), with a header naming the run, the CPU (``cpu_text``,
-    default ``describe_cpu()``'s; the host's CPU matters on GPUs too: it feeds them) and the notes."""
-    cells = [[header for _, header in COLUMNS]]
-    cells += [[_fmt(key, row.get(key)) for key, _ in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 1, len(COLUMNS) - 1) else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip() for line in cells]
+def format_table(rows: Sequence[dict[str, Any]], cpu_text: str) -> str:
+    """The rows as an aligned text table, under a header naming the run, the CPU (``describe_cpu``'s text: the
+    host's CPU matters on GPUs too, it feeds them) and what the columns measure."""
+    cells = [[header for _, header in COLUMNS], *([_fmt(key, row.get(key)) for key, _ in COLUMNS] for row in rows)]
+    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
+    lines = ["  ".join(c.ljust(w) if key in ("phase", "impl", "status") else c.rjust(w)
+                       for (key, _), c, w in zip(COLUMNS, line, widths, strict=True)).rstrip() for line in cells]
     lines.insert(1, "-" * len(lines[0]))
-    head = []
-    if rows:
-        r = rows[0]
-        epoch = next((x for x in rows if x["phase"] == "epoch" and x["epoch_s"]), None)
-        model = registry.constructor_call(r["model"], r["model_kwargs"])
-        head.append(f"{model}, batch {r['batch_size']}, {r['precision']}, {r['platform']} "
-                    f"({r['device_kind']}), load avg at start {r['load_avg_1m']}")
-        head.append(f"CPU: {cpu_text or describe_cpu()['text']}")
-        if epoch is not None:
-            head.append(f"epoch rows: {epoch['images_per_s'] * epoch['epoch_s']:.0f} images; ms/step is the "
-                        "epoch's mean")
-        kinds = sorted({x["peak_mem_kind"] for x in rows if x["peak_mem_kind"]})
-        head.append("GFLOP/step: analytic (conv + matmul MACs x 2, x 3 for training); XLA GFLOP: XLA cost "
-                    "analysis of the compiled Flax step; peak MB: " + "; ".join(kinds))
+    if not rows:
+        return "\n".join(lines)
+    r = rows[0]
+    epoch = next((x for x in rows if x["epoch_s"]), None)
+    kinds = "; ".join(sorted({x["peak_mem_kind"] for x in rows if x["peak_mem_kind"]}))
+    head = [f"{registry.constructor_call(r['model'], r['model_kwargs'])}, batch {r['batch_size']}, {r['precision']}, "
+            f"{r['platform']} ({r['device_kind']}), load avg at start {r['load_avg_1m']}", f"CPU: {cpu_text}",
+            *([f"epoch rows: {epoch['images_per_s'] * epoch['epoch_s']:.0f} images; ms/step is the epoch's mean"]
+              if epoch else []),
+            "GFLOP/step: analytic (conv + matmul MACs x 2, x 3 for training); XLA GFLOP: XLA cost analysis of the "
+            f"compiled Flax step; peak MB: {kinds}"]
     return "\n".join(head + lines)
 
 
@@ -592,14 +536,16 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", choices=registry.model_names(), default="SimpleResNet", metavar="NAME",
                    help=f"model class: {', '.join(registry.model_names())} (default: %(default)s)")
     registry.add_model_arguments(p)
-    p.add_argument("--batch-size", type=int, default=128, metavar="B", help="batch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=number(int, minimum=1), default=128, metavar="B",
+                   help="batch size (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32, or bf16 mixed precision (Flax: flax_resnet.precision; torch: autocast) "
                         "(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, metavar="N", help="timed steps per row (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, metavar="N",
+    p.add_argument("--steps", type=number(int, minimum=1), default=20, metavar="N",
+                   help="timed steps per row (default: %(default)s)")
+    p.add_argument("--warmup", type=number(int, minimum=0), default=3, metavar="N",
                    help="untimed steps before them (default: %(default)s)")
-    p.add_argument("--epoch-images", type=int, default=None, metavar="N",
+    p.add_argument("--epoch-images", type=number(int, minimum=0), default=None, metavar="N",
                    help=f"images in the timed epoch (default: {DEFAULT_EPOCH_IMAGES:,}; {QUICK['epoch_images']} "
                         "with --quick; 0: no epoch rows)")
     p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
@@ -625,10 +571,6 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
             registry.model_kwargs(args.model, given)
         except ValueError as e:
             parser.error(str(e))
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        parser.error("--batch-size and --steps must be at least 1, --warmup at least 0")
-    if args.epoch_images is not None and args.epoch_images < 0:
-        parser.error("--epoch-images must be >= 0")
     if args.json is not None and (args.json.is_dir() or (args.json.parent.exists() and not args.json.parent.is_dir())):
         parser.error(f"--json {args.json}: give a file path whose folder is a directory (checked before the run, "
                      "not after it)")
@@ -650,4 +592,3 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
             raise FlaxResnetError(f"could not write --json {args.json} ({e.strerror or e}); the table above has every "
                                   "figure") from e
     return 0
-

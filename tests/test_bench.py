@@ -79,7 +79,7 @@ def test_peak_table_and_formatting():
     assert bench._peak_tflops("NVIDIA H100 PCIe", "fp32") == pytest.approx(378.0)
     assert bench._peak_tflops("NVIDIA H200", "bf16") == pytest.approx(989.4)
     assert bench._peak_tflops("cpu", "fp32") is None
-    assert bench.format_table([]).splitlines()[0].startswith("phase")
+    assert bench.format_table([], "any CPU").splitlines()[0].startswith("phase")
 
 
 def test_bad_arguments_are_usage_errors(capsys):
@@ -142,7 +142,7 @@ def test_cpu_description_reads_model_and_vector_extensions():
     assert elsewhere["source"] == "platform.processor()" and elsewhere["model"]
     assert (elsewhere["avx2"], elsewhere["fma"], elsewhere["avx512"]) == (None, None, None)
     assert "AVX-512 unknown" in elsewhere["text"]
-    row = bench._row(bench._Setup("SimpleNet", {}, 2, "fp32", 0, 1, 0, 0, None, None, None, "cpu", "cpu", print),
-                     "flax", "train step")
+    row = {**bench._row("flax", "train step"), "model": "SimpleNet", "model_kwargs": {}, "batch_size": 2,
+           "precision": "fp32", "platform": "cpu", "device_kind": "cpu"}
     assert "CPU: Intel(R) Xeon(R) Platinum 8480+ (AVX2 yes" in bench.format_table([row], intel["text"])
     assert "cpu" in bench.environment()
