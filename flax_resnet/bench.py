@@ -33,15 +33,9 @@ from flax_resnet.recipes import RunConfig, get_recipe
 
 Precision = Literal["fp32", "bf16"]
 
-# Dense (no sparsity) peak TFLOP/s, first matching substring of jax's ``device_kind`` wins. "fp32" is the TF32
-# tensor-core peak: XLA and cuDNN run float32 convolutions in TF32 by default on Hopper.
-PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200 NVL", {"bf16": 835.0, "fp32": 417.5}),
-    ("H100 NVL", {"bf16": 835.0, "fp32": 417.5}),
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}),
-    ("H200", {"bf16": 989.4, "fp32": 494.7}),
-    ("H100", {"bf16": 989.4, "fp32": 494.7}),
-)
+# Dense (no sparsity) bf16 peak TFLOP/s, first matching substring of jax's ``device_kind`` wins. fp32's is half of
+# it: the TF32 tensor-core peak, since XLA and cuDNN run float32 convolutions in TF32 by default on Hopper.
+PEAK_TFLOPS = {"H200 NVL": 835.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.4, "H100": 989.4}
 
 IMPLS = ("flax", "torch eager", "torch channels_last", "torch.compile channels_last")
 PHASES = ("train step", "eval step", "epoch")
@@ -80,18 +74,6 @@ class _Setup:
 
 
 # ------------------------------------------------------------------------------------------- measuring
-def _time(step: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, steps: int) -> list[float]:
-    """Per-step wall times, each step synchronised (so the time is the device's, not the dispatch's)."""
-    for _ in range(warmup):
-        sync(step())
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        sync(step())
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def _reset_peak(source: str) -> bool:
     """Reset the peak memory of ``source`` (a key of ``PEAK_MEMORY_KINDS``); False where the process may not reset
     its peak RSS (no /proc: macOS, Windows)."""
@@ -136,13 +118,18 @@ def _measure(setup: _Setup, impl: str, source: str, phases: dict[str, Callable[[
 
 def _step_fields(setup: _Setup, step: Callable[[], Any], sync: Callable[[Any], Any], gflop: float, *,
                  time_first: bool = False, **fields: Any) -> dict[str, Any]:
-    """A step row's figures: warm-up, then the timed steps (median, p10, p90). With ``time_first`` (torch.compile)
-    the first call compiles, and its time beyond a median step is reported as ``compile_s``."""
-    first = _time(step, sync, 0, 1)[0] if time_first else None
-    ms = np.asarray(_time(step, sync, setup.warmup, setup.steps)) * 1e3
+    """A step row's figures: warm-up, then the timed steps (median, p10, p90), each synchronised (so the time is the
+    device's, not the dispatch's). With ``time_first`` (torch.compile) the first call compiles, and its time beyond
+    a median step is reported as ``compile_s``."""
+    times = []
+    for _ in range(time_first + setup.warmup + setup.steps):
+        t0 = time.perf_counter()
+        sync(step())
+        times.append(time.perf_counter() - t0)
+    ms = np.asarray(times[-setup.steps:]) * 1e3
     median = float(np.median(ms))
-    if first is not None:
-        fields["compile_s"] = max(first - median / 1e3, 0.0)
+    if time_first:
+        fields["compile_s"] = max(times[0] - median / 1e3, 0.0)
     return {"images_per_s": setup.batch_size / (median / 1e3), "ms_median": median,
             "ms_p10": float(np.percentile(ms, 10)), "ms_p90": float(np.percentile(ms, 90)), "gflop": gflop, **fields}
 
@@ -167,10 +154,8 @@ def _row(impl: str, phase: str, **fields: Any) -> dict[str, Any]:
 
 
 def _peak_tflops(device_kind: str, precision: str) -> float | None:
-    for name, peaks in PEAK_TFLOPS:
-        if name.lower() in device_kind.lower():
-            return peaks[precision]
-    return None
+    bf16 = next((peak for name, peak in PEAK_TFLOPS.items() if name.lower() in device_kind.lower()), None)
+    return bf16 / 2 if bf16 and precision == "fp32" else bf16
 
 
 def count_forward_macs(model: Any, batch_size: int) -> int:
@@ -282,7 +267,7 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
 
 
 # ------------------------------------------------------------------------------------------- torch
-def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_skipped: str) -> list[dict[str, Any]]:
+def _torch_rows(setup: _Setup, macs: int, compile_torch: bool) -> list[dict[str, Any]]:
     import torch
 
     from flax_resnet.precision import torch_fp32_precision
@@ -296,7 +281,8 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool, compile_torch_ski
             stack.enter_context(torch_fp32_precision("tf32"))  # as XLA's default precision does
         for impl in IMPLS[1:]:
             if impl.startswith("torch.compile") and not compile_torch:
-                rows += [_row(impl, phase, status=f"n/a: {compile_torch_skipped}") for phase in setup.phases]
+                skipped = "n/a: skipped (--no-torch-compile, or --quick: it compiles for about a minute on a CPU)"
+                rows += [_row(impl, phase, status=skipped) for phase in setup.phases]
                 continue
             try:
                 _torch_variant(setup, device, impl, macs, rows)
@@ -420,9 +406,7 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     setup = _Setup(model_name, kwargs, batch_size, precision, warmup, steps, PHASES if epoch_images else PHASES[:2],
                    seed, recipe, images, labels, device.platform, log or (lambda _: None))
     rows, macs = _flax_rows(setup)
-    skipped = ("skipped (--quick: torch.compile takes about a minute to compile on CPU)" if quick
-               and torch_compile is None else "skipped (torch_compile=False / --no-torch-compile)")
-    rows += _torch_rows(setup, macs, not quick if torch_compile is None else torch_compile, skipped)
+    rows += _torch_rows(setup, macs, not quick if torch_compile is None else torch_compile)
     flax = {r["phase"]: r["images_per_s"] for r in rows if r["impl"] == "flax"}
     peak = _peak_tflops(device.device_kind, precision) if device.platform == "gpu" else None
     for r in rows:
