@@ -1,68 +1,17 @@
-"""Self-test on a new machine: ``flax-resnet selftest [--quick] [--out DIR] [--skip PART ...]``.
-
-What a user runs first on a machine to see, in one process, on whatever device JAX sees, that the Flax port
-computes what the PyTorch reference computes there, and how fast both are. Four parts, in this order (the one that
-decides the exit code first; ``selftest.json`` and ``selftest.md`` in ``--out`` are rewritten after each part, so a
-run stopped early keeps what it measured):
-
-- ``parity``: every model of ``registry.MODELS`` (the notebook-000 models with one block per stage: the deeper ones
-  repeat the same layers) against its ``torch_ref`` twin with ``parity.compare``, on torch's weights (BatchNorm
-  affine parameters and running statistics randomised, so eval mode is not the identity), in eval and train mode:
-  float64 outputs, BatchNorm statistics and gradients, and float32 outputs and statistics (float32 gradients:
-  ``train.py verify``, left out here for time), at full float32 precision (``jax_default_matmul_precision=
-  'highest'``, TF32 off in torch). Every row must hold, or the exit code is 1 and the report names the model.
-- ``default-precision``: the float32 comparison again at each framework's own default precision (XLA's default
-  and torch's cuDNN default use TF32 on NVIDIA GPUs since Ampere), to show what that does to parity on this device.
-  Informational: these rows never fail the self-test (on a GPU they are expected to exceed the float32 tolerance).
-- ``bench``: ``bench.run_benchmark`` for ResNet-18 at batch 512 in bf16 and fp32: Flax against torch eager,
-  channels_last and torch.compile (``torch.compile``, skippable on its own), with MFU on known GPUs. Its epoch rows
-  use 97 full batches (49,664 images): a short last batch would be one more compilation per implementation.
-- ``epochs``: two epochs of ResNet-18 on a CIFAR-sized synthetic set (50,000 / 10,000 images) in bf16 at batch 512
-  through ``training.train`` (the path of ``train.py train``): the second epoch's time (training and evaluation,
-  no compilation) and what the recipe's 20 epochs would take (the first epoch, then 19 like the second).
-
-``--quick``: the same code paths at CPU size: parity of SimpleResNet(n_blocks=1) and SimpleNet plus a shape check
-of ResNet-18 (state_dict and output shapes, nothing computed), ``bench --quick`` in both precisions, and two
-epochs of SimpleResNet(n_blocks=1) on 512 / 128 synthetic images at batch 32.
-
-Cost. Measured on the project's 2-core AMD EPYC (AVX2 + FMA, no AVX-512) while other jobs kept its load average
-at 4-6; estimated, not measured, for one H100/H200, where the first call of each operation or step compiles and
-compilation, not arithmetic, is most of the time:
-
-=================  =====================================  ===============================================
-part               2-core CPU, load 4-6 (measured)        one H100/H200 (estimated)
-=================  =====================================  ===============================================
-start-up           2-6 s (imports)                        ~15 s (imports, CUDA and cuDNN start-up)
-parity             --quick 28 s; full 6.2 min (ResNet-50  ~2-3 min: op by op, every operation compiled
-                   float64 71 s, PlainNet 54 s, the       once per shape and dtype (as on the CPU, some
-                   float64 pass of the first model 42 s:  milliseconds each); the arithmetic, most of the
-                   the first compilations)                CPU's time at 32x32 in float64, is negligible
-default-precision  --quick 9 s; full ~70 s                ~30 s (float32 again under a new precision
-                                                          setting: new compilations)
-bench              --quick 71 s (both precisions; 22 s    ~3.5 min: per precision Flax compiles (~25 s,
-                   of it the first eager initialisation)  train + eval steps), torch eager/channels_last
-                                                          (cuDNN autotuning ~10 s), torch.compile (~60 s,
-                                                          train + eval graphs), step rows (<5 s), 4 epoch
-                                                          rows of 97 batches (~3 s each)
-torch.compile      (not in --quick)                       ~2 min of bench's ~3.5: ``--skip torch.compile``
-epochs             --quick 17 s                           ~1 min: synthetic data ~15 s (NumPy; 26 s here),
-                                                          train and eval steps compiled for full and short
-                                                          batches ~30 s, two epochs ~10 s
-total              --quick 130 s at load 4-6 (~100 s      ~7-7.5 min; ``--skip torch.compile`` leaves
-                   inside pytest); aim on an idle 2-core  ~5.5 min, ``--skip default-precision`` saves
-                   machine 60-90 s                        another ~0.5 min
-=================  =====================================  ===============================================
+"""Self-test on a new machine (``flax-resnet selftest``; README.md, "Self-test on a new machine"): in one process,
+on whatever device JAX sees, whether the Flax port computes what the PyTorch reference computes there, and how fast
+both are. The parts run in ``PARTS`` order, ``parity`` (which decides the exit code) first; ``selftest.json`` and
+``selftest.md`` are rewritten after each part, so a run stopped early keeps what it measured. What each part
+costs on a CPU and on a GPU: BENCHMARKS.md, "GPU".
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -75,7 +24,7 @@ import jax
 from flax_resnet import bench, parity, registry
 from flax_resnet.errors import FlaxResnetError
 
-__all__ = ["FULL", "PARTS", "QUICK", "Plan", "environment", "run", "to_markdown"]
+__all__ = ["FULL", "PARTS", "QUICK", "Plan", "run", "to_markdown"]
 
 # The parts, in the order they run; each can be left out with --skip (torch.compile: bench's torch.compile rows).
 PARTS: tuple[str, ...] = ("parity", "default-precision", "bench", "torch.compile", "epochs")
@@ -90,12 +39,7 @@ class Plan:
     parity_models: tuple[tuple[str, dict[str, Any]], ...]  # (name, constructor arguments)
     parity_input: tuple[int, int]  # (batch, height = width) of the parity batch; SimpleNet's fc needs 32x32
     shape_models: tuple[str, ...]  # models only shape-checked (state_dict and output shapes, nothing computed)
-    bench_model: str
-    bench_kwargs: dict[str, Any]
-    bench_batch: int
-    bench_warmup: int
-    bench_steps: int
-    bench_epoch_images: int
+    bench: dict[str, Any]  # bench.run_benchmark's arguments, but the precision
     epochs_model: str
     epochs_kwargs: dict[str, Any]
     epochs_batch: int
@@ -106,36 +50,26 @@ class Plan:
 
 
 def _every_model() -> tuple[tuple[str, dict[str, Any]], ...]:
+    """Every model of the registry with one block per stage: the deeper ones repeat the same layers."""
     one_block = {"n_blocks": 1, "num_blocks": (1, 1, 1, 1)}
     return tuple((name, {arg: one_block[arg] for arg in spec.args if arg in one_block})
                  for name, spec in registry.MODELS.items())
 
 
-FULL = Plan("full", _every_model(), (4, 32), (), "ResNet18", {}, 512, 3, 20, 97 * 512, "ResNet18", {}, 512,
-            50_000, 10_000)
-# bench --quick's model and batch, with fewer steps and a two-batch epoch: torch's bf16 autocast takes seconds per
-# step on a 2-core CPU
+# The bench's epoch rows are 97 full batches: a short last batch would be one more compilation per implementation.
+FULL = Plan("full", _every_model(), (4, 32), (),
+            {"model_name": "ResNet18", "batch_size": 512, "warmup": 3, "steps": 20, "epoch_images": 97 * 512},
+            "ResNet18", {}, 512, 50_000, 10_000)
+# bench --quick, with fewer steps and a two-batch epoch (torch's bf16 autocast takes seconds per step on a 2-core
+# CPU); ResNet-18 only shape-checked
 QUICK = Plan("quick", (("SimpleResNet", {"n_blocks": 1}), ("SimpleNet", {})), (2, 16), ("ResNet18",),
-             bench.QUICK["model"], dict(bench.QUICK["model_kwargs"]), bench.QUICK["batch_size"], 1, 2,
-             2 * bench.QUICK["batch_size"], "SimpleResNet", {"n_blocks": 1}, 32, 512, 128)
+             {"model_name": bench.QUICK["model"], "batch_size": bench.QUICK["batch_size"], "quick": True,
+              "warmup": 1, "steps": 2, "epoch_images": 2 * bench.QUICK["batch_size"]},
+             "SimpleResNet", {"n_blocks": 1}, 32, 512, 128)
 
 # (dtype, precision, gradients, counted): the comparisons of the parity parts
 _PARITY_CHECKS = (("float64", "highest", True, True), ("float32", "highest", False, True))
 _DEFAULT_CHECKS = (("float32", "default", False, False),)
-
-
-# ------------------------------------------------------------------------------------------- environment
-def environment() -> dict[str, Any]:
-    """Where the self-test ran: date, device, versions, CPU (``bench.describe_cpu``), load."""
-    import flax
-    import jaxlib
-    import optax
-
-    env = bench.environment()
-    env.update(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), jaxlib=jaxlib.__version__,
-               flax=flax.__version__, optax=optax.__version__, device=str(jax.devices()[0]),
-               device_count=jax.device_count(), machine=platform.machine())
-    return env
 
 
 # ------------------------------------------------------------------------------------------- parity
@@ -227,15 +161,11 @@ def _shape_rows(plan: Plan, say: Callable[[str], None]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------- bench, epochs
 def _bench_rows(plan: Plan, torch_compile: bool, say: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-    """``bench.run_benchmark`` in bf16 and fp32 (with ``--quick``: its own quick sizes)."""
-    rows = {}
-    for precision in ("bf16", "fp32"):
-        rows[precision] = bench.run_benchmark(
-            plan.bench_model, plan.bench_batch, precision, warmup=plan.bench_warmup, steps=plan.bench_steps,
-            quick=plan.name == "quick", model_kwargs=plan.bench_kwargs, epoch_images=plan.bench_epoch_images,
-            torch_compile=None if plan.name == "quick" else torch_compile,
-            log=lambda message, p=precision: say(f"{p}: {message}"))
-    return rows
+    """``bench.run_benchmark`` in bf16 and fp32 (with ``--quick``, as ``bench --quick``: no torch.compile)."""
+    return {precision: bench.run_benchmark(precision=precision, log=lambda message, p=precision: say(f"{p}: {message}"),
+                                           torch_compile=None if plan.bench.get("quick") else torch_compile,
+                                           **plan.bench)
+            for precision in ("bf16", "fp32")}
 
 
 def _epoch_rows(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
@@ -265,26 +195,10 @@ def _epoch_rows(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- run
-@contextlib.contextmanager
-def _part(doc: dict[str, Any], name: str, say: Callable[[str], None], started: float) -> Iterator[None]:
-    """Time one part into ``doc['parts']``; an exception ends the part (recorded, the run goes on)."""
-    say(f"{name}: start")
-    t0 = time.perf_counter()
-    try:
-        yield
-        status = "ok"
-    except Exception as e:  # noqa: BLE001 - a crashed part is a failed self-test, the other parts still run
-        status = f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-        doc.setdefault("errors", {})[name] = traceback.format_exc()
-    doc["parts"][name] = {"status": status, "seconds": time.perf_counter() - t0}
-    say(f"{name}: {status} in {doc['parts'][name]['seconds']:.1f} s (total {time.perf_counter() - started:.1f} s)")
-
-
 def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the self-test (see the module docstring), writing ``selftest.json`` and ``selftest.md`` to ``out_dir``
-    after each part; returns the JSON document. ``doc['ok']``: every parity row held and no part failed;
-    ``doc['failed']`` says which did not."""
+    """Run the self-test, writing ``selftest.json`` and ``selftest.md`` to ``out_dir`` after each part; returns the
+    JSON document. ``doc['ok']``: every parity row held and no part failed; ``doc['failed']`` says which did not."""
     unknown = sorted(set(skip) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown part(s) {', '.join(unknown)} to skip; the parts are {', '.join(PARTS)}")
@@ -303,51 +217,54 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
         (log or (lambda text: print(text, file=sys.stderr, flush=True)))(line)
 
     plan = QUICK if quick else FULL
-    doc: dict[str, Any] = {"mode": plan.name, "skipped": sorted(skip), "environment": environment(), "parts": {},
+    env = bench.environment()
+    doc: dict[str, Any] = {"mode": plan.name, "skipped": sorted(skip), "environment": env, "parts": {},
                            "parity": [], "bench": {}, "epochs": None, "plan": dataclasses.asdict(plan)}
-    say(f"{plan.name} self-test on {doc['environment']['device']} ({doc['environment']['device_kind']}); "
-        f"CPU {doc['environment']['cpu']['text']}; writing to {out_dir}")
+    say(f"{plan.name} self-test on {env['device']} ({env['device_kind']}); CPU {env['cpu']['text']}; writing to "
+        f"{out_dir}")
 
     def save() -> None:
-        _finish(doc, started)
-        _write(out_dir, doc)
+        failed = [f"{registry.constructor_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}: first "
+                  f"divergence {r['first_divergence']}" for r in doc["parity"] if r["counted"] and not r["ok"]]
+        failed += [f"part {name}: {part['status']}" for name, part in doc["parts"].items() if part["status"] != "ok"]
+        doc.update(ok=not failed, failed=failed, total_s=time.perf_counter() - started)
+        try:
+            (out_dir / JSON_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+            (out_dir / MARKDOWN_FILE).write_text(to_markdown(doc))
+        except OSError as e:
+            raise FlaxResnetError(f"could not write the report to {out_dir} ({e.strerror or e}); choose another "
+                                  "--out") from e
+
+    @contextlib.contextmanager
+    def part(name: str) -> Iterator[None]:
+        """Time one part into ``doc['parts']``, then save; an exception ends the part (recorded, the run goes on)."""
+        say(f"{name}: start")
+        t0 = time.perf_counter()
+        try:
+            yield
+            status = "ok"
+        except Exception as e:  # noqa: BLE001 - a crashed part is a failed self-test, the other parts still run
+            status = f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            doc.setdefault("errors", {})[name] = traceback.format_exc()
+        doc["parts"][name] = {"status": status, "seconds": time.perf_counter() - t0}
+        say(f"{name}: {status} in {doc['parts'][name]['seconds']:.1f} s (total {time.perf_counter() - started:.1f} s)")
+        save()
 
     if "parity" not in skip:
-        with _part(doc, "parity", say, started):
-            doc["parity"] += _parity_rows(plan, _PARITY_CHECKS, say)
-            doc["parity"] += _shape_rows(plan, say)
-        save()
+        with part("parity"):
+            doc["parity"] += _parity_rows(plan, _PARITY_CHECKS, say) + _shape_rows(plan, say)
     if "default-precision" not in skip:
-        with _part(doc, "default-precision", say, started):
+        with part("default-precision"):
             doc["parity"] += _parity_rows(plan, _DEFAULT_CHECKS, say)
-        save()
     if "bench" not in skip:
-        with _part(doc, "bench", say, started):
+        with part("bench"):
             doc["bench"] = _bench_rows(plan, "torch.compile" not in skip, say)
-        save()
     if "epochs" not in skip:
-        with _part(doc, "epochs", say, started):
+        with part("epochs"):
             doc["epochs"] = _epoch_rows(plan, say)
-        save()
-    doc["environment"]["load_avg_end"] = bench.load_average()
+    env["load_avg_end"] = bench.load_average()
     save()
     return doc
-
-
-def _finish(doc: dict[str, Any], started: float) -> None:
-    failed = [f"{registry.constructor_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}: first divergence "
-              f"{r['first_divergence']}" for r in doc["parity"] if r["counted"] and not r["ok"]]
-    failed += [f"part {name}: {part['status']}" for name, part in doc["parts"].items() if part["status"] != "ok"]
-    doc.update(ok=not failed, failed=failed, total_s=time.perf_counter() - started)
-
-
-def _write(out_dir: Path, doc: dict[str, Any]) -> None:
-    try:
-        (out_dir / JSON_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        (out_dir / MARKDOWN_FILE).write_text(to_markdown(doc))
-    except OSError as e:
-        raise FlaxResnetError(f"could not write the report to {out_dir} ({e.strerror or e}); choose another "
-                              "--out") from e
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -403,7 +320,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
                          "epoch 2 s", "train img/s", f"{e['estimate_epochs']} epochs (estimate)"],
                         [[registry.constructor_call(e["model"], e["kwargs"]), e["precision"], str(e["batch_size"]),
                           f"{e['num_train']:,} / {e['num_test']:,}", f"{e['first_epoch_s']:.1f}", f"{e['epoch_s']:.1f}",
-                          f"{e['train_images_per_s']:,.0f}", _duration(e["estimate_s"])]])
+                          f"{e['train_images_per_s']:,.0f}", f"{e['estimate_s']:,.0f} s"]])
         lines += ["", f"Epoch times include the evaluation of the {e['num_test']:,} test images; the estimate is "
                   f"epoch 1 plus {e['estimate_epochs'] - 1} epochs like epoch 2. Data generation took "
                   f"{e['data_s']:.1f} s.", ""]
@@ -412,7 +329,3 @@ def to_markdown(doc: dict[str, Any]) -> str:
                                                for name, part in doc["parts"].items()]
                     + [["total", "", f"{doc.get('total_s', 0):.1f}"]])
     return "\n".join(lines) + "\n"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
