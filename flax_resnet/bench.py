@@ -488,7 +488,7 @@ def _fmt(key: str, value: Any) -> str:
 def format_table(rows: Sequence[dict[str, Any]], cpu_text: str) -> str:
     """The rows as an aligned text table, under a header naming the run, the CPU (``describe_cpu``'s text: the
     host's CPU matters on GPUs too, it feeds them) and what the columns measure."""
-    cells = [[header for _, header in COLUMNS], *([_fmt(key, row.get(key)) for key, _ in COLUMNS] for row in rows)]
+    cells = [[header for _, header in COLUMNS], *([_fmt(key, row[key]) for key, _ in COLUMNS] for row in rows)]
     widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
     lines = ["  ".join(c.ljust(w) if key in ("phase", "impl", "status") else c.rjust(w)
                        for (key, _), c, w in zip(COLUMNS, line, widths, strict=True)).rstrip() for line in cells]
