@@ -67,7 +67,8 @@ QUICK = Plan("quick", (("SimpleResNet", {"n_blocks": 1}), ("SimpleNet", {})), (2
               "warmup": 1, "steps": 2, "epoch_images": 2 * bench.QUICK["batch_size"]},
              "SimpleResNet", {"n_blocks": 1}, 32, 512, 128)
 
-# (dtype, precision, gradients, counted): the comparisons of the parity parts
+# (dtype, precision, gradients, counted): the comparisons of the parity parts; float32 gradients are left out for
+# time (``verify`` checks them), and the default-precision rows (TF32 on NVIDIA GPUs) never fail the self-test
 _PARITY_CHECKS = (("float64", "highest", True, True), ("float32", "highest", False, True))
 _DEFAULT_CHECKS = (("float32", "default", False, False),)
 
