@@ -6,37 +6,20 @@ Layout of a store's ``directory`` (step 0 is allowed: the weights-only checkpoin
     epoch_0003/meta.json            {"format": ..., "version": 1, "step": 3,
                                      "arrays": {"sha256": ..., "bytes": ...}, "meta": <the caller's metadata>}
 
-Why not orbax (measured with orbax-checkpoint 0.12.8 through its public API, saving a ResNet18-sized state,
-11.2M float32 = 45 MB, onto a tmpfs with 20 MiB free, 3 runs each): when one of its tensorstore writes fails,
-orbax raises, closes its event loop and abandons the other writes, which then print tracebacks at times nobody
-chooses. ``CheckpointManager`` with its defaults printed 399-494 lines to stderr before raising and 58-660 more
-within 2 s after (``RuntimeError: Event loop is closed``); ``enable_async_checkpointing=False`` 114-188 and 0-142;
-``use_ocdbt=False``, ``save_concurrent_gb=1`` or ``StandardCheckpointer`` no better (115-313, then up to 478).
-Every variant raised a ~430-character ``ValueError`` and left a partial ``2.orbax-checkpoint-tmp`` of 40-490 files
-(with ``Composite`` items, writes still landing kept it or brought it back after removal in 2 of 8 runs); keeping
-that quiet took logging filters, a replaced ``sys.unraisablehook`` at import time, ``gc`` calls and polling the
-file system. Here one process writes plain files with plain ``write`` calls: a failure is one ``OSError`` in the
-OS's words, in the caller's thread, nothing left running (same test: 0 lines printed, no partial files, one
-~270-character ``CheckpointError``). Faster too (same state, ext4, median of 5, shared 2-core machine): save
-0.20 s and read back 0.11 s; orbax 0.50 s and 0.30 s (synchronous), 0.57 s and 0.37 s (its default).
+Not orbax: when one of its writes failed on a full disk it printed hundreds of lines of tracebacks from abandoned
+writes and left partial temporary directories; here a failure is one ``OSError`` in the caller's thread, nothing
+printed, nothing left, and saving is faster too (0.20 s against 0.50 s; docs/design.md, Checkpoints).
 
-Writing, the big_vision way: the writer (process 0 of a multi-process run, ``is_writer``; every process reads)
-serialises the arrays and the metadata in memory, writes both into a hidden temporary directory next to the
-checkpoints, ``fsync``s them, renames the directory into place and ``fsync``s the parent; then every process meets
-at ``barrier`` (``jax``'s ``sync_global_devices`` in a multi-process run), as around every change, so no process
-moves on before the checkpoint exists. A crash at any moment leaves either the complete checkpoint or a hidden
-temporary directory (swept by the next save), never a checkpoint that looks whole and is not. A failed write
-(ENOSPC, EDQUOT, EFBIG, ...) removes the temporary directory at once, leaves the checkpoints already there as they
-were, and raises one ``CheckpointError``; nothing is printed.
+Writing, the big_vision way: the writer (process 0, ``is_writer``; every process reads) writes both files into a
+hidden temporary directory, ``fsync``s them, renames it into place and ``fsync``s the parent; then every process
+meets at ``barrier``, so none moves on before the checkpoint exists. A crash leaves the whole checkpoint or a
+hidden temporary directory (swept by the next save), never one that looks whole and is not; a failed write
+removes its temporary directory and raises one ``CheckpointError``. Reading checks the SHA-256 and size that
+``meta.json`` records; ``restore_latest_good`` (the resume path) takes the newest checkpoint that reads back whole,
+moving each newer one aside to ``<directory>.unreadable/`` (never deleted).
 
-Reading verifies: ``meta.json`` records the SHA-256 and size of ``arrays.safetensors``; a truncated file, a
-flipped bit, a garbled or missing file is an ``UnreadableCheckpoint`` naming the file and the problem on one
-line. ``restore_latest_good`` is the resume path: the newest checkpoint that reads back whole; an unreadable
-newer one is moved aside to ``<directory>.unreadable/`` (never deleted) and reported.
-
-Only NumPy, safetensors and the standard library (and ml_dtypes, JAX's dtype package, once a bfloat16 array is
-read back): no framework is imported, and importing this module changes nothing global (no logging filters, hooks
-or warning filters).
+Only NumPy, safetensors and the standard library (and ml_dtypes once a bfloat16 array is read back); importing this
+module changes nothing global (no logging filters, hooks or warning filters).
 """
 
 from __future__ import annotations
@@ -49,7 +32,6 @@ import os
 import re
 import secrets
 import shutil
-import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -71,8 +53,8 @@ FORMAT_VERSION = 1
 
 _STEP_DIR = re.compile(r"^epoch_(\d{4}|[1-9]\d{4,})$")  # exactly the names ``CheckpointStore.path`` gives
 _TMP_DIR = re.compile(r"^\.epoch_\d{4,}\.(tmp|old)-[0-9]+-[0-9a-f]+$")
-# The dtypes safetensors' NumPy loader knows. Others of 1, 2, 4 or 8 bytes (bfloat16, the float8 types of
-# ml_dtypes) are stored as unsigned integers of the same size and viewed back on reading (``_VIEWS``).
+# The dtypes safetensors' NumPy loader knows. ml_dtypes' of 1, 2, 4 or 8 bytes (bfloat16, the float8 types) are
+# stored as unsigned integers of the same size and viewed back on reading (``_VIEWS``).
 _LOADABLE = {np.dtype(t) for t in (np.float64, np.float32, np.float16, np.int64, np.uint64, np.int32, np.uint32,
                                    np.int16, np.uint16, np.int8, np.uint8, np.bool_, np.complex64)}
 _VIEWS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -126,9 +108,9 @@ def _storable(name: str, value: Any) -> tuple[np.ndarray, str | None]:
         array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype in _LOADABLE:
         return array, None
-    if array.dtype.kind in "OUSMm" or array.dtype.fields is not None or array.dtype.itemsize not in _VIEWS:
+    if array.dtype.kind != "V" or array.dtype.fields is not None or array.dtype.itemsize not in _VIEWS:
         raise TypeError(f"array {name!r} has dtype {array.dtype}, which a checkpoint cannot hold")
-    return array.reshape(-1).view(_VIEWS[array.dtype.itemsize]).reshape(array.shape), array.dtype.name
+    return array.view(_VIEWS[array.dtype.itemsize]), array.dtype.name
 
 
 def _dtype_named(name: str) -> np.dtype:
@@ -148,13 +130,10 @@ class CheckpointStore:
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, is_writer: bool = True,
                  barrier: Callable[[str], None] | None = None) -> None:
-        if max_to_keep is not None and max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be at least 1 (or None to keep all), not {max_to_keep}")
         # absolute but not resolved: remove_all must see whether the directory itself is a symbolic link
         self.directory = Path(directory).expanduser().absolute()
         self.max_to_keep, self.is_writer = max_to_keep, is_writer
         self._barrier = barrier or (lambda name: None)
-        self._swept = False  # stale temporary directories are removed before the first save
 
     # ------------------------------------------------------------------------------------------ listing
     def path(self, step: int) -> Path:
@@ -194,9 +173,6 @@ class CheckpointStore:
         """Write checkpoint ``step`` (``arrays`` and the JSON metadata ``meta``), then keep the newest
         ``max_to_keep`` (never pruning ``step``); returns its path. Every process calls this and meets at the
         barrier, also when the writer fails (the others cannot know: its error ends the run)."""
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"a checkpoint step is an integer >= 0, not {step!r}")
-        step = int(step)
         try:
             if self.is_writer:
                 self._write(step, arrays, meta)
@@ -205,9 +181,9 @@ class CheckpointStore:
             self._barrier(f"checkpoint-{step}")
         return self.path(step)
 
-    def _serialise(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bytes, bytes]:
-        """The two files' contents, made before anything touches the disk (so a bad array or a value JSON cannot
-        hold is a TypeError that leaves nothing behind)."""
+    def _write(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        # both files are made in memory first: a bad array or a value JSON cannot hold is a TypeError that leaves
+        # nothing behind
         stored, views = {}, {}
         for name, value in arrays.items():
             if not isinstance(name, str) or name == "__metadata__":  # the one name safetensors' header reserves
@@ -220,11 +196,8 @@ class CheckpointStore:
                "arrays": {"file": ARRAYS_FILE, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload),
                           "count": len(stored), "views": views},
                "meta": dict(meta)}
-        return payload, (json.dumps(doc, indent=1) + "\n").encode()
-
-    def _write(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        meta_bytes = (json.dumps(doc, indent=1) + "\n").encode()
         target = self.path(step)
-        payload, meta_bytes = self._serialise(step, arrays, meta)
         if target.exists():
             raise CheckpointError(f"checkpoint {step} already exists at {target}; a checkpoint is never overwritten: "
                                   "move it away, or start over with --overwrite")
@@ -233,11 +206,6 @@ class CheckpointStore:
             if not self.directory.is_dir():
                 self.directory.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(self.directory.parent)
-            if not self._swept:  # the temporary directories of interrupted saves (one run writes here: the lock)
-                for entry in self._entries():
-                    if _TMP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                self._swept = True
             tmp = self.directory / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
             tmp.mkdir()
             _write_file(tmp / ARRAYS_FILE, payload)
@@ -249,23 +217,24 @@ class CheckpointStore:
         except BaseException as e:  # a failed write or an interrupt: leave no temporary directory behind
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise self._write_error(step, e, tmp if tmp is not None and tmp.exists() else None) from e
-            raise
-
-    def _write_error(self, step: int, e: OSError, left: Path | None) -> CheckpointError:
-        where = f" ({e.filename})" if e.filename and not str(e.filename).startswith(str(self.directory)) else ""
-        partial = (f"its partial files could not all be removed ({left})" if left is not None
-                   else "its partial files were removed")
-        kept = ", ".join(str(s) for s in self.steps if s != step) or "none"
-        fix = ("the disk is full: free some space (or choose another --out), then continue with --resume"
-               if e.errno in _NO_ROOM else "fix the cause, then continue with --resume")
-        return CheckpointError(f"could not write checkpoint {step} to {self.directory} ({_os_words(e)}{where}); "
-                               f"{partial} and the checkpoints already there (steps: {kept}) are unchanged; {fix}")
+            if not isinstance(e, OSError):
+                raise
+            partial = (f"its partial files could not all be removed ({tmp})" if tmp is not None and tmp.exists()
+                       else "its partial files were removed")
+            kept = ", ".join(str(s) for s in self.steps if s != step) or "none"
+            fix = ("the disk is full: free some space (or choose another --out), then continue with --resume"
+                   if e.errno in _NO_ROOM else "fix the cause, then continue with --resume")
+            raise CheckpointError(f"could not write checkpoint {step} to {self.directory} ({_os_words(e)}); "
+                                  f"{partial} and the checkpoints already there (steps: {kept}) are unchanged; "
+                                  f"{fix}") from e
 
     def _prune(self, keep: int) -> None:
-        """Remove the oldest checkpoints beyond ``max_to_keep``, never ``keep``. Best effort: one that cannot be
-        removed stays whole and the next save tries again; that is no reason to fail a save that succeeded."""
+        """Remove the temporary directories of interrupted saves (one run writes here: the --out lock) and the
+        oldest checkpoints beyond ``max_to_keep``, never ``keep``. Best effort: what cannot be removed stays and the
+        next save tries again; that is no reason to fail a save that succeeded."""
+        for entry in self._entries():
+            if _TMP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
         steps = self.steps
         if self.max_to_keep is not None:
             for step in [s for s in steps if s != keep][:max(0, len(steps) - self.max_to_keep)]:
@@ -309,27 +278,6 @@ class CheckpointStore:
             raise self._problem(step, f"{META_FILE} is that of checkpoint {doc.get('step')!r} (a renamed directory)")
         return doc
 
-    def _read_arrays(self, step: int, doc: dict[str, Any]) -> dict[str, np.ndarray]:
-        data, info = self._read_file(step, ARRAYS_FILE), doc["arrays"]
-        if len(data) != info["bytes"]:
-            raise self._problem(step, f"{ARRAYS_FILE} has {len(data)} bytes where {info['bytes']} were written "
-                                      f"({'cut short' if len(data) < info['bytes'] else 'grown'})")
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise self._problem(step, f"{ARRAYS_FILE} does not match the SHA-256 recorded when it was written "
-                                      "(corrupted)")
-        try:
-            arrays = safetensors.numpy.load(data)
-        except Exception as e:  # noqa: BLE001 - the digest matched, so the writer wrote it so: report, never crash
-            raise self._problem(step, f"{ARRAYS_FILE} cannot be parsed ({type(e).__name__}: "
-                                      f"{' '.join(str(e).split())[:200]})") from e
-        for name, dtype in (info.get("views") or {}).items():
-            try:
-                arrays[name] = arrays[name].view(_dtype_named(dtype))
-            except (KeyError, TypeError, AttributeError, ImportError, ValueError) as e:
-                raise self._problem(step, f"array {name!r} of dtype {dtype} cannot be restored "
-                                          f"({type(e).__name__}: {e})") from e
-        return arrays
-
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The metadata of checkpoint ``step`` (default: the latest), without reading its arrays."""
         return self._read_doc(self._step(step))["meta"]
@@ -339,7 +287,21 @@ class CheckpointStore:
         written with them; ``UnreadableCheckpoint`` (a ``CheckpointError``) names the file and the problem."""
         step = self._step(step)
         doc = self._read_doc(step)
-        return self._read_arrays(step, doc), doc["meta"]
+        data, info = self._read_file(step, ARRAYS_FILE), doc["arrays"]
+        if len(data) != info["bytes"]:
+            raise self._problem(step, f"{ARRAYS_FILE} has {len(data)} bytes where {info['bytes']} were written "
+                                      f"({'cut short' if len(data) < info['bytes'] else 'grown'})")
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise self._problem(step, f"{ARRAYS_FILE} does not match the SHA-256 recorded when it was written "
+                                      "(corrupted)")
+        try:
+            arrays = safetensors.numpy.load(data)
+            for name, dtype in (info.get("views") or {}).items():
+                arrays[name] = arrays[name].view(_dtype_named(dtype))
+        except Exception as e:  # noqa: BLE001 - the digest matched, so the writer wrote it so: report, never crash
+            raise self._problem(step, f"{ARRAYS_FILE} cannot be parsed ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:200]})") from e
+        return arrays, doc["meta"]
 
     # ------------------------------------------------------------------------------------------ recovery
     def set_aside(self, step: int) -> Path:
@@ -387,8 +349,8 @@ class CheckpointStore:
                 if report is not None:
                     report(f"checkpoint {step} in {self.directory} is unreadable ({e.problem}); moved it to {aside}; "
                            f"{then}")
-                continue
-            return step, arrays, meta
+            else:
+                return step, arrays, meta
         if not problems:
             raise CheckpointError(f"there is no checkpoint in {self.directory} to resume from; start without "
                                   "--resume")
@@ -399,17 +361,13 @@ class CheckpointStore:
     # ------------------------------------------------------------------------------------------ removal
     @staticmethod
     def _is_ours(path: Path) -> bool:
-        """Whether ``path`` is a checkpoint this store wrote: its meta.json or the header of its arrays file carries
-        the format marker (either suffices, so that a checkpoint with one damaged file is still recognised)."""
-        with contextlib.suppress(OSError), open(path / META_FILE, "rb") as f:
-            if f'"format": "{FORMAT}"'.encode() in f.read(4096):
-                return True
-        try:
-            with open(path / ARRAYS_FILE, "rb") as f:  # safetensors: the header's length in 8 bytes, then its JSON
-                (length,) = struct.unpack("<Q", f.read(8))
-                return json.loads(f.read(min(length, 100_000_000)))["__metadata__"]["format"] == FORMAT
-        except (OSError, ValueError, struct.error, KeyError, TypeError):
-            return False
+        """Whether ``path`` is a checkpoint this store wrote: the format marker opens its meta.json or its arrays
+        file's header (either suffices, so that a checkpoint with one damaged file is still recognised)."""
+        for name in (META_FILE, ARRAYS_FILE):
+            with contextlib.suppress(OSError), open(path / name, "rb") as f:
+                if f'"{FORMAT}"'.encode() in f.read(4096):
+                    return True
+        return False
 
     def remove_all(self) -> list[Path]:
         """Remove every checkpoint this store wrote, and its stale temporary directories (for --overwrite); returns
