@@ -1,22 +1,16 @@
-"""A framework's training state <-> the named NumPy arrays of a ``flax_resnet.store.CheckpointStore``.
+"""A framework's training state <-> the named NumPy arrays of a ``flax_resnet.store.CheckpointStore``, bit for bit.
 
-The store holds arrays and JSON, nothing framework-specific; a codec per framework turns its state into arrays and
-back, bit for bit:
-
-- Flax/JAX (``flax_to_arrays`` / ``flax_from_arrays``): a pytree of ``jax.Array``s (an ``engine.TrainState``, an
-  ``nnx.State``), each leaf under its ``jax.tree_util.keystr`` path, e.g. ``.params['conv1']['kernel'].value``.
-  PRNG key arrays are stored as their raw data (``jax.random.key_data``). Restoring checks every name, shape and
-  dtype against a template first, reports all misfits in one short error, and gives each leaf the template's
-  sharding (a PRNG key also its implementation).
-- PyTorch (``torch_to_arrays`` / ``torch_from_arrays``, which import torch: only ``--framework torch`` needs it):
-  ``model.state_dict()`` under ``model/<key>``, the optimiser's per-parameter tensors under
-  ``optimizer/<parameter index>/<name>``, and what is not a tensor (the parameter groups: lr, momentum, ...) as a
-  JSON-able dict for the checkpoint's metadata.
+- Flax/JAX (``flax_to_arrays`` / ``flax_from_arrays``): each leaf of a pytree (an ``engine.TrainState``, an
+  ``nnx.State``) under its ``jax.tree_util.keystr`` path, e.g. ``.params['conv1']['kernel'].value``; a PRNG key as
+  its raw data. Restoring checks every name, shape and dtype against a template first (all misfits in one short
+  error) and gives each leaf the template's sharding (a PRNG key also its implementation).
+- PyTorch (``torch_to_arrays`` / ``torch_from_arrays``, which import torch): ``model.state_dict()`` under
+  ``model/<key>``, the optimiser's per-parameter tensors under ``optimizer/<parameter index>/<name>``, and its
+  non-tensor rest (the parameter groups: lr, momentum, ...) as a JSON-able dict for the checkpoint's metadata.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,16 +28,13 @@ _LISTED = 10  # lines of a misfit report before "... and N more": enough to see 
 
 
 def _misfit(what: str, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str) -> CheckpointError:
-    """One error for every way the arrays do not fit: counts first, then at most ``_LISTED`` lines."""
+    """One error for every way the arrays do not fit: counts first, then at most ``_LISTED`` lines, shared among
+    the kinds (a long list of one kind must not hide the others)."""
     kinds = [(kind, items) for kind, items in (("missing", missing), ("unexpected", unexpected),
                                                ("mismatched", mismatched)) if items]
     counts = ", ".join(f"{len(items)} {kind}" for kind, items in kinds)
-    # the lines shown are taken from the kinds in turn (a long list of one kind must not hide the others)
-    turns = sorted((j, i) for i, (_, items) in enumerate(kinds) for j in range(len(items)))[:_LISTED]
-    shown = [f"{kinds[i][0]:<10} {kinds[i][1][j]}" for j, i in sorted(turns, key=lambda turn: turn[::-1])]
-    hidden = sum(len(items) for _, items in kinds) - len(shown)
-    shown = [line if len(line) <= 160 else line[:157] + "..." for line in shown]
-    if hidden:
+    shown = [f"{kind:<10} {item}" for kind, items in kinds for item in items[:_LISTED // len(kinds)]]
+    if hidden := sum(len(items) for _, items in kinds) - len(shown):
         shown.append(f"... and {hidden} more")
     return CheckpointError(f"the checkpoint does not fit {what} ({counts}):\n  " + "\n  ".join(shown) + f"\n{hint}")
 
@@ -74,13 +65,6 @@ def flax_to_arrays(tree: Any) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _expected(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
-    """The shape and dtype a leaf of the template is stored with (a PRNG key: its raw data's)."""
-    if _is_key(leaf):
-        leaf = jax.eval_shape(jax.random.key_data, leaf)
-    return tuple(leaf.shape), np.dtype(leaf.dtype)
-
-
 def _place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """``array`` on the devices of ``sharding`` (all of it on each: the states here are replicated).
 
@@ -106,22 +90,21 @@ def flax_from_arrays(template: Any, arrays: Mapping[str, np.ndarray], *, strict:
     ``CheckpointError`` listing what is missing, unexpected or mismatched. ``strict=False`` ignores arrays the
     template has no leaf for (weights read from a training checkpoint that also holds optimiser state)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [jax.tree_util.keystr(path) for path, _ in flat]
-    missing = [name for name in names if name not in arrays]
+    leaves = {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+    missing = [name for name in leaves if name not in arrays]
     mismatched = []
-    for name, (_, leaf) in zip(names, flat, strict=True):
-        shape, dtype = _expected(leaf)
+    for name, leaf in leaves.items():
+        want = jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf  # a key: its raw data's
         got = arrays.get(name)
-        if got is not None and (tuple(got.shape) != shape or got.dtype != dtype):
+        if got is not None and (got.shape != tuple(want.shape) or got.dtype != want.dtype):
             mismatched.append(f"{name}: saved {_describe(got.dtype, got.shape)}, this state has "
-                              f"{_describe(dtype, shape)}")
-    unexpected = sorted(set(arrays) - set(names)) if strict else []
+                              f"{_describe(want.dtype, want.shape)}")
+    unexpected = sorted(set(arrays) - set(leaves)) if strict else []
     if missing or unexpected or mismatched:
         raise _misfit("this state", missing, unexpected, mismatched,
                       "Was it written for another model, model arguments, optimiser or dtype? Name the same ones "
                       "as the run that wrote it (its meta.json records them).")
-    return jax.tree_util.tree_unflatten(treedef, [_restored(leaf, arrays[name])
-                                                  for name, (_, leaf) in zip(names, flat, strict=True)])
+    return jax.tree_util.tree_unflatten(treedef, [_restored(leaf, arrays[name]) for name, leaf in leaves.items()])
 
 
 # ----------------------------------------------------------------------------------------------- torch
@@ -136,11 +119,7 @@ def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.nda
     (``torch_backend.TORCH_DTYPES``), dtypes NumPy has."""
     import torch
 
-    arrays: dict[str, np.ndarray] = {}
-    for key, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"model state {key!r} is a {type(value).__name__}, not a tensor")
-        arrays[MODEL_PREFIX + key] = value.detach().cpu().numpy().copy()
+    arrays = {MODEL_PREFIX + key: value.detach().cpu().numpy().copy() for key, value in model.state_dict().items()}
     extra: dict[str, Any] = {}
     if optimizer is not None:
         state_dict = optimizer.state_dict()
@@ -152,7 +131,6 @@ def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.nda
                 else:
                     other.setdefault(str(index), {})[name] = value
         extra = {"param_groups": state_dict["param_groups"], "state": other}
-        json.dumps(extra)  # a value JSON cannot hold is a TypeError now, not when the checkpoint is written
     return arrays, extra
 
 
@@ -188,11 +166,6 @@ def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarra
         if key.startswith(OPTIMIZER_PREFIX):
             index, _, name = key.removeprefix(OPTIMIZER_PREFIX).partition("/")
             state.setdefault(int(index), {})[name] = torch.from_numpy(np.array(array))
-    for index, values in extra.get("state", {}).items():
+    for index, values in extra["state"].items():
         state.setdefault(int(index), {}).update(values)
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": [dict(g) for g in extra["param_groups"]]})
-    except (ValueError, KeyError, TypeError) as e:  # torch: "loaded state dict contains a parameter group that ..."
-        raise CheckpointError(f"the checkpoint's optimiser state does not fit this {type(optimizer).__name__} "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); was it written with "
-                              "another optimiser or model?") from e
+    optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
