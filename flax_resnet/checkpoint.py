@@ -1,10 +1,7 @@
-"""A model's weights in the checkpoint store (``flax_resnet.store``): what ``port`` writes, and what
-``--init-from``, ``port`` and ``landscape`` read from any checkpoint of either framework.
-
-A weights-only checkpoint (written by ``port``, step 0) holds ``{"params": ..., "model_state": ...}`` of an NNX
-model (``codecs.flax_to_arrays`` names). A training checkpoint of the Flax loop holds the same two entries plus the
-optimiser's; one of the torch loop holds the torch ``state_dict`` under ``model/``. Functions taking a path accept
-a run's output directory (its ``checkpoints/``) or a store directory.
+"""A model's weights in the checkpoint store (``flax_resnet.store``): what ``port`` writes (step 0:
+``{"params": ..., "model_state": ...}`` of an NNX model), and what ``--init-from``, ``port`` and ``landscape`` read
+from any checkpoint of either framework (a Flax training checkpoint holds the same two entries plus the optimiser's,
+a torch one the ``state_dict`` under ``model/``). A path is a run's output directory or a store directory.
 """
 
 from __future__ import annotations

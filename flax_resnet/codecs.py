@@ -24,16 +24,15 @@ __all__ = ["MODEL_PREFIX", "OPTIMIZER_PREFIX", "flax_from_arrays", "flax_to_arra
 
 MODEL_PREFIX = "model/"
 OPTIMIZER_PREFIX = "optimizer/"
-_LISTED = 10  # lines of a misfit report before "... and N more": enough to see the pattern, never a page
 
 
 def _misfit(what: str, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str) -> CheckpointError:
-    """One error for every way the arrays do not fit: counts first, then at most ``_LISTED`` lines, shared among
-    the kinds (a long list of one kind must not hide the others)."""
+    """One error for every way the arrays do not fit: counts first, then at most ten lines (enough to see the
+    pattern, never a page) shared among the kinds, so that a long list of one kind does not hide the others."""
     kinds = [(kind, items) for kind, items in (("missing", missing), ("unexpected", unexpected),
                                                ("mismatched", mismatched)) if items]
     counts = ", ".join(f"{len(items)} {kind}" for kind, items in kinds)
-    shown = [f"{kind:<10} {item}" for kind, items in kinds for item in items[:_LISTED // len(kinds)]]
+    shown = [f"{kind:<10} {item}" for kind, items in kinds for item in items[:10 // len(kinds)]]
     if hidden := sum(len(items) for _, items in kinds) - len(shown):
         shown.append(f"... and {hidden} more")
     return CheckpointError(f"the checkpoint does not fit {what} ({counts}):\n  " + "\n  ".join(shown) + f"\n{hint}")
@@ -50,18 +49,15 @@ def _is_key(leaf: Any) -> bool:
 
 def flax_to_arrays(tree: Any) -> dict[str, np.ndarray]:
     """Every leaf of ``tree`` as a NumPy array keyed by its ``jax.tree_util.keystr`` path: copies on the host, safe
-    to keep while training goes on; of an array every process holds whole, this process's copy."""
+    to keep while training goes on; of a replicated array of a multi-process run (the runners' states are), this
+    process's copy."""
     arrays = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = jax.tree_util.keystr(path)
         if _is_key(leaf):
             leaf = jax.random.key_data(leaf)
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            if not leaf.sharding.is_fully_replicated:
-                raise CheckpointError(f"{key} is split across processes; checkpoints hold replicated states only "
-                                      "(each process holding the whole array)")
             leaf = leaf.addressable_data(0)
-        arrays[key] = np.array(leaf)  # a copy: jax may share host memory with NumPy on CPU
+        arrays[jax.tree_util.keystr(path)] = np.array(leaf)  # a copy: jax may share host memory with NumPy on CPU
     return arrays
 
 
@@ -114,9 +110,8 @@ def torch_model_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def torch_to_arrays(model: Any, optimizer: Any = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """``(arrays, extra)`` as the module docstring lays them out (``extra``: the optimiser's JSON-able rest, {}
-    without one): copies, safe to keep while training goes on. The torch reference trains in float32 or float64
-    (``torch_backend.TORCH_DTYPES``), dtypes NumPy has."""
+    """``(arrays, extra)`` as the module docstring lays them out (``extra``: {} without an optimiser): copies, safe
+    to keep while training goes on (in float32 or float64, ``torch_backend.TORCH_DTYPES``: dtypes NumPy has)."""
     import torch
 
     arrays = {MODEL_PREFIX + key: value.detach().cpu().numpy().copy() for key, value in model.state_dict().items()}

@@ -1,15 +1,11 @@
-"""Claiming a run's output directory before any work: it must be writable, and only one run may write to it.
+"""Claiming a run's output directory before any work (data, models): it must be writable, and only one run may
+write to it.
 
-``claim_output_dir(out)`` creates ``out`` if needed, proves it writable by creating its lock file ``.lock`` in
-it, and takes an exclusive ``fcntl.flock`` on that file for as long as the claim is held. A second run on the
-same directory fails at once, naming the holder (pid, host, start time, written into the lock file). The lock
-belongs to the open file, so the kernel drops it when the holding process dies, however it dies (SIGKILL
-included): a lock file left behind by a killed run is stale and blocks nothing.
-
-Running as root, permission bits do not stop writes, so writability is tested by writing, never by
-``os.access``. The command line claims ``--out`` before it loads data or builds a model, so these failures
-come in seconds. A claim released by a run that wrote nothing removes the lock file and the directories it
-created, so a failed start leaves no trace.
+The lock file ``.lock`` is created (writability is tested by writing: permission bits do not stop root) and held
+with an exclusive ``fcntl.flock``; a second run fails at once naming the holder (pid, host, start time, written into
+the file). The kernel drops the lock with the holding process however it dies, so a lock file left by a killed run
+blocks nothing. Releasing removes the lock file and the directories the claim created if the run left them empty,
+so a failed start leaves no trace.
 """
 
 from __future__ import annotations
@@ -48,7 +44,6 @@ class OutputClaim:
         self.release()
 
     def release(self) -> None:
-        """Drop the lock and its file; remove the directories this claim created if the run left them empty."""
         if self._fd < 0:
             return
         # Unlinked while still locked: a run that opened the old file meanwhile sees it replaced (claim retries).
@@ -62,7 +57,7 @@ def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",))
     """Create ``out`` if needed, check it is writable (and its existing ``probe`` subdirectories), lock it;
     ``OutputDirError`` says what is wrong and what to do."""
     out = Path(out).expanduser().absolute()
-    created = list(itertools.takewhile(lambda p: not p.exists(), (out, *out.parents)))[::-1]  # outermost first
+    created = list(itertools.takewhile(lambda p: not p.exists(), (out, *out.parents)))  # innermost first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -112,8 +107,6 @@ def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",))
 
 def _remove_created(created: list[Path]) -> None:
     """Remove the directories a claim created, deepest first, while they are empty (what a run wrote stays)."""
-    for directory in reversed(created):
-        try:
+    with contextlib.suppress(OSError):
+        for directory in created:
             directory.rmdir()
-        except OSError:
-            break
