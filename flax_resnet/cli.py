@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +49,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by 
 
 
 # ------------------------------------------------------------------------------------------------- train
+def _add_parser(subparsers: Any, name: str, *, epilog: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A command's parser; ``{prog}`` in the epilog's examples is the program as the user started it."""
+    return subparsers.add_parser(name, formatter_class=HelpFormatter, epilog=epilog.replace("{prog}", program_name()),
+                                 **kwargs)
+
+
 def _recipe_table() -> str:
+    """The recipes as a table, and under each the models whose notebook it is (their default recipe)."""
     rows = [["recipe", "model", "epochs", "batch", "eval", "lr", "momentum", "wd", "schedule", "augment", "loss mean",
              "std"]]
     for r in RECIPES.values():
@@ -62,35 +68,24 @@ def _recipe_table() -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     mean = " ".join(f"{m:g}" for m in next(iter(RECIPES.values())).mean)
-    return "\n".join(lines) + f"\n  (mean {mean} in both)"
-
-
-def _model_table() -> str:
-    lines = []
-    for spec in registry.MODELS.values():
-        defaults = registry.RECIPE_MODEL_DEFAULTS.get(spec.recipe, {})
-        opts = " ".join(f"{registry.MODEL_ARGS[a].flag} (default {defaults.get(a, registry.MODEL_ARGS[a].default)})"
-                        for a in spec.args)
-        lines.append(f"  {spec.name:16s} recipe {spec.recipe:18s} {opts}".rstrip())
-    return "\n".join(lines)
+    models = [f"  {r}: {', '.join(s.name for s in registry.MODELS.values() if s.recipe == r)}" for r in RECIPES]
+    return "\n".join([*lines, f"  (mean {mean} in both)", "", "models (--model), by recipe: a model's default recipe "
+                      "is its notebook's (the model options and their defaults: above)", *models])
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``train`` command and its options."""
-    prog = program_name()
-    p = subparsers.add_parser(
-        "train", help="train a model (the default command)", formatter_class=HelpFormatter,
+    p = _add_parser(
+        subparsers, "train", help="train a model (the default command)",
         description="Train one of the notebooks' models with one of their recipes, in JAX/Flax or PyTorch. "
                     "Writes history.json, curves.png and a checkpoint per epoch to --out.",
         epilog="recipes (the notebooks'; each number can be overridden by the option of the same name):\n"
                f"{_recipe_table()}\n\n"
-               "models (--model; the default recipe is the model's notebook's):\n"
-               f"{_model_table()}\n\n"
                "examples:\n"
-               f"  {prog}                                           # ResNet18, notebook 004 recipe, CIFAR-10\n"
-               f"  {prog} train --dataset synthetic --model SimpleResNet --n-blocks 1 --epochs 3   # no data\n"
-               f"  {prog} train --model PlainDeepCNN --recipe plain-vs-residual --framework torch\n"
-               f"  {prog} train --resume                            # continue the default run\n")
+               "  {prog}                                           # ResNet18, notebook 004 recipe, CIFAR-10\n"
+               "  {prog} train --dataset synthetic --model SimpleResNet --n-blocks 1 --epochs 3   # no data\n"
+               "  {prog} train --model PlainDeepCNN --recipe plain-vs-residual --framework torch\n"
+               "  {prog} train --resume                            # continue the default run\n")
     what = p.add_argument_group("what to train")
     what.add_argument("--model", choices=registry.model_names(), metavar="NAME",
                       help="model class (see the list below); default: the recipe's model, ResNet18 for the "
@@ -147,11 +142,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     out.add_argument("--out", type=expanded_path, metavar="DIR",
                      help=f"output directory; default: {RUNS_DIR}/<model>-<recipe>-<framework> "
                           "(with -synthetic appended for the synthetic data)")
-    out.add_argument("--resume", action="store_true",
-                     help="continue from the last checkpoint in --out (same settings; the result equals an "
-                          "uninterrupted run; an unreadable checkpoint is moved aside and the one before used); "
-                          "starts afresh if there is none")
-    out.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --out and start over")
+    g = out.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out (same settings; the result equals an "
+                        "uninterrupted run; an unreadable checkpoint is moved aside and the one before used); "
+                        "starts afresh if there is none")
+    g.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --out and start over")
     out.add_argument("--max-to-keep", type=number(int, minimum=1), default=3, metavar="N",
                      help="checkpoints kept (the last N epochs; default: %(default)s)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
@@ -178,8 +174,6 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         parser.error(f"--{str(e).replace('_', '-')}")
     args.model_kwargs = _model_kwargs(args, parser, args.recipe)
     check_data_arguments(args, parser)
-    if not math.isfinite(args.distributed_timeout) or args.distributed_timeout <= 0:
-        parser.error(f"--distributed-timeout must be a finite number of seconds > 0, got {args.distributed_timeout}")
     if args.init_from is not None and not args.init_from.exists():
         parser.error(f"--init-from {args.init_from}: no such file or directory")
     if args.framework == "torch" and (args.parallel != "auto" or args.bn_sync != "on" or args.coordinator):
@@ -190,8 +184,6 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
     if args.precision == "bf16" and (args.framework != "jax" or args.dtype != "float32"):
         parser.error("--precision bf16 is for --framework jax with --dtype float32 (the torch reference runs the "
                      f"notebooks' float32 loops; `{program_name()} bench --precision bf16` times torch autocast)")
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite exclude each other")
     suffix = "-synthetic" if args.dataset == "synthetic" else ""
     args.out = args.out or Path(RUNS_DIR) / f"{args.model}-{args.recipe}-{args.framework}{suffix}"
     if args.out.exists() and not args.out.is_dir():
@@ -211,6 +203,15 @@ def _model_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser, rec
         parser.error(str(e))
 
 
+def _given_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, dict] | None:
+    """``port``'s and ``verify``'s --model with its options, or None when the weights are to name their model."""
+    if args.model is not None:
+        return args.model, _model_kwargs(args, parser)
+    if any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
+        parser.error("model options (--n-blocks, ...) need --model")
+    return None
+
+
 def _model_flags(name: str, kwargs: Mapping[str, Any]) -> str:
     """``--model SimpleResNet --n-blocks 1``: the options that build ``name`` with ``kwargs``."""
     flags = [f"{registry.MODEL_ARGS[k].flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
@@ -221,7 +222,7 @@ def _model_flags(name: str, kwargs: Mapping[str, Any]) -> str:
 def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
     """Which registered model some misfitting weights belong to, as the options to pass (or nothing)."""
     try:
-        other = registry.infer_model(list(state_dict), {k: tuple(v.shape) for k, v in state_dict.items()})
+        other = registry.infer_model(state_dict)
     except Exception:  # noqa: BLE001 - only a hint: none of the models fits, or several, or no shapes
         return ""
     if other == (name, kwargs):
@@ -229,14 +230,21 @@ def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
     return f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
 
 
-def _check_recorded_model(meta: Mapping[str, Any], path: Path, name: str, kwargs: Mapping[str, Any]) -> None:
-    """A checkpoint records its model: one that is not the model asked for is named, before its arrays are read."""
+def _recorded_model(meta: Mapping[str, Any], path: Path, given: tuple[str, dict] | None = None) -> tuple[str, dict]:
+    """The model a checkpoint records; with ``given`` (the model asked for), one that is not it is named before the
+    checkpoint's arrays are read."""
     recorded, recorded_kwargs = meta.get("model"), meta.get("model_kwargs") or {}
+    if given is None:
+        if recorded not in registry.MODELS:
+            raise FlaxResnetError(f"{path} does not record a registered model; name it with --model")
+        return recorded, recorded_kwargs
+    name, kwargs = given
     as_recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}  # JSON has no tuples
     if recorded is not None and (recorded, recorded_kwargs) != (name, as_recorded):
         raise FlaxResnetError(f"{path} holds weights of {registry.constructor_call(recorded, recorded_kwargs)}, not "
                               f"of {registry.constructor_call(name, kwargs)}; pass "
                               f"{_model_flags(recorded, recorded_kwargs)}")
+    return given
 
 
 def _port_into(model: Any, state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> None:
@@ -254,7 +262,7 @@ def _init_from(model: Any, path: Path, name: str, kwargs: Mapping[str, Any], fra
     from flax_resnet import checkpoint, port
 
     if path.is_dir():
-        _check_recorded_model(checkpoint.read_meta(path), path, name, kwargs)
+        _recorded_model(checkpoint.read_meta(path), path, (name, kwargs))
         if framework == "jax":
             checkpoint.load_model(path, model)
             return
@@ -342,28 +350,31 @@ def _run_train_claimed(args: argparse.Namespace, recipe: Recipe) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- port
+def _add_model_options(p: argparse.ArgumentParser, model_help: str) -> None:
+    """``port``'s and ``verify``'s --model and model options (``_given_model`` reads them)."""
+    p.add_argument("--model", choices=registry.model_names(), metavar="NAME", help=model_help)
+    registry.add_model_arguments(p, lambda arg: f"with --model: {arg.help}")
+
+
 def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``port`` command: torch .pt <-> Flax checkpoint."""
-    prog = program_name()
-    p = subparsers.add_parser(
-        "port", help="convert weights: torch .pt <-> Flax checkpoint", formatter_class=HelpFormatter,
+    p = _add_parser(
+        subparsers, "port", help="convert weights: torch .pt <-> Flax checkpoint",
         description="Convert a torch state_dict (.safetensors or .pt) into a Flax checkpoint directory, or a Flax "
                     "checkpoint (a port output or a training run's --out, of either framework) into a state_dict file "
                     "that the torch model loads with strict=True: .safetensors (needs no torch; read it with "
                     "safetensors.torch.load_file) or .pt. The direction follows --from: a file is a state_dict, a "
                     "directory a checkpoint.",
         epilog="examples:\n"
-               f"  {prog} port --from resnet18.safetensors --to ckpt/resnet18\n"
-               f"  {prog} port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.safetensors\n"
-               f"  {prog} port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.pt\n")
+               "  {prog} port --from resnet18.safetensors --to ckpt/resnet18\n"
+               "  {prog} port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.safetensors\n"
+               "  {prog} port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.pt\n")
     p.add_argument("--from", dest="source", type=expanded_path, required=True, metavar="PATH",
                    help="a state_dict file (.safetensors or .pt), or a checkpoint directory")
     p.add_argument("--to", dest="target", type=expanded_path, required=True, metavar="PATH",
                    help="the checkpoint directory to create (from a file), or the .safetensors or .pt file to write")
-    p.add_argument("--model", choices=registry.model_names(), metavar="NAME",
-                   help="the model the weights belong to; default: a checkpoint's own record, or, for a .pt, "
-                        "the one registered model whose keys and shapes fit")
-    registry.add_model_arguments(p, lambda arg: f"with --model: {arg.help}")
+    _add_model_options(p, "the model the weights belong to; default: a checkpoint's own record, or, for a .pt, the "
+                          "one registered model whose keys and shapes fit")
     p.add_argument("--step", type=int, help="which checkpoint step to read (default: the latest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --to .pt file")
     p.set_defaults(handler=run_port, parser=p)
@@ -374,9 +385,7 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     src, dst = args.source, args.target
     if not src.exists():
         parser.error(f"--from {src}: no such file or directory")
-    if args.model is None and any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
-        parser.error("model options (--n-blocks, ...) need --model")
-    kwargs = _model_kwargs(args, parser) if args.model else None
+    given = _given_model(args, parser)
     if src.is_file():
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             parser.error(f"--to {dst} exists and is not an empty directory")
@@ -389,8 +398,7 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if src.is_file():
         state_dict = port.read_state_dict(src)
-        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-        name, kwargs = (args.model, kwargs) if args.model else registry.infer_model(list(state_dict), shapes)
+        name, kwargs = given or registry.infer_model(state_dict)
         model = registry.build_flax_to_fill(name, kwargs)
         _port_into(model, state_dict, name, kwargs)
         _written(dst, lambda: checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs,
@@ -398,10 +406,7 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"wrote {name} {kwargs or ''} as a Flax checkpoint to {dst}")
         return 0
     meta = checkpoint.read_meta(src, args.step)
-    name, kwargs = (args.model, kwargs) if args.model else (meta.get("model"), meta.get("model_kwargs") or {})
-    if name not in registry.MODELS:
-        parser.error(f"{src} does not record a registered model; name it with --model")
-    _check_recorded_model(meta, src, name, kwargs)
+    name, kwargs = _recorded_model(meta, src, given)
     if meta.get("dtype") == "float64":
         import jax
 
@@ -430,22 +435,18 @@ def _written(dst: Path, write: Callable[[], Any]) -> None:
 # ------------------------------------------------------------------------------------------------ verify
 def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``verify`` command: ``parity.compare`` of a registered model's two frameworks on the user's weights."""
-    prog = program_name()
-    p = subparsers.add_parser(
-        "verify", help="check that the Flax port computes what the torch model computes, layer by layer",
-        formatter_class=HelpFormatter,
+    p = _add_parser(
+        subparsers, "verify", help="check that the Flax port computes what the torch model computes, layer by layer",
         description="Load weights into the PyTorch model, port them into its Flax NNX twin as `port` does, and run "
                     "both on the same batch (flax_resnet.parity.compare): every layer's output in eval and train "
                     "mode, the BatchNorm running statistics after a train-mode pass, every parameter's gradient. "
                     "Prints the table and the first layer where they part, if any. Exit code 0 when every "
                     "comparison is within the tolerance of the dtype, 1 when not.",
         epilog="examples:\n"
-               f"  {prog} verify --model ResNet18                          # torch's own initialisation\n"
-               f"  {prog} verify --weights resnet18.safetensors --float64  # the model is inferred\n"
-               f"  {prog} verify --model SimpleResNet --n-blocks 5 --weights runs/SimpleResNet-plain-vs-residual-jax\n")
-    p.add_argument("--model", choices=registry.model_names(), metavar="NAME",
-                   help="the model to check; default: the one registered model whose keys and shapes fit --weights")
-    registry.add_model_arguments(p, lambda arg: f"with --model: {arg.help}")
+               "  {prog} verify --model ResNet18                          # torch's own initialisation\n"
+               "  {prog} verify --weights resnet18.safetensors --float64  # the model is inferred\n"
+               "  {prog} verify --model SimpleResNet --n-blocks 5 --weights runs/SimpleResNet-plain-vs-residual-jax\n")
+    _add_model_options(p, "the model to check; default: the one registered model whose keys and shapes fit --weights")
     p.add_argument("--weights", type=expanded_path, metavar="PATH",
                    help="a torch state_dict (.safetensors or .pt) or a checkpoint directory of either framework; "
                         "default: torch's initialisation from --seed")
@@ -463,25 +464,20 @@ def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.weights is None and args.model is None:
+    given = _given_model(args, parser)
+    if args.weights is None and given is None:
         parser.error("name the model with --model, or give --weights to infer it from")
     if args.weights is not None and not args.weights.exists():
         parser.error(f"--weights {args.weights}: no such file or directory")
-    if args.model is None and any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
-        parser.error("model options (--n-blocks, ...) need --model")
-    kwargs = _model_kwargs(args, parser) if args.model else None
 
     from flax_resnet import checkpoint, parity, port
 
-    name = args.model
-    if name is None and args.weights.is_dir():
-        meta = checkpoint.read_meta(args.weights)
-        name, kwargs = meta.get("model"), meta.get("model_kwargs") or {}
-        if name not in registry.MODELS:
-            parser.error(f"{args.weights} does not record a registered model; name it with --model")
-    elif name is None:
-        state_dict = port.read_state_dict(args.weights)
-        name, kwargs = registry.infer_model(list(state_dict), {k: tuple(v.shape) for k, v in state_dict.items()})
+    if given is not None:
+        name, kwargs = given  # a checkpoint that records another model is named by _init_from
+    elif args.weights.is_dir():
+        name, kwargs = _recorded_model(checkpoint.read_meta(args.weights), args.weights)
+    else:
+        name, kwargs = registry.infer_model(port.read_state_dict(args.weights))
     torch_model = registry.build_torch(name, kwargs, seed=args.seed)
     if args.weights is not None:
         _init_from(torch_model, args.weights, name, kwargs, "torch")
@@ -499,21 +495,19 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def add_selftest_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``selftest`` command: parity and speed on this machine (``flax_resnet.selftest``)."""
     parts = ("parity", "default-precision", "bench", "torch.compile", "epochs")  # selftest.PARTS, not imported here
-    prog = program_name()
-    p = subparsers.add_parser(
-        "selftest", help="check parity and measure speed on this machine", formatter_class=HelpFormatter,
-        description="In one process, on the device JAX sees: parity of every notebook model with the PyTorch "
-                    "reference (float64 and float32 at full precision; float32 again at each framework's default "
-                    "precision, for information), the benchmark of ResNet-18 at batch 512 in bf16 and fp32, and "
-                    "two epochs of ResNet-18 on CIFAR-sized synthetic data (the epoch time and what 20 would "
-                    "take). Writes selftest.json and selftest.md to --out and prints the report. Exit code 1 when "
-                    "a parity row fails (the report names the model) or a part fails. Full: an estimated 7-7.5 minutes "
-                    "on one H100/H200; --quick: 1.5-2 minutes on a 2-core CPU. Needs no data set and no "
-                    "network.",
+    p = _add_parser(
+        subparsers, "selftest", help="check parity and measure speed on this machine",
+        description="In one process, on the device JAX sees: parity of every notebook model with the PyTorch reference "
+                    "(float64 and float32 at full precision; float32 again at each framework's default precision, for "
+                    "information), the benchmark of ResNet-18 at batch 512 in bf16 and fp32, and two epochs of "
+                    "ResNet-18 on CIFAR-sized synthetic data (the epoch time and what 20 would take). Writes "
+                    "selftest.json and selftest.md to --out and prints the report. Exit code 1 when a parity row fails "
+                    "(the report names the model) or a part fails. Full: an estimated 7-7.5 minutes on one H100/H200; "
+                    "--quick: 1.5-2 minutes on a 2-core CPU. Needs no data set and no network.",
         epilog="examples:\n"
-               f"  {prog} selftest --quick                        # CPU-sized, same code paths\n"
-               f"  {prog} selftest --out runs/selftest-h100       # on a GPU\n"
-               f"  {prog} selftest --skip torch.compile           # two minutes less\n")
+               "  {prog} selftest --quick                        # CPU-sized, same code paths\n"
+               "  {prog} selftest --out runs/selftest-h100       # on a GPU\n"
+               "  {prog} selftest --skip torch.compile           # two minutes less\n")
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized: small models, bench --quick, two tiny epochs (1.5-2 minutes on 2 cores)")
     p.add_argument("--out", type=expanded_path, default=Path(RUNS_DIR) / "selftest", metavar="DIR",

@@ -193,7 +193,7 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--process-id", type=int, metavar="I",
                    help="multi-host: this process's rank in [0, N); rank 0 runs the coordinator and writes history, "
                         "plots and logs")
-    g.add_argument("--distributed-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="multi-host: how long to wait for the coordinator and the other processes before failing "
-                        "(default: %(default)s)")
+    g.add_argument("--distributed-timeout", type=finite_float(minimum=0, exclusive_min=True), default=300.0,
+                   metavar="SECONDS", help="multi-host: how long to wait for the coordinator and the other "
+                                           "processes before failing (default: %(default)s)")
     return parser

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from flax_resnet.errors import require
@@ -118,16 +118,12 @@ def model_kwargs(name: str, given: Mapping[str, Any] | None = None, recipe: str 
     if foreign:
         takes = ", ".join(MODEL_ARGS[a].flag for a in spec.args) or "no model options"
         raise ValueError(f"{name} does not take {', '.join(foreign)} (it takes {takes})")
-    kwargs = {}
-    for arg_name in spec.args:
-        arg = MODEL_ARGS[arg_name]
-        value = given.get(arg_name, RECIPE_MODEL_DEFAULTS.get(recipe or "", {}).get(arg_name, arg.default))
-        if isinstance(value, list | tuple):
-            value = tuple(value)
-        problem = arg.check(value)
-        if problem:
-            raise ValueError(f"{arg.flag} {problem}, got {value}")
-        kwargs[arg_name] = value
+    defaults = RECIPE_MODEL_DEFAULTS.get(recipe or "", {})
+    kwargs = {a: given.get(a, defaults.get(a, MODEL_ARGS[a].default)) for a in spec.args}
+    kwargs = {a: tuple(v) if isinstance(v, list) else v for a, v in kwargs.items()}
+    for a, value in kwargs.items():
+        if problem := MODEL_ARGS[a].check(value):
+            raise ValueError(f"{MODEL_ARGS[a].flag} {problem}, got {value}")
     return kwargs
 
 
@@ -151,14 +147,11 @@ def build_flax(name: str, kwargs: Mapping[str, Any] | None = None, *, seed: int 
 
 
 def build_flax_to_fill(name: str, kwargs: Mapping[str, Any] | None = None) -> Any:
-    """The Flax model ``name`` with zeros for every variable, for code that overwrites them all (a port, a
-    checkpoint read). Why: building it for real runs every initialiser eagerly, each compiled once per weight shape:
-    about 11 s of the 15-25 s ``port`` took for a one-block SimpleResNet on the CPU (measured). This traces the
-    constructor abstractly (``nnx.eval_shape``) and fills the shapes; PRNG keys (dropout) get ``key(0)``.
-
-    ``nnx.merge`` sets each module's attributes in sorted order; the constructor's order (torch's registration
-    order, which ``port`` follows for the order of a state_dict's keys) is recorded while tracing and put back.
-    """
+    """The Flax model ``name`` with zeros for every variable (PRNG keys: ``key(0)``), for code that overwrites them
+    all (a port, a checkpoint read): the constructor is traced abstractly (``nnx.eval_shape``), as building it for
+    real compiles every initialiser once per weight shape (11 s of the 15-25 s a one-block SimpleResNet's ``port``
+    took on the CPU). ``nnx.merge`` sorts each module's attributes, so the constructor's order (torch's, which
+    ``port`` follows for a state_dict's key order) is recorded while tracing and put back."""
     import jax
     import numpy as np
     from flax import nnx
@@ -181,8 +174,7 @@ def build_flax_to_fill(name: str, kwargs: Mapping[str, Any] | None = None) -> An
     model = nnx.merge(graphdef, jax.tree.map(fill, state))
     for path, module in nnx.iter_modules(model):
         attributes = vars(module)
-        first = [k for k in orders.get(tuple(path), ()) if k in attributes]
-        ordered = {k: attributes[k] for k in first} | {k: v for k, v in attributes.items() if k not in first}
+        ordered = {k: attributes[k] for k in orders.get(tuple(path), ()) if k in attributes} | attributes
         attributes.clear()
         attributes.update(ordered)
     return model
@@ -198,31 +190,28 @@ def build_torch(name: str, kwargs: Mapping[str, Any] | None = None, *, seed: int
     return _build("torch_ref.models", name, kwargs or {})
 
 
-def infer_model(state_dict_keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]] | None = None
-                ) -> tuple[str, dict[str, Any]]:
-    """Which registered model a torch ``state_dict`` belongs to, with the constructor arguments read from it.
+def infer_model(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Which registered model a torch ``state_dict`` (name -> array) belongs to, with the constructor arguments read
+    from its keys.
 
-    Compares keys and, when given, shapes with each candidate built abstractly (``nnx.eval_shape``). A variant with
-    another model's weights (ResNet18Dropout) is not a separate answer. ``ValueError`` when none or several fit.
+    Compares keys and shapes with each candidate built abstractly (``nnx.eval_shape``). A variant with another
+    model's weights (ResNet18Dropout) is not a separate answer. ``ValueError`` when none or several fit.
     """
     from flax import nnx
 
     from flax_resnet.port import torch_keys, torch_shapes
 
-    keys = list(state_dict_keys)
     matches: list[tuple[str, dict[str, Any]]] = []
     for name, spec in MODELS.items():
-        given = {a: MODEL_ARGS[a].from_keys(keys) for a in spec.args if MODEL_ARGS[a].from_keys is not None}
+        given = {a: MODEL_ARGS[a].from_keys(state_dict) for a in spec.args if MODEL_ARGS[a].from_keys is not None}
         try:
             kwargs = model_kwargs(name, given)
         except ValueError:
             continue
         abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: build_flax(name, kwargs))
-        if torch_keys(abstract) != keys and set(torch_keys(abstract)) != set(keys):
-            continue
-        if shapes is not None and any(tuple(shapes[key]) != shape for key, shape in torch_shapes(abstract).items()):
-            continue
-        matches.append((name, kwargs))
+        if set(torch_keys(abstract)) == set(state_dict) and all(
+                tuple(state_dict[key].shape) == shape for key, shape in torch_shapes(abstract).items()):
+            matches.append((name, kwargs))
     names = {name for name, _ in matches}
     matches = [(n, k) for n, k in matches if MODELS[n].same_weights_as not in names]
     if len(matches) != 1:
