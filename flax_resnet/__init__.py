@@ -1,9 +1,7 @@
 """flax-resnet: the notebooks' ResNets in Flax NNX, with weight porting to and from PyTorch.
 
-``from flax_resnet import ResNet18, load_torch_state_dict`` imports JAX and Flax on first use of such a name, not
-when the package is imported: the command line's ``--help`` (and a torch-only user of ``torch_ref``) would otherwise
-wait 1.7 s for JAX (measured on 2 cores). Neither torch nor tensorflow-datasets is imported until a function needs
-them.
+``from flax_resnet import ResNet18`` imports JAX and Flax on first use of such a name, not with the package:
+``--help`` (and a torch-only user of ``torch_ref``) would otherwise wait 1.7 s for JAX (measured on 2 cores).
 """
 
 from __future__ import annotations

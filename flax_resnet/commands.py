@@ -70,17 +70,14 @@ seed = number(int, minimum=0, maximum=SEED_MAX, why=" (JAX seeds are 32-bit)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the hand-made tables of epilogs; wraps descriptions paragraph by paragraph; wider option column."""
+    """Wraps prose, keeps text laid out in lines as it is (the epilogs' tables and examples); wider option column."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=34, width=110)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        paragraphs = text.split("\n\n")
-        if all("\n" not in p for p in paragraphs):  # prose: wrap it; anything laid out by hand stays as it is
-            return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent)
-                               for p in paragraphs)
-        return super()._fill_text(text, width, indent)
+        fill = super()._fill_text if "\n" in text else functools.partial(argparse.HelpFormatter._fill_text, self)
+        return fill(text, width, indent)
 
 
 def fail(message: str) -> int:

@@ -1,17 +1,16 @@
 """The one error base class of the project, and the check for optional dependencies.
 
-Every failure a user can fix (missing data, a damaged checkpoint, weights that do not fit, a run that cannot
-continue, a missing optional dependency) is a ``FlaxResnetError`` whose message names the fix. The command line
-catches this class once and prints the message as one paragraph with exit code 1; anything else is a bug and keeps
-its traceback. Each layer defines its own subclass next to the code that raises it (``DataError``, ``PortError``,
-...).
+Every failure a user can fix (missing data, a damaged checkpoint, weights that do not fit, a missing optional
+dependency, ...) is a ``FlaxResnetError`` whose message names the fix; the command line prints it as one paragraph
+with exit code 1, and anything else is a bug that keeps its traceback. Each layer subclasses it next to the code
+that raises it (``DataError``, ``PortError``, ...).
 """
 
 from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["EXTRAS", "FlaxResnetError", "MissingExtraError", "installed", "missing_extra", "require"]
+__all__ = ["EXTRAS", "FlaxResnetError", "installed", "missing_extra", "require"]
 
 # optional module -> the pip extra that installs it (pyproject.toml's [project.optional-dependencies])
 EXTRAS: dict[str, str] = {"torch": "torch", "tensorflow_datasets": "data", "PIL": "data",
@@ -20,10 +19,6 @@ EXTRAS: dict[str, str] = {"torch": "torch", "tensorflow_datasets": "data", "PIL"
 
 class FlaxResnetError(Exception):
     """A failure the user can fix; the message says how."""
-
-
-class MissingExtraError(FlaxResnetError):
-    """An optional dependency is not installed; the message names the ``pip install`` that brings it."""
 
 
 def installed(module: str) -> bool:
@@ -35,13 +30,13 @@ def installed(module: str) -> bool:
 
 
 def require(module: str, purpose: str) -> None:
-    """Raise ``MissingExtraError`` unless ``module`` (a key of ``EXTRAS``) is installed, before any work that needs
-    it starts: ``purpose`` says what needs it (``"--framework torch"``)."""
+    """Fail unless ``module`` (a key of ``EXTRAS``) is installed, before any work that needs it starts: ``purpose``
+    says what needs it (``"--framework torch"``)."""
     if not installed(module):
         raise missing_extra(module, purpose)
 
 
-def missing_extra(module: str, purpose: str) -> MissingExtraError:
+def missing_extra(module: str, purpose: str) -> FlaxResnetError:
     """The error for ``module`` (a key of ``EXTRAS``) not installed: one line naming the pip extra."""
-    return MissingExtraError(f"{purpose} needs {module}, which is not installed here: "
-                             f"pip install 'flax-resnet[{EXTRAS[module]}]'")
+    return FlaxResnetError(f"{purpose} needs {module}, which is not installed here: "
+                           f"pip install 'flax-resnet[{EXTRAS[module]}]'")

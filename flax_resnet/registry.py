@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from flax_resnet.commands import finite_float, number
 from flax_resnet.errors import require
 
 __all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "add_model_arguments", "build_flax", "build_torch",
@@ -26,11 +27,11 @@ class ModelArg:
 
     name: str  # the constructor's keyword, e.g. "n_blocks"
     flag: str  # the command-line option, e.g. "--n-blocks"
-    type: type
+    type: Callable[[str], Any]  # its argparse type, which refuses a value the model cannot take
     default: Any
     help: str
     nargs: int | None = None
-    check: Callable[[Any], str | None] = lambda value: None  # returns what is wrong, or None
+    metavar: str = "N"
     # reads the value back from a torch state_dict's keys (to recognise a .pt file's model); None: cannot
     from_keys: Callable[[Collection[str]], Any] | None = None
 
@@ -42,23 +43,17 @@ def _blocks_in(keys: Collection[str], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _positive(value: Any) -> str | None:
-    values = value if isinstance(value, list | tuple) else [value]
-    return None if all(v >= 1 for v in values) else "must be at least 1"
-
-
 MODEL_ARGS: dict[str, ModelArg] = {
     "n_blocks": ModelArg(
-        "n_blocks", "--n-blocks", int, 3,
+        "n_blocks", "--n-blocks", number(int, minimum=1), 3,
         "blocks per stage of the notebook-000 models (1 + 6n conv layers); default 3, but 5 with the "
-        "plain-vs-residual recipe, as notebook 000 compares them",
-        check=_positive, from_keys=lambda keys: _blocks_in(keys, "stage1")),
+        "plain-vs-residual recipe, as notebook 000 compares them", from_keys=lambda keys: _blocks_in(keys, "stage1")),
     "num_blocks": ModelArg(
-        "num_blocks", "--num-blocks", int, (1, 1, 1, 1),
+        "num_blocks", "--num-blocks", number(int, minimum=1), (1, 1, 1, 1),
         "blocks in each of PlainNet's four layers; default 1 1 1 1 (notebook 004: shallow 1 1 1 1, deep 3 3 3 3)",
-        nargs=4, check=_positive, from_keys=lambda keys: tuple(_blocks_in(keys, f"layer{i}") for i in range(1, 5))),
-    "p": ModelArg("p", "--dropout-p", float, 0.2, "dropout probability after each block of ResNet18Dropout; "
-                  "default 0.2", check=lambda p: None if 0 <= p < 1 else "must be in [0, 1)"),
+        nargs=4, from_keys=lambda keys: tuple(_blocks_in(keys, f"layer{i}") for i in range(1, 5))),
+    "p": ModelArg("p", "--dropout-p", finite_float(minimum=0, maximum=1, exclusive_max=True), 0.2,
+                  "dropout probability after each block of ResNet18Dropout; default 0.2", metavar="X"),
 }
 
 
@@ -67,7 +62,7 @@ def add_model_arguments(parser: Any, describe: Callable[[ModelArg], str] = lambd
     is None (``model_kwargs`` then uses the model's default)."""
     for arg in MODEL_ARGS.values():
         parser.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
-                            metavar="N" if arg.type is int else "X", help=describe(arg))
+                            metavar=arg.metavar, help=describe(arg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +106,7 @@ def get_spec(name: str) -> ModelSpec:
 
 def model_kwargs(name: str, given: Mapping[str, Any] | None = None, recipe: str | None = None) -> dict[str, Any]:
     """The constructor arguments of ``name``: ``given`` (None values ignored) over recipe and class defaults;
-    ``ValueError`` for an argument the model does not take or a value out of range."""
+    ``ValueError`` for an argument the model does not take (the command line's ``ModelArg.type`` checks values)."""
     spec = get_spec(name)
     given = {k: v for k, v in (given or {}).items() if v is not None}
     foreign = [MODEL_ARGS[k].flag if k in MODEL_ARGS else k for k in given if k not in spec.args]
@@ -120,11 +115,7 @@ def model_kwargs(name: str, given: Mapping[str, Any] | None = None, recipe: str 
         raise ValueError(f"{name} does not take {', '.join(foreign)} (it takes {takes})")
     defaults = RECIPE_MODEL_DEFAULTS.get(recipe or "", {})
     kwargs = {a: given.get(a, defaults.get(a, MODEL_ARGS[a].default)) for a in spec.args}
-    kwargs = {a: tuple(v) if isinstance(v, list) else v for a, v in kwargs.items()}
-    for a, value in kwargs.items():
-        if problem := MODEL_ARGS[a].check(value):
-            raise ValueError(f"{MODEL_ARGS[a].flag} {problem}, got {value}")
-    return kwargs
+    return {a: tuple(v) if isinstance(v, list) else v for a, v in kwargs.items()}
 
 
 def constructor_call(name: str, kwargs: Mapping[str, Any]) -> str:
@@ -203,11 +194,8 @@ def infer_model(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
     matches: list[tuple[str, dict[str, Any]]] = []
     for name, spec in MODELS.items():
-        given = {a: MODEL_ARGS[a].from_keys(state_dict) for a in spec.args if MODEL_ARGS[a].from_keys is not None}
-        try:
-            kwargs = model_kwargs(name, given)
-        except ValueError:
-            continue
+        kwargs = model_kwargs(name, {a: MODEL_ARGS[a].from_keys(state_dict) for a in spec.args
+                                     if MODEL_ARGS[a].from_keys is not None})
         abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: build_flax(name, kwargs))
         if set(torch_keys(abstract)) == set(state_dict) and all(
                 tuple(state_dict[key].shape) == shape for key, shape in torch_shapes(abstract).items()):
