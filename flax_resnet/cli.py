@@ -5,8 +5,9 @@
 state_dict file and a Flax checkpoint. This module only parses and wires: the work is in ``flax_resnet.training``,
 ``store`` and ``port``, imported inside the handlers so that ``--help`` is quick.
 
-Adding a command: a function ``add_<name>_parser(subparsers)`` that adds its parser and options and ends with
-``parser.set_defaults(handler=<function(args, parser) -> exit code>, parser=parser)``, listed in ``SUBCOMMANDS``.
+Adding a command: a function ``add_<name>_parser(subparsers)``, listed in ``SUBCOMMANDS``, that adds its parser
+and options with ``parser.set_defaults(handler=<function(args, parser) -> exit code>, parser=parser)``
+(``_add_parser`` does that).
 Handlers report usage errors with ``parser.error(...)`` (exit 2) before doing anything; expected failures raise an
 ``errors.FlaxResnetError``, which ``main`` prints once as ``error: ...`` on stderr (exit 1, ``commands.fail``).
 """
@@ -21,38 +22,25 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flax_resnet import bench, experiments, registry
-from flax_resnet.commands import (
-    RUNS_DIR,
-    HelpFormatter,
-    add_data_arguments,
-    add_parallel_arguments,
-    check_data_arguments,
-    expanded_path,
-    fail,
-    finite_float,
-    load_data,
-    number,
-    program_name,
-    progress_factory,
-    seed,
-    write_line,
-)
+from flax_resnet import bench, commands, experiments, registry
 from flax_resnet.errors import EXTRAS, FlaxResnetError, installed, missing_extra, require
 from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["SUBCOMMANDS", "add_port_parser", "add_selftest_parser", "add_train_parser", "add_verify_parser",
-           "build_parser", "fail", "main"]
+           "build_parser", "main"]
 
 DEFAULT_RECIPE = "resnet18-cifar"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 
 # ------------------------------------------------------------------------------------------------- train
-def _add_parser(subparsers: Any, name: str, *, epilog: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """A command's parser; ``{prog}`` in the epilog's examples is the program as the user started it."""
-    return subparsers.add_parser(name, formatter_class=HelpFormatter, epilog=epilog.replace("{prog}", program_name()),
-                                 **kwargs)
+def _add_parser(subparsers: Any, name: str, handler: Callable[..., int], *, epilog: str,
+                **kwargs: Any) -> argparse.ArgumentParser:
+    """A command's parser and handler; ``{prog}`` in the epilog is the program's name as the user typed it."""
+    p = subparsers.add_parser(name, formatter_class=commands.HelpFormatter,
+                              epilog=epilog.replace("{prog}", commands.program_name()), **kwargs)
+    p.set_defaults(handler=handler, parser=p)
+    return p
 
 
 def _recipe_table() -> str:
@@ -76,7 +64,7 @@ def _recipe_table() -> str:
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``train`` command and its options."""
     p = _add_parser(
-        subparsers, "train", help="train a model (the default command)",
+        subparsers, "train", run_train, help="train a model (the default command)",
         description="Train one of the notebooks' models with one of their recipes, in JAX/Flax or PyTorch. "
                     "Writes history.json, curves.png and a checkpoint per epoch to --out.",
         epilog="recipes (the notebooks'; each number can be overridden by the option of the same name):\n"
@@ -98,49 +86,52 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(default: %(default)s)")
     registry.add_model_arguments(what, lambda arg: f"{arg.help} "
                                  f"({', '.join(s.name for s in registry.MODELS.values() if arg.name in s.args)} only)")
-    what.add_argument("--init-from", metavar="PATH", type=expanded_path,
+    what.add_argument("--init-from", metavar="PATH", type=commands.expanded_path,
                       help="initial weights: a torch .pt state_dict or a Flax checkpoint (a run's --out or a "
                            "port output); default: the framework's own initialisation from --seed. Ignored "
                            "when --resume finds a checkpoint")
-    add_parallel_arguments(p)
+    commands.add_parallel_arguments(p)
     what.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                       help="floating-point type of weights and computation (default: %(default)s)")
     what.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                       help="bf16: mixed precision for --framework jax (bfloat16 convolutions and activations; "
                            "float32 weights, optimizer, BatchNorm statistics and loss; see flax_resnet.precision) "
                            "(default: %(default)s)")
-    what.add_argument("--seed", type=seed, default=0, metavar="N",
+    what.add_argument("--seed", type=commands.seed, default=0, metavar="N",
                       help="seed of the initialisation and of the batch order and augmentation "
                            "(default: %(default)s)")
 
-    add_data_arguments(p)
+    commands.add_data_arguments(p)
 
     rec = p.add_argument_group("recipe overrides (default: the recipe's value, see the table below)")
     rec.add_argument("--epochs", type=int, metavar="N", help="number of epochs")
     rec.add_argument("--batch-size", type=int, metavar="N",
                      help="training batch size (the last batch of an epoch may be short)")
     rec.add_argument("--eval-batch-size", type=int, metavar="N", help="test batch size")
-    rec.add_argument("--lr", type=finite_float(minimum=0, exclusive_min=True), help="initial learning rate of SGD")
-    rec.add_argument("--momentum", type=finite_float(minimum=0, maximum=1, exclusive_max=True), metavar="M",
+    rec.add_argument("--lr", type=commands.finite_float(minimum=0, exclusive_min=True),
+                     help="initial learning rate of SGD")
+    rec.add_argument("--momentum", type=commands.finite_float(minimum=0, maximum=1, exclusive_max=True), metavar="M",
                      help="SGD momentum, in [0, 1)")
-    rec.add_argument("--weight-decay", type=finite_float(minimum=0), metavar="WD",
+    rec.add_argument("--weight-decay", type=commands.finite_float(minimum=0), metavar="WD",
                      help="SGD weight decay (coupled, on every parameter)")
     rec.add_argument("--schedule", choices=("multistep", "cosine", "constant"),
                      help="learning-rate schedule, stepped per epoch")
-    rec.add_argument("--milestones", type=number(int, minimum=1), nargs="*", metavar="EPOCH",
+    rec.add_argument("--milestones", type=commands.number(int, minimum=1), nargs="*", metavar="EPOCH",
                      help="epochs at which multistep multiplies the learning rate by --gamma")
-    rec.add_argument("--gamma", type=finite_float(minimum=0, exclusive_min=True), metavar="G", help="multistep factor")
+    rec.add_argument("--gamma", type=commands.finite_float(minimum=0, exclusive_min=True), metavar="G",
+                     help="multistep factor")
     rec.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                      help="random crop 32 with 4 pixels of zero padding + horizontal flip")
-    rec.add_argument("--mean", type=finite_float(), nargs=3, metavar=("R", "G", "B"), help="normalisation mean")
-    rec.add_argument("--std", type=finite_float(minimum=0, exclusive_min=True), nargs=3, metavar=("R", "G", "B"),
-                     help="normalisation std")
+    rec.add_argument("--mean", type=commands.finite_float(), nargs=3, metavar=("R", "G", "B"),
+                     help="normalisation mean")
+    rec.add_argument("--std", type=commands.finite_float(minimum=0, exclusive_min=True), nargs=3,
+                     metavar=("R", "G", "B"), help="normalisation std")
     rec.add_argument("--train-loss-mean", choices=("samples", "batches"),
                      help="train loss as mean over samples (notebook 000) or over batches (notebook 004)")
 
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=expanded_path, metavar="DIR",
-                     help=f"output directory; default: {RUNS_DIR}/<model>-<recipe>-<framework> "
+    out.add_argument("--out", type=commands.expanded_path, metavar="DIR",
+                     help=f"output directory; default: {commands.RUNS_DIR}/<model>-<recipe>-<framework> "
                           "(with -synthetic appended for the synthetic data)")
     g = out.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
@@ -148,10 +139,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "uninterrupted run; an unreadable checkpoint is moved aside and the one before used); "
                         "starts afresh if there is none")
     g.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --out and start over")
-    out.add_argument("--max-to-keep", type=number(int, minimum=1), default=3, metavar="N",
+    out.add_argument("--max-to-keep", type=commands.number(int, minimum=1), default=3, metavar="N",
                      help="checkpoints kept (the last N epochs; default: %(default)s)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
-    p.set_defaults(handler=run_train, parser=p)
     return p
 
 
@@ -173,7 +163,7 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
     except ValueError as e:
         parser.error(f"--{str(e).replace('_', '-')}")
     args.model_kwargs = _model_kwargs(args, parser, args.recipe)
-    check_data_arguments(args, parser)
+    commands.check_data_arguments(args, parser)
     if args.init_from is not None and not args.init_from.exists():
         parser.error(f"--init-from {args.init_from}: no such file or directory")
     if args.framework == "torch" and (args.parallel != "auto" or args.bn_sync != "on" or args.coordinator):
@@ -183,9 +173,10 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         parser.error("--coordinator, --num-processes and --process-id go together (or none of them, under SLURM)")
     if args.precision == "bf16" and (args.framework != "jax" or args.dtype != "float32"):
         parser.error("--precision bf16 is for --framework jax with --dtype float32 (the torch reference runs the "
-                     f"notebooks' float32 loops; `{program_name()} bench --precision bf16` times torch autocast)")
+                     f"notebooks' float32 loops; `{commands.program_name()} bench --precision bf16` times torch "
+                     "autocast)")
     suffix = "-synthetic" if args.dataset == "synthetic" else ""
-    args.out = args.out or Path(RUNS_DIR) / f"{args.model}-{args.recipe}-{args.framework}{suffix}"
+    args.out = args.out or Path(commands.RUNS_DIR) / f"{args.model}-{args.recipe}-{args.framework}{suffix}"
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a directory")
     if args.framework == "torch":
@@ -293,7 +284,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         # First, before anything touches a device. A peer that never joins is reported by a watchdog thread before
         # JAX would abort the process with a C++ stack trace.
-        distributed.initialize_from_args(args, on_timeout=lambda e: _exit_now(fail(str(e))))
+        distributed.initialize_from_args(args, on_timeout=lambda e: _exit_now(commands.fail(str(e))))
     from flax_resnet.training.outdir import claim_output_dir
 
     # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
@@ -323,12 +314,12 @@ def _run_train_claimed(args: argparse.Namespace, recipe: Recipe) -> int:
     # anything in checkpoints/ (ours, or files someone put there) is refused before data is read
     ckpt_dir = args.out / store.CHECKPOINT_SUBDIR
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):
-        return fail(f"{args.out} already holds checkpoints of a run. Pass --resume to continue it, --overwrite to "
-                    "start over, or choose another --out.")
+        return commands.fail(f"{args.out} already holds checkpoints of a run. Pass --resume to continue it, "
+                             "--overwrite to start over, or choose another --out.")
     name, kwargs = args.model, args.model_kwargs
     config = RunConfig(recipe=recipe, model=name, model_kwargs=kwargs, framework=args.framework, dataset=args.dataset,
                        seed=args.seed, dtype=args.dtype, precision=args.precision, bn_sync=args.bn_sync == "on")
-    dataset = load_data(args)
+    dataset = commands.load_data(args)
     model = (registry.build_flax if args.framework == "jax" else registry.build_torch)(name, kwargs, seed=args.seed)
     if args.init_from is not None:
         _init_from(model, args.init_from, name, kwargs, args.framework)
@@ -341,7 +332,7 @@ def _run_train_claimed(args: argparse.Namespace, recipe: Recipe) -> int:
         runner = parallel.runner_factory_from_args(args)
     result = training.train(model, config, dataset, runner=runner, out_dir=args.out, resume=args.resume,
                             overwrite=args.overwrite, max_to_keep=args.max_to_keep,
-                            progress=progress_factory(not args.no_progress), log=write_line,
+                            progress=commands.progress_factory(not args.no_progress), log=commands.write_line,
                             title=f"{registry.constructor_call(name, kwargs)}, {recipe.name}, {args.framework}")
     accuracy = (result.history["test_acc"] or [None])[-1]
     final = "" if accuracy is None else f" final test accuracy {accuracy:.2f}%"
@@ -359,7 +350,7 @@ def _add_model_options(p: argparse.ArgumentParser, model_help: str) -> None:
 def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``port`` command: torch .pt <-> Flax checkpoint."""
     p = _add_parser(
-        subparsers, "port", help="convert weights: torch .pt <-> Flax checkpoint",
+        subparsers, "port", run_port, help="convert weights: torch .pt <-> Flax checkpoint",
         description="Convert a torch state_dict (.safetensors or .pt) into a Flax checkpoint directory, or a Flax "
                     "checkpoint (a port output or a training run's --out, of either framework) into a state_dict file "
                     "that the torch model loads with strict=True: .safetensors (needs no torch; read it with "
@@ -369,15 +360,14 @@ def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
                "  {prog} port --from resnet18.safetensors --to ckpt/resnet18\n"
                "  {prog} port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.safetensors\n"
                "  {prog} port --from runs/ResNet18-resnet18-cifar-jax --to resnet18.pt\n")
-    p.add_argument("--from", dest="source", type=expanded_path, required=True, metavar="PATH",
+    p.add_argument("--from", dest="source", type=commands.expanded_path, required=True, metavar="PATH",
                    help="a state_dict file (.safetensors or .pt), or a checkpoint directory")
-    p.add_argument("--to", dest="target", type=expanded_path, required=True, metavar="PATH",
+    p.add_argument("--to", dest="target", type=commands.expanded_path, required=True, metavar="PATH",
                    help="the checkpoint directory to create (from a file), or the .safetensors or .pt file to write")
     _add_model_options(p, "the model the weights belong to; default: a checkpoint's own record, or, for a .pt, the "
                           "one registered model whose keys and shapes fit")
     p.add_argument("--step", type=int, help="which checkpoint step to read (default: the latest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --to .pt file")
-    p.set_defaults(handler=run_port, parser=p)
     return p
 
 
@@ -436,7 +426,8 @@ def _written(dst: Path, write: Callable[[], Any]) -> None:
 def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``verify`` command: ``parity.compare`` of a registered model's two frameworks on the user's weights."""
     p = _add_parser(
-        subparsers, "verify", help="check that the Flax port computes what the torch model computes, layer by layer",
+        subparsers, "verify", run_verify,
+        help="check that the Flax port computes what the torch model computes, layer by layer",
         description="Load weights into the PyTorch model, port them into its Flax NNX twin as `port` does, and run "
                     "both on the same batch (flax_resnet.parity.compare): every layer's output in eval and train "
                     "mode, the BatchNorm running statistics after a train-mode pass, every parameter's gradient. "
@@ -447,19 +438,18 @@ def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
                "  {prog} verify --weights resnet18.safetensors --float64  # the model is inferred\n"
                "  {prog} verify --model SimpleResNet --n-blocks 5 --weights runs/SimpleResNet-plain-vs-residual-jax\n")
     _add_model_options(p, "the model to check; default: the one registered model whose keys and shapes fit --weights")
-    p.add_argument("--weights", type=expanded_path, metavar="PATH",
+    p.add_argument("--weights", type=commands.expanded_path, metavar="PATH",
                    help="a torch state_dict (.safetensors or .pt) or a checkpoint directory of either framework; "
                         "default: torch's initialisation from --seed")
     p.add_argument("--float64", action="store_true",
                    help="compare in float64, where agreement proves the port exact (to ~1e-14); default float32, "
                         "what a float32 run sees (see flax_resnet.parity.TOLERANCES for both tolerances)")
-    p.add_argument("--batch-size", type=number(int, minimum=2), default=4, metavar="N",
+    p.add_argument("--batch-size", type=commands.number(int, minimum=2), default=4, metavar="N",
                    help="images in the random NCHW batch (default: %(default)s; at least 2 for train-mode BatchNorm)")
-    p.add_argument("--image-size", type=number(int, minimum=8), default=32, metavar="PX",
+    p.add_argument("--image-size", type=commands.number(int, minimum=8), default=32, metavar="PX",
                    help="side of the images (default: %(default)s)")
-    p.add_argument("--seed", type=seed, default=0, metavar="N",
+    p.add_argument("--seed", type=commands.seed, default=0, metavar="N",
                    help="seed of the batch, the labels and, without --weights, torch's initialisation (default: 0)")
-    p.set_defaults(handler=run_verify, parser=p)
     return p
 
 
@@ -496,7 +486,7 @@ def add_selftest_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``selftest`` command: parity and speed on this machine (``flax_resnet.selftest``)."""
     parts = ("parity", "default-precision", "bench", "torch.compile", "epochs")  # selftest.PARTS, not imported here
     p = _add_parser(
-        subparsers, "selftest", help="check parity and measure speed on this machine",
+        subparsers, "selftest", run_selftest, help="check parity and measure speed on this machine",
         description="In one process, on the device JAX sees: parity of every notebook model with the PyTorch reference "
                     "(float64 and float32 at full precision; float32 again at each framework's default precision, for "
                     "information), the benchmark of ResNet-18 at batch 512 in bf16 and fp32, and two epochs of "
@@ -510,11 +500,10 @@ def add_selftest_parser(subparsers: Any) -> argparse.ArgumentParser:
                "  {prog} selftest --skip torch.compile           # two minutes less\n")
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized: small models, bench --quick, two tiny epochs (1.5-2 minutes on 2 cores)")
-    p.add_argument("--out", type=expanded_path, default=Path(RUNS_DIR) / "selftest", metavar="DIR",
+    p.add_argument("--out", type=commands.expanded_path, default=Path(commands.RUNS_DIR) / "selftest", metavar="DIR",
                    help="where selftest.json and selftest.md go (default: %(default)s)")
     p.add_argument("--skip", nargs="+", choices=parts, default=[], metavar="PART",
                    help=f"parts to leave out: {', '.join(parts)} (torch.compile: the bench's torch.compile rows)")
-    p.set_defaults(handler=run_selftest, parser=p)
     return p
 
 
@@ -538,11 +527,11 @@ SUBCOMMANDS: list[Callable[[Any], Any]] = [add_train_parser, add_port_parser, ad
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=program_name(), formatter_class=HelpFormatter,
+        prog=commands.program_name(), formatter_class=commands.HelpFormatter,
         description="The ResNets of two PyTorch course notebooks, in JAX/Flax NNX and in PyTorch: training, "
                     "weight porting and more. Without a command, runs `train` (ResNet18, the notebook-004 "
                     "recipe, CIFAR-10); options before a command are taken as `train`'s.",
-        epilog=f"`{program_name()} COMMAND --help` explains each command's options.")
+        epilog=f"`{commands.program_name()} COMMAND --help` explains each command's options.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -561,12 +550,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.handler(args, args.parser)
     except FlaxResnetError as e:
-        return fail(str(e))
+        return commands.fail(str(e))
     except ModuleNotFoundError as e:  # an optional dependency that the commands' own checks did not foresee
         missing = (e.name or "").partition(".")[0]
         if missing not in EXTRAS or installed(missing):
             raise
-        return fail(str(missing_extra(missing, args.command)))
+        return commands.fail(str(missing_extra(missing, args.command)))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED

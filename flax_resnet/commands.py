@@ -15,14 +15,11 @@ from typing import Any
 
 from flax_resnet.recipes import PARALLEL_KINDS
 
-__all__ = ["DEFAULT_DATA_DIR", "EXIT_FAILURE", "RUNS_DIR", "SEED_MAX", "HelpFormatter", "add_data_arguments",
-           "add_parallel_arguments", "check_data_arguments", "expanded_path", "fail", "finite_float", "load_data",
-           "number", "program_name", "progress_factory", "seed", "write_line"]
+__all__ = ["RUNS_DIR", "HelpFormatter", "add_data_arguments", "add_parallel_arguments", "check_data_arguments",
+           "expanded_path", "fail", "finite_float", "load_data", "number", "program_name", "progress_factory", "seed",
+           "write_line"]
 
-DEFAULT_DATA_DIR = "data"
 RUNS_DIR = "runs"
-EXIT_FAILURE = 1
-SEED_MAX = 2**32 - 1  # JAX seeds are 32-bit: a larger seed would wrap (2**32 trained exactly like 0)
 
 
 def program_name() -> str:
@@ -66,7 +63,8 @@ def number(kind: type = float, *, minimum: float | None = None, maximum: float |
 
 
 finite_float = functools.partial(number, float)
-seed = number(int, minimum=0, maximum=SEED_MAX, why=" (JAX seeds are 32-bit)")
+# JAX seeds are 32-bit: a larger seed would wrap (2**32 trained exactly like 0)
+seed = number(int, minimum=0, maximum=2**32 - 1, why=" (JAX seeds are 32-bit)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -89,7 +87,7 @@ def fail(message: str) -> int:
                              break_long_words=False) for i, line in enumerate(lines)]
     sys.stdout.flush()
     print("error: " + "\n".join(wrapped), file=sys.stderr)
-    return EXIT_FAILURE
+    return 1
 
 
 def write_line(line: str) -> None:
@@ -115,7 +113,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, dataset_default: str 
     default = f" (default: {dataset_default})" if dataset_default else " (default: cifar10; synthetic with --quick)"
     g.add_argument("--dataset", choices=("cifar10", "synthetic"), default=dataset_default,
                    help=f"CIFAR-10, or a small generated set that needs no download{default}")
-    g.add_argument("--data-dir", type=expanded_path, default=Path(DEFAULT_DATA_DIR), metavar="DIR",
+    g.add_argument("--data-dir", type=expanded_path, default=Path("data"), metavar="DIR",
                    help="where CIFAR-10 is (or gets) prepared (default: %(default)s)")
     g.add_argument("--archive", type=expanded_path, metavar="PATH",
                    help="prepare CIFAR-10 from this official archive (cifar-10-binary.tar.gz or "

@@ -37,7 +37,7 @@ import torch
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import cli, codecs, port, registry, training
+from flax_resnet import cli, codecs, commands, port, registry, training
 from flax_resnet.data.plan import steps_per_epoch
 from flax_resnet.recipes import RunConfig
 from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore
@@ -210,7 +210,7 @@ def test_a_run_killed_mid_epoch_blocks_no_one_and_resumes_exactly(good_run, tmp_
         written = snapshot(killed)
         assert steps_of(killed) == [1] and training.HISTORY_FILE in written
         with monkeypatch.context() as m:
-            m.setattr(cli, "load_data", refuse_data)
+            m.setattr(commands, "load_data", refuse_data)
             for extra in ([], ["--resume"], ["--overwrite"]):
                 start = time.perf_counter()
                 assert run_main([*TRAIN, "--epochs", "3", "--out", str(killed), *extra]) == 1
@@ -526,7 +526,7 @@ def refuse_data(args) -> None:
 @pytest.fixture
 def no_data_loading(monkeypatch):
     """Fails the test if the command gets as far as loading data (the checks must come first)."""
-    monkeypatch.setattr(cli, "load_data", refuse_data)
+    monkeypatch.setattr(commands, "load_data", refuse_data)
 
 
 def test_an_unwritable_out_fails_before_anything_else(tmp_path, capsys, no_data_loading):
