@@ -214,11 +214,10 @@ def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
     """Which registered model some misfitting weights belong to, as the options to pass (or nothing)."""
     try:
         other = registry.infer_model(state_dict)
-    except Exception:  # noqa: BLE001 - only a hint: none of the models fits, or several, or no shapes
+    except Exception:  # noqa: BLE001 - only a hint: none of the models fits, or several
         return ""
-    if other == (name, kwargs):
-        return ""
-    return f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
+    hint = f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
+    return "" if other == (name, kwargs) else hint
 
 
 def _recorded_model(meta: Mapping[str, Any], path: Path, given: tuple[str, dict] | None = None) -> tuple[str, dict]:
