@@ -256,7 +256,7 @@ def _init_from(model: Any, path: Path, name: str, kwargs: Mapping[str, Any], fra
         if framework == "jax":
             checkpoint.load_model(path, model)
             return
-        state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax(name, kwargs))
+        state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax_to_fill(name, kwargs))
     else:
         state_dict = port.read_state_dict(path)
     if framework == "jax":
