@@ -1,13 +1,7 @@
-"""The batch stream of an epoch, drawn with NumPy from ``(seed, epoch)`` alone: framework-neutral data.
-
-An ``EpochPlan`` says which samples form each batch (a permutation) and how each one is augmented (crop offsets
-and a horizontal flip, as torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` draw them). It
-depends on nothing but ``(seed, epoch, num_examples)``, so:
-
-- a resumed run sees the batches an uninterrupted run would have seen;
-- the Flax runners (which put the plan on the device and gather/augment there) and the PyTorch reference (which
-  gathers/augments in torch, ``torch_ref.data``) see bit-identical uint8 batches;
-- any device count sees the same global batches.
+"""The batch stream of an epoch, drawn with NumPy from ``(seed, epoch, num_examples)`` alone: which samples form each
+batch and how each is augmented (torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``). So a
+resumed run sees the batches an uninterrupted one would have, any device count sees the same global batches, and
+the Flax runners (on the device) and ``torch_ref.data`` (in torch) see bit-identical uint8 batches.
 
 Batches follow torch's ``DataLoader(drop_last=False)``: the last batch of an epoch may be short.
 """
@@ -18,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["CROP_PADDING", "EpochPlan", "batch_bounds", "epoch_plan", "eval_plan", "steps_per_epoch"]
+__all__ = ["CROP_PADDING", "EpochPlan", "batch_bounds", "epoch_plan", "steps_per_epoch"]
 
 CROP_PADDING = 4  # RandomCrop(32, padding=4): offsets are drawn from [0, 2 * CROP_PADDING]
 
@@ -32,11 +26,8 @@ class EpochPlan(NamedTuple):
 
 
 def epoch_plan(seed: int, epoch: int, num_examples: int) -> EpochPlan:
-    """Draw an epoch's plan from ``(seed, epoch)`` alone (augmentation fields are ignored when it is off).
-
-    ``SeedSequence([seed, epoch])`` keeps every bit of both numbers (seeds 0 and 2**32 give different plans) and
-    refuses negative ones.
-    """
+    """Draw an epoch's plan (augmentation fields are ignored when it is off). ``SeedSequence([seed, epoch])``
+    keeps every bit of both numbers (seeds 0 and 2**32 give different plans) and refuses negative ones."""
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed {seed} and epoch {epoch}")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
@@ -45,12 +36,6 @@ def epoch_plan(seed: int, epoch: int, num_examples: int) -> EpochPlan:
         offsets=rng.integers(0, 2 * CROP_PADDING + 1, size=(num_examples, 2), dtype=np.int32),
         flips=rng.random(num_examples) < 0.5,
     )
-
-
-def eval_plan(num_examples: int) -> EpochPlan:
-    """The test set in order, not augmented: ``DataLoader(shuffle=False)``."""
-    return EpochPlan(np.arange(num_examples, dtype=np.int32), np.full((num_examples, 2), CROP_PADDING, np.int32),
-                     np.zeros(num_examples, bool))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
