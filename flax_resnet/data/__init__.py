@@ -1,14 +1,8 @@
-"""Data sets as uint8 NHWC numpy arrays: CIFAR-10 (through TFDS, without TensorFlow) and a synthetic stand-in.
-
-The rest of the project only sees :class:`Dataset`, through the names re-exported here:
-``dataset`` (Dataset, DataError, the synthetic set; numpy only), ``cifar10`` (load_cifar10: prepared data, a
-local archive or a download) and ``cifar10_builder`` (the TFDS builder, imported by ``cifar10`` only where
-TFDS is needed). Importing this package imports neither TensorFlow nor tensorflow_datasets.
-"""
+"""Data sets as uint8 NHWC NumPy arrays (:class:`Dataset`): CIFAR-10 through TFDS without TensorFlow, and a
+synthetic stand-in. Importing this package imports neither TensorFlow nor tensorflow_datasets."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from flax_resnet.data.cifar10 import load_cifar10
@@ -21,7 +15,6 @@ __all__ = ["DATASETS", "NUM_CLASSES", "DataError", "Dataset", "load_cifar10", "l
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
     """The data set called `name` ("cifar10" or "synthetic"), with the keyword arguments of its loader."""
-    loaders: dict[str, Callable[..., Dataset]] = {"cifar10": load_cifar10, "synthetic": synthetic_dataset}
-    if name not in loaders:
+    if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    return loaders[name](**kwargs)
+    return load_cifar10(**kwargs) if name == "cifar10" else synthetic_dataset(**kwargs)

@@ -1,7 +1,5 @@
 """What the rest of the project sees of a data set: :class:`Dataset`, :class:`DataError`, and a synthetic one.
-
-NumPy only: ``flax_resnet.data.cifar10`` (which needs tensorflow-datasets) imports this module, never the reverse.
-"""
+NumPy only (``cifar10``, which needs tensorflow-datasets, imports this module, never the reverse)."""
 
 from __future__ import annotations
 
@@ -43,11 +41,9 @@ class Dataset:
 
 
 def synthetic_dataset(num_train: int = 2048, num_test: int = 512, *, seed: int = 0, image_size: int = 32) -> Dataset:
-    """A small CIFAR-shaped data set that a small CNN can learn, for tests and offline runs.
-
-    Each class has a fixed random smooth template (a few low-frequency colour waves); a sample is its
-    class template shifted by up to 1/8 of the image, scaled in contrast and brightness, with pixel noise.
-    So the class is in the spatial pattern, not in any single pixel. Deterministic for a seed.
+    """A small CIFAR-shaped data set that a small CNN can learn, for tests and offline runs. A sample is its class's
+    smooth random template (low-frequency colour waves) shifted by up to 1/8 of the image, scaled in contrast and
+    brightness, with pixel noise: the class is in the spatial pattern, not in any pixel. Deterministic for a seed.
     """
     if num_train < 0 or num_test < 0 or image_size < 4:
         raise ValueError("need num_train, num_test >= 0 and image_size >= 4")
