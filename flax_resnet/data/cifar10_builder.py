@@ -1,12 +1,9 @@
-"""A TFDS builder for CIFAR-10 that needs no TensorFlow (TFDS's own ``cifar10`` reads through ``tf.io.gfile`` and
-encodes PNGs with TF).
+"""A TFDS builder for CIFAR-10 that needs no TensorFlow (TFDS's own ``cifar10`` needs TF to prepare its data).
 
 It reads an official archive (binary or python-pickle) with :mod:`tarfile`, encodes the images with Pillow and
-writes array_record files, which the instance's ``as_data_source()`` reads without TensorFlow. It is unregistered
-(``skip_registration``), so TFDS's name ``cifar10`` stays TFDS's own builder; its data lives under
-``data_dir/cifar10/1.0.0``. It never downloads: ``flax_resnet.data.cifar10`` fetches the archive (failing fast
-when offline), hands it over as ``archive_path``, and is the only module to import this one (which imports
-``tensorflow_datasets``, an optional dependency), inside the functions that need TFDS.
+writes array_record files under ``data_dir/cifar10/1.0.0``, which the instance's ``as_data_source()`` reads. It is
+unregistered, so TFDS's name ``cifar10`` stays TFDS's own builder. It never downloads: ``flax_resnet.data.cifar10``
+hands it the archive, and is the only importer of this module (which imports the optional tensorflow_datasets).
 """
 
 from __future__ import annotations
@@ -43,16 +40,12 @@ class ArchiveSpec:
     md5: str
     folder: str
 
-    @property
-    def url(self) -> str:
-        return f"https://www.cs.toronto.edu/~kriz/{self.filename}"
-
 
 BINARY = ArchiveSpec("binary", "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", "cifar-10-batches-bin")
 PYTHON = ArchiveSpec("python", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py")
 ARCHIVES = (BINARY, PYTHON)
 
-Split = tuple[np.ndarray, np.ndarray]  # (uint8 NHWC images, int64 labels)
+Split = tuple[np.ndarray, np.ndarray]  # (uint8 images, int64 labels)
 
 
 def md5sum(path: str | os.PathLike[str]) -> str:
@@ -73,23 +66,13 @@ def verify_md5(path: str | os.PathLike[str]) -> ArchiveSpec:
                     "Python, if it is a deliberate test archive).")
 
 
-def _records_to_nhwc(data: np.ndarray) -> np.ndarray:
-    """(N, 3072) rows of R, G, B planes (each 32x32 row-major) -> (N, 32, 32, 3)."""
-    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-
-
-def _check_labels(labels: np.ndarray, where: str) -> np.ndarray:
-    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
-        raise DataError(f"{where}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
-    return labels.astype(np.int64)
-
-
 def _parse_binary(raw: bytes, where: str) -> Split:
+    """(N, 3072) uint8 rows and N labels; both parsers return at least one record."""
     record = 1 + RECORD_PIXELS
     if not raw or len(raw) % record:
         raise DataError(f"{where}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR-10 records")
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, record)
-    return _records_to_nhwc(rows[:, 1:]), _check_labels(rows[:, 0].astype(np.int64), where)
+    return rows[:, 1:], rows[:, 0]
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -109,18 +92,15 @@ def _parse_pickle(raw: bytes, where: str) -> Split:
     try:
         # The official batches were pickled by Python 2: their str keys and data load as bytes.
         batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except Exception as e:  # a damaged pickle can raise nearly anything
-        raise DataError(f"{where}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from e
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise DataError(f"{where}: expected a dict with keys b'data' and b'labels', got {keys}")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"])
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except Exception as e:  # a damaged pickle or a missing key can raise nearly anything
+        raise DataError(f"{where}: not a CIFAR-10 batch, a dict with b'data' and b'labels' ({type(e).__name__}: "
+                        f"{e})") from e
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != RECORD_PIXELS or not len(data):
         raise DataError(f"{where}: b'data' must be (N, {RECORD_PIXELS}) uint8, got {data.shape} {data.dtype}")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: b'labels' must be {len(data)} integers, got {labels.shape} {labels.dtype}")
-    return _records_to_nhwc(data), _check_labels(labels, where)
+    return data, labels
 
 
 def read_archive(path: str | os.PathLike[str]) -> dict[str, Split]:
@@ -134,18 +114,23 @@ def read_archive(path: str | os.PathLike[str]) -> dict[str, Split]:
                 raise DataError(f"{path}: not a CIFAR-10 archive (no folder {BINARY.folder}/ or {PYTHON.folder}/ "
                                 "inside)")
             parse, suffix = (_parse_binary, ".bin") if spec.kind == "binary" else (_parse_pickle, "")
-            batches: dict[str, Split] = {}
+            batches: list[Split] = []
             for name in (*TRAIN_BATCHES, TEST_BATCH):
-                member_name = f"{spec.folder}/{name}{suffix}"
-                member = members.get(member_name)
+                where = f"{path}:{spec.folder}/{name}{suffix}"
+                member = members.get(f"{spec.folder}/{name}{suffix}")
                 if member is None:
-                    raise DataError(f"{path}: {member_name} is missing from the {spec.kind} archive")
-                batches[name] = parse(tar.extractfile(member).read(), f"{path}:{member_name}")  # a regular file
+                    raise DataError(f"{where} is missing from the {spec.kind} archive")
+                data, labels = parse(tar.extractfile(member).read(), where)  # a regular file
+                if labels.min() < 0 or labels.max() >= len(CLASS_NAMES):
+                    raise DataError(f"{where}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
+                batches.append((data, labels))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: cannot read the archive, truncated or not a tar.gz ({e})") from e
-    train = [batches[name] for name in TRAIN_BATCHES]
-    return {"train": (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
-            "test": batches[TEST_BATCH]}
+    rows = np.concatenate([data for data, _ in batches])  # R, G, B planes, each 32x32 row-major
+    images = np.ascontiguousarray(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    labels = np.concatenate([y for _, y in batches]).astype(np.int64)
+    n = len(batches[-1][1])  # test_batch comes last
+    return {"train": (images[:-n], labels[:-n]), "test": (images[-n:], labels[-n:])}
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -156,8 +141,8 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """CIFAR-10 from the official archive (``archive_path``: ``cifar10._prepare`` passes it, reading needs none) as
-    array_record: TFDS's features (``id``, ``image``, ``label``), examples in the archive's order."""
+    """CIFAR-10 from the official ``archive_path`` (to prepare; reading needs none) as array_record: TFDS's
+    features (``id``, ``image``, ``label``), examples in the archive's order."""
 
     # Not TFDS's 3.0.2: data that TFDS's builder prepared (TFRecord, shuffled) lives in another directory.
     VERSION = tfds.core.Version("1.0.0")
