@@ -6,9 +6,8 @@ The notebooks build their batches with::
     transforms.ToTensor(), transforms.Normalize(mean, std)
     DataLoader(dataset, batch_size=128, shuffle=True)
 
-``PlannedBatches`` does the same on a whole split held as uint8 NHWC arrays, except that the shuffle order, the
-crop offsets and the flips are handed to it (``set_plan``) instead of being drawn inside, so that the Flax twin
-of this project can be fed exactly the same batches: bit-identical uint8 pixels. Plain PyTorch and NumPy.
+``PlannedBatches`` does the same on a split held as uint8 NHWC arrays, but takes the shuffle order, crop offsets
+and flips (``set_plan``) instead of drawing them, so that the Flax twin sees the same bit-identical uint8 batches.
 """
 
 from __future__ import annotations
@@ -23,16 +22,15 @@ __all__ = ["PlannedBatches", "augment", "gather", "to_tensor_normalize"]
 PADDING = 4  # RandomCrop(32, padding=4)
 
 
-def augment(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int = PADDING
-            ) -> torch.Tensor:
-    """RandomCrop(size, padding) with zero padding, then RandomHorizontalFlip, on uint8 NHWC images.
+def augment(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """RandomCrop(size, padding=4) with zero padding, then RandomHorizontalFlip, on uint8 NHWC images.
 
-    ``offsets[i] = (row, column)`` is where image ``i``'s crop starts in its padded copy (in [0, 2 * padding]);
+    ``offsets[i] = (row, column)`` is where image ``i``'s crop starts in its padded copy (in [0, 2 * PADDING]);
     ``flips[i]`` mirrors it left to right.
     """
     n, h, w, _ = images.shape
     device = images.device
-    padded = torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
+    padded = torch.nn.functional.pad(images, (0, 0, PADDING, PADDING, PADDING, PADDING))
     rows = offsets[:, 0, None] + torch.arange(h, device=device)  # (n, h)
     cols = offsets[:, 1, None] + torch.arange(w, device=device)  # (n, w)
     cropped = padded[torch.arange(n, device=device)[:, None, None], rows[:, :, None], cols[:, None, :]]
@@ -42,14 +40,10 @@ def augment(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pa
 def to_tensor_normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
                         std: Sequence[float] | torch.Tensor, dtype: torch.dtype = torch.float32,
                         memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """``ToTensor()`` + ``Normalize(mean, std)`` on a uint8 NHWC batch: (x / 255 - mean) / std, in NCHW.
-
-    ``memory_format``: the layout of the NCHW result (``torch.channels_last`` keeps the NHWC memory order).
-    ``mean`` / ``std`` may be tensors already on the images' device (then no copy is made per batch).
-    """
+    """``ToTensor()`` + ``Normalize(mean, std)`` on a uint8 NHWC batch: (x / 255 - mean) / std, in NCHW laid out
+    in ``memory_format`` (``torch.channels_last`` keeps the NHWC memory order)."""
     x = images.to(dtype) / 255.0
-    device = images.device
-    x = (x - torch.as_tensor(mean, dtype=dtype, device=device)) / torch.as_tensor(std, dtype=dtype, device=device)
+    x = (x - torch.as_tensor(mean, dtype=dtype, device=x.device)) / torch.as_tensor(std, dtype=dtype, device=x.device)
     return x.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
 
 
@@ -68,24 +62,19 @@ class PlannedBatches:
 
     ``set_plan(permutation, offsets, flips)`` fixes the next epoch's order and augmentation (``offsets=None``:
     none); without one the split is read in order, as the notebooks' test loaders do. The last batch may be
-    short (``drop_last=False``).
-
-    By default the split stays in host memory and each finished batch is moved to ``device``, as a ``DataLoader``
-    feeding a GPU does; ``resident=True`` keeps the split and the plan on ``device`` and prepares every batch
-    there (for timing the model, not the loader). ``memory_format``: the batches' layout (``torch.channels_last``
-    for channels-last models).
+    short (``drop_last=False``). By default the split stays on the CPU and each finished batch is moved to
+    ``device``, as a ``DataLoader`` does; ``resident=True`` keeps the split and the plan on ``device`` and prepares
+    every batch there (for timing the model, not the loader).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: Sequence[float],
                  std: Sequence[float], *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  resident: bool = False, memory_format: torch.memory_format = torch.contiguous_format):
-        self.batch_size, self.mean, self.std, self.dtype, self.device = batch_size, mean, std, dtype, device
-        self.resident, self.memory_format = resident, memory_format
+        self.batch_size, self.dtype, self.device, self.memory_format = batch_size, dtype, device, memory_format
         self._home = torch.device(device) if resident else torch.device("cpu")  # where the split and plan live
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self._home)
         self.labels = torch.from_numpy(np.asarray(labels).astype(np.int64)).to(self._home)
-        # the constants once, where the batches are normalised (not a host-to-device copy per batch)
-        self._mean = torch.tensor(mean, dtype=dtype, device=self._home)
+        self._mean = torch.tensor(mean, dtype=dtype, device=self._home)  # once, not a copy per batch
         self._std = torch.tensor(std, dtype=dtype, device=self._home)
         self.num_examples = len(self.labels)
         self.set_plan(np.arange(self.num_examples))
@@ -101,8 +90,7 @@ class PlannedBatches:
         return -(-self.num_examples // self.batch_size)
 
     def uint8_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``step`` before ``ToTensor``/``Normalize``: uint8 NHWC images and labels (on ``device`` when
-        resident, else on the CPU)."""
+        """Batch ``step`` before ``ToTensor``/``Normalize``: uint8 NHWC images and labels, where the split lives."""
         start = step * self.batch_size
         return gather(self.images, self.labels, self.permutation, self.offsets, self.flips, start,
                       min(start + self.batch_size, self.num_examples))

@@ -10,18 +10,14 @@ __all__ = ["verify_he_init"]
 
 def verify_he_init(model: nn.Module, input_shape: tuple[int, ...] = (64, 3, 32, 32), *,
                    x: torch.Tensor | None = None) -> tuple[list[float], list[str]]:
-    """Run one forward pass on a unit-variance batch and return ``(variances, layer_names)``: ``Tensor.var()`` of
-    each ``nn.Conv2d`` / ``nn.Linear`` output, in the order the layers ran, with the ``named_modules()`` names.
-
-    As the notebook writes it: forward hooks capture the outputs of ``model(x)`` under ``torch.no_grad()`` in the
-    model's current mode (in train mode BatchNorm updates its running statistics). Two additions: ``x`` feeds a
-    given batch instead of ``torch.randn(input_shape)`` (to compare with the Flax twin on the same input), and the
-    random batch has the model's dtype and device, so that a float64 or GPU model works too.
+    """One forward pass (``torch.no_grad()``, the model's current mode) on a unit-variance batch; returns
+    ``(variances, layer_names)``: ``Tensor.var()`` of each ``nn.Conv2d`` / ``nn.Linear`` output in the order the
+    layers ran, with their ``named_modules()`` names. Two additions to the notebook: ``x`` feeds a given batch
+    (to compare with the Flax twin), and the random batch has the model's dtype and device.
     """
     if x is None:
-        reference = next(model.parameters(), None)
-        options = {} if reference is None else {"dtype": reference.dtype, "device": reference.device}
-        x = torch.randn(input_shape, **options)  # unit-variance input
+        reference = next(model.parameters())
+        x = torch.randn(input_shape, dtype=reference.dtype, device=reference.device)  # unit-variance input
 
     activations: dict[str, torch.Tensor] = {}
 

@@ -1,10 +1,7 @@
-"""The notebooks' training loops, in plain PyTorch, as the notebooks wrote them: notebook 000's ``train_model``
-(its epoch, ``train_one_epoch``, averages the loss over samples) and notebook 004's ``train_epoch`` (over
-batches), ``evaluate`` and ``train_resnet``. The loops take any iterable of ``(inputs, targets)`` batches: a
-``DataLoader``, or ``torch_ref.data.PlannedBatches`` to replay a given order and augmentation.
-
-One addition to the notebooks' code: ``on_step(loss)`` is called with each training step's loss (read with
-``loss.item()`` anyway), so a caller can show progress or stop a diverging run by raising from it.
+"""The notebooks' training loops in plain PyTorch, as they wrote them: notebook 000's ``train_model`` (its epoch,
+``train_one_epoch``, averages the loss over samples) and notebook 004's ``train_epoch`` (over batches),
+``evaluate`` and ``train_resnet``, over a ``DataLoader`` or ``torch_ref.data.PlannedBatches``. One addition:
+``on_step(loss)`` gets each step's loss (read anyway), to show progress or stop a diverging run by raising.
 """
 
 from __future__ import annotations
