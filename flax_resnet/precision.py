@@ -1,22 +1,7 @@
-"""Mixed precision for the Flax models: bfloat16 compute, float32 parameters and BatchNorm statistics.
-
-Call ``apply_precision(model, "bf16")`` on a freshly built model, before ``engine.init_train_state``: it only
-changes the layers' static ``dtype`` attributes (the computation dtype), never a variable, so parameters,
-optimizer state, BatchNorm running statistics and checkpoints stay float32 and interchangeable with fp32 runs.
-
-What runs in which dtype under "bf16":
-
-- convolutions: inputs and kernels cast to bfloat16, bfloat16 output (GPUs accumulate in float32 inside);
-- BatchNorm: batch statistics, running averages and the normalisation in float32 (``layers.BatchNorm2d``),
-  bfloat16 output; the residual additions and ReLUs then run on bfloat16;
-- the final Linear: bfloat16 inputs and kernel, float32 accumulation and output (``preferred_element_type``), so
-  the logits, the softmax cross-entropy and the metrics are float32;
-- gradients reach the float32 parameters through the casts, so the optimizer updates float32 values.
-
-bfloat16 has float32's exponent range, so unlike float16 no loss scaling is needed.
-
-``torch_fp32_precision`` is the torch side of float32 precision on GPUs (TF32 or full float32), scoped; the
-parity harness turns TF32 off with it, the benchmark on.
+"""Mixed precision for the Flax models: bfloat16 compute, float32 parameters and BatchNorm statistics (which layer
+computes in which dtype: docs/design.md, Training). ``apply_precision(model, "bf16")`` changes only the layers'
+static ``dtype`` attributes, never a variable, so parameters, optimizer state and checkpoints stay float32 and
+interchangeable with fp32 runs. ``torch_fp32_precision`` scopes torch's float32 precision on GPUs (TF32 or full).
 """
 
 from __future__ import annotations
@@ -56,13 +41,12 @@ def compute_dtypes(model: nnx.Module) -> dict[str, str]:
 
 @contextlib.contextmanager
 def torch_fp32_precision(mode: Literal["ieee", "tf32"]) -> Iterator[None]:
-    """Within the block, torch computes float32 matmuls (cuBLAS) and cuDNN convolutions in ``mode``: "ieee" (full
-    float32) or "tf32" (TensorFloat-32 tensor cores, 10-bit mantissa); both settings are restored afterwards. Only
-    CUDA devices read them: on a CPU nothing changes.
+    """Within the block, torch computes float32 matmuls and cuDNN convolutions in ``mode``: "ieee" (full float32)
+    or "tf32" (10-bit mantissa); restored afterwards. Only CUDA devices read these settings.
 
-    Through torch's ``fp32_precision`` settings (torch >= 2.9), not the deprecated ``allow_tf32`` flags: torch
-    refuses to read a legacy flag once the new settings of cuDNN's convolutions and RNNs differ, so one process
-    must not mix the two. Older torch has only the flags, which are used there.
+    Through torch >= 2.9's ``fp32_precision`` settings, not the deprecated ``allow_tf32`` flags (torch refuses to
+    read a legacy flag once the new settings differ, so one process must not mix the two); older torch has only
+    the flags.
     """
     import torch
 
