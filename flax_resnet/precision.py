@@ -16,7 +16,7 @@ from flax import nnx
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
-__all__ = ["PRECISIONS", "Precision", "apply_precision", "compute_dtypes", "torch_fp32_precision"]
+__all__ = ["PRECISIONS", "Precision", "apply_precision", "torch_fp32_precision"]
 
 
 def apply_precision(model: nnx.Module, precision: Precision) -> nnx.Module:
@@ -33,12 +33,6 @@ def apply_precision(model: nnx.Module, precision: Precision) -> nnx.Module:
     return model
 
 
-def compute_dtypes(model: nnx.Module) -> dict[str, str]:
-    """Layer path -> computation dtype name ('default' when unset), for reports and tests."""
-    return {"/".join(map(str, path)): "default" if module.dtype is None else jnp.dtype(module.dtype).name
-            for path, module in nnx.iter_modules(model) if isinstance(module, nnx.Conv | nnx.BatchNorm | nnx.Linear)}
-
-
 @contextlib.contextmanager
 def torch_fp32_precision(mode: Literal["ieee", "tf32"]) -> Iterator[None]:
     """Within the block, torch computes float32 matmuls and cuDNN convolutions in ``mode``: "ieee" (full float32)
@@ -50,18 +44,15 @@ def torch_fp32_precision(mode: Literal["ieee", "tf32"]) -> Iterator[None]:
     """
     import torch
 
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(cudnn, "conv"):  # torch >= 2.9
-        saved = (matmul.fp32_precision, cudnn.conv.fp32_precision)
-        matmul.fp32_precision = cudnn.conv.fp32_precision = mode
-        try:
-            yield
-        finally:
-            matmul.fp32_precision, cudnn.conv.fp32_precision = saved
-        return
-    saved_flags = (matmul.allow_tf32, cudnn.allow_tf32)
-    matmul.allow_tf32 = cudnn.allow_tf32 = mode == "tf32"
+    cudnn = torch.backends.cudnn
+    new = hasattr(cudnn, "conv")  # torch >= 2.9
+    name, value = ("fp32_precision", mode) if new else ("allow_tf32", mode == "tf32")
+    settings = (torch.backends.cuda.matmul, cudnn.conv if new else cudnn)
+    saved = [getattr(setting, name) for setting in settings]
+    for setting in settings:
+        setattr(setting, name, value)
     try:
         yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved_flags
+        for setting, old in zip(settings, saved, strict=True):
+            setattr(setting, name, old)

@@ -13,13 +13,19 @@ import pytest
 from flax import nnx
 
 from flax_resnet import bench, registry, training
-from flax_resnet.precision import apply_precision, compute_dtypes
+from flax_resnet.precision import apply_precision
 from flax_resnet.recipes import RunConfig
 from flax_resnet.training import engine
 
 
 def tiny_model(seed: int = 0) -> nnx.Module:
     return registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=seed)
+
+
+def compute_dtypes(model: nnx.Module) -> dict[str, str]:
+    """Layer path -> computation dtype name ('default' when unset)."""
+    return {"/".join(map(str, path)): "default" if module.dtype is None else jnp.dtype(module.dtype).name
+            for path, module in nnx.iter_modules(model) if isinstance(module, nnx.Conv | nnx.BatchNorm | nnx.Linear)}
 
 
 def float_dtypes(tree) -> set[str]:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -134,24 +133,20 @@ def train_model(model: nn.Module, train_loader: Iterable, test_loader: Iterable,
 
 
 def train_resnet(model: nn.Module, trainloader: Iterable, testloader: Iterable, epochs: int = 20, lr: float = 0.1,
-                 device: torch.device | str = "cpu", log: Callable[[str], Any] = print
-                 ) -> tuple[nn.Module, float, History]:
-    """Notebook 004's ``train_resnet``: SGD(lr, 0.9, wd 5e-4), CosineAnnealingLR(T_max=epochs), loss over batches.
-
-    Returns ``(model, final test accuracy, history)`` as the notebook does.
-    """
+                 device: torch.device | str = "cpu") -> tuple[nn.Module, float, History]:
+    """Notebook 004's ``train_resnet``: SGD(lr, 0.9, wd 5e-4), CosineAnnealingLR(T_max=epochs), loss over batches;
+    returns ``(model, final test accuracy, history)``."""
     model = model.to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer = make_optimizer(model, lr, 0.9, 5e-4)
     scheduler = make_scheduler(optimizer, "cosine", epochs)
     history: History = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
-    test_acc = float("nan")
     for epoch in range(epochs):
         train_loss, train_acc = train_epoch(model, trainloader, criterion, optimizer, device)
         test_loss, test_acc = evaluate(model, testloader, criterion, device)
         scheduler.step()
         for key, value in zip(history, (train_loss, train_acc, test_loss, test_acc), strict=True):
             history[key].append(value)
-        log(f"Epoch {epoch + 1}/{epochs}: Train Loss: {train_loss:.4f}, Train Acc: {train_acc:.2f}%, "
-            f"Test Loss: {test_loss:.4f}, Test Acc: {test_acc:.2f}%")
+        print(f"Epoch {epoch + 1}/{epochs}: Train Loss: {train_loss:.4f}, Train Acc: {train_acc:.2f}%, "
+              f"Test Loss: {test_loss:.4f}, Test Acc: {test_acc:.2f}%")
     return model, test_acc, history

@@ -8,8 +8,6 @@ from typing import Any
 from flax_resnet.data.cifar10 import load_cifar10
 from flax_resnet.data.dataset import DATASETS, NUM_CLASSES, DataError, Dataset, synthetic_dataset
 
-# Not re-exported: the settings and helpers that tests patch (SOURCE_HOST, source_answers, ...); a patch must
-# reach the module that reads them, flax_resnet.data.cifar10.
 __all__ = ["DATASETS", "NUM_CLASSES", "DataError", "Dataset", "load_cifar10", "load_dataset", "synthetic_dataset"]
 
 

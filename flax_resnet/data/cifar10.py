@@ -8,7 +8,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import socket
 import tempfile
 import threading
@@ -33,13 +32,10 @@ SOURCE_PORT = 443
 
 def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, download: bool = True,
                  skip_checksum: bool = False, connect_timeout: float = 5.0) -> Dataset:
-    """CIFAR-10 from `data_dir`, preparing it there first if needed.
-
-    Prepared data in `data_dir` is read as is. Otherwise it is prepared from `archive` (the official
-    cifar-10-binary.tar.gz or cifar-10-python.tar.gz, checked against its md5 unless `skip_checksum`), or, if
-    `download`, from the official binary archive fetched from www.cs.toronto.edu -- after checking within
-    `connect_timeout` seconds that the site answers, so an offline machine fails at once instead of in TFDS's
-    minutes-long retry loop. Preparing is all or nothing: a bad archive raises DataError and leaves no dataset.
+    """CIFAR-10 from `data_dir`, prepared there first if needed from `archive` (the official binary or python
+    archive, checked against its md5 unless `skip_checksum`) or, if `download`, from the official binary archive --
+    after checking within `connect_timeout` seconds that the site answers, so an offline machine fails at once
+    instead of in TFDS's minutes-long retry loop. Preparing is all or nothing: a bad archive raises DataError.
     """
     data_dir = Path(data_dir).expanduser()
     if not is_prepared(data_dir):
@@ -82,11 +78,9 @@ def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
     dataset_dir = Path(builder.data_dir).parent  # data_dir/cifar10
     created = not dataset_dir.exists()
     log.info("preparing CIFAR-10 in %s from %s", builder.data_dir, archive)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tfds_downloads = tempfile.mkdtemp(dir=data_dir, prefix=".tfds-downloads-")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            builder.download_and_prepare(download_dir=tfds_downloads)
+            builder.download_and_prepare()  # TFDS's download directory is ours, data_dir/downloads; it stays unused
     except Exception as e:
         if created:  # TFDS removed its incomplete.* directory already; remove the then empty parent
             with contextlib.suppress(OSError):
@@ -94,8 +88,6 @@ def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
         if isinstance(e, DataError):
             raise
         raise DataError(f"preparing CIFAR-10 from {archive} failed: {type(e).__name__}: {e}") from e
-    finally:
-        shutil.rmtree(tfds_downloads, ignore_errors=True)
 
 
 def _read_prepared(data_dir: Path) -> Dataset:
