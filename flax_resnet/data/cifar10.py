@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -78,9 +79,11 @@ def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
     dataset_dir = Path(builder.data_dir).parent  # data_dir/cifar10
     created = not dataset_dir.exists()
     log.info("preparing CIFAR-10 in %s from %s", builder.data_dir, archive)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tfds_downloads = tempfile.mkdtemp(dir=data_dir, prefix=".tfds-downloads-")  # TFDS's, unused
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            builder.download_and_prepare()  # TFDS's download directory is ours, data_dir/downloads; it stays unused
+            builder.download_and_prepare(download_dir=tfds_downloads)
     except Exception as e:
         if created:  # TFDS removed its incomplete.* directory already; remove the then empty parent
             with contextlib.suppress(OSError):
@@ -88,6 +91,8 @@ def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
         if isinstance(e, DataError):
             raise
         raise DataError(f"preparing CIFAR-10 from {archive} failed: {type(e).__name__}: {e}") from e
+    finally:
+        shutil.rmtree(tfds_downloads, ignore_errors=True)
 
 
 def _read_prepared(data_dir: Path) -> Dataset:

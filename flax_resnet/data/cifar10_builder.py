@@ -53,13 +53,12 @@ def md5sum(path: str | os.PathLike[str]) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
-def verify_md5(path: str | os.PathLike[str]) -> ArchiveSpec:
-    """Which official archive `path` is, byte for byte; DataError otherwise (a truncated download or another file
-    must not become "CIFAR-10")."""
+def verify_md5(path: str | os.PathLike[str]) -> None:
+    """DataError unless `path` is an official archive, byte for byte (a truncated download or another file must not
+    become "CIFAR-10")."""
     actual = md5sum(path)
-    for spec in ARCHIVES:
-        if actual == spec.md5:
-            return spec
+    if actual in {spec.md5 for spec in ARCHIVES}:
+        return
     expected = ", ".join(f"{s.filename} {s.md5}" for s in ARCHIVES)
     raise DataError(f"{path}: md5 {actual} matches no official CIFAR-10 archive ({expected}). The file is truncated, "
                     "corrupt or not CIFAR-10; download it again (or pass --skip-checksum, skip_checksum=True in "
@@ -116,8 +115,9 @@ def read_archive(path: str | os.PathLike[str]) -> dict[str, Split]:
             parse, suffix = (_parse_binary, ".bin") if spec.kind == "binary" else (_parse_pickle, "")
             batches: list[Split] = []
             for name in (*TRAIN_BATCHES, TEST_BATCH):
-                where = f"{path}:{spec.folder}/{name}{suffix}"
-                member = members.get(f"{spec.folder}/{name}{suffix}")
+                member_name = f"{spec.folder}/{name}{suffix}"
+                where = f"{path}:{member_name}"
+                member = members.get(member_name)
                 if member is None:
                     raise DataError(f"{where} is missing from the {spec.kind} archive")
                 data, labels = parse(tar.extractfile(member).read(), where)  # a regular file
