@@ -1,13 +1,11 @@
-"""Batches for the notebooks' loops: what ``DataLoader`` + the notebooks' transforms give, in an order you choose.
-
-The notebooks build their batches with::
+"""Batches for the notebooks' loops, as the notebooks build them::
 
     transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),   # notebook 004's training set
     transforms.ToTensor(), transforms.Normalize(mean, std)
     DataLoader(dataset, batch_size=128, shuffle=True)
 
-``PlannedBatches`` does the same on a split held as uint8 NHWC arrays, but takes the shuffle order, crop offsets
-and flips (``set_plan``) instead of drawing them, so that the Flax twin sees the same bit-identical uint8 batches.
+but from uint8 NHWC arrays, with the shuffle order, crop offsets and flips handed in (``PlannedBatches.set_plan``)
+instead of drawn, so that the Flax twin sees bit-identical uint8 batches.
 """
 
 from __future__ import annotations
@@ -58,13 +56,12 @@ def gather(images: torch.Tensor, labels: torch.Tensor, permutation: torch.Tensor
 
 
 class PlannedBatches:
-    """An iterable of ``(images NCHW float, labels int64)`` batches, like a ``DataLoader``, over a given plan.
+    """An iterable of ``(images NCHW float, labels int64)`` batches, like a ``DataLoader`` (``drop_last=False``).
 
     ``set_plan(permutation, offsets, flips)`` fixes the next epoch's order and augmentation (``offsets=None``:
-    none); without one the split is read in order, as the notebooks' test loaders do. The last batch may be
-    short (``drop_last=False``). By default the split stays on the CPU and each finished batch is moved to
-    ``device``, as a ``DataLoader`` does; ``resident=True`` keeps the split and the plan on ``device`` and prepares
-    every batch there (for timing the model, not the loader).
+    none); without one the split is read in order, as the notebooks' test loaders do. Each batch is prepared on the
+    CPU and moved to ``device``, as a ``DataLoader`` does, or with ``resident=True`` prepared on ``device``, where
+    the split and plan then live (to time the model, not the loader).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: Sequence[float],

@@ -146,7 +146,6 @@ class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     # Not TFDS's 3.0.2: data that TFDS's builder prepared (TFRecord, shuffled) lives in another directory.
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "flax-resnet: from the official archive, array_record, archive order."}
 
     def __init__(self, *, archive_path: str | os.PathLike[str] | None = None, skip_checksum: bool = False,
                  **kwargs: Any) -> None:
@@ -159,9 +158,7 @@ class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "label": tfds.features.ClassLabel(names=CLASS_NAMES)}
         return tfds.core.DatasetInfo(
             builder=self, features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label"),
-            description="CIFAR-10: 60,000 32x32 colour images in 10 classes (50,000 train, 10,000 test).",
-            disable_shuffling=True,  # the archive's order (data_batch_1..5, test_batch), not TFDS's hash shuffle
-            homepage="https://www.cs.toronto.edu/~kriz/cifar.html")
+            disable_shuffling=True)  # the archive's order (data_batch_1..5, test_batch), not TFDS's hash shuffle
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
         del dl_manager  # never used: TFDS's downloader retries for minutes when offline (cifar10._download fetches)
