@@ -135,13 +135,13 @@ def test_landscape_quick_trains_its_own_networks(tmp_path):
 
 
 def test_landscape_loss_ignores_batchnorm_statistics_and_leaves_the_model_alone():
-    from flax_resnet.experiments.landscape import loss_along_direction
+    from flax_resnet.experiments.landscape import line_loss
 
     model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
     before = jax.tree.map(np.asarray, nnx.state(model))
     x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
     y = jax.numpy.arange(8) % 10
-    losses = loss_along_direction(model, x, y, [-1.0, 0.0, 1.0])
+    losses = line_loss(model)(x, y, [-1.0, 0.0, 1.0])
     after = jax.tree.map(np.asarray, nnx.state(model))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
     model.eval()

@@ -61,13 +61,10 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout-p", type=commands.finite_float(minimum=0, maximum=1, exclusive_max=True), default=0.2,
                    metavar="X",
                    help="dropout probability after each block of the dropout configuration (default: %(default)s)")
-    common.add_run_options(p, NAME)
+    common.add_run_options(p)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.prepare_args(args, parser, QUICK)
-    if not 0 <= args.dropout_p < 1:
-        parser.error("--dropout-p must be in [0, 1)")
     recipe = common.make_recipe("resnet18-cifar", args, parser, epochs=EPOCHS)
     return lambda ctx: run_ablation(recipe, ctx, dropout_p=args.dropout_p)
 
@@ -78,4 +75,4 @@ COMMAND = common.Command(
                 "each block) with notebook 004's recipe for the ablation study's 10 epochs, and write their curves "
                 f"in one figure ({FIGURE}), the final test accuracies (results.json: results.with_bn, without_bn, "
                 "with_dropout, as the notebook's dict) and a table.",
-    add_options=_add_options, plan=_plan, epilog=common.quick_epilog(QUICK))
+    add_options=_add_options, plan=_plan, quick=QUICK)

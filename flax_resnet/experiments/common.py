@@ -1,10 +1,9 @@
 """What every experiment command shares: options, quick mode, training a run, and the output files.
 
-An experiment is a ``Command``: a name, its options, and a ``plan`` that checks the parsed arguments (usage
-errors before anything is read or written) and returns the work as a function of a ``Context``. The work
-returns a ``Report``, which ``_handle`` writes as ``summary.md`` and ``results.json`` into ``--out`` and prints.
-The experiment functions themselves never print: they log through the context. JAX, Flax, torch and matplotlib
-are imported inside the functions that run, in this package, so that ``--help`` takes no 1.7 s for JAX.
+An experiment is a ``Command`` whose ``plan`` checks the parsed arguments (usage errors before anything is read
+or written) and returns the work, a function of a ``Context`` that returns a ``Report``; ``_handle`` writes it as
+``summary.md`` and ``results.json`` into ``--out`` and prints it. JAX, Flax, torch and matplotlib are imported
+inside the functions that run, so that ``--help`` does not wait 1.7 s for JAX.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ from flax_resnet import commands, registry
 from flax_resnet.errors import require
 from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 
-__all__ = ["Command", "Context", "Report", "Run", "add_data_options", "add_output_options", "add_run_options",
-           "count_conv_layers", "count_params", "fmt", "make_recipe", "markdown_table", "prepare_args", "quick_epilog",
-           "register", "to_jsonable"]
+__all__ = ["Command", "Context", "Report", "Run", "add_output_options", "add_run_options", "count_conv_layers",
+           "count_params", "fmt", "make_recipe", "markdown_table", "prepare_args", "quick_epilog", "register",
+           "to_jsonable"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -36,7 +35,7 @@ SUMMARY_FILE = "summary.md"
 
 # ---------------------------------------------------------------------------------------------- options
 def add_output_options(p: argparse.ArgumentParser, name: str) -> None:
-    """--out, --quick, --no-progress."""
+    """--out, --quick, --no-progress (``register`` adds them to every experiment)."""
     g = p.add_argument_group("output")
     g.add_argument("--out", type=commands.expanded_path, metavar="DIR",
                    help=f"output directory for figures, summary.md and results.json; default: "
@@ -47,14 +46,9 @@ def add_output_options(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    """The data options of ``train``, plus --image-size; --dataset defaults to synthetic with --quick."""
-    commands.add_data_arguments(p, dataset_default=None, image_size=True)
-
-
-def add_run_options(p: argparse.ArgumentParser, name: str, *, framework: bool = True) -> None:
+def add_run_options(p: argparse.ArgumentParser, *, framework: bool = True) -> None:
     """What every experiment that trains offers: seed, the recipe numbers it may change, framework,
-    resume/overwrite, then the data and output options."""
+    resume/overwrite, then the data options (--dataset defaults to synthetic with --quick)."""
     g = p.add_argument_group("training")
     g.add_argument("--seed", type=commands.seed, default=0, metavar="N",
                    help="seed of the initialisation, batch order and augmentation (default: %(default)s)")
@@ -69,56 +63,40 @@ def add_run_options(p: argparse.ArgumentParser, name: str, *, framework: bool = 
     if framework:
         g.add_argument("--framework", choices=("jax", "torch"), default="jax",
                        help="train the Flax models or the PyTorch reference (default: %(default)s)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the runs already in --out (a finished run is read back, not trained again)")
-    g.add_argument("--overwrite", action="store_true", help="delete the runs already in --out and start over")
-    add_data_options(p)
-    add_output_options(p, name)
+    exclusive = g.add_mutually_exclusive_group()
+    exclusive.add_argument("--resume", action="store_true",
+                           help="continue the runs already in --out (a finished run is read back, not trained again)")
+    exclusive.add_argument("--overwrite", action="store_true",
+                           help="delete the runs already in --out and start over")
+    commands.add_data_arguments(p, dataset_default=None, image_size=True)
 
 
 def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: Mapping[str, Any]) -> None:
     """With --quick, fill the options the user left unset with ``quick`` (--image-size only for synthetic data);
-    then the usage errors of the shared options, before anything is read or written."""
-    if args.quick and getattr(args, "dataset", "") is None:
-        args.dataset = quick.get("dataset", "synthetic")
-    if hasattr(args, "dataset") and args.dataset is None:
-        args.dataset = "cifar10"
+    then the usage errors of the data options, before anything is read or written."""
     if args.quick:
-        for name, value in quick.items():
-            if name == "image_size" and args.dataset != "synthetic":
-                continue  # a quick run on CIFAR-10 keeps its 32x32 images
-            if getattr(args, name, None) is None:
+        for name, value in quick.items():  # "dataset" comes first: --image-size depends on it
+            if getattr(args, name) is None and (name != "image_size" or args.dataset == "synthetic"):
                 setattr(args, name, value)
-    # (--epochs, --lr and the batch sizes: make_recipe)
-    if getattr(args, "train_samples", None) is not None and args.train_samples < 1:
-        parser.error("--train-samples must be at least 1")
-    if getattr(args, "test_samples", None) is not None and args.test_samples < 0:
-        parser.error("--test-samples must be at least 0")
-    if getattr(args, "seed", 0) < 0:
-        parser.error("--seed must be >= 0")
-    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
-        parser.error("--resume and --overwrite exclude each other")
-    if getattr(args, "image_size", None) is not None and getattr(args, "dataset", None) != "synthetic":
+    if not hasattr(args, "dataset"):
+        return  # he-init reads no data
+    args.dataset = args.dataset or "cifar10"
+    if args.image_size is not None and args.dataset != "synthetic":
         parser.error("--image-size is for --dataset synthetic only")
-    if getattr(args, "image_size", None) is not None and args.image_size < 8:
+    if args.image_size is not None and args.image_size < 8:
         parser.error("--image-size must be at least 8 (three stride-2 stages)")
-    if hasattr(args, "dataset"):
-        commands.check_data_arguments(args, parser)
-
-
-def _option_value(value: Any) -> str:
-    if isinstance(value, list):
-        return " ".join(_option_value(v) for v in value)
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
+    commands.check_data_arguments(args, parser)
 
 
 def quick_epilog(values: Mapping[str, Any]) -> str:
     """The --quick defaults, for the command's --help."""
-    shown = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {_option_value(v)}")
-                      for k, v in values.items())
-    return "\n".join(textwrap.wrap(f"--quick sets (where not given): {shown}", 108))
+    def shown(value: Any) -> str:
+        if isinstance(value, list):
+            return " ".join(map(shown, value))
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    options = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {shown(v)}") for k, v in values.items())
+    return "\n".join(textwrap.wrap(f"--quick sets (where not given): {options}", 108))
 
 
 def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser, **defaults: Any) -> Recipe:
@@ -133,14 +111,13 @@ def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentPa
     fields = {**defaults, **{k: v for k, v in given.items() if v is not None}}
     recipe = RECIPES[name]
     epochs = fields.get("epochs", recipe.epochs)
-    if recipe.milestones and epochs != recipe.epochs and epochs >= 1:
+    if recipe.milestones and epochs != recipe.epochs:
         scaled = (round(m * epochs / recipe.epochs) for m in recipe.milestones)
         fields["milestones"] = tuple(sorted({m for m in scaled if 1 <= m < epochs}))
     try:
         return dataclasses.replace(recipe, **fields)
     except ValueError as e:
         parser.error(f"--{str(e).replace('_', '-')}")
-        raise  # unreachable: parser.error exits
 
 
 # --------------------------------------------------------------------------------------------- counting
@@ -178,7 +155,7 @@ class Run:
     params: int
     conv_layers: int
     history: dict[str, list[float]]
-    out_dir: Path | None = None
+    out_dir: Path
 
     @property
     def train_time(self) -> float:
@@ -226,7 +203,7 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if hasattr(value, "tolist") and not isinstance(value, str):
+    if hasattr(value, "tolist"):
         return to_jsonable(value.tolist())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -240,8 +217,8 @@ class Context:
     it in from the options; ``dataset`` once --out is claimed)."""
 
     out: Path
-    log: Callable[[str], None] | None = None
-    progress: Callable[..., Any] | None = None
+    log: Callable[[str], None]
+    progress: Callable[..., Any] | None
     framework: str = "jax"
     seed: int = 0
     resume: bool = False
@@ -271,11 +248,11 @@ class Context:
             if state_dict is not None:
                 net.load_state_dict(state_dict, strict=True)
         size, convs = count_params(net), count_conv_layers(net)
-        log, progress, out_dir = self.log, self.progress, self.out / "runs" / name
+        progress, out_dir = self.progress, self.out / "runs" / name
         history = training.train(
             net, config, self.dataset, out_dir=out_dir, resume=self.resume, title=title,
             overwrite=self.overwrite if overwrite is None else overwrite,
-            log=None if log is None else (lambda line: log(f"[{label}] {line}")),
+            log=lambda line: self.log(f"[{label}] {line}"),
             progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")),
         ).history
         return Run(label, model, dict(kwargs), framework, size, convs, {k: list(v) for k, v in history.items()},
@@ -284,47 +261,31 @@ class Context:
 
 @dataclasses.dataclass
 class Report:
-    """What an experiment found: a Markdown table (printed and written), notes, figures and raw numbers."""
+    """What an experiment found: a Markdown table, notes, figures (in --out, beside summary.md) and raw numbers."""
 
     title: str
     table: str
     results: dict[str, Any]
-    figures: list[Path] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
+    figures: list[Path]
+    notes: list[str]
 
-    def markdown(self, out: Path | None = None) -> str:
-        parts = [f"## {self.title}", "", self.table]
-        if self.notes:
-            parts += ["", *self.notes]
-        if self.figures:
-            links = [f"![{p.stem}]({p.relative_to(out) if out and p.is_relative_to(out) else p})"
-                     for p in self.figures]
-            parts += ["", *links]
-        return "\n".join(parts) + "\n"
-
-    def write(self, out: Path, command: str, settings: Mapping[str, Any]) -> None:
-        """``summary.md`` and ``results.json`` (the results with the command and its settings) in ``out``."""
-        out.mkdir(parents=True, exist_ok=True)
-        summary = out / SUMMARY_FILE
-        summary.write_text(self.markdown(out))
-        results = out / RESULTS_FILE
-        payload = {"command": command, "settings": settings, **self.results,
-                   "figures": [p.name for p in self.figures]}
-        tmp = results.with_name(f".{results.name}.tmp")
-        tmp.write_text(json.dumps(to_jsonable(payload), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, results)
+    def markdown(self) -> str:
+        links = [f"![{p.stem}]({p.name})" for p in self.figures]
+        return "\n\n".join([f"## {self.title}", self.table, "\n".join(self.notes), "\n".join(links)]) + "\n"
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One experiment command: its options and its plan (checks arguments, returns the work to do)."""
+    """One experiment command: its options, what --quick sets, and its plan (checks the parsed arguments and
+    returns the work to do)."""
 
     name: str
     help: str
     description: str
     add_options: Callable[[argparse.ArgumentParser], None]
     plan: Callable[[argparse.Namespace, argparse.ArgumentParser], Callable[[Context], Report]]
-    epilog: str = ""  # "{prog}" in it stands for the program's name (``commands.program_name``)
+    quick: Mapping[str, Any]
+    epilog: str = ""  # after the --quick values; "{prog}" in it stands for the program's name
     needs_torch: bool = False  # whatever --framework says (he-init and compare measure both frameworks)
 
 
@@ -332,6 +293,7 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
     """Run ``command``; its expected failures (``FlaxResnetError``) reach the CLI's one handler."""
     from flax_resnet.training.outdir import claim_output_dir
 
+    prepare_args(args, parser, command.quick)
     work = command.plan(args, parser)  # usage errors exit here, before anything is read or written
     require("matplotlib", f"{command.name} (its figures)")
     if command.needs_torch or getattr(args, "framework", "jax") == "torch":
@@ -354,19 +316,25 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
         except KeyboardInterrupt:
             print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
             return 130
-        skip = {"handler", "parser", "command"}
-        report.write(out, command.name, {k: to_jsonable(v) for k, v in vars(args).items() if k not in skip})
+        (out / SUMMARY_FILE).write_text(report.markdown())
+        options = {k: v for k, v in vars(args).items() if k not in ("handler", "parser", "command")}
+        payload = {"command": command.name, "settings": options, **report.results,
+                   "figures": [p.name for p in report.figures]}
+        tmp = out / f".{RESULTS_FILE}.tmp"  # written whole, then renamed: a reader never sees half of it
+        tmp.write_text(json.dumps(to_jsonable(payload), indent=1, allow_nan=False) + "\n")
+        os.replace(tmp, out / RESULTS_FILE)
     print()
-    print(report.markdown(out), end="")
+    print(report.markdown(), end="")
     print(f"\n{command.name}: done in {time.perf_counter() - start:.0f} s; outputs in {out}")
     return 0
 
 
 def register(subparsers: Any, command: Command) -> argparse.ArgumentParser:
     """Add ``command`` to the CLI's subparsers, with the ``train`` command's conventions."""
-    epilog = command.epilog.replace("{prog}", commands.program_name())  # the program as the user typed it
-    p = subparsers.add_parser(command.name, help=command.help, description=command.description,
-                              epilog=epilog or None, formatter_class=commands.HelpFormatter)
+    epilog = quick_epilog(command.quick) + command.epilog.replace("{prog}", commands.program_name())
+    p = subparsers.add_parser(command.name, help=command.help, description=command.description, epilog=epilog,
+                              formatter_class=commands.HelpFormatter)
     command.add_options(p)
+    add_output_options(p, command.name)
     p.set_defaults(handler=functools.partial(_handle, command), parser=p)
     return p

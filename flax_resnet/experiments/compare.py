@@ -27,8 +27,8 @@ __all__ = ["COMMAND", "FIGURE", "run_compare"]
 
 NAME = "compare"
 FIGURE = "compare.png"
-QUICK = {"dataset": "synthetic", "n_blocks": 1, "train_samples": 128, "test_samples": 64, "epochs": 2,
-         "batch_size": 32, "eval_batch_size": 64}
+QUICK = {"dataset": "synthetic", "train_samples": 128, "test_samples": 64, "epochs": 2, "batch_size": 32,
+         "eval_batch_size": 64}
 STYLES = {"jax": {"color": "#2563eb", "marker": "o", "linestyle": "-", "markersize": 4},
           "torch": {"color": "#ee4c2c", "marker": "s", "linestyle": "--", "markersize": 4}}
 LABELS = {"jax": "Flax (JAX)", "torch": "PyTorch"}
@@ -58,17 +58,16 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
     rows, timing = [], {}
     for fw, run in runs.items():
         times, rates = run.history["epoch_time"], run.history["images_per_sec"]
-        later = times[1:] or times  # epochs after the first (which includes compilation), or the only one
-        timing[fw] = {"first_epoch_time": times[0] if times else None,
-                      "later_epoch_time_mean": statistics.fmean(later) if later else float("nan"),
-                      "images_per_sec_median": statistics.median(rates[1:] or rates) if rates else float("nan")}
-        rows.append([run.label, *run.final_cells(), fmt(times[0] if times else float("nan"), ".1f", " s"),
+        # the epochs after the first (which includes compilation), or the only one
+        timing[fw] = {"first_epoch_time": times[0], "later_epoch_time_mean": statistics.fmean(times[1:] or times),
+                      "images_per_sec_median": statistics.median(rates[1:] or rates)}
+        rows.append([run.label, *run.final_cells(), fmt(times[0], ".1f", " s"),
                      fmt(timing[fw]["later_epoch_time_mean"], ".1f", " s"),
                      fmt(timing[fw]["images_per_sec_median"], ".0f")])
     table = common.markdown_table(["framework", "final train loss", "final train acc", "final test acc",
                                    "first epoch (with compile)", "later epochs (mean)", "images/s (median)"], rows)
     jax_loss, torch_loss = (np.asarray(runs[fw].history["train_loss"], float) for fw in ("jax", "torch"))
-    loss_gap = float(np.max(np.abs(jax_loss - torch_loss))) if len(jax_loss) else float("nan")
+    loss_gap = float(np.max(np.abs(jax_loss - torch_loss)))
     acc_gap = runs["jax"].final("test_acc") - runs["torch"].final("test_acc")
     notes = [f"Largest per-epoch difference in training loss: {fmt(loss_gap, '.2e')}; final test accuracy, Flax "
              f"minus torch: {fmt(acc_gap, '+.2f')} points.",
@@ -92,13 +91,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     registry.add_model_arguments(g)
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating-point type of weights and computation in both frameworks (default: %(default)s)")
-    common.add_run_options(p, NAME, framework=False)
+    common.add_run_options(p, framework=False)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
     spec = registry.get_spec(args.model)
-    quick = {k: v for k, v in QUICK.items() if k not in registry.MODEL_ARGS or k in spec.args}
-    common.prepare_args(args, parser, quick)
+    if args.quick and args.n_blocks is None and "n_blocks" in spec.args:
+        args.n_blocks = 1
     recipe_name = args.recipe or spec.recipe
     try:
         kwargs = registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, recipe_name)
@@ -114,4 +113,4 @@ COMMAND = common.Command(
                 "weights (ported into Flax) and on the same batch stream, and write the curves overlaid with the "
                 f"throughput per epoch ({FIGURE}) and a table of final accuracies, epoch times and images/s.",
     add_options=_add_options, plan=_plan, needs_torch=True,
-    epilog=common.quick_epilog(QUICK) + " (--n-blocks where the model takes it)")
+    quick=QUICK, epilog=", --n-blocks 1 where the model takes it")

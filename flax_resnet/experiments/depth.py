@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from flax_resnet import commands
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, Run, fmt
 from flax_resnet.recipes import RECIPES, Recipe
@@ -80,9 +81,9 @@ def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[i
 
 def _blocks_spec(text: str) -> tuple[int, ...]:
     try:
-        blocks = tuple(int(b) for b in text.replace(" ", "").split(","))
+        blocks = tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected four block counts like 3,3,3,3, got {text!r}") from None
+        blocks = ()
     if len(blocks) != 4 or min(blocks) < 1:
         raise argparse.ArgumentTypeError(f"expected four block counts >= 1 like 3,3,3,3, got {text!r}")
     return blocks
@@ -93,21 +94,17 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plain-blocks", type=_blocks_spec, nargs="+", metavar="A,B,C,D",
                    help="PlainNet depths, blocks in its four layers (default: 1,1,1,1 3,3,3,3, notebook 004's "
                         "shallow and deep)")
-    g.add_argument("--resnet-blocks", type=int, nargs="+", metavar="N",
+    g.add_argument("--resnet-blocks", type=commands.number(int, minimum=1), nargs="+", metavar="N",
                    help="SimpleResNet depths, blocks per stage (default: 1 4, i.e. 7 and 25 conv layers)")
     g.add_argument("--recipe", choices=list(RECIPES), default="plain-vs-residual",
                    help="one recipe for all runs (default: %(default)s)")
-    common.add_run_options(p, NAME)
+    common.add_run_options(p)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.prepare_args(args, parser, QUICK)
-    plain_blocks = args.plain_blocks or [(1, 1, 1, 1), (3, 3, 3, 3)]
-    resnet_blocks = args.resnet_blocks or [1, 4]
-    if min(resnet_blocks) < 1:
-        parser.error("--resnet-blocks must be at least 1")
     recipe = common.make_recipe(args.recipe, args, parser)
-    return lambda ctx: run_depth(recipe, ctx, plain_blocks=plain_blocks, resnet_blocks=resnet_blocks)
+    return lambda ctx: run_depth(recipe, ctx, plain_blocks=args.plain_blocks or ((1, 1, 1, 1), (3, 3, 3, 3)),
+                                 resnet_blocks=args.resnet_blocks or (1, 4))
 
 
 COMMAND = common.Command(
@@ -116,4 +113,4 @@ COMMAND = common.Command(
                 "SimpleResNet at two depths (n_blocks 1 and 4) with one recipe, and draw their curves and final "
                 f"training accuracy against depth in one figure ({FIGURE}): the deep plain network trains worse "
                 "than the shallow one, the deep residual network does not.",
-    add_options=_add_options, plan=_plan, epilog=common.quick_epilog(QUICK))
+    add_options=_add_options, plan=_plan, quick=QUICK)

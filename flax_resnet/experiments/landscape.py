@@ -17,22 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import registry
-from flax_resnet.commands import expanded_path, finite_float
+from flax_resnet import commands, registry
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
 from flax_resnet.store import CheckpointError, resolve
 
-__all__ = ["COMMAND", "FIGURE", "Network", "line_loss", "load_network", "loss_along_direction", "run_landscape"]
+__all__ = ["COMMAND", "FIGURE", "Network", "line_loss", "load_network", "run_landscape"]
 
 NAME = "landscape"
 FIGURE = "landscape.png"
 QUICK = {"dataset": "synthetic", "relative": True, "split": "both", "train_samples": 256, "test_samples": 128,
          "epochs": 4, "batch_size": 32}
 QUICK_MODELS = (("plain", "PlainDeepCNN"), ("residual", "SimpleResNet"))
-_OTHER_COLORS = ("#3b82f6", "#ef4444", "#8b5cf6", "#0ea5e9")
 
 
 @dataclasses.dataclass
@@ -65,16 +63,12 @@ def load_network(path: Path, label: str | None = None) -> Network:
     from flax_resnet import checkpoint
 
     root = resolve(path)
-    if not root.is_dir():
-        raise CheckpointError(f"no checkpoint directory at {path}")
     meta = checkpoint.read_meta(root)
     name = meta.get("model")
-    if name is None or name not in registry.MODELS:
-        raise CheckpointError(f"the checkpoint in {root} does not record a model this version can build")
     try:
-        kwargs = registry.model_kwargs(name, meta.get("model_kwargs") or {})
+        kwargs = registry.model_kwargs(name, meta.get("model_kwargs"))
     except ValueError as e:
-        raise CheckpointError(f"the checkpoint in {root} names a model this version cannot build: {e}") from e
+        raise CheckpointError(f"the checkpoint in {root} names no model this version can build: {e}") from e
     if meta.get("dtype", "float32") != "float32":
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
     model = registry.build_flax(name, kwargs)
@@ -121,12 +115,6 @@ def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[
         losses(params, direction, images, labels, jnp.asarray(alphas, jnp.float32)), dtype=np.float64)
 
 
-def loss_along_direction(model: Any, images: Any, labels: Any, alphas: Sequence[float], seed: int = 0, *,
-                         relative: bool = False) -> np.ndarray:
-    """The notebook's ``plot_loss_landscape_1d`` values: ``line_loss(model, seed, relative)`` at ``alphas``."""
-    return line_loss(model, seed, relative=relative)(images, labels, alphas)
-
-
 def _fixed_batch(dataset: Any, recipe: Recipe, size: int, split: str) -> tuple[Any, Any]:
     """The first ``size`` images of a split, normalised with the run's recipe (no augmentation)."""
     import jax.numpy as jnp
@@ -159,14 +147,13 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
     fig = Figure(figsize=(8, 4.2))
     ax = fig.subplots()
     rows, curves, depths = [], {}, set()
-    for i, net in enumerate(networks):
+    for net in networks:
         convs, params = common.count_conv_layers(net.model), common.count_params(net.model)
         depths.add(convs)
         entry = {"model": net.name, "model_kwargs": net.model_kwargs, "source": str(net.source), "epoch": net.epoch,
                  "conv_layers": convs, "params": params, "splits": {}}
         plain = net.name.startswith("Plain")
-        color = (plots.PLAIN_COLOR if plain else plots.RESNET_COLOR if "Res" in net.name
-                 else _OTHER_COLORS[i % len(_OTHER_COLORS)])
+        color = plots.PLAIN_COLOR if plain else plots.RESNET_COLOR if "Res" in net.name else None  # None: the cycle
         along = line_loss(net.model, ctx.seed, relative=relative)
         for split in splits:
             images, labels = _fixed_batch(ctx.dataset, net.recipe, batch_size or net.recipe.eval_batch_size, split)
@@ -209,42 +196,37 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
 def _add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("networks (run directories of `train` or of an experiment, e.g. "
                              "runs/pvr/runs/SimpleResNet)")
-    g.add_argument("--plain", type=expanded_path, metavar="DIR", help="the trained plain network")
-    g.add_argument("--residual", type=expanded_path, metavar="DIR", help="the trained residual network")
+    g.add_argument("--plain", type=commands.expanded_path, metavar="DIR", help="the trained plain network")
+    g.add_argument("--residual", type=commands.expanded_path, metavar="DIR", help="the trained residual network")
     g.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="DIR",
                    help="any trained network (repeatable; labelled by its model)")
     g = p.add_argument_group("landscape")
-    g.add_argument("--points", type=int, default=21, metavar="N", help="points along the line (default: %(default)s)")
-    g.add_argument("--radius", type=finite_float(minimum=0, exclusive_min=True), default=1.0, metavar="R",
+    g.add_argument("--points", type=commands.number(int, minimum=2), default=21, metavar="N",
+                   help="points along the line (default: %(default)s)")
+    g.add_argument("--radius", type=commands.finite_float(minimum=0, exclusive_min=True), default=1.0, metavar="R",
                    help="alphas run over [-R, R] (default: %(default)s, the notebook's)")
     g.add_argument("--relative", action="store_true", default=None,
                    help="scale the unit direction to the network's parameter norm ||theta|| (alpha = 1: a step as "
                         "long as the weights); the notebook's unit step barely moves a network with many parameters")
-    g.add_argument("--batch", type=int, metavar="N",
+    g.add_argument("--batch", type=commands.number(int, minimum=1), metavar="N",
                    help="size of the fixed batch (default: the run's test batch size, 100 for notebook 004's)")
     g.add_argument("--split", choices=("test", "train", "both"),
                    help="the batch's split (default: test, the notebook's testloader; both with --quick)")
-    g.add_argument("--seed", type=int, default=0, metavar="N",
+    g.add_argument("--seed", type=commands.seed, default=0, metavar="N",
                    help="seed of the direction (and of --quick's training) (default: %(default)s)")
     g.add_argument("--epochs", type=int, metavar="N", help="--quick without checkpoints: epochs of its training")
     g.add_argument("--batch-size", type=int, metavar="N", help="--quick without checkpoints: training batch size")
-    common.add_data_options(p)
-    common.add_output_options(p, NAME)
+    commands.add_data_arguments(p, dataset_default=None, image_size=True)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
     given = [("plain", args.plain), ("residual", args.residual)] + [(None, c) for c in args.checkpoint]
     given = [(label, path) for label, path in given if path is not None]
-    common.prepare_args(args, parser, QUICK)
     if not given and not args.quick:
         parser.error("name the trained networks: --plain DIR --residual DIR, or --checkpoint DIR (repeatable)")
     for _, path in given:
         if not path.is_dir():
             parser.error(f"{path}: no such run directory")
-    if args.points < 2 or args.radius <= 0:
-        parser.error("--points must be at least 2 and --radius positive")
-    if args.batch is not None and args.batch < 1:
-        parser.error("--batch must be at least 1")
     splits = ("test", "train") if args.split == "both" else (args.split or "test",)
     recipe = common.make_recipe("plain-vs-residual", args, parser, eval_batch_size=100)
 
@@ -270,7 +252,7 @@ COMMAND = common.Command(
                 "batch in eval mode (BatchNorm statistics unperturbed), and plot the curves of a plain and a "
                 f"residual network of the same depth in one figure ({FIGURE}).",
     add_options=_add_options, plan=_plan,
-    epilog=common.quick_epilog(QUICK) + "\n(and, when no network is named, first trains PlainDeepCNN(1) and "
+    quick=QUICK, epilog="\n(and, when no network is named, first trains PlainDeepCNN(1) and "
            "SimpleResNet(1) with notebook 000's recipe, milestones scaled to the run)\n\nexamples:\n"
            "  {prog} plain-vs-residual --out runs/pvr\n"
            "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"

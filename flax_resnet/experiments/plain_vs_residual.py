@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
+from flax_resnet import commands
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import Recipe
@@ -53,18 +54,14 @@ def run_plain_vs_residual(recipe: Recipe, ctx: Context, *, n_blocks: int = 5) ->
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--n-blocks", type=int, metavar="N",
+    g.add_argument("--n-blocks", type=commands.number(int, minimum=1), metavar="N",
                    help="blocks per stage of both networks, 1 + 6n conv layers (default: 5, the notebook's 31 layers)")
-    common.add_run_options(p, NAME)
+    common.add_run_options(p)
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    common.prepare_args(args, parser, QUICK)
-    n_blocks = 5 if args.n_blocks is None else args.n_blocks
-    if n_blocks < 1:
-        parser.error("--n-blocks must be at least 1")
     recipe = common.make_recipe("plain-vs-residual", args, parser)
-    return lambda ctx: run_plain_vs_residual(recipe, ctx, n_blocks=n_blocks)
+    return lambda ctx: run_plain_vs_residual(recipe, ctx, n_blocks=args.n_blocks or 5)
 
 
 COMMAND = common.Command(
@@ -74,6 +71,6 @@ COMMAND = common.Command(
                 f"test accuracy per epoch) as {FIGURE}, its summary table as summary.md and the histories as "
                 "results.json. Each run's checkpoints stay in OUT/runs/<model> (for `landscape`).",
     add_options=_add_options, plan=_plan,
-    epilog=common.quick_epilog(QUICK) + "\n\nexample:\n  {prog} plain-vs-residual --out runs/pvr\n"
+    quick=QUICK, epilog="\n\nexample:\n  {prog} plain-vs-residual --out runs/pvr\n"
                                         "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN "
                                         "--residual runs/pvr/runs/SimpleResNet")
