@@ -2,8 +2,8 @@
 
 ``torch_ref.he_init.verify_he_init`` records the output of every ``Conv2d``/``Linear`` with forward hooks.
 NNX has no hooks, so ``activation_variances`` puts a recording wrapper in each such layer's slot for one forward
-pass and puts the layer back afterwards (also when the forward pass raises). Layer names are torch's module
-names (from the port's walker), so the two functions' results line up entry by entry.
+pass and puts the layer back afterwards (also when it raises). Layer names are torch's module names (the port's
+walker), so the two functions' results line up entry by entry.
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ class _Recorder(nnx.Module):
         return out
 
 
-def _child(parent, key: str | int):
-    return parent[key] if isinstance(key, int) else getattr(parent, key)
-
-
 def _set_child(parent, key: str | int, value) -> None:
     if isinstance(key, int):
         parent[key] = value
@@ -47,27 +43,23 @@ def _set_child(parent, key: str | int, value) -> None:
 def activation_variances(model: nnx.Module, x: jax.Array) -> tuple[list[float], list[str]]:
     """Run ``model(x)`` once and return ``(variances, layer_names)``, like ``torch_ref.he_init.verify_he_init``.
 
-    ``x`` is the input batch (NHWC; the notebook uses a unit-variance one, e.g. ``jax.random.normal(key, (64, 32,
-    32, 3))``). One entry per conv/linear layer in the order the layers ran: the unbiased variance over all
-    elements of its output (as ``torch.Tensor.var()``), and its torch module name ('layer1.0.conv1', 'fc').
-    The forward pass is an ordinary one in the model's current mode (in train mode, as in torch, BatchNorm
-    updates its running statistics); apart from that the model is left exactly as it was.
+    ``x`` is the input batch (NHWC). One entry per conv/linear layer in the order the layers ran: the unbiased
+    variance over all elements of its output (as ``torch.Tensor.var()``), and its torch module name
+    ('layer1.0.conv1', 'fc'). The forward pass is an ordinary one in the model's current mode (in train mode
+    BatchNorm updates its running statistics, as in torch); apart from that the model is left as it was.
     """
     outputs: dict[str, jax.Array] = {}
-    layers = [(name, layer) for name, layer in named_layers(model) if isinstance(layer, nnx.Conv | nnx.Linear)]
-    if layers and layers[0][0] == "":  # the model is itself a single conv/linear layer
-        outputs[""] = model(x)
-    else:
-        paths = {id(module): path for path, module in nnx.iter_modules(model)}
-        swapped: list[tuple[object, str | int, nnx.Module]] = []
-        try:
-            for name, layer in layers:
+    paths = {id(module): path for path, module in nnx.iter_modules(model)}
+    swapped: list[tuple[object, str | int, nnx.Module]] = []
+    try:
+        for name, layer in named_layers(model):
+            if isinstance(layer, nnx.Conv | nnx.Linear):
                 *parents, key = paths[id(layer)]
-                parent = functools.reduce(_child, parents, model)
+                parent = functools.reduce(lambda p, k: p[k] if isinstance(k, int) else getattr(p, k), parents, model)
                 _set_child(parent, key, _Recorder(layer, functools.partial(outputs.__setitem__, name)))
                 swapped.append((parent, key, layer))
-            model(x)
-        finally:
-            for parent, key, layer in reversed(swapped):
-                _set_child(parent, key, layer)
+        model(x)
+    finally:
+        for parent, key, layer in reversed(swapped):
+            _set_child(parent, key, layer)
     return [float(jnp.var(out, ddof=1)) for out in outputs.values()], list(outputs)

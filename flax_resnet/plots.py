@@ -26,7 +26,7 @@ CURVE_PANELS = (("train_loss", "Training Loss", "Loss"), ("train_acc", "Training
                 ("test_acc", "Test Accuracy", "Accuracy (%)"))
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a PNG atomically, so a reader never sees half a PNG while training goes on. A figure without a
     layout engine gets ``tight_layout``; one made with ``layout='constrained'`` keeps it."""
     path = Path(path)
@@ -36,7 +36,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
     finally:  # a failed write (a full disk) leaves the previous file and no partial one
         tmp.unlink(missing_ok=True)

@@ -19,19 +19,19 @@ from flax_resnet import commands, registry
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 
-__all__ = ["COMMAND", "FIGURE", "SERIES", "flax_reinit", "layer_gains", "run_he_init"]
+__all__ = ["COMMAND", "FIGURE", "SERIES", "flax_reinit", "run_he_init"]
 
 NAME = "he-init"
 FIGURE = "he_init.png"
 MODELS = ("SimpleNet", "ResNet18", "ResNet34", "ResNet50")
 QUICK = {"batch": 16}
-# (framework, init) -> legend label and colour: He greens, torch's default oranges, Flax's stock default blue
-SERIES: dict[tuple[str, str], tuple[str, str]] = {
-    ("torch", "he"): ("torch: He (kaiming_normal)", "#15803d"),
-    ("flax", "he"): ("Flax: He (kaiming_normal)", "#4ade80"),
-    ("torch", "default"): ("torch: default init (kaiming_uniform a=sqrt 5)", "#c2410c"),
-    ("flax", "default"): ("Flax: our layers' default (= torch's)", "#fb923c"),
-    ("flax", "stock"): ("Flax: stock nnx default (lecun_normal, zero bias)", "#3b82f6"),
+# framework/init -> legend label and colour: He greens, torch's default oranges, Flax's stock default blue
+SERIES: dict[str, tuple[str, str]] = {
+    "torch/he": ("torch: He (kaiming_normal)", "#15803d"),
+    "flax/he": ("Flax: He (kaiming_normal)", "#4ade80"),
+    "torch/default": ("torch: default init (kaiming_uniform a=sqrt 5)", "#c2410c"),
+    "flax/default": ("Flax: our layers' default (= torch's)", "#fb923c"),
+    "flax/stock": ("Flax: stock nnx default (lecun_normal, zero bias)", "#3b82f6"),
 }
 
 
@@ -45,8 +45,7 @@ def flax_reinit(model: Any, kind: str, seed: int) -> Any:
     from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
 
     key = jax.random.key(seed)
-    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv | nnx.Linear)]
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv | nnx.Linear)):
         k_kernel, k_bias = jax.random.split(jax.random.fold_in(key, i))
         shape, dtype = layer.kernel.shape, layer.kernel.dtype
         kernel_init = torch_default_kernel_init() if kind == "default" else nnx.initializers.lecun_normal()
@@ -57,12 +56,6 @@ def flax_reinit(model: Any, kind: str, seed: int) -> Any:
             layer.bias[...] = (torch_default_bias_init(fan_in)(k_bias, bias_shape, dtype) if kind == "default"
                                else jnp.zeros(bias_shape, dtype))
     return model
-
-
-def layer_gains(variances: Sequence[float]) -> list[float]:
-    """Variance of each recorded layer over the one before it (the first layer's over the input's, 1)."""
-    previous = [1.0, *variances[:-1]]
-    return [v / p if p > 0 else math.nan for v, p in zip(variances, previous, strict=True)]
 
 
 def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, seed: int
@@ -101,12 +94,11 @@ def _bar_chart(results: dict[str, Any], path: Any) -> Any:
     axes = fig.subplots(n_models, 1, squeeze=False)[:, 0]
     for ax, (model_name, result) in zip(axes, results.items(), strict=True):
         layers, series = result["layers"], result["variances"]
-        keys = [key for key in SERIES if f"{key[0]}/{key[1]}" in series]
-        width = 0.8 / len(keys)
-        for i, key in enumerate(keys):
+        width = 0.8 / len(series)
+        for i, (key, values) in enumerate(series.items()):
             label, color = SERIES[key]
-            xs = np.arange(len(layers)) + (i - (len(keys) - 1) / 2) * width
-            ax.bar(xs, series[f"{key[0]}/{key[1]}"], width=width, color=color, label=label)
+            ax.bar(np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width, values, width=width, color=color,
+                   label=label)
         ax.axhspan(0.25, 4.0, color="#22c55e", alpha=0.07, label="within a factor 4 of 1")
         ax.axhline(y=1.0, color="r", linestyle="--", label="Target variance=1")
         ax.set_yscale("log")
@@ -124,20 +116,20 @@ def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18
     seed = ctx.seed
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)  # the notebook's torch.randn(input_shape)
-    inits = [key for key in SERIES if stock or key != ("flax", "stock")]
     results: dict[str, Any] = {}
     rows = []
     for model_name in models:
-        variances = {}
-        for framework, init in inits:
-            ctx.log(f"[{model_name}] {framework}, {init} init")
-            values, names = _measure(model_name, framework, init, x, seed)
-            variances[f"{framework}/{init}"] = values
-            rows.append([model_name, SERIES[framework, init][0], fmt(values[0], ".3g"), fmt(values[-1], ".3g"),
-                         fmt(min(values), ".3g"), fmt(max(values), ".3g"),
-                         fmt(max(values) / min(values) if min(values) > 0 else float("nan"), ".3g")])
-        results[model_name] = {"layers": names, "input_shape": list(x.shape), "variances": variances,
-                               "gains": {k: layer_gains(v) for k, v in variances.items()}}
+        variances, gains = {}, {}
+        for key in SERIES if stock else [k for k in SERIES if k != "flax/stock"]:
+            ctx.log(f"[{model_name}] {key} init")
+            values, names = _measure(model_name, *key.split("/"), x, seed)
+            variances[key] = values
+            # each layer's variance over the one before it (the first layer's over the input's, 1)
+            gains[key] = [v / p if p > 0 else math.nan for v, p in zip(values, [1.0, *values[:-1]], strict=True)]
+            ratio = max(values) / min(values) if min(values) > 0 else math.nan
+            rows.append([model_name, SERIES[key][0],
+                         *(fmt(v, ".3g") for v in (values[0], values[-1], min(values), max(values), ratio))])
+        results[model_name] = {"layers": names, "input_shape": list(x.shape), "variances": variances, "gains": gains}
     figure = _bar_chart(results, ctx.out / FIGURE)
     table = common.markdown_table(["model", "init", "first layer", "last layer", "min", "max", "max / min"],
                                   rows, "llrrrrr")

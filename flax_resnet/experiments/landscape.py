@@ -79,10 +79,9 @@ def load_network(path: Path, label: str | None = None) -> Network:
 def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[..., np.ndarray]:
     """``f(images, labels, alphas)``: eval-mode mean cross-entropy at params + alpha * d / ||d|| per alpha.
 
-    d is one standard-normal draw per ``nnx.Param`` (the notebook's ``model.parameters()``; BatchNorm's running
-    statistics stay as trained) from numpy's generator for ``seed``, ||d|| one norm over all of them, as in the
-    notebook. ``relative`` scales d / ||d|| to the weights' own norm ||theta||: the notebook's unit step is tiny
-    for a network with many parameters. The weights are not changed.
+    d: one standard-normal draw per ``nnx.Param`` (BatchNorm's statistics stay as trained), ||d|| one norm over
+    all of them, as in the notebook. ``relative`` scales d / ||d|| to the weights' norm ||theta||: the notebook's
+    unit step barely moves a network with many parameters. The model's weights are not changed.
     """
     import jax
     import jax.numpy as jnp
@@ -115,61 +114,52 @@ def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[
         losses(params, direction, images, labels, jnp.asarray(alphas, jnp.float32)), dtype=np.float64)
 
 
-def _fixed_batch(dataset: Any, recipe: Recipe, size: int, split: str) -> tuple[Any, Any]:
-    """The first ``size`` images of a split, normalised with the run's recipe (no augmentation)."""
-    import jax.numpy as jnp
-
-    from flax_resnet.training.engine import normalize
-
-    images, labels = getattr(dataset, f"{split}_images")[:size], getattr(dataset, f"{split}_labels")[:size]
-    if len(labels) == 0:
-        raise DataError(f"the {split} split is empty: no batch to evaluate the landscape on")
-    return normalize(jnp.asarray(images), recipe.mean, recipe.std), jnp.asarray(labels)
-
-
-def _summary(alphas: np.ndarray, losses: np.ndarray) -> dict[str, float]:
-    centre = int(np.argmin(np.abs(alphas)))
-    best = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
-    return {"loss_at_0": float(losses[centre]), "argmin_alpha": float(alphas[best]), "min_loss": float(losses[best]),
-            "loss_at_start": float(losses[0]), "loss_at_end": float(losses[-1]),
-            "mean_rise_at_ends": float((losses[0] + losses[-1]) / 2 - losses[centre])}
-
-
 def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21, radius: float = 1.0,
                   relative: bool = False, batch_size: int | None = None, splits: Sequence[str] = ("test",)) -> Report:
-    """The 1-D loss landscape of each network on the context's data, along its own random direction for the
-    context's seed; one plot, one table."""
+    """The 1-D loss landscape of each network on the first batch of each split of the context's data (normalised
+    with the network's recipe, no augmentation), along its own random direction for the context's seed."""
+    import jax.numpy as jnp
     from matplotlib.figure import Figure
 
     from flax_resnet import plots
+    from flax_resnet.training.engine import normalize
 
     alphas = np.linspace(-radius, radius, points)
+    centre = int(np.argmin(np.abs(alphas)))
     fig = Figure(figsize=(8, 4.2))
     ax = fig.subplots()
-    rows, curves, depths = [], {}, set()
+    rows, curves, seen = [], {}, []
     for net in networks:
-        convs, params = common.count_conv_layers(net.model), common.count_params(net.model)
-        depths.add(convs)
-        entry = {"model": net.name, "model_kwargs": net.model_kwargs, "source": str(net.source), "epoch": net.epoch,
-                 "conv_layers": convs, "params": params, "splits": {}}
+        convs = common.count_conv_layers(net.model)
+        entry = curves[net.label] = {
+            "model": net.name, "model_kwargs": net.model_kwargs, "source": str(net.source), "epoch": net.epoch,
+            "conv_layers": convs, "params": common.count_params(net.model), "splits": {}}
         plain = net.name.startswith("Plain")
         color = plots.PLAIN_COLOR if plain else plots.RESNET_COLOR if "Res" in net.name else None  # None: the cycle
         along = line_loss(net.model, ctx.seed, relative=relative)
         for split in splits:
-            images, labels = _fixed_batch(ctx.dataset, net.recipe, batch_size or net.recipe.eval_batch_size, split)
-            losses = along(images, labels, alphas)
-            summary = _summary(alphas, losses)
-            entry["splits"][split] = {"batch_size": int(labels.shape[0]), "losses": losses.tolist(), **summary}
+            size = batch_size or net.recipe.eval_batch_size
+            images = getattr(ctx.dataset, f"{split}_images")[:size]
+            labels = getattr(ctx.dataset, f"{split}_labels")[:size]
+            if len(labels) == 0:
+                raise DataError(f"the {split} split is empty: no batch to evaluate the landscape on")
+            losses = along(normalize(jnp.asarray(images), net.recipe.mean, net.recipe.std), jnp.asarray(labels),
+                           alphas)
+            seen.extend(losses)
+            best = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
+            summary = {"loss_at_0": float(losses[centre]), "argmin_alpha": float(alphas[best]),
+                       "min_loss": float(losses[best]), "loss_at_start": float(losses[0]),
+                       "loss_at_end": float(losses[-1]),
+                       "mean_rise_at_ends": float((losses[0] + losses[-1]) / 2 - losses[centre])}
+            entry["splits"][split] = {"batch_size": len(labels), "losses": losses.tolist(), **summary}
             ax.plot(alphas, losses, marker="o" if plain else "s", color=color, markersize=4,
                     linestyle="--" if split == "train" and len(splits) > 1 else "-",
                     label=f"{net.label}: {net.name} ({convs} conv layers)" + (f", {split}" if len(splits) > 1 else ""))
             rows.append([net.label, f"{net.name} ({convs} conv)", split, fmt(summary["loss_at_0"], ".4f"),
                          f"{fmt(summary['min_loss'], '.4f')} at {summary['argmin_alpha']:+.2f}",
-                         fmt(summary["loss_at_start"], ".4f"), fmt(summary["loss_at_end"], ".4f"),
-                         fmt(summary["mean_rise_at_ends"], ".4f")])
-        curves[net.label] = entry
+                         *(fmt(summary[k], ".4f") for k in ("loss_at_start", "loss_at_end", "mean_rise_at_ends"))])
     unit = "||theta||" if relative else "1"
-    values = np.array([v for net in curves.values() for c in net["splits"].values() for v in c["losses"]])
+    values = np.array(seen)
     values = values[np.isfinite(values) & (values > 0)]
     log_scale = values.size > 0 and values.max() > 100 * values.min()
     if log_scale:  # a plain network's far end can sit thousands of times above the residual one's minimum
@@ -186,8 +176,9 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
     notes = [f"Loss on the first {' and first '.join(splits)} batch in eval mode along a random direction d with "
              f"one global norm over all parameters, |d| = {unit} (seed {ctx.seed}), {points} points in "
              f"[{-radius:g}, {radius:g}]; {ctx.data_note}."]
+    depths = sorted({net["conv_layers"] for net in curves.values()})
     if len(depths) > 1:
-        notes.append(f"The networks differ in depth ({sorted(depths)} conv layers): compare at equal depth.")
+        notes.append(f"The networks differ in depth ({depths} conv layers): compare at equal depth.")
     results = {"alphas": alphas.tolist(), "relative": relative, "networks": curves, "splits": list(splits),
                "seed": ctx.seed, "data": ctx.data_note}
     return Report("1-D loss landscape", table, results, [figure], notes)
@@ -198,7 +189,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                              "runs/pvr/runs/SimpleResNet)")
     g.add_argument("--plain", type=commands.expanded_path, metavar="DIR", help="the trained plain network")
     g.add_argument("--residual", type=commands.expanded_path, metavar="DIR", help="the trained residual network")
-    g.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="DIR",
+    g.add_argument("--checkpoint", type=commands.expanded_path, action="append", default=[], metavar="DIR",
                    help="any trained network (repeatable; labelled by its model)")
     g = p.add_argument_group("landscape")
     g.add_argument("--points", type=commands.number(int, minimum=2), default=21, metavar="N",
@@ -220,8 +211,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    given = [("plain", args.plain), ("residual", args.residual)] + [(None, c) for c in args.checkpoint]
-    given = [(label, path) for label, path in given if path is not None]
+    given = [(label, path) for label, path in (("plain", args.plain), ("residual", args.residual)) if path]
+    given += [(None, path) for path in args.checkpoint]
     if not given and not args.quick:
         parser.error("name the trained networks: --plain DIR --residual DIR, or --checkpoint DIR (repeatable)")
     for _, path in given:
