@@ -1,8 +1,5 @@
-"""``ablation``: notebook 004's ``ablation_study``: ResNet18 with BatchNorm, without it, with dropout.
-
-Notebook 004's recipe for ``ablation_study``'s default of 10 epochs (cosine schedule over the run); the
-results dict keeps the notebook's keys.
-"""
+"""``ablation``: notebook 004's ``ablation_study``: ResNet18 with BatchNorm, without it, with dropout (the results
+dict keeps the notebook's keys)."""
 
 from __future__ import annotations
 
@@ -17,9 +14,7 @@ from flax_resnet.recipes import Recipe
 
 __all__ = ["COMMAND", "CONFIGURATIONS", "FIGURE", "run_ablation"]
 
-NAME = "ablation"
 FIGURE = "ablation.png"
-EPOCHS = 10  # the notebook's ablation_study(epochs=10)
 # the notebook's result keys -> (legend, model, colour)
 CONFIGURATIONS: dict[str, tuple[str, str, str]] = {
     "with_bn": ("ResNet18 with BatchNorm", "ResNet18", "#22c55e"),
@@ -65,12 +60,12 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    recipe = common.make_recipe("resnet18-cifar", args, parser, epochs=EPOCHS)
+    recipe = common.make_recipe("resnet18-cifar", args, parser, epochs=10)  # the notebook's ablation_study(epochs=10)
     return lambda ctx: run_ablation(recipe, ctx, dropout_p=args.dropout_p)
 
 
 COMMAND = common.Command(
-    NAME, help="notebook 004's ablation study: ResNet18 with BatchNorm, without, with dropout",
+    "ablation", help="notebook 004's ablation study: ResNet18 with BatchNorm, without, with dropout",
     description="Train ResNet18, ResNet18NoBN (BatchNorm replaced by identity) and ResNet18Dropout (dropout after "
                 "each block) with notebook 004's recipe for the ablation study's 10 epochs, and write their curves "
                 f"in one figure ({FIGURE}), the final test accuracies (results.json: results.with_bn, without_bn, "

@@ -25,27 +25,14 @@ from flax_resnet import commands, registry
 from flax_resnet.errors import require
 from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 
-__all__ = ["Command", "Context", "Report", "Run", "add_output_options", "add_run_options", "count_conv_layers",
-           "count_params", "fmt", "make_recipe", "markdown_table", "prepare_args", "quick_epilog", "register",
-           "to_jsonable"]
+__all__ = ["Command", "Context", "Report", "Run", "add_run_options", "count_conv_layers", "count_params", "fmt",
+           "make_recipe", "markdown_table", "prepare_args", "quick_epilog", "register", "to_jsonable"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
 
 
 # ---------------------------------------------------------------------------------------------- options
-def add_output_options(p: argparse.ArgumentParser, name: str) -> None:
-    """--out, --quick, --no-progress (``register`` adds them to every experiment)."""
-    g = p.add_argument_group("output")
-    g.add_argument("--out", type=commands.expanded_path, metavar="DIR",
-                   help=f"output directory for figures, summary.md and results.json; default: "
-                        f"{commands.RUNS_DIR}/{name} ({commands.RUNS_DIR}/{name}-quick with --quick)")
-    g.add_argument("--quick", action="store_true",
-                   help="a tiny run that checks the whole pipeline in about a minute on a CPU: synthetic data and "
-                        "small models unless given otherwise (the values it picks are listed below)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
-
-
 def add_run_options(p: argparse.ArgumentParser, *, framework: bool = True) -> None:
     """What every experiment that trains offers: seed, the recipe numbers it may change, framework,
     resume/overwrite, then the data options (--dataset defaults to synthetic with --quick)."""
@@ -81,10 +68,8 @@ def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quic
     if not hasattr(args, "dataset"):
         return  # he-init reads no data
     args.dataset = args.dataset or "cifar10"
-    if args.image_size is not None and args.dataset != "synthetic":
-        parser.error("--image-size is for --dataset synthetic only")
-    if args.image_size is not None and args.image_size < 8:
-        parser.error("--image-size must be at least 8 (three stride-2 stages)")
+    if args.image_size is not None and (args.dataset != "synthetic" or args.image_size < 8):
+        parser.error("--image-size is for --dataset synthetic only, and at least 8 (three stride-2 stages)")
     commands.check_data_arguments(args, parser)
 
 
@@ -101,12 +86,8 @@ def quick_epilog(values: Mapping[str, Any]) -> str:
 
 def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser, **defaults: Any) -> Recipe:
     """The recipe ``name`` with the experiment's ``defaults`` and the user's --epochs/--batch-size/... over it
-    (the recipe's checks of them are usage errors).
-
-    When the run is shorter or longer than the recipe's, multistep milestones move with it (round(m * epochs
-    / recipe epochs), kept inside the run), so a short run still decays its learning rate where the
-    notebook's would: notebook 000's [8, 12] of 15 epochs become [2, 3] in a 4-epoch run.
-    """
+    (the recipe's checks of them are usage errors). Multistep milestones scale with the run's length, so a short
+    run still decays its learning rate where the notebook's would: [8, 12] of 15 epochs become [2, 3] of 4."""
     given = {k: getattr(args, k, None) for k in ("epochs", "batch_size", "eval_batch_size", "lr", "augment")}
     fields = {**defaults, **{k: v for k, v in given.items() if v is not None}}
     recipe = RECIPES[name]
@@ -330,11 +311,18 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
 
 
 def register(subparsers: Any, command: Command) -> argparse.ArgumentParser:
-    """Add ``command`` to the CLI's subparsers, with the ``train`` command's conventions."""
+    """Add ``command`` to the CLI's subparsers, with its options and the output options every experiment has."""
     epilog = quick_epilog(command.quick) + command.epilog.replace("{prog}", commands.program_name())
     p = subparsers.add_parser(command.name, help=command.help, description=command.description, epilog=epilog,
                               formatter_class=commands.HelpFormatter)
     command.add_options(p)
-    add_output_options(p, command.name)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=commands.expanded_path, metavar="DIR",
+                   help=f"output directory for figures, summary.md and results.json; default: {commands.RUNS_DIR}/"
+                        f"{command.name} ({commands.RUNS_DIR}/{command.name}-quick with --quick)")
+    g.add_argument("--quick", action="store_true",
+                   help="a tiny run that checks the whole pipeline in about a minute on a CPU: synthetic data and "
+                        "small models unless given otherwise (the values it picks are listed below)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
     p.set_defaults(handler=functools.partial(_handle, command), parser=p)
     return p

@@ -1,11 +1,8 @@
 """``compare``: one recipe trained in Flax and in PyTorch from the same weights on the same batches.
 
-torch draws the initial weights (``registry.build_torch`` from ``--seed``); the Flax model gets them through
-``flax_resnet.port``, so both start from one point. Both loops read the engine's batch stream for the same
-seed (``torch_ref.train`` replays it), so any difference in the curves comes from the frameworks' arithmetic
-(dropout draws its masks from each framework's own RNG). In float32 the trajectories drift apart slowly:
-rounding differences flip a few ReLUs and training amplifies them, most in the first epochs at lr 0.1; in
-float64 they agree to many digits.
+torch draws the initial weights, ported into the Flax model; both loops read the engine's batch stream for the
+seed (``torch_ref.train`` replays it), so the curves differ only by the frameworks' arithmetic (and dropout's
+masks). In float32 they drift apart slowly, as training amplifies rounding differences; in float64 they agree.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["COMMAND", "FIGURE", "run_compare"]
 
-NAME = "compare"
 FIGURE = "compare.png"
 QUICK = {"dataset": "synthetic", "train_samples": 128, "test_samples": 64, "epochs": 2, "batch_size": 32,
          "eval_batch_size": 64}
@@ -108,7 +104,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
 
 
 COMMAND = common.Command(
-    NAME, help="train one recipe in Flax and in PyTorch from the same weights and batches; curves, speed",
+    "compare", help="train one recipe in Flax and in PyTorch from the same weights and batches; curves, speed",
     description="Train one model with one recipe in JAX/Flax and in the PyTorch reference, both from torch's initial "
                 "weights (ported into Flax) and on the same batch stream, and write the curves overlaid with the "
                 f"throughput per epoch ({FIGURE}) and a table of final accuracies, epoch times and images/s.",

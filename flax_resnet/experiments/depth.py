@@ -1,8 +1,7 @@
 """``depth``: the degradation problem in one figure: plain networks get worse with depth, residual ones do not.
 
-SimpleResNet's n_blocks 1 and 4 give 7 and 25 conv layers, the deep one as deep as notebook 004's deep PlainNet
-[3, 3, 3, 3]. The default recipe is notebook 000's, without augmentation: degradation is about fitting the
-training data.
+SimpleResNet(n_blocks=4) has 25 conv layers, as deep as notebook 004's deep PlainNet [3, 3, 3, 3]. The default
+recipe is notebook 000's, without augmentation: degradation is about fitting the training data.
 """
 
 from __future__ import annotations
@@ -13,12 +12,11 @@ from collections.abc import Callable, Sequence
 
 from flax_resnet import commands
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import Context, Report, Run, fmt
+from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["COMMAND", "FIGURE", "run_depth"]
 
-NAME = "depth"
 FIGURE = "depth.png"
 QUICK = {"dataset": "synthetic", "plain_blocks": [(1, 1, 1, 1), (2, 2, 2, 2)], "resnet_blocks": [1, 2],
          "image_size": 8, "train_samples": 64, "test_samples": 32, "epochs": 2, "batch_size": 32,
@@ -30,51 +28,43 @@ def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[i
     """Train every PlainNet and SimpleResNet depth with ``recipe``; one figure, one table."""
     from flax_resnet import plots
 
-    families: dict[str, list[Run]] = {
-        "PlainNet": [ctx.train(f"PlainNet {list(b)}", "PlainNet", {"num_blocks": tuple(b)}, recipe,
-                               "PlainNet-" + "-".join(map(str, b))) for b in plain_blocks],
-        "SimpleResNet": [ctx.train(f"SimpleResNet n={n}", "SimpleResNet", {"n_blocks": n}, recipe, f"SimpleResNet-n{n}")
-                         for n in resnet_blocks]}
-    styles = {"PlainNet": (plots.PLAIN_COLOR, "o"), "SimpleResNet": (plots.RESNET_COLOR, "s")}
+    families = {  # colour, marker and runs of each family
+        "PlainNet": (plots.PLAIN_COLOR, "o", [ctx.train(f"PlainNet {list(b)}", "PlainNet", {"num_blocks": tuple(b)},
+                                                        recipe, "PlainNet-" + "-".join(map(str, b)))
+                                              for b in plain_blocks]),
+        "SimpleResNet": (plots.RESNET_COLOR, "s", [ctx.train(f"SimpleResNet n={n}", "SimpleResNet", {"n_blocks": n},
+                                                             recipe, f"SimpleResNet-n{n}") for n in resnet_blocks])}
     curves = []
-    for family, runs in families.items():
+    for color, marker, runs in families.values():
         runs.sort(key=lambda r: r.conv_layers)
-        color, marker = styles[family]
-        for i, run in enumerate(runs):  # shallow runs dashed and lighter, the deepest solid
-            deepest = i == len(runs) - 1
-            curves.append((f"{run.label} ({run.conv_layers} conv)", run.history,
-                           {"color": color, "marker": marker, "markersize": 4, "alpha": 1.0 if deepest else 0.6,
-                            "linestyle": "-" if deepest else ("--", "-", "-.", ":")[i % 4]}))
+        curves += [(f"{run.label} ({run.conv_layers} conv)", run.history,  # the deepest solid, shallower dashed
+                    {"color": color, "marker": marker, "markersize": 4, "alpha": 1.0 if run is runs[-1] else 0.6,
+                     "linestyle": "-" if run is runs[-1] else "--"}) for run in runs]
     fig, axes = plots.curves_figure(curves, width=4.2, height=3.6, extra=1)
-    ax = axes[-1]
-    for family, runs in families.items():
-        color, marker = styles[family]
-        ax.plot([r.conv_layers for r in runs], [r.final("train_acc") for r in runs], marker=marker, color=color,
-                label=family)
-    ax.set(xlabel="Conv layers", ylabel="Final training accuracy (%)", title="Final training accuracy vs depth")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    figure = plots.save_figure(fig, ctx.out / FIGURE)
-
     rows, drops = [], {}
-    for family, runs in families.items():
+    for family, (color, marker, runs) in families.items():
+        axes[-1].plot([r.conv_layers for r in runs], [r.final("train_acc") for r in runs], marker=marker,
+                      color=color, label=family)
         for run in runs:
             blocks = run.model_kwargs.get("num_blocks", run.model_kwargs.get("n_blocks"))
             rows.append([family, blocks if isinstance(blocks, int) else list(blocks), run.conv_layers,
                          f"{run.params:,}", *run.final_cells(".1f"), fmt(run.train_time, ".1f", " s")])
         if len(runs) > 1:
             drops[family] = runs[-1].final("train_acc") - runs[0].final("train_acc")
+    axes[-1].set(xlabel="Conv layers", ylabel="Final training accuracy (%)", title="Final training accuracy vs depth")
+    axes[-1].grid(True, alpha=0.3)
+    axes[-1].legend(fontsize=8)
+    figure = plots.save_figure(fig, ctx.out / FIGURE)
     table = common.markdown_table(["network", "blocks", "conv layers", "parameters", "final train loss",
                                    "final train acc", "final test acc", "time"], rows, "llrrrrrr")
-    notes = []
+    notes = [f"{recipe.name} recipe for every run: {recipe.epochs} epochs, batch {recipe.batch_size}, "
+             f"lr {recipe.lr:g}, {ctx.framework}; {ctx.data_note}."]
     if drops:
-        notes.append("Deepest minus shallowest final training accuracy: " + ", ".join(
+        notes.insert(0, "Deepest minus shallowest final training accuracy: " + ", ".join(
             f"{family} {fmt(d, '+.1f')} points" for family, d in drops.items())
             + " (degradation shows as a negative number for the plain network).")
-    notes.append(f"{recipe.name} recipe for every run: {recipe.epochs} epochs, batch {recipe.batch_size}, "
-                 f"lr {recipe.lr:g}, {ctx.framework}; {ctx.data_note}.")
     results = {"recipe": dataclasses.asdict(recipe), "data": ctx.data_note,
-               "runs": {family: [r.as_json() for r in runs] for family, runs in families.items()},
+               "runs": {family: [r.as_json() for r in runs] for family, (_, _, runs) in families.items()},
                "deep_minus_shallow_train_acc": drops}
     return Report("Depth: plain vs residual networks", table, results, [figure], notes)
 
@@ -108,7 +98,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
 
 
 COMMAND = common.Command(
-    NAME, help="PlainNet shallow/deep vs SimpleResNet shallow/deep: degradation with depth in one figure",
+    "depth", help="PlainNet shallow/deep vs SimpleResNet shallow/deep: degradation with depth in one figure",
     description="Train notebook 004's PlainNet at two depths ([1,1,1,1] and [3,3,3,3]) and notebook 000's "
                 "SimpleResNet at two depths (n_blocks 1 and 4) with one recipe, and draw their curves and final "
                 f"training accuracy against depth in one figure ({FIGURE}): the deep plain network trains worse "

@@ -1,9 +1,8 @@
 """``he-init``: notebook 004's ``verify_he_init`` in both frameworks, He initialisation vs the default.
 
-Variances recorded by ``torch_ref.he_init.verify_he_init`` and its twin ``flax_resnet.he_init.activation_variances``
-for each initialisation of ``SERIES``: ``he``, the notebook's kaiming_normal(relu) (fan_out for convs);
-``default``, torch's kaiming_uniform(a=sqrt 5), U(+-1/sqrt(fan_in)) for weights and biases, which our Flax
-layers mirror exactly; ``stock``, Flax's own lecun_normal kernels and zero biases.
+``torch_ref.he_init.verify_he_init`` and its twin ``flax_resnet.he_init.activation_variances`` for each init of
+``SERIES``: the notebook's He (kaiming_normal, fan_out for convs), torch's default (kaiming_uniform(a=sqrt 5),
+which our Flax layers mirror) and Flax's stock one (lecun_normal kernels, zero biases).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from flax_resnet.experiments.common import Context, Report, fmt
 
 __all__ = ["COMMAND", "FIGURE", "SERIES", "flax_reinit", "run_he_init"]
 
-NAME = "he-init"
 FIGURE = "he_init.png"
 MODELS = ("SimpleNet", "ResNet18", "ResNet34", "ResNet50")
 QUICK = {"batch": 16}
@@ -159,7 +157,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
 
 
 COMMAND = common.Command(
-    NAME, help="notebook 004's verify_he_init: variance per layer, He vs default init, torch and Flax",
+    "he-init", help="notebook 004's verify_he_init: variance per layer, He vs default init, torch and Flax",
     description="Push a unit-variance batch through fresh models (SimpleNet and ResNet18 by default) and record the "
                 "variance of every Conv/Linear output, with He initialisation (the notebook's) and with the "
                 "framework default (torch's kaiming_uniform(a=sqrt 5), which our Flax layers mirror, and Flax's "

@@ -1,10 +1,8 @@
 """``landscape``: notebook 004's ``plot_loss_landscape_1d`` for trained plain and residual networks.
 
-The loss ``loss(params + alpha * d)`` for 21 alphas in [-1, 1] on one fixed batch (the first test batch, as
-``next(iter(testloader))`` with ``shuffle=False``) in eval mode, d as ``line_loss`` draws it. The networks come
-from checkpoints of ``train`` or of an experiment (either framework; torch's are ported), whose metadata names
-the model, its arguments and the recipe (so the batch is normalised as in training). ``--quick`` without
-checkpoints first trains a tiny plain and a tiny residual network on synthetic data.
+The loss at params + alpha * d on the first test batch (the notebook's ``next(iter(testloader))``) in eval mode.
+The networks come from checkpoints of either framework, whose metadata names the model, its arguments and the
+recipe (so the batch is normalised as in training).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from flax_resnet.store import CheckpointError, resolve
 
 __all__ = ["COMMAND", "FIGURE", "Network", "line_loss", "load_network", "run_landscape"]
 
-NAME = "landscape"
 FIGURE = "landscape.png"
 QUICK = {"dataset": "synthetic", "relative": True, "split": "both", "train_samples": 256, "test_samples": 128,
          "epochs": 4, "batch_size": 32}
@@ -55,11 +52,8 @@ def _recipe_from_meta(meta: dict[str, Any]) -> Recipe:
 
 
 def load_network(path: Path, label: str | None = None) -> Network:
-    """The model of the latest checkpoint under ``path`` (a run's --out or its checkpoints/), as a Flax model.
-
-    Read with ``checkpoint.load_model`` (a torch run's weights are ported), digest-checked. Raises
-    ``CheckpointError`` when there is no checkpoint or it names no model.
-    """
+    """The model of the latest checkpoint under ``path`` (a run's --out or its checkpoints/) as a Flax model (a torch
+    run's weights ported), digest-checked; ``CheckpointError`` when there is none or it names no model."""
     from flax_resnet import checkpoint
 
     root = resolve(path)
@@ -237,7 +231,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
 
 
 COMMAND = common.Command(
-    NAME, help="notebook 004's 1-D loss landscape of trained plain and residual networks",
+    "landscape", help="notebook 004's 1-D loss landscape of trained plain and residual networks",
     description="Evaluate the loss of trained networks along one random direction in parameter space, normalised "
                 "as notebook 004 does (d/||d||, one norm over all parameters), at 21 points in [-1, 1] on a fixed "
                 "batch in eval mode (BatchNorm statistics unperturbed), and plot the curves of a plain and a "

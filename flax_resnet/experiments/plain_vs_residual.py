@@ -1,9 +1,5 @@
-"""``plain-vs-residual``: notebook 000's comparison of PlainDeepCNN and SimpleResNet at the same depth.
-
-Both networks are trained with notebook 000's recipe (15 epochs, SGD 0.1, MultiStepLR [8, 12]) at n_blocks=5,
-i.e. 1 + 6n = 31 conv layers, as the notebook does; the figure and table are the notebook's. Each run keeps
-its checkpoints in ``OUT/runs/<model>``, so ``landscape`` can read the two trained networks afterwards.
-"""
+"""``plain-vs-residual``: notebook 000's comparison of PlainDeepCNN and SimpleResNet at the same depth (its recipe,
+figure and table); the runs' checkpoints in ``OUT/runs/<model>`` are what ``landscape`` reads."""
 
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ from flax_resnet.recipes import Recipe
 
 __all__ = ["COMMAND", "FIGURE", "run_plain_vs_residual"]
 
-NAME = "plain-vs-residual"
 FIGURE = "plain_vs_residual.png"
 QUICK = {"dataset": "synthetic", "n_blocks": 1, "train_samples": 256, "test_samples": 64, "epochs": 4,
          "batch_size": 32, "eval_batch_size": 64}
@@ -65,7 +60,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
 
 
 COMMAND = common.Command(
-    NAME, help="notebook 000: PlainDeepCNN vs SimpleResNet at 31 conv layers, three plots and a table",
+    "plain-vs-residual", help="notebook 000: PlainDeepCNN vs SimpleResNet at 31 conv layers, three plots and a table",
     description="Train notebook 000's plain deep CNN and its ResNet at the same depth (n_blocks=5: 31 conv layers) "
                 "with the same recipe, and write the notebook's three plots (training loss, training accuracy, "
                 f"test accuracy per epoch) as {FIGURE}, its summary table as summary.md and the histories as "
