@@ -1,7 +1,5 @@
 """The notebooks' experiments as commands of ``train.py``, one module each (``COMMANDS``), over ``common``.
-
-Importing this package loads neither torch, matplotlib nor tensorflow-datasets (JAX and the Flax models come
-with ``flax_resnet`` itself): the experiments import them when they run.
+Importing this package loads neither torch, matplotlib nor tensorflow-datasets: the experiments do when they run.
 """
 
 from __future__ import annotations

@@ -172,8 +172,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
         return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
                                  for c, w, a in zip(row, widths, align, strict=True)) + " |"
 
-    rule = "| " + " | ".join("-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(widths, align, strict=True))
-    return "\n".join([line(cells[0]), rule + " |", *(line(r) for r in cells[1:])])
+    rule = ["-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(widths, align, strict=True)]
+    return "\n".join(line(row) for row in [cells[0], rule, *cells[1:]])
 
 
 def to_jsonable(value: Any) -> Any:

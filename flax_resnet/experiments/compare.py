@@ -25,9 +25,8 @@ __all__ = ["COMMAND", "FIGURE", "run_compare"]
 FIGURE = "compare.png"
 QUICK = {"dataset": "synthetic", "train_samples": 128, "test_samples": 64, "epochs": 2, "batch_size": 32,
          "eval_batch_size": 64}
-STYLES = {"jax": {"color": "#2563eb", "marker": "o", "linestyle": "-", "markersize": 4},
-          "torch": {"color": "#ee4c2c", "marker": "s", "linestyle": "--", "markersize": 4}}
-LABELS = {"jax": "Flax (JAX)", "torch": "PyTorch"}
+FRAMEWORKS = {"jax": ("Flax (JAX)", {"color": "#2563eb", "marker": "o", "linestyle": "-", "markersize": 4}),
+              "torch": ("PyTorch", {"color": "#ee4c2c", "marker": "s", "linestyle": "--", "markersize": 4})}
 
 
 def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: Context, *,
@@ -42,9 +41,9 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
         jax.config.update("jax_enable_x64", True)
     torch_model = registry.build_torch(model, model_kwargs, seed=ctx.seed)
     state_dict = {k: v.detach().clone() for k, v in torch_model.state_dict().items()}
-    runs = {fw: ctx.train(LABELS[fw], model, model_kwargs, recipe, fw, framework=fw, state_dict=state_dict,
-                          dtype=dtype) for fw in ("jax", "torch")}
-    curves = [(run.label, run.history, STYLES[fw]) for fw, run in runs.items()]
+    runs = {fw: ctx.train(label, model, model_kwargs, recipe, fw, framework=fw, state_dict=state_dict, dtype=dtype)
+            for fw, (label, _) in FRAMEWORKS.items()}
+    curves = [(run.label, run.history, FRAMEWORKS[fw][1]) for fw, run in runs.items()]
     panels = (*plots.CURVE_PANELS, ("images_per_sec", "Training throughput", "images/s"))
     fig, _ = plots.curves_figure(curves, panels=panels, width=4.0, height=3.6,
                                  title=f"{registry.constructor_call(model, model_kwargs)}, "
@@ -55,11 +54,10 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
     for fw, run in runs.items():
         times, rates = run.history["epoch_time"], run.history["images_per_sec"]
         # the epochs after the first (which includes compilation), or the only one
-        timing[fw] = {"first_epoch_time": times[0], "later_epoch_time_mean": statistics.fmean(times[1:] or times),
-                      "images_per_sec_median": statistics.median(rates[1:] or rates)}
-        rows.append([run.label, *run.final_cells(), fmt(times[0], ".1f", " s"),
-                     fmt(timing[fw]["later_epoch_time_mean"], ".1f", " s"),
-                     fmt(timing[fw]["images_per_sec_median"], ".0f")])
+        later, rate = statistics.fmean(times[1:] or times), statistics.median(rates[1:] or rates)
+        timing[fw] = {"first_epoch_time": times[0], "later_epoch_time_mean": later, "images_per_sec_median": rate}
+        rows.append([run.label, *run.final_cells(), fmt(times[0], ".1f", " s"), fmt(later, ".1f", " s"),
+                     fmt(rate, ".0f")])
     table = common.markdown_table(["framework", "final train loss", "final train acc", "final test acc",
                                    "first epoch (with compile)", "later epochs (mean)", "images/s (median)"], rows)
     jax_loss, torch_loss = (np.asarray(runs[fw].history["train_loss"], float) for fw in ("jax", "torch"))
