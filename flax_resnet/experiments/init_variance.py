@@ -112,10 +112,9 @@ def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18
                 stock: bool = True) -> Report:
     """Per-layer output variances of each model, framework and init (the context's seed); a bar chart, a table."""
     seed = ctx.seed
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)  # the notebook's torch.randn(input_shape)
+    x = np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)  # torch.randn(input_shape)
     results: dict[str, Any] = {}
-    rows = []
+    rows: list[list[str]] = []
     for model_name in models:
         variances, gains = {}, {}
         for key in SERIES if stock else [k for k in SERIES if k != "flax/stock"]:

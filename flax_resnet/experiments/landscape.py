@@ -43,14 +43,6 @@ class Network:
     epoch: int | None
 
 
-def _recipe_from_meta(meta: dict[str, Any]) -> Recipe:
-    fields = meta.get("recipe")
-    if not fields:
-        return RECIPES[registry.get_spec(meta["model"]).recipe]
-    known = {f.name for f in dataclasses.fields(Recipe)}  # JSON's lists back to the recipe's tuples
-    return Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known})
-
-
 def load_network(path: Path, label: str | None = None) -> Network:
     """The model of the latest checkpoint under ``path`` (a run's --out or its checkpoints/) as a Flax model (a torch
     run's weights ported), digest-checked; ``CheckpointError`` when there is none or it names no model."""
@@ -65,9 +57,14 @@ def load_network(path: Path, label: str | None = None) -> Network:
         raise CheckpointError(f"the checkpoint in {root} names no model this version can build: {e}") from e
     if meta.get("dtype", "float32") != "float32":
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
+    if meta.get("recipe"):  # JSON's lists back to the recipe's tuples
+        known = {f.name for f in dataclasses.fields(Recipe)}
+        recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["recipe"].items() if k in known})
+    else:  # a checkpoint written by `port` records no recipe
+        recipe = RECIPES[registry.get_spec(name).recipe]
     model = registry.build_flax(name, kwargs)
     checkpoint.load_model(root, model)
-    return Network(label or name, model, name, kwargs, _recipe_from_meta(meta), Path(path), meta.get("epoch"))
+    return Network(label or name, model, name, kwargs, recipe, Path(path), meta.get("epoch"))
 
 
 def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[..., np.ndarray]:
@@ -236,9 +233,9 @@ COMMAND = common.Command(
                 "as notebook 004 does (d/||d||, one norm over all parameters), at 21 points in [-1, 1] on a fixed "
                 "batch in eval mode (BatchNorm statistics unperturbed), and plot the curves of a plain and a "
                 f"residual network of the same depth in one figure ({FIGURE}).",
-    add_options=_add_options, plan=_plan,
-    quick=QUICK, epilog="\n(and, when no network is named, first trains PlainDeepCNN(1) and "
-           "SimpleResNet(1) with notebook 000's recipe, milestones scaled to the run)\n\nexamples:\n"
+    add_options=_add_options, plan=_plan, quick=QUICK,
+    epilog="\n(and, when no network is named, first trains PlainDeepCNN(1) and SimpleResNet(1) with\nnotebook "
+           "000's recipe, milestones scaled to the run)\n\nexamples:\n"
            "  {prog} plain-vs-residual --out runs/pvr\n"
            "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"
            "  {prog} landscape --relative --checkpoint runs/ResNet18-resnet18-cifar-jax")

@@ -65,7 +65,6 @@ COMMAND = common.Command(
                 "with the same recipe, and write the notebook's three plots (training loss, training accuracy, "
                 f"test accuracy per epoch) as {FIGURE}, its summary table as summary.md and the histories as "
                 "results.json. Each run's checkpoints stay in OUT/runs/<model> (for `landscape`).",
-    add_options=_add_options, plan=_plan,
-    quick=QUICK, epilog="\n\nexample:\n  {prog} plain-vs-residual --out runs/pvr\n"
-                                        "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN "
-                                        "--residual runs/pvr/runs/SimpleResNet")
+    add_options=_add_options, plan=_plan, quick=QUICK,
+    epilog="\n\nexample:\n  {prog} plain-vs-residual --out runs/pvr\n"
+           "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet")
