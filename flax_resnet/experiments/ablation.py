@@ -48,7 +48,7 @@ def run_ablation(recipe: Recipe, ctx: Context, *, dropout_p: float = 0.2) -> Rep
              f"{ctx.framework}; {ctx.data_note}."]
     results = {"results": {key: run.final("test_acc") for key, run in runs.items()},
                "recipe": dataclasses.asdict(recipe), "dropout_p": dropout_p, "data": ctx.data_note,
-               "runs": {k: r.as_json() for k, r in runs.items()}}
+               "runs": {k: dataclasses.asdict(r) for k, r in runs.items()}}
     return Report("Ablation: BatchNorm and dropout in ResNet18", table, results, [figure], notes)
 
 

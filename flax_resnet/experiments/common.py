@@ -137,11 +137,7 @@ class Run:
     conv_layers: int
     history: dict[str, list[float]]
     out_dir: Path
-
-    @property
-    def train_time(self) -> float:
-        """Seconds of training and evaluation over all epochs (as recorded, so also right after --resume)."""
-        return float(sum(self.history["epoch_time"]))
+    train_time: float  # seconds of training and evaluation over all epochs, as recorded (also after --resume)
 
     def final(self, key: str) -> float:
         values = self.history[key]
@@ -151,9 +147,6 @@ class Run:
         """Final training loss, training accuracy and test accuracy, for a table."""
         return [fmt(self.final("train_loss"), ".4f"), fmt(self.final("train_acc"), accuracy, "%"),
                 fmt(self.final("test_acc"), accuracy, "%")]
-
-    def as_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "train_time": self.train_time}
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -237,7 +230,7 @@ class Context:
             progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")),
         ).history
         return Run(label, model, dict(kwargs), framework, size, convs, {k: list(v) for k, v in history.items()},
-                   out_dir)
+                   out_dir, float(sum(history["epoch_time"])))
 
 
 @dataclasses.dataclass

@@ -71,7 +71,7 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
              "the trajectories drift apart as training amplifies rounding differences; --dtype float64 shows them "
              "agree."]
     results = {"model": model, "model_kwargs": model_kwargs, "dtype": dtype, "recipe": dataclasses.asdict(recipe),
-               "data": ctx.data_note, "runs": {fw: r.as_json() for fw, r in runs.items()}, "timing": timing,
+               "data": ctx.data_note, "runs": {fw: dataclasses.asdict(r) for fw, r in runs.items()}, "timing": timing,
                "max_train_loss_difference": loss_gap, "test_acc_difference": acc_gap}
     return Report("Flax vs PyTorch: same weights, same batches", table, results, [figure], notes)
 

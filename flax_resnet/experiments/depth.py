@@ -64,7 +64,7 @@ def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[i
             f"{family} {fmt(d, '+.1f')} points" for family, d in drops.items())
             + " (degradation shows as a negative number for the plain network).")
     results = {"recipe": dataclasses.asdict(recipe), "data": ctx.data_note,
-               "runs": {family: [r.as_json() for r in runs] for family, (_, _, runs) in families.items()},
+               "runs": {family: [dataclasses.asdict(r) for r in runs] for family, (_, _, runs) in families.items()},
                "deep_minus_shallow_train_acc": drops}
     return Report("Depth: plain vs residual networks", table, results, [figure], notes)
 

@@ -42,7 +42,7 @@ def run_plain_vs_residual(recipe: Recipe, ctx: Context, *, n_blocks: int = 5) ->
              f"{ctx.framework}; {ctx.data_note}. Conv layers: 1 + 6n with n = {n_blocks} (1x1 projection shortcuts "
              "not counted)."]
     results = {"n_blocks": n_blocks, "recipe": dataclasses.asdict(recipe), "data": ctx.data_note,
-               "runs": {"plain": plain.as_json(), "resnet": resnet.as_json()},
+               "runs": {"plain": dataclasses.asdict(plain), "resnet": dataclasses.asdict(resnet)},
                "resnet_advantage_test_acc": advantage, "resnet_advantage_train_acc": train_gap}
     return Report(f"Plain vs residual, {plain.conv_layers} conv layers", table, results, [figure], notes)
 
