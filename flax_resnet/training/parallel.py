@@ -1,23 +1,18 @@
 """Data parallelism: one per-device step of ``flax_resnet.training.engine``, run on many devices (and hosts) two ways.
 
-The step is the engine's pure ``train_step`` / ``eval_step`` with its collectives named by one axis, ``AXIS``;
-only the wrapper that maps it over the devices differs: ``ShardMapRunner`` (``jax.jit`` + ``jax.shard_map`` over a
-1-D mesh, the path JAX recommends) or ``PmapRunner`` (``jax.pmap``, in maintenance since JAX 0.8).
+The step's collectives are named by one axis, ``AXIS``; only the wrapper that maps it over the devices differs:
+``ShardMapRunner`` (``jax.jit`` + ``jax.shard_map`` over a 1-D mesh, the path JAX recommends) or ``PmapRunner``
+(``jax.pmap``, in maintenance since JAX 0.8). Both give ``SingleDeviceRunner``'s numbers for the same global batch:
+every device holds the whole uint8 split and gathers its own contiguous share of each batch; loss and gradients are
+averaged over devices (``pmean``), metric sums added (``psum``), BatchNorm statistics taken over the global batch
+(``bn_sync=True``). Eval batches are padded up to a multiple of the device count and the padding masked out.
 
-Both give the same numbers as ``SingleDeviceRunner`` with the same global batch: every device holds the whole
-uint8 split and gathers its own contiguous share of each global batch (device d of N takes plan positions
-[start + d*size/N, start + (d+1)*size/N)); the loss and gradients are averaged over devices (``pmean``), the
-metric sums added (``psum``), and BatchNorm statistics are computed over the global batch (``bn_sync=True``).
-Eval batches of any size are padded up to a multiple of the device count and the padding masked out.
+``bn_sync=False`` keeps BatchNorm statistics per device, like torch DDP without SyncBatchNorm; as DDP broadcasts rank
+0's buffers before each forward pass (``broadcast_buffers=True``), the runner broadcasts device 0's after each step,
+so what is checkpointed and evaluated is what rank 0 of a DDP run would have.
 
-``bn_sync=False`` computes BatchNorm statistics per device, like torch DDP without SyncBatchNorm. The devices'
-running statistics then drift apart; as DDP (``broadcast_buffers=True``, its default) broadcasts rank 0's buffers
-before each forward pass, the runner broadcasts **device 0's** after each step, so what is checkpointed and
-evaluated is what rank 0 of a DDP run would save and evaluate with.
-
-Multi-host: after ``training.distributed.initialize`` the mesh spans the devices of all processes, grouped by
-process; each process puts the same (seeded) state and data, and its devices compute only their shares.
-``get_state`` returns globally replicated ``jax.Array``s; the checkpoint store writes process 0's copy.
+Multi-host (after ``training.distributed.initialize``): the mesh spans all processes' devices, grouped by process;
+each process puts the same (seeded) state and data, and ``get_state`` returns globally replicated arrays.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import PARALLEL_KINDS, ParallelKind, Recipe
 from flax_resnet.training import engine
-from flax_resnet.training.engine import Metrics, TrainState
+from flax_resnet.training.engine import TrainState
 from flax_resnet.training.runners import (
     Runner,
     RunnerState,
@@ -102,49 +97,42 @@ def _broadcast_from_device0(tree, axis_name: str):
                         if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
 
 
-def _is_key(x) -> bool:
-    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 # ------------------------------------------------------------------------------------------ placement helpers
 def default_devices() -> list[jax.Device]:
     """All devices of all processes, grouped by process, so each host's devices take contiguous batch shares."""
     return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
 
 
-def _unkey(x) -> tuple[object, object]:
-    """A PRNG key array as its raw data and its impl; any other value as it is, with None."""
-    if isinstance(x, jax.Array) and _is_key(x):
-        return jax.random.key_data(x), jax.random.key_impl(x)
-    return x, None
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _host_value(x) -> tuple[np.ndarray, object]:
-    """A leaf as host numpy (this process's copy of a replicated global array) and its PRNG impl, if a key."""
-    x, impl = _unkey(x)
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if not x.is_fully_replicated:
-            raise ValueError(f"expected a replicated array, got one sharded as {x.sharding}")
-        x = x.addressable_data(0)
-    return np.asarray(x), impl
+def _via_key_data(fn: Callable, x):
+    """``fn(x)``; for a PRNG key array, ``fn`` of its raw data, wrapped back into keys of the same impl."""
+    if not _is_key(x):
+        return fn(x)
+    return jax.random.wrap_key_data(fn(jax.random.key_data(x)), impl=jax.random.key_impl(x))
 
 
-def _rewrap(x: jax.Array, impl) -> jax.Array:
-    return x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+def _local_copy(x) -> np.ndarray:
+    """This process's copy of a replicated leaf, as host numpy."""
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x)
 
 
 def _replicate(x, sharding: NamedSharding):
-    """A leaf as a replicated array on ``sharding``'s devices; a no-op when it is one already.
-
-    In one process this is a device-to-device copy; with several, each process contributes its own copy of the
-    value (they are equal: same seed, same checkpoint), which is how a replicated global array is made.
-    """
-    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    """A leaf replicated on ``sharding``'s devices; a no-op when it is already. With several processes each
+    contributes its own copy (they are equal: same seed, same checkpoint), which is how a replicated global array
+    is made."""
+    if isinstance(x, jax.Array) and x.committed and x.sharding.is_equivalent_to(sharding, x.ndim):
         return x
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
-    value, impl = _host_value(x)
-    return _rewrap(jax.make_array_from_process_local_data(sharding, value, value.shape), impl)
+
+    def make(value):
+        value = _local_copy(value)
+        return jax.make_array_from_process_local_data(sharding, value, value.shape)
+
+    return _via_key_data(make, x)
 
 
 class _DataParallel(Runner):
@@ -158,8 +146,7 @@ class _DataParallel(Runner):
         self.num_devices = len(self.devices)
         self.platform = self.devices[0].platform  # the speed measures of ``runners.step_graph`` follow it
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.inputs = self.replicated  # where data, plan and metrics go (pmap: host-local arrays)
+        self.replicated = self.sharding = NamedSharding(self.mesh, P())  # pmap: host-local arrays (PmapRunner)
 
     # The per-device steps both wrappers map over the devices, with their collectives over ``AXIS``.
     def _train_impl(self, state, metrics, data, plan, start, *, size):
@@ -192,12 +179,7 @@ class _DataParallel(Runner):
     def _put(self, tree):
         """Replicated on every device: the state, the epoch plan, the metric sums, and the whole data split (150 MB
         of uint8 for CIFAR-10), from which each device gathers its own share of a batch."""
-        return jax.tree.map(lambda x: _replicate(x, self.inputs), tree)
-
-    def _put_metrics(self, metrics: Metrics) -> Metrics:
-        if isinstance(metrics.count, jax.Array) and metrics.count.sharding.is_equivalent_to(self.inputs, 0):
-            return metrics
-        return self._put(metrics)
+        return jax.tree.map(lambda x: _replicate(x, self.sharding), tree)
 
 
 # ------------------------------------------------------------------------------------------ shard_map
@@ -225,7 +207,7 @@ class PmapRunner(_DataParallel):
         super().__init__(*args, **kwargs)
         self.stacked = NamedSharding(self.mesh.local_mesh, P(AXIS))
         # pmap takes and returns host-local arrays (this process's devices) and makes them global itself
-        self.inputs = NamedSharding(self.mesh.local_mesh, P())
+        self.sharding = NamedSharding(self.mesh.local_mesh, P())
 
     def _wrap(self, fn, train: bool, donate_argnums):
         return jax.pmap(fn, AXIS, in_axes=(0,) + (None,) * (4 if train else 3), out_axes=(0, None) if train else None,
@@ -236,22 +218,22 @@ class PmapRunner(_DataParallel):
         n = len(self.stacked.addressable_devices)
 
         def stack(x):
-            value, impl = _host_value(x)
-            return _rewrap(jax.device_put(np.broadcast_to(value[None], (n, *value.shape)), self.stacked), impl)
+            value = _local_copy(x)
+            return jax.device_put(np.broadcast_to(value[None], (n, *value.shape)), self.stacked)
 
-        return self.leaves.flatten(jax.tree.map(stack, state))
+        leaves, self.treedef = jax.tree.flatten(jax.tree.map(lambda x: _via_key_data(stack, x), state))
+        return leaves
 
     def get_state(self, state: RunnerState) -> TrainState:
         """Row 0 of the stacked state as globally replicated ``jax.Array``s (what a checkpoint holds)."""
 
         def unstack(x):
-            x, impl = _unkey(x)
             shape = x.shape[1:]
             rows = {s.device: s.data.reshape(shape) for s in x.addressable_shards}
             arrays = [rows[d] for d in self.replicated.addressable_devices_indices_map(shape)]
-            return _rewrap(jax.make_array_from_single_device_arrays(shape, self.replicated, arrays), impl)
+            return jax.make_array_from_single_device_arrays(shape, self.replicated, arrays)
 
-        return jax.tree.map(unstack, self.leaves.unflatten(state))
+        return jax.tree.map(lambda x: _via_key_data(unstack, x), super().get_state(state))
 
 
 # ------------------------------------------------------------------------------------------ factory
@@ -273,18 +255,11 @@ def make_runner(kind: ParallelKind, graphdef: nnx.GraphDef, tx: optax.GradientTr
     return cls(graphdef, tx, recipe, dtype=dtype, bn_sync=bn_sync, devices=devices)
 
 
-# ------------------------------------------------------------------------------------------ command line
-def runner_factory(kind: ParallelKind = "auto", *, bn_sync: bool = True,
-                   devices: Sequence[jax.Device] | None = None) -> Callable[..., Runner]:
-    """``make_runner`` with the parallel choices bound: ``factory(graphdef, tx, recipe, dtype=dtype)``, the form
-    ``flax_resnet.training.train(runner=...)`` accepts."""
-    return functools.partial(make_runner, kind, bn_sync=bn_sync, devices=devices)
-
-
 def runner_factory_from_args(args: argparse.Namespace) -> Callable[..., Runner]:
-    """``runner_factory`` from the flags of ``commands.add_parallel_arguments``."""
-    return runner_factory(args.parallel, bn_sync=args.bn_sync == "on")
+    """``make_runner`` with the flags of ``commands.add_parallel_arguments`` bound: ``factory(graphdef, tx, recipe,
+    dtype=dtype)``, the form ``flax_resnet.training.train(runner=...)`` accepts."""
+    return functools.partial(make_runner, args.parallel, bn_sync=args.bn_sync == "on")
 
 
 __all__ = ["AXIS", "PARALLEL_KINDS", "ParallelKind", "PmapRunner", "ShardMapRunner", "default_devices", "make_runner",
-           "runner_factory", "runner_factory_from_args", "validate_batch_sizes", "with_bn_axis", "BatchSizeError"]
+           "runner_factory_from_args", "validate_batch_sizes", "with_bn_axis", "BatchSizeError"]

@@ -41,43 +41,6 @@ RunnerState = list[jax.Array]
 """The state as a runner holds it between ``put_state`` and ``get_state``: the ``TrainState``'s leaves."""
 
 
-class StateLeaves:
-    """Keeps the ``TrainState`` as a flat list of its arrays in the hot path.
-
-    Why: the ``TrainState``'s ``nnx.State`` holds ~190 ``nnx.Variable`` objects, and jit flattens its pytree
-    arguments and rebuilds its outputs in Python on every call: about 5 ms per step (measured, ``cProfile``:
-    ``nnx.Variable`` unflattening). A list of arrays is flattened in C++ in microseconds. The runners therefore
-    pass the leaves to their compiled steps and rebuild the ``TrainState`` inside the traced function, where the
-    NNX objects exist at trace time only. ``put_state`` records the structure; ``get_state`` restores it.
-    """
-
-    def __init__(self) -> None:
-        self.treedef: jax.tree_util.PyTreeDef | None = None
-
-    def flatten(self, state: TrainState) -> RunnerState:
-        leaves, self.treedef = jax.tree.flatten(state)
-        return leaves
-
-    def unflatten(self, leaves: RunnerState) -> TrainState:
-        if self.treedef is None:
-            raise RuntimeError("the runner has no state yet: call put_state first")
-        return self.treedef.unflatten(leaves)
-
-    def wrap(self, step, train: bool):
-        """``step(state, ...)`` as ``(leaves, ...)``; a train step's new state (``(state, metrics)``) as leaves too."""
-
-        def on_leaves(leaves, *args):
-            out = step(self.unflatten(leaves), *args)
-            if not train:
-                return out
-            new_leaves, treedef = jax.tree.flatten(out[0])
-            if treedef != self.treedef:  # trace time only: a changed structure would scramble the leaves
-                raise ValueError(f"the step changed the state's structure:\n{treedef}\n!=\n{self.treedef}")
-            return new_leaves, out[1]
-
-        return on_leaves
-
-
 def gather_uint8(data: DeviceData, plan: EpochPlan, start, size: int, augment: bool) -> tuple[jax.Array, jax.Array]:
     """The uint8 NHWC batch at plan positions [start, start + size), cropped and flipped when ``augment``;
     ``start`` may be traced. ``torch_ref.data.gather`` computes the same bytes in torch."""
@@ -115,23 +78,22 @@ def step_graph(graphdef: nnx.GraphDef, state: TrainState, platform: str) -> nnx.
 
 class Runner:
     """What the training loop needs from a way of running steps (the loop calls every public method), and what
-    every runner shares: the state held as leaves (``StateLeaves``), the steps compiled once per batch size, and
-    their argument conversion. A subclass says where arrays go (``_put``, ``_put_metrics``) and how its
-    per-device steps ``_train_impl`` / ``_eval_impl`` are compiled (``_wrap``).
+    every runner shares. A subclass says where arrays go (``sharding``, ``_put``) and how its per-device steps
+    ``_train_impl`` / ``_eval_impl`` are compiled (``_wrap``), once per batch size.
 
     ``check_batch_sizes`` comes first, before anything is compiled, so that a batch size the devices cannot share
-    fails in seconds (``parallel.BatchSizeError``, naming a batch size that works). ``put_state`` returns the
-    runner's own form of the state (a ``RunnerState``): pass it only to ``train_step``, ``eval_step`` and
-    ``get_state``, which gives one host-readable ``TrainState`` back (for checkpoints, export, porting).
-    ``put_plan`` puts an epoch's NumPy plan where the steps read it, once per epoch; ``zero_metrics`` gives fresh
-    metric sums, already where the steps keep them.
+    fails in seconds (``parallel.BatchSizeError``). ``put_state`` returns the state as a flat list of its arrays
+    (a ``RunnerState``), which the compiled steps take and give back, rebuilding the ``TrainState`` only inside the
+    trace: jit flattening and rebuilding its ~190 ``nnx.Variable`` objects cost ~5 ms of Python per step
+    (BENCHMARKS.md). ``get_state`` gives one host-readable ``TrainState`` back (for checkpoints, export, porting).
     """
 
     num_devices = 1
+    sharding: jax.sharding.Sharding  # where data, plan and metric sums go
 
     def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe, dtype):
         self.graphdef, self.tx, self.recipe, self.dtype = graphdef, tx, recipe, dtype
-        self.leaves = StateLeaves()
+        self.treedef: jax.tree_util.PyTreeDef | None = None  # the TrainState's, set by put_state
         self._steps: dict[tuple[bool, int], Callable] = {}
 
     def _step(self, train: bool, size: int) -> Callable:
@@ -141,8 +103,13 @@ class Runner:
                              "this up front)")
         if (train, size) not in self._steps:
             impl = functools.partial(self._train_impl if train else self._eval_impl, size=size)
-            self._steps[train, size] = self._wrap(self.leaves.wrap(impl, train), train,
-                                                  donate_argnums=(0, 1) if train else (1,))
+
+            def on_leaves(leaves, *args):
+                out = impl(self.treedef.unflatten(leaves), *args)
+                # a train step's new state as leaves; flatten_up_to raises (at trace time) if its structure changed
+                return (self.treedef.flatten_up_to(out[0]), out[1]) if train else out
+
+            self._steps[train, size] = self._wrap(on_leaves, train, donate_argnums=(0, 1) if train else (1,))
         return self._steps[train, size]
 
     def check_batch_sizes(self, num_examples: int, batch_size: int) -> None:
@@ -152,7 +119,8 @@ class Runner:
         return DeviceData(*self._put((np.asarray(images), np.asarray(labels).astype(np.int32))))
 
     def put_state(self, state: TrainState) -> RunnerState:
-        return self.leaves.flatten(self._put(state))
+        leaves, self.treedef = jax.tree.flatten(self._put(state))
+        return leaves
 
     def put_plan(self, plan: EpochPlan) -> EpochPlan:
         return EpochPlan(*self._put(tuple(np.asarray(x) for x in plan)))
@@ -161,7 +129,16 @@ class Runner:
         return self._put_metrics(zero_metrics(self.dtype))
 
     def get_state(self, state: RunnerState) -> TrainState:
-        return self.leaves.unflatten(state)
+        return self.treedef.unflatten(state)
+
+    def _put_metrics(self, metrics: Metrics) -> Metrics:
+        # Fresh sums (zero_metrics) are uncommitted arrays and the step's outputs committed ones: jit keys its cache
+        # on that, so fresh ones are put first (else every epoch's second step compiles again); the steps' own
+        # outputs pass through untouched (no per-step copy).
+        count = metrics.count
+        if isinstance(count, jax.Array) and count.committed and count.sharding.is_equivalent_to(self.sharding, 0):
+            return metrics
+        return self._put(metrics)
 
     # ``start`` goes in as a NumPy scalar: ``jnp.int32(start)`` would dispatch a conversion of its own every step.
     def train_step(self, state: RunnerState, metrics: Metrics, data: DeviceData, plan: EpochPlan, start: int,
@@ -171,9 +148,8 @@ class Runner:
     def eval_step(self, state: RunnerState, metrics: Metrics, data: DeviceData, start: int, size: int) -> Metrics:
         return self._step(False, size)(state, self._put_metrics(metrics), data, np.int32(start))
 
-    # Ahead-of-time lowering of the very functions ``train_step`` / ``eval_step`` run, with their arguments, for
-    # tools that want the compile time or XLA's cost analysis without running a step (``flax_resnet.bench``):
-    # ``.compile()`` the result, then e.g. ``.cost_analysis()``. Nothing is executed or donated.
+    # Ahead-of-time lowering of the very functions ``train_step`` / ``eval_step`` run, for tools that want the
+    # compile time or XLA's cost analysis without running a step (``flax_resnet.bench``); nothing is executed.
     def lower_train_step(self, state, metrics, data, plan, start, size) -> jax.stages.Lowered:
         return self._step(True, size).lower(state, self._put_metrics(metrics), data, plan, np.int32(start))
 
@@ -188,6 +164,7 @@ class SingleDeviceRunner(Runner):
                  dtype=jnp.float32, device: jax.Device | None = None):
         super().__init__(graphdef, tx, recipe, dtype)
         self.device = device or jax.devices()[0]
+        self.sharding = jax.sharding.SingleDeviceSharding(self.device)
 
     def _wrap(self, fn, train: bool, donate_argnums) -> Callable:
         return jax.jit(fn, donate_argnums=donate_argnums, compiler_options=cpu.compiler_options(self.device))
@@ -204,15 +181,7 @@ class SingleDeviceRunner(Runner):
         return metrics + engine.eval_step(graphdef, state, images, labels, mask)
 
     def _put(self, tree):
-        return jax.device_put(tree, self.device)
-
-    def _put_metrics(self, metrics: Metrics) -> Metrics:
-        # Fresh sums (zero_metrics) are uncommitted arrays and the step's outputs committed ones: jit keys its
-        # cache on that, so without this the second step of every epoch would compile the step again. The
-        # step's own outputs pass through untouched (no per-step copy).
-        if isinstance(metrics.count, jax.Array) and metrics.count.committed:
-            return metrics
-        return self._put(metrics)
+        return jax.device_put(tree, self.sharding)
 
 
 def zero_metrics(dtype=jnp.float32) -> Metrics:
