@@ -1,25 +1,16 @@
-"""Speed measures for XLA:CPU, in one place: the runners apply them, nothing else knows about them.
+"""Speed measures for XLA:CPU, in one place: the runners apply them, nothing else knows about them. Measured on the
+project's 2-core AMD EPYC machines with ResNet-20 at batch 128 (BENCHMARKS.md, "CPU speed log" has the detail):
 
-Three measures, each measured on the project's 2-core AMD EPYC machines (AVX2 + FMA, no AVX-512) with ResNet-20
-at batch 128 (BENCHMARKS.md, "CPU speed log"):
-
-- ``tune_allocator``: glibc keeps freed memory for reuse. XLA:CPU allocates each execution's temporary buffer
-  (295 MB for ResNet-20 at batch 128) and frees it afterwards; glibc serves such requests with a fresh ``mmap``
-  and returns them with ``munmap``, so every step page-faulted the whole buffer back in: 75,000 page faults and
-  150 ms of kernel time per step (389 -> 338 ms/step with the tuning). Process-wide, so the command line calls it
-  first thing (the library never changes the process on its own).
-- ``compiler_options``: per-``jax.jit`` XLA options. Convolutions go to Eigen, which runs them on all cores,
-  instead of YNNPACK (XLA's default for convolutions of more than 16 channels), which ran them on one thread here
-  and was 1.5-3x slower per weight gradient; YNNPACK keeps the reductions (BatchNorm statistics), where XLA's own
-  code is 5x slower; the concurrency-optimised scheduler lets independent ops overlap. 0.71x -> 0.84x torch eager.
-  These are experimental XLA flags: a jaxlib that renames or drops one would make every compile fail, so they
-  are tried once on a tiny function and dropped, with one warning, when the running jaxlib refuses them.
-- ``materialize_conv_inputs``: the input of every convolution kept as a buffer. XLA:CPU computes a convolution's
-  weight gradient on transposed copies of its input and fuses the whole cheap elementwise chain that produced the
-  input (BatchNorm, ReLU, the residual additions of all earlier blocks) into that transpose, where it is recomputed
-  with a cache-hostile access pattern: about half of the train step. An identity gather is an "expensive" op to
-  XLA, which will not duplicate it into the transpose (``optimization_barrier`` does not work: XLA:CPU removes it
-  before fusion). 503 -> 338 ms/step. GPUs (cuDNN takes NHWC gradients directly) do not need it.
+- ``tune_allocator``: glibc keeps freed memory for reuse. Otherwise it serves XLA's per-step temporary buffer
+  (295 MB) with a fresh ``mmap`` and unmaps it afterwards, and every step page-faults it back in: 389 -> 338
+  ms/step. Process-wide, so the command line calls it first thing (the library never changes the process itself).
+- ``compiler_options``: convolutions on Eigen (all cores) instead of YNNPACK (one thread here, 1.5-3x slower per
+  weight gradient), reductions kept on YNNPACK, and the concurrency-optimised scheduler: 0.71x -> 0.84x torch eager.
+  They are experimental XLA flags: a jaxlib that refuses them would fail every compile, so they are tried once on a
+  tiny function and dropped, with one warning.
+- ``materialize_conv_inputs``: each convolution's input kept as a buffer, so XLA:CPU does not recompute the whole
+  BatchNorm/ReLU/residual chain inside the transposes of the weight gradient (an identity gather is an op XLA will
+  not duplicate; ``optimization_barrier`` is removed before fusion): 503 -> 338 ms/step. GPUs do not need it.
 """
 
 from __future__ import annotations
@@ -46,9 +37,9 @@ _ALLOCATOR_TUNED: dict[str, int] | None = None
 
 
 def tune_allocator() -> dict[str, int] | None:
-    """One glibc arena, no mmap, a 2 GB trim threshold (see the module docstring); call first thing, before JAX
-    runs anything: only the allocations made afterwards profit. Linux/glibc only, idempotent;
-    ``FLAX_RESNET_MALLOC=default`` opts out. Returns the settings applied, or None when nothing was done."""
+    """One glibc arena, no mmap, a 2 GB trim threshold; call it before JAX runs anything (only later allocations
+    profit). Linux/glibc only, idempotent; ``FLAX_RESNET_MALLOC=default`` opts out. Returns the settings applied,
+    or None."""
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED is not None or os.environ.get("FLAX_RESNET_MALLOC") == "default":
         return _ALLOCATOR_TUNED

@@ -1,13 +1,9 @@
-"""Multi-host start-up: ``jax.distributed.initialize`` with explicit flags or the cluster's own environment.
-
-Every process calls ``initialize`` first, before anything touches a JAX device; then the runners of
-``training.parallel`` train on the devices of all processes. Only the main process (``is_main_process``) writes
-history, plots, logs and checkpoints (every process meets at the checkpoint store's barriers).
+"""Multi-host start-up: ``jax.distributed.initialize`` with explicit flags or the cluster's own environment, called by
+every process before anything touches a JAX device. Only the main process writes outputs.
 
 Process 0 serves the coordinator at ``--coordinator HOST:PORT``; the others first probe that port themselves for
-``timeout_s`` seconds. Why: when XLA's coordination client times out it does not raise, it terminates the process
-(a fatal log, "DEADLINE_EXCEEDED ... RegisterTask"), so a ``DistributedInitError`` naming the address and what to
-check is only possible before handing over to it. Past the probe, JAX's ``initialization_timeout`` bounds the wait.
+``timeout_s`` seconds, because XLA's coordination client does not raise on a timeout but terminates the process
+("DEADLINE_EXCEEDED ... RegisterTask"): a ``DistributedInitError`` naming the address is only possible before.
 """
 
 from __future__ import annotations
@@ -65,9 +61,7 @@ def wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int | N
             time.sleep(min(0.5, remaining))
 
 
-# How much longer JAX's own timeout is than ``on_timeout``'s: JAX ends the process with a C++ abort (exit 134, a
-# stack trace) when process 0's peers do not arrive in time, so the named error must come first.
-ABORT_GRACE_S = 30
+ABORT_GRACE_S = 30  # JAX's own timeout (a C++ abort) comes this much after ``on_timeout``'s named error
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -75,12 +69,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """Join a multi-process JAX run; returns whether one was joined (``False``: a plain single process).
 
     Give all three of ``coordinator``, ``num_processes`` and ``process_id``, or none: then a detected launcher
-    (SLURM's ``srun``, Open MPI's ``mpirun``, ``JAX_COORDINATOR_ADDRESS``) lets JAX fill them in (under SLURM it
-    also pins each process to the GPU of its ``SLURM_LOCALID``: launch one task per GPU).
-
-    ``on_timeout(error)`` is called from a watchdog thread if joining takes longer than ``timeout_s`` (process 0
-    waiting for peers that never come), ahead of JAX's own abort with a C++ stack trace: a command line passes a
-    function that reports ``error`` and exits.
+    (SLURM's ``srun``: one task per GPU, each pinned to its ``SLURM_LOCALID``; Open MPI's ``mpirun``;
+    ``JAX_COORDINATOR_ADDRESS``) lets JAX fill them in. ``on_timeout(error)`` is called from a watchdog thread if
+    joining takes longer than ``timeout_s`` (process 0 waiting for peers that never come), ahead of JAX's own abort
+    with a C++ stack trace: a command line reports ``error`` and exits.
     """
     given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     cluster = detect_cluster()

@@ -1,10 +1,8 @@
-"""The training engine's pure core: optimiser, batch stream, augmentation, train and eval steps.
+"""The training engine's pure core: optimiser, augmentation and normalisation, train and eval steps.
 
 Everything here is a pure function of arrays, so one step serves one device (``jax.jit``), ``jax.pmap`` and
-``jax.jit`` + ``jax.shard_map``: collectives are named by ``axis_name`` and skipped when it is ``None``.
-
-The batch stream is data too (``flax_resnet.plan``): the runners put an epoch's plan on the device and gather,
-augment (``augment``) and normalise (``normalize``) each batch there, inside the compiled step.
+``jax.jit`` + ``jax.shard_map``: collectives are named by ``axis_name`` and skipped when it is ``None``. The runners
+gather each batch from the epoch plan (``flax_resnet.data.plan``) on the device, inside the compiled step.
 """
 
 from __future__ import annotations
@@ -45,10 +43,7 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """Split an NNX model into its static graph and a pure ``TrainState``.
-
-    The NNX graph is traversed here and once per trace inside the steps, never per step at run time.
-    """
+    """Split an NNX model into its static graph and a pure ``TrainState``."""
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     return graphdef, TrainState(params, model_state, tx.init(params), jnp.zeros((), jnp.int32))
 
@@ -88,8 +83,7 @@ def augment(images_u8: jax.Array, offsets: jax.Array, flips: jax.Array) -> jax.A
 
 
 # ---------------------------------------------------------------------------------------------- steps
-# ``Metrics.first_nonfinite`` when every loss was finite: larger than any step count.
-NO_STEP = np.iinfo(np.int32).max
+NO_STEP = np.iinfo(np.int32).max  # ``Metrics.first_nonfinite`` when every loss was finite
 
 
 class Metrics(NamedTuple):
@@ -105,7 +99,7 @@ class Metrics(NamedTuple):
     correct: jax.Array
     count: jax.Array
     batches: jax.Array
-    first_nonfinite: jax.Array  # min over steps, see above
+    first_nonfinite: jax.Array
 
     def __add__(self, other: Metrics) -> Metrics:  # type: ignore[override]
         sums = (a + b for a, b in zip(self[:-1], other[:-1], strict=True))

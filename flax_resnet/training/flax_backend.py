@@ -22,7 +22,7 @@ from flax_resnet.dtypes import cast_floating
 from flax_resnet.recipes import Recipe, RunConfig
 from flax_resnet.training import engine
 from flax_resnet.training.engine import Metrics, TrainState
-from flax_resnet.training.loop import EpochResult
+from flax_resnet.training.loop import EpochResult, StepHook
 from flax_resnet.training.runners import Runner, SingleDeviceRunner
 
 __all__ = ["FlaxBackend", "RunnerFactory", "epoch_result"]
@@ -57,8 +57,6 @@ def epoch_result(recipe: Recipe, sums: Mapping[str, float], first_step: int) -> 
 class FlaxBackend:
     """Trains an NNX model (cast to the config's dtype; it holds the trained state after ``finish``)."""
 
-    framework = "jax"
-
     def __init__(self, model: nnx.Module, config: RunConfig, runner: Runner | RunnerFactory | None = None):
         dtype = jnp.dtype(config.dtype)
         if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
@@ -75,7 +73,7 @@ class FlaxBackend:
         self.tx = engine.make_optimizer(recipe, self.spe)
         self.graphdef, self._template = engine.init_train_state(self.model, self.tx)
         runner = self._runner_arg or SingleDeviceRunner
-        if isinstance(runner, type) or not hasattr(runner, "train_step"):
+        if not isinstance(runner, Runner):
             runner = runner(self.graphdef, self.tx, recipe, dtype=self.dtype)
         self.runner: Runner = runner
         runner.check_batch_sizes(self.num_train, recipe.batch_size)  # before anything is compiled
@@ -83,8 +81,7 @@ class FlaxBackend:
         self.train_data = runner.put_data(train_images, train_labels)
         self.test_data = runner.put_data(test_images, test_labels) if self.num_test else None
 
-    def train_epoch(self, epoch: int, plan: EpochPlan, on_step: Callable[[int, Callable[[], float]], None]
-                    ) -> EpochResult:
+    def train_epoch(self, epoch: int, plan: EpochPlan, on_step: StepHook) -> EpochResult:
         runner, recipe = self.runner, self.config.recipe
         device_plan = runner.put_plan(plan)
         metrics = runner.zero_metrics()

@@ -1,19 +1,11 @@
 """The training loop, written once for both frameworks: epochs -> steps -> eval -> history -> checks -> checkpoint.
 
-A small ``Backend`` per framework (``flax_backend.FlaxBackend`` over a runner, ``torch_backend.TorchBackend`` over
-the notebooks' own loops) runs the steps. Per epoch: the epoch plan of ``(seed, epoch)`` (``flax_resnet.data.plan``;
-so a resumed run sees the batches an uninterrupted one would), the training steps, an evaluation over every test
-sample, then one row of history: ``train_loss`` (recipe.train_loss_mean 'samples': mean over samples, as notebook
-000's ``train_model``; 'batches': mean of batch losses, as notebook 004's ``train_epoch``), ``train_acc`` (percent
-of training samples classified right during the epoch, in train mode as both do), ``test_loss`` (mean over test
-batches of the batch-mean loss, as notebook 004's ``evaluate``) and ``test_acc`` (percent of test samples classified
-right, in eval mode), both null without a test set, ``epoch_time`` (seconds of training and evaluation; the first
-includes compilation), ``images_per_sec`` (of the training phase) and ``lr`` (torch's per-epoch scheduler value).
-
-A nan or inf loss stops the run with ``TrainError`` naming the epoch and step, before that epoch is saved. With an
-output directory, each epoch writes a checkpoint (``flax_resnet.store``: the backend's state as arrays, the
-``RunConfig`` and the history as metadata), then ``history.json`` and ``curves.png``. The library never prints:
-progress goes to the bar from ``progress``, epoch lines to ``log``.
+A ``Backend`` per framework (``flax_backend.FlaxBackend`` over a runner, ``torch_backend.TorchBackend`` over the
+notebooks' own loops) runs the steps on the epoch plan of ``(seed, epoch)`` (``flax_resnet.data.plan``), so a
+resumed run sees the batches an uninterrupted one would. Losses are averaged as the recipe's notebook does
+(``recipe.train_loss_mean``; the test loss as notebook 004's ``evaluate``), accuracies are in percent. A nan or inf
+loss stops the run with ``TrainError`` naming the epoch and step, before that epoch is saved. The library never
+prints: progress goes to the bar from ``progress``, epoch lines to ``log``.
 """
 
 from __future__ import annotations
@@ -74,7 +66,6 @@ class Backend(Protocol):
     processes meet (a no-op with one process); only the main process reports and writes outputs.
     """
 
-    framework: str
     is_main_process: bool
 
     def prepare(self, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
@@ -133,37 +124,16 @@ def epoch_summary(epoch: int, epochs: int, row: Mapping[str, Any]) -> str:
             f"({row['epoch_time']:.1f} s, {row['images_per_sec']:.0f} img/s, lr {row['lr']:.4g})")
 
 
-def _kept(store: CheckpointStore | None) -> str:
-    """What a stopped run leaves behind, for its error message."""
+def _diverged(what: str, store: CheckpointStore | None) -> TrainError:
+    """The error that stops a run whose loss became nan or inf, with what the run leaves behind."""
     if store is None:
-        return "no output directory was given, so nothing was written"
-    latest = store.latest
-    if latest is None:
-        return f"no checkpoint was written to {store.directory}"
-    return f"the last good checkpoint (epoch {latest}) in {store.directory} is kept"
-
-
-def _check_training(epoch: int, spe: int, result: EpochResult, store: CheckpointStore | None) -> None:
-    """Stop a run whose training loss became nan or inf, naming the epoch and step, before it is evaluated."""
-    if result.first_nonfinite is None and math.isfinite(result.loss):
-        return
-    where = f"epoch {epoch + 1}"
-    if result.first_nonfinite is not None:
-        step = result.first_nonfinite
-        where += f", step {step + 1} of {spe} (optimizer step {epoch * spe + step + 1})"
-    kind = "inf" if math.isinf(result.loss) else "nan"
-    raise TrainError(f"training diverged: the training loss became {kind} at {where}. This epoch was not saved; "
-                     f"{_kept(store)}. Lower --lr (or check the data), then start over with --overwrite or continue "
-                     "from the last checkpoint with --resume.")
-
-
-def _check_test_loss(epoch: int, test_loss: float, store: CheckpointStore | None) -> None:
-    """Weights that went non-finite in the epoch's last update show up only in the test loss."""
-    if not math.isfinite(test_loss):
-        raise TrainError(f"training diverged: the weights after epoch {epoch + 1} give a non-finite test loss "
-                         f"({test_loss}) although every training loss of the epoch was finite. This epoch was not "
-                         f"saved; {_kept(store)}. Lower --lr, then start over with --overwrite or continue from the "
-                         "last checkpoint with --resume.")
+        kept = "no output directory was given, so nothing was written"
+    elif store.latest is None:
+        kept = f"no checkpoint was written to {store.directory}"
+    else:
+        kept = f"the last good checkpoint (epoch {store.latest}) in {store.directory} is kept"
+    return TrainError(f"training diverged: {what}. This epoch was not saved; {kept}. Lower --lr (or check the data), "
+                      "then start over with --overwrite or continue from the last checkpoint with --resume.")
 
 
 def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_labels: np.ndarray,
@@ -253,11 +223,21 @@ def _epoch(backend: Backend, config: RunConfig, epoch: int, spe: int, num_train:
     t0 = time.perf_counter()
     result = backend.train_epoch(epoch, plans.epoch_plan(config.seed, epoch, num_train), step_done)
     train_time = time.perf_counter() - t0
-    _check_training(epoch, spe, result, store)
+    if result.first_nonfinite is not None or not math.isfinite(result.loss):
+        where = f"epoch {epoch + 1}"
+        if result.first_nonfinite is not None:
+            step = result.first_nonfinite
+            where += f", step {step + 1} of {spe} (optimizer step {epoch * spe + step + 1})"
+        kind = "inf" if math.isinf(result.loss) else "nan"
+        raise _diverged(f"the training loss became {kind} at {where}", store)
     test_loss = test_acc = None
     if num_test:
         test_loss, test_acc = backend.evaluate()
-        _check_test_loss(epoch, test_loss, store)
+        if not math.isfinite(test_loss):  # weights that went non-finite in the epoch's last update show only here
+            raise _diverged(f"the weights after epoch {epoch + 1} give a non-finite test loss ({test_loss}) although "
+                            "every training loss of the epoch was finite", store)
+    # epoch_time: training and evaluation (the first includes compilation); images_per_sec: the training phase;
+    # lr: torch's per-epoch scheduler value
     return {"train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss, "test_acc": test_acc,
             "epoch_time": time.perf_counter() - t0, "images_per_sec": result.count / max(train_time, 1e-9),
             "lr": float(epoch_learning_rate(config.recipe, epoch))}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch.nn as nn
 from flax_resnet import codecs
 from flax_resnet.data.plan import EpochPlan, steps_per_epoch
 from flax_resnet.recipes import RunConfig
-from flax_resnet.training.loop import EpochResult
+from flax_resnet.training.loop import EpochResult, StepHook
 from torch_ref import train as notebook
 from torch_ref.data import PlannedBatches
 
@@ -34,7 +34,6 @@ class _Diverged(Exception):
 class TorchBackend:
     """Trains a torch ``nn.Module`` (moved to ``device`` and the config's dtype; trained in place)."""
 
-    framework = "torch"
     is_main_process = True
 
     def __init__(self, model: nn.Module, config: RunConfig, device: torch.device | str = "cpu"):
@@ -60,13 +59,9 @@ class TorchBackend:
                                           dtype=self.dtype, device=self.device)
         self.spe = steps_per_epoch(len(train_labels), recipe.batch_size)
 
-    def train_epoch(self, epoch: int, plan: EpochPlan, on_step: Callable[[int, Callable[[], float]], None]
-                    ) -> EpochResult:
-        recipe = self.config.recipe
-        if recipe.augment:
-            self.train_loader.set_plan(plan.permutation, plan.offsets, plan.flips)
-        else:
-            self.train_loader.set_plan(plan.permutation)
+    def train_epoch(self, epoch: int, plan: EpochPlan, on_step: StepHook) -> EpochResult:
+        augmentation = (plan.offsets, plan.flips) if self.config.recipe.augment else ()
+        self.train_loader.set_plan(plan.permutation, *augmentation)
         step = [0]
 
         def hook(loss: float) -> None:
