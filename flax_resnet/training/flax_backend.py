@@ -1,9 +1,5 @@
-"""The JAX/Flax side of the training loop: a ``runners.Runner`` driving the pure steps of ``engine``.
-
-Steps are dispatched back to back: metrics are summed on the device and read once per epoch, never per step
-(``runner_steps_do_no_host_work`` in the tests checks it). The runner decides placement and compilation (one
-device with ``jax.jit``, ``pmap``, ``shard_map``); this backend only feeds it plans and reads results.
-"""
+"""The JAX/Flax side of the training loop: a ``runners.Runner`` (placement and compilation) driving the pure steps of
+``engine``. Steps are dispatched back to back: metrics are summed on the device and read once per epoch."""
 
 from __future__ import annotations
 

@@ -59,11 +59,9 @@ class EpochResult:
 
 class Backend(Protocol):
     """What the loop needs from a framework, called in this order: ``prepare`` once (checks that must fail before
-    any compilation, e.g. a batch size the devices cannot share; puts the data where the steps read it),
-    ``load_state`` when resuming, then per epoch ``train_epoch``, ``evaluate`` (test loss as notebook 004's
-    ``evaluate`` defines it, accuracy in percent) and ``state`` (the whole training state as named host arrays plus
-    JSON-able extras, for the checkpoint), and ``finish`` (the trained model) at the end. ``barrier``: all
-    processes meet (a no-op with one process); only the main process reports and writes outputs.
+    any compilation, e.g. a batch size the devices cannot share), ``load_state`` when resuming, then per epoch
+    ``train_epoch``, ``evaluate`` and ``state`` (named host arrays plus JSON-able extras, for the checkpoint), and
+    ``finish`` (the trained model). ``barrier``: all processes meet; only the main process writes outputs.
     """
 
     is_main_process: bool

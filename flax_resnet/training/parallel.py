@@ -45,7 +45,6 @@ from flax_resnet.training.runners import (
 AXIS = "data"  # the one mesh / pmap axis every collective of the step names
 
 
-
 # ------------------------------------------------------------------------------------------ batch sizes
 class BatchSizeError(FlaxResnetError, ValueError):
     """A training batch that the devices cannot share evenly; the message names a batch size that works."""
@@ -182,7 +181,6 @@ class _DataParallel(Runner):
         return jax.tree.map(lambda x: _replicate(x, self.sharding), tree)
 
 
-# ------------------------------------------------------------------------------------------ shard_map
 class ShardMapRunner(_DataParallel):
     """``jax.jit`` + ``jax.shard_map`` over a 1-D mesh; state, data and metrics replicated on every device.
 
@@ -198,7 +196,6 @@ class ShardMapRunner(_DataParallel):
         return jax.jit(mapped, donate_argnums=donate_argnums)
 
 
-# ------------------------------------------------------------------------------------------ pmap
 class PmapRunner(_DataParallel):
     """``jax.pmap`` of the same device step: the state stacked with one row per local device (pmap's idiom),
     data, plan and metrics broadcast (``in_axes=None``; metrics come back unmapped, ``out_axes=None``)."""
@@ -236,7 +233,6 @@ class PmapRunner(_DataParallel):
         return jax.tree.map(lambda x: _via_key_data(unstack, x), super().get_state(state))
 
 
-# ------------------------------------------------------------------------------------------ factory
 def make_runner(kind: ParallelKind, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe, *,
                 dtype=jnp.float32, bn_sync: bool = True, devices: Sequence[jax.Device] | None = None) -> Runner:
     """The runner for ``kind`` on ``devices`` (default: ``default_devices()``); ``'auto'`` is shard_map when more

@@ -1,11 +1,9 @@
 """How the pure steps of ``flax_resnet.training.engine`` are run: the interface the training loop talks to.
 
-A runner owns placement (where the data and state live) and compilation (how the step is wrapped). The loop
-asks it for "the step at positions [start, start + size) of this epoch plan" and never touches devices itself,
-so one loop serves one device, ``pmap`` and ``shard_map`` (``flax_resnet.training.parallel``).
-
-Everything a step needs stays on the device: the whole split (uint8), the epoch plan, the running metric
-sums. The host only dispatches; it reads metrics once per epoch.
+A runner owns placement and compilation; the loop asks it for "the step at positions [start, start + size) of this
+epoch plan" and never touches devices itself, so one loop serves one device, ``pmap`` and ``shard_map``
+(``parallel``). Everything a step needs stays on the device (the whole uint8 split, the epoch plan, the metric
+sums): the host only dispatches, and reads metrics once per epoch.
 """
 
 from __future__ import annotations
@@ -78,7 +76,7 @@ def step_graph(graphdef: nnx.GraphDef, state: TrainState, platform: str) -> nnx.
 
 class Runner:
     """What the training loop needs from a way of running steps (the loop calls every public method), and what
-    every runner shares. A subclass says where arrays go (``sharding``, ``_put``) and how its per-device steps
+    every runner shares. A subclass says where arrays go (``sharding``) and how its per-device steps
     ``_train_impl`` / ``_eval_impl`` are compiled (``_wrap``), once per batch size.
 
     ``check_batch_sizes`` comes first, before anything is compiled, so that a batch size the devices cannot share
@@ -131,6 +129,9 @@ class Runner:
     def get_state(self, state: RunnerState) -> TrainState:
         return self.treedef.unflatten(state)
 
+    def _put(self, tree):
+        return jax.device_put(tree, self.sharding)
+
     def _put_metrics(self, metrics: Metrics) -> Metrics:
         # Fresh sums (zero_metrics) are uncommitted arrays and the step's outputs committed ones: jit keys its cache
         # on that, so fresh ones are put first (else every epoch's second step compiles again); the steps' own
@@ -179,9 +180,6 @@ class SingleDeviceRunner(Runner):
         images, labels, mask = gather_eval_batch(data, start, size, self.recipe, self.dtype)
         graphdef = step_graph(self.graphdef, state, self.device.platform)
         return metrics + engine.eval_step(graphdef, state, images, labels, mask)
-
-    def _put(self, tree):
-        return jax.device_put(tree, self.sharding)
 
 
 def zero_metrics(dtype=jnp.float32) -> Metrics:
