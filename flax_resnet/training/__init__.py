@@ -5,7 +5,6 @@ module trains in JAX/Flax (``flax_backend``, through a runner), a torch ``nn.Mod
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from flax import nnx
@@ -17,8 +16,6 @@ from flax_resnet.training.loop import (
     HISTORY_KEYS,
     PLOT_FILE,
     History,
-    ProgressFactory,
-    StepHook,
     TrainError,
     read_history,
     run,
@@ -38,10 +35,9 @@ class TrainResult:
 
 
 def train(model: Any, config: RunConfig, dataset: Any, *, runner: Any = None, device: Any = "cpu",
-          out_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-          max_to_keep: int | None = 3, progress: ProgressFactory | None = None, log: Any = None,
-          on_step: StepHook | None = None, title: str | None = None) -> TrainResult:
-    """Train ``model`` (changed in place) on a ``data.Dataset`` as ``config`` says; see ``loop.run`` for the rest.
+          **options: Any) -> TrainResult:
+    """Train ``model`` (changed in place) on a ``data.Dataset`` as ``config`` says; ``options`` are ``loop.run``'s
+    (``out_dir``, ``resume``, ``overwrite``, ``max_to_keep``, ``progress``, ``log``, ``on_step``, ``title``).
 
     ``runner``: for Flax models, a ``runners.Runner`` or a factory (default: one device with ``jax.jit``).
     ``device``: for torch models, where they train.
@@ -58,7 +54,6 @@ def train(model: Any, config: RunConfig, dataset: Any, *, runner: Any = None, de
 
         backend = TorchBackend(model, config, device=device)
     history = run(backend, config, dataset.train_images, dataset.train_labels, dataset.test_images,
-                  dataset.test_labels, out_dir=out_dir, resume=resume, overwrite=overwrite, max_to_keep=max_to_keep,
-                  progress=progress, log=log, on_step=on_step, title=title)
+                  dataset.test_labels, **options)
     trained = backend.finish()
     return TrainResult(trained, history, getattr(backend, "final_state", None))

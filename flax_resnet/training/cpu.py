@@ -19,7 +19,6 @@ import ctypes
 import functools
 import os
 import platform
-import sys
 import warnings
 
 import jax
@@ -43,7 +42,7 @@ def tune_allocator() -> dict[str, int] | None:
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED is not None or os.environ.get("FLAX_RESNET_MALLOC") == "default":
         return _ALLOCATOR_TUNED
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":
         return None
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -111,15 +111,11 @@ def _write_outputs(out_dir: Path, history: History, recipe: Recipe, title: str |
 
 
 def epoch_summary(epoch: int, epochs: int, row: Mapping[str, Any]) -> str:
-    """The notebooks' per-epoch line, with time and throughput."""
-
-    def show(v: Any, spec: str, unit: str = "") -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{unit}"
-
-    return (f"Epoch {epoch + 1}/{epochs}: Train Loss: {show(row['train_loss'], '.4f')}, "
-            f"Train Acc: {show(row['train_acc'], '.2f', '%')}, Test Loss: {show(row['test_loss'], '.4f')}, "
-            f"Test Acc: {show(row['test_acc'], '.2f', '%')} "
-            f"({row['epoch_time']:.1f} s, {row['images_per_sec']:.0f} img/s, lr {row['lr']:.4g})")
+    """The notebooks' per-epoch line, with time and throughput (n/a for the test values without a test set)."""
+    test = ("Test Loss: n/a, Test Acc: n/a" if row["test_loss"] is None
+            else f"Test Loss: {row['test_loss']:.4f}, Test Acc: {row['test_acc']:.2f}%")
+    return (f"Epoch {epoch + 1}/{epochs}: Train Loss: {row['train_loss']:.4f}, Train Acc: {row['train_acc']:.2f}%, "
+            f"{test} ({row['epoch_time']:.1f} s, {row['images_per_sec']:.0f} img/s, lr {row['lr']:.4g})")
 
 
 def _diverged(what: str, store: CheckpointStore | None) -> TrainError:

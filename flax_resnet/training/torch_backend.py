@@ -1,8 +1,6 @@
-"""The PyTorch side of the training loop: the notebooks' own loops (``torch_ref.train``) on the same batch stream.
-``torch_ref.data.PlannedBatches`` gathers and augments each epoch's plan (uint8 batches bit-identical to the Flax
-ones), then come notebook 000's ``train_one_epoch`` or 004's ``train_epoch`` (the recipe's loss definition),
-``evaluate`` and ``scheduler.step()``. Imported only for ``framework='torch'``.
-"""
+"""The PyTorch side of the training loop: the notebooks' own loops (``torch_ref.train``: 000's ``train_one_epoch``
+or 004's ``train_epoch`` as the recipe's loss definition says, ``evaluate``, ``scheduler.step()``) on the batches of
+``torch_ref.data.PlannedBatches``, bit-identical to the Flax ones. Imported only for ``framework='torch'``."""
 
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from flax_resnet import codecs
-from flax_resnet.data.plan import EpochPlan, steps_per_epoch
+from flax_resnet.data.plan import EpochPlan
 from flax_resnet.recipes import RunConfig
 from flax_resnet.training.loop import EpochResult, StepHook
 from torch_ref import train as notebook
@@ -57,7 +55,6 @@ class TorchBackend:
                                            dtype=self.dtype, device=self.device)
         self.test_loader = PlannedBatches(test_images, test_labels, recipe.eval_batch_size, recipe.mean, recipe.std,
                                           dtype=self.dtype, device=self.device)
-        self.spe = steps_per_epoch(len(train_labels), recipe.batch_size)
 
     def train_epoch(self, epoch: int, plan: EpochPlan, on_step: StepHook) -> EpochResult:
         augmentation = (plan.offsets, plan.flips) if self.config.recipe.augment else ()
