@@ -84,24 +84,22 @@ def train_and_eval(runner, recipe, data, state, plan, dtype, prefix: str) -> dic
     import jax
     import numpy as np
 
-    from flax_resnet.training.runners import zero_metrics
-
     train, test = runner.put_data(*data["train"]), runner.put_data(*data["test"])
     state = runner.put_state(state)
     plan = runner.put_plan(plan)
-    metrics, sums = zero_metrics(dtype), []
+    metrics, sums = runner.zero_metrics(), []
     for step in range(plan_lib.steps_per_epoch(NUM_TRAIN, BATCH)):
         start, stop = plan_lib.batch_bounds(step, NUM_TRAIN, BATCH)
         state, metrics = runner.train_step(state, metrics, train, plan, start, stop - start)
         sums.append(np.array([float(x) for x in jax.device_get(metrics)]))
-    evals = zero_metrics(dtype)
+    evals = runner.zero_metrics()
     for start in range(0, NUM_TEST, EVAL_BATCH):
         evals = runner.eval_step(state, evals, test, start, EVAL_BATCH)
     out = flat(prefix + "/state", runner.get_state(state))
     out[prefix + "/train_sums"] = np.stack(sums)
     out[prefix + "/eval_sums"] = np.array([float(x) for x in jax.device_get(evals)])
     try:  # a batch that does not split across the devices must fail before it runs
-        runner.train_step(state, zero_metrics(dtype), train, plan, 0, runner.num_devices + 1)
+        runner.train_step(state, runner.zero_metrics(), train, plan, 0, runner.num_devices + 1)
     except ValueError as e:
         out[prefix + "/odd_batch_error"] = np.array(str(e))
     return out

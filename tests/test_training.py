@@ -244,7 +244,7 @@ def test_runner_steps_do_no_host_work(tiny_dataset, make_recipe):
     assert isinstance(held, list) and all(isinstance(x, jax.Array) for x in held)
     assert jax.tree.structure(runner.get_state(held)) == jax.tree.structure(state)
     data = runner.put_data(tiny_dataset.train_images, tiny_dataset.train_labels)
-    device_plan = runner.put_plan(plan.epoch_plan(0, 0, data.size))
+    device_plan = runner.put_plan(plan.epoch_plan(0, 0, len(tiny_dataset.train_labels)))
     held, metrics = runner.train_step(held, runner.zero_metrics(), data, device_plan, 0, 16)  # compiles
 
     profiler = cProfile.Profile()

@@ -1,18 +1,12 @@
-"""Data parallelism: one per-device step of ``flax_resnet.training.engine``, run on many devices (and hosts) two ways.
+"""Data parallelism: one per-device step of ``flax_resnet.training.engine``, run on many devices (and hosts) two ways
+(README, "Several devices, several hosts"): ``ShardMapRunner`` (``jax.jit`` + ``jax.shard_map`` over a 1-D mesh) and
+``PmapRunner`` (``jax.pmap``, in maintenance since JAX 0.8), the step's collectives named by one axis, ``AXIS``.
 
-The step's collectives are named by one axis, ``AXIS``; only the wrapper that maps it over the devices differs:
-``ShardMapRunner`` (``jax.jit`` + ``jax.shard_map`` over a 1-D mesh, the path JAX recommends) or ``PmapRunner``
-(``jax.pmap``, in maintenance since JAX 0.8). Both give ``SingleDeviceRunner``'s numbers for the same global batch:
-every device holds the whole uint8 split and gathers its own contiguous share of each batch; loss and gradients are
-averaged over devices (``pmean``), metric sums added (``psum``), BatchNorm statistics taken over the global batch
-(``bn_sync=True``). Eval batches are padded up to a multiple of the device count and the padding masked out.
-
-``bn_sync=False`` keeps BatchNorm statistics per device, like torch DDP without SyncBatchNorm; as DDP broadcasts rank
-0's buffers before each forward pass (``broadcast_buffers=True``), the runner broadcasts device 0's after each step,
-so what is checkpointed and evaluated is what rank 0 of a DDP run would have.
-
-Multi-host (after ``training.distributed.initialize``): the mesh spans all processes' devices, grouped by process;
-each process puts the same (seeded) state and data, and ``get_state`` returns globally replicated arrays.
+Every device holds the whole uint8 split and gathers its own contiguous share of each global batch; eval batches are
+padded up to a multiple of the device count and the padding masked out. With ``bn_sync=False`` the runner broadcasts
+device 0's BatchNorm statistics after each step (DDP broadcasts rank 0's before each forward pass), so what is
+checkpointed and evaluated is what rank 0 of a DDP run would have. Multi-host: the mesh spans all processes' devices,
+grouped by process; each process puts the same (seeded) state and data.
 """
 
 from __future__ import annotations

@@ -30,10 +30,6 @@ class DeviceData(NamedTuple):
     images: jax.Array
     labels: jax.Array
 
-    @property
-    def size(self) -> int:
-        return int(self.labels.shape[0])
-
 
 RunnerState = list[jax.Array]
 """The state as a runner holds it between ``put_state`` and ``get_state``: the ``TrainState``'s leaves."""
@@ -124,7 +120,10 @@ class Runner:
         return EpochPlan(*self._put(tuple(np.asarray(x) for x in plan)))
 
     def zero_metrics(self) -> Metrics:
-        return self._put_metrics(zero_metrics(self.dtype))
+        """Fresh metric sums where the steps keep them, each its own buffer (the steps donate them), the losses in
+        the loss dtype (float64 runs keep float64 losses)."""
+        f, i = functools.partial(jnp.zeros, (), self.dtype), functools.partial(jnp.zeros, (), jnp.int32)
+        return self._put(Metrics(f(), f(), i(), i(), i(), jnp.full((), engine.NO_STEP, jnp.int32)))
 
     def get_state(self, state: RunnerState) -> TrainState:
         return self.treedef.unflatten(state)
@@ -180,10 +179,3 @@ class SingleDeviceRunner(Runner):
         images, labels, mask = gather_eval_batch(data, start, size, self.recipe, self.dtype)
         graphdef = step_graph(self.graphdef, state, self.device.platform)
         return metrics + engine.eval_step(graphdef, state, images, labels, mask)
-
-
-def zero_metrics(dtype=jnp.float32) -> Metrics:
-    """Fresh metric sums, each its own buffer (the steps donate them), the losses in the loss dtype (float64 runs
-    keep float64 losses)."""
-    f, i = functools.partial(jnp.zeros, (), dtype), functools.partial(jnp.zeros, (), jnp.int32)
-    return Metrics(f(), f(), i(), i(), i(), jnp.full((), engine.NO_STEP, jnp.int32))
