@@ -113,9 +113,8 @@ def _local_copy(x) -> np.ndarray:
 
 
 def _replicate(x, sharding: NamedSharding):
-    """A leaf replicated on ``sharding``'s devices; a no-op when it is already. With several processes each
-    contributes its own copy (they are equal: same seed, same checkpoint), which is how a replicated global array
-    is made."""
+    """A leaf replicated on ``sharding``'s devices (a no-op when it is already); with several processes, made of
+    each process's own copy (they are equal: same seed, same checkpoint)."""
     if isinstance(x, jax.Array) and x.committed and x.sharding.is_equivalent_to(sharding, x.ndim):
         return x
     if jax.process_count() == 1:

@@ -120,8 +120,9 @@ class Runner:
         return EpochPlan(*self._put(tuple(np.asarray(x) for x in plan)))
 
     def zero_metrics(self) -> Metrics:
-        """Fresh metric sums where the steps keep them, each its own buffer (the steps donate them), the losses in
-        the loss dtype (float64 runs keep float64 losses)."""
+        """Fresh metric sums for the steps, each its own buffer (the steps donate them), the losses in the loss dtype.
+        Already where the steps keep theirs: jit keys its cache on placement, so sums made elsewhere (uncommitted)
+        would compile the step again."""
         f, i = functools.partial(jnp.zeros, (), self.dtype), functools.partial(jnp.zeros, (), jnp.int32)
         return self._put(Metrics(f(), f(), i(), i(), i(), jnp.full((), engine.NO_STEP, jnp.int32)))
 
@@ -131,30 +132,21 @@ class Runner:
     def _put(self, tree):
         return jax.device_put(tree, self.sharding)
 
-    def _put_metrics(self, metrics: Metrics) -> Metrics:
-        # Fresh sums (zero_metrics) are uncommitted arrays and the step's outputs committed ones: jit keys its cache
-        # on that, so fresh ones are put first (else every epoch's second step compiles again); the steps' own
-        # outputs pass through untouched (no per-step copy).
-        count = metrics.count
-        if isinstance(count, jax.Array) and count.committed and count.sharding.is_equivalent_to(self.sharding, 0):
-            return metrics
-        return self._put(metrics)
-
     # ``start`` goes in as a NumPy scalar: ``jnp.int32(start)`` would dispatch a conversion of its own every step.
     def train_step(self, state: RunnerState, metrics: Metrics, data: DeviceData, plan: EpochPlan, start: int,
                    size: int) -> tuple[RunnerState, Metrics]:
-        return self._step(True, size)(state, self._put_metrics(metrics), data, plan, np.int32(start))
+        return self._step(True, size)(state, metrics, data, plan, np.int32(start))
 
     def eval_step(self, state: RunnerState, metrics: Metrics, data: DeviceData, start: int, size: int) -> Metrics:
-        return self._step(False, size)(state, self._put_metrics(metrics), data, np.int32(start))
+        return self._step(False, size)(state, metrics, data, np.int32(start))
 
     # Ahead-of-time lowering of the very functions ``train_step`` / ``eval_step`` run, for tools that want the
     # compile time or XLA's cost analysis without running a step (``flax_resnet.bench``); nothing is executed.
     def lower_train_step(self, state, metrics, data, plan, start, size) -> jax.stages.Lowered:
-        return self._step(True, size).lower(state, self._put_metrics(metrics), data, plan, np.int32(start))
+        return self._step(True, size).lower(state, metrics, data, plan, np.int32(start))
 
     def lower_eval_step(self, state, metrics, data, start, size) -> jax.stages.Lowered:
-        return self._step(False, size).lower(state, self._put_metrics(metrics), data, np.int32(start))
+        return self._step(False, size).lower(state, metrics, data, np.int32(start))
 
 
 class SingleDeviceRunner(Runner):
