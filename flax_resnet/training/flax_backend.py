@@ -21,17 +21,14 @@ from flax_resnet.training.engine import Metrics, TrainState
 from flax_resnet.training.loop import EpochResult, StepHook
 from flax_resnet.training.runners import Runner, SingleDeviceRunner
 
-__all__ = ["FlaxBackend", "RunnerFactory", "epoch_result"]
-
-RunnerFactory = Callable[..., Runner]  # factory(graphdef, tx, recipe, dtype=dtype), e.g. SingleDeviceRunner
+__all__ = ["FlaxBackend", "epoch_result"]
 
 
 def _host_metrics(metrics: Metrics) -> dict[str, float]:
     """One device-to-host read of the epoch's sums (replicated over devices and processes by the parallel
     runners: this process's first copy is read)."""
-    local = [m.addressable_data(0) if isinstance(m, jax.Array) else m for m in metrics]
-    host = jax.device_get(local)
-    return {name: float(np.asarray(value).reshape(-1)[0]) for name, value in zip(Metrics._fields, host, strict=True)}
+    host = jax.device_get([m.addressable_data(0) for m in metrics])
+    return dict(zip(Metrics._fields, map(float, host), strict=True))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -53,7 +50,7 @@ def epoch_result(recipe: Recipe, sums: Mapping[str, float], first_step: int) -> 
 class FlaxBackend:
     """Trains an NNX model (cast to the config's dtype; it holds the trained state after ``finish``)."""
 
-    def __init__(self, model: nnx.Module, config: RunConfig, runner: Runner | RunnerFactory | None = None):
+    def __init__(self, model: nnx.Module, config: RunConfig, runner: Runner | Callable[..., Runner] | None = None):
         dtype = jnp.dtype(config.dtype)
         if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
             raise ValueError("float64 training needs jax.config.update('jax_enable_x64', True) first")
