@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -145,10 +146,6 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-_RECIPE_OPTIONS = ("epochs", "batch_size", "eval_batch_size", "lr", "momentum", "weight_decay", "schedule",
-                   "milestones", "gamma", "augment", "mean", "std", "train_loss_mean")
-
-
 def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Recipe:
     """Check every argument; any problem is a usage error (exit 2) before anything is read or written. Fills in
     ``args.model``, ``args.recipe``, ``args.model_kwargs`` and ``args.out``; returns the recipe to train with."""
@@ -156,10 +153,10 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         args.recipe = registry.get_spec(args.model).recipe if args.model else DEFAULT_RECIPE
     if args.model is None:
         args.model = RECIPES[args.recipe].model
-    overrides = {name: tuple(value) if isinstance(value, list) else value for name in _RECIPE_OPTIONS
-                 if (value := getattr(args, name)) is not None}
+    overrides = {f.name: tuple(value) if isinstance(value, list) else value for f in dataclasses.fields(Recipe)
+                 if (value := getattr(args, f.name, None)) is not None}  # model and the recipe options
     try:
-        recipe = dataclasses.replace(RECIPES[args.recipe], model=args.model, **overrides)
+        recipe = dataclasses.replace(RECIPES[args.recipe], **overrides)
     except ValueError as e:
         parser.error(f"--{str(e).replace('_', '-')}")
     args.model_kwargs = _model_kwargs(args, parser, args.recipe)
@@ -220,55 +217,58 @@ def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
     return "" if other == (name, kwargs) else hint
 
 
-def _recorded_model(meta: Mapping[str, Any], path: Path, given: tuple[str, dict] | None = None) -> tuple[str, dict]:
-    """The model a checkpoint records; with ``given`` (the model asked for), one that is not it is named before the
-    checkpoint's arrays are read."""
-    recorded, recorded_kwargs = meta.get("model"), meta.get("model_kwargs") or {}
-    if given is None:
-        if recorded not in registry.MODELS:
-            raise FlaxResnetError(f"{path} does not record a registered model; name it with --model")
-        return recorded, recorded_kwargs
-    name, kwargs = given
-    as_recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}  # JSON has no tuples
-    if recorded is not None and (recorded, recorded_kwargs) != (name, as_recorded):
-        raise FlaxResnetError(f"{path} holds weights of {registry.constructor_call(recorded, recorded_kwargs)}, not "
-                              f"of {registry.constructor_call(name, kwargs)}; pass "
-                              f"{_model_flags(recorded, recorded_kwargs)}")
-    return given
-
-
-def _port_into(model: Any, state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> None:
-    """``port.load_torch_state_dict``, its error naming the model the weights do fit, if one does."""
-    from flax_resnet import port
-
-    try:
-        port.load_torch_state_dict(model, state_dict)
-    except port.PortError as e:
-        raise port.PortError(f"{e}{_weights_hint(state_dict, name, kwargs)}") from e
-
-
-def _init_from(model: Any, path: Path, name: str, kwargs: Mapping[str, Any], framework: str) -> None:
-    """--init-from: a torch state_dict file (.pt or .safetensors) or a checkpoint of either framework."""
+def _load_weights(path: Path | None, given: tuple[str, dict] | None, build: Callable[[str, dict], Any],
+                  step: int | None = None) -> tuple[Any, str, dict]:
+    """``(model, name, kwargs)``: ``build(name, kwargs)`` (a Flax or a torch model) with the weights at ``path``, a
+    state_dict file (.safetensors or .pt) or a checkpoint of either framework (``None``: the model as built). The
+    model is ``given``, else the one the checkpoint records or the one registered model the state_dict fits; a
+    checkpoint of another model than ``given`` is refused before its arrays are read, and weights that do not fit
+    name the model they do fit, if one does."""
     from flax_resnet import checkpoint, port
 
+    if path is None:
+        return build(*given), *given
     if path.is_dir():
-        _recorded_model(checkpoint.read_meta(path), path, (name, kwargs))
-        if framework == "jax":
-            checkpoint.load_model(path, model)
-            return
-        state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax_to_fill(name, kwargs))
+        meta = checkpoint.read_meta(path, step)
+        recorded = meta.get("model"), meta.get("model_kwargs") or {}
+        name, kwargs = given or recorded
+        if name not in registry.MODELS:
+            raise FlaxResnetError(f"{path} does not record a registered model; name it with --model")
+        as_recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}  # JSON has no tuples
+        if recorded[0] is not None and recorded != (name, as_recorded):
+            raise FlaxResnetError(f"{path} holds weights of {registry.constructor_call(*recorded)}, not of "
+                                  f"{registry.constructor_call(name, kwargs)}; pass {_model_flags(*recorded)}")
+        state_dict = None
     else:
         state_dict = port.read_state_dict(path)
-    if framework == "jax":
-        _port_into(model, state_dict, name, kwargs)
-        return
-    import torch
-
+        name, kwargs = given or registry.infer_model(state_dict)
+    model = build(name, kwargs)
+    is_torch = hasattr(model, "load_state_dict")
+    if state_dict is None:
+        if not is_torch:
+            checkpoint.load_model(path, model, step)
+            return model, name, kwargs
+        state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax_to_fill(name, kwargs), step)
     try:
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
-    except RuntimeError as e:  # torch's report of a misfit
-        hint = _weights_hint(state_dict, name, kwargs)
-        raise port.PortError(f"--init-from {path} does not fit {name}: {e}{hint}") from e
+        if not is_torch:
+            port.load_torch_state_dict(model, state_dict)
+        else:
+            import torch
+
+            try:
+                model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
+            except RuntimeError as e:  # torch's report of a misfit
+                raise port.PortError(f"{path} does not fit {name}: {e}") from e
+    except port.PortError as e:
+        raise port.PortError(f"{e}{_weights_hint(state_dict, name, kwargs)}") from e
+    return model, name, kwargs
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once, from any thread, with no interpreter teardown (see ``main``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -289,50 +289,39 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
     # of one multi-process run share --out, so process 0 holds the claim for all of them.
     claim = claim_output_dir(args.out) if jax.process_index() == 0 else None
+    from flax_resnet import store, training
+    from flax_resnet.recipes import RunConfig
+
     try:
-        return _run_train_claimed(args, recipe)
+        # anything in checkpoints/ (ours, or files someone put there) is refused before data is read
+        ckpt_dir = args.out / store.CHECKPOINT_SUBDIR
+        if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):
+            return commands.fail(f"{args.out} already holds checkpoints of a run. Pass --resume to continue it, "
+                                 "--overwrite to start over, or choose another --out.")
+        name, kwargs = args.model, args.model_kwargs
+        config = RunConfig(recipe=recipe, model=name, model_kwargs=kwargs, framework=args.framework,
+                           dataset=args.dataset, seed=args.seed, dtype=args.dtype, precision=args.precision,
+                           bn_sync=args.bn_sync == "on")
+        dataset = commands.load_data(args)
+        build = registry.build_flax if args.framework == "jax" else registry.build_torch
+        model, _, _ = _load_weights(args.init_from, (name, kwargs), functools.partial(build, seed=args.seed))
+        runner = None
+        if args.framework == "jax":
+            from flax_resnet.precision import apply_precision
+            from flax_resnet.training import parallel
+
+            apply_precision(model, args.precision)
+            runner = parallel.runner_factory_from_args(args)
+        result = training.train(model, config, dataset, runner=runner, out_dir=args.out, resume=args.resume,
+                                overwrite=args.overwrite, max_to_keep=args.max_to_keep,
+                                progress=commands.progress_factory(not args.no_progress), log=commands.write_line,
+                                title=f"{registry.constructor_call(name, kwargs)}, {recipe.name}, {args.framework}")
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command and --resume (--out {args.out})", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if claim is not None:
             claim.release()
-
-
-def _exit_now(code: int) -> NoReturn:
-    """End the process at once, from any thread, with no interpreter teardown (see ``main``)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _run_train_claimed(args: argparse.Namespace, recipe: Recipe) -> int:
-    from flax_resnet import store, training
-    from flax_resnet.recipes import RunConfig
-
-    # anything in checkpoints/ (ours, or files someone put there) is refused before data is read
-    ckpt_dir = args.out / store.CHECKPOINT_SUBDIR
-    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):
-        return commands.fail(f"{args.out} already holds checkpoints of a run. Pass --resume to continue it, "
-                             "--overwrite to start over, or choose another --out.")
-    name, kwargs = args.model, args.model_kwargs
-    config = RunConfig(recipe=recipe, model=name, model_kwargs=kwargs, framework=args.framework, dataset=args.dataset,
-                       seed=args.seed, dtype=args.dtype, precision=args.precision, bn_sync=args.bn_sync == "on")
-    dataset = commands.load_data(args)
-    model = (registry.build_flax if args.framework == "jax" else registry.build_torch)(name, kwargs, seed=args.seed)
-    if args.init_from is not None:
-        _init_from(model, args.init_from, name, kwargs, args.framework)
-    runner = None
-    if args.framework == "jax":
-        from flax_resnet.precision import apply_precision
-        from flax_resnet.training import parallel
-
-        apply_precision(model, args.precision)
-        runner = parallel.runner_factory_from_args(args)
-    result = training.train(model, config, dataset, runner=runner, out_dir=args.out, resume=args.resume,
-                            overwrite=args.overwrite, max_to_keep=args.max_to_keep,
-                            progress=commands.progress_factory(not args.no_progress), log=commands.write_line,
-                            title=f"{registry.constructor_call(name, kwargs)}, {recipe.name}, {args.framework}")
     accuracy = (result.history["test_acc"] or [None])[-1]
     final = "" if accuracy is None else f" final test accuracy {accuracy:.2f}%"
     print(f"done: {name} ({recipe.name}, {args.framework}){final}; outputs in {args.out}")
@@ -384,29 +373,22 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--to {dst} exists; pass --overwrite to replace it")
 
     from flax_resnet import checkpoint, port
+    from flax_resnet.dtypes import cast_floating
 
-    if src.is_file():
-        state_dict = port.read_state_dict(src)
-        name, kwargs = given or registry.infer_model(state_dict)
-        model = registry.build_flax_to_fill(name, kwargs)
-        _port_into(model, state_dict, name, kwargs)
-        _written(dst, lambda: checkpoint.save_model(dst, model, {"model": name, "model_kwargs": kwargs,
-                                                                 "dtype": "float32", "source": str(src)}))
-        print(f"wrote {name} {kwargs or ''} as a Flax checkpoint to {dst}")
-        return 0
-    meta = checkpoint.read_meta(src, args.step)
-    name, kwargs = _recorded_model(meta, src, given)
-    if meta.get("dtype") == "float64":
+    dtype = checkpoint.read_meta(src, args.step).get("dtype", "float32") if src.is_dir() else "float32"
+    if dtype == "float64":
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    from flax_resnet.dtypes import cast_floating
-
-    model = cast_floating(registry.build_flax_to_fill(name, kwargs), meta.get("dtype", "float32"))
-    checkpoint.load_model(src, model, args.step)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _written(dst, lambda: port.save_torch_state_dict(model, dst))
-    print(f"wrote {name} {kwargs or ''} as a torch state_dict to {dst}")
+    model, name, kwargs = _load_weights(src, given, lambda n, k: cast_floating(registry.build_flax_to_fill(n, k),
+                                                                               dtype), args.step)
+    if src.is_file():
+        meta = {"model": name, "model_kwargs": kwargs, "dtype": dtype, "source": str(src)}
+        _written(dst, lambda: checkpoint.save_model(dst, model, meta))
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _written(dst, lambda: port.save_torch_state_dict(model, dst))
+    print(f"wrote {name} {kwargs or ''} as {'a Flax checkpoint' if src.is_file() else 'a torch state_dict'} to {dst}")
     return 0
 
 
@@ -459,19 +441,12 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.weights is not None and not args.weights.exists():
         parser.error(f"--weights {args.weights}: no such file or directory")
 
-    from flax_resnet import checkpoint, parity, port
+    from flax_resnet import parity, port
 
-    if given is not None:
-        name, kwargs = given  # a checkpoint that records another model is named by _init_from
-    elif args.weights.is_dir():
-        name, kwargs = _recorded_model(checkpoint.read_meta(args.weights), args.weights)
-    else:
-        name, kwargs = registry.infer_model(port.read_state_dict(args.weights))
-    torch_model = registry.build_torch(name, kwargs, seed=args.seed)
-    if args.weights is not None:
-        _init_from(torch_model, args.weights, name, kwargs, "torch")
+    torch_model, name, kwargs = _load_weights(args.weights, given,
+                                              functools.partial(registry.build_torch, seed=args.seed))
     flax_model = registry.build_flax_to_fill(name, kwargs)
-    _port_into(flax_model, torch_model.state_dict(), name, kwargs)  # the port under test
+    port.load_torch_state_dict(flax_model, torch_model.state_dict())  # the port under test
     source = f"torch's initialisation, seed {args.seed}" if args.weights is None else str(args.weights)
     print(f"verifying {registry.constructor_call(name, kwargs)} with {source}", flush=True)
     report = parity.compare(torch_model, flax_model, dtype="float64" if args.float64 else "float32",
