@@ -1,9 +1,6 @@
-"""The command line: ``python train.py [COMMAND] [OPTIONS]`` (no command: ``train`` with its defaults).
-
-``train`` trains a notebook model with a notebook recipe, in JAX/Flax (default) or the PyTorch reference, writing
-``history.json``, ``curves.png`` and a checkpoint per epoch to ``--out``; ``port`` converts weights between a torch
-state_dict file and a Flax checkpoint. This module only parses and wires: the work is in ``flax_resnet.training``,
-``store`` and ``port``, imported inside the handlers so that ``--help`` is quick.
+"""The command line: ``python train.py [COMMAND] [OPTIONS]`` (no command: ``train`` with its defaults). This module
+only parses and wires: the work is in ``flax_resnet.training``, ``store`` and ``port``, imported inside the handlers
+so that ``--help`` is quick.
 
 Adding a command: a function ``add_<name>_parser(subparsers)``, listed in ``SUBCOMMANDS``, that adds its parser
 and options with ``parser.set_defaults(handler=<function(args, parser) -> exit code>, parser=parser)``
@@ -25,7 +22,7 @@ from typing import Any, NoReturn
 
 from flax_resnet import bench, commands, experiments, registry
 from flax_resnet.errors import EXTRAS, FlaxResnetError, installed, missing_extra, require
-from flax_resnet.recipes import RECIPES, Recipe
+from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 
 __all__ = ["SUBCOMMANDS", "add_port_parser", "add_selftest_parser", "add_train_parser", "add_verify_parser",
            "build_parser", "main"]
@@ -146,9 +143,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Recipe:
+def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
     """Check every argument; any problem is a usage error (exit 2) before anything is read or written. Fills in
-    ``args.model``, ``args.recipe``, ``args.model_kwargs`` and ``args.out``; returns the recipe to train with."""
+    ``args.model``, ``args.recipe`` and ``args.out``; returns the run's settings."""
     if args.recipe is None:
         args.recipe = registry.get_spec(args.model).recipe if args.model else DEFAULT_RECIPE
     if args.model is None:
@@ -159,7 +156,7 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         recipe = dataclasses.replace(RECIPES[args.recipe], **overrides)
     except ValueError as e:
         parser.error(f"--{str(e).replace('_', '-')}")
-    args.model_kwargs = _model_kwargs(args, parser, args.recipe)
+    name, kwargs = _given_model(args, parser, args.recipe)
     commands.check_data_arguments(args, parser)
     if args.init_from is not None and not args.init_from.exists():
         parser.error(f"--init-from {args.init_from}: no such file or directory")
@@ -180,24 +177,22 @@ def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Re
         require("torch", "--framework torch")
     if args.init_from is not None and args.init_from.is_file() and args.init_from.suffix != ".safetensors":
         require("torch", "--init-from FILE.pt (a .safetensors file needs no torch)")
-    return recipe
+    return RunConfig(recipe=recipe, model=name, model_kwargs=kwargs, framework=args.framework, dataset=args.dataset,
+                     seed=args.seed, dtype=args.dtype, precision=args.precision, bn_sync=args.bn_sync == "on")
 
 
-def _model_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser, recipe: str | None = None) -> dict:
-    """``registry.model_kwargs`` of the model options (--n-blocks, ...); a bad one is a usage error."""
+def _given_model(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                 recipe: str | None = None) -> tuple[str, dict] | None:
+    """--model with its constructor arguments (``registry.model_kwargs`` of the model options; a bad one is a usage
+    error), or None when the weights are to name their model (``port``, ``verify``)."""
+    if args.model is None:
+        if any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
+            parser.error("model options (--n-blocks, ...) need --model")
+        return None
     try:
-        return registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, recipe)
+        return args.model, registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, recipe)
     except ValueError as e:
         parser.error(str(e))
-
-
-def _given_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, dict] | None:
-    """``port``'s and ``verify``'s --model with its options, or None when the weights are to name their model."""
-    if args.model is not None:
-        return args.model, _model_kwargs(args, parser)
-    if any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
-        parser.error("model options (--n-blocks, ...) need --model")
-    return None
 
 
 def _model_flags(name: str, kwargs: Mapping[str, Any]) -> str:
@@ -272,7 +267,7 @@ def _exit_now(code: int) -> NoReturn:
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    recipe = _plan_train(args, parser)
+    config = _plan_train(args, parser)
 
     import jax
 
@@ -289,19 +284,15 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
     # of one multi-process run share --out, so process 0 holds the claim for all of them.
     claim = claim_output_dir(args.out) if jax.process_index() == 0 else None
-    from flax_resnet import store, training
-    from flax_resnet.recipes import RunConfig
-
     try:
+        from flax_resnet import store, training
+
         # anything in checkpoints/ (ours, or files someone put there) is refused before data is read
         ckpt_dir = args.out / store.CHECKPOINT_SUBDIR
         if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):
             return commands.fail(f"{args.out} already holds checkpoints of a run. Pass --resume to continue it, "
                                  "--overwrite to start over, or choose another --out.")
-        name, kwargs = args.model, args.model_kwargs
-        config = RunConfig(recipe=recipe, model=name, model_kwargs=kwargs, framework=args.framework,
-                           dataset=args.dataset, seed=args.seed, dtype=args.dtype, precision=args.precision,
-                           bn_sync=args.bn_sync == "on")
+        name, kwargs, recipe = config.model, config.model_kwargs, config.recipe
         dataset = commands.load_data(args)
         build = registry.build_flax if args.framework == "jax" else registry.build_torch
         model, _, _ = _load_weights(args.init_from, (name, kwargs), functools.partial(build, seed=args.seed))
