@@ -20,13 +20,14 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from flax_resnet import registry
-from flax_resnet.commands import expanded_path, number, seed
+from flax_resnet.commands import HelpFormatter, expanded_path, number, seed
 from flax_resnet.data import plan as plans
 from flax_resnet.errors import FlaxResnetError, require
 from flax_resnet.recipes import RunConfig, get_recipe
@@ -39,13 +40,10 @@ PEAK_TFLOPS = {"H200 NVL": 835.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200":
 
 IMPLS = ("flax", "torch eager", "torch channels_last", "torch.compile channels_last")
 PHASES = ("train step", "eval step", "epoch")
-# (key, header) of the printed table; the JSON rows hold these and more (see ``_row`` and ``run_benchmark``)
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("phase", "phase"), ("impl", "implementation"), ("images_per_s", "img/s"), ("ms_median", "ms/step"),
-    ("ms_p10", "p10"), ("ms_p90", "p90"), ("compile_s", "compile s"), ("peak_mem_mb", "peak MB"),
-    ("gflop", "GFLOP/step"), ("xla_gflop", "XLA GFLOP"), ("mfu", "MFU"), ("flax_speedup", "Flax/this"),
-    ("status", "status"),
-)
+# key: header of the printed table; the JSON rows hold these and more (see ``_row`` and ``run_benchmark``)
+COLUMNS = {"phase": "phase", "impl": "implementation", "images_per_s": "img/s", "ms_median": "ms/step", "ms_p10": "p10",
+           "ms_p90": "p90", "compile_s": "compile s", "peak_mem_mb": "peak MB", "gflop": "GFLOP/step",
+           "xla_gflop": "XLA GFLOP", "mfu": "MFU", "flax_speedup": "Flax/this", "status": "status"}
 QUICK = {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}, "batch_size": 16, "warmup": 2, "steps": 5,
          "epoch_images": 256}
 DEFAULT_EPOCH_IMAGES = 50_000  # CIFAR-10's training split
@@ -73,35 +71,27 @@ class _Setup:
     log: Callable[[str], None]
 
 
-# ------------------------------------------------------------------------------------------- measuring
-def _reset_peak(source: str) -> bool:
-    """Reset the peak memory of ``source`` (a key of ``PEAK_MEMORY_KINDS``); False where the process may not reset
-    its peak RSS (no /proc: macOS, Windows)."""
-    if source == "torch":
-        import torch
+def _with_peak_mb(source: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure()``'s fields and ``peak_mem_mb``, the peak memory of ``source`` (a key of ``PEAK_MEMORY_KINDS``)
+    while it ran: None where jax has no allocator statistics or the process may not reset its peak RSS (no /proc)."""
+    import jax
+    import torch
 
+    if source == "torch":
         torch.cuda.reset_peak_memory_stats()
-    elif source == "rss":
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            return False
-    return True
-
-
-def _peak_mb(source: str) -> float | None:
-    if source == "torch":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
+        return {**measure(), "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
     if source == "flax":
-        import jax
-
+        fields = measure()
         peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-        return None if peak is None else peak / 2**20
+        return {**fields, "peak_mem_mb": None if peak is None else peak / 2**20}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return {**measure(), "peak_mem_mb": None}
+    fields = measure()
     kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                if line.startswith("VmHWM:"))
-    return kib / 2**10
+    return {**fields, "peak_mem_mb": kib / 2**10}
 
 
 def _measure(setup: _Setup, impl: str, source: str, phases: dict[str, Callable[[], dict[str, Any]]],
@@ -110,14 +100,11 @@ def _measure(setup: _Setup, impl: str, source: str, phases: dict[str, Callable[[
     fields that ``phases[phase]()`` measures, with the peak memory of ``source`` while it ran."""
     for phase in setup.phases:
         setup.log(f"{impl}: {phase}")
-        reset = _reset_peak(source)
-        fields = phases[phase]()
-        rows.append(_row(impl, phase, peak_mem_mb=_peak_mb(source) if reset else None,
-                         peak_mem_kind=PEAK_MEMORY_KINDS[source], **fields))
+        rows.append(_row(impl, phase, peak_mem_kind=PEAK_MEMORY_KINDS[source], **_with_peak_mb(source, phases[phase])))
 
 
-def _step_fields(setup: _Setup, step: Callable[[], Any], sync: Callable[[Any], Any], gflop: float, *,
-                 time_first: bool = False, **fields: Any) -> dict[str, Any]:
+def _step_fields(setup: _Setup, step: Callable[[], Any], sync: Callable[[Any], Any], *, time_first: bool = False,
+                 **fields: Any) -> dict[str, Any]:
     """A step row's figures: warm-up, then the timed steps (median, p10, p90), each synchronised (so the time is the
     device's, not the dispatch's). With ``time_first`` (torch.compile) the first call compiles, and its time beyond
     a median step is reported as ``compile_s``."""
@@ -131,25 +118,23 @@ def _step_fields(setup: _Setup, step: Callable[[], Any], sync: Callable[[Any], A
     if time_first:
         fields["compile_s"] = max(times[0] - median / 1e3, 0.0)
     return {"images_per_s": setup.batch_size / (median / 1e3), "ms_median": median,
-            "ms_p10": float(np.percentile(ms, 10)), "ms_p90": float(np.percentile(ms, 90)), "gflop": gflop, **fields}
+            "ms_p10": float(np.percentile(ms, 10)), "ms_p90": float(np.percentile(ms, 90)), **fields}
 
 
-def _epoch_fields(setup: _Setup, epoch: Callable[[], Any], sync: Callable[[], Any], steps: int,
-                  gflop: float) -> dict[str, Any]:
+def _epoch_fields(setup: _Setup, epoch: Callable[[], Any], sync: Callable[[], Any]) -> dict[str, Any]:
     """An epoch row's figures: ``epoch`` runs every batch and reads its metrics; synchronised once, at its end."""
     sync()
     t0 = time.perf_counter()
     epoch()
     sync()
     seconds = time.perf_counter() - t0
-    return {"images_per_s": len(setup.labels) / seconds, "ms_median": seconds / steps * 1e3, "epoch_s": seconds,
-            "gflop": gflop}
+    n = len(setup.labels)
+    return {"images_per_s": n / seconds, "epoch_s": seconds,
+            "ms_median": seconds / plans.steps_per_epoch(n, setup.batch_size) * 1e3}
 
 
 def _row(impl: str, phase: str, **fields: Any) -> dict[str, Any]:
-    return {"phase": phase, "impl": impl, "status": "ok",
-            **dict.fromkeys(("images_per_s", "ms_median", "ms_p10", "ms_p90", "epoch_s", "compile_s", "peak_mem_mb",
-                             "peak_mem_kind", "gflop", "xla_gflop", "mfu", "flax_speedup")),
+    return {**dict.fromkeys([*COLUMNS, "epoch_s", "peak_mem_kind"]), "phase": phase, "impl": impl, "status": "ok",
             "load_avg_1m": (load_average() or [None])[0], **fields}
 
 
@@ -165,16 +150,10 @@ def count_forward_macs(model: Any, batch_size: int) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    graphdef, state = nnx.split(model)
-
-    def forward(state, x):
-        m = nnx.merge(graphdef, state)
-        m.eval()
-        return m(x)
-
+    forward = nnx.clone(model)  # eval mode, the model itself left as it is
+    forward.eval()
     total = 0
-    x = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.float32)
-    for eqn in iter_eqns(jax.make_jaxpr(forward)(state, x).jaxpr):
+    for eqn in iter_eqns(jax.make_jaxpr(forward)(jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.float32)).jaxpr):
         if eqn.primitive.name == "conv_general_dilated":
             out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
             out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
@@ -200,34 +179,22 @@ def iter_eqns(jaxpr: Any) -> Iterator[Any]:
                     yield from iter_eqns(sub)
 
 
-def _compile(lowered: Any) -> tuple[float, float | None]:
-    """(XLA compile seconds, XLA's GFLOP or None) of a lowered step."""
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - t0
-    flops = (compiled.cost_analysis() or {}).get("flops")
-    return seconds, flops / 1e9 if flops and flops > 0 else None
-
-
-# ------------------------------------------------------------------------------------------- flax
 def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
-    """The Flax rows: the training loop's backend and runner; also returns the forward MACs per batch."""
+    """The Flax rows, through the training loop's backend and its default runner (one device); also returns the
+    forward MACs per batch."""
     import jax
 
     from flax_resnet.precision import apply_precision
-    from flax_resnet.training import runners
     from flax_resnet.training.flax_backend import FlaxBackend
 
     b, n = setup.batch_size, len(setup.labels)
     model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
-    config = RunConfig(recipe=setup.recipe, model=setup.model, model_kwargs=setup.model_kwargs, framework="jax",
-                       seed=setup.seed, precision=setup.precision)
-    backend = FlaxBackend(model, config, runner=runners.SingleDeviceRunner)
+    backend = FlaxBackend(model, RunConfig(recipe=setup.recipe, model=setup.model, model_kwargs=setup.model_kwargs,
+                                           framework="jax", seed=setup.seed, precision=setup.precision))
     # no test split: the eval rows time the eval step on the training split's first batch (as torch's do)
     backend.prepare(setup.images, setup.labels, np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int32))
     runner, data = backend.runner, backend.train_data
-    assert isinstance(runner, runners.SingleDeviceRunner)
     plan = runner.put_plan(plans.epoch_plan(setup.seed, 0, n))
     # The steps advance the backend's own state (``state_value``), and the epoch row continues from it.
     metrics, order = [runner.zero_metrics(), runner.zero_metrics()], itertools.count()
@@ -241,14 +208,14 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
         metrics[1] = runner.eval_step(backend.state_value, metrics[1], data, 0, b)
         return metrics[1]
 
-    def train_row() -> dict[str, Any]:
-        compile_s, xla = _compile(runner.lower_train_step(backend.state_value, runner.zero_metrics(), data, plan, 0, b))
-        return _step_fields(setup, train, jax.block_until_ready, 6 * macs / 1e9, compile_s=compile_s, xla_gflop=xla)
-
-    def eval_row() -> dict[str, Any]:
-        compile_s, xla = _compile(runner.lower_eval_step(backend.state_value, runner.zero_metrics(), data, 0, b))
-        return _step_fields(setup, evaluate, jax.block_until_ready, 2 * macs / 1e9, compile_s=compile_s,
-                            xla_gflop=xla)
+    def step_row(step: Callable[[], Any], lower: Callable[..., Any], *args: Any) -> dict[str, Any]:
+        """``step``'s figures, with XLA's compile time and cost analysis of the step (``lower``, given ``args``)."""
+        t0 = time.perf_counter()
+        compiled = lower(backend.state_value, runner.zero_metrics(), data, *args, b).compile()
+        compile_s = time.perf_counter() - t0
+        flops = (compiled.cost_analysis() or {}).get("flops")
+        return _step_fields(setup, step, jax.block_until_ready, compile_s=compile_s,
+                            xla_gflop=flops / 1e9 if flops and flops > 0 else None)
 
     def epoch_row() -> dict[str, Any]:
         if n % b:  # compile the short last batch outside the timed epoch
@@ -257,17 +224,17 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
         epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # NumPy, drawn before the clock
         # no progress bar, the loss never read; the end waits for the last step's update
         return _epoch_fields(setup, lambda: backend.train_epoch(1, epoch_plan, lambda step, loss: None),
-                             lambda: jax.block_until_ready(backend.state_value), plans.steps_per_epoch(n, b),
-                             6 * macs / 1e9)
+                             lambda: jax.block_until_ready(backend.state_value))
 
     rows: list[dict[str, Any]] = []
     _measure(setup, "flax", "flax" if setup.platform == "gpu" else "rss",
-             {"train step": train_row, "eval step": eval_row, "epoch": epoch_row}, rows)
+             {"train step": lambda: step_row(train, runner.lower_train_step, plan, 0),
+              "eval step": lambda: step_row(evaluate, runner.lower_eval_step, 0), "epoch": epoch_row}, rows)
     return rows, macs
 
 
-# ------------------------------------------------------------------------------------------- torch
-def _torch_rows(setup: _Setup, macs: int, compile_torch: bool) -> list[dict[str, Any]]:
+def _torch_rows(setup: _Setup, compile_torch: bool) -> list[dict[str, Any]]:
+    """The torch variants' rows; a variant skipped or failed has rows with status ``n/a: why``."""
     import torch
 
     from flax_resnet.precision import torch_fp32_precision
@@ -285,7 +252,7 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool) -> list[dict[str,
                 rows += [_row(impl, phase, status=skipped) for phase in setup.phases]
                 continue
             try:
-                _torch_variant(setup, device, impl, macs, rows)
+                _torch_variant(setup, device, impl, rows)
             except Exception as e:  # noqa: BLE001 - report any failure of a variant as its rows, keep the others
                 reason = f"n/a: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
                 setup.log(f"{impl}: {reason}")
@@ -294,7 +261,7 @@ def _torch_rows(setup: _Setup, macs: int, compile_torch: bool) -> list[dict[str,
     return rows
 
 
-def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[dict[str, Any]]) -> None:
+def _torch_variant(setup: _Setup, device: Any, impl: str, rows: list[dict[str, Any]]) -> None:
     """Append ``impl``'s rows to ``rows``. The step is the notebooks' without their per-step ``.item()`` reads,
     which wait for the device every step (the Flax step never does); so the epoch row loops over the batches with
     it, not ``torch_ref.train.train_epoch``."""
@@ -304,18 +271,16 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     from torch_ref.data import PlannedBatches
     from torch_ref.train import make_optimizer
 
-    b, n = setup.batch_size, len(setup.labels)
-    compiled, channels_last = impl.startswith("torch.compile"), "channels_last" in impl
-    model = registry.build_torch(setup.model, setup.model_kwargs, seed=setup.seed).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    r = setup.recipe
+    b, n, r = setup.batch_size, len(setup.labels), setup.recipe
+    compiled = impl.startswith("torch.compile")
+    layout = torch.channels_last if "channels_last" in impl else torch.contiguous_format
+    model = registry.build_torch(setup.model, setup.model_kwargs, seed=setup.seed).to(device, memory_format=layout)
     opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay)
     net = torch.compile(model) if compiled else model
     # torch_ref's batches with the split resident on the device: gathered, augmented and normalised there, as the
     # Flax runner does inside its step, in the variant's memory format
     batches = PlannedBatches(setup.images, setup.labels, b, r.mean, r.std, device=device, resident=True,
-                             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                             memory_format=layout)
     correct = torch.zeros((), dtype=torch.int64, device=device)
 
     def autocast() -> Any:
@@ -338,10 +303,9 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     order = itertools.count()
 
     def train_row() -> dict[str, Any]:
-        first = plans.epoch_plan(setup.seed, 0, n)  # the plan of the Flax step rows: the same batches
-        batches.set_plan(first.permutation, first.offsets, first.flips)
+        batches.set_plan(*plans.epoch_plan(setup.seed, 0, n))  # the plan of the Flax step rows: the same batches
         model.train()
-        return _step_fields(setup, lambda: train_on(*batches.batch(next(order) % (n // b))), sync, 6 * macs / 1e9,
+        return _step_fields(setup, lambda: train_on(*batches.batch(next(order) % (n // b))), sync,
                             time_first=compiled)
 
     def evaluate() -> Any:
@@ -352,12 +316,12 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
     def eval_row() -> dict[str, Any]:
         batches.set_plan(np.arange(n))  # in order, not augmented: the test loader's (runners.gather_eval_batch)
         model.eval()
-        return _step_fields(setup, evaluate, sync, 2 * macs / 1e9, time_first=compiled)
+        return _step_fields(setup, evaluate, sync, time_first=compiled)
 
     epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # the Flax epoch's plan, drawn before the clock
 
     def epoch() -> None:
-        batches.set_plan(epoch_plan.permutation, epoch_plan.offsets, epoch_plan.flips)  # as train_epoch's put_plan
+        batches.set_plan(*epoch_plan)  # as train_epoch's put_plan
         for x, y in batches:  # every batch, the last one short, as the notebooks' loops iterate their loader
             train_on(x, y)
         correct.item()  # read the epoch's metrics once, at its end
@@ -366,13 +330,12 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, macs: int, rows: list[
         model.train()
         if n % b:  # the short last batch: a new shape (torch.compile recompiles) outside the timed epoch
             sync(train_on(*batches.batch(len(batches) - 1)))
-        return _epoch_fields(setup, epoch, sync, len(batches), 6 * macs / 1e9)
+        return _epoch_fields(setup, epoch, sync)
 
     _measure(setup, impl, "torch" if device.type == "cuda" else "rss",
              {"train step": train_row, "eval step": eval_row, "epoch": epoch_row}, rows)
 
 
-# ------------------------------------------------------------------------------------------- API
 def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, warmup: int, steps: int,
                   quick: bool = False, model_kwargs: dict[str, Any] | None = None, epoch_images: int | None = None,
                   torch_compile: bool | None = None, seed: int = 0,
@@ -390,11 +353,11 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     if quick:
         model_name, model_kwargs, batch_size = QUICK["model"], dict(QUICK["model_kwargs"]), QUICK["batch_size"]
         warmup, steps = min(warmup, QUICK["warmup"]), min(steps, QUICK["steps"])
-        epoch_images = QUICK["epoch_images"] if epoch_images is None else epoch_images
     # Let torch and jax share a GPU: jax would otherwise take 75% of its memory up front. Read when jax first
     # touches a device, so it must be set before that.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    epoch_images = DEFAULT_EPOCH_IMAGES if epoch_images is None else epoch_images
+    if epoch_images is None:
+        epoch_images = QUICK["epoch_images"] if quick else DEFAULT_EPOCH_IMAGES
     kwargs = registry.model_kwargs(model_name, dict(model_kwargs or {}))
     # the model's notebook recipe, with augmentation on: the benchmark includes the on-device crop + flip
     recipe = dataclasses.replace(get_recipe(registry.get_spec(model_name).recipe), batch_size=batch_size,
@@ -406,13 +369,14 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     setup = _Setup(model_name, kwargs, batch_size, precision, warmup, steps, PHASES if epoch_images else PHASES[:2],
                    seed, recipe, images, labels, device.platform, log or (lambda _: None))
     rows, macs = _flax_rows(setup)
-    rows += _torch_rows(setup, macs, not quick if torch_compile is None else torch_compile)
+    rows += _torch_rows(setup, not quick if torch_compile is None else torch_compile)
     flax = {r["phase"]: r["images_per_s"] for r in rows if r["impl"] == "flax"}
     peak = _peak_tflops(device.device_kind, precision) if device.platform == "gpu" else None
     for r in rows:
         r.update(model=model_name, model_kwargs=kwargs, batch_size=batch_size, precision=precision,
                  platform=device.platform, device_kind=device.device_kind)
         if r["images_per_s"]:
+            r["gflop"] = (2 if r["phase"] == "eval step" else 6) * macs / 1e9  # 2 per MAC; training: x 3
             r["flax_speedup"] = flax[r["phase"]] / r["images_per_s"]
             # gflop per batch x batches per second / the peak
             r["mfu"] = r["gflop"] * r["images_per_s"] / batch_size / (peak * 1e3) if peak else None
@@ -421,18 +385,15 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
 
 def environment() -> dict[str, Any]:
     """Where a run ran: date, versions, device, CPU and load, for report headers and JSON files."""
-    import flax
     import jax
-    import jaxlib
-    import optax
     import torch
 
     from flax_resnet.training import cpu
 
     device = jax.devices()[0]
-    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **{name: metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "torch")},
+            "python": platform.python_version(), "machine": platform.machine(),
             "device": str(device), "device_count": jax.device_count(), "platform": device.platform,
             "device_kind": device.device_kind, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc_tuned": cpu.tuned_allocator(),
@@ -450,10 +411,8 @@ def describe_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
     with them known. ``cpuinfo``: the text of ``/proc/cpuinfo`` (default: read it; where there is none, the model
     is ``platform.processor()`` and the extensions are unknown)."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            cpuinfo = ""
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text(errors="replace") if path.exists() else ""
     first = cpuinfo.split("\n\n")[0].splitlines()  # the first processor's block
     fields = {key.strip().lower(): value.strip() for key, sep, value in (line.partition(":") for line in first) if sep}
     flags = set(fields["flags"].split()) if "flags" in fields else None
@@ -488,43 +447,39 @@ def _fmt(key: str, value: Any) -> str:
 def format_table(rows: Sequence[dict[str, Any]], cpu_text: str) -> str:
     """The rows as an aligned text table, under a header naming the run, the CPU (``describe_cpu``'s text: the
     host's CPU matters on GPUs too, it feeds them) and what the columns measure."""
-    cells = [[header for _, header in COLUMNS], *([_fmt(key, row[key]) for key, _ in COLUMNS] for row in rows)]
+    cells = [list(COLUMNS.values()), *([_fmt(key, row[key]) for key in COLUMNS] for row in rows)]
     widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
     lines = ["  ".join(c.ljust(w) if key in ("phase", "impl", "status") else c.rjust(w)
-                       for (key, _), c, w in zip(COLUMNS, line, widths, strict=True)).rstrip() for line in cells]
+                       for key, c, w in zip(COLUMNS, line, widths, strict=True)).rstrip() for line in cells]
     lines.insert(1, "-" * len(lines[0]))
-    if not rows:
-        return "\n".join(lines)
-    r = rows[0]
-    epoch = next((x for x in rows if x["epoch_s"]), None)
-    kinds = "; ".join(sorted({x["peak_mem_kind"] for x in rows if x["peak_mem_kind"]}))
-    head = [f"{registry.constructor_call(r['model'], r['model_kwargs'])}, batch {r['batch_size']}, {r['precision']}, "
+    if rows:
+        r, epoch = rows[0], next((x for x in rows if x["epoch_s"]), None)
+        kinds = "; ".join(sorted({x["peak_mem_kind"] for x in rows if x["peak_mem_kind"]}))
+        lines[:0] = [
+            f"{registry.constructor_call(r['model'], r['model_kwargs'])}, batch {r['batch_size']}, {r['precision']}, "
             f"{r['platform']} ({r['device_kind']}), load avg at start {r['load_avg_1m']}", f"CPU: {cpu_text}",
             *([f"epoch rows: {epoch['images_per_s'] * epoch['epoch_s']:.0f} images; ms/step is the epoch's mean"]
               if epoch else []),
             "GFLOP/step: analytic (conv + matmul MACs x 2, x 3 for training); XLA GFLOP: XLA cost analysis of the "
             f"compiled Flax step; peak MB: {kinds}"]
-    return "\n".join(head + lines)
+    return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------- command line
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``bench`` command (``cli.SUBCOMMANDS`` registers it)."""
     p = subparsers.add_parser(
         "bench", help="speed: the Flax train step against torch eager / channels_last / torch.compile",
-        description="Time the Flax training path (SingleDeviceRunner) against PyTorch eager, channels_last and "
-                    "torch.compile + channels_last on the same device, model, batch and precision, with synthetic "
-                    "CIFAR-sized data resident on the device: train step, eval step and a whole epoch. Prints a "
-                    "table; --json writes the rows.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        description="Time the Flax training path against PyTorch eager, channels_last and torch.compile + "
+                    "channels_last on one device (same model, batch, precision and synthetic data): train step, eval "
+                    "step and a whole epoch. Prints a table (its columns: BENCHMARKS.md); --json writes the rows.",
+        formatter_class=HelpFormatter)
     p.add_argument("--model", choices=registry.model_names(), default="SimpleResNet", metavar="NAME",
                    help=f"model class: {', '.join(registry.model_names())} (default: %(default)s)")
     registry.add_model_arguments(p)
     p.add_argument("--batch-size", type=number(int, minimum=1), default=128, metavar="B",
                    help="batch size (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32, or bf16 mixed precision (Flax: flax_resnet.precision; torch: autocast) "
-                        "(default: %(default)s)")
+                   help="fp32, or bf16 mixed precision (torch: autocast) (default: %(default)s)")
     p.add_argument("--steps", type=number(int, minimum=1), default=20, metavar="N",
                    help="timed steps per row (default: %(default)s)")
     p.add_argument("--warmup", type=number(int, minimum=0), default=3, metavar="N",
