@@ -1,9 +1,7 @@
-"""Speed benchmark: the Flax train step against three PyTorch variants, in one process, on one device.
-
-Both sides run the same model, batch, precision, optimizer and batches on synthetic CIFAR-sized data resident on
-the device, through the public pieces that train (``FlaxBackend`` over ``runners.SingleDeviceRunner``; the
-``torch_ref`` model, optimizer and ``PlannedBatches``). What each row and column measures: BENCHMARKS.md, "What
-bench measures". JAX, Flax and torch are imported inside the functions that run: ``bench --help`` takes no 1.7 s.
+"""Speed benchmark: the Flax train step against three PyTorch variants, in one process, on one device, through the
+public pieces that train (``FlaxBackend``; the ``torch_ref`` model, optimizer and ``PlannedBatches``). What each row
+and column measures: BENCHMARKS.md, "What bench measures". JAX, Flax and torch are imported inside the functions
+that run: ``bench --help`` takes no 1.7 s.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -50,6 +49,8 @@ DEFAULT_EPOCH_IMAGES = 50_000  # CIFAR-10's training split
 # what ``peak_mem_mb`` reads: each framework's allocator on a GPU (jax's cannot be reset), else the process's RSS
 PEAK_MEMORY_KINDS = {"torch": "torch.cuda.max_memory_allocated", "flax": "jax peak_bytes_in_use (process peak so far)",
                      "rss": "process peak RSS (VmHWM, reset per row)"}
+# (key, /proc/cpuinfo flag, label) of the vector extensions XLA:CPU and torch's kernels make use of
+CPU_FEATURES = (("avx2", "avx2", "AVX2"), ("fma", "fma", "FMA"), ("avx512", "avx512f", "AVX-512"))
 
 
 @dataclasses.dataclass
@@ -95,15 +96,16 @@ def _with_peak_mb(source: str, measure: Callable[[], dict[str, Any]]) -> dict[st
 
 
 def _measure(setup: _Setup, impl: str, source: str, phases: dict[str, Callable[[], dict[str, Any]]],
-             rows: list[dict[str, Any]]) -> None:
+             rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Append one row per phase of ``setup.phases`` to ``rows`` (so that a failure keeps the rows before it): the
     fields that ``phases[phase]()`` measures, with the peak memory of ``source`` while it ran."""
     for phase in setup.phases:
         setup.log(f"{impl}: {phase}")
         rows.append(_row(impl, phase, peak_mem_kind=PEAK_MEMORY_KINDS[source], **_with_peak_mb(source, phases[phase])))
+    return rows
 
 
-def _step_fields(setup: _Setup, step: Callable[[], Any], sync: Callable[[Any], Any], *, time_first: bool = False,
+def _step_fields(setup: _Setup, step: Callable[[], Any], sync: Callable[[], Any], *, time_first: bool = False,
                  **fields: Any) -> dict[str, Any]:
     """A step row's figures: warm-up, then the timed steps (median, p10, p90), each synchronised (so the time is the
     device's, not the dispatch's). With ``time_first`` (torch.compile) the first call compiles, and its time beyond
@@ -111,7 +113,8 @@ def _step_fields(setup: _Setup, step: Callable[[], Any], sync: Callable[[Any], A
     times = []
     for _ in range(time_first + setup.warmup + setup.steps):
         t0 = time.perf_counter()
-        sync(step())
+        step()
+        sync()
         times.append(time.perf_counter() - t0)
     ms = np.asarray(times[-setup.steps:]) * 1e3
     median = float(np.median(ms))
@@ -128,9 +131,8 @@ def _epoch_fields(setup: _Setup, epoch: Callable[[], Any], sync: Callable[[], An
     epoch()
     sync()
     seconds = time.perf_counter() - t0
-    n = len(setup.labels)
-    return {"images_per_s": n / seconds, "epoch_s": seconds,
-            "ms_median": seconds / plans.steps_per_epoch(n, setup.batch_size) * 1e3}
+    return {"images_per_s": len(setup.labels) / seconds, "epoch_s": seconds,
+            "ms_median": seconds / plans.steps_per_epoch(len(setup.labels), setup.batch_size) * 1e3}
 
 
 def _row(impl: str, phase: str, **fields: Any) -> dict[str, Any]:
@@ -154,14 +156,13 @@ def count_forward_macs(model: Any, batch_size: int) -> int:
     forward.eval()
     total = 0
     for eqn in iter_eqns(jax.make_jaxpr(forward)(jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.float32)).jaxpr):
-        if eqn.primitive.name == "conv_general_dilated":
-            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
-            out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += math.prod(out.shape) * (math.prod(rhs.shape) // out_features)
-        elif eqn.primitive.name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval
-            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+        name, out = eqn.primitive.name, math.prod(eqn.outvars[0].aval.shape)
+        if name == "conv_general_dilated":  # per output: the kernel of one output feature
+            rhs = eqn.invars[1].aval.shape
+            total += out * math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        elif name == "dot_general":  # per output: the contracted dimensions
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            total += out * math.prod(eqn.invars[0].aval.shape[d] for d in contract)
     return total
 
 
@@ -180,8 +181,7 @@ def iter_eqns(jaxpr: Any) -> Iterator[Any]:
 
 
 def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
-    """The Flax rows, through the training loop's backend and its default runner (one device); also returns the
-    forward MACs per batch."""
+    """The Flax rows, through the training loop's backend (its default runner: one device); and the forward MACs."""
     import jax
 
     from flax_resnet.precision import apply_precision
@@ -199,14 +199,12 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     # The steps advance the backend's own state (``state_value``), and the epoch row continues from it.
     metrics, order = [runner.zero_metrics(), runner.zero_metrics()], itertools.count()
 
-    def train() -> Any:
+    def train() -> None:
         start = next(order) % (n // b) * b  # n >= b (run_benchmark)
         backend.state_value, metrics[0] = runner.train_step(backend.state_value, metrics[0], data, plan, start, b)
-        return metrics[0]
 
-    def evaluate() -> Any:
+    def evaluate() -> None:
         metrics[1] = runner.eval_step(backend.state_value, metrics[1], data, 0, b)
-        return metrics[1]
 
     def step_row(step: Callable[[], Any], lower: Callable[..., Any], *args: Any) -> dict[str, Any]:
         """``step``'s figures, with XLA's compile time and cost analysis of the step (``lower``, given ``args``)."""
@@ -214,7 +212,7 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
         compiled = lower(backend.state_value, runner.zero_metrics(), data, *args, b).compile()
         compile_s = time.perf_counter() - t0
         flops = (compiled.cost_analysis() or {}).get("flops")
-        return _step_fields(setup, step, jax.block_until_ready, compile_s=compile_s,
+        return _step_fields(setup, step, lambda: jax.block_until_ready(metrics), compile_s=compile_s,
                             xla_gflop=flops / 1e9 if flops and flops > 0 else None)
 
     def epoch_row() -> dict[str, Any]:
@@ -226,11 +224,9 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
         return _epoch_fields(setup, lambda: backend.train_epoch(1, epoch_plan, lambda step, loss: None),
                              lambda: jax.block_until_ready(backend.state_value))
 
-    rows: list[dict[str, Any]] = []
-    _measure(setup, "flax", "flax" if setup.platform == "gpu" else "rss",
-             {"train step": lambda: step_row(train, runner.lower_train_step, plan, 0),
-              "eval step": lambda: step_row(evaluate, runner.lower_eval_step, 0), "epoch": epoch_row}, rows)
-    return rows, macs
+    phases = {"train step": lambda: step_row(train, runner.lower_train_step, plan, 0),
+              "eval step": lambda: step_row(evaluate, runner.lower_eval_step, 0), "epoch": epoch_row}
+    return _measure(setup, "flax", "flax" if setup.platform == "gpu" else "rss", phases, []), macs
 
 
 def _torch_rows(setup: _Setup, compile_torch: bool) -> list[dict[str, Any]]:
@@ -283,14 +279,10 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, rows: list[dict[str, A
                              memory_format=layout)
     correct = torch.zeros((), dtype=torch.int64, device=device)
 
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16")
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16")
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
-    def sync(_: Any = None) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def train_on(x: Any, y: Any) -> Any:
+    def train_on(x: Any, y: Any) -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
             logits = net(x)
@@ -298,11 +290,9 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, rows: list[dict[str, A
         loss.backward()
         opt.step()
         correct.add_((logits.argmax(1) == y).sum())
-        return loss
-
-    order = itertools.count()
 
     def train_row() -> dict[str, Any]:
+        order = itertools.count()
         batches.set_plan(*plans.epoch_plan(setup.seed, 0, n))  # the plan of the Flax step rows: the same batches
         model.train()
         return _step_fields(setup, lambda: train_on(*batches.batch(next(order) % (n // b))), sync,
@@ -329,7 +319,7 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, rows: list[dict[str, A
     def epoch_row() -> dict[str, Any]:
         model.train()
         if n % b:  # the short last batch: a new shape (torch.compile recompiles) outside the timed epoch
-            sync(train_on(*batches.batch(len(batches) - 1)))
+            train_on(*batches.batch(len(batches) - 1))
         return _epoch_fields(setup, epoch, sync)
 
     _measure(setup, impl, "torch" if device.type == "cuda" else "rss",
@@ -341,24 +331,21 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
                   torch_compile: bool | None = None, seed: int = 0,
                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Benchmark the Flax step against the torch variants; one dict per (implementation, phase), phase by phase
-    (``PHASES``), then implementation (``IMPLS``); ``format_table`` prints them.
-
-    ``quick``: ``QUICK``'s model, batch and epoch, at most its warm-up and steps, and no torch.compile, unless
-    ``epoch_images`` (default 50,000; 0: no epoch rows) / ``torch_compile`` (default: not ``quick``) say otherwise.
-    """
+    (``PHASES``), then implementation (``IMPLS``); ``format_table`` prints them. ``quick``: ``QUICK``'s model, batch
+    and epoch, at most its warm-up and steps, and no torch.compile, unless ``epoch_images`` (default 50,000; 0: no
+    epoch rows) / ``torch_compile`` (default: not ``quick``) say otherwise."""
     import jax
 
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if quick:
-        model_name, model_kwargs, batch_size = QUICK["model"], dict(QUICK["model_kwargs"]), QUICK["batch_size"]
+        model_name, model_kwargs, batch_size = QUICK["model"], QUICK["model_kwargs"], QUICK["batch_size"]
         warmup, steps = min(warmup, QUICK["warmup"]), min(steps, QUICK["steps"])
-    # Let torch and jax share a GPU: jax would otherwise take 75% of its memory up front. Read when jax first
-    # touches a device, so it must be set before that.
+    # before jax first touches a device, which would otherwise take 75% of a GPU's memory, leaving torch little
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if epoch_images is None:
         epoch_images = QUICK["epoch_images"] if quick else DEFAULT_EPOCH_IMAGES
-    kwargs = registry.model_kwargs(model_name, dict(model_kwargs or {}))
+    kwargs = registry.model_kwargs(model_name, model_kwargs)
     # the model's notebook recipe, with augmentation on: the benchmark includes the on-device crop + flip
     recipe = dataclasses.replace(get_recipe(registry.get_spec(model_name).recipe), batch_size=batch_size,
                                  eval_batch_size=batch_size, augment=True)
@@ -400,16 +387,10 @@ def environment() -> dict[str, Any]:
             "load_avg": load_average(), "cpu": describe_cpu()}
 
 
-# (key, /proc/cpuinfo flag, label) of the vector extensions XLA:CPU and torch's kernels make use of
-CPU_FEATURES: tuple[tuple[str, str, str], ...] = (("avx2", "avx2", "AVX2"), ("fma", "fma", "FMA"),
-                                                  ("avx512", "avx512f", "AVX-512"))
-
-
 def describe_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
-    """The CPU's model and whether it has AVX2, FMA and AVX-512 (None where unknown), with ``text``, a one-line
-    summary. XLA:CPU and torch pick their kernels by these extensions, so CPU speeds compare between machines only
-    with them known. ``cpuinfo``: the text of ``/proc/cpuinfo`` (default: read it; where there is none, the model
-    is ``platform.processor()`` and the extensions are unknown)."""
+    """The CPU's model and whether it has AVX2, FMA and AVX-512 (None where unknown), with ``text``, one line: XLA:CPU
+    and torch pick their kernels by these, so CPU speeds compare only with them known. ``cpuinfo``: the text of
+    ``/proc/cpuinfo`` (default: read it; without one, ``platform.processor()`` and unknown extensions)."""
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
         cpuinfo = path.read_text(errors="replace") if path.exists() else ""
@@ -435,12 +416,9 @@ def load_average() -> list[float] | None:
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "n/a"
-    if key == "mfu":
-        return f"{100 * value:.1f}%"
-    if key == "flax_speedup":
-        return f"{value:.2f}x"
     if isinstance(value, float):
-        return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+        fmt = {"mfu": "{:.1%}", "flax_speedup": "{:.2f}x"}.get(key, "{:.3g}" if value < 100 else "{:,.0f}")
+        return fmt.format(value)
     return str(value)
 
 
@@ -490,21 +468,18 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile (default: yes, except with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help=f"CI-sized run in well under a minute: SimpleResNet(n_blocks=1), batch "
-                        f"{QUICK['batch_size']}, {QUICK['warmup']} + {QUICK['steps']} steps, a "
-                        f"{QUICK['epoch_images']}-image epoch, no torch.compile (overrides --model, --batch-size "
-                        "and larger --warmup/--steps; --epoch-images and --torch-compile still apply)")
+                   help=f"CI-sized run in well under a minute: SimpleResNet(n_blocks=1), batch {QUICK['batch_size']}, "
+                        f"{QUICK['warmup']} + {QUICK['steps']} steps, a {QUICK['epoch_images']}-image epoch, no "
+                        "torch.compile (overrides --model, --batch-size and larger --warmup/--steps)")
     p.add_argument("--seed", type=seed, default=0, metavar="N", help="seed of weights and data (default: 0)")
-    p.add_argument("--json", type=expanded_path, metavar="FILE",
-                   help="also write the rows (and the environment) as JSON")
+    p.add_argument("--json", type=expanded_path, metavar="FILE", help="also write the rows and the environment as JSON")
     p.set_defaults(handler=run_bench_command, parser=p)
     return p
 
 
 def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Handler of ``bench``: validate, run, print the table, write the JSON; returns the exit code."""
-    given = {a.name: getattr(args, a.name) for a in registry.MODEL_ARGS.values()
-             if getattr(args, a.name, None) is not None}
+    given = {a: getattr(args, a) for a in registry.MODEL_ARGS}  # None: not given
     if not args.quick:
         try:
             registry.model_kwargs(args.model, given)
