@@ -2,8 +2,7 @@
 
 - Flax/JAX (``flax_to_arrays`` / ``flax_from_arrays``): each leaf of a pytree (an ``engine.TrainState``, an
   ``nnx.State``) under its ``jax.tree_util.keystr`` path, e.g. ``.params['conv1']['kernel'].value``; a PRNG key as
-  its raw data. Restoring checks every name, shape and dtype against a template first (all misfits in one short
-  error) and gives each leaf the template's sharding (a PRNG key also its implementation).
+  its raw data, restored into a template's leaves (their sharding, a PRNG key's implementation).
 - PyTorch (``torch_to_arrays`` / ``torch_from_arrays``, which import torch): ``model.state_dict()`` under
   ``model/<key>``, the optimiser's per-parameter tensors under ``optimizer/<parameter index>/<name>``, and its
   non-tensor rest (the parameter groups: lr, momentum, ...) as a JSON-able dict for the checkpoint's metadata.
@@ -26,20 +25,26 @@ MODEL_PREFIX = "model/"
 OPTIMIZER_PREFIX = "optimizer/"
 
 
-def _misfit(what: str, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str) -> CheckpointError:
-    """One error for every way the arrays do not fit: counts first, then at most ten lines (enough to see the
-    pattern, never a page) shared among the kinds, so that a long list of one kind does not hide the others."""
-    kinds = [(kind, items) for kind, items in (("missing", missing), ("unexpected", unexpected),
+def _check_fit(what: str, want: Mapping[str, tuple[np.dtype, tuple[int, ...]]], arrays: Mapping[str, np.ndarray],
+               strict: bool = True) -> None:
+    """One error for every way ``arrays`` do not fit ``want`` (name -> dtype and shape; ``strict``: no other
+    names): counts first, then at most ten lines (enough to see the pattern, never a page) shared among the kinds,
+    so that a long list of one kind does not hide the others."""
+    mismatched = [f"{name}: saved {got.dtype.name}{list(got.shape)}, {what} has {dtype.name}{list(shape)}"
+                  for name, (dtype, shape) in want.items()
+                  if (got := arrays.get(name)) is not None and (got.dtype, got.shape) != (dtype, shape)]
+    kinds = [(kind, items) for kind, items in (("missing", [name for name in want if name not in arrays]),
+                                               ("unexpected", sorted(set(arrays) - set(want)) if strict else []),
                                                ("mismatched", mismatched)) if items]
+    if not kinds:
+        return
     counts = ", ".join(f"{len(items)} {kind}" for kind, items in kinds)
     shown = [f"{kind:<10} {item}" for kind, items in kinds for item in items[:10 // len(kinds)]]
     if hidden := sum(len(items) for _, items in kinds) - len(shown):
         shown.append(f"... and {hidden} more")
-    return CheckpointError(f"the checkpoint does not fit {what} ({counts}):\n  " + "\n  ".join(shown) + f"\n{hint}")
-
-
-def _describe(dtype: Any, shape: tuple[int, ...]) -> str:
-    return f"{np.dtype(dtype).name}{list(shape)}"
+    raise CheckpointError(f"the checkpoint does not fit {what} ({counts}):\n  " + "\n  ".join(shown)
+                          + "\nWas it written for another model, model arguments, optimiser or dtype? Name the same "
+                          "ones as the run that wrote it (its meta.json records them).")
 
 
 # ------------------------------------------------------------------------------------------------ Flax
@@ -62,12 +67,8 @@ def flax_to_arrays(tree: Any) -> dict[str, np.ndarray]:
 
 
 def _place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    """``array`` on the devices of ``sharding`` (all of it on each: the states here are replicated).
-
-    From a private copy: on CPU ``jax.device_put`` may share the NumPy buffer, or copy it later (measured: a
-    2-element array changed afterwards showed the change, even with ``may_alias=False``), so the state would change
-    with the arrays it was read from.
-    """
+    """``array`` on the devices of ``sharding`` (all of it on each: the states here are replicated), from a private
+    copy: on CPU ``jax.device_put`` may share the NumPy buffer even with ``may_alias=False`` (measured)."""
     if sharding.is_fully_addressable:
         return jax.device_put(np.array(array), sharding)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: np.array(array[index]))
@@ -87,19 +88,9 @@ def flax_from_arrays(template: Any, arrays: Mapping[str, np.ndarray], *, strict:
     template has no leaf for (weights read from a training checkpoint that also holds optimiser state)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = {jax.tree_util.keystr(path): leaf for path, leaf in flat}
-    missing = [name for name in leaves if name not in arrays]
-    mismatched = []
-    for name, leaf in leaves.items():
-        want = jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf  # a key: its raw data's
-        got = arrays.get(name)
-        if got is not None and (got.shape != tuple(want.shape) or got.dtype != want.dtype):
-            mismatched.append(f"{name}: saved {_describe(got.dtype, got.shape)}, this state has "
-                              f"{_describe(want.dtype, want.shape)}")
-    unexpected = sorted(set(arrays) - set(leaves)) if strict else []
-    if missing or unexpected or mismatched:
-        raise _misfit("this state", missing, unexpected, mismatched,
-                      "Was it written for another model, model arguments, optimiser or dtype? Name the same ones "
-                      "as the run that wrote it (its meta.json records them).")
+    shapes = {name: jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf  # a key: its raw data's
+              for name, leaf in leaves.items()}
+    _check_fit("this state", {name: (np.dtype(w.dtype), tuple(w.shape)) for name, w in shapes.items()}, arrays, strict)
     return jax.tree_util.tree_unflatten(treedef, [_restored(leaf, arrays[name]) for name, leaf in leaves.items()])
 
 
@@ -135,20 +126,9 @@ def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarra
     copies the values into the existing parameters, so an optimiser built on them stays valid."""
     import torch
 
-    current, saved = model.state_dict(), torch_model_arrays(arrays)
-    missing = [k for k in current if k not in saved]
-    unexpected = sorted(k for k in saved if k not in current)
-    mismatched = []
-    for key, tensor in current.items():
-        array = saved.get(key)
-        if array is not None and (array.shape != tuple(tensor.shape)
-                                  or torch.from_numpy(np.empty(0, array.dtype)).dtype != tensor.dtype):
-            mismatched.append(f"{key}: saved {_describe(array.dtype, array.shape)}, this model has "
-                              f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}")
-    if missing or unexpected or mismatched:
-        raise _misfit(f"this {type(model).__name__}", missing, unexpected, mismatched,
-                      "Was it written for another model, model arguments or dtype? Name the same ones as the run "
-                      "that wrote it (its meta.json records them).")
+    saved = torch_model_arrays(arrays)
+    _check_fit(f"this {type(model).__name__}", {key: (torch.empty(0, dtype=t.dtype).numpy().dtype, tuple(t.shape))
+                                                for key, t in model.state_dict().items()}, saved)
     # writable copies of their own (the store's arrays may be shared)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.items()})
     if optimizer is None:
