@@ -1,25 +1,16 @@
-"""One checkpoint store for every framework: NumPy arrays in a safetensors file plus JSON metadata, per step.
-
-Layout of a store's ``directory`` (step 0 is allowed: the weights-only checkpoints ``port`` writes)::
+"""One checkpoint store for every framework: NumPy arrays in a safetensors file plus JSON metadata, per step (step 0:
+``port``'s weights-only checkpoints).
 
     epoch_0003/arrays.safetensors   every array of the state, by name (``flax_resnet.codecs`` names them)
     epoch_0003/meta.json            {"format": ..., "version": 1, "step": 3,
                                      "arrays": {"sha256": ..., "bytes": ...}, "meta": <the caller's metadata>}
 
-Not orbax: when one of its writes failed on a full disk it printed hundreds of lines of tracebacks from abandoned
-writes and left partial temporary directories; here a failure is one ``OSError`` in the caller's thread, nothing
-printed, nothing left, and saving is faster too (0.20 s against 0.50 s; docs/design.md, Checkpoints).
-
-Writing, the big_vision way: the writer (process 0, ``is_writer``; every process reads) writes both files into a
-hidden temporary directory, ``fsync``s them, renames it into place and ``fsync``s the parent; then every process
-meets at ``barrier``, so none moves on before the checkpoint exists. A crash leaves the whole checkpoint or a
-hidden temporary directory (swept by the next save), never one that looks whole and is not; a failed write
-removes its temporary directory and raises one ``CheckpointError``. Reading checks the SHA-256 and size that
-``meta.json`` records; ``restore_latest_good`` (the resume path) takes the newest checkpoint that reads back whole,
-moving each newer one aside to ``<directory>.unreadable/`` (never deleted).
-
-Only NumPy, safetensors and the standard library (and ml_dtypes once a bfloat16 array is read back); importing this
-module changes nothing global (no logging filters, hooks or warning filters).
+Not orbax: on a full disk it printed hundreds of lines and left partial temporary directories; here a failed save is
+one ``CheckpointError``, nothing printed, nothing left, and saving is faster (0.20 s against 0.50 s; docs/design.md,
+Training). The writer (process 0) writes both files into a hidden temporary directory, ``fsync``s them and renames it
+into place, then every process meets at ``barrier``: a crash leaves a whole checkpoint or a hidden temporary
+directory (swept by the next save). Reading checks the SHA-256 and size ``meta.json`` records. Importing this module
+changes nothing global (no logging filters, hooks or warning filters).
 """
 
 from __future__ import annotations
@@ -249,58 +240,55 @@ class CheckpointStore:
         shutil.rmtree(doomed)
 
     # ------------------------------------------------------------------------------------------ reading
-    def _problem(self, step: int, problem: str) -> UnreadableCheckpoint:
-        return UnreadableCheckpoint(step, self.directory, problem)
-
-    def _read_file(self, step: int, name: str) -> bytes:
-        try:
-            return (self.path(step) / name).read_bytes()
-        except FileNotFoundError:
-            raise self._problem(step, f"{name} is missing") from None
-        except OSError as e:
-            raise self._problem(step, f"{name} cannot be read ({_os_words(e)})") from e
-
-    def _read_doc(self, step: int) -> dict[str, Any]:
-        try:
-            doc = json.loads(self._read_file(step, META_FILE))
-        except ValueError as e:  # json.JSONDecodeError, or UnicodeDecodeError for bytes that are not text
-            raise self._problem(step, f"{META_FILE} is not valid JSON ({e}; garbled or cut short)") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise self._problem(step, f"{META_FILE} is not the metadata of a flax-resnet checkpoint")
-        if not isinstance(doc.get("version"), int) or doc["version"] > FORMAT_VERSION:
-            raise self._problem(step, f"{META_FILE} is of format version {doc.get('version')!r}, newer than this "
-                                      f"flax-resnet reads ({FORMAT_VERSION}): upgrade flax-resnet")
-        info = doc.get("arrays")
-        if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str)
-                or not isinstance(info.get("bytes"), int) or not isinstance(doc.get("meta"), dict)):
-            raise self._problem(step, f"{META_FILE} lacks the digest of {ARRAYS_FILE} or the metadata (garbled)")
-        if doc.get("step") != step:
-            raise self._problem(step, f"{META_FILE} is that of checkpoint {doc.get('step')!r} (a renamed directory)")
-        return doc
-
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The metadata of checkpoint ``step`` (default: the latest), without reading its arrays."""
-        return self._read_doc(self._step(step))["meta"]
+        return self._read(step, with_arrays=False)[1]
 
     def read(self, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The arrays and metadata of checkpoint ``step`` (default: the latest), verified against the digest
         written with them; ``UnreadableCheckpoint`` (a ``CheckpointError``) names the file and the problem."""
+        return self._read(step, with_arrays=True)
+
+    def _read(self, step: int | None, with_arrays: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         step = self._step(step)
-        doc = self._read_doc(step)
-        data, info = self._read_file(step, ARRAYS_FILE), doc["arrays"]
+
+        def unreadable(problem: str) -> UnreadableCheckpoint:
+            return UnreadableCheckpoint(step, self.directory, problem)
+
+        try:
+            doc = json.loads((self.path(step) / META_FILE).read_bytes())
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+                raise unreadable(f"{META_FILE} is not the metadata of a flax-resnet checkpoint")
+            if not isinstance(doc.get("version"), int) or doc["version"] > FORMAT_VERSION:
+                raise unreadable(f"{META_FILE} is of format version {doc.get('version')!r}, newer than this "
+                                 f"flax-resnet reads ({FORMAT_VERSION}): upgrade flax-resnet")
+            info = doc.get("arrays")
+            if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str)
+                    or not isinstance(info.get("bytes"), int) or not isinstance(doc.get("meta"), dict)):
+                raise unreadable(f"{META_FILE} lacks the digest of {ARRAYS_FILE} or the metadata (garbled)")
+            if doc.get("step") != step:
+                raise unreadable(f"{META_FILE} is that of checkpoint {doc.get('step')!r} (a renamed directory)")
+            data = (self.path(step) / ARRAYS_FILE).read_bytes() if with_arrays else b""
+        except ValueError as e:  # json.JSONDecodeError, or UnicodeDecodeError for bytes that are not text
+            raise unreadable(f"{META_FILE} is not valid JSON ({e}; garbled or cut short)") from None
+        except OSError as e:
+            name = Path(e.filename).name
+            raise unreadable(f"{name} is missing" if isinstance(e, FileNotFoundError)
+                             else f"{name} cannot be read ({_os_words(e)})") from None
+        if not with_arrays:
+            return {}, doc["meta"]
         if len(data) != info["bytes"]:
-            raise self._problem(step, f"{ARRAYS_FILE} has {len(data)} bytes where {info['bytes']} were written "
-                                      f"({'cut short' if len(data) < info['bytes'] else 'grown'})")
+            raise unreadable(f"{ARRAYS_FILE} has {len(data)} bytes where {info['bytes']} were written "
+                             f"({'cut short' if len(data) < info['bytes'] else 'grown'})")
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise self._problem(step, f"{ARRAYS_FILE} does not match the SHA-256 recorded when it was written "
-                                      "(corrupted)")
+            raise unreadable(f"{ARRAYS_FILE} does not match the SHA-256 recorded when it was written (corrupted)")
         try:
             arrays = safetensors.numpy.load(data)
             for name, dtype in (info.get("views") or {}).items():
                 arrays[name] = arrays[name].view(_dtype_named(dtype))
         except Exception as e:  # noqa: BLE001 - the digest matched, so the writer wrote it so: report, never crash
-            raise self._problem(step, f"{ARRAYS_FILE} cannot be parsed ({type(e).__name__}: "
-                                      f"{' '.join(str(e).split())[:200]})") from e
+            raise unreadable(f"{ARRAYS_FILE} cannot be parsed ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from e
         return arrays, doc["meta"]
 
     # ------------------------------------------------------------------------------------------ recovery
