@@ -26,10 +26,10 @@ def model_template(model: nnx.Module) -> dict[str, nnx.State]:
     return {"params": params, "model_state": model_state}
 
 
-def save_model(path: str | Path, model: nnx.Module, meta: Mapping[str, Any], step: int = 0) -> Path:
-    """Write ``model``'s weights as checkpoint ``step`` of a store at ``path`` (a new or empty directory)."""
+def save_model(path: str | Path, model: nnx.Module, meta: Mapping[str, Any]) -> Path:
+    """Write ``model``'s weights as checkpoint 0 of a store at ``path`` (a new or empty directory)."""
     arrays = codecs.flax_to_arrays(model_template(model))
-    return CheckpointStore(path, max_to_keep=None).save(step, arrays, {"framework": "jax", **meta})
+    return CheckpointStore(path, max_to_keep=None).save(0, arrays, {"framework": "jax", **meta})
 
 
 def read_meta(path: str | Path, step: int | None = None) -> dict[str, Any]:
@@ -44,9 +44,9 @@ def load_model(path: str | Path, model: nnx.Module, step: int | None = None) -> 
     arrays, meta = CheckpointStore(resolve(path)).read(step)
     if meta.get("framework") == "torch":
         port.load_torch_state_dict(model, codecs.torch_model_arrays(arrays))
-        return meta
-    state = codecs.flax_from_arrays(model_template(model), arrays, strict=False)
-    nnx.update(model, state["params"], state["model_state"])
+    else:
+        state = codecs.flax_from_arrays(model_template(model), arrays, strict=False)
+        nnx.update(model, state["params"], state["model_state"])
     return meta
 
 

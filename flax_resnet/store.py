@@ -114,6 +114,16 @@ def _dtype_named(name: str) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, name))
 
 
+def _is_ours(path: Path) -> bool:
+    """Whether the format marker opens ``path``'s meta.json or its arrays file's header (either suffices, so that a
+    checkpoint with one damaged file is still recognised)."""
+    for name in (META_FILE, ARRAYS_FILE):
+        with contextlib.suppress(OSError), open(path / name, "rb") as f:
+            if f'"{FORMAT}"'.encode() in f.read(4096):
+                return True
+    return False
+
+
 class CheckpointStore:
     """The checkpoints of one directory. In a multi-process run every process makes one on the same (shared) directory,
     only one with ``is_writer=True``, all with the same ``barrier(name)`` (which returns once every process has
@@ -347,38 +357,27 @@ class CheckpointStore:
                               + "\nStart over with --overwrite, or restore a backup of the checkpoints.")
 
     # ------------------------------------------------------------------------------------------ removal
-    @staticmethod
-    def _is_ours(path: Path) -> bool:
-        """Whether ``path`` is a checkpoint this store wrote: the format marker opens its meta.json or its arrays
-        file's header (either suffices, so that a checkpoint with one damaged file is still recognised)."""
-        for name in (META_FILE, ARRAYS_FILE):
-            with contextlib.suppress(OSError), open(path / name, "rb") as f:
-                if f'"{FORMAT}"'.encode() in f.read(4096):
-                    return True
-        return False
-
     def remove_all(self) -> list[Path]:
         """Remove every checkpoint this store wrote, and its stale temporary directories (for --overwrite); returns
-        what was removed. Anything else in the directory (a ``notes.txt``, another tool's ``best/model.pt``, an
-        ``epoch_0005`` without the format marker, a symbolic link) is left where it is."""
+        what was removed. Anything else (another tool's files, an ``epoch_0005`` without the format marker, a
+        symbolic link) stays where it is."""
         if self.directory.is_symlink():
             raise CheckpointError(f"{self.directory} is a symbolic link; --overwrite removes checkpoints only from a "
                                   "real directory: point --out at the link's target, or remove the link")
         removed: list[Path] = []
         try:
-            if self.is_writer:
-                for entry in self._entries():
-                    if entry.is_symlink() or not entry.is_dir():
-                        continue
-                    if _TMP_DIR.match(entry.name):
-                        shutil.rmtree(entry)
-                    elif _STEP_DIR.match(entry.name) and self._is_ours(entry):
-                        self._remove_checkpoint(entry)
-                    else:
-                        continue
-                    removed.append(entry)
-                if removed:
-                    _fsync_dir(self.directory)
+            for entry in self._entries() if self.is_writer else []:
+                if entry.is_symlink() or not entry.is_dir():
+                    continue
+                if _TMP_DIR.match(entry.name):
+                    shutil.rmtree(entry)
+                elif _STEP_DIR.match(entry.name) and _is_ours(entry):
+                    self._remove_checkpoint(entry)
+                else:
+                    continue
+                removed.append(entry)
+            if removed:
+                _fsync_dir(self.directory)
         except OSError as e:
             raise CheckpointError(f"could not remove the checkpoints in {self.directory} ({_os_words(e)}: "
                                   f"{e.filename}); remove them yourself, then run again") from e

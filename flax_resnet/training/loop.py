@@ -1,12 +1,9 @@
 """The training loop, written once for both frameworks: epochs -> steps -> eval -> history -> checks -> checkpoint.
 
-A ``Backend`` per framework (``flax_backend.FlaxBackend`` over a runner, ``torch_backend.TorchBackend`` over the
-notebooks' own loops) runs the steps on the epoch plan of ``(seed, epoch)`` (``flax_resnet.data.plan``), so a
+A ``Backend`` per framework runs the steps on the epoch plan of ``(seed, epoch)`` (``flax_resnet.data.plan``), so a
 resumed run sees the batches an uninterrupted one would. Losses are averaged as the recipe's notebook does
-(``recipe.train_loss_mean``; the test loss as notebook 004's ``evaluate``), accuracies are in percent. A nan or inf
-loss stops the run with ``TrainError`` naming the epoch and step, before that epoch is saved. The library never
-prints: progress goes to the bar from ``progress``, epoch lines to ``log``.
-"""
+(``recipe.train_loss_mean``), accuracies are in percent. The library never prints: progress goes to the bar from
+``progress``, epoch lines to ``log``."""
 
 from __future__ import annotations
 
@@ -170,8 +167,7 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
         if resume and store.steps:
 
             def check(saved: dict[str, Any]) -> None:
-                problems = config.resume_problems(saved)
-                if problems:
+                if problems := config.resume_problems(saved):
                     raise TrainError(f"the checkpoints in {store.directory} were made by a different run, so --resume "
                                      "cannot continue it:\n  " + "\n  ".join(problems)
                                      + "\nRun with the checkpoint's settings, or start over with --overwrite.")
