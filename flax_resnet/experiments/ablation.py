@@ -12,9 +12,8 @@ from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import Recipe
 
-__all__ = ["COMMAND", "CONFIGURATIONS", "FIGURE", "run_ablation"]
+__all__ = ["COMMAND", "CONFIGURATIONS", "run_ablation"]
 
-FIGURE = "ablation.png"
 # the notebook's result keys -> (legend, model, colour)
 CONFIGURATIONS: dict[str, tuple[str, str, str]] = {
     "with_bn": ("ResNet18 with BatchNorm", "ResNet18", "#22c55e"),
@@ -36,7 +35,6 @@ def run_ablation(recipe: Recipe, ctx: Context, *, dropout_p: float = 0.2) -> Rep
     panels = (("train_loss", "Training Loss", "Loss"), ("test_loss", "Test Loss", "Loss"), *plots.CURVE_PANELS[1:])
     fig, axes = plots.curves_figure(curves, panels=panels, width=4.0, height=3.6)
     axes[1].set_yscale("log")  # a network without BatchNorm can start with test losses in the thousands
-    figure = plots.save_figure(fig, ctx.out / FIGURE)
 
     rows = [[key, run.model, f"{run.params:,}", *run.final_cells(),
              fmt(max(run.history["test_acc"], default=float("nan")), ".2f", "%"), fmt(run.train_time, ".1f", " s")]
@@ -49,7 +47,7 @@ def run_ablation(recipe: Recipe, ctx: Context, *, dropout_p: float = 0.2) -> Rep
     results = {"results": {key: run.final("test_acc") for key, run in runs.items()},
                "recipe": dataclasses.asdict(recipe), "dropout_p": dropout_p, "data": ctx.data_note,
                "runs": {k: dataclasses.asdict(r) for k, r in runs.items()}}
-    return Report("Ablation: BatchNorm and dropout in ResNet18", table, results, [figure], notes)
+    return Report("Ablation: BatchNorm and dropout in ResNet18", table, results, fig, notes)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -68,6 +66,6 @@ COMMAND = common.Command(
     "ablation", help="notebook 004's ablation study: ResNet18 with BatchNorm, without, with dropout",
     description="Train ResNet18, ResNet18NoBN (BatchNorm replaced by identity) and ResNet18Dropout (dropout after "
                 "each block) with notebook 004's recipe for the ablation study's 10 epochs, and write their curves "
-                f"in one figure ({FIGURE}), the final test accuracies (results.json: results.with_bn, without_bn, "
+                "in one figure (ablation.png), the final test accuracies (results.json: results.with_bn, without_bn, "
                 "with_dropout, as the notebook's dict) and a table.",
     add_options=_add_options, plan=_plan, quick=QUICK)

@@ -235,17 +235,14 @@ class Context:
 
 @dataclasses.dataclass
 class Report:
-    """What an experiment found: a Markdown table, notes, figures (in --out, beside summary.md) and raw numbers."""
+    """What an experiment found: a Markdown table, notes, raw numbers and a matplotlib figure (``_handle`` writes
+    it beside summary.md as ``<command>.png``, dashes as underscores: docs/make_figures.sh copies it by that name)."""
 
     title: str
     table: str
     results: dict[str, Any]
-    figures: list[Path]
+    figure: Any
     notes: list[str]
-
-    def markdown(self) -> str:
-        links = [f"![{p.stem}]({p.name})" for p in self.figures]
-        return "\n\n".join([f"## {self.title}", self.table, "\n".join(self.notes), "\n".join(links)]) + "\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,15 +287,19 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
         except KeyboardInterrupt:
             print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
             return 130
-        (out / SUMMARY_FILE).write_text(report.markdown())
+        from flax_resnet import plots
+
+        figure = plots.save_figure(report.figure, out / f"{command.name.replace('-', '_')}.png")
+        markdown = "\n\n".join([f"## {report.title}", report.table, "\n".join(report.notes),
+                                 f"![{figure.stem}]({figure.name})"]) + "\n"
+        (out / SUMMARY_FILE).write_text(markdown)
         options = {k: v for k, v in vars(args).items() if k not in ("handler", "parser", "command")}
-        payload = {"command": command.name, "settings": options, **report.results,
-                   "figures": [p.name for p in report.figures]}
+        payload = {"command": command.name, "settings": options, **report.results, "figures": [figure.name]}
         tmp = out / f".{RESULTS_FILE}.tmp"  # written whole, then renamed: a reader never sees half of it
         tmp.write_text(json.dumps(to_jsonable(payload), indent=1, allow_nan=False) + "\n")
         os.replace(tmp, out / RESULTS_FILE)
     print()
-    print(report.markdown(), end="")
+    print(markdown, end="")
     print(f"\n{command.name}: done in {time.perf_counter() - start:.0f} s; outputs in {out}")
     return 0
 

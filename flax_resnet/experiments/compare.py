@@ -20,9 +20,8 @@ from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
 
-__all__ = ["COMMAND", "FIGURE", "run_compare"]
+__all__ = ["COMMAND", "run_compare"]
 
-FIGURE = "compare.png"
 QUICK = {"dataset": "synthetic", "train_samples": 128, "test_samples": 64, "epochs": 2, "batch_size": 32,
          "eval_batch_size": 64}
 FRAMEWORKS = {"jax": ("Flax (JAX)", {"color": "#2563eb", "marker": "o", "linestyle": "-", "markersize": 4}),
@@ -48,7 +47,6 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
     fig, _ = plots.curves_figure(curves, panels=panels, width=4.0, height=3.6,
                                  title=f"{registry.constructor_call(model, model_kwargs)}, "
                                        f"{recipe.name}, {dtype}: same initial weights, same batches")
-    figure = plots.save_figure(fig, ctx.out / FIGURE)
 
     rows, timing = [], {}
     for fw, run in runs.items():
@@ -73,7 +71,7 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
     results = {"model": model, "model_kwargs": model_kwargs, "dtype": dtype, "recipe": dataclasses.asdict(recipe),
                "data": ctx.data_note, "runs": {fw: dataclasses.asdict(r) for fw, r in runs.items()}, "timing": timing,
                "max_train_loss_difference": loss_gap, "test_acc_difference": acc_gap}
-    return Report("Flax vs PyTorch: same weights, same batches", table, results, [figure], notes)
+    return Report("Flax vs PyTorch: same weights, same batches", table, results, fig, notes)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -105,6 +103,6 @@ COMMAND = common.Command(
     "compare", help="train one recipe in Flax and in PyTorch from the same weights and batches; curves, speed",
     description="Train one model with one recipe in JAX/Flax and in the PyTorch reference, both from torch's initial "
                 "weights (ported into Flax) and on the same batch stream, and write the curves overlaid with the "
-                f"throughput per epoch ({FIGURE}) and a table of final accuracies, epoch times and images/s.",
+                "throughput per epoch (compare.png) and a table of final accuracies, epoch times and images/s.",
     add_options=_add_options, plan=_plan, needs_torch=True,
     quick=QUICK, epilog=", --n-blocks 1 where the model takes it")

@@ -15,9 +15,8 @@ from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
 
-__all__ = ["COMMAND", "FIGURE", "run_depth"]
+__all__ = ["COMMAND", "run_depth"]
 
-FIGURE = "depth.png"
 QUICK = {"dataset": "synthetic", "plain_blocks": [(1, 1, 1, 1), (2, 2, 2, 2)], "resnet_blocks": [1, 2],
          "image_size": 8, "train_samples": 64, "test_samples": 32, "epochs": 2, "batch_size": 32,
          "eval_batch_size": 32}
@@ -54,7 +53,6 @@ def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[i
     axes[-1].set(xlabel="Conv layers", ylabel="Final training accuracy (%)", title="Final training accuracy vs depth")
     axes[-1].grid(True, alpha=0.3)
     axes[-1].legend(fontsize=8)
-    figure = plots.save_figure(fig, ctx.out / FIGURE)
     table = common.markdown_table(["network", "blocks", "conv layers", "parameters", "final train loss",
                                    "final train acc", "final test acc", "time"], rows, "llrrrrrr")
     notes = [f"{recipe.name} recipe for every run: {recipe.epochs} epochs, batch {recipe.batch_size}, "
@@ -66,7 +64,7 @@ def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[i
     results = {"recipe": dataclasses.asdict(recipe), "data": ctx.data_note,
                "runs": {family: [dataclasses.asdict(r) for r in runs] for family, (_, _, runs) in families.items()},
                "deep_minus_shallow_train_acc": drops}
-    return Report("Depth: plain vs residual networks", table, results, [figure], notes)
+    return Report("Depth: plain vs residual networks", table, results, fig, notes)
 
 
 def _blocks_spec(text: str) -> tuple[int, ...]:
@@ -101,6 +99,6 @@ COMMAND = common.Command(
     "depth", help="PlainNet shallow/deep vs SimpleResNet shallow/deep: degradation with depth in one figure",
     description="Train notebook 004's PlainNet at two depths ([1,1,1,1] and [3,3,3,3]) and notebook 000's "
                 "SimpleResNet at two depths (n_blocks 1 and 4) with one recipe, and draw their curves and final "
-                f"training accuracy against depth in one figure ({FIGURE}): the deep plain network trains worse "
+                "training accuracy against depth in one figure (depth.png): the deep plain network trains worse "
                 "than the shallow one, the deep residual network does not.",
     add_options=_add_options, plan=_plan, quick=QUICK)

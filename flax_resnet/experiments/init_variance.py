@@ -18,9 +18,8 @@ from flax_resnet import commands, registry
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 
-__all__ = ["COMMAND", "FIGURE", "SERIES", "flax_reinit", "run_he_init"]
+__all__ = ["COMMAND", "SERIES", "flax_reinit", "run_he_init"]
 
-FIGURE = "he_init.png"
 MODELS = ("SimpleNet", "ResNet18", "ResNet34", "ResNet50")
 QUICK = {"batch": 16}
 # framework/init -> legend label and colour: He greens, torch's default oranges, Flax's stock default blue
@@ -81,10 +80,8 @@ def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, see
     return activation_variances(model, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
 
 
-def _bar_chart(results: dict[str, Any], path: Any) -> Any:
+def _bar_chart(results: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
-
-    from flax_resnet import plots
 
     n_models = len(results)
     widest = max(len(r["layers"]) for r in results.values())
@@ -105,7 +102,7 @@ def _bar_chart(results: dict[str, Any], path: Any) -> Any:
                f"unit-variance input {tuple(result['input_shape'])}")
         ax.grid(True, axis="y", alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncol=4, fontsize=8)
-    return plots.save_figure(fig, path)
+    return fig
 
 
 def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18"), batch: int = 64,
@@ -127,7 +124,6 @@ def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18
             rows.append([model_name, SERIES[key][0],
                          *(fmt(v, ".3g") for v in (values[0], values[-1], min(values), max(values), ratio))])
         results[model_name] = {"layers": names, "input_shape": list(x.shape), "variances": variances, "gains": gains}
-    figure = _bar_chart(results, ctx.out / FIGURE)
     table = common.markdown_table(["model", "init", "first layer", "last layer", "min", "max", "max / min"],
                                   rows, "llrrrrr")
     notes = [f"Variance (unbiased, over all elements) of each Conv/Linear output for one unit-variance batch "
@@ -138,7 +134,7 @@ def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18
              "way. SimpleNet's first conv sits near 0.1 under He init because the notebook uses mode='fan_out' "
              "(2/(9*64) instead of 2/(9*3))."]
     return Report("He initialisation: variance through the layers", table,
-                  {"models": results, "batch": batch, "seed": seed}, [figure], notes)
+                  {"models": results, "batch": batch, "seed": seed}, _bar_chart(results), notes)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -160,6 +156,6 @@ COMMAND = common.Command(
     description="Push a unit-variance batch through fresh models (SimpleNet and ResNet18 by default) and record the "
                 "variance of every Conv/Linear output, with He initialisation (the notebook's) and with the "
                 "framework default (torch's kaiming_uniform(a=sqrt 5), which our Flax layers mirror, and Flax's "
-                f"stock lecun_normal), in torch and in Flax side by side: one bar chart ({FIGURE}) with the target "
+                "stock lecun_normal), in torch and in Flax side by side: one bar chart (he_init.png) with the target "
                 "line at 1, and a table of first/last/min/max variance per model, framework and init.",
     add_options=_add_options, plan=_plan, needs_torch=True, quick=QUICK)

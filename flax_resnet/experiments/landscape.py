@@ -19,12 +19,11 @@ from flax_resnet import commands, registry
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
-from flax_resnet.recipes import RECIPES, Recipe
+from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 from flax_resnet.store import CheckpointError, resolve
 
-__all__ = ["COMMAND", "FIGURE", "Network", "line_loss", "load_network", "run_landscape"]
+__all__ = ["COMMAND", "Network", "line_loss", "load_network", "run_landscape"]
 
-FIGURE = "landscape.png"
 QUICK = {"dataset": "synthetic", "relative": True, "split": "both", "train_samples": 256, "test_samples": 128,
          "epochs": 4, "batch_size": 32}
 QUICK_MODELS = (("plain", "PlainDeepCNN"), ("residual", "SimpleResNet"))
@@ -57,11 +56,8 @@ def load_network(path: Path, label: str | None = None) -> Network:
         raise CheckpointError(f"the checkpoint in {root} names no model this version can build: {e}") from e
     if meta.get("dtype", "float32") != "float32":
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
-    if meta.get("recipe"):  # JSON's lists back to the recipe's tuples
-        known = {f.name for f in dataclasses.fields(Recipe)}
-        recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["recipe"].items() if k in known})
-    else:  # a checkpoint written by `port` records no recipe
-        recipe = RECIPES[registry.get_spec(name).recipe]
+    # a checkpoint written by `port` records no recipe: the model's notebook's
+    recipe = RunConfig.from_dict(meta).recipe if meta.get("recipe") else RECIPES[registry.get_spec(name).recipe]
     model = registry.build_flax(name, kwargs)
     checkpoint.load_model(root, model)
     return Network(label or name, model, name, kwargs, recipe, Path(path), meta.get("epoch"))
@@ -160,7 +156,6 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
            title="Loss Landscape (1D slice)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    figure = plots.save_figure(fig, ctx.out / FIGURE)
     table = common.markdown_table(["network", "model", "batch", "loss at 0", "min loss (alpha)",
                                    f"loss at {-radius:g}", f"loss at +{radius:g}", "mean rise at the ends"],
                                   rows, "lllrrrrr")
@@ -172,7 +167,7 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
         notes.append(f"The networks differ in depth ({depths} conv layers): compare at equal depth.")
     results = {"alphas": alphas.tolist(), "relative": relative, "networks": curves, "splits": list(splits),
                "seed": ctx.seed, "data": ctx.data_note}
-    return Report("1-D loss landscape", table, results, [figure], notes)
+    return Report("1-D loss landscape", table, results, fig, notes)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -232,7 +227,7 @@ COMMAND = common.Command(
     description="Evaluate the loss of trained networks along one random direction in parameter space, normalised "
                 "as notebook 004 does (d/||d||, one norm over all parameters), at 21 points in [-1, 1] on a fixed "
                 "batch in eval mode (BatchNorm statistics unperturbed), and plot the curves of a plain and a "
-                f"residual network of the same depth in one figure ({FIGURE}).",
+                "residual network of the same depth in one figure (landscape.png).",
     add_options=_add_options, plan=_plan, quick=QUICK,
     epilog="\n(and, when no network is named, first trains PlainDeepCNN(1) and SimpleResNet(1) with\nnotebook "
            "000's recipe, milestones scaled to the run)\n\nexamples:\n"

@@ -12,9 +12,8 @@ from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import Recipe
 
-__all__ = ["COMMAND", "FIGURE", "run_plain_vs_residual"]
+__all__ = ["COMMAND", "run_plain_vs_residual"]
 
-FIGURE = "plain_vs_residual.png"
 QUICK = {"dataset": "synthetic", "n_blocks": 1, "train_samples": 256, "test_samples": 64, "epochs": 4,
          "batch_size": 32, "eval_batch_size": 64}
 
@@ -25,7 +24,8 @@ def run_plain_vs_residual(recipe: Recipe, ctx: Context, *, n_blocks: int = 5) ->
 
     plain, resnet = (ctx.train(label, model, {"n_blocks": n_blocks}, recipe, model)
                      for label, model in (("Plain CNN", "PlainDeepCNN"), ("ResNet", "SimpleResNet")))
-    figure = plots.plot_comparison({r.label: r.history for r in (plain, resnet)}, ctx.out / FIGURE)
+    fig, _ = plots.curves_figure([(run.label, run.history, {"marker": marker, "color": color}) for run, marker, color
+                                  in ((plain, "o", plots.PLAIN_COLOR), (resnet, "s", plots.RESNET_COLOR))], height=4.0)
     advantage = resnet.final("test_acc") - plain.final("test_acc")
     train_gap = resnet.final("train_acc") - plain.final("train_acc")
     rows = [
@@ -44,7 +44,7 @@ def run_plain_vs_residual(recipe: Recipe, ctx: Context, *, n_blocks: int = 5) ->
     results = {"n_blocks": n_blocks, "recipe": dataclasses.asdict(recipe), "data": ctx.data_note,
                "runs": {"plain": dataclasses.asdict(plain), "resnet": dataclasses.asdict(resnet)},
                "resnet_advantage_test_acc": advantage, "resnet_advantage_train_acc": train_gap}
-    return Report(f"Plain vs residual, {plain.conv_layers} conv layers", table, results, [figure], notes)
+    return Report(f"Plain vs residual, {plain.conv_layers} conv layers", table, results, fig, notes)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -62,8 +62,8 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
 COMMAND = common.Command(
     "plain-vs-residual", help="notebook 000: PlainDeepCNN vs SimpleResNet at 31 conv layers, three plots and a table",
     description="Train notebook 000's plain deep CNN and its ResNet at the same depth (n_blocks=5: 31 conv layers) "
-                "with the same recipe, and write the notebook's three plots (training loss, training accuracy, "
-                f"test accuracy per epoch) as {FIGURE}, its summary table as summary.md and the histories as "
+                "with the same recipe, and write the notebook's three plots (training loss, training accuracy, test "
+                "accuracy per epoch) as plain_vs_residual.png, its summary table as summary.md and the histories as "
                 "results.json. Each run's checkpoints stay in OUT/runs/<model> (for `landscape`).",
     add_options=_add_options, plan=_plan, quick=QUICK,
     epilog="\n\nexample:\n  {prog} plain-vs-residual --out runs/pvr\n"
