@@ -26,13 +26,12 @@ from flax_resnet.errors import require
 from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 
 __all__ = ["Command", "Context", "Report", "Run", "add_run_options", "count_conv_layers", "count_params", "fmt",
-           "make_recipe", "markdown_table", "prepare_args", "quick_epilog", "register", "to_jsonable"]
+           "make_recipe", "markdown_table", "prepare_args", "register", "to_jsonable"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
 
 
-# ---------------------------------------------------------------------------------------------- options
 def add_run_options(p: argparse.ArgumentParser, *, framework: bool = True) -> None:
     """What every experiment that trains offers: seed, the recipe numbers it may change, framework,
     resume/overwrite, then the data options (--dataset defaults to synthetic with --quick)."""
@@ -73,17 +72,6 @@ def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quic
     commands.check_data_arguments(args, parser)
 
 
-def quick_epilog(values: Mapping[str, Any]) -> str:
-    """The --quick defaults, for the command's --help."""
-    def shown(value: Any) -> str:
-        if isinstance(value, list):
-            return " ".join(map(shown, value))
-        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-    options = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {shown(v)}") for k, v in values.items())
-    return "\n".join(textwrap.wrap(f"--quick sets (where not given): {options}", 108))
-
-
 def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser, **defaults: Any) -> Recipe:
     """The recipe ``name`` with the experiment's ``defaults`` and the user's --epochs/--batch-size/... over it
     (the recipe's checks of them are usage errors). Multistep milestones scale with the run's length, so a short
@@ -101,7 +89,6 @@ def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error(f"--{str(e).replace('_', '-')}")
 
 
-# --------------------------------------------------------------------------------------------- counting
 def count_params(model: Any) -> int:
     """Trainable parameters, as the notebooks count them: ``sum(p.numel() for p in model.parameters())``."""
     if hasattr(model, "parameters"):  # torch
@@ -124,7 +111,6 @@ def count_conv_layers(model: Any) -> int:
     return sum(1 for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv) and tuple(m.kernel_size) != (1, 1))
 
 
-# ------------------------------------------------------------------------------------------------ a run
 @dataclasses.dataclass
 class Run:
     """One trained model of an experiment: what it was, its history and its size."""
@@ -149,7 +135,6 @@ class Run:
                 fmt(self.final("test_acc"), accuracy, "%")]
 
 
-# ---------------------------------------------------------------------------------------------- outputs
 def fmt(value: float, spec: str = ".2f", suffix: str = "") -> str:
     """A number for a table; non-finite values as 'n/a' (a diverged run must not break the table)."""
     return f"{value:{spec}}{suffix}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
@@ -184,14 +169,12 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------- command
 @dataclasses.dataclass
 class Context:
-    """Where an experiment writes, how it reports progress, and what its training runs share (``_handle`` fills
+    """Where an experiment writes, its progress bars, and what its training runs share (``_handle`` fills
     it in from the options; ``dataset`` once --out is claimed)."""
 
     out: Path
-    log: Callable[[str], None]
     progress: Callable[..., Any] | None
     framework: str = "jax"
     seed: int = 0
@@ -226,7 +209,7 @@ class Context:
         history = training.train(
             net, config, self.dataset, out_dir=out_dir, resume=self.resume, title=title,
             overwrite=self.overwrite if overwrite is None else overwrite,
-            log=lambda line: self.log(f"[{label}] {line}"),
+            log=lambda line: commands.write_line(f"[{label}] {line}"),
             progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")),
         ).history
         return Run(label, model, dict(kwargs), framework, size, convs, {k: list(v) for k, v in history.items()},
@@ -273,7 +256,7 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
     # as `train` does: an unwritable --out, or another run writing to it, fails before any data or training
     claim = claim_output_dir(out, probe=())
     settings = {k: getattr(args, k) for k in ("framework", "seed", "resume", "overwrite") if hasattr(args, k)}
-    ctx = Context(out, commands.write_line, commands.progress_factory(not args.no_progress), **settings)
+    ctx = Context(out, commands.progress_factory(not args.no_progress), **settings)
     start = time.perf_counter()
     with claim:
         try:
@@ -306,7 +289,15 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
 
 def register(subparsers: Any, command: Command) -> argparse.ArgumentParser:
     """Add ``command`` to the CLI's subparsers, with its options and the output options every experiment has."""
-    epilog = quick_epilog(command.quick) + command.epilog.replace("{prog}", commands.program_name())
+    def shown(value: Any) -> str:  # a list as its items, a tuple of numbers as --plain-blocks reads it
+        if isinstance(value, list):
+            return " ".join(map(shown, value))
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    quick = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {shown(v)}")
+                      for k, v in command.quick.items())
+    epilog = "\n".join(textwrap.wrap(f"--quick sets (where not given): {quick}", 108))
+    epilog += command.epilog.replace("{prog}", commands.program_name())
     p = subparsers.add_parser(command.name, help=command.help, description=command.description, epilog=epilog,
                               formatter_class=commands.HelpFormatter)
     command.add_options(p)

@@ -36,7 +36,6 @@ def flax_reinit(model: Any, kind: str, seed: int) -> Any:
     """Every Conv/Linear of a Flax model re-drawn with the ``default`` (torch's) or ``stock`` (Flax's) init,
     eagerly: JAX caches the eager kernels per shape, where one jitted draw of all weights compiles for longer."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
@@ -45,13 +44,13 @@ def flax_reinit(model: Any, kind: str, seed: int) -> Any:
     for i, layer in enumerate(m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv | nnx.Linear)):
         k_kernel, k_bias = jax.random.split(jax.random.fold_in(key, i))
         shape, dtype = layer.kernel.shape, layer.kernel.dtype
-        kernel_init = torch_default_kernel_init() if kind == "default" else nnx.initializers.lecun_normal()
+        if kind == "default":  # fan_in: HWIO or (in, out)
+            kernel_init, bias_init = torch_default_kernel_init(), torch_default_bias_init(math.prod(shape[:-1]))
+        else:
+            kernel_init, bias_init = nnx.initializers.lecun_normal(), nnx.initializers.zeros_init()
         layer.kernel[...] = kernel_init(k_kernel, shape, dtype)
         if layer.bias is not None:
-            fan_in = math.prod(shape[:-1])  # HWIO or (in, out)
-            bias_shape = layer.bias.shape
-            layer.bias[...] = (torch_default_bias_init(fan_in)(k_bias, bias_shape, dtype) if kind == "default"
-                               else jnp.zeros(bias_shape, dtype))
+            layer.bias[...] = bias_init(k_bias, layer.bias.shape, dtype)
     return model
 
 
@@ -115,7 +114,7 @@ def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18
     for model_name in models:
         variances, gains = {}, {}
         for key in SERIES if stock else [k for k in SERIES if k != "flax/stock"]:
-            ctx.log(f"[{model_name}] {key} init")
+            commands.write_line(f"[{model_name}] {key} init")
             values, names = _measure(model_name, *key.split("/"), x, seed)
             variances[key] = values
             # each layer's variance over the one before it (the first layer's over the input's, 1)

@@ -26,7 +26,6 @@ __all__ = ["COMMAND", "Network", "line_loss", "load_network", "run_landscape"]
 
 QUICK = {"dataset": "synthetic", "relative": True, "split": "both", "train_samples": 256, "test_samples": 128,
          "epochs": 4, "batch_size": 32}
-QUICK_MODELS = (("plain", "PlainDeepCNN"), ("residual", "SimpleResNet"))
 
 
 @dataclasses.dataclass
@@ -210,7 +209,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
     def work(ctx: Context) -> Report:
         pairs = given or [  # --quick: make the checkpoints first, as `train` would
             (label, ctx.train(label, model, {"n_blocks": 1}, recipe, model, overwrite=True).out_dir)
-            for label, model in QUICK_MODELS]
+            for label, model in (("plain", "PlainDeepCNN"), ("residual", "SimpleResNet"))]
         networks = [load_network(path, label) for label, path in pairs]
         for (label, path), network in zip(pairs, networks, strict=True):
             if label is not None and (label == "plain") != network.name.startswith("Plain"):
