@@ -1,9 +1,7 @@
 """What every experiment command shares: options, quick mode, training a run, and the output files.
 
-An experiment is a ``Command`` whose ``plan`` checks the parsed arguments (usage errors before anything is read
-or written) and returns the work, a function of a ``Context`` that returns a ``Report``; ``_handle`` writes it as
-``summary.md`` and ``results.json`` into ``--out`` and prints it. JAX, Flax, torch and matplotlib are imported
-inside the functions that run, so that ``--help`` does not wait 1.7 s for JAX.
+JAX, Flax, torch and matplotlib are imported inside the functions that run, so that ``--help`` does not wait 1.7 s
+for JAX.
 """
 
 from __future__ import annotations
