@@ -213,8 +213,9 @@ def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
 
 
 def _load_weights(path: Path | None, given: tuple[str, dict] | None, build: Callable[[str, dict], Any],
-                  step: int | None = None) -> tuple[Any, str, dict]:
-    """``(model, name, kwargs)``: ``build(name, kwargs)`` (a Flax or a torch model) with the weights at ``path``, a
+                  framework: str, step: int | None = None) -> tuple[Any, str, dict]:
+    """``(model, name, kwargs)``: ``build(name, kwargs)`` (a Flax model for ``framework`` 'jax', a torch one for
+    'torch') with the weights at ``path``, a
     state_dict file (.safetensors or .pt) or a checkpoint of either framework (``None``: the model as built). The
     model is ``given``, else the one the checkpoint records or the one registered model the state_dict fits; a
     checkpoint of another model than ``given`` is refused before its arrays are read, and weights that do not fit
@@ -238,7 +239,7 @@ def _load_weights(path: Path | None, given: tuple[str, dict] | None, build: Call
         state_dict = port.read_state_dict(path)
         name, kwargs = given or registry.infer_model(state_dict)
     model = build(name, kwargs)
-    is_torch = hasattr(model, "load_state_dict")
+    is_torch = framework == "torch"
     if state_dict is None:
         if not is_torch:
             checkpoint.load_model(path, model, step)
@@ -295,7 +296,8 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         name, kwargs, recipe = config.model, config.model_kwargs, config.recipe
         dataset = commands.load_data(args)
         build = registry.build_flax if args.framework == "jax" else registry.build_torch
-        model, _, _ = _load_weights(args.init_from, (name, kwargs), functools.partial(build, seed=args.seed))
+        model, _, _ = _load_weights(args.init_from, (name, kwargs), functools.partial(build, seed=args.seed),
+                                   args.framework)
         runner = None
         if args.framework == "jax":
             from flax_resnet.precision import apply_precision
@@ -372,7 +374,7 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         jax.config.update("jax_enable_x64", True)
     model, name, kwargs = _load_weights(src, given, lambda n, k: cast_floating(registry.build_flax_to_fill(n, k),
-                                                                               dtype), args.step)
+                                                                               dtype), "jax", args.step)
     if src.is_file():
         meta = {"model": name, "model_kwargs": kwargs, "dtype": dtype, "source": str(src)}
         _written(dst, lambda: checkpoint.save_model(dst, model, meta))
@@ -435,7 +437,7 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from flax_resnet import parity, port
 
     torch_model, name, kwargs = _load_weights(args.weights, given,
-                                              functools.partial(registry.build_torch, seed=args.seed))
+                                              functools.partial(registry.build_torch, seed=args.seed), "torch")
     flax_model = registry.build_flax_to_fill(name, kwargs)
     port.load_torch_state_dict(flax_model, torch_model.state_dict())  # the port under test
     source = f"torch's initialisation, seed {args.seed}" if args.weights is None else str(args.weights)
