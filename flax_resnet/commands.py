@@ -98,10 +98,12 @@ def write_line(line: str) -> None:
 
 
 def progress_factory(enabled: bool) -> Callable[..., Any] | None:
-    """tqdm bars on stderr, one per epoch (``factory(total=..., desc=...)``), or none."""
+    """tqdm bars on stderr, one per epoch (``factory(total=..., desc=...)``), or none (tqdm is then not imported)."""
+    if not enabled:
+        return None
     from tqdm import tqdm
 
-    return functools.partial(tqdm, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True) if enabled else None
+    return functools.partial(tqdm, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, dataset_default: str | None = "cifar10",
