@@ -215,11 +215,10 @@ def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
 def _load_weights(path: Path | None, given: tuple[str, dict] | None, build: Callable[[str, dict], Any],
                   framework: str, step: int | None = None) -> tuple[Any, str, dict]:
     """``(model, name, kwargs)``: ``build(name, kwargs)`` (a Flax model for ``framework`` 'jax', a torch one for
-    'torch') with the weights at ``path``, a
-    state_dict file (.safetensors or .pt) or a checkpoint of either framework (``None``: the model as built). The
-    model is ``given``, else the one the checkpoint records or the one registered model the state_dict fits; a
-    checkpoint of another model than ``given`` is refused before its arrays are read, and weights that do not fit
-    name the model they do fit, if one does."""
+    'torch') with the weights at ``path``, a state_dict file (.safetensors or .pt) or a checkpoint of either
+    framework (``None``: the model as built). The model is ``given``, else the one the checkpoint records or the one
+    registered model the state_dict fits; a checkpoint of another model than ``given`` is refused before its arrays
+    are read, and weights that do not fit name the model they do fit, if one does."""
     from flax_resnet import checkpoint, port
 
     if path is None:
