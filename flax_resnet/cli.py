@@ -208,8 +208,9 @@ def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
         other = registry.infer_model(state_dict)
     except Exception:  # noqa: BLE001 - only a hint: none of the models fits, or several
         return ""
-    hint = f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
-    return "" if other == (name, kwargs) else hint
+    if other == (name, kwargs):
+        return ""
+    return f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
 
 
 def _load_weights(path: Path | None, given: tuple[str, dict] | None, build: Callable[[str, dict], Any],
