@@ -40,13 +40,15 @@ def flax_reinit(model: Any, kind: str, seed: int) -> Any:
 
     from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
 
+    if kind not in ("default", "stock"):
+        raise ValueError(f"unknown init {kind!r}")
     key = jax.random.key(seed)
     for i, layer in enumerate(m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv | nnx.Linear)):
         k_kernel, k_bias = jax.random.split(jax.random.fold_in(key, i))
         shape, dtype = layer.kernel.shape, layer.kernel.dtype
         if kind == "default":  # fan_in: HWIO or (in, out)
             kernel_init, bias_init = torch_default_kernel_init(), torch_default_bias_init(math.prod(shape[:-1]))
-        else:
+        else:  # stock
             kernel_init, bias_init = nnx.initializers.lecun_normal(), nnx.initializers.zeros_init()
         layer.kernel[...] = kernel_init(k_kernel, shape, dtype)
         if layer.bias is not None:
