@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flax_resnet.argtypes import finite_float, number, seed
 from flax_resnet.recipes import PARALLEL_KINDS
 
 __all__ = ["RUNS_DIR", "HelpFormatter", "add_data_arguments", "add_parallel_arguments", "check_data_arguments",
@@ -40,31 +40,6 @@ def expanded_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def number(kind: type = float, *, minimum: float | None = None, maximum: float | None = None,
-           exclusive_min: bool = False, exclusive_max: bool = False, why: str = "") -> Callable[[str], Any]:
-    """An argparse type for a finite ``kind`` (float or int) in a range: nan and inf are refused at parse time (they
-    would train for a while and then diverge, or silently give meaningless results)."""
-    noun = "an integer" if kind is int else "a finite number"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        low_ok = minimum is None or (value > minimum if exclusive_min else value >= minimum)
-        high_ok = maximum is None or (value < maximum if exclusive_max else value <= maximum)
-        if not (low_ok and high_ok) or (kind is float and not math.isfinite(value)):
-            limits = ((">" if exclusive_min else ">=", minimum), ("<" if exclusive_max else "<=", maximum))
-            rule = " and ".join(f"{op} {limit}" for op, limit in limits if limit is not None)
-            raise argparse.ArgumentTypeError(f"must be {noun}{' ' + rule if rule else ''}{why}, got {text}")
-        return value
-
-    return parse
-
-
-finite_float = functools.partial(number, float)
-# JAX seeds are 32-bit: a larger seed would wrap (2**32 trained exactly like 0)
-seed = number(int, minimum=0, maximum=2**32 - 1, why=" (JAX seeds are 32-bit)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

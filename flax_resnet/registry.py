@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from flax_resnet.commands import finite_float, number
+from flax_resnet.argtypes import finite_float, number
 from flax_resnet.errors import require
 
 __all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "add_model_arguments", "build_flax", "build_torch",
