@@ -61,6 +61,9 @@ def flax_to_arrays(tree: Any) -> dict[str, np.ndarray]:
         if _is_key(leaf):
             leaf = jax.random.key_data(leaf)
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            if not leaf.sharding.is_fully_replicated:  # its first shard would be saved as if it were the whole
+                raise CheckpointError(f"{jax.tree_util.keystr(path)} is split across processes; checkpoints hold "
+                                      "replicated states only (each process holding the whole array)")
             leaf = leaf.addressable_data(0)
         arrays[jax.tree_util.keystr(path)] = np.array(leaf)  # a copy: jax may share host memory with NumPy on CPU
     return arrays

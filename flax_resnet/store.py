@@ -131,6 +131,8 @@ class CheckpointStore:
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, is_writer: bool = True,
                  barrier: Callable[[str], None] | None = None) -> None:
+        if max_to_keep is not None and max_to_keep < 1:  # 0 would prune every checkpoint but the newest, silently
+            raise ValueError(f"max_to_keep must be at least 1 (or None to keep all), not {max_to_keep}")
         # absolute but not resolved: remove_all must see whether the directory itself is a symbolic link
         self.directory = Path(directory).expanduser().absolute()
         self.max_to_keep, self.is_writer = max_to_keep, is_writer

@@ -316,6 +316,8 @@ def test_steps_latest_pruning_and_no_overwriting(tmp_path):
         ckpts.read(2)
     keep_all = filled(tmp_path / "all", range(5), max_to_keep=None)
     assert keep_all.steps == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="max_to_keep must be at least 1"):  # 0 would prune all but the newest
+        CheckpointStore(tmp_path / "none", max_to_keep=0)
     with pytest.raises(CheckpointError, match="there is no checkpoint in"):
         CheckpointStore(tmp_path / "nowhere").read()
     (tmp_path / "a-file").write_text("")
