@@ -12,8 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["CURVE_PANELS", "PLAIN_COLOR", "RESNET_COLOR", "TARGET_ACCURACY", "curves_figure", "plot_comparison",
-           "plot_history", "save_figure"]
+__all__ = ["CURVE_PANELS", "PLAIN_COLOR", "RESNET_COLOR", "TARGET_ACCURACY", "comparison_figure", "curves_figure",
+           "plot_comparison", "plot_history", "save_figure"]
 
 # The accuracy a recipe's notebook asks for (notebook 004: "achieve >75% test accuracy").
 TARGET_ACCURACY: dict[str, float] = {"resnet18-cifar": 75.0}
@@ -63,11 +63,16 @@ def curves_figure(curves: Sequence[tuple[str, Mapping[str, Sequence[float]], Map
     return fig, axes
 
 
-def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
+def comparison_figure(histories: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
     """Notebook 000's figure: training loss, training accuracy and test accuracy of each run, side by side."""
     curves = [(label, history, {"marker": marker, "color": color})
               for (label, history), (marker, color) in zip(histories.items(), itertools.cycle(_STYLES))]
-    return save_figure(curves_figure(curves, height=4.0)[0], path)
+    return curves_figure(curves, height=4.0)[0]
+
+
+def plot_comparison(histories: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
+    """``comparison_figure`` written to ``path``."""
+    return save_figure(comparison_figure(histories), path)
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path: str | Path, *, title: str | None = None,

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
-import os
 import sys
 import textwrap
 import time
@@ -269,6 +267,7 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
             print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
             return 130
         from flax_resnet import plots
+        from flax_resnet.training.loop import write_json
 
         figure = plots.save_figure(report.figure, out / f"{command.name.replace('-', '_')}.png")
         markdown = "\n\n".join([f"## {report.title}", report.table, "\n".join(report.notes),
@@ -276,9 +275,7 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
         (out / SUMMARY_FILE).write_text(markdown)
         options = {k: v for k, v in vars(args).items() if k not in ("handler", "parser", "command")}
         payload = {"command": command.name, "settings": options, **report.results, "figures": [figure.name]}
-        tmp = out / f".{RESULTS_FILE}.tmp"  # written whole, then renamed: a reader never sees half of it
-        tmp.write_text(json.dumps(to_jsonable(payload), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, out / RESULTS_FILE)
+        write_json(out / RESULTS_FILE, to_jsonable(payload))
     print()
     print(markdown, end="")
     print(f"\n{command.name}: done in {time.perf_counter() - start:.0f} s; outputs in {out}")

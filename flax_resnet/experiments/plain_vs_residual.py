@@ -24,8 +24,7 @@ def run_plain_vs_residual(recipe: Recipe, ctx: Context, *, n_blocks: int = 5) ->
 
     plain, resnet = (ctx.train(label, model, {"n_blocks": n_blocks}, recipe, model)
                      for label, model in (("Plain CNN", "PlainDeepCNN"), ("ResNet", "SimpleResNet")))
-    fig, _ = plots.curves_figure([(run.label, run.history, {"marker": marker, "color": color}) for run, marker, color
-                                  in ((plain, "o", plots.PLAIN_COLOR), (resnet, "s", plots.RESNET_COLOR))], height=4.0)
+    fig = plots.comparison_figure({run.label: run.history for run in (plain, resnet)})
     advantage = resnet.final("test_acc") - plain.final("test_acc")
     train_gap = resnet.final("train_acc") - plain.final("train_acc")
     rows = [

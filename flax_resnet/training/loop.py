@@ -26,7 +26,7 @@ from flax_resnet.recipes import Recipe, RunConfig, epoch_learning_rate
 from flax_resnet.store import CHECKPOINT_SUBDIR, CheckpointStore
 
 __all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "Backend", "EpochResult", "StepHook", "TrainError",
-           "read_history", "run", "write_history"]
+           "read_history", "run", "write_history", "write_json"]
 
 HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time", "images_per_sec", "lr")
 HISTORY_FILE = "history.json"
@@ -73,17 +73,20 @@ class Backend(Protocol):
     def finish(self) -> Any: ...
 
 
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, written whole and then renamed, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(value, indent=1, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves the previous file and no partial one
+        tmp.unlink(missing_ok=True)
+
+
 def write_history(out_dir: str | Path, history: History) -> None:
     """``history.json``, written atomically; a missing value (no test set) is ``null``, as JSON has no NaN."""
-    path = Path(out_dir) / HISTORY_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    clean = {key: [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
-             for key, values in history.items()}
-    try:
-        tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:  # a failed write (a full disk) leaves the previous history.json and no partial file
-        tmp.unlink(missing_ok=True)
+    write_json(Path(out_dir) / HISTORY_FILE, {key: [None if isinstance(v, float) and not math.isfinite(v) else v
+                                                   for v in values] for key, values in history.items()})
 
 
 def read_history(out_dir: str | Path) -> History:
