@@ -109,7 +109,11 @@ def _via_key_data(fn: Callable, x):
 
 def _local_copy(x) -> np.ndarray:
     """This process's copy of a replicated leaf, as host numpy."""
-    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError(f"expected a replicated array, got one sharded as {x.sharding}")
+        x = x.addressable_data(0)
+    return np.asarray(x)
 
 
 def _replicate(x, sharding: NamedSharding):
