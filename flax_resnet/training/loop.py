@@ -34,8 +34,9 @@ PLOT_FILE = "curves.png"
 
 History = dict[str, list[Any]]
 StepHook = Callable[[int, Callable[[], float]], None]
-"""``on_step(global_step, loss)``: called after each training step; ``loss()`` reads that step's loss (a host
-sync per call on a device: for tests and debugging)."""
+"""``on_step(step, loss)``: called after each training step (``step``: global for ``run``'s hook, within the
+epoch for a ``Backend``'s ``train_epoch``); ``loss()`` reads that step's loss (a host sync per call on a device:
+for tests and debugging)."""
 ProgressFactory = Callable[..., Any]
 """``factory(total=steps, desc="epoch 1/20")``: a bar with tqdm's ``update``, ``set_postfix_str`` and ``close``."""
 
