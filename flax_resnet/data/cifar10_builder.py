@@ -45,7 +45,7 @@ BINARY = ArchiveSpec("binary", "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b678
 PYTHON = ArchiveSpec("python", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py")
 ARCHIVES = (BINARY, PYTHON)
 
-Split = tuple[np.ndarray, np.ndarray]  # (uint8 images, int64 labels)
+Split = tuple[np.ndarray, np.ndarray]  # (uint8 images or (N, 3072) records, integer labels)
 
 
 def md5sum(path: str | os.PathLike[str]) -> str:
