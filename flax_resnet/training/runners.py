@@ -90,6 +90,11 @@ class Runner:
         self.treedef: jax.tree_util.PyTreeDef | None = None  # the TrainState's, set by put_state
         self._steps: dict[tuple[bool, int], Callable] = {}
 
+    def _treedef(self) -> jax.tree_util.PyTreeDef:
+        if self.treedef is None:
+            raise RuntimeError("the runner has no state yet: call put_state first")
+        return self.treedef
+
     def _step(self, train: bool, size: int) -> Callable:
         if train and size % self.num_devices:
             raise ValueError(f"a training batch of {size} samples does not split evenly across {self.num_devices} "
@@ -99,9 +104,10 @@ class Runner:
             impl = functools.partial(self._train_impl if train else self._eval_impl, size=size)
 
             def on_leaves(leaves, *args):
-                out = impl(self.treedef.unflatten(leaves), *args)
+                treedef = self._treedef()
+                out = impl(treedef.unflatten(leaves), *args)
                 # a train step's new state as leaves; flatten_up_to raises (at trace time) if its structure changed
-                return (self.treedef.flatten_up_to(out[0]), out[1]) if train else out
+                return (treedef.flatten_up_to(out[0]), out[1]) if train else out
 
             self._steps[train, size] = self._wrap(on_leaves, train, donate_argnums=(0, 1) if train else (1,))
         return self._steps[train, size]
@@ -127,7 +133,7 @@ class Runner:
         return self._put(Metrics(f(), f(), i(), i(), i(), jnp.full((), engine.NO_STEP, jnp.int32)))
 
     def get_state(self, state: RunnerState) -> TrainState:
-        return self.treedef.unflatten(state)
+        return self._treedef().unflatten(state)
 
     def _put(self, tree):
         return jax.device_put(tree, self.sharding)
