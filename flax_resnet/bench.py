@@ -336,8 +336,10 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     epoch rows) / ``torch_compile`` (default: not ``quick``) say otherwise."""
     import jax
 
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    from flax_resnet.precision import PRECISIONS
+
+    if precision not in PRECISIONS:  # before the data is drawn (apply_precision checks only after it)
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if quick:
         model_name, model_kwargs, batch_size = QUICK["model"], QUICK["model_kwargs"], QUICK["batch_size"]
         warmup, steps = min(warmup, QUICK["warmup"]), min(steps, QUICK["steps"])
