@@ -39,7 +39,7 @@ class Plan:
     parity_models: tuple[tuple[str, dict[str, Any]], ...]  # (name, constructor arguments)
     parity_input: tuple[int, int]  # (batch, height = width) of the parity batch; SimpleNet's fc needs 32x32
     shape_models: tuple[str, ...]  # models only shape-checked (state_dict and output shapes, nothing computed)
-    bench: dict[str, Any]  # bench.run_benchmark's arguments, but the precision
+    bench: dict[str, Any]  # bench.run_benchmark's keyword arguments but precision, torch_compile and log
     epochs_model: str
     epochs_kwargs: dict[str, Any]
     epochs_batch: int
