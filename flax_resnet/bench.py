@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -29,9 +29,7 @@ from flax_resnet import registry
 from flax_resnet.commands import HelpFormatter, expanded_path, number, seed
 from flax_resnet.data import plan as plans
 from flax_resnet.errors import FlaxResnetError, require
-from flax_resnet.recipes import RunConfig, get_recipe
-
-Precision = Literal["fp32", "bf16"]
+from flax_resnet.recipes import PRECISIONS, Precision, RunConfig, get_recipe
 
 # Dense (no sparsity) bf16 peak TFLOP/s, first matching substring of jax's ``device_kind`` wins. fp32's is half of
 # it: the TF32 tensor-core peak, since XLA and cuDNN run float32 convolutions in TF32 by default on Hopper.
@@ -336,8 +334,6 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
     epoch rows) / ``torch_compile`` (default: not ``quick``) say otherwise."""
     import jax
 
-    from flax_resnet.precision import PRECISIONS
-
     if precision not in PRECISIONS:  # before the data is drawn (apply_precision checks only after it)
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if quick:
@@ -458,7 +454,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     registry.add_model_arguments(p)
     p.add_argument("--batch-size", type=number(int, minimum=1), default=128, metavar="B",
                    help="batch size (default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, or bf16 mixed precision (torch: autocast) (default: %(default)s)")
     p.add_argument("--steps", type=number(int, minimum=1), default=20, metavar="N",
                    help="timed steps per row (default: %(default)s)")

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from flax_resnet import bench, commands, experiments, registry
 from flax_resnet.errors import EXTRAS, FlaxResnetError, installed, missing_extra, require
-from flax_resnet.recipes import RECIPES, Recipe, RunConfig
+from flax_resnet.recipes import PRECISIONS, RECIPES, Recipe, RunConfig
 
 __all__ = ["SUBCOMMANDS", "add_port_parser", "add_selftest_parser", "add_train_parser", "add_verify_parser",
            "build_parser", "main"]
@@ -91,7 +91,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     commands.add_parallel_arguments(p)
     what.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                       help="floating-point type of weights and computation (default: %(default)s)")
-    what.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    what.add_argument("--precision", choices=PRECISIONS, default="fp32",
                       help="bf16: mixed precision for --framework jax (bfloat16 convolutions and activations; "
                            "float32 weights, optimizer, BatchNorm statistics and loss; see flax_resnet.precision) "
                            "(default: %(default)s)")

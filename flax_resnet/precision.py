@@ -13,8 +13,7 @@ from typing import Literal
 import jax.numpy as jnp
 from flax import nnx
 
-Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+from flax_resnet.recipes import PRECISIONS, Precision
 
 __all__ = ["PRECISIONS", "Precision", "apply_precision", "torch_fp32_precision"]
 

@@ -15,6 +15,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 # how the steps run on the devices (flax_resnet.training.parallel.make_runner)
 ParallelKind = Literal["single", "pmap", "shard_map", "auto"]
 PARALLEL_KINDS: tuple[str, ...] = ("auto", "single", "pmap", "shard_map")
+Precision = Literal["fp32", "bf16"]  # flax_resnet.precision applies them (it imports JAX: these are for parsers)
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,7 @@ class RunConfig:
     num_test: int | None = None
     seed: int = 0
     dtype: str = "float32"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     bn_sync: bool = True
 
     def asdict(self) -> dict[str, Any]:
