@@ -143,6 +143,16 @@ def _peak_tflops(device_kind: str, precision: str) -> float | None:
     return bf16 / 2 if bf16 and precision == "fp32" else bf16
 
 
+def xla_gflop(cost: Any) -> float | None:
+    """GFLOP of XLA's cost analysis of a compiled step, or None. jax leaves its structure open ("may be inconsistent
+    across versions"): a dict on jax 0.10 (CPU), a list of one dict per computation in older releases; anything else
+    is no figure rather than a crash after the rows were measured."""
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = cost.get("flops") if isinstance(cost, dict) else None
+    return flops / 1e9 if isinstance(flops, int | float) and flops > 0 else None
+
+
 def count_forward_macs(model: Any, batch_size: int) -> int:
     """Multiply-adds of every convolution and matmul in one forward pass of the Flax ``model`` (eval mode) on CIFAR
     images, read from the traced jaxpr (nothing is computed), so it follows the model's actual layers."""
@@ -209,9 +219,8 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
         t0 = time.perf_counter()
         compiled = lower(backend.state_value, runner.zero_metrics(), data, *args, b).compile()
         compile_s = time.perf_counter() - t0
-        flops = (compiled.cost_analysis() or {}).get("flops")
         return _step_fields(setup, step, lambda: jax.block_until_ready(metrics), compile_s=compile_s,
-                            xla_gflop=flops / 1e9 if flops and flops > 0 else None)
+                            xla_gflop=xla_gflop(compiled.cost_analysis()))
 
     def epoch_row() -> dict[str, Any]:
         if n % b:  # compile the short last batch outside the timed epoch

@@ -82,6 +82,14 @@ def test_peak_table_and_formatting():
     assert bench.format_table([], "any CPU").splitlines()[0].startswith("phase")
 
 
+def test_xla_flops_are_read_from_either_structure_of_the_cost_analysis():
+    """jax 0.10 returns a dict, older jax a list of one dict per computation; what has no flops is no figure."""
+    assert bench.xla_gflop({"flops": 2.5e9, "bytes accessed": 1.0}) == pytest.approx(2.5)
+    assert bench.xla_gflop([{"flops": 4e9}]) == pytest.approx(4.0)
+    for cost in (None, {}, [], {"flops": -1.0}, {"flops": 0.0}, "n/a", [None]):
+        assert bench.xla_gflop(cost) is None, cost
+
+
 def test_bad_arguments_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--model", "ResNet18", "--n-blocks", "2"])
