@@ -7,7 +7,7 @@
   everything runs on the CPU; no test needs a GPU.
 - ``slow`` marks the tests of the big models (ResNet-34/50): they run by default, ``-m 'not slow'``
   leaves them out for a quick pass.
-- JAX's persistent compilation cache, in pytest's cache folder (``.pytest_cache/d/jax-compilation-cache``),
+- JAX's persistent compilation cache, in pytest's cache folder (``.pytest_cache/d/jax-compilation-cache/<worker>``),
   unless one is configured already (``JAX_COMPILATION_CACHE_DIR``). The tests run the models eagerly, and
   compiling every operation for every shape is most of their CPU time: a second run starts warm and takes
   less than half as long (``pytest --cache-clear`` empties the cache; a cold run, as in CI, gains little).
@@ -49,7 +49,11 @@ def _share_compilations(config) -> None:
     cache = getattr(config, "cache", None)
     if cache is None:  # -p no:cacheprovider
         return
-    jax.config.update("jax_compilation_cache_dir", str(cache.mkdir("jax-compilation-cache")))
+    # One folder per xdist worker: two workers sharing one read entries the other was still writing ("Error reading
+    # persistent compilation cache entry ... truncated stream" in CI, then a recompile).
+    folder = cache.mkdir("jax-compilation-cache") / os.environ.get("PYTEST_XDIST_WORKER", "main")
+    folder.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # eager ops compile in milliseconds
 
 
