@@ -302,3 +302,18 @@ def test_epoch_plan_is_numpy_and_depends_on_seed_and_epoch_only():
     assert not np.array_equal(plan.epoch_plan(0, 0, 100).permutation, plan.epoch_plan(2**32, 0, 100).permutation)
     with pytest.raises(ValueError, match="seed"):
         plan.epoch_plan(-1, 0, 10)
+
+
+def test_train_front_door_offers_every_option_of_the_loop():
+    """``training.train`` spells out ``loop.run``'s options (a notebook's help shows them), so one added to the loop
+    must be added to the front door too, with the same default."""
+    import inspect
+
+    from flax_resnet.training import loop
+
+    front = inspect.signature(training.train).parameters
+    for name, param in inspect.signature(loop.run).parameters.items():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            assert name in front and front[name].default == param.default, name
+    with pytest.raises(TypeError, match="out_dri"):
+        training.train(None, None, None, out_dri="x")  # a misspelt option fails at the call, before any work

@@ -5,6 +5,8 @@ module trains in JAX/Flax (``flax_backend``, through a runner), a torch ``nn.Mod
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flax import nnx
@@ -16,6 +18,8 @@ from flax_resnet.training.loop import (
     HISTORY_KEYS,
     PLOT_FILE,
     History,
+    ProgressFactory,
+    StepHook,
     TrainError,
     read_history,
     run,
@@ -35,12 +39,17 @@ class TrainResult:
 
 
 def train(model: Any, config: RunConfig, dataset: Any, *, runner: Any = None, device: Any = "cpu",
-          **options: Any) -> TrainResult:
-    """Train ``model`` (changed in place) on a ``data.Dataset`` as ``config`` says; ``options`` are ``loop.run``'s
-    (``out_dir``, ``resume``, ``overwrite``, ``max_to_keep``, ``progress``, ``log``, ``on_step``, ``title``).
+          out_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+          max_to_keep: int | None = 3, progress: ProgressFactory | None = None,
+          log: Callable[[str], None] | None = None, on_step: StepHook | None = None,
+          title: str | None = None) -> TrainResult:
+    """Train ``model`` (changed in place) on a ``data.Dataset`` as ``config`` says.
 
     ``runner``: for Flax models, a ``runners.Runner`` or a factory (default: one device with ``jax.jit``).
-    ``device``: for torch models, where they train.
+    ``device``: for torch models, where they train. The other options are ``loop.run``'s: ``out_dir`` (checkpoints,
+    ``history.json``, ``curves.png``; nothing written without it), ``resume`` / ``overwrite``, ``max_to_keep``
+    checkpoints, ``progress`` (a tqdm-like factory, or None), ``log`` (epoch lines), ``on_step(step, loss)``
+    (``loss()`` reads that step's loss), ``title`` (the first log line).
     """
     config = dataclasses.replace(config, dataset=getattr(dataset, "name", config.dataset),
                                  num_train=len(dataset.train_labels), num_test=len(dataset.test_labels))
@@ -54,6 +63,7 @@ def train(model: Any, config: RunConfig, dataset: Any, *, runner: Any = None, de
 
         backend = TorchBackend(model, config, device=device)
     history = run(backend, config, dataset.train_images, dataset.train_labels, dataset.test_images,
-                  dataset.test_labels, **options)
+                  dataset.test_labels, out_dir=out_dir, resume=resume, overwrite=overwrite, max_to_keep=max_to_keep,
+                  progress=progress, log=log, on_step=on_step, title=title)
     trained = backend.finish()
     return TrainResult(trained, history, getattr(backend, "final_state", None))
