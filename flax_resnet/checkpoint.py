@@ -42,12 +42,16 @@ def load_model(path: str | Path, model: nnx.Module, step: int | None = None) -> 
     framework; returns the checkpoint's metadata. ``CheckpointError`` (or ``port.PortError`` for torch weights)
     names what does not fit, and ``model`` is then unchanged."""
     arrays, meta = CheckpointStore(resolve(path)).read(step)
+    _fill(model, arrays, meta)
+    return meta
+
+
+def _fill(model: nnx.Module, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
     if meta.get("framework") == "torch":
         port.load_torch_state_dict(model, codecs.torch_model_arrays(arrays))
     else:
         state = codecs.flax_from_arrays(model_template(model), arrays, strict=False)
         nnx.update(model, state["params"], state["model_state"])
-    return meta
 
 
 def torch_state_dict(path: str | Path, flax_model: nnx.Module, step: int | None = None
@@ -59,5 +63,5 @@ def torch_state_dict(path: str | Path, flax_model: nnx.Module, step: int | None 
     arrays, meta = CheckpointStore(resolve(path)).read(step)
     if meta.get("framework") == "torch":
         return {k: torch.from_numpy(np.array(v)) for k, v in codecs.torch_model_arrays(arrays).items()}, meta
-    load_model(path, flax_model, step)
+    _fill(flax_model, arrays, meta)  # the arrays already read and verified: not a second read of the file
     return port.to_torch_state_dict(flax_model), meta

@@ -278,6 +278,26 @@ def test_verify_infers_the_model_from_weights_and_exits_1_at_the_wrong_layer(tmp
     assert out.rstrip().splitlines()[-1].startswith("DIFFERENT:") and "first divergence: fc " in out
 
 
+def test_verify_reads_a_flax_checkpoint_once_and_compares_its_weights(tmp_path, monkeypatch, capsys):
+    """``verify --weights DIR`` with a Flax checkpoint (here ``port``'s): the model is the one the checkpoint
+    records, its weights reach the torch model through the port (the weights block is all equal), and the
+    arrays file is read and verified once."""
+    from flax_resnet import checkpoint
+    from flax_resnet.store import CheckpointStore
+
+    model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=5)
+    checkpoint.save_model(tmp_path / "ckpt", model, {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}})
+    reads = []
+    read = CheckpointStore.read
+    monkeypatch.setattr(CheckpointStore, "read", lambda self, step=None: reads.append(step) or read(self, step))
+    code = run_main(["verify", "--weights", str(tmp_path / "ckpt"), "--float64", *VERIFY_SMALL])
+    out = capsys.readouterr().out
+    assert code == 0, out[-2000:]
+    assert f"verifying SimpleResNet(n_blocks=1) with {tmp_path / 'ckpt'}" in out
+    assert "weights (torch layout): all" in out
+    assert len(reads) == 1
+
+
 @pytest.mark.parametrize("argv", [["verify"], ["verify", "--n-blocks", "2", "--weights", "w.pt"],
                                   ["verify", "--model", "SimpleResNet", "--weights", "missing.pt"]])
 def test_verify_usage_errors(argv, tmp_path, monkeypatch, capsys):
