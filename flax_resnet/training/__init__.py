@@ -49,7 +49,7 @@ def train(model: Any, config: RunConfig, dataset: Any, *, runner: Any = None, de
     ``device``: for torch models, where they train. The other options are ``loop.run``'s: ``out_dir`` (checkpoints,
     ``history.json``, ``curves.png``; nothing written without it), ``resume`` / ``overwrite``, ``max_to_keep``
     checkpoints, ``progress`` (a tqdm-like factory, or None), ``log`` (epoch lines), ``on_step(step, loss)``
-    (``loss()`` reads that step's loss), ``title`` (the first log line).
+    (``loss()`` reads that step's loss), ``title`` (of ``curves.png``).
     """
     config = dataclasses.replace(config, dataset=getattr(dataset, "name", config.dataset),
                                  num_train=len(dataset.train_labels), num_test=len(dataset.test_labels))
