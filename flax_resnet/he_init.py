@@ -48,6 +48,8 @@ def activation_variances(model: nnx.Module, x: jax.Array) -> tuple[list[float], 
     ('layer1.0.conv1', 'fc'). The forward pass is an ordinary one in the model's current mode (in train mode
     BatchNorm updates its running statistics, as in torch); apart from that the model is left as it was.
     """
+    if isinstance(model, nnx.Conv | nnx.Linear):  # itself one layer, named '' as torch's named_modules names it
+        return [float(jnp.var(model(x), ddof=1))], [""]
     outputs: dict[str, jax.Array] = {}
     paths = {id(module): path for path, module in nnx.iter_modules(model)}
     swapped: list[tuple[object, str | int, nnx.Module]] = []

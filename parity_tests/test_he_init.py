@@ -51,6 +51,28 @@ def test_activation_variances_equal_verify_he_init(name):
         assert rel_err(flax_state[key], value) <= F64_TOL, key
 
 
+def test_a_model_that_is_one_layer_is_measured_as_torch_measures_it():
+    """A lone Conv2d / Linear: torch's hook sits on the model itself (name ''); the Flax side has no parent to
+    put a recorder in and measures the model's own output instead."""
+    from flax_resnet.dtypes import cast_floating
+    from flax_resnet.layers import Conv2d, Linear
+    from flax_resnet.port import load_torch_state_dict
+
+    rngs = nnx.Rngs(0)
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8))
+    for t, f, flax_x in (
+        (torch.nn.Conv2d(3, 5, 3, padding=1).double(), Conv2d(3, 5, 3, padding=1, rngs=rngs), to_nhwc(x)),
+        (torch.nn.Linear(3 * 8 * 8, 7).double(), Linear(3 * 8 * 8, 7, rngs=rngs), x.reshape(4, -1)),
+    ):
+        f = cast_floating(f, jnp.float64)
+        load_torch_state_dict(f, t.state_dict())
+        torch_x = torch.from_numpy(x if isinstance(t, torch.nn.Conv2d) else x.reshape(4, -1))
+        var_t, names_t = verify_he_init(t, x=torch_x)
+        var_f, names_f = activation_variances(f, jnp.asarray(flax_x))
+        assert names_f == names_t == [""]
+        assert abs(var_f[0] / var_t[0] - 1) <= F64_TOL
+
+
 def test_activation_variances_leaves_the_model_as_it_was():
     """The recording wrappers are gone afterwards, also when the forward pass raises; eval mode changes
     nothing at all."""
