@@ -251,7 +251,8 @@ def _torch_rows(setup: _Setup, compile_torch: bool) -> list[dict[str, Any]]:
             stack.enter_context(torch_fp32_precision("tf32"))  # as XLA's default precision does
         for impl in IMPLS[1:]:
             if impl.startswith("torch.compile") and not compile_torch:
-                skipped = "n/a: skipped (--no-torch-compile, or --quick: it compiles for about a minute on a CPU)"
+                skipped = ("n/a: skipped (--no-torch-compile, selftest --skip torch.compile, or --quick: it compiles "
+                           "for about a minute on a CPU)")
                 rows += [_row(impl, phase, status=skipped) for phase in setup.phases]
                 continue
             try:
