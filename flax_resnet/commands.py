@@ -40,8 +40,6 @@ def expanded_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Wraps prose, keeps text laid out in lines as it is (the epilogs' tables and examples); wider option column."""
 

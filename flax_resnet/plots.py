@@ -27,8 +27,8 @@ CURVE_PANELS = (("train_loss", "Training Loss", "Loss"), ("train_acc", "Training
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write a PNG atomically, so a reader never sees half a PNG while training goes on; a figure without a layout
-    engine (such as ``layout='constrained'``) gets ``tight_layout``."""
+    """Write a PNG atomically, so a reader never sees half a PNG while training goes on. A figure without a
+    layout engine gets ``tight_layout``; one made with ``layout='constrained'`` keeps it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
