@@ -31,7 +31,6 @@ DEFAULT_RECIPE = "resnet18-cifar"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 
-# ------------------------------------------------------------------------------------------------- train
 def _add_parser(subparsers: Any, name: str, handler: Callable[..., int], *, epilog: str,
                 **kwargs: Any) -> argparse.ArgumentParser:
     """A command's parser and handler; ``{prog}`` in the epilog is the program's name as the user typed it."""
@@ -41,8 +40,9 @@ def _add_parser(subparsers: Any, name: str, handler: Callable[..., int], *, epil
     return p
 
 
+# ------------------------------------------------------------------------------------------------- train
 def _recipe_table() -> str:
-    """The recipes as a table, and under each the models whose notebook it is (their default recipe)."""
+    """The recipes as a table, then each recipe's models (those whose notebook it is: their default recipe)."""
     rows = [["recipe", "model", "epochs", "batch", "eval", "lr", "momentum", "wd", "schedule", "augment", "loss mean",
              "std"]]
     for r in RECIPES.values():
