@@ -1,5 +1,6 @@
 """Speed measures for XLA:CPU, in one place: the runners apply them, nothing else knows about them. Measured on the
-project's 2-core AMD EPYC machines with ResNet-20 at batch 128 (BENCHMARKS.md, "CPU speed log" has the detail):
+project's 2-core AMD EPYC machines with ResNet-20 at batch 128 (BENCHMARKS.md, "Where the time goes, and what was
+tried", has the detail):
 
 - ``tune_allocator``: glibc keeps freed memory for reuse. Otherwise it serves XLA's per-step temporary buffer
   (295 MB) with a fresh ``mmap`` and unmaps it afterwards, and every step page-faults it back in: 389 -> 338
