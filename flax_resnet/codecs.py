@@ -146,4 +146,9 @@ def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarra
             state.setdefault(int(index), {})[name] = torch.from_numpy(np.array(array))
     for index, values in extra["state"].items():
         state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+    except (ValueError, KeyError, TypeError) as e:  # torch: "loaded state dict contains a parameter group that ..."
+        raise CheckpointError(f"the checkpoint's optimiser state does not fit this {type(optimizer).__name__} "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); was it written with "
+                              "another optimiser or model?") from e

@@ -225,6 +225,12 @@ def test_torch_weights_only_and_a_misfit(tmp_path):
                                                        strict=True))
     with pytest.raises(CheckpointError, match="weights only"):
         codecs.torch_from_arrays(other, optimizer, arrays, extra)
+    _, sgd = torch_training(torch.float32, seed=0)
+    arrays, extra = codecs.torch_to_arrays(model, sgd)
+    params = list(other.parameters())
+    two_groups = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    with pytest.raises(CheckpointError, match="optimiser state does not fit this SGD"):  # not torch's traceback
+        codecs.torch_from_arrays(other, two_groups, arrays, extra)
     from torch_ref.models import SimpleResNet
 
     with pytest.raises(CheckpointError) as info:
