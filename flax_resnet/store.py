@@ -176,8 +176,12 @@ class CheckpointStore:
         """Write checkpoint ``step`` (``arrays`` and the JSON metadata ``meta``), then keep the newest
         ``max_to_keep`` (never pruning ``step``); returns its path. Every process calls this and meets at the
         barrier, also when the writer fails (the others cannot know: its error ends the run)."""
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(f"a checkpoint step is an integer >= 0, not {step!r}")  # -1 would never be listed
+        step = int(step)  # a NumPy integer is not JSON
         try:
             if self.is_writer:
+                self._sweep()  # before the write: a stale temporary holds space the new checkpoint may need
                 self._write(step, arrays, meta)
                 self._prune(keep=step)
         finally:
@@ -231,13 +235,16 @@ class CheckpointStore:
                                   f"{partial} and the checkpoints already there (steps: {kept}) are unchanged; "
                                   f"{fix}") from e
 
-    def _prune(self, keep: int) -> None:
-        """Remove the temporary directories of interrupted saves (one run writes here: the --out lock) and the
-        oldest checkpoints beyond ``max_to_keep``, never ``keep``. Best effort: what cannot be removed stays and the
-        next save tries again; that is no reason to fail a save that succeeded."""
+    def _sweep(self) -> None:
+        """Remove the temporary directories of interrupted saves (one run writes here: the --out lock); best
+        effort, as ``_prune``."""
         for entry in self._entries():
             if _TMP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
+
+    def _prune(self, keep: int) -> None:
+        """Remove the oldest checkpoints beyond ``max_to_keep``, never ``keep``. Best effort: what cannot be removed
+        stays and the next save tries again; that is no reason to fail a save that succeeded."""
         steps = self.steps
         if self.max_to_keep is not None:
             for step in [s for s in steps if s != keep][:max(0, len(steps) - self.max_to_keep)]:

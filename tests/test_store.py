@@ -340,8 +340,25 @@ def test_stale_temporaries_are_swept_by_the_next_writer(tmp_path):
     stale.mkdir()
     (stale / store.ARRAYS_FILE).write_bytes(b"half")
     assert CheckpointStore(tmp_path).steps == [1]
-    CheckpointStore(tmp_path).save(2, small_arrays(2), {})
+    ckpts = CheckpointStore(tmp_path)
+    write = ckpts._write
+    seen_at_write = []  # swept before the write: on a nearly full disk its space is what the new checkpoint needs
+    ckpts._write = lambda *args: seen_at_write.append(stale.exists()) or write(*args)
+    ckpts.save(2, small_arrays(2), {})
+    assert seen_at_write == [False]
     assert sorted(os.listdir(tmp_path)) == ["epoch_0001", "epoch_0002"]
+
+
+def test_a_step_is_an_integer_at_least_0(tmp_path):
+    """-1 would be written as epoch_-001, which ``steps`` never lists; a float or bool is a caller's mistake; a NumPy
+    integer is taken as the int it is (JSON has no NumPy types)."""
+    ckpts = CheckpointStore(tmp_path)
+    for step in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="integer >= 0"):
+            ckpts.save(step, small_arrays(1), {})
+    assert not tmp_path.exists() or os.listdir(tmp_path) == []
+    ckpts.save(np.int64(3), small_arrays(3), {})
+    assert ckpts.steps == [3] and ckpts.read(3)[1] == {}
 
 
 def test_only_the_writer_writes_and_every_process_meets_at_the_barrier(tmp_path):
