@@ -99,7 +99,9 @@ def _measure(setup: _Setup, impl: str, source: str, phases: dict[str, Callable[[
     fields that ``phases[phase]()`` measures, with the peak memory of ``source`` while it ran."""
     for phase in setup.phases:
         setup.log(f"{impl}: {phase}")
-        rows.append(_row(impl, phase, peak_mem_kind=PEAK_MEMORY_KINDS[source], **_with_peak_mb(source, phases[phase])))
+        fields = _with_peak_mb(source, phases[phase])
+        kind = PEAK_MEMORY_KINDS[source] if fields["peak_mem_mb"] is not None else None  # n/a: no kind to name
+        rows.append(_row(impl, phase, peak_mem_kind=kind, **fields))
     return rows
 
 
@@ -346,6 +348,8 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
 
     if precision not in PRECISIONS:  # before the data is drawn (apply_precision checks only after it)
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if batch_size < 1 or steps < 1 or warmup < 0:  # steps=0 would time the warm-up as the steps
+        raise ValueError(f"batch_size and steps must be >= 1 and warmup >= 0, got {batch_size}, {steps}, {warmup}")
     if quick:
         model_name, model_kwargs, batch_size = QUICK["model"], QUICK["model_kwargs"], QUICK["batch_size"]
         warmup, steps = min(warmup, QUICK["warmup"]), min(steps, QUICK["steps"])
@@ -447,7 +451,7 @@ def format_table(rows: Sequence[dict[str, Any]], cpu_text: str) -> str:
             *([f"epoch rows: {epoch['images_per_s'] * epoch['epoch_s']:.0f} images; ms/step is the epoch's mean"]
               if epoch else []),
             "GFLOP/step: analytic (conv + matmul MACs x 2, x 3 for training); XLA GFLOP: XLA cost analysis of the "
-            f"compiled Flax step; peak MB: {kinds}"]
+            f"compiled Flax step; peak MB: {kinds or 'n/a'}"]
     return "\n".join(lines)
 
 

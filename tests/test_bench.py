@@ -53,6 +53,7 @@ def test_json_rows_are_complete_and_figures_positive(quick_run):
         if r["phase"] != "epoch":
             assert 0 < r["ms_p10"] <= r["ms_median"] <= r["ms_p90"], r
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
+        assert (r["peak_mem_mb"] is None) == (r["peak_mem_kind"] is None), r  # no kind named for an n/a
     flax = {r["phase"]: r for r in ok if r["impl"] == "flax"}
     for phase in ("train step", "eval step"):
         assert flax[phase]["compile_s"] > 0 and flax[phase]["xla_gflop"] > 0
@@ -97,6 +98,9 @@ def test_bad_arguments_are_usage_errors(capsys):
     assert "does not take --n-blocks" in capsys.readouterr().err
     with pytest.raises(ValueError, match="precision"):
         bench.run_benchmark("SimpleResNet", 8, "fp16", warmup=0, steps=1)  # type: ignore[arg-type]
+    for batch, warmup, steps in ((0, 0, 1), (8, -1, 1), (8, 0, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            bench.run_benchmark("SimpleResNet", batch, "fp32", warmup=warmup, steps=steps)
 
 
 def test_resident_channels_last_batches_are_the_default_loaders_batches():
