@@ -6,7 +6,7 @@ a torch one the ``state_dict`` under ``model/``). A path is a run's output direc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,16 @@ def _fill(model: nnx.Module, arrays: Mapping[str, np.ndarray], meta: Mapping[str
         nnx.update(model, state["params"], state["model_state"])
 
 
-def torch_state_dict(path: str | Path, flax_model: nnx.Module, step: int | None = None
+def torch_state_dict(path: str | Path, flax_model: Callable[[], nnx.Module], step: int | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state_dict, meta)`` of checkpoint ``step`` at ``path`` in torch's layout (torch tensors); a Flax
-    checkpoint is read into ``flax_model`` (a model of the right architecture) and ported."""
+    checkpoint is read into ``flax_model()`` (a model of the right architecture, built only for a Flax checkpoint)
+    and ported."""
     import torch
 
     arrays, meta = CheckpointStore(resolve(path)).read(step)
     if meta.get("framework") == "torch":
         return {k: torch.from_numpy(np.array(v)) for k, v in codecs.torch_model_arrays(arrays).items()}, meta
-    _fill(flax_model, arrays, meta)  # the arrays already read and verified: not a second read of the file
-    return port.to_torch_state_dict(flax_model), meta
+    model = flax_model()
+    _fill(model, arrays, meta)  # the arrays already read and verified: not a second read of the file
+    return port.to_torch_state_dict(model), meta

@@ -244,7 +244,7 @@ def _load_weights(path: Path | None, given: tuple[str, dict] | None, build: Call
         if not is_torch:
             checkpoint.load_model(path, model, step)
             return model, name, kwargs
-        state_dict, _ = checkpoint.torch_state_dict(path, registry.build_flax_to_fill(name, kwargs), step)
+        state_dict, _ = checkpoint.torch_state_dict(path, lambda: registry.build_flax_to_fill(name, kwargs), step)
     try:
         if not is_torch:
             port.load_torch_state_dict(model, state_dict)
