@@ -219,7 +219,9 @@ def test_help_lists_every_experiment(capsys):
     for command in COMMANDS:
         assert command.name in out
         assert run_main([command.name, "--help"]) == 0
-        assert "--quick" in capsys.readouterr().out
+        quick_values = capsys.readouterr().out.split("--quick sets (where not given): ")[1]
+        for name in command.quick:  # each option --quick sets, whole (not split at a hyphen by the wrapping)
+            assert f"--{name.replace('_', '-')}" in quick_values
 
 
 @pytest.mark.parametrize("argv", [

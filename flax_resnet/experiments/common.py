@@ -291,7 +291,8 @@ def register(subparsers: Any, command: Command) -> argparse.ArgumentParser:
 
     quick = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {shown(v)}")
                       for k, v in command.quick.items())
-    epilog = "\n".join(textwrap.wrap(f"--quick sets (where not given): {quick}", 108))
+    # break at spaces only: an option's name split at its hyphen ("--test-" / "samples") reads as two words
+    epilog = "\n".join(textwrap.wrap(f"--quick sets (where not given): {quick}", 108, break_on_hyphens=False))
     epilog += command.epilog.replace("{prog}", commands.program_name())
     p = subparsers.add_parser(command.name, help=command.help, description=command.description, epilog=epilog,
                               formatter_class=commands.HelpFormatter)
