@@ -491,7 +491,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Handler of ``bench``: validate, run, print the table, write the JSON; returns the exit code."""
-    given = {a: getattr(args, a) for a in registry.MODEL_ARGS}  # None: not given
+    given = registry.given_model_arguments(args)
     if not args.quick:
         try:
             registry.model_kwargs(args.model, given)

@@ -190,7 +190,7 @@ def _given_model(args: argparse.Namespace, parser: argparse.ArgumentParser,
             parser.error("model options (--n-blocks, ...) need --model")
         return None
     try:
-        return args.model, registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, recipe)
+        return args.model, registry.model_kwargs(args.model, registry.given_model_arguments(args), recipe)
     except ValueError as e:
         parser.error(str(e))
 

@@ -18,7 +18,7 @@ from flax_resnet.argtypes import finite_float, number
 from flax_resnet.errors import require
 
 __all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "add_model_arguments", "build_flax", "build_torch",
-           "constructor_call", "get_spec", "infer_model", "model_kwargs", "model_names"]
+           "constructor_call", "get_spec", "given_model_arguments", "infer_model", "model_kwargs", "model_names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,11 @@ def add_model_arguments(parser: Any, describe: Callable[[ModelArg], str] = lambd
     for arg in MODEL_ARGS.values():
         parser.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
                             metavar=arg.metavar, help=describe(arg))
+
+
+def given_model_arguments(args: Any) -> dict[str, Any]:
+    """What ``add_model_arguments``' options parsed into ``args`` (None where not given), for ``model_kwargs``."""
+    return {name: getattr(args, name) for name in MODEL_ARGS}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,7 +92,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
         args.n_blocks = 1
     recipe_name = args.recipe or spec.recipe
     try:
-        kwargs = registry.model_kwargs(args.model, {a: getattr(args, a) for a in registry.MODEL_ARGS}, recipe_name)
+        kwargs = registry.model_kwargs(args.model, registry.given_model_arguments(args), recipe_name)
     except ValueError as e:
         parser.error(str(e))
     recipe = dataclasses.replace(common.make_recipe(recipe_name, args, parser), model=args.model)
