@@ -191,6 +191,16 @@ def test_offline_fails_fast_naming_the_fix(tmp_path: Path) -> None:
     assert nothing_prepared(tmp_path / "data")
 
 
+def test_offline_with_a_damaged_cached_download_says_so(tmp_path: Path) -> None:
+    """A cached archive with a wrong md5 is not used; offline, the error names it (it would be fetched again)."""
+    cached = tmp_path / "data" / "downloads" / "cifar-10-binary.tar.gz"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"cut short")
+    with pytest.raises(DataError, match="md5 is wrong") as err:
+        data.load_cifar10(tmp_path / "data", connect_timeout=2.0)
+    assert str(cached) in str(err.value) and "--archive" in str(err.value)
+
+
 def test_connect_check_is_bounded_even_if_resolution_hangs(monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
 

@@ -133,11 +133,14 @@ def _download(data_dir: Path, *, skip_checksum: bool, connect_timeout: float) ->
     from flax_resnet.data.cifar10_builder import BINARY, md5sum, verify_md5
 
     target = data_dir / "downloads" / BINARY.filename
-    if target.is_file() and (skip_checksum or md5sum(target) == BINARY.md5):
-        return target  # else fetched again, and replaced
+    damaged = ""
+    if target.is_file():
+        if skip_checksum or md5sum(target) == BINARY.md5:
+            return target
+        damaged = f" ({target} is there, but its md5 is wrong: it is fetched again, and replaced)"
     if not source_answers(SOURCE_HOST, SOURCE_PORT, connect_timeout):
-        raise DataError(f"CIFAR-10 is not prepared in {data_dir} and {SOURCE_HOST}:{SOURCE_PORT} does not answer "
-                        f"within {connect_timeout:g} s (offline?). Either pass --archive PATH to the official "
+        raise DataError(f"CIFAR-10 is not prepared in {data_dir}{damaged} and {SOURCE_HOST}:{SOURCE_PORT} does not "
+                        f"answer within {connect_timeout:g} s (offline?). Either pass --archive PATH to the official "
                         f"{BINARY.filename} or cifar-10-python.tar.gz, or run once on a machine with network and "
                         "reuse its prepared data with --data-dir.")
     target.parent.mkdir(parents=True, exist_ok=True)
