@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flax_resnet.dtypes import is_prng_key
 from flax_resnet.store import CheckpointError
 
 __all__ = ["MODEL_PREFIX", "OPTIMIZER_PREFIX", "flax_from_arrays", "flax_to_arrays", "torch_from_arrays",
@@ -48,17 +49,13 @@ def _check_fit(what: str, want: Mapping[str, tuple[np.dtype, tuple[int, ...]]], 
 
 
 # ------------------------------------------------------------------------------------------------ Flax
-def _is_key(leaf: Any) -> bool:
-    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
 def flax_to_arrays(tree: Any) -> dict[str, np.ndarray]:
     """Every leaf of ``tree`` as a NumPy array keyed by its ``jax.tree_util.keystr`` path: copies on the host, safe
     to keep while training goes on; of a replicated array of a multi-process run (the runners' states are), this
     process's copy."""
     arrays = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if _is_key(leaf):
+        if is_prng_key(leaf):
             leaf = jax.random.key_data(leaf)
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             if not leaf.sharding.is_fully_replicated:  # its first shard would be saved as if it were the whole
@@ -79,7 +76,7 @@ def _place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 
 def _restored(leaf: jax.Array, array: np.ndarray) -> jax.Array:
     """``array`` as a leaf like the template's ``leaf``: on its sharding, a PRNG key with its implementation."""
-    if _is_key(leaf):
+    if is_prng_key(leaf):
         return jax.random.wrap_key_data(_place(array, jax.random.key_data(leaf).sharding),
                                         impl=jax.random.key_impl(leaf))
     return _place(array, leaf.sharding)
@@ -91,7 +88,7 @@ def flax_from_arrays(template: Any, arrays: Mapping[str, np.ndarray], *, strict:
     template has no leaf for (weights read from a training checkpoint that also holds optimiser state)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = {jax.tree_util.keystr(path): leaf for path, leaf in flat}
-    shapes = {name: jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf  # a key: its raw data's
+    shapes = {name: jax.eval_shape(jax.random.key_data, leaf) if is_prng_key(leaf) else leaf  # a key: its raw data's
               for name, leaf in leaves.items()}
     _check_fit("this state", {name: (np.dtype(w.dtype), tuple(w.shape)) for name, w in shapes.items()}, arrays, strict)
     return jax.tree_util.tree_unflatten(treedef, [_restored(leaf, arrays[name]) for name, leaf in leaves.items()])

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flax_resnet.dtypes import is_prng_key
 from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import PARALLEL_KINDS, ParallelKind, Recipe
 from flax_resnet.training import engine
@@ -96,13 +97,9 @@ def default_devices() -> list[jax.Device]:
     return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
 
 
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _via_key_data(fn: Callable, x):
     """``fn(x)``; for a PRNG key array, ``fn`` of its raw data, wrapped back into keys of the same impl."""
-    if not _is_key(x):
+    if not is_prng_key(x):
         return fn(x)
     return jax.random.wrap_key_data(fn(jax.random.key_data(x)), impl=jax.random.key_impl(x))
 
@@ -150,11 +147,12 @@ class _DataParallel(Runner):
         d, local = jax.lax.axis_index(AXIS), size // self.num_devices
         images, labels = gather_batch(data, plan, start + d * local, local, self.recipe, self.dtype)
         keys = state.model_state  # dropout keys folded with the device index: different masks for different samples
-        state = state._replace(model_state=jax.tree.map(lambda x: jax.random.fold_in(x, d) if _is_key(x) else x, keys))
+        folded = jax.tree.map(lambda x: jax.random.fold_in(x, d) if is_prng_key(x) else x, keys)
+        state = state._replace(model_state=folded)
         graph = with_bn_axis(step_graph(self.graphdef, state, self.platform), state, AXIS if self.bn_sync else None)
         state, step_metrics = engine.train_step(graph, self.tx, state, images, labels, axis_name=AXIS)
         # the stored keys stay the replicated ones (only the RNG counters advance, equally on every device)
-        state = state._replace(model_state=jax.tree.map(lambda new, old: old if _is_key(old) else new,
+        state = state._replace(model_state=jax.tree.map(lambda new, old: old if is_prng_key(old) else new,
                                                         state.model_state, keys))
         if not self.bn_sync:  # DDP's rule: rank 0's BatchNorm buffers win
             state = state._replace(model_state=_broadcast_from_device0(state.model_state, AXIS))
