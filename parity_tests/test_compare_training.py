@@ -221,6 +221,56 @@ def test_weights_not_ported(pair):
     assert not any("lr*wd" in line or "learning rates" in line for line in report.diagnosis)
 
 
+# ------------------------------------------------------------------------------------- a user's own model
+class TorchNet(torch.nn.Module):
+    """What a user might write: conv-BN-ReLU, a stride-2 conv, global average pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+class FlaxNet(nnx.Module):
+    """Its twin from stock NNX layers, the BatchNorm given as ``batchnorm``."""
+
+    def __init__(self, batchnorm, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, 8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs)
+        self.bn1 = batchnorm(8, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 16, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), rngs=rngs)
+        self.fc = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        return self.fc(nnx.relu(self.conv2(x)).mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("stock", [False, True], ids=["layers.BatchNorm2d", "nnx.BatchNorm"])
+def test_a_user_model_from_stock_layers(stock):
+    """With flax_resnet.layers.BatchNorm2d it trains as torch does; with stock nnx.BatchNorm (torch's momentum and
+    epsilon given) the running variance is the biased one, named at step 1 as a forward-pass difference."""
+    from flax_resnet.layers import BatchNorm2d
+
+    torch.manual_seed(0)
+    batchnorm = (lambda n, rngs: nnx.BatchNorm(n, momentum=0.9, epsilon=1e-5, rngs=rngs)) if stock else BatchNorm2d
+    report = parity.compare_training(TorchNet(), FlaxNet(batchnorm, rngs=nnx.Rngs(0)),
+                                     lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2),
+                                     optax.adamw(1e-3, weight_decay=1e-2), input_shape=(2, 3, 8, 8),
+                                     port_weights=True)
+    if not stock:
+        assert_exact(report, (("exp_avg", "mu"), ("exp_avg_sq", "nu")))
+        return
+    assert report.first_divergence == "step 1: bn1.running_var", str(report)
+    assert [row.name for row in report.failures if row.step == 1] == ["bn1.running_var"]
+    assert report.diagnosis[0].startswith("step 1: the loss or running statistics differ before any update")
+
+
 # --------------------------------------------------------------------------------------------- the models
 def test_both_models_are_left_exactly_as_they_were(pair):
     """Eval mode going in (so a train-mode step would have to switch it), weights, statistics, counters."""
