@@ -410,7 +410,8 @@ def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  {prog} verify --model ResNet18                          # torch's own initialisation\n"
                "  {prog} verify --weights resnet18.safetensors --float64  # the model is inferred\n"
-               "  {prog} verify --model SimpleResNet --n-blocks 5 --weights runs/SimpleResNet-plain-vs-residual-jax\n")
+               "  {prog} verify --model SimpleResNet --n-blocks 5 --weights runs/SimpleResNet-plain-vs-residual-jax\n"
+               "  {prog} verify --model SimpleResNet --n-blocks 1 --steps 3 --steps-per-epoch 2  # training steps\n")
     _add_model_options(p, "the model to check; default: the one registered model whose keys and shapes fit --weights")
     p.add_argument("--weights", type=commands.expanded_path, metavar="PATH",
                    help="a torch state_dict (.safetensors or .pt) or a checkpoint directory of either framework; "
@@ -424,6 +425,16 @@ def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="side of the images (default: %(default)s)")
     p.add_argument("--seed", type=commands.seed, default=0, metavar="N",
                    help="seed of the batch, the labels and, without --weights, torch's initialisation (default: 0)")
+    p.add_argument("--steps", type=commands.number(int, minimum=1), metavar="K",
+                   help="compare K training steps instead (flax_resnet.parity.compare_training) with the model's "
+                        "recipe's optimizer and schedule in each framework: after every step the loss, every "
+                        "parameter, BatchNorm statistic and momentum buffer, and the cause named if the numbers fit "
+                        "a known trap. Always in float64, where agreement proves the steps equal: float32 rounding "
+                        "grows from step to step, and a float32 difference is a defect only if float64 shows it "
+                        "too, so a float32 run could not change the verdict")
+    p.add_argument("--steps-per-epoch", type=commands.number(int, minimum=1), default=1, metavar="N",
+                   help="with --steps: the steps of an epoch, after which torch's scheduler is stepped (default: "
+                        "%(default)s, so K steps follow the schedule through its first K epochs)")
     return p
 
 
@@ -442,8 +453,31 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     port.load_torch_state_dict(flax_model, torch_model.state_dict())  # the port under test
     source = f"torch's initialisation, seed {args.seed}" if args.weights is None else str(args.weights)
     print(f"verifying {registry.constructor_call(name, kwargs)} with {source}", flush=True)
+    if args.steps is not None:
+        return _verify_training(args, torch_model, flax_model, registry.get_spec(name).recipe)
     report = parity.compare(torch_model, flax_model, dtype="float64" if args.float64 else "float32",
                             input_shape=(args.batch_size, 3, args.image_size, args.image_size), seed=args.seed)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def _verify_training(args: argparse.Namespace, torch_model: Any, flax_model: Any, recipe_name: str) -> int:
+    """``verify --steps``: the recipe's optimizer and schedule as each framework's trainer builds them."""
+    from flax_resnet import parity
+    from flax_resnet.training import engine
+    from torch_ref import train as notebook
+
+    recipe = RECIPES[recipe_name]
+    print(f"recipe {recipe.name}: SGD(lr={recipe.lr}, momentum={recipe.momentum}, weight_decay={recipe.weight_decay}), "
+          f"{recipe.schedule} schedule, steps per epoch: {args.steps_per_epoch}", flush=True)
+    report = parity.compare_training(
+        torch_model, flax_model,
+        lambda params: notebook.make_optimizer(params, recipe.lr, recipe.momentum, recipe.weight_decay),
+        engine.make_optimizer(recipe, args.steps_per_epoch), steps=args.steps,
+        torch_scheduler=lambda optimizer: notebook.make_scheduler(optimizer, recipe.schedule, recipe.epochs,
+                                                                  recipe.milestones, recipe.gamma),
+        steps_per_epoch=args.steps_per_epoch, input_shape=(args.batch_size, 3, args.image_size, args.image_size),
+        seed=args.seed)
     print(report.table())
     return 0 if report.ok else 1
 

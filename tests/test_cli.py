@@ -298,6 +298,33 @@ def test_verify_reads_a_flax_checkpoint_once_and_compares_its_weights(tmp_path, 
     assert len(reads) == 1
 
 
+def test_verify_steps_trains_both_with_the_recipe_and_says_so(capsys):
+    """``verify --steps 2``: notebook 000's recipe (SGD with coupled weight decay and momentum, MultiStepLR) in each
+    framework as its trainer builds it; every comparison within the float64 tolerance, and the --help line."""
+    code = run_main(["verify", "--model", "SimpleResNet", "--n-blocks", "1", "--steps", "2", *VERIFY_SMALL])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "recipe plain-vs-residual" in out and "MultiStepLR" in out and "momentum_buffer / trace" in out
+    assert "float64, 2 steps" in out and out.rstrip().splitlines()[-1].startswith("OK: all")
+    assert run_main(["verify", "--help"]) == 0
+    words = " ".join(capsys.readouterr().out.split())
+    assert "--steps K" in words and "Always in float64" in words and "--steps-per-epoch N" in words
+
+
+def test_verify_steps_exits_1_and_names_a_weight_decay_left_out(monkeypatch, capsys):
+    """A Flax optimizer without the recipe's weight decay (planted in the trainer's own make_optimizer)."""
+    import optax
+
+    from flax_resnet.training import engine
+
+    monkeypatch.setattr(engine, "make_optimizer", lambda recipe, steps_per_epoch: optax.sgd(recipe.lr, 0.9))
+    code = run_main(["verify", "--model", "SimpleResNet", "--n-blocks", "1", "--steps", "2", *VERIFY_SMALL])
+    out = capsys.readouterr().out
+    assert code == 1, out[-3000:]
+    assert "first divergence: step 1: conv1.weight" in out
+    assert "diagnosis: " in out and "leaves out the weight decay of torch's SGD" in out
+
+
 @pytest.mark.parametrize("argv", [["verify"], ["verify", "--n-blocks", "2", "--weights", "w.pt"],
                                   ["verify", "--model", "SimpleResNet", "--weights", "missing.pt"]])
 def test_verify_usage_errors(argv, tmp_path, monkeypatch, capsys):

@@ -19,9 +19,12 @@ History = dict[str, list[float]]
 StepHook = Callable[[float], None]
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> optim.Optimizer:
-    """The notebooks' ``optim.SGD(model.parameters(), lr, momentum, weight_decay)``."""
-    return optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+def make_optimizer(model: nn.Module | Iterable[nn.Parameter], lr: float, momentum: float,
+                   weight_decay: float) -> optim.Optimizer:
+    """The notebooks' ``optim.SGD(model.parameters(), lr, momentum, weight_decay)``; ``model`` may also be the
+    parameters themselves (``parity.compare_training`` hands its factory a copy's)."""
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    return optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def make_scheduler(optimizer: optim.Optimizer, schedule: str, epochs: int, milestones: Sequence[int] = (),
