@@ -268,6 +268,10 @@ def test_linear_on_sequences_of_floats():
     report = parity.compare(torch_model, flax_model, x, layout="same")
     assert report.ok, str(report)
     assert "the same layout for both" in str(report)
+    labels = np.random.default_rng(1).integers(0, 5, (2, 7))
+    assert parity.compare(torch_model, flax_model, x, layout="same", modes=("train",), labels=labels).ok
+    with pytest.raises(ValueError, match=r"labels must be integers of shape \(2, 7\)"):
+        parity.compare(torch_model, flax_model, x, layout="same", modes=("train",), labels=labels[:, 0])
     with pytest.raises(ValueError, match="layout must be"):
         parity.compare(torch_model, flax_model, x, layout="NLC")
 
@@ -320,6 +324,15 @@ def test_embed_init_differs_from_torchs():
     assert abs(torch_std - 1.0) < 0.02
     assert abs(flax_std - 0.125) < 0.02 * 0.125
     assert abs(float(jnp.std(torchs.embedding[...])) - 1.0) < 0.02
+
+
+def test_embed_keeps_its_float32_compute_dtype():
+    """nnx.Embed fixes ``dtype`` to its parameters' at construction: cast to float64 it still embeds in float32,
+    which rounds its gradient to float32 (compare sets every layer's dtype to the comparison's; the float64
+    parity of the embedding models above fails without that)."""
+    embed = fr.cast_floating(nnx.Embed(11, 8, rngs=nnx.Rngs(0)), jnp.float64)
+    assert embed.embedding.dtype == jnp.float64
+    assert embed(jnp.asarray(_ids((2, 3)))).dtype == jnp.float32
 
 
 def test_the_port_names_what_it_cannot_port():

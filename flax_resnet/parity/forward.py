@@ -6,7 +6,8 @@ and if not, which layer is the first to compute something else?
     report.ok                     # True when every row is within the tolerance of the dtype
     report.first_divergence      # 'layer2.0.conv1', or None
 
-``compare`` runs both models on the same NCHW batch (transposed to NHWC for Flax), records every module's
+``compare`` runs both models on the same batch (an NCHW one transposed to NHWC for Flax, NCL to NLC; integer
+token ids as they are; ``layout="same"`` for models that hold their tensors alike), records every module's
 output (torch forward hooks; on the NNX side each submodule's class is swapped for a recording subclass for the
 duration of one call), and compares them under torch's module names, in torch's forward order, in eval and in
 train mode. In train mode it also compares the BatchNorm running statistics after that one pass, and the
@@ -17,7 +18,10 @@ What the Flax model needs: attribute names that follow torch's (as the port requ
 so each torch module has a twin of the same name, and torch's weights, typically after
 ``port.load_torch_state_dict(flax_model, torch_model.state_dict())``. ``port_weights=True`` does that on the
 copy instead. Models built from stock ``nnx.Conv``/``nnx.Linear``/``nnx.BatchNorm`` are compared as well as those
-built from ``flax_resnet.layers`` (a stock ``nnx.BatchNorm`` then shows its biased running variance).
+built from ``flax_resnet.layers`` (a stock ``nnx.BatchNorm`` then shows its biased running variance), and so are
+every kind the port knows (transposed convolutions, LayerNorm, GroupNorm, embeddings). A torch module without a
+Flax module of its name (an activation or pooling that is a function in Flax) is listed in the outputs table in
+its place and not compared; a parameter-free Flax module of that name (a GELU, a Dropout) is compared.
 """
 
 from __future__ import annotations
@@ -683,7 +687,8 @@ def _output_rows(mode: str, order: list[str], records_t: dict, records_f: dict, 
             torch_only.add(name)
             why = ("the Flax module of that name was never called" if flax_names and name in flax_names else
                    "no Flax module (a function there)")
-            rows.append(Row(mode, "outputs", name, name, math.nan, math.nan, tol.values, kinds.get(name, ""),
+            # errors 0, not NaN: whoever takes the worst error over rows sees none from a row that compared nothing
+            rows.append(Row(mode, "outputs", name, name, 0.0, 0.0, tol.values, kinds.get(name, ""),
                             f"{why}: not compared", compared=False))
             continue
         calls_t, calls_f = records_t[name], records_f[name]
