@@ -1,7 +1,10 @@
 """Flax NNX layers that follow PyTorch's conventions, so the models can mirror the notebooks line by line.
 
 Each class is the stock NNX layer with torch's constructor arguments, torch's padding and torch's default
-initialisation. Only ``BatchNorm2d`` changes behaviour: see its docstring.
+initialisation. ``BatchNorm2d`` (and ``BatchNorm1d``) changes behaviour, and ``ConvTranspose2d`` translates
+torch's padding and groups into what ``lax`` takes: see their docstrings. Where a stock layer computes what torch
+does given torch's settings, use it: ``nnx.LayerNorm(n, epsilon=1e-5)``, ``nnx.GroupNorm(n, num_groups=g,
+epsilon=1e-5)``, ``nnx.Embed``, ``nnx.Conv(..., feature_group_count=g, kernel_dilation=d, padding=explicit)``.
 """
 
 from __future__ import annotations
@@ -71,6 +74,58 @@ class Linear(nnx.Linear):
             kernel_init=kernel_init or torch_default_kernel_init(),
             bias_init=torch_default_bias_init(in_features), rngs=rngs,
         )
+
+
+class ConvTranspose2d(nnx.ConvTranspose):
+    """``nn.ConvTranspose2d`` with torch's arguments (``padding``, ``output_padding``, ``groups``, ``dilation``) and
+    torch's init.
+
+    Why not stock ``nnx.ConvTranspose`` as it comes: its default correlates with the kernel as stored
+    (``transpose_kernel=False``) where torch's transposed convolution is the gradient of a convolution, which
+    flips the kernel in space and swaps its channel axes; and its integer padding pads the dilated input, where
+    torch's ``padding=p`` takes p from each side of the full output. Torch's output equals ``lax``'s with
+    ``transpose_kernel=True`` and padding (d (k - 1) - p, d (k - 1) - p + output_padding) per axis: 'SAME' or
+    (p, p) give other sizes or shifted outputs (``parity_tests/test_layer_kinds.py``). Stock also has no
+    groups. The kernel is torch's weight (I, O/g, kh, kw) stored as (kh, kw, O/g, I), so the port transposes it
+    as it does a convolution's.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 output_padding: int = 0, groups: int = 1, bias: bool = True, dilation: int = 1, *,
+                 rngs: nnx.Rngs, kernel_init: Initializer | None = None):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must both divide by "
+                             f"groups ({groups}), as in torch")
+        if not (output_padding < stride or output_padding < dilation):
+            raise ValueError(f"output_padding ({output_padding}) must be smaller than stride ({stride}) or dilation "
+                             f"({dilation}), as in torch")
+        edge = dilation * (kernel_size - 1) - padding
+        kernel_init = kernel_init or torch_default_kernel_init()  # fan_in: (O/g) kh kw, torch's
+        super().__init__(
+            in_channels, out_channels, (kernel_size, kernel_size), strides=(stride, stride),
+            padding=((edge, edge + output_padding),) * 2, kernel_dilation=(dilation, dilation), use_bias=bias,
+            kernel_init=kernel_init, bias_init=torch_default_bias_init(out_channels // groups * kernel_size ** 2),
+            transpose_kernel=True, rngs=rngs)
+        self.groups = groups
+        if groups > 1:  # the stock layer made a (kh, kw, O, I) kernel: torch's grouped one is (kh, kw, O/g, I)
+            self.kernel_shape = (kernel_size, kernel_size, out_channels // groups, in_channels)
+            self.kernel = nnx.Param(kernel_init(rngs.params(), self.kernel_shape, self.param_dtype))
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if self.groups == 1:
+            return super().__call__(inputs)
+        # Grouped: the forward-convolution kernel of each group, flipped in space, groups side by side along O.
+        g = self.groups
+        kh, kw, out_g, cin = self.kernel_shape
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        kernel = kernel[::-1, ::-1].reshape(kh, kw, out_g, g, cin // g)
+        kernel = jnp.transpose(kernel, (0, 1, 4, 3, 2)).reshape(kh, kw, cin // g, g * out_g)
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), self.padding, lhs_dilation=self.strides,
+                                         rhs_dilation=self.kernel_dilation,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g,
+                                         precision=self.precision)
+        return y if bias is None else y + bias
 
 
 class BatchNorm2d(nnx.BatchNorm):
@@ -156,6 +211,14 @@ class BatchNorm2d(nnx.BatchNorm):
         (mu,) = mean(x)
         (var,) = mean(jax.lax.square(x - jnp.expand_dims(mu, reduction_axes)))
         return mu, var
+
+
+class BatchNorm1d(BatchNorm2d):
+    """``nn.BatchNorm1d``: the same layer as ``BatchNorm2d`` (features last, any rank), named as torch names it.
+
+    torch's (N, C) and (N, C, L) are Flax's (N, C) and (N, L, C); both normalise each feature over every other
+    axis, so only the name differs (the parity report's kinds column then reads ``BatchNorm1d / BatchNorm1d``).
+    """
 
 
 def _normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array, bias: jax.Array,

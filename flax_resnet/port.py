@@ -3,13 +3,26 @@
 Generic, not a table per model: it walks the Flax module tree, names each layer as torch would (attribute
 names joined by '.', ``nnx.Sequential`` children by index) and converts by layer kind:
 
-| kind      | torch key                    | Flax variable | conversion                    |
-| --------- | ---------------------------- | ------------- | ----------------------------- |
-| conv      | weight (O, I, kh, kw), bias  | kernel, bias  | kernel HWIO <-> OIHW          |
-| linear    | weight (out, in), bias       | kernel, bias  | transpose                     |
-| BatchNorm | weight, bias                 | scale, bias   | none                          |
-|           | running_mean, running_var    | mean, var     | none                          |
-|           | num_batches_tracked          | same name     | int64 <-> int32               |
+| torch / Flax                           | torch key                  | Flax variable | conversion                  |
+| -------------------------------------- | -------------------------- | ------------- | --------------------------- |
+| Conv1d/2d/3d / nnx.Conv                | weight (O, I/g, *k), bias  | kernel, bias  | (*k, I/g, O) <-> (O, I/g, *k) |
+| ConvTranspose1d/2d / nnx.ConvTranspose | weight (I, O/g, *k), bias  | kernel, bias  | see below                   |
+| Linear / nnx.Linear                    | weight (out, in), bias     | kernel, bias  | transpose                   |
+| BatchNorm1d/2d/3d / nnx.BatchNorm      | weight, bias               | scale, bias   | none                        |
+|                                        | running_mean, running_var  | mean, var     | none                        |
+|                                        | num_batches_tracked        | same name     | int64 <-> int32             |
+| LayerNorm / nnx.LayerNorm              | weight, bias               | scale, bias   | none                        |
+| GroupNorm / nnx.GroupNorm              | weight, bias               | scale, bias   | none                        |
+| Embedding / nnx.Embed                  | weight (num, dim)          | embedding     | none                        |
+
+Grouped, depthwise and dilated convolutions (``feature_group_count``, ``kernel_dilation``) keep that layout, g
+being the groups. A transposed convolution's kernel depends on ``transpose_kernel``: with it (as
+``layers.ConvTranspose2d`` builds it) the Flax kernel is torch's weight in the forward convolution's layout,
+(*k, O/g, I), the conv conversion; without it (stock ``nnx.ConvTranspose``'s default) it is (*k, I, O) and
+flipped in space, as ``lax.conv_transpose`` correlates where torch convolves. Affine-free norms
+(``use_scale``/``use_bias`` False, torch's ``elementwise_affine=False`` / ``bias=False``) have no such keys.
+Modules without variables (activations, pooling, Dropout, containers) have nothing to port; a module of another
+kind that holds variables is refused by name.
 
 Loading checks everything before it changes anything: one ``PortError`` lists every missing key, unexpected
 key and shape mismatch (like torch's strict loading) and the model is left untouched.
@@ -62,12 +75,25 @@ def _same(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _kernel_to_oihw(a: np.ndarray) -> np.ndarray:
-    return np.transpose(a, (3, 2, 0, 1))
+def _kernel_to_torch(a: np.ndarray) -> np.ndarray:
+    """Flax (*k, I, O) -> torch (O, I, *k), for any number of spatial axes."""
+    return np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(a.ndim - 2)))
 
 
-def _kernel_to_hwio(a: np.ndarray) -> np.ndarray:
-    return np.transpose(a, (2, 3, 1, 0))
+def _kernel_from_torch(a: np.ndarray) -> np.ndarray:
+    """torch (O, I, *k) -> Flax (*k, I, O)."""
+    return np.transpose(a, (*range(2, a.ndim), 1, 0))
+
+
+def _flipped_kernel_to_torch(a: np.ndarray) -> np.ndarray:
+    """Stock ``nnx.ConvTranspose`` (*k, I, O), spatially flipped -> torch's ConvTranspose (I, O, *k)."""
+    spatial = tuple(range(2, a.ndim))
+    return np.flip(np.transpose(a, (a.ndim - 2, a.ndim - 1, *range(a.ndim - 2))), spatial)
+
+
+def _flipped_kernel_from_torch(a: np.ndarray) -> np.ndarray:
+    """torch's ConvTranspose (I, O, *k) -> stock ``nnx.ConvTranspose`` (*k, I, O), spatially flipped."""
+    return np.transpose(np.flip(a, tuple(range(2, a.ndim))), (*range(2, a.ndim), 0, 1))
 
 
 def _transpose(a: np.ndarray) -> np.ndarray:
@@ -85,34 +111,48 @@ def _children(module: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
                 yield name, child
 
 
+# The Flax layer kinds the port knows; every other module holding variables directly is refused by name.
+_LAYERS = (nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.Embed)
+_KNOWN = ("conv (nnx.Conv, nnx.ConvTranspose), linear, BatchNorm, LayerNorm, GroupNorm and embedding (nnx.Embed) "
+          "layers are known")
+
+
 def _layer_tensors(prefix: str, layer: nnx.Module) -> list[_Tensor]:
-    if isinstance(layer, nnx.Conv):
-        pairs = [("weight", layer.kernel, _kernel_to_oihw, _kernel_to_hwio), ("bias", layer.bias, _same, _same)]
+    if isinstance(layer, nnx.ConvTranspose) and not layer.transpose_kernel:
+        pairs = [("weight", layer.kernel, _flipped_kernel_to_torch, _flipped_kernel_from_torch),
+                 ("bias", layer.bias, _same, _same)]
+    elif isinstance(layer, nnx.Conv | nnx.ConvTranspose):
+        pairs = [("weight", layer.kernel, _kernel_to_torch, _kernel_from_torch), ("bias", layer.bias, _same, _same)]
     elif isinstance(layer, nnx.Linear):
         pairs = [("weight", layer.kernel, _transpose, _transpose), ("bias", layer.bias, _same, _same)]
     elif isinstance(layer, nnx.BatchNorm):
         pairs = [("weight", layer.scale, _same, _same), ("bias", layer.bias, _same, _same),
                  ("running_mean", layer.mean, _same, _same), ("running_var", layer.var, _same, _same),
                  ("num_batches_tracked", getattr(layer, "num_batches_tracked", None), _same, _same)]
+    elif isinstance(layer, nnx.LayerNorm | nnx.GroupNorm):
+        pairs = [("weight", layer.scale, _same, _same), ("bias", layer.bias, _same, _same)]
+    elif isinstance(layer, nnx.Embed):
+        pairs = [("weight", layer.embedding, _same, _same)]
     else:
-        raise TypeError(f"cannot port layer {prefix!r} of kind {type(layer).__name__}")
+        raise TypeError(f"cannot port layer {prefix!r} of kind {type(layer).__name__}: only {_KNOWN}")
     return [_Tensor(prefix + name, var, to_t, from_t) for name, var, to_t, from_t in pairs if var is not None]
 
 
 def _iter_layers(module: nnx.Module, name: str) -> Iterator[tuple[str, nnx.Module]]:
-    if isinstance(module, nnx.Conv | nnx.Linear | nnx.BatchNorm):
+    if isinstance(module, _LAYERS):
         yield name, module
         return
     own = [k for k, v in vars(module).items() if isinstance(v, nnx.Variable) and not k.startswith("_")]
     if own:
         raise TypeError(f"cannot port {type(module).__name__} at {name or 'the root'!r}: it holds variables "
-                        f"{own} directly; only conv, linear and BatchNorm layers are known")
+                        f"{own} directly; only {_KNOWN}")
     for child_name, child in _children(module):
         yield from _iter_layers(child, f"{name}.{child_name}" if name else child_name)
 
 
 def named_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-    """Every conv, linear and BatchNorm layer of ``model`` with its torch module name, in torch's order.
+    """Every layer of ``model`` that holds weights (conv, linear, BatchNorm, LayerNorm, GroupNorm, embedding) with
+    its torch module name, in torch's order.
 
     The names are those of ``torch_model.named_modules()`` for the torch twin ('layer1.0.conv1',
     'layer2.0.downsample.0'; '' if ``model`` is itself such a layer), in registration order, which is also

@@ -6,7 +6,8 @@ and if not, which layer is the first to compute something else?
     report.ok                     # True when every row is within the tolerance of the dtype
     report.first_divergence      # 'layer2.0.conv1', or None
 
-``compare`` runs both models on the same NCHW batch (transposed to NHWC for Flax), records every module's
+``compare`` runs both models on the same batch (an NCHW one transposed to NHWC for Flax, NCL to NLC; integer
+token ids as they are; ``layout="same"`` for models that hold their tensors alike), records every module's
 output (torch forward hooks; on the NNX side each submodule's class is swapped for a recording subclass for the
 duration of one call), and compares them under torch's module names, in torch's forward order, in eval and in
 train mode. In train mode it also compares the BatchNorm running statistics after that one pass, and the
@@ -17,7 +18,10 @@ What the Flax model needs: attribute names that follow torch's (as the port requ
 so each torch module has a twin of the same name, and torch's weights, typically after
 ``port.load_torch_state_dict(flax_model, torch_model.state_dict())``. ``port_weights=True`` does that on the
 copy instead. Models built from stock ``nnx.Conv``/``nnx.Linear``/``nnx.BatchNorm`` are compared as well as those
-built from ``flax_resnet.layers`` (a stock ``nnx.BatchNorm`` then shows its biased running variance).
+built from ``flax_resnet.layers`` (a stock ``nnx.BatchNorm`` then shows its biased running variance), and so are
+every kind the port knows (transposed convolutions, LayerNorm, GroupNorm, embeddings). A torch module without a
+Flax module of its name (an activation or pooling that is a function in Flax) is listed in the outputs table in
+its place and not compared; a parameter-free Flax module of that name (a GELU, a Dropout) is compared.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -90,10 +95,13 @@ class Row:
     tolerance: float
     kinds: str = ""  # "torch class / Flax class" for outputs
     note: str = ""
+    # False for a torch module listed in its place in the forward order but with no Flax module to compare with
+    # (an activation or pooling written as a function in Flax): shown, never a failure, not counted.
+    compared: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.rel_err <= self.tolerance  # False for NaN too
+        return not self.compared or self.rel_err <= self.tolerance  # False for NaN too
 
 
 @dataclasses.dataclass
@@ -109,6 +117,7 @@ class ParityReport:
     rows: list[Row]
     forward_order: dict[str, int]  # torch module name -> position of its first output in torch's forward pass
     notes: list[str] = dataclasses.field(default_factory=list)
+    input_layout: str = ""  # how the input was laid out for each framework ('NCHW (NHWC for Flax)', ...)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -161,7 +170,7 @@ class ParityReport:
         kinds_width = max([len(row.kinds) for row in self.rows] + [0])
         lines = [
             f"parity of {self.torch_name} (torch) and {self.flax_name} (Flax NNX), {self.dtype}, "
-            f"input {self.input_shape}{' NCHW (NHWC for Flax)' if len(self.input_shape) == 4 else ''}",
+            f"input {self.input_shape}{' ' + self.input_layout if self.input_layout else ''}",
             f"tolerance: relative error <= {tol.values:g} (outputs, statistics, weights), {tol.gradients:g} "
             "(gradients)",
             "relative error: max|flax - torch| / max|torch| over each tensor (the worst call of a module called "
@@ -190,17 +199,19 @@ class ParityReport:
             for row in rows:
                 mark = "" if row.ok else "  <-- differs"
                 note = f"  ({row.note})" if row.note else ""
-                lines.append(f"  {row.name:<{width}}  {row.kinds:<{kinds}}{_number(row.abs_err):>9}  "
-                             f"{_number(row.rel_err):>9}{mark}{note}")
+                errors = (f"{_number(row.abs_err):>9}  {_number(row.rel_err):>9}" if row.compared else
+                          f"{'-':>9}  {'-':>9}")
+                lines.append(f"  {row.name:<{width}}  {row.kinds:<{kinds}}{errors}{mark}{note}")
         lines.append("")
+        compared = sum(row.compared for row in self.rows)
         if self.ok:
-            lines.append(f"OK: all {len(self.rows)} comparisons within the {self.dtype} tolerance")
+            lines.append(f"OK: all {compared} comparisons within the {self.dtype} tolerance")
         else:
             row = self._divergent_row()
             where = f"{row.mode} mode {row.section}" if row.mode else row.section
             if row.name != self.first_divergence:
                 where += f": {row.name}"
-            lines.append(f"DIFFERENT: {len(self.failures)} of {len(self.rows)} comparisons exceed the {self.dtype} "
+            lines.append(f"DIFFERENT: {len(self.failures)} of {compared} comparisons exceed the {self.dtype} "
                          f"tolerance; first divergence: {self.first_divergence} ({where})")
         return "\n".join(lines)
 
@@ -213,33 +224,54 @@ def _number(value: float) -> str:
 
 
 def perturb_batchnorm(torch_model: Any, seed: int = 0) -> None:
-    """Give every ``nn.BatchNorm2d`` of ``torch_model`` random affine parameters and running statistics, in place
-    (port them into the Flax twin afterwards). With torch's initial 1 / 0 a swapped scale and bias, or mean and
+    """Give every BatchNorm of ``torch_model`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) random affine parameters
+    and running statistics, and every ``LayerNorm`` and ``GroupNorm`` random affine parameters, in place (port
+    them into the Flax twin afterwards). With torch's initial 1 / 0 a swapped scale and bias, or mean and
     variance, would go unseen, and eval mode would pass activations through unnormalised (ResNet-50's grow until
     float64 rounding exceeds its tolerance)."""
     import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
 
     generator = torch.Generator().manual_seed(seed)
+
+    def fill(tensor: Any, scale: float, shift: float, normal: bool) -> None:
+        if tensor is not None:
+            draw = torch.randn if normal else torch.rand
+            tensor.copy_(scale * draw(tensor.shape, generator=generator) + shift)
+
     with torch.no_grad():
         for module in torch_model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                shape = module.weight.shape
-                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-                module.bias.copy_(0.2 * torch.randn(shape, generator=generator))
-                module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+            if isinstance(module, _BatchNorm | torch.nn.LayerNorm | torch.nn.GroupNorm):
+                fill(module.weight, 1.0, 0.5, normal=False)
+                fill(module.bias, 0.2, 0.0, normal=True)
+            if isinstance(module, _BatchNorm):
+                fill(module.running_mean, 0.2, 0.0, normal=True)
+                fill(module.running_var, 1.0, 0.5, normal=False)
 
 
 # ------------------------------------------------------------------------------------------------ compare
 def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dtype: str = "float64",
             modes: Sequence[str] = ("eval", "train"), gradients: bool = True, labels: Any = None,
             input_shape: Sequence[int] | None = None, seed: int = 0, port_weights: bool = False,
-            precision: Literal["highest", "default"] = "highest") -> ParityReport:
+            precision: Literal["highest", "default"] = "highest",
+            layout: Literal["channels_last", "same"] = "channels_last") -> ParityReport:
     """Run ``torch_model`` and its NNX port ``flax_model`` side by side, layer by layer; return a ``ParityReport``.
 
-    ``inputs``: one NCHW batch (numpy array or torch tensor; torch's layout, transposed here for Flax). None:
-    a seeded unit-normal batch of ``input_shape``, or, without that, of shape (4, C, 32, 32) with C the input
-    channels of the first Conv2d (a Linear first: (4, in_features)). ``dtype``: both copies compute in it
+    ``inputs``: one batch in torch's layout (numpy array or torch tensor), of any rank and dtype. Floating-point
+    inputs are cast to ``dtype``; integer ones (token ids) go to both models unchanged. None: a seeded batch of
+    ``input_shape``, or, without that, of a shape that suits the first layer (Conv2d: (4, C, 32, 32); Conv1d:
+    (4, C, 32); Linear: (4, in_features); BatchNorm1d, LayerNorm: (4, features); ...): unit-normal floats, or,
+    when the first layer is an Embedding, integer ids in [0, num_embeddings) ((4, 8) without ``input_shape``).
+
+    ``layout``: how torch's tensors of rank 3 and more map to Flax's. "channels_last" (the default): torch's
+    (N, C, *spatial) is Flax's (N, *spatial, C), as for images and Conv1d sequences: a float input of rank >= 3
+    is moved channels-last for Flax (NCHW -> NHWC, NCL -> NLC), and every Flax output of rank >= 3 is moved back
+    channels-first before it is compared. "same": both frameworks hold such tensors alike (a transformer's
+    (N, L, D)), nothing is moved. Integer inputs and tensors of rank <= 2 are never moved. A recorded output that
+    fits torch's shape only without the move (an embedding's (N, L, D) inside a channels-last model) is
+    compared as it is; where both readings fit (L = D) the layout decides.
+
+    ``dtype``: both copies compute in it
     ("float64", the default, proves parity to ~1e-14; "float32" shows what a float32 run sees); tolerances in
     ``TOLERANCES``. ``modes``: "eval" (running statistics) and/or "train" (batch statistics; dropout is held
     off, as its masks come from different random generators in the two frameworks).
@@ -247,8 +279,12 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
     ``gradients``: compare d(loss)/d(every parameter) in train mode (in eval mode if ``modes`` has no
     "train"). The loss is the mean cross-entropy of the logits against ``labels`` (seeded random class labels
     when None. Not the sum of the logits: its gradient at the last layer is the same for every class and sample,
-    and a train-mode BatchNorm that receives the same gradient for every sample passes none back). A 4-D output
-    (a block's feature map) is average-pooled to (N, C) logits first.
+    and a train-mode BatchNorm that receives the same gradient for every sample passes none back). Outputs of
+    other ranks are read as a model of that kind is trained: with ``layout="channels_last"`` an output
+    (N, C, *spatial) (a block's feature map, in torch's layout) is average-pooled over its trailing axes to
+    (N, C) logits, as a classifier head would, labels (N,); with ``layout="same"`` an output (N, ..., V) holds
+    logits per position (a language model's (N, L, V)), and the loss is the cross-entropy averaged over every
+    position, labels (N, ...). An output of rank 1 has no class axis: pass ``gradients=False``.
 
     ``port_weights``: load torch's state_dict into the Flax copy first (the Flax model itself is never changed).
     Without it (the default: it is the user's port that is being checked) the Flax model must hold torch's
@@ -277,11 +313,14 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
     if not isinstance(flax_model, nnx.Module):
         raise TypeError(f"flax_model must be a flax.nnx.Module, got {type(flax_model).__name__} "
                         "(the torch model comes first, its Flax port second)")
+    if layout not in ("channels_last", "same"):
+        raise ValueError(f"layout must be 'channels_last' (torch's (N, C, ...) is Flax's (N, ..., C)) or 'same' "
+                         f"(both hold tensors alike), got {layout!r}")
     x = _input_batch(torch_model, inputs, input_shape, seed, dtype)
 
     with _numerics(dtype, precision):
         report = ParityReport(type(torch_model).__name__, type(flax_model).__name__, dtype, tuple(x.shape), modes,
-                              "", [], {})
+                              "", [], {}, input_layout=_layout_description(x, layout))
         tol = TOLERANCES[dtype]
         t0, f0 = _copies(torch_model, flax_model, dtype, port_weights, report.notes)
         report.rows += _weight_rows(t0, f0, tol, report.notes, port_weights)
@@ -291,28 +330,31 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
             t, f = (t0, f0) if mode == modes[0] else _copies(torch_model, flax_model, dtype, port_weights, [])
             _set_mode(t, f, mode, report.notes)
             out_t, records_t, order = _record_torch(t, x)
-            out_f, records_f = _record_flax(f, x)
+            out_f, records_f = _record_flax(f, x, layout)
             for position, name in enumerate(order):
                 report.forward_order.setdefault(name, position)
-            report.rows += _output_rows(mode, order, records_t, records_f, _kinds(t, f), tol, torch_only)
+            report.rows += _output_rows(mode, order, records_t, records_f, _kinds(t, f), tol, torch_only,
+                                        flax_names={name for name, _ in named_modules(f)})
             flax_only.update(name for name in records_f if name not in records_t)
-            report.rows.append(_row(mode, "outputs", _LOGITS, "", [_numpy(out_f, nhwc=True)], [_numpy(out_t)],
-                                    tol.values, kinds=f"{type(t).__name__} / {type(f).__name__}"))
+            report.rows.append(_row(mode, "outputs", _LOGITS, "", [_fit(_numpy(out_f, layout), _numpy(out_t))],
+                                    [_numpy(out_t)], tol.values, kinds=f"{type(t).__name__} / {type(f).__name__}"))
             if mode == "train":
                 report.rows += _statistics_rows(t, f, tol)
             # Gradients where training takes them, in train mode; in eval mode only when that is all there is.
             if gradients and mode == ("train" if "train" in modes else "eval"):
-                labels_used = _labels(labels, out_t, seed)
+                labels_used = _labels(labels, out_t, seed, layout)
                 report.loss = ("mean cross-entropy against the given labels" if labels is not None else
                                f"mean cross-entropy against seeded random labels (seed {seed})")
-                if np.ndim(out_t) == 4:
-                    report.loss += "; the output feature map average-pooled to (N, C) logits first"
-                report.rows += _gradient_rows(mode, t, f, x, labels_used, tol)
+                if np.ndim(out_t) >= 3:
+                    report.loss += ("; the output (N, C, ...) average-pooled to (N, C) logits first"
+                                    if layout == "channels_last" else
+                                    "; the output read as logits per position (N, ..., classes), averaged over all")
+                report.rows += _gradient_rows(mode, t, f, x, labels_used, tol, layout=layout)
         if not gradients:
             report.loss = "none (gradients=False)"
         if torch_only:
-            report.notes.append("not compared, no NNX module of that name (a function there, or never called): "
-                                + ", ".join(sorted(torch_only)))
+            report.notes.append("listed in the outputs, not compared: no NNX module of that name called (a function "
+                                "there): " + ", ".join(sorted(torch_only)))
         if flax_only:
             report.notes.append("called in Flax only, not compared (torch never called a module of that name): "
                                 + ", ".join(sorted(flax_only)))
@@ -327,31 +369,74 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
 # ------------------------------------------------------------------------------------------ preparation
 def _input_batch(torch_model: Any, inputs: Any, input_shape: Sequence[int] | None, seed: int,
                  dtype: str) -> np.ndarray:
-    """The NCHW batch both models get, as numpy in ``dtype``."""
+    """The batch both models get, in torch's layout, as numpy: floats in ``dtype``, integers (ids) unchanged."""
     import torch
 
     if inputs is not None and input_shape is not None:
         raise ValueError("pass inputs (a batch) or input_shape (for a random batch), not both")
     if inputs is not None:
         x = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"inputs must be floating point (images), got dtype {x.dtype}")
-        return x.astype(dtype)
-    if input_shape is None:
-        input_shape = _guess_input_shape(torch_model)
-    return np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(dtype)
+        if np.issubdtype(x.dtype, np.floating):
+            return x.astype(dtype)
+        if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+            return x  # token ids, indices, masks: the same values for both
+        raise ValueError(f"inputs must be floating point (images, features) or integers (token ids), got dtype "
+                         f"{x.dtype}")
+    first = _first_layer(torch_model)
+    shape = tuple(input_shape) if input_shape is not None else _guess_input_shape(torch_model)
+    rng = np.random.default_rng(seed)
+    if isinstance(first, torch.nn.Embedding):
+        return rng.integers(0, first.num_embeddings, shape)  # int64, as torch's ids are
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _first_layer(torch_model: Any) -> Any:
+    """The first module (in registration order, which is usually the forward order) that takes the input's
+    layout from its settings, or None."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    kinds = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.Embedding, _BatchNorm, torch.nn.LayerNorm,
+             torch.nn.GroupNorm)
+    return next((module for module in torch_model.modules() if isinstance(module, kinds)), None)
 
 
 def _guess_input_shape(torch_model: Any) -> tuple[int, ...]:
     import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
 
-    for module in torch_model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            return (4, module.in_channels, 32, 32)
-        if isinstance(module, torch.nn.Linear):
-            return (4, module.in_features)
-    raise ValueError(f"cannot guess the input shape of {type(torch_model).__name__} (no Conv2d or Linear): pass "
-                     "input_shape=(N, C, H, W) or inputs=")
+    module = _first_layer(torch_model)
+    if isinstance(module, _ConvNd):  # 32 (1-d and 2-d), 8 (3-d) per axis; half that where the layer grows it
+        dims = len(module.kernel_size)
+        return (4, module.in_channels, *((32 if dims < 3 else 8) // (2 if module.transposed else 1),) * dims)
+    if isinstance(module, torch.nn.Linear):
+        return (4, module.in_features)
+    if isinstance(module, torch.nn.Embedding):
+        return (4, 8)
+    if isinstance(module, torch.nn.BatchNorm1d):
+        return (4, module.num_features)
+    if isinstance(module, _BatchNorm):
+        return (4, module.num_features, *((4, 4, 4) if isinstance(module, torch.nn.BatchNorm3d) else (16, 16)))
+    if isinstance(module, torch.nn.GroupNorm):
+        return (4, module.num_channels, 16, 16)
+    if isinstance(module, torch.nn.LayerNorm):
+        return (4, *module.normalized_shape)
+    raise ValueError(f"cannot guess the input shape of {type(torch_model).__name__} (no convolution, Linear, "
+                     "Embedding or norm layer first): pass input_shape=(N, C, H, W) or inputs=")
+
+
+def _layout_description(x: np.ndarray, layout: str) -> str:
+    """How the input was given to each framework, for the report's header."""
+    if not np.issubdtype(x.dtype, np.floating):
+        return f"{x.dtype} ids, the same for both"
+    if x.ndim < 3:
+        return ""
+    if layout == "same":
+        return "the same layout for both (layout='same')"
+    axes = {3: ("NCL", "NLC"), 4: ("NCHW", "NHWC"), 5: ("NCDHW", "NDHWC")}
+    torch_axes, flax_axes = axes.get(x.ndim, ("channels first", "channels last"))
+    return f"{torch_axes} ({flax_axes} for Flax)"
 
 
 @contextlib.contextmanager
@@ -377,7 +462,7 @@ def _copies(torch_model: Any, flax_model: nnx.Module, dtype: str, port_weights: 
     import torch
 
     t = copy.deepcopy(torch_model).to(getattr(torch, dtype))
-    f = cast_floating(nnx.clone(flax_model), jnp.dtype(dtype))
+    f = _compute_in(cast_floating(nnx.clone(flax_model), jnp.dtype(dtype)), jnp.dtype(dtype))
     if port_weights:
         state_dict = t.state_dict()
         known = set(_flax_state(f))
@@ -387,6 +472,20 @@ def _copies(torch_model: Any, flax_model: nnx.Module, dtype: str, port_weights: 
         if dropped:
             notes.append(f"port_weights: {len(dropped)} num_batches_tracked not loaded (the Flax BatchNorm has none)")
     return t, f
+
+
+def _compute_in(model: nnx.Module, dtype: Any) -> nnx.Module:
+    """Every module's floating-point compute ``dtype`` (where one is set) made ``dtype``, in place.
+
+    Casting the variables is not enough: ``nnx.Embed`` fixes its ``dtype`` to its parameters' at construction
+    (float32), so a float64 copy still embeds in float32 and rounds the embedding's gradient to float32 (7e-8
+    from torch's float64 one, measured); a layer given ``dtype=bfloat16`` would compute in bfloat16.
+    """
+    for _, module in nnx.iter_modules(model):
+        current = getattr(module, "dtype", None)
+        if current is not None and jnp.issubdtype(current, jnp.floating):
+            module.dtype = dtype
+    return model
 
 
 def _flax_state(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -427,12 +526,21 @@ def _leaves(value: Any) -> list[Any]:
     return [value] if hasattr(value, "shape") else []
 
 
-def _numpy(value: Any, nhwc: bool = False) -> np.ndarray:
-    """A torch tensor or JAX array as numpy; a Flax 4-D activation (NHWC) in torch's NCHW layout."""
+def _numpy(value: Any, layout: str | None = None) -> np.ndarray:
+    """A torch tensor or JAX array as numpy; a Flax one, with ``layout="channels_last"``, in torch's layout: a
+    tensor of rank >= 3 moved channels-first (NHWC -> NCHW, NLC -> NCL)."""
     if hasattr(value, "detach"):
         return value.detach().cpu().numpy().copy()  # a copy: an in-place ReLU would change it afterwards
     array = np.asarray(value)
-    return np.transpose(array, (0, 3, 1, 2)) if nhwc and array.ndim == 4 else array
+    return np.moveaxis(array, -1, 1) if layout == "channels_last" and array.ndim >= 3 else array
+
+
+def _fit(flax: np.ndarray, torch: np.ndarray) -> np.ndarray:
+    """A Flax tensor moved channels-first (``_numpy``) that fits torch's shape only as it was before the move (an
+    embedding's (N, L, D) in a channels-last model) put back; otherwise as it is (a wrong shape stays wrong)."""
+    if flax.ndim >= 3 and flax.shape != torch.shape and np.moveaxis(flax, 1, -1).shape == torch.shape:
+        return np.moveaxis(flax, 1, -1)
+    return flax
 
 
 def _record_torch(model: Any, x: np.ndarray) -> tuple[np.ndarray, dict[str, list[list[np.ndarray]]], list[str]]:
@@ -485,7 +593,7 @@ def _recording_class(cls: type) -> type:
             recorder = _RECORDER.get()
             if recorder is not None and id(self) in recorder:
                 name, records = recorder[id(self)]
-                records.setdefault(name, []).append([_numpy(leaf, nhwc=True) for leaf in _leaves(out)])
+                records.setdefault(name, []).append([np.asarray(leaf) for leaf in _leaves(out)])
             return out
 
         recording = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
@@ -494,7 +602,9 @@ def _recording_class(cls: type) -> type:
     return _RECORDING_CLASSES[cls]
 
 
-def _record_flax(model: nnx.Module, x: np.ndarray) -> tuple[jax.Array, dict[str, list[list[np.ndarray]]]]:
+def _record_flax(model: nnx.Module, x: np.ndarray,
+                 layout: str = "channels_last") -> tuple[jax.Array, dict[str, list[list[np.ndarray]]]]:
+    """Output and every submodule's outputs (per call), these in torch's layout per ``layout``."""
     records: dict[str, list[list[np.ndarray]]] = {}
     modules = [(name, module) for name, module in named_modules(model) if name]
     swapped = [(module, type(module)) for _, module in modules]
@@ -503,16 +613,20 @@ def _record_flax(model: nnx.Module, x: np.ndarray) -> tuple[jax.Array, dict[str,
         for module, cls in swapped:
             # object.__setattr__: NNX's own __setattr__ would register '__class__' as an attribute of the module
             object.__setattr__(module, "__class__", _recording_class(cls))
-        out = model(_flax_input(x))
+        out = model(_flax_input(x, layout))
     finally:
         for module, cls in swapped:
             object.__setattr__(module, "__class__", cls)
         _RECORDER.reset(token)
-    return out, records
+    return out, {name: [[_numpy(a, layout) for a in call] for call in calls] for name, calls in records.items()}
 
 
-def _flax_input(x: np.ndarray) -> jax.Array:
-    return jnp.asarray(np.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x)
+def _flax_input(x: np.ndarray, layout: str = "channels_last") -> jax.Array:
+    """torch's batch as Flax takes it: floats of rank >= 3 channels-last (NCHW -> NHWC, NCL -> NLC) unless
+    ``layout="same"``; integer ids as they are (int32 unless float64 is on: JAX's default integer)."""
+    if layout == "channels_last" and x.ndim >= 3 and np.issubdtype(x.dtype, np.floating):
+        x = np.moveaxis(x, 1, -1)
+    return jnp.asarray(x)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -542,24 +656,49 @@ def _row(mode: str, section: str, name: str, layer: str, flax: list[np.ndarray],
 
 
 def _kinds(t: Any, f: nnx.Module) -> dict[str, str]:
+    """torch module name -> 'torch class / Flax class' ('Conv2d depthwise / Conv', 'ReLU / (none)')."""
     flax_kinds = {name: type(module).__name__ for name, module in named_modules(f)}
-    return {name: f"{type(module).__name__} / {flax_kinds[name]}" for name, module in t.named_modules()
-            if name in flax_kinds}
+    return {name: f"{_torch_kind(module)} / {flax_kinds.get(name, '(none)')}" for name, module in t.named_modules()}
+
+
+def _torch_kind(module: Any) -> str:
+    """The torch class, with the settings that make a convolution another kind of layer."""
+    import torch
+
+    kind = type(module).__name__
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        if module.groups > 1:
+            depthwise = module.groups == module.in_channels
+            kind += " depthwise" if depthwise else f" groups={module.groups}"
+        if any(d != 1 for d in module.dilation):
+            dilation = module.dilation
+            kind += f" dilation={dilation[0] if len(set(dilation)) == 1 else dilation}"
+    return kind
 
 
 def _output_rows(mode: str, order: list[str], records_t: dict, records_f: dict, kinds: dict[str, str],
-                 tol: Tolerance, torch_only: set[str]) -> list[Row]:
+                 tol: Tolerance, torch_only: set[str], flax_names: set[str] | None = None) -> list[Row]:
+    """One row per torch module, in torch's forward order: its worst call against the Flax module of that name.
+    A module with no Flax module of that name called (an activation, pooling or flatten written as a function in
+    Flax) is listed in its place, not compared and not a failure."""
     rows = []
     for name in order:
         if name not in records_f:
             torch_only.add(name)
+            why = ("the Flax module of that name was never called" if flax_names and name in flax_names else
+                   "no Flax module (a function there)")
+            # errors 0, not NaN: whoever takes the worst error over rows sees none from a row that compared nothing
+            rows.append(Row(mode, "outputs", name, name, 0.0, 0.0, tol.values, kinds.get(name, ""),
+                            f"{why}: not compared", compared=False))
             continue
         calls_t, calls_f = records_t[name], records_f[name]
         if len(calls_t) != len(calls_f):
             rows.append(Row(mode, "outputs", name, name, math.inf, math.inf, tol.values, kinds.get(name, ""),
                             f"called {len(calls_t)}x in torch, {len(calls_f)}x in Flax"))
             continue
-        worst = max((_row(mode, "outputs", name, name, f_out, t_out, tol.values, kinds.get(name, ""))
+        # strict=False: a different number of tensors is reported by _errors
+        worst = max((_row(mode, "outputs", name, name, [_fit(a, b) for a, b in zip(f_out, t_out, strict=False)],
+                          t_out, tol.values, kinds.get(name, ""))
                      for t_out, f_out in zip(calls_t, calls_f, strict=True)),
                     key=lambda row: (not row.ok, row.rel_err if not math.isnan(row.rel_err) else math.inf))
         if len(calls_t) > 1:
@@ -607,42 +746,49 @@ def _statistics_rows(t: Any, f: nnx.Module, tol: Tolerance) -> list[Row]:
 
 
 # -------------------------------------------------------------------------------------------- gradients
-def _labels(labels: Any, out_t: np.ndarray, seed: int) -> np.ndarray:
-    if out_t.ndim not in (2, 4):
+def _labels(labels: Any, out_t: np.ndarray, seed: int, layout: str = "channels_last") -> np.ndarray:
+    """Class labels for the loss (see ``compare``): (N,) for logits (N, C) and, with ``layout="channels_last"``,
+    for an (N, C, ...) map; (N, ...) for per-position logits (N, ..., classes) with ``layout="same"``."""
+    if out_t.ndim < 2:
         raise ValueError(f"cannot form a cross-entropy loss from an output of shape {out_t.shape} (expected logits "
-                         "(N, classes) or an NCHW feature map); pass gradients=False")
-    batch, classes = out_t.shape[:2]
+                         "(N, classes), a feature map (N, C, ...) or logits per position (N, L, classes) with "
+                         "layout='same'); pass gradients=False")
+    per_position = layout == "same" and out_t.ndim >= 3
+    shape, classes = (out_t.shape[:-1], out_t.shape[-1]) if per_position else (out_t.shape[:1], out_t.shape[1])
     if labels is None:
-        return np.random.default_rng(seed + 1).integers(0, classes, batch)
+        return np.random.default_rng(seed + 1).integers(0, classes, shape)
     labels = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
-    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be {batch} integer class indices (shape ({batch},)), got {labels.dtype} "
-                         f"of shape {labels.shape}")
+    if labels.shape != shape or not np.issubdtype(labels.dtype, np.integer):
+        what = f"{shape[0]} integer class indices (shape {shape})" if len(shape) == 1 else f"integers of shape {shape}"
+        raise ValueError(f"labels must be {what}, got {labels.dtype} of shape {labels.shape}")
     if labels.min() < 0 or labels.max() >= classes:
         raise ValueError(f"labels must lie in [0, {classes}) (the model has {classes} outputs)")
     return labels.astype(np.int64)
 
 
-def _flax_loss(model: nnx.Module, x: jax.Array, labels: jax.Array) -> jax.Array:
+def _flax_loss(model: nnx.Module, x: jax.Array, labels: jax.Array, layout: str = "channels_last") -> jax.Array:
     logits = model(x)
-    if logits.ndim == 4:
-        logits = logits.mean(axis=(1, 2))  # NHWC
+    if logits.ndim >= 3 and layout == "channels_last":
+        logits = logits.mean(axis=tuple(range(1, logits.ndim - 1)))  # (N, *spatial, C): pool the spatial axes
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1).mean()
+    return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1).mean()
 
 
-def _gradient_rows(mode: str, t: Any, f: nnx.Module, x: np.ndarray, labels: np.ndarray, tol: Tolerance) -> list[Row]:
+def _gradient_rows(mode: str, t: Any, f: nnx.Module, x: np.ndarray, labels: np.ndarray, tol: Tolerance,
+                   layout: str = "channels_last") -> list[Row]:
     """The loss and d(loss)/d(parameter) for every torch parameter, the Flax ones converted to torch's layout."""
     import torch
     import torch.nn.functional as F  # noqa: N812 - torch's own abbreviation
 
     t.zero_grad(set_to_none=True)
     logits = t(torch.from_numpy(x).to(_device(t)))
-    if logits.ndim == 4:
-        logits = logits.mean(dim=(2, 3))
-    loss_t = F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
+    if logits.ndim >= 3 and layout == "channels_last":
+        logits = logits.mean(dim=tuple(range(2, logits.ndim)))
+    target = torch.from_numpy(labels).to(logits.device)
+    loss_t = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     loss_t.backward()
-    loss_f, grads = nnx.value_and_grad(_flax_loss)(f, _flax_input(x), jnp.asarray(labels))
+    loss_f, grads = nnx.value_and_grad(functools.partial(_flax_loss, layout=layout))(
+        f, _flax_input(x, layout), jnp.asarray(labels))
     # The gradient State has the parameters' structure: put it in a copy's place and let the port name it and
     # lay it out as torch does.
     holder = nnx.clone(f)
