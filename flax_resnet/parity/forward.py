@@ -5,6 +5,7 @@ and if not, which layer is the first to compute something else?
     print(report)                 # the table: every layer, BatchNorm statistic and gradient, worst errors
     report.ok                     # True when every row is within the tolerance of the dtype
     report.first_divergence      # 'layer2.0.conv1', or None
+    report.diagnosis             # the known traps that fit, each confirmed by recomputing (parity.diagnosis)
 
 ``compare`` runs both models on the same NCHW batch (transposed to NHWC for Flax), records every module's
 output (torch forward hooks; on the NNX side each submodule's class is swapped for a recording subclass for the
@@ -26,6 +27,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -36,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from flax_resnet.dtypes import cast_floating
+from flax_resnet.parity import diagnosis
 from flax_resnet.port import load_torch_state_dict, named_modules, to_torch_state_dict
 
 __all__ = ["TOLERANCES", "ParityReport", "Row", "Tolerance", "compare", "perturb_batchnorm"]
@@ -109,6 +112,7 @@ class ParityReport:
     rows: list[Row]
     forward_order: dict[str, int]  # torch module name -> position of its first output in torch's forward pass
     notes: list[str] = dataclasses.field(default_factory=list)
+    diagnosis: list[str] = dataclasses.field(default_factory=list)  # the known traps that fit (parity.diagnosis)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -202,6 +206,8 @@ class ParityReport:
                 where += f": {row.name}"
             lines.append(f"DIFFERENT: {len(self.failures)} of {len(self.rows)} comparisons exceed the {self.dtype} "
                          f"tolerance; first divergence: {self.first_divergence} ({where})")
+        if self.diagnosis:
+            lines += ["diagnosis:"] + [f"  {line}" for line in self.diagnosis]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -316,6 +322,9 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
         if flax_only:
             report.notes.append("called in Flax only, not compared (torch never called a module of that name): "
                                 + ", ".join(sorted(flax_only)))
+        if not report.ok:  # each known trap confirmed by recomputing, on fresh copies: an exact port pays nothing
+            report.diagnosis = diagnosis.diagnose(report, x, _flax_input(x), functools.partial(
+                _copies_in_mode, torch_model, flax_model, dtype, port_weights))
     weights_differ = [row for row in report.rows if row.section == "weights" and not row.ok]
     if weights_differ and not port_weights:
         report.notes.append(f"{len(weights_differ)} state_dict tensors differ from torch's: port them first "
@@ -386,6 +395,15 @@ def _copies(torch_model: Any, flax_model: nnx.Module, dtype: str, port_weights: 
         load_torch_state_dict(f, {k: v for k, v in state_dict.items() if k not in dropped})
         if dropped:
             notes.append(f"port_weights: {len(dropped)} num_batches_tracked not loaded (the Flax BatchNorm has none)")
+    return t, f
+
+
+def _copies_in_mode(torch_model: Any, flax_model: nnx.Module, dtype: str, port_weights: bool,
+                    mode: str) -> tuple[Any, nnx.Module]:
+    """Fresh copies as ``compare`` runs them in ``mode`` ("" leaves the modes as they are)."""
+    t, f = _copies(torch_model, flax_model, dtype, port_weights, [])
+    if mode:
+        _set_mode(t, f, mode, [])
     return t, f
 
 
