@@ -287,3 +287,29 @@ def test_no_trap_is_named_on_an_exact_port(source, name, dtype, monkeypatch):
                             gradients=False)
     assert not report.ok  # the diagnosis ran
     assert report.diagnosis == [], "\n".join(report.diagnosis)
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "GroupNorm"])
+def test_epsilon_is_read_from_any_flax_norm_layer(kind):
+    """7, for the norms compare cannot port yet: stock nnx.LayerNorm / nnx.GroupNorm keep Flax's epsilon 1e-6 for
+    torch's 1e-5. The layer-local check (torch's input through both layers), called directly."""
+    torch.manual_seed(0)
+    rngs = nnx.Rngs(0)
+    if kind == "LayerNorm":
+        torch_layer, x = torch.nn.LayerNorm(8).double(), np.random.default_rng(0).standard_normal((4, 8))
+        flax_layer = nnx.LayerNorm(8, param_dtype=jnp.float64, rngs=rngs)
+    else:
+        torch_layer, x = torch.nn.GroupNorm(2, 8).double(), np.random.default_rng(0).standard_normal((2, 8, 4, 4))
+        flax_layer = nnx.GroupNorm(8, num_groups=2, param_dtype=jnp.float64, rngs=rngs)
+    with torch.no_grad():
+        torch_layer.weight.uniform_(0.5, 1.5)
+        torch_layer.bias.normal_()
+    flax_layer.scale[...] = jnp.asarray(torch_layer.weight.detach().numpy())
+    flax_layer.bias[...] = jnp.asarray(torch_layer.bias.detach().numpy())
+    record = {"input": x, "output": torch_layer(torch.from_numpy(x)).detach().numpy()}
+    agree, findings = diagnosis._local_findings("norm", torch_layer, flax_layer, record, 1e-12, False)
+    assert not agree
+    assert [finding.trap for finding in findings] == ["epsilon"]
+    assert "epsilon=1e-06, torch's eps=1e-05" in findings[0].text and f"Flax {kind} epsilon=1e-05" in findings[0].text
+    flax_layer.epsilon = 1e-5
+    assert diagnosis._local_findings("norm", torch_layer, flax_layer, record, 1e-12, False) == (True, [])
