@@ -36,7 +36,8 @@ def _only_line(report: parity.ParityReport, layer: str, *words: str) -> str:
     assert line.startswith((f"{layer}:", f"{layer}.", f"{layer} (")), line
     for word in words:
         assert word in line, line
-    assert f"\ndiagnosis:\n  {line}" in str(report)  # under the table: what `train.py verify` prints
+    # under the table, above the verdict (which stays the last line): what `train.py verify` prints
+    assert f"\ndiagnosis:\n  {line}\nDIFFERENT: " in str(report)
     return line
 
 
@@ -251,6 +252,25 @@ def test_unported_layer_is_named():
     fr.load_torch_state_dict(flax_model, state_dict)
     report = parity.compare(torch_model, flax_model, input_shape=USER_INPUT)
     _only_line(report, "conv2", "still holds its own initialisation", "port it")
+
+
+def test_verify_prints_the_diagnosis(monkeypatch, capsys):
+    """``train.py verify`` (float32, its default) on a port that leaves stage2.0.conv1 with a Flax init of its own."""
+    from flax_resnet import cli, port
+
+    loaded = port.load_torch_state_dict
+
+    def forgetful_port(model, state_dict):
+        loaded(model, state_dict)
+        kernel = model.stage2.layers[0].conv1.kernel
+        kernel[...] = jax.random.normal(jax.random.key(0), kernel.shape, kernel.dtype) * 0.1
+
+    monkeypatch.setattr(port, "load_torch_state_dict", forgetful_port)
+    code = cli.main(["verify", "--model", "SimpleResNet", "--n-blocks", "1", "--batch-size", "2", "--image-size", "16"])
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert code == 1
+    assert lines[-3] == "diagnosis:" and lines[-2].startswith("  stage2.0.conv1: still holds its own initialisation")
+    assert lines[-1].startswith("DIFFERENT:")
 
 
 # ----------------------------------------------------------------------------------------- exact ports

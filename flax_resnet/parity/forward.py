@@ -159,7 +159,7 @@ class ParityReport:
 
     def table(self) -> str:
         """The report as text: a header, one block per mode and section (worst errors per tensor, in torch's
-        names; '<-- differs' marks a row beyond the tolerance), and the verdict."""
+        names; '<-- differs' marks a row beyond the tolerance), the diagnosis if any, and the verdict."""
         tol = self.tolerance
         width = max([len(row.name) for row in self.rows] + [24])
         kinds_width = max([len(row.kinds) for row in self.rows] + [0])
@@ -197,6 +197,8 @@ class ParityReport:
                 lines.append(f"  {row.name:<{width}}  {row.kinds:<{kinds}}{_number(row.abs_err):>9}  "
                              f"{_number(row.rel_err):>9}{mark}{note}")
         lines.append("")
+        if self.diagnosis:  # the verdict stays the last line
+            lines += ["diagnosis:"] + [f"  {line}" for line in self.diagnosis]
         if self.ok:
             lines.append(f"OK: all {len(self.rows)} comparisons within the {self.dtype} tolerance")
         else:
@@ -206,8 +208,6 @@ class ParityReport:
                 where += f": {row.name}"
             lines.append(f"DIFFERENT: {len(self.failures)} of {len(self.rows)} comparisons exceed the {self.dtype} "
                          f"tolerance; first divergence: {self.first_divergence} ({where})")
-        if self.diagnosis:
-            lines += ["diagnosis:"] + [f"  {line}" for line in self.diagnosis]
         return "\n".join(lines)
 
     def __str__(self) -> str:
