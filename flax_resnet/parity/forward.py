@@ -5,6 +5,7 @@ and if not, which layer is the first to compute something else?
     print(report)                 # the table: every layer, BatchNorm statistic and gradient, worst errors
     report.ok                     # True when every row is within the tolerance of the dtype
     report.first_divergence      # 'layer2.0.conv1', or None
+    report.diagnosis             # the known traps that fit, each confirmed by recomputing (parity.diagnosis)
 
 ``compare`` runs both models on the same batch (an NCHW one transposed to NHWC for Flax, NCL to NLC; integer
 token ids as they are; ``layout="same"`` for models that hold their tensors alike), records every module's
@@ -41,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from flax_resnet.dtypes import cast_floating
+from flax_resnet.parity import diagnosis
 from flax_resnet.port import load_torch_state_dict, named_modules, to_torch_state_dict
 
 __all__ = ["TOLERANCES", "ParityReport", "Row", "Tolerance", "compare", "perturb_batchnorm"]
@@ -118,6 +120,7 @@ class ParityReport:
     forward_order: dict[str, int]  # torch module name -> position of its first output in torch's forward pass
     notes: list[str] = dataclasses.field(default_factory=list)
     input_layout: str = ""  # how the input was laid out for each framework ('NCHW (NHWC for Flax)', ...)
+    diagnosis: list[str] = dataclasses.field(default_factory=list)  # the known traps that fit (parity.diagnosis)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -164,7 +167,7 @@ class ParityReport:
 
     def table(self) -> str:
         """The report as text: a header, one block per mode and section (worst errors per tensor, in torch's
-        names; '<-- differs' marks a row beyond the tolerance), and the verdict."""
+        names; '<-- differs' marks a row beyond the tolerance), the diagnosis if any, and the verdict."""
         tol = self.tolerance
         width = max([len(row.name) for row in self.rows] + [24])
         kinds_width = max([len(row.kinds) for row in self.rows] + [0])
@@ -204,6 +207,8 @@ class ParityReport:
                 lines.append(f"  {row.name:<{width}}  {row.kinds:<{kinds}}{errors}{mark}{note}")
         lines.append("")
         compared = sum(row.compared for row in self.rows)
+        if self.diagnosis:  # the verdict stays the last line
+            lines += ["diagnosis:"] + [f"  {line}" for line in self.diagnosis]
         if self.ok:
             lines.append(f"OK: all {compared} comparisons within the {self.dtype} tolerance")
         else:
@@ -358,6 +363,9 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
         if flax_only:
             report.notes.append("called in Flax only, not compared (torch never called a module of that name): "
                                 + ", ".join(sorted(flax_only)))
+        if not report.ok:  # each known trap confirmed by recomputing, on fresh copies: an exact port pays nothing
+            report.diagnosis = diagnosis.diagnose(report, x, _flax_input(x, layout), functools.partial(
+                _copies_in_mode, torch_model, flax_model, dtype, port_weights))
     weights_differ = [row for row in report.rows if row.section == "weights" and not row.ok]
     if weights_differ and not port_weights:
         report.notes.append(f"{len(weights_differ)} state_dict tensors differ from torch's: port them first "
@@ -486,6 +494,14 @@ def _compute_in(model: nnx.Module, dtype: Any) -> nnx.Module:
         if current is not None and jnp.issubdtype(current, jnp.floating):
             module.dtype = dtype
     return model
+
+def _copies_in_mode(torch_model: Any, flax_model: nnx.Module, dtype: str, port_weights: bool,
+                    mode: str) -> tuple[Any, nnx.Module]:
+    """Fresh copies as ``compare`` runs them in ``mode`` ("" leaves the modes as they are)."""
+    t, f = _copies(torch_model, flax_model, dtype, port_weights, [])
+    if mode:
+        _set_mode(t, f, mode, [])
+    return t, f
 
 
 def _flax_state(model: nnx.Module) -> dict[str, np.ndarray]:
