@@ -209,6 +209,9 @@ def test_running_statistics_in_the_other_momentum_convention(pair):
     assert report.first_divergence == "step 1: bn1.running_mean"
     assert any(line.startswith("step 1: the loss or running statistics differ before any update")
                for line in report.diagnosis), report.diagnosis
+    # parity.diagnosis.running_statistic, recomputed from the update: Flax weighted the batch by 0.9, torch by 0.1
+    assert any(line.startswith("bn1.running_mean: running statistics updated with the other momentum convention")
+               for line in report.diagnosis), report.diagnosis
 
 
 def test_weights_not_ported(pair):
@@ -269,6 +272,9 @@ def test_a_user_model_from_stock_layers(stock):
     assert report.first_divergence == "step 1: bn1.running_var", str(report)
     assert [row.name for row in report.failures if row.step == 1] == ["bn1.running_var"]
     assert report.diagnosis[0].startswith("step 1: the loss or running statistics differ before any update")
+    # 2 images of 8x8: 128 values per channel at bn1, and Flax stores the biased variance
+    assert any(line.startswith("bn1.running_var: running variance off by n/(n-1)") and "128/127" in line
+               for line in report.diagnosis), report.diagnosis
 
 
 # --------------------------------------------------------------------------------------------- the models

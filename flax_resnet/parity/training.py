@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from flax_resnet.parity import diagnosis
 from flax_resnet.parity.forward import (
     TOLERANCES,
     Tolerance,
@@ -323,6 +324,8 @@ def compare_training(torch_model: Any, flax_model: nnx.Module, torch_optimizer: 
         report.rows += _weight_rows(t, f, tol)
         evidence = _Evidence(optimizer, names, torch_params, dict(torch_params), dict(flax_params), report,
                              _epoch_lrs(torch_optimizer, torch_scheduler, steps), steps_per_epoch)
+        evidence.buffers_before = {key: value.detach().numpy().copy() for key, value in t.named_buffers()}
+        hooks = _count_batch_norm_inputs(t, evidence.batch_norms)
         label_sets: dict[int, np.ndarray] = {}
         for step in range(1, steps + 1):
             x = batches[step - 1]
@@ -354,6 +357,11 @@ def compare_training(torch_model: Any, flax_model: nnx.Module, torch_optimizer: 
             report.rows.append(_step_row(step, "loss", _LOSS, np.asarray(loss_f), loss_t.detach().numpy(),
                                          tol.values))
             torch_buffers = dict(t.named_buffers())
+            if step == 1:
+                for hook in hooks:
+                    hook.remove()
+                evidence.buffers_after = ({key: value.detach().numpy().copy() for key, value in torch_buffers.items()},
+                                          {key: flax_state[key] for key in torch_buffers if key in flax_state})
             report.rows += [_step_row(step, "running statistics", key, flax_state[key],
                                       torch_buffers[key].detach().numpy(), tol.values)
                             for key in buffers if key in flax_state]
@@ -493,6 +501,11 @@ class _Evidence:
     step: int | None = None  # the first step after which a parameter differs
     torch_after: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     flax_after: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # BatchNorm buffers before and after step 1 (torch's, Flax's) and, per torch BatchNorm, its momentum and the
+    # values per channel it saw: what parity.diagnosis.running_statistic reads
+    buffers_before: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    buffers_after: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
+    batch_norms: dict[str, tuple[float | None, int]] = dataclasses.field(default_factory=dict)
 
     def advance(self, step: int, torch_params: dict[str, np.ndarray], flax_params: dict[str, np.ndarray]) -> None:
         """Keep the parameters around the first step whose parameters differ (only two steps' worth: a ResNet-18
@@ -519,8 +532,8 @@ class _Evidence:
 def _diagnoses(evidence: _Evidence) -> list[str]:
     """Each known trap whose fingerprint the numbers show, one line each; [] when nothing differs.
 
-    The one place where diagnoses are added: each function takes the evidence and returns its lines. (The
-    running-statistic diagnoses of forward reports, parity.diagnosis, are to be appended here.)
+    The one place where diagnoses are added: each function takes the evidence and returns its lines.
+    Step 1's running statistics are checked by ``parity.diagnosis.running_statistic``, as ``compare``'s are.
     """
     if evidence.report.ok:
         return []
@@ -545,7 +558,42 @@ def _forward_diagnosis(evidence: _Evidence) -> list[str]:
     if not weights_ok or all(row.ok for row in rows):
         return []
     return ["step 1: the loss or running statistics differ before any update, from equal weights: the forward pass "
-            "differs, not the optimizer; parity.compare(torch_model, flax_model) names the layer"]
+            "differs, not the optimizer; parity.compare(torch_model, flax_model) names the layer"] + \
+        _statistics_diagnosis(evidence)
+
+
+def _statistics_diagnosis(evidence: _Evidence) -> list[str]:
+    """Step 1's running statistics that differ, checked against the known BatchNorm traps (a biased running
+    variance, the other momentum convention) by ``parity.diagnosis.running_statistic``."""
+    torch_after, flax_after = evidence.buffers_after
+    lines = []
+    for row in evidence.report.rows:
+        if row.step != 1 or row.section != "running statistics" or row.ok:
+            continue
+        layer, _, buffer = row.name.rpartition(".")
+        momentum, n = evidence.batch_norms.get(layer, (None, 0))
+        if buffer not in ("running_mean", "running_var") or momentum is None or n < 2 or row.name not in flax_after:
+            continue
+        line = diagnosis.running_statistic(row.name, evidence.buffers_before[row.name], torch_after[row.name],
+                                           flax_after[row.name], n, momentum)
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _count_batch_norm_inputs(t: Any, found: dict[str, tuple[float | None, int]]) -> list[Any]:
+    """Forward hooks that note each torch BatchNorm's momentum and values per channel (N x spatial) in its first
+    call: the n of n/(n-1)."""
+    import torch
+
+    def hook(name: str):
+        def record(module, args, output):
+            x = args[0]
+            found.setdefault(name, (module.momentum, x.numel() // x.shape[1] if x.ndim > 1 else 0))
+        return record
+
+    return [module.register_forward_hook(hook(name)) for name, module in t.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 def _weight_decay_diagnosis(evidence: _Evidence) -> list[str]:
