@@ -1,10 +1,12 @@
 """float64 convolutions at a usable speed on the CPU: image patches and one matrix product instead of ``lax.conv``.
 
-Why: XLA:CPU's float64 convolution has no fast kernel (its float32 ones are Eigen's): one 3x3 convolution,
-forward + both gradients at batch 128, takes 0.6-0.8 s through ``lax.conv_general_dilated`` in float64, while
-the same arithmetic as patches times a matrix takes a few tens of milliseconds (float64 matrix products are
-Eigen's); ``train --dtype float64`` ran Flax at 10 img/s against torch's 165. Every proof of parity runs in
-float64. BENCHMARKS.md ("float64 convolutions on the CPU") has the figures and the command that gives them.
+Why: with the runners' XLA:CPU options (``training.cpu.COMPILER_OPTIONS``, which put dots on YNNPACK) XLA's
+float64 convolution has no fast kernel: one 3x3 convolution, forward + both gradients at batch 128, takes
+0.8-3 s through ``lax.conv_general_dilated`` against 0.04-0.36 s as patches times a matrix (float64 matrix
+products are fast), 4-22x; ``train --dtype float64`` ran Flax at 2 img/s against 29 with patches (load 7-10 on
+2 cores). Under XLA's default options (eager ops: the parity suite) the two are within 2x either way. float32
+keeps ``lax.conv``: 2-3x faster than patches. BENCHMARKS.md ("float64 convolutions on the CPU") has the
+figures and the commands that give them.
 
 Where it applies, decided in ``conv_general_dilated`` alone, from static facts:
 

@@ -50,7 +50,7 @@ class Conv2d(nnx.Conv):
     Explicit padding matters: at stride 2 on even sizes Flax's 'SAME' pads (0, 1) where torch's
     ``padding=1`` pads (1, 1), and the outputs then differ completely. In float64 on the CPU the convolution is
     computed as image patches and one matrix product (``flax_resnet.conv_patches``): XLA:CPU's float64
-    convolution is 10-20x slower at C=32-64 (BENCHMARKS.md), and every proof of parity runs in float64.
+    convolution is 4-22x slower under the runners' options (BENCHMARKS.md), and every proof of parity runs in float64.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
