@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_resnet import conv_patches
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -49,7 +51,9 @@ class Conv2d(nnx.Conv):
     """``nnx.Conv`` with torch's ``nn.Conv2d`` arguments, explicit symmetric padding and torch's init.
 
     Explicit padding matters: at stride 2 on even sizes Flax's 'SAME' pads (0, 1) where torch's
-    ``padding=1`` pads (1, 1), and the outputs then differ completely.
+    ``padding=1`` pads (1, 1), and the outputs then differ completely. In float64 on the CPU the convolution is
+    computed as image patches and one matrix product (``flax_resnet.conv_patches``): XLA:CPU's float64
+    convolution is 4-22x slower under the runners' options (BENCHMARKS.md), and every proof of parity runs in float64.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -61,6 +65,7 @@ class Conv2d(nnx.Conv):
             padding=((padding, padding), (padding, padding)), use_bias=bias,
             kernel_init=kernel_init or torch_default_kernel_init(),
             bias_init=torch_default_bias_init(fan_in), rngs=rngs,
+            conv_general_dilated=conv_patches.conv_general_dilated,
         )
 
 

@@ -12,6 +12,11 @@ tried", has the detail):
 - ``materialize_conv_inputs``: each convolution's input kept as a buffer, so XLA:CPU does not recompute the whole
   BatchNorm/ReLU/residual chain inside the transposes of the weight gradient (an identity gather is an op XLA will
   not duplicate; ``optimization_barrier`` is removed before fusion): 503 -> 338 ms/step. GPUs do not need it.
+
+One XLA:CPU measure lives elsewhere: float64 convolutions computed as image patches and a matrix product
+(``flax_resnet.conv_patches``, 4-22x faster than XLA:CPU's float64 convolution under these options). It is
+``layers.Conv2d``'s own, not the runners', because ``parity.compare`` and the parity suite run float64 models
+without a runner, and it changes no number beyond float64 rounding.
 """
 
 from __future__ import annotations
