@@ -5,6 +5,19 @@
 
 from __future__ import annotations
 
-from flax_resnet.parity.forward import TOLERANCES, ParityReport, Row, Tolerance, compare, perturb_batchnorm
+from flax_resnet.parity.forward import (
+    PORT_DEFECT,
+    PRECISION_FACTOR,
+    PRECISION_FLOOR,
+    PRECISION_LOSS,
+    ROUNDING,
+    TOLERANCES,
+    ParityReport,
+    Row,
+    Tolerance,
+    compare,
+    perturb_batchnorm,
+)
 
-__all__ = ["TOLERANCES", "ParityReport", "Row", "Tolerance", "compare", "perturb_batchnorm"]
+__all__ = ["PORT_DEFECT", "PRECISION_FACTOR", "PRECISION_FLOOR", "PRECISION_LOSS", "ROUNDING", "TOLERANCES",
+           "ParityReport", "Row", "Tolerance", "compare", "perturb_batchnorm"]
