@@ -568,11 +568,17 @@ def _record_torch(model: Any, x: np.ndarray, inputs: dict[str, list[tuple]] | No
             if name not in records:
                 order.append(name)
             records.setdefault(name, []).append([_numpy(leaf) for leaf in _leaves(output)])
-            if inputs is not None and next(module.children(), None) is None:
-                inputs.setdefault(name, []).append(tuple(_numpy(a) if hasattr(a, "detach") else a for a in args))
+        return record
+
+    def pre_hook(name: str):
+        def record(module, args):  # before the call: an in-place module would have changed them after it
+            inputs.setdefault(name, []).append(tuple(_numpy(a) if hasattr(a, "detach") else a for a in args))
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    if inputs is not None:
+        handles += [module.register_forward_pre_hook(pre_hook(name)) for name, module in model.named_modules()
+                    if name and next(module.children(), None) is None]
     try:
         with torch.no_grad():
             out = model(torch.from_numpy(x).to(_device(model)))
@@ -934,7 +940,8 @@ def _own_errors(mode: str, t: Any, f: nnx.Module, inputs: dict[str, list[tuple]]
                 for dtype, values in (("float64", args64), ("float32", args32)):
                     module = copy.deepcopy(modules[name]).to(getattr(torch, dtype))
                     with torch.no_grad():
-                        out = module(*[torch.from_numpy(a).to(device) if isinstance(a, np.ndarray) else a
+                        # copies: an in-place module (ReLU(inplace=True)) would write into the arrays
+                        out = module(*[torch.from_numpy(a.copy()).to(device) if isinstance(a, np.ndarray) else a
                                        for a in values])
                     results["torch", dtype] = [_numpy(leaf) for leaf in _leaves(out)]
                     twin = cast_floating(nnx.clone(twins[name]), jnp.dtype(dtype))
