@@ -94,7 +94,7 @@ PRECISION_LOSS = "precision loss in"  # + " Flax" or " torch"
 # A layer loses float32 precision in one framework when its own float32 error (float32 result against float64
 # result, both on the layer's float64 reference input rounded to float32) is more than PRECISION_FACTOR times its
 # twin's and above PRECISION_FLOOR (relative to the layer's largest float64 value). Measured on exact ports
-# (the registry models at verify's defaults, 50 model-seeds): own errors are at most 9.5e-7 in either framework
+# (the registry models at verify's defaults, 69 model-seeds): own errors are at most 9.5e-7 in either framework
 # and the larger of the two is within 4.3x of the smaller where it exceeds 1e-7; a BatchNorm computing
 # E[x^2] - E[x]^2 (use_fast_variance) on inputs offset by 30 / 100 is 1.8e-4 / 5.7e-4 off against torch's
 # 3.4e-7 / 7.4e-7 (500x, 780x). See docs/design.md.
