@@ -322,7 +322,7 @@ def test_verify_steps_exits_1_and_names_a_weight_decay_left_out(monkeypatch, cap
     out = capsys.readouterr().out
     assert code == 1, out[-3000:]
     assert "first divergence: step 1: conv1.weight" in out
-    assert "diagnosis: " in out and "leaves out the weight decay of torch's SGD" in out
+    assert "\ndiagnosis:\n  " in out and "leaves out the weight decay of torch's SGD" in out
 
 
 @pytest.mark.parametrize("argv", [["verify"], ["verify", "--n-blocks", "2", "--weights", "w.pt"],

@@ -118,7 +118,7 @@ class StepRow:
 
 @dataclasses.dataclass
 class TrainingReport:
-    """What ``compare_training`` found; ``str(report)`` is the table, then the diagnosis."""
+    """What ``compare_training`` found; ``str(report)`` is the table, the diagnosis and the verdict."""
 
     torch_name: str
     flax_name: str
@@ -175,7 +175,7 @@ class TrainingReport:
     def table(self, every_row: bool = False) -> str:
         """The report as text: a header, one block per step (the loss; per kind of tensor the count within the
         tolerance and the worst, and every row beyond it, '<-- differs', at most 8 per block unless
-        ``every_row``), the verdict, then the diagnosis."""
+        ``every_row``), the diagnosis, then the verdict."""
         tol = self.tolerance
         width = max([len(row.name) for row in self.rows] + [30])
         shapes = sorted(set(self.input_shapes))
@@ -220,13 +220,14 @@ class TrainingReport:
                 if len(shown) < len(bad):
                     lines.append(f"    ... and {len(bad) - len(shown)} more (report.table(every_row=True) lists them)")
         lines.append("")
+        if self.diagnosis:  # as compare's report: the diagnosis block, then the verdict as the last line
+            lines += ["diagnosis:"] + [f"  {line}" for line in self.diagnosis]
         if self.ok:
             lines.append(f"OK: all {len(self.rows)} comparisons within the {self.dtype} tolerance over "
                          f"{self.steps} steps")
         else:
             lines.append(f"DIFFERENT: {len(self.failures)} of {len(self.rows)} comparisons exceed the {self.dtype} "
                          f"tolerance; first divergence: {self.first_divergence}")
-        lines += [f"diagnosis: {line}" for line in self.diagnosis]
         return "\n".join(lines)
 
     @staticmethod
