@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import registry
+from flax_resnet import files, registry
 from flax_resnet.commands import HelpFormatter, expanded_path, number, seed
 from flax_resnet.data import plan as plans
 from flax_resnet.errors import FlaxResnetError, require
@@ -513,7 +513,7 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.json:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
+            files.write_atomic(args.json, json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
         except OSError as e:
             raise FlaxResnetError(f"could not write --json {args.json} ({e.strerror or e}); the table above has every "
                                   "figure") from e

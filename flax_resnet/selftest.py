@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from flax_resnet import bench, parity, registry
+from flax_resnet import bench, files, parity, registry
 from flax_resnet.errors import FlaxResnetError
 
 __all__ = ["FULL", "PARTS", "QUICK", "Plan", "run", "to_markdown"]
@@ -208,7 +208,7 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / JSON_FILE).write_text("{}\n")  # fails now, not after minutes of measuring
+        files.write_atomic(out_dir / JSON_FILE, "{}\n")  # fails now, not after minutes of measuring
     except OSError as e:
         raise FlaxResnetError(f"cannot write to --out {out_dir} ({e.strerror or e}); choose another --out") from e
     # Let torch and jax share a GPU (as bench does): read when jax first touches a device, which is below.
@@ -232,8 +232,9 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
         failed += [f"part {name}: {part['status']}" for name, part in doc["parts"].items() if part["status"] != "ok"]
         doc.update(ok=not failed, failed=failed, total_s=time.perf_counter() - started)
         try:
-            (out_dir / JSON_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-            (out_dir / MARKDOWN_FILE).write_text(to_markdown(doc))
+            # rewritten after every part: a reader (or a Ctrl-C) never finds half a report
+            files.write_atomic(out_dir / JSON_FILE, json.dumps(doc, indent=2, default=str) + "\n")
+            files.write_atomic(out_dir / MARKDOWN_FILE, to_markdown(doc))
         except OSError as e:
             raise FlaxResnetError(f"could not write the report to {out_dir} ({e.strerror or e}); choose another "
                                   "--out") from e

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flax_resnet import commands, registry
+from flax_resnet import commands, files, registry
 from flax_resnet.errors import require
 from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 
@@ -272,7 +272,7 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
         figure = plots.save_figure(report.figure, out / f"{command.name.replace('-', '_')}.png")
         markdown = "\n\n".join([f"## {report.title}", report.table, "\n".join(report.notes),
                                  f"![{figure.stem}]({figure.name})"]) + "\n"
-        (out / SUMMARY_FILE).write_text(markdown)
+        files.write_atomic(out / SUMMARY_FILE, markdown)
         options = {k: v for k, v in vars(args).items() if k not in ("handler", "parser", "command")}
         payload = {"command": command.name, "settings": options, **report.results, "figures": [figure.name]}
         write_json(out / RESULTS_FILE, to_jsonable(payload))
