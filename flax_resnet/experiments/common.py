@@ -13,7 +13,7 @@ import math
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from flax_resnet.errors import require
 from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 
 __all__ = ["Command", "Context", "Report", "Run", "add_run_options", "count_conv_layers", "count_params", "fmt",
-           "make_recipe", "markdown_table", "prepare_args", "register", "to_jsonable"]
+           "make_recipe", "prepare_args", "register", "to_jsonable"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -134,20 +134,6 @@ class Run:
 def fmt(value: float, spec: str = ".2f", suffix: str = "") -> str:
     """A number for a table; non-finite values as 'n/a' (a diverged run must not break the table)."""
     return f"{value:{spec}}{suffix}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
-    """A GitHub Markdown table; ``align`` is one letter per column, 'l' or 'r' (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                                 for c, w, a in zip(row, widths, align, strict=True)) + " |"
-
-    rule = ["-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(widths, align, strict=True)]
-    return "\n".join(line(row) for row in [cells[0], rule, *cells[1:]])
 
 
 def to_jsonable(value: Any) -> Any:
