@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import registry
+from flax_resnet import files, registry, tables
 from flax_resnet.commands import HelpFormatter, expanded_path, number, seed
 from flax_resnet.data import plan as plans
 from flax_resnet.errors import FlaxResnetError, require
@@ -437,11 +437,9 @@ def _fmt(key: str, value: Any) -> str:
 def format_table(rows: Sequence[dict[str, Any]], cpu_text: str) -> str:
     """The rows as an aligned text table, under a header naming the run, the CPU (``describe_cpu``'s text: the
     host's CPU matters on GPUs too, it feeds them) and what the columns measure."""
-    cells = [list(COLUMNS.values()), *([_fmt(key, row[key]) for key in COLUMNS] for row in rows)]
-    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
-    lines = ["  ".join(c.ljust(w) if key in ("phase", "impl", "status") else c.rjust(w)
-                       for key, c, w in zip(COLUMNS, line, widths, strict=True)).rstrip() for line in cells]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = [tables.format_table(list(COLUMNS.values()), [[_fmt(key, row[key]) for key in COLUMNS] for row in rows],
+                                 align="".join("l" if key in ("phase", "impl", "status") else "r" for key in COLUMNS),
+                                 rule=True)]
     if rows:
         r, epoch = rows[0], next((x for x in rows if x["epoch_s"]), None)
         kinds = "; ".join(sorted({x["peak_mem_kind"] for x in rows if x["peak_mem_kind"]}))
@@ -513,7 +511,7 @@ def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.json:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
+            files.write_atomic(args.json, json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
         except OSError as e:
             raise FlaxResnetError(f"could not write --json {args.json} ({e.strerror or e}); the table above has every "
                                   "figure") from e

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flax_resnet import bench, commands, experiments, registry
+from flax_resnet import bench, commands, experiments, registry, tables
 from flax_resnet.errors import EXTRAS, FlaxResnetError, installed, missing_extra, require
 from flax_resnet.recipes import PRECISIONS, RECIPES, Recipe, RunConfig
 
@@ -51,8 +51,7 @@ def _recipe_table() -> str:
                                       r.weight_decay, schedule.get(r.schedule, r.schedule),
                                       "crop+flip" if r.augment else "none", r.train_loss_mean,
                                       " ".join(f"{s:g}" for s in r.std))])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = [tables.format_table(rows[0], rows[1:], align="l" * len(rows[0]), indent="  ")]
     mean = " ".join(f"{m:g}" for m in next(iter(RECIPES.values())).mean)
     models = [f"  {r}: {', '.join(s.name for s in registry.MODELS.values() if s.recipe == r)}" for r in RECIPES]
     return "\n".join([*lines, f"  (mean {mean} in both)", "", "models (--model), by recipe: a model's default recipe "

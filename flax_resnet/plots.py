@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from flax_resnet import files
 
 __all__ = ["CURVE_PANELS", "PLAIN_COLOR", "RESNET_COLOR", "TARGET_ACCURACY", "comparison_figure", "curves_figure",
            "plot_comparison", "plot_history", "save_figure"]
@@ -31,15 +32,11 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     layout engine gets ``tight_layout``; one made with ``layout='constrained'`` keeps it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
     if fig.get_layout_engine() is None:
         fig.tight_layout()
-    try:
+    with files.atomic_path(path) as tmp:  # a failed write (a full disk) leaves the previous file and no partial one
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:  # a failed write (a full disk) leaves the previous file and no partial one
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_resnet import files
 from flax_resnet.errors import FlaxResnetError, require
 
 __all__ = ["PortError", "load_torch_state_dict", "named_layers", "named_modules", "read_state_dict",
@@ -311,18 +312,15 @@ def save_torch_state_dict(model: nnx.Module, path: str | os.PathLike[str]) -> Pa
     import safetensors.numpy
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    if path.suffix != ".safetensors":
+        require("torch", f"writing {path.name} (a torch file; .safetensors needs no torch)")
+    with files.atomic_path(path) as tmp:  # the umask's mode for both (safetensors' own temporary has 0600)
         if path.suffix == ".safetensors":
             safetensors.numpy.save_file(dict(to_numpy_state_dict(model)), tmp)
         else:
-            require("torch", f"writing {path.name} (a torch file; .safetensors needs no torch)")
             import torch
 
             torch.save(to_torch_state_dict(model), tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from flax_resnet import bench, parity, registry
+from flax_resnet import bench, files, parity, registry, tables
 from flax_resnet.errors import FlaxResnetError
 
 __all__ = ["FULL", "PARTS", "QUICK", "Plan", "run", "to_markdown"]
@@ -208,7 +208,7 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / JSON_FILE).write_text("{}\n")  # fails now, not after minutes of measuring
+        files.write_atomic(out_dir / JSON_FILE, "{}\n")  # fails now, not after minutes of measuring
     except OSError as e:
         raise FlaxResnetError(f"cannot write to --out {out_dir} ({e.strerror or e}); choose another --out") from e
     # Let torch and jax share a GPU (as bench does): read when jax first touches a device, which is below.
@@ -232,8 +232,9 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
         failed += [f"part {name}: {part['status']}" for name, part in doc["parts"].items() if part["status"] != "ok"]
         doc.update(ok=not failed, failed=failed, total_s=time.perf_counter() - started)
         try:
-            (out_dir / JSON_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-            (out_dir / MARKDOWN_FILE).write_text(to_markdown(doc))
+            # rewritten after every part: a reader (or a Ctrl-C) never finds half a report
+            files.write_atomic(out_dir / JSON_FILE, json.dumps(doc, indent=2, default=str) + "\n")
+            files.write_atomic(out_dir / MARKDOWN_FILE, to_markdown(doc))
         except OSError as e:
             raise FlaxResnetError(f"could not write the report to {out_dir} ({e.strerror or e}); choose another "
                                   "--out") from e
@@ -277,9 +278,9 @@ def _err(value: Any) -> str:
     return value if isinstance(value, str) else ("0" if value == 0 else f"{value:.1e}")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows)]
+def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """A Markdown table, unpadded: a row's text is the same whatever the other rows hold (the tests look for it)."""
+    return [tables.format_table(header, rows, align=align, markdown=True, pad=False)]
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
@@ -307,7 +308,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
                  if "tolerance" in r else "-", r["status"] + ("" if r["ok"] else f" ({r['first_divergence']})"),
                  f"{r['seconds']:.1f}"] for r in doc["parity"]]
         lines += _table(["model", "check", "dtype", "precision", "input", "outputs", "BN statistics", "gradients",
-                         "tolerance", "status", "s"], rows)
+                         "tolerance", "status", "s"], rows, "lllllrrrrlr")
         lines.append("")
         for r in doc["parity"]:
             if r["counted"] and not r["ok"]:
@@ -323,12 +324,12 @@ def to_markdown(doc: dict[str, Any]) -> str:
                          "epoch 2 s", "train img/s", f"{e['estimate_epochs']} epochs (estimate)"],
                         [[registry.constructor_call(e["model"], e["kwargs"]), e["precision"], str(e["batch_size"]),
                           f"{e['num_train']:,} / {e['num_test']:,}", f"{e['first_epoch_s']:.1f}", f"{e['epoch_s']:.1f}",
-                          f"{e['train_images_per_s']:,.0f}", f"{e['estimate_s']:,.0f} s"]])
+                          f"{e['train_images_per_s']:,.0f}", f"{e['estimate_s']:,.0f} s"]], "llrrrrrr")
         lines += ["", f"Epoch times include the evaluation of the {e['num_test']:,} test images; the estimate is "
                   f"epoch 1 plus {e['estimate_epochs'] - 1} epochs like epoch 2. Data generation took "
                   f"{e['data_s']:.1f} s.", ""]
     lines += ["## Time per part", ""]
     lines += _table(["part", "status", "s"], [[name, part["status"], f"{part['seconds']:.1f}"]
                                                for name, part in doc["parts"].items()]
-                    + [["total", "", f"{doc.get('total_s', 0):.1f}"]])
+                    + [["total", "", f"{doc.get('total_s', 0):.1f}"]], "llr")
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from flax_resnet import files
 from flax_resnet.errors import FlaxResnetError
 
 __all__ = ["ARRAYS_FILE", "CHECKPOINT_SUBDIR", "CheckpointError", "CheckpointStore", "FORMAT", "FORMAT_VERSION",
@@ -43,6 +44,7 @@ FORMAT = "flax-resnet-checkpoint"  # the marker that tells this store's checkpoi
 FORMAT_VERSION = 1
 
 _STEP_DIR = re.compile(r"^epoch_(\d{4}|[1-9]\d{4,})$")  # exactly the names ``CheckpointStore.path`` gives
+# the temporaries of ``files.temporary_name(..., unique=True)`` (saves) and of ``_remove_checkpoint``
 _TMP_DIR = re.compile(r"^\.epoch_\d{4,}\.(tmp|old)-[0-9]+-[0-9a-f]+$")
 # The dtypes safetensors' NumPy loader knows. ml_dtypes' of 1, 2, 4 or 8 bytes (bfloat16, the float8 types) are
 # stored as unsigned integers of the same size and viewed back on reading (``_VIEWS``).
@@ -74,14 +76,6 @@ def resolve(path: str | Path) -> Path:
 def _os_words(e: OSError) -> str:
     """An OSError as the OS says it, e.g. 'No space left on device' (not Python's '[Errno 28] ...: path')."""
     return e.strerror or (os.strerror(e.errno) if e.errno else str(e))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -212,20 +206,13 @@ class CheckpointStore:
         try:
             if not self.directory.is_dir():
                 self.directory.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(self.directory.parent)
-            tmp = self.directory / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-            tmp.mkdir()
-            _write_file(tmp / ARRAYS_FILE, payload)
-            _write_file(tmp / META_FILE, meta_bytes)
-            _fsync_dir(tmp)
-            os.rename(tmp, target)  # atomic; fails rather than replace a checkpoint that appeared meanwhile
-            tmp = None
-            _fsync_dir(self.directory)
-        except BaseException as e:  # a failed write or an interrupt: leave no temporary directory behind
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if not isinstance(e, OSError):
-                raise
+                files.fsync_path(self.directory.parent)
+            # a hidden directory, fsynced, renamed into place (never over a checkpoint that appeared meanwhile: a
+            # non-empty directory), then the store's directory fsynced; on any failure or interrupt it is removed
+            with files.atomic_path(target, directory=True, unique=True, fsync=True) as tmp:
+                _write_file(tmp / ARRAYS_FILE, payload)
+                _write_file(tmp / META_FILE, meta_bytes)
+        except OSError as e:
             partial = (f"its partial files could not all be removed ({tmp})" if tmp is not None and tmp.exists()
                        else "its partial files were removed")
             kept = ", ".join(str(s) for s in self.steps if s != step) or "none"
@@ -326,8 +313,8 @@ class CheckpointStore:
             if self.is_writer:
                 aside.mkdir(parents=True, exist_ok=True)
                 os.rename(source, target)
-                _fsync_dir(aside)
-                _fsync_dir(self.directory)
+                files.fsync_path(aside)
+                files.fsync_path(self.directory)
         except OSError as e:
             raise CheckpointError(f"could not move the unreadable checkpoint {source} to {target} ({_os_words(e)}); "
                                   "move it away yourself, then run again with --resume") from e
@@ -386,7 +373,7 @@ class CheckpointStore:
                     continue
                 removed.append(entry)
             if removed:
-                _fsync_dir(self.directory)
+                files.fsync_path(self.directory)
         except OSError as e:
             raise CheckpointError(f"could not remove the checkpoints in {self.directory} ({_os_words(e)}: "
                                   f"{e.filename}); remove them yourself, then run again") from e

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import cli, registry
+from flax_resnet import cli, registry, tables
 from flax_resnet.experiments import COMMANDS, common
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -253,7 +253,7 @@ def test_make_recipe_scales_milestones_with_the_run():
 
 
 def test_markdown_table_and_json():
-    table = common.markdown_table(["a", "b"], [["x", 1.5], ["yy", "n/a"]])
+    table = tables.format_table(["a", "b"], [["x", 1.5], ["yy", "n/a"]], markdown=True)
     lines = table.splitlines()
     assert lines[0].startswith("| a") and "--: |" in lines[1] and len({len(line) for line in lines}) == 1
     assert common.to_jsonable({"v": [np.float32(1.5), float("nan")], "p": Path("x")}) == {"v": [1.5, None], "p": "x"}

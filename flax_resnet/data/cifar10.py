@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from flax_resnet import files
 from flax_resnet.data.dataset import DataError, Dataset
 from flax_resnet.errors import require
 
@@ -144,23 +145,19 @@ def _download(data_dir: Path, *, skip_checksum: bool, connect_timeout: float) ->
                         f"{BINARY.filename} or cifar-10-python.tar.gz, or run once on a machine with network and "
                         "reuse its prepared data with --data-dir.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=BINARY.filename + ".", suffix=".part")
-    tmp = Path(tmp_name)
     url = f"https://www.cs.toronto.edu/~kriz/{BINARY.filename}"
-    try:
-        with (os.fdopen(fd, "wb") as out,
-              urllib.request.urlopen(url, timeout=max(connect_timeout, 30.0)) as response,
-              tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                   desc=BINARY.filename, disable=None) as bar):
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-                bar.update(len(chunk))
-        if not skip_checksum:
-            verify_md5(tmp)
-        tmp.replace(target)
+    try:  # a temporary of its own per process (two may download into one --data-dir), removed on any failure
+        with files.atomic_path(target, unique=True) as tmp:
+            with (open(tmp, "wb") as out,
+                  urllib.request.urlopen(url, timeout=max(connect_timeout, 30.0)) as response,
+                  tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                       desc=BINARY.filename, disable=None) as bar):
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            if not skip_checksum:
+                verify_md5(tmp)
     except (urllib.error.URLError, OSError) as e:
         raise DataError(f"downloading {url} failed ({e}). Retry, or pass --archive PATH to a copy of "
                         f"{BINARY.filename} fetched another way.") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
-from flax_resnet import commands
+from flax_resnet import commands, tables
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import Recipe
@@ -39,8 +39,8 @@ def run_ablation(recipe: Recipe, ctx: Context, *, dropout_p: float = 0.2) -> Rep
     rows = [[key, run.model, f"{run.params:,}", *run.final_cells(),
              fmt(max(run.history["test_acc"], default=float("nan")), ".2f", "%"), fmt(run.train_time, ".1f", " s")]
             for key, run in runs.items()]
-    table = common.markdown_table(["configuration", "model", "parameters", "final train loss", "final train acc",
-                                   "final test acc", "best test acc", "time"], rows, "llrrrrrr")
+    table = tables.format_table(["configuration", "model", "parameters", "final train loss", "final train acc",
+                                 "final test acc", "best test acc", "time"], rows, align="llrrrrrr", markdown=True)
     notes = [f"resnet18-cifar recipe: {recipe.epochs} epochs (cosine over the run), batch {recipe.batch_size}, "
              f"lr {recipe.lr:g}, augmentation {'on' if recipe.augment else 'off'}, dropout p = {dropout_p:g}, "
              f"{ctx.framework}; {ctx.data_note}."]

@@ -13,16 +13,16 @@ import math
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flax_resnet import commands, registry
+from flax_resnet import commands, files, registry
 from flax_resnet.errors import require
 from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 
 __all__ = ["Command", "Context", "Report", "Run", "add_run_options", "count_conv_layers", "count_params", "fmt",
-           "make_recipe", "markdown_table", "prepare_args", "register", "to_jsonable"]
+           "make_recipe", "prepare_args", "register", "to_jsonable"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -134,20 +134,6 @@ class Run:
 def fmt(value: float, spec: str = ".2f", suffix: str = "") -> str:
     """A number for a table; non-finite values as 'n/a' (a diverged run must not break the table)."""
     return f"{value:{spec}}{suffix}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
-    """A GitHub Markdown table; ``align`` is one letter per column, 'l' or 'r' (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                                 for c, w, a in zip(row, widths, align, strict=True)) + " |"
-
-    rule = ["-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(widths, align, strict=True)]
-    return "\n".join(line(row) for row in [cells[0], rule, *cells[1:]])
 
 
 def to_jsonable(value: Any) -> Any:
@@ -272,7 +258,7 @@ def _handle(command: Command, args: argparse.Namespace, parser: argparse.Argumen
         figure = plots.save_figure(report.figure, out / f"{command.name.replace('-', '_')}.png")
         markdown = "\n\n".join([f"## {report.title}", report.table, "\n".join(report.notes),
                                  f"![{figure.stem}]({figure.name})"]) + "\n"
-        (out / SUMMARY_FILE).write_text(markdown)
+        files.write_atomic(out / SUMMARY_FILE, markdown)
         options = {k: v for k, v in vars(args).items() if k not in ("handler", "parser", "command")}
         payload = {"command": command.name, "settings": options, **report.results, "figures": [figure.name]}
         write_json(out / RESULTS_FILE, to_jsonable(payload))

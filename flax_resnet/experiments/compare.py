@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import registry
+from flax_resnet import registry, tables
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
@@ -56,8 +56,9 @@ def run_compare(model: str, model_kwargs: dict[str, Any], recipe: Recipe, ctx: C
         timing[fw] = {"first_epoch_time": times[0], "later_epoch_time_mean": later, "images_per_sec_median": rate}
         rows.append([run.label, *run.final_cells(), fmt(times[0], ".1f", " s"), fmt(later, ".1f", " s"),
                      fmt(rate, ".0f")])
-    table = common.markdown_table(["framework", "final train loss", "final train acc", "final test acc",
-                                   "first epoch (with compile)", "later epochs (mean)", "images/s (median)"], rows)
+    table = tables.format_table(["framework", "final train loss", "final train acc", "final test acc",
+                                 "first epoch (with compile)", "later epochs (mean)", "images/s (median)"], rows,
+                                markdown=True)
     jax_loss, torch_loss = (np.asarray(runs[fw].history["train_loss"], float) for fw in ("jax", "torch"))
     loss_gap = float(np.max(np.abs(jax_loss - torch_loss)))
     acc_gap = runs["jax"].final("test_acc") - runs["torch"].final("test_acc")

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from flax_resnet import commands
+from flax_resnet import commands, tables
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
@@ -53,8 +53,8 @@ def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[i
     axes[-1].set(xlabel="Conv layers", ylabel="Final training accuracy (%)", title="Final training accuracy vs depth")
     axes[-1].grid(True, alpha=0.3)
     axes[-1].legend(fontsize=8)
-    table = common.markdown_table(["network", "blocks", "conv layers", "parameters", "final train loss",
-                                   "final train acc", "final test acc", "time"], rows, "llrrrrrr")
+    table = tables.format_table(["network", "blocks", "conv layers", "parameters", "final train loss",
+                                 "final train acc", "final test acc", "time"], rows, align="llrrrrrr", markdown=True)
     notes = [f"{recipe.name} recipe for every run: {recipe.epochs} epochs, batch {recipe.batch_size}, "
              f"lr {recipe.lr:g}, {ctx.framework}; {ctx.data_note}."]
     if drops:

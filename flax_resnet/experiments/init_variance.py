@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import commands, registry
+from flax_resnet import commands, registry, tables
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 
@@ -125,8 +125,8 @@ def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18
             rows.append([model_name, SERIES[key][0],
                          *(fmt(v, ".3g") for v in (values[0], values[-1], min(values), max(values), ratio))])
         results[model_name] = {"layers": names, "input_shape": list(x.shape), "variances": variances, "gains": gains}
-    table = common.markdown_table(["model", "init", "first layer", "last layer", "min", "max", "max / min"],
-                                  rows, "llrrrrr")
+    table = tables.format_table(["model", "init", "first layer", "last layer", "min", "max", "max / min"],
+                                rows, align="llrrrrr", markdown=True)
     notes = [f"Variance (unbiased, over all elements) of each Conv/Linear output for one unit-variance batch "
              f"{tuple(x.shape)} (NCHW; NHWC for Flax), fresh models in train mode, seed {seed}; each framework draws "
              "its own weights. In a plain ReLU chain (SimpleNet) He init keeps the variance from layer to layer "

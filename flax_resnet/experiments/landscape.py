@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import commands, registry
+from flax_resnet import commands, registry, tables
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
@@ -155,9 +155,9 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
            title="Loss Landscape (1D slice)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    table = common.markdown_table(["network", "model", "batch", "loss at 0", "min loss (alpha)",
-                                   f"loss at {-radius:g}", f"loss at +{radius:g}", "mean rise at the ends"],
-                                  rows, "lllrrrrr")
+    table = tables.format_table(["network", "model", "batch", "loss at 0", "min loss (alpha)",
+                                 f"loss at {-radius:g}", f"loss at +{radius:g}", "mean rise at the ends"],
+                                rows, align="lllrrrrr", markdown=True)
     notes = [f"Loss on the first {' and first '.join(splits)} batch in eval mode along a random direction d with "
              f"one global norm over all parameters, |d| = {unit} (seed {ctx.seed}), {points} points in "
              f"[{-radius:g}, {radius:g}]; {ctx.data_note}."]

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
-from flax_resnet import commands
+from flax_resnet import commands, tables
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import Recipe
@@ -34,7 +34,7 @@ def run_plain_vs_residual(recipe: Recipe, ctx: Context, *, n_blocks: int = 5) ->
         ["Final test acc", fmt(plain.final("test_acc"), ".1f", "%"), fmt(resnet.final("test_acc"), ".1f", "%")],
         ["Training time", fmt(plain.train_time, ".1f", " s"), fmt(resnet.train_time, ".1f", " s")],
     ]
-    table = common.markdown_table(["", "Plain CNN", "ResNet"], rows)
+    table = tables.format_table(["", "Plain CNN", "ResNet"], rows, markdown=True)
     notes = [f"ResNet advantage: {fmt(advantage, '+.1f', '%')} test accuracy, "
              f"{fmt(train_gap, '+.1f', '%')} training accuracy.",
              f"{recipe.name} recipe: {recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.lr:g}, "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from flax_resnet import files
 from flax_resnet.data import plan as plans
 from flax_resnet.data.plan import EpochPlan
 from flax_resnet.errors import FlaxResnetError, installed
@@ -76,12 +76,7 @@ class Backend(Protocol):
 
 def write_json(path: Path, value: Any) -> None:
     """``value`` as JSON at ``path``, written whole and then renamed, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(value, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:  # a failed write (a full disk) leaves the previous file and no partial one
-        tmp.unlink(missing_ok=True)
+    files.write_atomic(path, json.dumps(value, indent=1, allow_nan=False) + "\n")
 
 
 def write_history(out_dir: str | Path, history: History) -> None:
