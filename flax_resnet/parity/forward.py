@@ -143,8 +143,27 @@ class Row:
         return self.rel_err <= self.tolerance  # False for NaN too
 
 
+class _Verdict:
+    """What both reports (``ParityReport``, ``parity.training.TrainingReport``) decide from their rows."""
+
+    dtype: str
+    rows: list[Any]
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return TOLERANCES[self.dtype]
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    @property
+    def failures(self) -> list[Any]:
+        return [row for row in self.rows if not row.ok]
+
+
 @dataclasses.dataclass
-class ParityReport:
+class ParityReport(_Verdict):
     """What ``compare`` found; ``str(report)`` is the table."""
 
     torch_name: str
@@ -162,18 +181,6 @@ class ParityReport:
     # leaf layer's own float32 error per framework: (mode, layer, Flax's, torch's), relative to its float64 result
     references: bool = False
     own_errors: list[tuple[str, str, float, float]] = dataclasses.field(default_factory=list)
-
-    @property
-    def tolerance(self) -> Tolerance:
-        return TOLERANCES[self.dtype]
-
-    @property
-    def ok(self) -> bool:
-        return all(row.ok for row in self.rows)
-
-    @property
-    def failures(self) -> list[Row]:
-        return [row for row in self.rows if not row.ok]
 
     @property
     def first_divergence(self) -> str | None:
@@ -408,21 +415,13 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
 
     Both models are left exactly as they were: weights, BatchNorm statistics and counters, train/eval mode.
     """
-    import torch
 
-    if dtype not in TOLERANCES:
-        raise ValueError(f"dtype {dtype!r} has no stated tolerance; use one of {', '.join(TOLERANCES)}")
+    _check_pair(torch_model, flax_model, dtype)
     if precision not in ("highest", "default"):
         raise ValueError(f"precision must be 'highest' or 'default', got {precision!r}")
     modes = tuple(modes)
     if not modes or any(mode not in ("eval", "train") for mode in modes):
         raise ValueError(f"modes must be a non-empty sequence of 'eval' and 'train', got {modes!r}")
-    if not isinstance(torch_model, torch.nn.Module):
-        raise TypeError(f"torch_model must be a torch.nn.Module, got {type(torch_model).__name__} "
-                        "(the torch model comes first, its Flax port second)")
-    if not isinstance(flax_model, nnx.Module):
-        raise TypeError(f"flax_model must be a flax.nnx.Module, got {type(flax_model).__name__} "
-                        "(the torch model comes first, its Flax port second)")
     if layout not in ("channels_last", "same"):
         raise ValueError(f"layout must be 'channels_last' (torch's (N, C, ...) is Flax's (N, ..., C)) or 'same' "
                          f"(both hold tensors alike), got {layout!r}")
@@ -439,6 +438,21 @@ def compare(torch_model: Any, flax_model: nnx.Module, inputs: Any = None, *, dty
             report.diagnosis = diagnosis.diagnose(report, x, _flax_input(x, layout), functools.partial(
                 _copies_in_mode, torch_model, flax_model, dtype, port_weights))
     return report
+
+
+def _check_pair(torch_model: Any, flax_model: Any, dtype: str) -> None:
+    """The arguments both ``compare`` and ``compare_training`` take first: a torch model, its NNX port, a dtype
+    with a stated tolerance."""
+    import torch
+
+    if dtype not in TOLERANCES:
+        raise ValueError(f"dtype {dtype!r} has no stated tolerance; use one of {', '.join(TOLERANCES)}")
+    if not isinstance(torch_model, torch.nn.Module):
+        raise TypeError(f"torch_model must be a torch.nn.Module, got {type(torch_model).__name__} "
+                        "(the torch model comes first, its Flax port second)")
+    if not isinstance(flax_model, nnx.Module):
+        raise TypeError(f"flax_model must be a flax.nnx.Module, got {type(flax_model).__name__} "
+                        "(the torch model comes first, its Flax port second)")
 
 
 def _pass(torch_model: Any, flax_model: nnx.Module, x: np.ndarray, dtype: str, modes: tuple[str, ...],

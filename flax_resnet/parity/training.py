@@ -51,6 +51,7 @@ from flax_resnet.parity import diagnosis
 from flax_resnet.parity.forward import (
     TOLERANCES,
     Tolerance,
+    _check_pair,
     _copies,
     _errors,
     _flax_input,
@@ -60,6 +61,7 @@ from flax_resnet.parity.forward import (
     _layer_of,
     _numerics,
     _set_mode,
+    _Verdict,
 )
 
 __all__ = ["MOMENTS", "StepRow", "TrainingReport", "compare_training", "per_epoch"]
@@ -117,7 +119,7 @@ class StepRow:
 
 
 @dataclasses.dataclass
-class TrainingReport:
+class TrainingReport(_Verdict):
     """What ``compare_training`` found; ``str(report)`` is the table, the diagnosis and the verdict."""
 
     torch_name: str
@@ -133,18 +135,6 @@ class TrainingReport:
     torch_lrs: list[float]  # the learning rate of torch's first parameter group at each step
     diagnosis: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def tolerance(self) -> Tolerance:
-        return TOLERANCES[self.dtype]
-
-    @property
-    def ok(self) -> bool:
-        return all(row.ok for row in self.rows)
-
-    @property
-    def failures(self) -> list[StepRow]:
-        return [row for row in self.rows if not row.ok]
 
     @property
     def first_step(self) -> int | None:
@@ -272,16 +262,9 @@ def compare_training(torch_model: Any, flax_model: nnx.Module, torch_optimizer: 
     """
     import torch
 
-    if dtype not in TOLERANCES:
-        raise ValueError(f"dtype {dtype!r} has no stated tolerance; use one of {', '.join(TOLERANCES)}")
+    _check_pair(torch_model, flax_model, dtype)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not isinstance(torch_model, torch.nn.Module):
-        raise TypeError(f"torch_model must be a torch.nn.Module, got {type(torch_model).__name__} "
-                        "(the torch model comes first, its Flax port second)")
-    if not isinstance(flax_model, nnx.Module):
-        raise TypeError(f"flax_model must be a flax.nnx.Module, got {type(flax_model).__name__} "
-                        "(the torch model comes first, its Flax port second)")
     if not callable(torch_optimizer) or isinstance(torch_optimizer, torch.optim.Optimizer):
         raise TypeError("torch_optimizer must be a function from parameters to an optimizer, e.g. "
                         "lambda params: torch.optim.SGD(params, lr=0.1), not an optimizer (it would update the "
