@@ -22,7 +22,6 @@ cannot pass for a trap). What it recomputes:
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import dataclasses
 import math
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_resnet.parity import recording
 from flax_resnet.port import named_modules, to_numpy_state_dict
 
 __all__ = ["TRUNCATED_NORMAL_STD", "diagnose", "running_statistic"]
@@ -302,28 +302,6 @@ def running_statistic(key: str, before: Any, torch_after: Any, flax_after: Any, 
 
 
 # --------------------------------------------------------------------------------------------- a pass
-_SPY: contextvars.ContextVar[dict[int, dict] | None] = contextvars.ContextVar("flax_resnet_diagnosis_spy",
-                                                                                   default=None)
-_SPY_CLASSES: dict[type, type] = {}
-
-
-def _spy_class(cls: type) -> type:
-    """``cls`` with a ``__call__`` that also keeps its first call's input and output (swapped in as the instance's
-    class for one pass, as ``compare`` records outputs: the module stays the same object)."""
-    if cls not in _SPY_CLASSES:
-        def __call__(self, *args, **kwargs):
-            out = super(spy, self).__call__(*args, **kwargs)
-            spied = _SPY.get()
-            if spied is not None and id(self) in spied and "output" not in spied[id(self)]:
-                spied[id(self)].update(input=np.asarray(args[0]) if args else None, output=np.asarray(out))
-            return out
-
-        spy = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                          "__qualname__": cls.__qualname__})
-        _SPY_CLASSES[cls] = spy
-    return _SPY_CLASSES[cls]
-
-
 def _torch_pass(t: Any, x: np.ndarray, names: set[str]) -> dict[str, dict]:
     """The first call's input and output of each module in ``names``, and how often each was called."""
     import torch
@@ -351,7 +329,7 @@ def _torch_pass(t: Any, x: np.ndarray, names: set[str]) -> dict[str, dict]:
                     modules[name].register_forward_hook(after(name))]
     try:
         with torch.no_grad():
-            t(torch.from_numpy(x).to(_device(t)))
+            t(torch.from_numpy(x).to(recording.device_of(t)))
     finally:
         for handle in handles:
             handle.remove()
@@ -362,25 +340,16 @@ def _flax_pass(f: nnx.Module, flax_x: Any, names: set[str]) -> dict[str, dict]:
     modules = dict(named_modules(f))
     chosen = [(name, modules[name]) for name in names if name in modules]
     records: dict[str, dict] = {name: {} for name, _ in chosen}
-    token = _SPY.set({id(module): records[name] for name, module in chosen})
-    swapped = [(module, type(module)) for _, module in chosen]
-    try:
-        for module, cls in swapped:
-            object.__setattr__(module, "__class__", _spy_class(cls))  # NNX's __setattr__ would register it
+
+    def keep(record: dict) -> recording.Callback:
+        def first_call(args: tuple, out: Any) -> None:
+            if "output" not in record:
+                record.update(input=np.asarray(args[0]) if args else None, output=np.asarray(out))
+        return first_call
+
+    with recording.watching_flax([(module, keep(records[name])) for name, module in chosen]):
         f(flax_x)
-    finally:
-        for module, cls in swapped:
-            object.__setattr__(module, "__class__", cls)
-        _SPY.reset(token)
     return records
-
-
-def _device(model: Any) -> Any:
-    import torch
-
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _pass_findings(report: Any, outputs: list[Any], stats: list[Any], weights_off: set[str], transposed: set[str],
@@ -500,7 +469,7 @@ def _torch_call(module: Any, a: np.ndarray) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return module(torch.from_numpy(np.ascontiguousarray(a)).to(_device(module))).detach().cpu().numpy()
+        return module(torch.from_numpy(np.ascontiguousarray(a)).to(recording.device_of(module))).detach().cpu().numpy()
 
 
 def _local_findings(name: str, tm: Any, fm: nnx.Module, record: dict, tol: float,

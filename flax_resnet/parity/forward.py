@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from flax_resnet.dtypes import cast_floating
-from flax_resnet.parity import diagnosis
+from flax_resnet.parity import diagnosis, recording
 from flax_resnet.port import load_torch_state_dict, named_modules, to_torch_state_dict
 
 __all__ = ["PORT_DEFECT", "PRECISION_FACTOR", "PRECISION_FLOOR", "PRECISION_LOSS", "ROUNDING", "TOLERANCES",
@@ -723,64 +723,23 @@ def _record_torch(model: Any, x: np.ndarray, inputs: dict[str, list[tuple]] | No
                     if name and next(module.children(), None) is None]
     try:
         with torch.no_grad():
-            out = model(torch.from_numpy(x).to(_device(model)))
+            out = model(torch.from_numpy(x).to(recording.device_of(model)))
     finally:
         for handle in handles:
             handle.remove()
     return _numpy(out), records, order
 
 
-def _device(model: Any) -> Any:
-    import torch
-
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
-_RECORDER: contextvars.ContextVar[dict[int, tuple[str, dict]] | None] = contextvars.ContextVar(
-    "flax_resnet_parity_recorder", default=None)
-_RECORDING_CLASSES: dict[type, type] = {}
-
-
-def _recording_class(cls: type) -> type:
-    """``cls`` with a ``__call__`` that also records the output of each call (one subclass per class, cached).
-
-    Why a subclass swapped in as the instance's class, not a wrapper module put in the parent's attribute: the
-    module stays the same object, so a parent that checks ``isinstance``, reads the child's weights or walks a
-    ``Sequential``'s layers still sees what it expects; and no parent attribute has to be found and restored.
-    """
-    if cls not in _RECORDING_CLASSES:
-        def __call__(self, *args, **kwargs):
-            out = super(recording, self).__call__(*args, **kwargs)
-            recorder = _RECORDER.get()
-            if recorder is not None and id(self) in recorder:
-                name, records = recorder[id(self)]
-                records.setdefault(name, []).append([np.asarray(leaf) for leaf in _leaves(out)])
-            return out
-
-        recording = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                                "__qualname__": cls.__qualname__})
-        _RECORDING_CLASSES[cls] = recording
-    return _RECORDING_CLASSES[cls]
-
-
 def _record_flax(model: nnx.Module, x: np.ndarray,
                  layout: str = "channels_last") -> tuple[jax.Array, dict[str, list[list[np.ndarray]]]]:
     """Output and every submodule's outputs (per call), these in torch's layout per ``layout``."""
     records: dict[str, list[list[np.ndarray]]] = {}
-    modules = [(name, module) for name, module in named_modules(model) if name]
-    swapped = [(module, type(module)) for _, module in modules]
-    token = _RECORDER.set({id(module): (name, records) for name, module in modules})
-    try:
-        for module, cls in swapped:
-            # object.__setattr__: NNX's own __setattr__ would register '__class__' as an attribute of the module
-            object.__setattr__(module, "__class__", _recording_class(cls))
+
+    def keep(name: str) -> recording.Callback:
+        return lambda args, out: records.setdefault(name, []).append([np.asarray(leaf) for leaf in _leaves(out)])
+
+    with recording.watching_flax([(module, keep(name)) for name, module in named_modules(model) if name]):
         out = model(_flax_input(x, layout))
-    finally:
-        for module, cls in swapped:
-            object.__setattr__(module, "__class__", cls)
-        _RECORDER.reset(token)
     return out, {name: [[_numpy(a, layout) for a in call] for call in calls] for name, calls in records.items()}
 
 
@@ -948,7 +907,7 @@ def _gradient_rows(mode: str, t: Any, f: nnx.Module, x: np.ndarray, labels: np.n
     import torch.nn.functional as F  # noqa: N812 - torch's own abbreviation
 
     t.zero_grad(set_to_none=True)
-    logits = t(torch.from_numpy(x).to(_device(t)))
+    logits = t(torch.from_numpy(x).to(recording.device_of(t)))
     if logits.ndim >= 3 and layout == "channels_last":
         logits = logits.mean(dim=tuple(range(2, logits.ndim)))
     target = torch.from_numpy(labels).to(logits.device)
@@ -1103,7 +1062,7 @@ def _own_errors(mode: str, t: Any, f: nnx.Module, inputs: dict[str, list[tuple]]
     twins = dict(named_modules(f))
     modules = dict(t.named_modules())
     kinds = _kinds(t, f)
-    device = _device(t)
+    device = recording.device_of(t)
     found = []
     for name, calls in inputs.items():
         if name not in twins:
