@@ -57,6 +57,7 @@ from flax_resnet.parity.forward import (
     _flax_input,
     _flax_loss,
     _flax_state,
+    _input_batch,
     _labels,
     _layer_of,
     _numerics,
@@ -250,10 +251,10 @@ def compare_training(torch_model: Any, flax_model: nnx.Module, torch_optimizer: 
 
     ``inputs``: one NCHW batch (numpy array or torch tensor; transposed to NHWC for Flax) used at every step, or a
     list/tuple of ``steps`` batches, one per step. None: a seeded unit-normal batch of ``input_shape`` (default
-    (4, C, 16, 16), C the first Conv2d's input channels), the same at every step. Why the same batch by default:
-    it is all a parity check needs (every step still changes every parameter), and it makes the loss fall from
-    step to step, so a step that goes wrong also shows in the loss. ``labels``: class indices for the batch (or a
-    list, one array per batch); None: seeded random labels, one set per distinct batch.
+    as ``compare``'s, from the first layer: (4, C, 32, 32) for a Conv2d), the same at every step. Why the same
+    batch by default: it is all a parity check needs (every step still changes every parameter), and it makes the
+    loss fall from step to step, so a step that goes wrong also shows in the loss. ``labels``: class indices for
+    the batch (or a list, one array per batch); None: seeded random labels, one set per distinct batch.
 
     ``dtype``: both copies train in it. "float64" (the default) proves the two steps equal (~1e-14); in "float32"
     rounding grows from step to step (a ReLU input within rounding of zero flips in one framework only), so a
@@ -361,29 +362,17 @@ def compare_training(torch_model: Any, flax_model: nnx.Module, torch_optimizer: 
 
 def _batches(torch_model: Any, inputs: Any, input_shape: Sequence[int] | None, steps: int, seed: int,
              dtype: str) -> tuple[list[np.ndarray], bool]:
-    """The NCHW batch of each step, as numpy in ``dtype``, and whether it is one batch for every step."""
-    import torch
-
-    if inputs is not None and input_shape is not None:
-        raise ValueError("pass inputs (a batch, or one per step) or input_shape (for a random batch), not both")
-    if inputs is None:
-        if input_shape is None:
-            conv = next((m for m in torch_model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-            if conv is None:
-                raise ValueError(f"cannot guess the input shape of {type(torch_model).__name__} (no Conv2d): pass "
-                                 "input_shape=(N, C, H, W) or inputs=")
-            input_shape = (4, conv.in_channels, 16, 16)
-        return [np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(dtype)] * steps, True
+    """The batch of each step in torch's layout, as numpy in ``dtype`` (``compare``'s ``_input_batch`` for each:
+    the same checks and the same guessed shape), and whether it is one batch for every step."""
     per_step = isinstance(inputs, list | tuple)
     if per_step and len(inputs) != steps:
         raise ValueError(f"inputs holds {len(inputs)} batches for {steps} steps: give one batch per step, or a "
                          "single batch (an array) for every step")
-    batches = []
-    for batch in (inputs if per_step else [inputs]):
-        x = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"inputs must be floating point (images), got dtype {x.dtype}")
-        batches.append(x.astype(dtype))
+    batches = [_input_batch(torch_model, batch, input_shape, seed, dtype) for batch in
+               (inputs if per_step else [inputs])]
+    if any(not np.issubdtype(x.dtype, np.floating) for x in batches):
+        raise ValueError("inputs must be floating point (images): compare_training takes image batches; "
+                         "parity.compare also takes token ids")
     return (batches, False) if per_step else (batches * steps, True)
 
 
