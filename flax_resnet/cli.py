@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -194,71 +194,6 @@ def _given_model(args: argparse.Namespace, parser: argparse.ArgumentParser,
         parser.error(str(e))
 
 
-def _model_flags(name: str, kwargs: Mapping[str, Any]) -> str:
-    """``--model SimpleResNet --n-blocks 1``: the options that build ``name`` with ``kwargs``."""
-    flags = [f"{registry.MODEL_ARGS[k].flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
-             for k, v in kwargs.items() if k in registry.MODEL_ARGS]
-    return " ".join(["--model", name, *flags])
-
-
-def _weights_hint(state_dict: Any, name: str, kwargs: Mapping[str, Any]) -> str:
-    """Which registered model some misfitting weights belong to, as the options to pass (or nothing)."""
-    try:
-        other = registry.infer_model(state_dict)
-    except Exception:  # noqa: BLE001 - only a hint: none of the models fits, or several
-        return ""
-    if other == (name, kwargs):
-        return ""
-    return f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
-
-
-def _load_weights(path: Path | None, given: tuple[str, dict] | None, build: Callable[[str, dict], Any],
-                  framework: str, step: int | None = None) -> tuple[Any, str, dict]:
-    """``(model, name, kwargs)``: ``build(name, kwargs)`` (a Flax model for ``framework`` 'jax', a torch one for
-    'torch') with the weights at ``path``, a state_dict file (.safetensors or .pt) or a checkpoint of either
-    framework (``None``: the model as built). The model is ``given``, else the one the checkpoint records or the one
-    registered model the state_dict fits; a checkpoint of another model than ``given`` is refused before its arrays
-    are read, and weights that do not fit name the model they do fit, if one does."""
-    from flax_resnet import checkpoint, port
-
-    if path is None:
-        return build(*given), *given
-    if path.is_dir():
-        meta = checkpoint.read_meta(path, step)
-        recorded = meta.get("model"), meta.get("model_kwargs") or {}
-        name, kwargs = given or recorded
-        if name not in registry.MODELS:
-            raise FlaxResnetError(f"{path} does not record a registered model; name it with --model")
-        as_recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}  # JSON has no tuples
-        if recorded[0] is not None and recorded != (name, as_recorded):
-            raise FlaxResnetError(f"{path} holds weights of {registry.constructor_call(*recorded)}, not of "
-                                  f"{registry.constructor_call(name, kwargs)}; pass {_model_flags(*recorded)}")
-        state_dict = None
-    else:
-        state_dict = port.read_state_dict(path)
-        name, kwargs = given or registry.infer_model(state_dict)
-    model = build(name, kwargs)
-    is_torch = framework == "torch"
-    if state_dict is None:
-        if not is_torch:
-            checkpoint.load_model(path, model, step)
-            return model, name, kwargs
-        state_dict, _ = checkpoint.torch_state_dict(path, lambda: registry.build_flax_to_fill(name, kwargs), step)
-    try:
-        if not is_torch:
-            port.load_torch_state_dict(model, state_dict)
-        else:
-            import torch
-
-            try:
-                model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
-            except RuntimeError as e:  # torch's report of a misfit
-                raise port.PortError(f"{path} does not fit {name}: {e}") from e
-    except port.PortError as e:
-        raise port.PortError(f"{e}{_weights_hint(state_dict, name, kwargs)}") from e
-    return model, name, kwargs
-
-
 def _exit_now(code: int) -> NoReturn:
     """End the process at once, from any thread, with no interpreter teardown (see ``main``)."""
     sys.stdout.flush()
@@ -285,7 +220,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # of one multi-process run share --out, so process 0 holds the claim for all of them.
     claim = claim_output_dir(args.out) if jax.process_index() == 0 else None
     try:
-        from flax_resnet import store, training
+        from flax_resnet import store, training, weights
 
         # anything in checkpoints/ (ours, or files someone put there) is refused before data is read
         ckpt_dir = args.out / store.CHECKPOINT_SUBDIR
@@ -295,7 +230,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         name, kwargs, recipe = config.model, config.model_kwargs, config.recipe
         dataset = commands.load_data(args)
         build = registry.build_flax if args.framework == "jax" else registry.build_torch
-        model, _, _ = _load_weights(args.init_from, (name, kwargs), functools.partial(build, seed=args.seed),
+        model, _, _ = weights.load_model(args.init_from, (name, kwargs), functools.partial(build, seed=args.seed),
                                    args.framework)
         runner = None
         if args.framework == "jax":
@@ -364,7 +299,7 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif dst.exists() and not args.overwrite:
         parser.error(f"--to {dst} exists; pass --overwrite to replace it")
 
-    from flax_resnet import checkpoint, port
+    from flax_resnet import checkpoint, port, weights
     from flax_resnet.dtypes import cast_floating
 
     dtype = checkpoint.read_meta(src, args.step).get("dtype", "float32") if src.is_dir() else "float32"
@@ -372,7 +307,7 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    model, name, kwargs = _load_weights(src, given, lambda n, k: cast_floating(registry.build_flax_to_fill(n, k),
+    model, name, kwargs = weights.load_model(src, given, lambda n, k: cast_floating(registry.build_flax_to_fill(n, k),
                                                                                dtype), "jax", args.step)
     if src.is_file():
         meta = {"model": name, "model_kwargs": kwargs, "dtype": dtype, "source": str(src)}
@@ -449,9 +384,9 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.weights is not None and not args.weights.exists():
         parser.error(f"--weights {args.weights}: no such file or directory")
 
-    from flax_resnet import parity, port
+    from flax_resnet import parity, port, weights
 
-    torch_model, name, kwargs = _load_weights(args.weights, given,
+    torch_model, name, kwargs = weights.load_model(args.weights, given,
                                               functools.partial(registry.build_torch, seed=args.seed), "torch")
     flax_model = registry.build_flax_to_fill(name, kwargs)
     port.load_torch_state_dict(flax_model, torch_model.state_dict())  # the port under test
