@@ -213,14 +213,13 @@ class CheckpointStore:
                 _write_file(tmp / ARRAYS_FILE, payload)
                 _write_file(tmp / META_FILE, meta_bytes)
         except OSError as e:
-            partial = (f"its partial files could not all be removed ({tmp})" if tmp is not None and tmp.exists()
-                       else "its partial files were removed")
+            # the partial files are removed (the next save sweeps what could not be): named only when some are left
+            left = f"; partial files left in {tmp}" if tmp is not None and tmp.exists() else ""
             kept = ", ".join(str(s) for s in self.steps if s != step) or "none"
-            fix = ("the disk is full: free some space (or choose another --out), then continue with --resume"
-                   if e.errno in _NO_ROOM else "fix the cause, then continue with --resume")
-            raise CheckpointError(f"could not write checkpoint {step} to {self.directory} ({_os_words(e)}); "
-                                  f"{partial} and the checkpoints already there (steps: {kept}) are unchanged; "
-                                  f"{fix}") from e
+            fix = ("Free some space or choose another --out" if e.errno in _NO_ROOM else "Fix the cause")
+            raise CheckpointError(f"could not write checkpoint {step} to {self.directory} ({_os_words(e)}{left}), "
+                                  f"leaving the checkpoints already there (steps: {kept}) unchanged. {fix}, then "
+                                  "continue with --resume.") from e
 
     def _sweep(self) -> None:
         """Remove the temporary directories of interrupted saves (one run writes here: the --out lock); best

@@ -351,8 +351,8 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(framework, tmp_path, cap
     code = run_main([*TRAIN, *DIVERGE, "--framework", framework, "--out", str(out)])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1 and err.startswith("error: training diverged: the training loss became nan at epoch 2, step "), err
-    assert "Traceback" not in err and "This epoch was not saved" in err
-    assert f"the last good checkpoint (epoch 1) in {out.absolute() / CHECKPOINT_SUBDIR} is kept" in err
+    assert "Traceback" not in err and "not saved" in err and "--lr" in err and "--overwrite" in err
+    assert "checkpoint (epoch 1)" in err and str(out.absolute() / CHECKPOINT_SUBDIR) in err
     history = training.read_history(out)
     assert len(history["train_loss"]) == 1 and np.isfinite(history["train_loss"][0])
     assert steps_of(out) == [1]
@@ -364,7 +364,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(framework, tmp_path, cap
         first = len(losses)  # the steps before were finite
         assert all(np.isfinite(losses))
     assert first // STEPS == 1  # in epoch 2
-    assert f"at epoch 2, step {first % STEPS + 1} of {STEPS} (optimizer step {first + 1})." in err, (first, err)
+    assert f"at epoch 2, step {first % STEPS + 1} of {STEPS} (optimizer step {first + 1})" in err, (first, err)
 
 
 # ------------------------------------------------------------------------------------------- porting
@@ -623,9 +623,9 @@ def test_a_full_disk_while_checkpointing_loses_nothing(how, framework, tmp_path,
     assert proc.returncode == 1, proc.stderr[-3000:]
     message = assert_only_the_report(proc.stderr)
     checkpoints = out.absolute() / CHECKPOINT_SUBDIR
-    assert message.startswith(f"error: could not write checkpoint 2 to {checkpoints} ({word}); "), message
-    assert "its partial files were removed" in message and "(steps: 1) are unchanged" in message
-    assert "the disk is full" in message and "--resume" in message
+    assert message.startswith(f"error: could not write checkpoint 2 to {checkpoints} ({word})"), message
+    assert "steps: 1" in message and "free some space" in message.lower() and "--out" in message
+    assert "--resume" in message and "partial files" not in message  # none left to name
     assert "Epoch 1/2" in proc.stdout and "Epoch 2/2" not in proc.stdout
     if how == "full tmpfs":
         (disk / "ballast").unlink()

@@ -556,8 +556,8 @@ def test_a_full_disk_fails_one_clean_error_and_loses_nothing(how, tmp_path):
         result = json.loads(proc.stdout)
         directory = Path(args[0]).absolute()
         assert_one_line_naming(result["error"], f"could not write checkpoint 2 to {directory} ({word})",
-                               "its partial files were removed", "(steps: 1) are unchanged", "--resume")
-        assert ("the disk is full: free some space" in result["error"]) and "Traceback" not in result["error"]
+                               "steps: 1", "--out", "--resume")
+        assert "free some space" in result["error"].lower() and "partial files" not in result["error"]
         assert result["chained"] == "OSError"
         assert sorted(os.listdir(directory)) == ["epoch_0001"]
         arrays, meta = CheckpointStore(directory).read()

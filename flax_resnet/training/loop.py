@@ -102,8 +102,8 @@ def _write_outputs(out_dir: Path, history: History, recipe: Recipe, title: str |
                            target_accuracy=plots.TARGET_ACCURACY.get(recipe.name))
     except OSError as e:
         raise TrainError(f"checkpoint {epoch} was saved, but writing {HISTORY_FILE} and {PLOT_FILE} to {out_dir} "
-                         f"failed ({e}); the files there are those of the previous epoch. Fix the cause, then "
-                         "continue with --resume.") from e
+                         f"failed ({e}), so they show the previous epoch. Fix the cause, then continue with "
+                         "--resume.") from e
 
 
 def epoch_summary(epoch: int, epochs: int, row: Mapping[str, Any]) -> str:
@@ -115,15 +115,17 @@ def epoch_summary(epoch: int, epochs: int, row: Mapping[str, Any]) -> str:
 
 
 def _diverged(what: str, store: CheckpointStore | None) -> TrainError:
-    """The error that stops a run whose loss became nan or inf, with what the run leaves behind."""
+    """The error that stops a run whose loss became nan or inf, with what the run leaves behind. The fix is a new
+    run: --resume would repeat the divergence (a run is deterministic, and it refuses another --lr or data)."""
     if store is None:
-        kept = "no output directory was given, so nothing was written"
+        kept, again = "nothing was written (no --out)", "run again"
     elif store.latest is None:
-        kept = f"no checkpoint was written to {store.directory}"
+        kept, again = f"no checkpoint was written to {store.directory}", "run again"
     else:
         kept = f"the last good checkpoint (epoch {store.latest}) in {store.directory} is kept"
-    return TrainError(f"training diverged: {what}. This epoch was not saved; {kept}. Lower --lr (or check the data), "
-                      "then start over with --overwrite or continue from the last checkpoint with --resume.")
+        again = "start over with --overwrite"
+    return TrainError(f"training diverged: {what}, so this epoch was not saved and {kept}. Lower --lr (or check "
+                      f"the data), then {again}.")
 
 
 def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_labels: np.ndarray,
@@ -223,8 +225,8 @@ def _epoch(backend: Backend, config: RunConfig, epoch: int, spe: int, num_train:
     if num_test:
         test_loss, test_acc = backend.evaluate()
         if not math.isfinite(test_loss):  # weights that went non-finite in the epoch's last update show only here
-            raise _diverged(f"the weights after epoch {epoch + 1} give a non-finite test loss ({test_loss}) although "
-                            "every training loss of the epoch was finite", store)
+            raise _diverged(f"the test loss after epoch {epoch + 1} is {test_loss} (every training loss was finite)",
+                            store)
     # epoch_time: training and evaluation (the first includes compilation); images_per_sec: the training phase;
     # lr: torch's per-epoch scheduler value
     return {"train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss, "test_acc": test_acc,
