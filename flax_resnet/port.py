@@ -352,10 +352,9 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
         what = " ".join(found.group(1).split()) if found else "objects other than tensors"
-        raise PortError(f"{path} was refused: it holds pickled Python objects ({what}), which torch.load "
-                         "refused to load (weights_only=True) because unpickling them could run code. Only plain "
-                         "state_dicts of tensors are accepted; if you trust the file, load it yourself and "
-                         "torch.save its state_dict().") from e
+        raise PortError(f"{path} holds pickled Python objects ({what}) that torch.load refused to load "
+                        "(weights_only=True), as unpickling them could run code. If you trust the file, load it "
+                        "yourself and torch.save its state_dict().") from e
     except Exception as e:
         why = " ".join(str(e).split())[:300]
         if not zipfile.is_zipfile(path):

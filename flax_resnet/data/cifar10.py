@@ -44,7 +44,7 @@ def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, dow
         if archive is None and not download:
             raise DataError(f"no prepared CIFAR-10 in {data_dir} and downloading is off. Pass --archive PATH (the "
                             "official cifar-10-binary.tar.gz or cifar-10-python.tar.gz), allow the download, or "
-                            "point --data-dir at a directory where CIFAR-10 was prepared before.")
+                            "point --data-dir at CIFAR-10 prepared before.")
         path = (Path(archive).expanduser() if archive is not None
                 else _download(data_dir, skip_checksum=skip_checksum, connect_timeout=connect_timeout))
         _prepare(data_dir, path, skip_checksum=skip_checksum)
@@ -138,12 +138,11 @@ def _download(data_dir: Path, *, skip_checksum: bool, connect_timeout: float) ->
     if target.is_file():
         if skip_checksum or md5sum(target) == BINARY.md5:
             return target
-        damaged = f" ({target} is there, but its md5 is wrong: it is fetched again, and replaced)"
+        damaged = f" ({target} is there, but its md5 is wrong)"  # fetched again, and replaced, when online
     if not source_answers(SOURCE_HOST, SOURCE_PORT, connect_timeout):
         raise DataError(f"CIFAR-10 is not prepared in {data_dir}{damaged} and {SOURCE_HOST}:{SOURCE_PORT} does not "
-                        f"answer within {connect_timeout:g} s (offline?). Either pass --archive PATH to the official "
-                        f"{BINARY.filename} or cifar-10-python.tar.gz, or run once on a machine with network and "
-                        "reuse its prepared data with --data-dir.")
+                        f"answer within {connect_timeout:g} s. Pass --archive PATH to the official {BINARY.filename} "
+                        "or cifar-10-python.tar.gz, or --data-dir to CIFAR-10 prepared on a machine with network.")
     target.parent.mkdir(parents=True, exist_ok=True)
     url = f"https://www.cs.toronto.edu/~kriz/{BINARY.filename}"
     try:  # a temporary of its own per process (two may download into one --data-dir), removed on any failure

@@ -59,10 +59,9 @@ def verify_md5(path: str | os.PathLike[str]) -> None:
     actual = md5sum(path)
     if actual in {spec.md5 for spec in ARCHIVES}:
         return
-    expected = ", ".join(f"{s.filename} {s.md5}" for s in ARCHIVES)
-    raise DataError(f"{path}: md5 {actual} matches no official CIFAR-10 archive ({expected}). The file is truncated, "
-                    "corrupt or not CIFAR-10; download it again (or pass --skip-checksum, skip_checksum=True in "
-                    "Python, if it is a deliberate test archive).")
+    raise DataError(f"{path}: md5 {actual} matches no official CIFAR-10 archive (truncated, corrupt or not "
+                    "CIFAR-10). Download it again, or pass --skip-checksum (skip_checksum=True in Python) for a "
+                    "deliberate test archive.")
 
 
 def _parse_binary(raw: bytes, where: str) -> Split:

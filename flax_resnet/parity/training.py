@@ -266,16 +266,15 @@ def compare_training(torch_model: Any, flax_model: nnx.Module, torch_optimizer: 
     _check_pair(torch_model, flax_model, dtype)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    # a function, not an optimizer: one made by the caller would update the given model's own parameters
     if not callable(torch_optimizer) or isinstance(torch_optimizer, torch.optim.Optimizer):
         raise TypeError("torch_optimizer must be a function from parameters to an optimizer, e.g. "
-                        "lambda params: torch.optim.SGD(params, lr=0.1), not an optimizer (it would update the "
-                        "given model's own parameters)")
+                        "lambda params: torch.optim.SGD(params, lr=0.1), not an optimizer")
     if not isinstance(flax_optimizer, optax.GradientTransformation):
         raise TypeError(f"flax_optimizer must be an optax.GradientTransformation, got "
                         f"{type(flax_optimizer).__name__}")
     if torch_scheduler is not None and steps_per_epoch is None:
-        raise ValueError("a torch_scheduler needs steps_per_epoch: the scheduler is stepped after every "
-                         "steps_per_epoch steps, as at the end of each epoch")
+        raise ValueError("a torch_scheduler needs steps_per_epoch (it is stepped once per epoch)")
     if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
         raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
     batches, same_batch = _batches(torch_model, inputs, input_shape, steps, seed, dtype)

@@ -82,7 +82,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         missing = ", ".join(k for k, v in given.items() if v is None)
         raise DistributedInitError(
             f"a multi-process run needs --coordinator, --num-processes and --process-id together; missing {missing} "
-            f"(or launch under SLURM / Open MPI, whose environment JAX reads itself)")
+            "(or launch under SLURM or Open MPI)")
     if num_processes is not None and num_processes < 1:
         raise DistributedInitError(f"--num-processes must be at least 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
@@ -125,10 +125,9 @@ def _connect_error(where: str, process_id: int | None, timeout_s: float, cause: 
     role = (f"could not start the coordinator service at {where}" if process_id == 0
             else f"got no answer from the coordinator at {where} within {timeout_s:g} s")
     return DistributedInitError(
-        f"process {process_id if process_id is not None else '?'} {role} ({first}). Check that process 0 "
-        f"is running with the same --coordinator and --num-processes, that every process can reach that host "
-        f"and port (firewall, the right network interface), and that the port is free on process 0's host; "
-        f"raise --distributed-timeout if the processes start far apart.")
+        f"process {process_id if process_id is not None else '?'} {role} ({first}). Start process 0 with the same "
+        "--coordinator and --num-processes, on a host and port every process can reach, or raise "
+        "--distributed-timeout if the processes start far apart.")
 
 
 def shutdown() -> None:

@@ -82,8 +82,7 @@ def claim_output_dir(out: str | Path, probe: tuple[str, ...] = ("checkpoints",))
             with contextlib.suppress(OSError):
                 holder = lock_path.read_text().strip() or holder
             raise OutputDirError(f"{out} is in use by another run ({holder}); wait for it to finish or choose another "
-                                 "--out. (A lock left behind by a run that was killed does not block: it ends with "
-                                 "its process.)") from e
+                                 "--out") from e
         # the file we locked may have been unlinked by a holder releasing it just before: then lock anew
         with contextlib.suppress(FileNotFoundError):
             if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:

@@ -48,7 +48,8 @@ class BatchSizeError(FlaxResnetError, ValueError):
 def validate_batch_sizes(num_examples: int, batch_size: int, num_devices: int) -> None:
     """Fail before training when some training batch of an epoch, the short last one that torch's
     ``drop_last=False`` keeps included, cannot be split evenly across the devices: each device must take the same
-    number of samples for the averaged per-device losses to equal the global mean."""
+    number of samples for the averaged per-device losses to equal the global mean. Once ``num_examples`` divides by
+    the device count, any batch size that does leaves a short last batch that does too."""
     if min(num_examples, batch_size, num_devices) < 1:
         raise ValueError(f"num_examples, batch_size and num_devices must be positive, got {num_examples}, "
                          f"{batch_size} and {num_devices}")
@@ -58,18 +59,15 @@ def validate_batch_sizes(num_examples: int, batch_size: int, num_devices: int) -
         fits = [d for d in range(1, min(num_devices * 2, num_examples) + 1) if num_examples % d == 0]
         raise BatchSizeError(
             f"cannot split the training set across {num_devices} devices: its {num_examples} samples do not "
-            f"divide by {num_devices}, so the short last batch of every epoch (kept, as torch's drop_last=False "
-            f"keeps it) cannot be shared evenly whatever the batch size. Use a device count that divides "
-            f"{num_examples} (e.g. {', '.join(map(str, fits[-4:]))}; --parallel single uses one device).")
+            f"divide by {num_devices}, so the short last batch of an epoch cannot be shared evenly. Use a device "
+            f"count that divides {num_examples} (e.g. {', '.join(map(str, fits[-4:]))}) or --parallel single.")
     last = num_examples % batch_size
     if batch_size % num_devices or (last and last % num_devices):
         lower = batch_size - batch_size % num_devices
         options = [b for b in (lower, lower + num_devices) if b > 0]
         raise BatchSizeError(
-            f"global batch size {batch_size} does not split evenly across {num_devices} devices: every training "
-            f"batch must divide by the device count, including the short last batch of an epoch "
-            f"({num_examples} % {batch_size} = {last} samples). Use a multiple of {num_devices}, "
-            f"e.g. --batch-size {' or '.join(map(str, options))}.")
+            f"global batch size {batch_size} does not split evenly across {num_devices} devices; use a multiple of "
+            f"{num_devices}, e.g. --batch-size {' or '.join(map(str, options))}")
 
 
 # ------------------------------------------------------------------------------------------ the device step
