@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the README's figures (docs/*.png) on the synthetic set with small settings: about 25-30 minutes on
-# a 2-core CPU (measured 2026-11-23: 32 min with other work running; most of it is depth's 25-layer
-# PlainNet). The full experiments are the same commands without the data and size options (see README.md).
+# Regenerates the figures of docs/experiments.md (docs/*.png) on the synthetic set with small settings: about
+# 25-30 minutes on a 2-core CPU (measured 2026-11-23: 32 min with other work running; most of it is depth's
+# 25-layer PlainNet). The full experiments are the same commands without the data and size options.
 # Usage: bash docs/make_figures.sh [WORK_DIR]   (run from the repository root; WORK_DIR default runs/figures)
 set -euo pipefail
 work="${1:-runs/figures}"

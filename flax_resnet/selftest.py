@@ -1,4 +1,4 @@
-"""Self-test on a new machine (``flax-resnet selftest``; README.md, "Self-test on a new machine"): in one process,
+"""Self-test on a new machine (``flax-resnet selftest``; docs/speed.md): in one process,
 on whatever device JAX sees, whether the Flax port computes what the PyTorch reference computes there, and how fast
 both are. The parts run in ``PARTS`` order, ``parity`` (which decides the exit code) first; ``selftest.json`` and
 ``selftest.md`` are rewritten after each part, so a run stopped early keeps what it measured. What each part

@@ -1,5 +1,5 @@
 """Data parallelism: one per-device step of ``flax_resnet.training.engine``, run on many devices (and hosts) two ways
-(README, "Several devices, several hosts"): ``ShardMapRunner`` (``jax.jit`` + ``jax.shard_map`` over a 1-D mesh) and
+(docs/multi-device.md): ``ShardMapRunner`` (``jax.jit`` + ``jax.shard_map`` over a 1-D mesh) and
 ``PmapRunner`` (``jax.pmap``, in maintenance since JAX 0.8), the step's collectives named by one axis, ``AXIS``.
 
 Every device holds the whole uint8 split and gathers its own contiguous share of each global batch; eval batches are
