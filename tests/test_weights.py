@@ -126,3 +126,21 @@ def test_load_model_refuses_another_model_before_reading_the_arrays(tmp_path, mo
 def test_the_port_takes_mappings_and_points_files_to_weights_load(tmp_path):
     with pytest.raises(PortError, match=r"weights.load\(path, model\)"):
         port.load_torch_state_dict(registry.build_flax_to_fill(*SMALL), str(tmp_path / "w.safetensors"))
+
+
+def test_torch_weights_leave_a_dropout_models_rng_state_to_the_seed(monkeypatch):
+    """torch weights hold no RNG state, so a Flax model with dropout is built from the seed (its initialisers run);
+    a Flax checkpoint, or a model without RNG state, is built without them (``build_flax_to_fill``)."""
+    from flax import nnx
+
+    class WithDropout(nnx.Module):  # stands in for ResNet18Dropout, 11M parameters to build
+        def __init__(self) -> None:
+            self.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+
+    seeded = []
+    monkeypatch.setattr(registry, "build_flax_to_fill", lambda name, kwargs: WithDropout())
+    monkeypatch.setattr(registry, "build_flax", lambda name, kwargs, seed: seeded.append(seed) or WithDropout())
+    weights._build("jax", "ResNet18Dropout", {}, 7, "flax")
+    assert seeded == []
+    weights._build("jax", "ResNet18Dropout", {}, 7, "torch")
+    assert seeded == [7]
