@@ -14,7 +14,7 @@ from typing import Any
 _MODELS = ("PlainBlock", "PlainDeepCNN", "ResidualBlock", "SimpleResNet", "PlainNet", "BasicBlock", "BottleneckBlock",
            "ResNet", "ResNet18", "ResNet34", "ResNet50", "SimpleNet", "ResNetNoBN", "ResNetDropout", "ResNet18NoBN",
            "ResNet18Dropout", "check_image_batch")
-_PORT = ("PortError", "load_torch_state_dict", "save_torch_state_dict", "to_torch_state_dict", "torch_keys")
+_PORT = ("PortError", "load_torch_state_dict", "to_torch_state_dict", "torch_keys")
 _MODULE_OF = {**dict.fromkeys(_MODELS, "models"), **dict.fromkeys(_PORT, "port"), "cast_floating": "dtypes"}
 
 __all__ = list(_MODULE_OF)

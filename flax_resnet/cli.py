@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -229,9 +228,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                  "--overwrite to start over, or choose another --out.")
         name, kwargs, recipe = config.model, config.model_kwargs, config.recipe
         dataset = commands.load_data(args)
-        build = registry.build_flax if args.framework == "jax" else registry.build_torch
-        model, _, _ = weights.load_model(args.init_from, (name, kwargs), functools.partial(build, seed=args.seed),
-                                   args.framework)
+        model, _, _ = weights.load_model(args.init_from, args.framework, model=(name, kwargs), seed=args.seed)
         runner = None
         if args.framework == "jax":
             from flax_resnet.precision import apply_precision
@@ -299,22 +296,16 @@ def run_port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif dst.exists() and not args.overwrite:
         parser.error(f"--to {dst} exists; pass --overwrite to replace it")
 
-    from flax_resnet import checkpoint, port, weights
-    from flax_resnet.dtypes import cast_floating
+    from flax_resnet import weights
 
-    dtype = checkpoint.read_meta(src, args.step).get("dtype", "float32") if src.is_dir() else "float32"
+    dtype = weights.read_meta(src, args.step).get("dtype", "float32")
     if dtype == "float64":
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    model, name, kwargs = weights.load_model(src, given, lambda n, k: cast_floating(registry.build_flax_to_fill(n, k),
-                                                                               dtype), "jax", args.step)
-    if src.is_file():
-        meta = {"model": name, "model_kwargs": kwargs, "dtype": dtype, "source": str(src)}
-        _written(dst, lambda: checkpoint.save_model(dst, model, meta))
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        _written(dst, lambda: port.save_torch_state_dict(model, dst))
+    model, name, kwargs = weights.load_model(src, "jax", model=given, step=args.step)
+    meta = {"model": name, "model_kwargs": kwargs, "dtype": dtype, "source": str(src)}
+    _written(dst, lambda: weights.save(model, dst, meta))
     print(f"wrote {name} {kwargs or ''} as {'a Flax checkpoint' if src.is_file() else 'a torch state_dict'} to {dst}")
     return 0
 
@@ -386,8 +377,7 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from flax_resnet import parity, port, weights
 
-    torch_model, name, kwargs = weights.load_model(args.weights, given,
-                                              functools.partial(registry.build_torch, seed=args.seed), "torch")
+    torch_model, name, kwargs = weights.load_model(args.weights, "torch", model=given, seed=args.seed)
     flax_model = registry.build_flax_to_fill(name, kwargs)
     port.load_torch_state_dict(flax_model, torch_model.state_dict())  # the port under test
     source = f"torch's initialisation, seed {args.seed}" if args.weights is None else str(args.weights)

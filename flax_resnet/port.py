@@ -27,31 +27,25 @@ kind that holds variables is refused by name.
 Loading checks everything before it changes anything: one ``PortError`` lists every missing key, unexpected
 key and shape mismatch (like torch's strict loading) and the model is left untouched.
 
-Files: ``.safetensors`` (how PyTorch weights are shared today) is read and written with NumPy alone, so porting
-needs no torch; a ``.pt`` file needs torch and is loaded with ``weights_only=True`` (a pickle that would run code
-is refused).
+Files (``.safetensors``, ``.pt``) and checkpoint directories are read and written by ``flax_resnet.weights``.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from os import PathLike
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_resnet import files
 from flax_resnet.errors import FlaxResnetError, require
 
-__all__ = ["PortError", "load_torch_state_dict", "named_layers", "named_modules", "read_state_dict",
-           "save_torch_state_dict", "to_numpy_state_dict", "to_torch_state_dict", "torch_keys", "torch_shapes"]
-
-StateDictSource = Mapping[str, Any] | str | os.PathLike[str]
+__all__ = ["PortError", "load_torch_state_dict", "named_layers", "named_modules", "to_numpy_state_dict",
+           "to_torch_state_dict", "torch_keys", "torch_shapes"]
 
 
 class PortError(FlaxResnetError, ValueError):
@@ -226,18 +220,17 @@ def _some(keys: list[Any]) -> str:
     return shown + (f", ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
 
 
-def load_torch_state_dict(model: nnx.Module, state_dict: StateDictSource) -> None:
-    """Copy a torch ``state_dict`` (torch tensors or numpy arrays, or a ``.safetensors`` / ``.pt`` file of one)
-    into ``model`` in place.
+def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> None:
+    """Copy a torch ``state_dict`` (torch tensors or numpy arrays) into ``model`` in place (a file or a checkpoint:
+    ``flax_resnet.weights.load``).
 
     Values are cast to the model's dtypes, as ``torch.nn.Module.load_state_dict`` does. Raises ``PortError``
     listing every missing key, unexpected key and shape mismatch; then nothing has been changed.
     """
-    if isinstance(state_dict, str | os.PathLike):
-        state_dict = read_state_dict(state_dict)
     if not isinstance(state_dict, Mapping):
-        raise PortError(f"expected a state_dict (a mapping of names to tensors) or a path to a .safetensors or .pt "
-                        f"file, got {type(state_dict).__name__}")
+        is_path = isinstance(state_dict, str | PathLike)
+        hint = "; read a file with flax_resnet.weights.load(path, model)" if is_path else ""
+        raise PortError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}{hint}")
     expected = {t.key: t for t in _walk(model)}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -304,64 +297,3 @@ def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
 
     # torch.from_numpy, not ascontiguousarray: that makes 0-d arrays 1-d
     return OrderedDict((k, torch.from_numpy(v)) for k, v in to_numpy_state_dict(model).items())
-
-
-def save_torch_state_dict(model: nnx.Module, path: str | os.PathLike[str]) -> Path:
-    """Write the model's weights for torch: ``.safetensors`` (NumPy only; torch reads it with
-    ``safetensors.torch.load_file``) or ``.pt`` (``torch.save``), atomically (a failed write leaves no file)."""
-    import safetensors.numpy
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        require("torch", f"writing {path.name} (a torch file; .safetensors needs no torch)")
-    with files.atomic_path(path) as tmp:  # the umask's mode for both (safetensors' own temporary has 0600)
-        if path.suffix == ".safetensors":
-            safetensors.numpy.save_file(dict(to_numpy_state_dict(model)), tmp)
-        else:
-            import torch
-
-            torch.save(to_torch_state_dict(model), tmp)
-    return path
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A state_dict from a file: ``.safetensors`` as NumPy arrays (no torch needed); otherwise a torch file loaded
-    with ``weights_only=True`` (a plain state_dict, or the ``model`` of a training checkpoint dict)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        import safetensors.numpy
-
-        try:
-            return safetensors.numpy.load_file(path)
-        except Exception as e:  # noqa: BLE001 - safetensors reports a damaged file as assorted errors
-            raise PortError(f"cannot read {path} as a safetensors file: {' '.join(str(e).split())[:300]}") from e
-    return _read_torch_file(path)
-
-
-def _read_torch_file(path: Path) -> dict[str, Any]:
-    """A state_dict from a .pt file: a plain state_dict, or the model of a ``--framework torch`` checkpoint."""
-    import pickle
-    import re
-    import zipfile
-
-    require("torch", f"reading {path} (a torch file; .safetensors needs no torch)")
-    import torch
-
-    try:  # weights_only: tensors and plain containers only; unpickling anything else could run code
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
-        what = " ".join(found.group(1).split()) if found else "objects other than tensors"
-        raise PortError(f"{path} holds pickled Python objects ({what}) that torch.load refused to load "
-                        "(weights_only=True), as unpickling them could run code. If you trust the file, load it "
-                        "yourself and torch.save its state_dict().") from e
-    except Exception as e:
-        why = " ".join(str(e).split())[:300]
-        if not zipfile.is_zipfile(path):
-            why = f"not a complete file written by torch.save ({type(e).__name__}: {why})"
-        raise PortError(f"cannot read {path} as a torch file: {why}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise PortError(f"{path} holds a {type(obj).__name__}, not a state_dict (a dict of tensor names to tensors)")
-    return obj

@@ -1,7 +1,7 @@
 """One checkpoint store for every framework: NumPy arrays in a safetensors file plus JSON metadata, per step (step 0:
 ``port``'s weights-only checkpoints).
 
-    epoch_0003/arrays.safetensors   every array of the state, by name (``flax_resnet.codecs`` names them)
+    epoch_0003/arrays.safetensors   every array of the state, by name (``flax_resnet._codecs`` names them)
     epoch_0003/meta.json            {"format": ..., "version": 1, "step": 3,
                                      "arrays": {"sha256": ..., "bytes": ...}, "meta": <the caller's metadata>}
 

@@ -200,16 +200,16 @@ def checkpoint_roundtrip(runner, state, directory: Path):
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from flax_resnet import codecs
+    from flax_resnet import _codecs
     from flax_resnet.store import CheckpointStore
     from flax_resnet.training.engine import TrainState
 
     saved = runner.get_state(runner.put_state(state))
     store = CheckpointStore(directory, is_writer=jax.process_index() == 0,
                             barrier=multihost_utils.sync_global_devices)
-    store.save(1, codecs.flax_to_arrays(saved._asdict()), {"processes": jax.process_count()})
+    store.save(1, _codecs.flax_to_arrays(saved._asdict()), {"processes": jax.process_count()})
     arrays, _ = store.read(1)
-    back = runner.get_state(runner.put_state(TrainState(**codecs.flax_from_arrays(saved._asdict(), arrays))))
+    back = runner.get_state(runner.put_state(TrainState(**_codecs.flax_from_arrays(saved._asdict(), arrays))))
     return np.array(max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                         for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(back), strict=True)))
 

@@ -191,7 +191,7 @@ def test_train_subprocess_writes_history_curves_and_checkpoint(framework, tmp_pa
 
 def test_bf16_run_computes_in_bf16_and_records_it(tmp_path, monkeypatch, capsys):
     """``--precision bf16`` reaches the model (bf16 conv layers) and the checkpoint's meta (so --resume checks it)."""
-    from flax_resnet import checkpoint, precision
+    from flax_resnet import precision, weights
 
     seen = {}
     original = precision.apply_precision
@@ -206,7 +206,7 @@ def test_bf16_run_computes_in_bf16_and_records_it(tmp_path, monkeypatch, capsys)
                      "SimpleResNet", "--n-blocks", "1", "--epochs", "1", "--batch-size", "16", "--precision", "bf16",
                      "--out", str(out), "--no-progress"]) == 0
     assert seen["which"] == "bf16"
-    assert checkpoint.read_meta(out)["precision"] == "bf16"
+    assert weights.read_meta(out)["precision"] == "bf16"
     # resuming with another precision is refused: the run's settings are part of its identity
     assert run_main(["train", "--dataset", "synthetic", "--train-samples", "32", "--test-samples", "8", "--model",
                      "SimpleResNet", "--n-blocks", "1", "--epochs", "2", "--batch-size", "16", "--out", str(out),
@@ -261,9 +261,10 @@ def test_verify_infers_the_model_from_weights_and_exits_1_at_the_wrong_layer(tmp
     """A .safetensors file names the model by its keys; a port that gets one layer wrong (here: fc's bias
     shifted after loading) exits 1 and names that layer."""
     from flax_resnet import port
+    from flax_resnet.weights import save
 
     weights = tmp_path / "w.safetensors"
-    port.save_torch_state_dict(registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=3), weights)
+    save(registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=3), weights)
     loaded = port.load_torch_state_dict
 
     def wrong_port(model, state_dict):
@@ -282,11 +283,11 @@ def test_verify_reads_a_flax_checkpoint_once_and_compares_its_weights(tmp_path, 
     """``verify --weights DIR`` with a Flax checkpoint (here ``port``'s): the model is the one the checkpoint
     records, its weights reach the torch model through the port (the weights block is all equal), and the
     arrays file is read and verified once."""
-    from flax_resnet import checkpoint
+    from flax_resnet import weights
     from flax_resnet.store import CheckpointStore
 
     model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=5)
-    checkpoint.save_model(tmp_path / "ckpt", model, {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}})
+    weights.save(model, tmp_path / "ckpt", {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}})
     reads = []
     read = CheckpointStore.read
     monkeypatch.setattr(CheckpointStore, "read", lambda self, step=None: reads.append(step) or read(self, step))

@@ -282,7 +282,7 @@ def test_landscape_reads_a_torch_run_and_refuses_a_damaged_one(tmp_path, capsys)
     checked; a damaged one is a one-line error (exit 1), not a traceback."""
     import torch
 
-    from flax_resnet.codecs import torch_model_arrays
+    from flax_resnet._codecs import torch_model_arrays
     from flax_resnet.experiments.landscape import load_network
     from flax_resnet.port import to_torch_state_dict
     from flax_resnet.store import CheckpointError, CheckpointStore

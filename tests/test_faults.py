@@ -37,7 +37,7 @@ import torch
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import cli, codecs, commands, port, registry, training
+from flax_resnet import _codecs, cli, commands, port, registry, training
 from flax_resnet.data.plan import steps_per_epoch
 from flax_resnet.recipes import RunConfig
 from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore
@@ -88,8 +88,8 @@ def saved_run(out: Path, step: int | None = None) -> tuple[list[np.ndarray], dic
     model = registry.build_flax(config.model, config.model_kwargs)
     tx = engine.make_optimizer(config.recipe, steps_per_epoch(config.num_train, config.recipe.batch_size))
     _, template = engine.init_train_state(model, tx)
-    state = codecs.flax_from_arrays(template._asdict(), arrays)
-    return list(codecs.flax_to_arrays(state).values()), meta
+    state = _codecs.flax_from_arrays(template._asdict(), arrays)
+    return list(_codecs.flax_to_arrays(state).values()), meta
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -312,7 +312,7 @@ def test_torch_checkpoint_falls_back_too(tmp_path, tiny_dataset, make_recipe):
     assert steps_of(out) == [1, 2, 3]
     three, two = checkpoint_dir(out, 3), checkpoint_dir(out, 2)
     (three / ARRAYS_FILE).write_bytes((three / ARRAYS_FILE).read_bytes()[:1000])
-    flip_bit_in(two / ARRAYS_FILE, codecs.MODEL_PREFIX + "conv1.weight")
+    flip_bit_in(two / ARRAYS_FILE, _codecs.MODEL_PREFIX + "conv1.weight")
     assert len(safetensors.numpy.load((two / ARRAYS_FILE).read_bytes())) > 0
     lines: list[str] = []
     resumed_model = registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=9)

@@ -41,16 +41,16 @@ def test_core_install_builds_ports_and_trains_without_torch_tfds_or_matplotlib(t
         from pathlib import Path
 
         import numpy as np
-        from flax_resnet import SimpleResNet, load_torch_state_dict, save_torch_state_dict
+        from flax_resnet import SimpleResNet, load_torch_state_dict, weights
         from flax_resnet.cli import main
         from flax_resnet.port import to_numpy_state_dict
         from flax import nnx
 
         a, b = SimpleResNet(n_blocks=1, rngs=nnx.Rngs(0)), SimpleResNet(n_blocks=1, rngs=nnx.Rngs(1))
         load_torch_state_dict(b, to_numpy_state_dict(a))
-        save_torch_state_dict(a, "w.safetensors")
+        weights.save(a, "w.safetensors")
         c = SimpleResNet(n_blocks=1, rngs=nnx.Rngs(2))
-        load_torch_state_dict(c, "w.safetensors")
+        weights.load("w.safetensors", c)
         x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
         for m in (a, b, c):
             m.eval()

@@ -1,4 +1,4 @@
-"""The checkpoint store (``flax_resnet.store``) and its codecs (``flax_resnet.codecs``).
+"""The checkpoint store (``flax_resnet.store``) and its codecs (``flax_resnet._codecs``).
 
 - round trips, bit for bit: a Flax ``TrainState`` (BatchNorm statistics, SGD momentum), an ``nnx.State`` with a
   PRNG key, a torch model and SGD(momentum) optimiser whose resumed training continues bit-identically, and the
@@ -31,7 +31,7 @@ import pytest
 import torch
 from flax import nnx
 
-from flax_resnet import codecs, store
+from flax_resnet import _codecs, store
 from flax_resnet.recipes import RECIPES
 from flax_resnet.store import CheckpointError, CheckpointStore, UnreadableCheckpoint
 from flax_resnet.training import engine
@@ -108,14 +108,14 @@ def test_a_flax_train_state_round_trips_bit_exactly(trained, tmp_path):
     """Parameters, BatchNorm statistics, optax SGD-momentum state and step, into a template of another seed; and
     the restored state's next training step equals the original's."""
     step, state = trained
-    arrays = codecs.flax_to_arrays(state)
+    arrays = _codecs.flax_to_arrays(state)
     assert ".step" in arrays and any(k.startswith(".opt_state") and ".trace" in k for k in arrays)
     assert any(k.startswith(".model_state") and "['mean']" in k for k in arrays)
     ckpts = CheckpointStore(tmp_path / "ckpt")
     ckpts.save(2, arrays, {"epoch": 2, "history": {"loss": [2.5, float("nan")]}})
     read, meta = ckpts.read(2)
     assert meta["epoch"] == 2 and meta["history"]["loss"][0] == 2.5 and np.isnan(meta["history"]["loss"][1])
-    restored = codecs.flax_from_arrays(fresh_template(), read)
+    restored = _codecs.flax_from_arrays(fresh_template(), read)
     assert_trees_identical(restored, state)
     assert isinstance(restored.params, nnx.State)
     for array in read.values():  # the restored state owns its memory (on CPU jax could share NumPy's)
@@ -148,9 +148,9 @@ def test_an_nnx_state_with_a_prng_key_round_trips(tmp_path):
     keys = [leaf for leaf in jax.tree.leaves(state) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
     assert len(keys) == 1 and "rbg" in str(jax.random.key_impl(keys[0]))
     ckpts = CheckpointStore(tmp_path)
-    ckpts.save(0, codecs.flax_to_arrays(state), {})
+    ckpts.save(0, _codecs.flax_to_arrays(state), {})
     other = make(1)
-    restored = codecs.flax_from_arrays(nnx.state(other), ckpts.read()[0])
+    restored = _codecs.flax_from_arrays(nnx.state(other), ckpts.read()[0])
     assert_trees_identical(restored, state)
     nnx.update(other, restored)
     assert np.array_equal(other(jnp.ones((5, 3))), model(jnp.ones((5, 3))))
@@ -160,11 +160,11 @@ def test_weights_only_from_a_training_checkpoint(trained, tmp_path):
     """``strict=False``: the model's part of a TrainState checkpoint, the optimiser's arrays ignored."""
     _, state = trained
     ckpts = CheckpointStore(tmp_path)
-    ckpts.save(3, codecs.flax_to_arrays(state), {})
+    ckpts.save(3, _codecs.flax_to_arrays(state), {})
     template = fresh_template()._replace(opt_state=None, step=None)
     with pytest.raises(CheckpointError, match="unexpected"):
-        codecs.flax_from_arrays(template, ckpts.read()[0])
-    weights = codecs.flax_from_arrays(template, ckpts.read()[0], strict=False)
+        _codecs.flax_from_arrays(template, ckpts.read()[0])
+    weights = _codecs.flax_from_arrays(template, ckpts.read()[0], strict=False)
     assert_trees_identical((weights.params, weights.model_state), (state.params, state.model_state))
 
 
@@ -194,7 +194,7 @@ def test_torch_training_resumes_bit_identically(dtype, tmp_path):
                for _ in range(4)]
     model, optimizer = torch_training(dtype, seed=0)
     torch_steps(model, optimizer, batches[:2])
-    arrays, extra = codecs.torch_to_arrays(model, optimizer)
+    arrays, extra = _codecs.torch_to_arrays(model, optimizer)
     assert any(k.startswith("optimizer/") and k.endswith("/momentum_buffer") for k in arrays)
     assert "model/bn1.running_mean" in arrays and "model/bn1.num_batches_tracked" in arrays
     ckpts = CheckpointStore(tmp_path)
@@ -203,7 +203,7 @@ def test_torch_training_resumes_bit_identically(dtype, tmp_path):
 
     resumed, resumed_optimizer = torch_training(dtype, seed=1)
     read, meta = ckpts.read()
-    codecs.torch_from_arrays(resumed, resumed_optimizer, read, meta["torch_optimizer"])
+    _codecs.torch_from_arrays(resumed, resumed_optimizer, read, meta["torch_optimizer"])
     torch_steps(resumed, resumed_optimizer, batches[2:])
     for (k, a), (k2, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert k == k2 and a.dtype == b.dtype == (dtype if a.is_floating_point() else a.dtype)
@@ -217,24 +217,24 @@ def test_torch_training_resumes_bit_identically(dtype, tmp_path):
 def test_torch_weights_only_and_a_misfit(tmp_path):
     """optimizer=None writes and reads the weights alone; a model of another size gets the short listing."""
     model, _ = torch_training(torch.float32, seed=0)
-    arrays, extra = codecs.torch_to_arrays(model)
+    arrays, extra = _codecs.torch_to_arrays(model)
     assert extra == {} and all(k.startswith("model/") for k in arrays)
     other, optimizer = torch_training(torch.float32, seed=1)
-    codecs.torch_from_arrays(other, None, arrays, extra)
+    _codecs.torch_from_arrays(other, None, arrays, extra)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(),
                                                        strict=True))
     with pytest.raises(CheckpointError, match="weights only"):
-        codecs.torch_from_arrays(other, optimizer, arrays, extra)
+        _codecs.torch_from_arrays(other, optimizer, arrays, extra)
     _, sgd = torch_training(torch.float32, seed=0)
-    arrays, extra = codecs.torch_to_arrays(model, sgd)
+    arrays, extra = _codecs.torch_to_arrays(model, sgd)
     params = list(other.parameters())
     two_groups = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
     with pytest.raises(CheckpointError, match="optimiser state does not fit this SGD"):  # not torch's traceback
-        codecs.torch_from_arrays(other, two_groups, arrays, extra)
+        _codecs.torch_from_arrays(other, two_groups, arrays, extra)
     from torch_ref.models import SimpleResNet
 
     with pytest.raises(CheckpointError) as info:
-        codecs.torch_from_arrays(SimpleResNet(n_blocks=3), None, arrays, extra)
+        _codecs.torch_from_arrays(SimpleResNet(n_blocks=3), None, arrays, extra)
     text = str(info.value)
     assert text.startswith("the checkpoint does not fit this SimpleResNet (") and "missing" in text
     assert len(text.splitlines()) <= 13 and len(text) < 2000 and "more" in text
@@ -253,15 +253,15 @@ def test_a_flax_state_of_another_model_gets_one_short_error(trained):
     _, state = trained
     other = engine.init_train_state(OtherNet(nnx.Rngs(0)), TX)[1]
     with pytest.raises(CheckpointError) as info:
-        codecs.flax_from_arrays(other, codecs.flax_to_arrays(state))
+        _codecs.flax_from_arrays(other, _codecs.flax_to_arrays(state))
     text = str(info.value)
     assert text.startswith("the checkpoint does not fit this state (") and "missing" in text and "unexpected" in text
     assert len(text.splitlines()) <= 13 and len(text) < 2000 and "... and " in text, text
     # a dtype mismatch alone is named with both dtypes
-    arrays = codecs.flax_to_arrays(state)
+    arrays = _codecs.flax_to_arrays(state)
     arrays[".step"] = arrays[".step"].astype(np.int64)
     with pytest.raises(CheckpointError, match=r"mismatched \.step: saved int64\[\], this state has int32\[\]"):
-        codecs.flax_from_arrays(state, arrays)
+        _codecs.flax_from_arrays(state, arrays)
 
 
 def test_every_dtype_a_state_meets_round_trips(tmp_path):
@@ -583,7 +583,7 @@ def snapshot():
     return loggers, sys.unraisablehook, sys.excepthook, list(warnings.filters), dict(sys.modules).keys() - {""}
 
 before = snapshot()
-import flax_resnet.store, flax_resnet.codecs
+import flax_resnet.store, flax_resnet._codecs, flax_resnet.weights
 after = snapshot()
 assert before[:4] == after[:4], (before[:4], after[:4])
 new = sorted(m for m in after[4] - before[4] if not m.startswith("flax_resnet."))
@@ -592,7 +592,7 @@ print("unchanged")
 """
 
 
-def test_importing_the_store_and_codecs_changes_nothing_global():
+def test_importing_the_store_codecs_and_weights_changes_nothing_global():
     """Logging filters, handlers and levels of 'asyncio', 'absl' and the root logger, sys.unraisablehook,
     sys.excepthook and the warning filters are as they were; neither torch nor orbax is imported."""
     proc = subprocess.run([sys.executable, "-c", SIDE_EFFECTS], cwd=REPO, capture_output=True, text=True,

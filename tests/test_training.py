@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import codecs, plots, registry, training
+from flax_resnet import _codecs, plots, registry, training
 from flax_resnet.data import plan
 from flax_resnet.recipes import RunConfig
 from flax_resnet.store import CheckpointStore
@@ -33,7 +33,7 @@ def tiny_model(seed: int = 0):
 
 def leaves(tree) -> list[np.ndarray]:
     """Every leaf as numpy (PRNG keys as their raw data), in tree order: what a checkpoint holds."""
-    return list(codecs.flax_to_arrays(tree).values())
+    return list(_codecs.flax_to_arrays(tree).values())
 
 
 def config(recipe, seed: int = 0, framework: str = "jax", **kw) -> RunConfig:

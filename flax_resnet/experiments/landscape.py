@@ -44,10 +44,10 @@ class Network:
 def load_network(path: Path, label: str | None = None) -> Network:
     """The model of the latest checkpoint under ``path`` (a run's --out or its checkpoints/) as a Flax model (a torch
     run's weights ported), digest-checked; ``CheckpointError`` when there is none or it names no model."""
-    from flax_resnet import checkpoint
+    from flax_resnet import weights
 
     root = resolve(path)
-    meta = checkpoint.read_meta(root)
+    meta = weights.read_meta(root)
     name = meta.get("model")
     try:
         kwargs = registry.model_kwargs(name, meta.get("model_kwargs"))
@@ -57,8 +57,7 @@ def load_network(path: Path, label: str | None = None) -> Network:
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
     # a checkpoint written by `port` records no recipe: the model's notebook's
     recipe = RunConfig.from_dict(meta).recipe if meta.get("recipe") else RECIPES[registry.get_spec(name).recipe]
-    model = registry.build_flax(name, kwargs)
-    checkpoint.load_model(root, model)
+    model, _, _ = weights.load_model(root, "jax")  # the arrays read once, after the checks above
     return Network(label or name, model, name, kwargs, recipe, Path(path), meta.get("epoch"))
 
 

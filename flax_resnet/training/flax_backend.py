@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from flax_resnet import codecs
+from flax_resnet import _codecs
 from flax_resnet.data.plan import EpochPlan, batch_bounds, steps_per_epoch
 from flax_resnet.dtypes import cast_floating
 from flax_resnet.recipes import Recipe, RunConfig
@@ -102,11 +102,11 @@ class FlaxBackend:
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The ``TrainState`` as a dict, so that its ``params`` and ``model_state`` have the names a weights-only
-        checkpoint gives them (``checkpoint.load_model`` reads either)."""
-        return codecs.flax_to_arrays(self.runner.get_state(self.state_value)._asdict()), {}
+        checkpoint gives them (``weights.load`` reads either)."""
+        return _codecs.flax_to_arrays(self.runner.get_state(self.state_value)._asdict()), {}
 
     def load_state(self, arrays: Mapping[str, np.ndarray], extra: Mapping[str, Any]) -> None:
-        state = codecs.flax_from_arrays(self._template._asdict(), arrays)
+        state = _codecs.flax_from_arrays(self._template._asdict(), arrays)
         self.state_value = self.runner.put_state(TrainState(**state))
 
     def barrier(self, name: str) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from flax_resnet import codecs
+from flax_resnet import _codecs
 from flax_resnet.data.plan import EpochPlan
 from flax_resnet.recipes import RunConfig
 from flax_resnet.training.loop import EpochResult, StepHook
@@ -80,7 +80,7 @@ class TorchBackend:
         return notebook.evaluate(self.model, self.test_loader, self.criterion, self.device)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays, extra = codecs.torch_to_arrays(self.model, self.optimizer)
+        arrays, extra = _codecs.torch_to_arrays(self.model, self.optimizer)
         if self.scheduler is not None:
             scheduler = dict(self.scheduler.state_dict())
             if "milestones" in scheduler:  # MultiStepLR keeps a Counter, which JSON would turn into string keys
@@ -89,7 +89,7 @@ class TorchBackend:
         return arrays, extra
 
     def load_state(self, arrays: Mapping[str, np.ndarray], extra: Mapping[str, Any]) -> None:
-        codecs.torch_from_arrays(self.model, self.optimizer, arrays, extra)
+        _codecs.torch_from_arrays(self.model, self.optimizer, arrays, extra)
         if self.scheduler is not None:
             scheduler = dict(extra["scheduler"])
             if "milestones" in scheduler:

@@ -1,4 +1,5 @@
-"""A framework's training state <-> the named NumPy arrays of a ``flax_resnet.store.CheckpointStore``, bit for bit.
+"""Private to the checkpoint store's users (``weights``, the training backends): a framework's training state <->
+the named NumPy arrays of a ``flax_resnet.store.CheckpointStore``, bit for bit.
 
 - Flax/JAX (``flax_to_arrays`` / ``flax_from_arrays``): each leaf of a pytree (an ``engine.TrainState``, an
   ``nnx.State``) under its ``jax.tree_util.keystr`` path, e.g. ``.params['conv1']['kernel'].value``; a PRNG key as
