@@ -202,39 +202,36 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     macs = count_forward_macs(model, b)
     backend = FlaxBackend(model, RunConfig(recipe=setup.recipe, model=setup.model, model_kwargs=setup.model_kwargs,
                                            framework="jax", seed=setup.seed, precision=setup.precision))
-    # no test split: the eval rows time the eval step on the training split's first batch (as torch's do)
-    backend.prepare(setup.images, setup.labels, np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int32))
-    runner, data = backend.runner, backend.train_data
-    plan = runner.put_plan(plans.epoch_plan(setup.seed, 0, n))
-    # The steps advance the backend's own state (``state_value``), and the epoch row continues from it.
-    metrics, order = [runner.zero_metrics(), runner.zero_metrics()], itertools.count()
+    # the test split is the training split's first batch: the eval rows time the eval step on it (as torch's do)
+    backend.prepare(setup.images, setup.labels, setup.images[:b], setup.labels[:b])
+    plan = backend.put_plan(plans.epoch_plan(setup.seed, 0, n))
+    # The steps advance the backend's state, and the epoch row continues from it.
+    metrics, order = [None, None], itertools.count()
 
     def train() -> None:
-        start = next(order) % (n // b) * b  # n >= b (run_benchmark)
-        backend.state_value, metrics[0] = runner.train_step(backend.state_value, metrics[0], data, plan, start, b)
+        metrics[0] = backend.train_step(plan, next(order) % (n // b) * b, b, metrics[0])  # n >= b (run_benchmark)
 
     def evaluate() -> None:
-        metrics[1] = runner.eval_step(backend.state_value, metrics[1], data, 0, b)
+        metrics[1] = backend.eval_step(0, b, metrics[1])
 
-    def step_row(step: Callable[[], Any], lower: Callable[..., Any], *args: Any) -> dict[str, Any]:
-        """``step``'s figures, with XLA's compile time and cost analysis of the step (``lower``, given ``args``)."""
+    def step_row(step: Callable[[], Any], lowered: Callable[[], Any]) -> dict[str, Any]:
+        """``step``'s figures, with XLA's compile time and cost analysis of the step (``lowered``)."""
         t0 = time.perf_counter()
-        compiled = lower(backend.state_value, runner.zero_metrics(), data, *args, b).compile()
+        compiled = lowered().compile()
         compile_s = time.perf_counter() - t0
         return _step_fields(setup, step, lambda: jax.block_until_ready(metrics), compile_s=compile_s,
                             xla_gflop=xla_gflop(compiled.cost_analysis()))
 
     def epoch_row() -> dict[str, Any]:
         if n % b:  # compile the short last batch outside the timed epoch
-            backend.state_value, _ = runner.train_step(backend.state_value, runner.zero_metrics(), data, plan,
-                                                       n - n % b, n % b)
+            backend.train_step(plan, n - n % b, n % b)
         epoch_plan = plans.epoch_plan(setup.seed, 1, n)  # NumPy, drawn before the clock
         # no progress bar, the loss never read; the end waits for the last step's update
         return _epoch_fields(setup, lambda: backend.train_epoch(1, epoch_plan, lambda step, loss: None),
-                             lambda: jax.block_until_ready(backend.state_value))
+                             backend.block_until_ready)
 
-    phases = {"train step": lambda: step_row(train, runner.lower_train_step, plan, 0),
-              "eval step": lambda: step_row(evaluate, runner.lower_eval_step, 0), "epoch": epoch_row}
+    phases = {"train step": lambda: step_row(train, lambda: backend.lower_train_step(plan, 0, b)),
+              "eval step": lambda: step_row(evaluate, lambda: backend.lower_eval_step(0, b)), "epoch": epoch_row}
     return _measure(setup, "flax", "flax" if setup.platform == "gpu" else "rss", phases, []), macs
 
 

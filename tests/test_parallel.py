@@ -18,11 +18,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from flax_resnet import commands
-from flax_resnet.training import distributed, parallel
+from flax_resnet import commands, layers, registry
+from flax_resnet.data import plan
+from flax_resnet.training import cpu, distributed, engine, parallel
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TIMEOUT_S = 420  # per subprocess; the runs take 20-90 s on two busy cores
@@ -196,6 +199,34 @@ def test_validate_batch_sizes_rule_and_suggestions():
 def test_make_runner_rejects_unknown_kind():
     with pytest.raises(ValueError, match="unknown parallel kind 'ddp'.*shard_map"):
         parallel.make_runner("ddp", None, None, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind,bn_sync", [("shard_map", True), ("pmap", False)])
+def test_the_runner_sets_the_bn_axis_once_on_its_own_graph(kind, bn_sync, tiny_dataset, make_recipe, monkeypatch):
+    """The graph a data-parallel runner compiles, made by ``put_state``, names ``AXIS`` on every BatchNorm (None
+    per device) and keeps the CPU's conv-input buffers; the caller's model keeps its own. The traced steps take
+    that graph as it is: with the set-up made to fail, they still trace (here on one device, in process)."""
+    recipe = make_recipe("plain-vs-residual", batch_size=16)
+    tx = engine.make_optimizer(recipe, steps_per_epoch=4)
+    model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
+    graphdef, state = engine.init_train_state(model, tx)
+    runner = parallel.make_runner(kind, graphdef, tx, recipe, bn_sync=bn_sync, devices=jax.devices("cpu")[:1])
+    held = runner.put_state(state)
+    built = engine.merge_model(runner.step_graphdef, state)
+    norms = [m for _, m in nnx.iter_modules(built) if isinstance(m, nnx.BatchNorm)]
+    assert norms and {m.axis_name for m in norms} == {parallel.AXIS if bn_sync else None}
+    assert {type(m) for _, m in nnx.iter_modules(built) if isinstance(m, layers.Conv2d)} == {
+        cpu.MaterializedInputConv2d}
+    assert {m.axis_name for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)} == {None}
+
+    def rebuilt(*args):
+        raise AssertionError("the traced step edits the model")
+
+    monkeypatch.setattr(runner, "_set_up", rebuilt)
+    data = runner.put_data(tiny_dataset.train_images, tiny_dataset.train_labels)
+    device_plan = runner.put_plan(plan.epoch_plan(0, 0, len(tiny_dataset.train_labels)))
+    runner.lower_train_step(held, runner.zero_metrics(), data, device_plan, 0, 4)
+    runner.lower_eval_step(held, runner.zero_metrics(), data, 0, 4)
 
 
 def test_parallel_arguments_parse():

@@ -108,11 +108,9 @@ class MaterializedInputConv2d(layers.Conv2d):
         return super().__call__(_materialize(inputs), out_sharding=out_sharding)
 
 
-def materialize_conv_inputs(graphdef: nnx.GraphDef, *state: nnx.State) -> nnx.GraphDef:
-    """The graph with every ``layers.Conv2d`` made a ``MaterializedInputConv2d`` (called at trace time with the
-    step's own state, as ``parallel.with_bn_axis`` is: no run-time cost, the model passed in is not changed)."""
-    model = nnx.merge(graphdef, *state)
+def materialize_conv_inputs(model: nnx.Module) -> None:
+    """Make every ``layers.Conv2d`` of ``model`` a ``MaterializedInputConv2d``, in place: the runners call it once,
+    on their own copy of the model (``runners.Runner.put_state``), never on the caller's."""
     for _, module in nnx.iter_modules(model):
         if type(module) is layers.Conv2d:
             module.__class__ = MaterializedInputConv2d
-    return nnx.split(model, nnx.Param, ...)[0]

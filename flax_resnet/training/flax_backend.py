@@ -75,9 +75,8 @@ class FlaxBackend:
         self.test_data = runner.put_data(test_images, test_labels) if self.num_test else None
 
     def train_epoch(self, epoch: int, plan: EpochPlan, on_step: StepHook) -> EpochResult:
-        runner, recipe = self.runner, self.config.recipe
-        device_plan = runner.put_plan(plan)
-        metrics = runner.zero_metrics()
+        recipe, device_plan = self.config.recipe, self.put_plan(plan)
+        metrics = self.runner.zero_metrics()
         read = [0.0]  # the running sum of batch losses as last read by a step's loss()
 
         def step_loss() -> float:
@@ -87,18 +86,48 @@ class FlaxBackend:
 
         for step in range(self.spe):
             start, stop = batch_bounds(step, self.num_train, recipe.batch_size)
-            self.state_value, metrics = runner.train_step(self.state_value, metrics, self.train_data, device_plan,
-                                                          start, stop - start)
+            metrics = self.train_step(device_plan, start, stop - start, metrics)
             on_step(step, step_loss)
         return epoch_result(recipe, _host_metrics(metrics), epoch * self.spe)  # the epoch's one wait for the device
 
     def evaluate(self) -> tuple[float, float]:
-        runner, size = self.runner, self.config.recipe.eval_batch_size
-        metrics = runner.zero_metrics()
+        size, metrics = self.config.recipe.eval_batch_size, self.runner.zero_metrics()
         for start in range(0, self.num_test, size):
-            metrics = runner.eval_step(self.state_value, metrics, self.test_data, start, size)
+            metrics = self.eval_step(start, size, metrics)
         sums = _host_metrics(metrics)
         return _ratio(sums["loss_of_batches"], sums["batches"]), _ratio(100.0 * sums["correct"], sums["count"])
+
+    # One step at a time, for the loop above and for tools that time a step (``flax_resnet.bench``); each returns as
+    # soon as the step is dispatched.
+    def put_plan(self, plan: EpochPlan) -> EpochPlan:
+        """``plan`` placed where the steps read it (once per epoch: a step then takes it as it is)."""
+        return self.runner.put_plan(plan)
+
+    def train_step(self, plan: EpochPlan, start: int, size: int, metrics: Metrics | None = None) -> Metrics:
+        """One optimizer step on the training samples at positions [start, start + size) of ``plan`` (as
+        ``put_plan`` placed it), the model's state advanced; returns ``metrics`` (default: zeros) plus the step's."""
+        metrics = self.runner.zero_metrics() if metrics is None else metrics
+        self.state_value, metrics = self.runner.train_step(self.state_value, metrics, self.train_data, plan, start,
+                                                           size)
+        return metrics
+
+    def eval_step(self, start: int, size: int, metrics: Metrics | None = None) -> Metrics:
+        """The eval step on test samples [start, start + size); returns ``metrics`` (default: zeros) plus its."""
+        metrics = self.runner.zero_metrics() if metrics is None else metrics
+        return self.runner.eval_step(self.state_value, metrics, self.test_data, start, size)
+
+    def lower_train_step(self, plan: EpochPlan, start: int, size: int) -> jax.stages.Lowered:
+        """The function ``train_step`` runs, lowered for its compile time or XLA's cost analysis; runs nothing."""
+        return self.runner.lower_train_step(self.state_value, self.runner.zero_metrics(), self.train_data, plan,
+                                            start, size)
+
+    def lower_eval_step(self, start: int, size: int) -> jax.stages.Lowered:
+        """The function ``eval_step`` runs, lowered; runs nothing."""
+        return self.runner.lower_eval_step(self.state_value, self.runner.zero_metrics(), self.test_data, start, size)
+
+    def block_until_ready(self) -> None:
+        """Wait until the steps dispatched so far have updated the state."""
+        jax.block_until_ready(self.state_value)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The ``TrainState`` as a dict, so that its ``params`` and ``model_state`` have the names a weights-only

@@ -34,7 +34,6 @@ from flax_resnet.training.runners import (
     SingleDeviceRunner,
     gather_batch,
     gather_eval_batch,
-    step_graph,
 )
 
 AXIS = "data"  # the one mesh / pmap axis every collective of the step names
@@ -71,16 +70,6 @@ def validate_batch_sizes(num_examples: int, batch_size: int, num_devices: int) -
 
 
 # ------------------------------------------------------------------------------------------ the device step
-def with_bn_axis(graphdef: nnx.GraphDef, state: TrainState, axis_name: str | None) -> nnx.GraphDef:
-    """The graph with ``axis_name`` set on every BatchNorm (``None``: per-device statistics); a static attribute,
-    so this rebuilds the graphdef at trace time from the step's own state (no run-time cost)."""
-    model = nnx.merge(graphdef, state.params, state.model_state)
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, nnx.BatchNorm):
-            module.axis_name = axis_name
-    return nnx.split(model, nnx.Param, ...)[0]
-
-
 def _broadcast_from_device0(tree, axis_name: str):
     """Every device gets device 0's floating-point leaves (``jax.lax.pbroadcast`` has no CPU lowering, so a masked
     psum: exact, since the other devices add zeros). Non-float leaves (counters, RNG keys) agree already."""
@@ -135,9 +124,17 @@ class _DataParallel(Runner):
         self.bn_sync = bn_sync
         self.devices = list(devices) if devices is not None else default_devices()
         self.num_devices = len(self.devices)
-        self.platform = self.devices[0].platform  # the speed measures of ``runners.step_graph`` follow it
+        self.platform = self.devices[0].platform
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.replicated = self.sharding = NamedSharding(self.mesh, P())  # pmap: host-local arrays (PmapRunner)
+
+    def _set_up(self, model: nnx.Module) -> None:
+        """The platform's speed measures, and ``AXIS`` (``bn_sync``, synchronised statistics) or None (per device)
+        as every BatchNorm's ``axis_name``: a static attribute, so it is set on the graph, not passed to the step."""
+        super()._set_up(model)
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.BatchNorm):
+                module.axis_name = AXIS if self.bn_sync else None
 
     # The per-device steps both wrappers map over the devices, with their collectives over ``AXIS``.
     def _train_impl(self, state, metrics, data, plan, start, *, size):
@@ -147,8 +144,7 @@ class _DataParallel(Runner):
         keys = state.model_state  # dropout keys folded with the device index: different masks for different samples
         folded = jax.tree.map(lambda x: jax.random.fold_in(x, d) if is_prng_key(x) else x, keys)
         state = state._replace(model_state=folded)
-        graph = with_bn_axis(step_graph(self.graphdef, state, self.platform), state, AXIS if self.bn_sync else None)
-        state, step_metrics = engine.train_step(graph, self.tx, state, images, labels, axis_name=AXIS)
+        state, step_metrics = engine.train_step(self.step_graphdef, self.tx, state, images, labels, axis_name=AXIS)
         # the stored keys stay the replicated ones (only the RNG counters advance, equally on every device)
         state = state._replace(model_state=jax.tree.map(lambda new, old: old if is_prng_key(old) else new,
                                                         state.model_state, keys))
@@ -162,8 +158,7 @@ class _DataParallel(Runner):
         local_start = start + jax.lax.axis_index(AXIS) * local
         images, labels, mask = gather_eval_batch(data, local_start, local, self.recipe, self.dtype)
         mask = mask & (local_start + jnp.arange(local) < start + size)  # the padding belongs to the next batch
-        graph = step_graph(self.graphdef, state, self.platform)
-        return metrics + engine.eval_step(graph, state, images, labels, mask, axis_name=AXIS)
+        return metrics + engine.eval_step(self.step_graphdef, state, images, labels, mask, axis_name=AXIS)
 
     def check_batch_sizes(self, num_examples: int, batch_size: int) -> None:
         validate_batch_sizes(num_examples, batch_size, self.num_devices)
@@ -203,7 +198,7 @@ class PmapRunner(_DataParallel):
         return jax.pmap(fn, AXIS, in_axes=(0,) + (None,) * (4 if train else 3), out_axes=(0, None) if train else None,
                         devices=self.devices, donate_argnums=donate_argnums)
 
-    def put_state(self, state: TrainState) -> RunnerState:
+    def _put_state(self, state: TrainState) -> TrainState:
         """Each leaf stacked into (local devices, ...), one row per local device (no extra host copies)."""
         n = len(self.stacked.addressable_devices)
 
@@ -211,8 +206,7 @@ class PmapRunner(_DataParallel):
             value = _local_copy(x)
             return jax.device_put(np.broadcast_to(value[None], (n, *value.shape)), self.stacked)
 
-        leaves, self.treedef = jax.tree.flatten(jax.tree.map(lambda x: _via_key_data(stack, x), state))
-        return leaves
+        return jax.tree.map(lambda x: _via_key_data(stack, x), state)
 
     def get_state(self, state: RunnerState) -> TrainState:
         """Row 0 of the stacked state as globally replicated ``jax.Array``s (what a checkpoint holds)."""
@@ -251,4 +245,4 @@ def runner_factory_from_args(args: argparse.Namespace) -> Callable[..., Runner]:
 
 
 __all__ = ["AXIS", "PARALLEL_KINDS", "ParallelKind", "PmapRunner", "ShardMapRunner", "default_devices", "make_runner",
-           "runner_factory_from_args", "validate_batch_sizes", "with_bn_axis", "BatchSizeError"]
+           "runner_factory_from_args", "validate_batch_sizes", "BatchSizeError"]

@@ -62,14 +62,6 @@ def gather_eval_batch(data: DeviceData, start, size: int, recipe: Recipe, dtype
     return engine.normalize(data.images[idx], recipe.mean, recipe.std, dtype), data.labels[idx], mask
 
 
-def step_graph(graphdef: nnx.GraphDef, state: TrainState, platform: str) -> nnx.GraphDef:
-    """The graph a step runs on ``platform``: on the CPU with its speed measures applied (``cpu``); called at
-    trace time inside the step, so it costs nothing per step."""
-    if platform != "cpu":
-        return graphdef
-    return cpu.materialize_conv_inputs(graphdef, state.params, state.model_state)
-
-
 class Runner:
     """What the training loop needs from a way of running steps (the loop calls every public method), and what
     every runner shares. A subclass says where arrays go (``sharding``) and how its per-device steps
@@ -80,14 +72,22 @@ class Runner:
     (a ``RunnerState``), which the compiled steps take and give back, rebuilding the ``TrainState`` only inside the
     trace: jit flattening and rebuilding its ~190 ``nnx.Variable`` objects cost ~5 ms of Python per step
     (BENCHMARKS.md). ``get_state`` gives one host-readable ``TrainState`` back (for checkpoints, export, porting).
+
+    The model a step runs is ``step_graphdef``, the runner's own copy of ``graphdef`` made once, by the first
+    ``put_state``, with what the runner sets on it (``_set_up``): on the CPU every ``layers.Conv2d`` keeps its input
+    as a buffer (``cpu.materialize_conv_inputs``); the data-parallel runners name their axis on every BatchNorm.
+    Made outside the traced step, so what is compiled is what was built; the caller's model and ``graphdef`` are
+    not changed.
     """
 
     num_devices = 1
+    platform: str  # the devices' platform: 'cpu', 'gpu', ...; the speed measures of ``_set_up`` follow it
     sharding: jax.sharding.Sharding  # where data, plan and metric sums go
 
     def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe, dtype):
         self.graphdef, self.tx, self.recipe, self.dtype = graphdef, tx, recipe, dtype
         self.treedef: jax.tree_util.PyTreeDef | None = None  # the TrainState's, set by put_state
+        self.step_graphdef: nnx.GraphDef | None = None  # the graph the steps run, made by the first put_state
         self._steps: dict[tuple[bool, int], Callable] = {}
 
     def _treedef(self) -> jax.tree_util.PyTreeDef:
@@ -119,8 +119,20 @@ class Runner:
         return DeviceData(*self._put((np.asarray(images), np.asarray(labels).astype(np.int32))))
 
     def put_state(self, state: TrainState) -> RunnerState:
-        leaves, self.treedef = jax.tree.flatten(self._put(state))
+        if self.step_graphdef is None:
+            model = engine.merge_model(self.graphdef, state)  # a copy: new modules around the state's arrays
+            self._set_up(model)
+            self.step_graphdef = nnx.split(model, nnx.Param, ...)[0]
+        leaves, self.treedef = jax.tree.flatten(self._put_state(state))
         return leaves
+
+    def _set_up(self, model: nnx.Module) -> None:
+        """Set on the runner's copy of the model what its steps need: the speed measures of its platform."""
+        if self.platform == "cpu":
+            cpu.materialize_conv_inputs(model)
+
+    def _put_state(self, state: TrainState) -> TrainState:
+        return self._put(state)
 
     def put_plan(self, plan: EpochPlan) -> EpochPlan:
         return EpochPlan(*self._put(tuple(np.asarray(x) for x in plan)))
@@ -162,6 +174,7 @@ class SingleDeviceRunner(Runner):
                  dtype=jnp.float32, device: jax.Device | None = None):
         super().__init__(graphdef, tx, recipe, dtype)
         self.device = device or jax.devices()[0]
+        self.platform = self.device.platform
         self.sharding = jax.sharding.SingleDeviceSharding(self.device)
 
     def _wrap(self, fn, train: bool, donate_argnums) -> Callable:
@@ -169,11 +182,9 @@ class SingleDeviceRunner(Runner):
 
     def _train_impl(self, state, metrics, data, plan, start, *, size):
         images, labels = gather_batch(data, plan, start, size, self.recipe, self.dtype)
-        graphdef = step_graph(self.graphdef, state, self.device.platform)
-        state, step_metrics = engine.train_step(graphdef, self.tx, state, images, labels)
+        state, step_metrics = engine.train_step(self.step_graphdef, self.tx, state, images, labels)
         return state, metrics + step_metrics
 
     def _eval_impl(self, state, metrics, data, start, *, size):
         images, labels, mask = gather_eval_batch(data, start, size, self.recipe, self.dtype)
-        graphdef = step_graph(self.graphdef, state, self.device.platform)
-        return metrics + engine.eval_step(graphdef, state, images, labels, mask)
+        return metrics + engine.eval_step(self.step_graphdef, state, images, labels, mask)
