@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flax_resnet import commands, files, registry
+from flax_resnet import files, registry
+from flax_resnet.cli import shell as commands
 from flax_resnet.errors import require
 from flax_resnet.recipes import RECIPES, Recipe, RunConfig
 

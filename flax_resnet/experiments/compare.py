@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from flax_resnet import registry, tables
+from flax_resnet.cli import options
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe
@@ -81,7 +82,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="model class (default: %(default)s)")
     g.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
                    help="training recipe (default: the model's notebook's)")
-    registry.add_model_arguments(g)
+    options.add(p, *options.MODEL_OPTIONS)
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating-point type of weights and computation in both frameworks (default: %(default)s)")
     common.add_run_options(p, framework=False)
@@ -93,7 +94,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable
         args.n_blocks = 1
     recipe_name = args.recipe or spec.recipe
     try:
-        kwargs = registry.model_kwargs(args.model, registry.given_model_arguments(args), recipe_name)
+        kwargs = registry.model_kwargs(args.model, options.given(args, options.MODEL_OPTIONS), recipe_name)
     except ValueError as e:
         parser.error(str(e))
     recipe = dataclasses.replace(common.make_recipe(recipe_name, args, parser), model=args.model)

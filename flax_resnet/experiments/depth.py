@@ -10,7 +10,8 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from flax_resnet import commands, tables
+from flax_resnet import tables
+from flax_resnet.cli import shell as commands
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
 from flax_resnet.recipes import RECIPES, Recipe

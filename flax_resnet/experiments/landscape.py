@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import commands, registry, tables
+from flax_resnet import registry, tables
+from flax_resnet.cli import shell as commands
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
