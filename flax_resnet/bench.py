@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from flax_resnet import files, registry, tables
-from flax_resnet.commands import HelpFormatter, expanded_path, number, seed
+from flax_resnet.cli import options
+from flax_resnet.cli.options import expanded_path, number, seed
+from flax_resnet.cli.shell import HelpFormatter
 from flax_resnet.data import plan as plans
 from flax_resnet.errors import FlaxResnetError, require
 from flax_resnet.recipes import PRECISIONS, Precision, RunConfig, get_recipe
@@ -463,7 +465,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     p.add_argument("--model", choices=registry.model_names(), default="SimpleResNet", metavar="NAME",
                    help=f"model class: {', '.join(registry.model_names())} (default: %(default)s)")
-    registry.add_model_arguments(p)
+    options.add(p, *options.MODEL_OPTIONS)
     p.add_argument("--batch-size", type=number(int, minimum=1), default=128, metavar="B",
                    help="batch size (default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -489,7 +491,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Handler of ``bench``: validate, run, print the table, write the JSON; returns the exit code."""
-    given = registry.given_model_arguments(args)
+    given = options.given(args, options.MODEL_OPTIONS)
     if not args.quick:
         try:
             registry.model_kwargs(args.model, given)

@@ -37,7 +37,8 @@ import torch
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import cli, codecs, commands, port, registry, training
+from flax_resnet import cli, codecs, port, registry, training
+from flax_resnet.cli import shell as commands
 from flax_resnet.data.plan import steps_per_epoch
 from flax_resnet.recipes import RunConfig
 from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_resnet import commands
+from flax_resnet.cli import shell as commands
 from flax_resnet.training import distributed, parallel
 
 WORKER = Path(__file__).with_name("parallel_worker.py")

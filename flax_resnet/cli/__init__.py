@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flax_resnet import bench, commands, experiments, registry, tables
+from flax_resnet import bench, registry, tables
+from flax_resnet.cli import experiments, options
+from flax_resnet.cli import shell as commands
 from flax_resnet.errors import EXTRAS, FlaxResnetError, installed, missing_extra, require
 from flax_resnet.recipes import PRECISIONS, RECIPES, Recipe, RunConfig
 
@@ -81,8 +83,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     what.add_argument("--framework", choices=("jax", "torch"), default="jax",
                       help="train the Flax model, or the PyTorch reference on the same batch stream "
                            "(default: %(default)s)")
-    registry.add_model_arguments(what, lambda arg: f"{arg.help} "
-                                 f"({', '.join(s.name for s in registry.MODELS.values() if arg.name in s.args)} only)")
+    options.add(p, *options.MODEL_OPTIONS)
     what.add_argument("--init-from", metavar="PATH", type=commands.expanded_path,
                       help="initial weights: a torch .pt state_dict or a Flax checkpoint (a run's --out or a "
                            "port output); default: the framework's own initialisation from --seed. Ignored "
@@ -189,7 +190,7 @@ def _given_model(args: argparse.Namespace, parser: argparse.ArgumentParser,
             parser.error("model options (--n-blocks, ...) need --model")
         return None
     try:
-        return args.model, registry.model_kwargs(args.model, registry.given_model_arguments(args), recipe)
+        return args.model, registry.model_kwargs(args.model, options.given(args, options.MODEL_OPTIONS), recipe)
     except ValueError as e:
         parser.error(str(e))
 
@@ -259,7 +260,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _add_model_options(p: argparse.ArgumentParser, model_help: str) -> None:
     """``port``'s and ``verify``'s --model and model options (``_given_model`` reads them)."""
     p.add_argument("--model", choices=registry.model_names(), metavar="NAME", help=model_help)
-    registry.add_model_arguments(p, lambda arg: f"with --model: {arg.help}")
+    options.add(p, *options.MODEL_OPTIONS)
 
 
 def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -461,8 +462,8 @@ def run_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 # -------------------------------------------------------------------------------------------------- main
 SUBCOMMANDS: list[Callable[[Any], Any]] = [add_train_parser, add_port_parser, add_verify_parser,
-                                           experiments.add_experiments_parser, bench.add_bench_parser,
-                                           add_selftest_parser]
+                                           experiments.add_parsers,
+                                           lambda sub: bench.add_bench_parser(sub), add_selftest_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
