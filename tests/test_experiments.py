@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from flax_resnet import cli, registry, tables, training
+from flax_resnet.cli import experiments as experiments_cli
 from flax_resnet.config import ConfigError, ModelConfig, ParallelConfig, Preset, RunConfig
 from flax_resnet.experiments import (
     MODULES,
@@ -364,8 +365,8 @@ def test_help_lists_every_experiment(capsys):
         assert run_main([module.NAME, "--help"]) == 0
         quick_values = capsys.readouterr().out.split("--quick sets (where not given): ")[1]
         preset = module.QUICK
-        names = [*preset.recipe, *preset.data, *preset.model_kwargs,
-                 *(experiments_cli.SETTING_FLAGS.get(k, k) for k in preset.settings)]
+        flags = (experiments_cli.SETTING_FLAGS.get(k, k) for k in preset.settings)  # None: set by --quick only
+        names = [*preset.recipe, *preset.data, *preset.model_kwargs, *(f for f in flags if f)]
         for name in names:  # each option --quick sets, whole (not split at a hyphen by the wrapping)
             assert f"--{name.replace('_', '-')}" in quick_values
 
@@ -385,6 +386,46 @@ def test_usage_errors_exit_2_before_writing(argv, tmp_path, capsys):
     assert run_main([*argv, "--out", str(out)]) == 2
     assert "error:" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["plain-vs-residual", "--init-from", "w.pt"], "plain-vs-residual does not take --init-from"),
+    (["depth", "--init-from", "w.pt"], "depth does not take --init-from"),
+    (["ablation", "--init-from", "w.pt"], "ablation does not take --init-from"),
+    (["landscape", "--quick", "--init-from", "w.pt"], "landscape does not take --init-from"),
+    (["compare", "--precision", "bf16"], "compare does not take --precision"),
+    (["he-init", "--framework", "torch"], "he-init does not take --framework"),
+    (["he-init", "--parallel", "pmap"], "he-init does not take --parallel"),
+    (["plain-vs-residual", "--coordinator", "h:1"], "unrecognized arguments: --coordinator"),
+])
+def test_a_train_option_an_experiment_cannot_honour_is_refused_in_one_line(argv, words, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in err, err
+    assert words in err, err
+    assert not out.exists()
+
+
+def test_the_command_line_hands_train_options_to_every_run(tmp_path, monkeypatch, capsys):
+    """What `train` accepts reaches each run of an experiment as it is: devices, precision, seed, the recipe
+    numbers over the preset's, checkpoints kept."""
+    fake = FakeTrain()
+    monkeypatch.setattr(training, "train", fake)
+    out = tmp_path / "depth"
+    assert run_main(["depth", "--quick", "--no-progress", "--out", str(out), "--precision", "bf16", "--parallel",
+                     "single", "--bn-sync", "off", "--seed", "7", "--max-to-keep", "1", "--epochs", "30",
+                     "--recipe", "resnet18-cifar"]) == 0
+    configs = [config for config, _ in fake.calls]
+    assert [c.output.out_dir.name for c in configs] == ["PlainNet-1-1-1-1", "PlainNet-2-2-2-2", "SimpleResNet-n1",
+                                                        "SimpleResNet-n2"]
+    for config in configs:
+        assert (config.precision, config.parallel, config.seed) == ("bf16", ParallelConfig("single", False), 7)
+        assert (config.recipe.name, config.recipe.epochs, config.recipe.batch_size) == ("resnet18-cifar", 30, 32)
+        assert (config.data.dataset, config.data.image_size, config.output.max_to_keep) == ("synthetic", 8, 1)
+    settings = json.loads((out / common.RESULTS_FILE).read_text())["settings"]
+    assert settings["precision"] == "bf16" and settings["experiment"]["resnet_blocks"] == [1, 2]
+    assert "depth: done" in capsys.readouterr().out
 
 
 def test_markdown_table_and_json():
