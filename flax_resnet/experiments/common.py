@@ -19,8 +19,9 @@ from typing import Any
 
 from flax_resnet import files, registry
 from flax_resnet.cli import shell as commands
+from flax_resnet.config import ModelConfig, OutputConfig, RunConfig
 from flax_resnet.errors import require
-from flax_resnet.recipes import RECIPES, Recipe, RunConfig
+from flax_resnet.recipes import RECIPES, Recipe
 
 __all__ = ["Command", "Context", "Report", "Run", "add_run_options", "count_conv_layers", "count_params", "fmt",
            "make_recipe", "prepare_args", "register", "to_jsonable"]
@@ -176,8 +177,10 @@ class Context:
 
         framework = framework or self.framework
         kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
-        config = RunConfig(recipe=recipe, model=model, model_kwargs=kwargs, framework=framework, seed=self.seed,
-                           dtype=dtype)
+        out_dir = self.out / "runs" / name
+        config = RunConfig(recipe=recipe, model=ModelConfig(model, kwargs), framework=framework, seed=self.seed,
+                           dtype=dtype, output=OutputConfig(out_dir, resume=self.resume, overwrite=self.overwrite if
+                                                            overwrite is None else overwrite))
         title = f"{label}: {registry.constructor_call(model, kwargs)}, {recipe.name}, {framework}"
         if framework == "jax":
             net = registry.build_flax(model, kwargs, seed=self.seed)
@@ -188,10 +191,9 @@ class Context:
             if state_dict is not None:
                 net.load_state_dict(state_dict, strict=True)
         size, convs = count_params(net), count_conv_layers(net)
-        progress, out_dir = self.progress, self.out / "runs" / name
+        progress = self.progress
         history = training.train(
-            net, config, self.dataset, out_dir=out_dir, resume=self.resume, title=title,
-            overwrite=self.overwrite if overwrite is None else overwrite,
+            config, model=net, dataset=self.dataset, title=title,
             log=lambda line: commands.write_line(f"[{label}] {line}"),
             progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")),
         ).history

@@ -17,10 +17,11 @@ import numpy as np
 
 from flax_resnet import registry, tables
 from flax_resnet.cli import shell as commands
+from flax_resnet.config import RunConfig
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Report, fmt
-from flax_resnet.recipes import RECIPES, Recipe, RunConfig
+from flax_resnet.recipes import RECIPES, Recipe
 from flax_resnet.store import CheckpointError, resolve
 
 __all__ = ["COMMAND", "Network", "line_loss", "load_network", "run_landscape"]
@@ -57,7 +58,8 @@ def load_network(path: Path, label: str | None = None) -> Network:
     if meta.get("dtype", "float32") != "float32":
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
     # a checkpoint written by `port` records no recipe: the model's notebook's
-    recipe = RunConfig.from_dict(meta).recipe if meta.get("recipe") else RECIPES[registry.get_spec(name).recipe]
+    recipe = (RunConfig.from_checkpoint_meta(meta).recipe if meta.get("recipe")
+              else RECIPES[registry.get_spec(name).recipe])
     model = registry.build_flax(name, kwargs)
     checkpoint.load_model(root, model)
     return Network(label or name, model, name, kwargs, recipe, Path(path), meta.get("epoch"))
