@@ -37,8 +37,7 @@ import torch
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import cli, codecs, port, registry, training
-from flax_resnet.cli import shell as commands
+from flax_resnet import cli, codecs, data, port, registry, training
 from flax_resnet.config import ModelConfig, OutputConfig, RunConfig
 from flax_resnet.data.plan import steps_per_epoch
 from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore
@@ -218,7 +217,7 @@ def test_a_run_killed_mid_epoch_blocks_no_one_and_resumes_exactly(good_run, tmp_
         written = snapshot(killed)
         assert steps_of(killed) == [1] and training.HISTORY_FILE in written
         with monkeypatch.context() as m:
-            m.setattr(commands, "load_data", refuse_data)
+            m.setattr(data, "load", refuse_data)
             for extra in ([], ["--resume"], ["--overwrite"]):
                 start = time.perf_counter()
                 assert run_main([*TRAIN, "--epochs", "3", "--out", str(killed), *extra]) == 1
@@ -527,14 +526,14 @@ def test_wrong_images_get_a_message_that_says_what_was_expected(name):
 
 
 # ------------------------------------------------------------------------------------------ disk and --out
-def refuse_data(args) -> None:
+def refuse_data(*args) -> None:
     raise AssertionError("the data was loaded before the output directory was checked")
 
 
 @pytest.fixture
 def no_data_loading(monkeypatch):
     """Fails the test if the command gets as far as loading data (the checks must come first)."""
-    monkeypatch.setattr(commands, "load_data", refuse_data)
+    monkeypatch.setattr(data, "load", refuse_data)
 
 
 def test_an_unwritable_out_fails_before_anything_else(tmp_path, capsys, no_data_loading):
