@@ -29,9 +29,10 @@ from flax_resnet import files, registry, tables
 from flax_resnet.cli import options
 from flax_resnet.cli.options import expanded_path, number, seed
 from flax_resnet.cli.shell import HelpFormatter
+from flax_resnet.config import ModelConfig, RunConfig
 from flax_resnet.data import plan as plans
 from flax_resnet.errors import FlaxResnetError, require
-from flax_resnet.recipes import PRECISIONS, Precision, RunConfig, get_recipe
+from flax_resnet.recipes import PRECISIONS, Precision, get_recipe
 
 # Dense (no sparsity) bf16 peak TFLOP/s, first matching substring of jax's ``device_kind`` wins. fp32's is half of
 # it: the TF32 tensor-core peak, since XLA and cuDNN run float32 convolutions in TF32 by default on Hopper.
@@ -202,8 +203,8 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     b, n = setup.batch_size, len(setup.labels)
     model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
-    backend = FlaxBackend(model, RunConfig(recipe=setup.recipe, model=setup.model, model_kwargs=setup.model_kwargs,
-                                           framework="jax", seed=setup.seed, precision=setup.precision))
+    backend = FlaxBackend(model, RunConfig(recipe=setup.recipe, model=ModelConfig(setup.model, setup.model_kwargs),
+                                           seed=setup.seed, precision=setup.precision))
     # no test split: the eval rows time the eval step on the training split's first batch (as torch's do)
     backend.prepare(setup.images, setup.labels, np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int32))
     runner, data = backend.runner, backend.train_data

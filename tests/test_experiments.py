@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import cli, registry, tables, training
+from flax_resnet import cli, port, registry, tables, training
 from flax_resnet.cli import experiments as experiments_cli
 from flax_resnet.config import ConfigError, ModelConfig, ParallelConfig, Preset, RunConfig
 from flax_resnet.experiments import (
@@ -248,7 +248,8 @@ class FakeTrain:
 
     def __call__(self, config: RunConfig, **kwargs: Any) -> training.TrainResult:
         self.calls.append((config, kwargs))
-        model = registry.build_flax(config.model.name, config.model.kwargs, seed=0)
+        model = kwargs.get("model")
+        model = model if model is not None else registry.build_flax(config.model.name, config.model.kwargs)
         history = {k: [1.0, 2.0] for k in training.HISTORY_KEYS}
         return training.TrainResult(model, history)
 
@@ -283,12 +284,16 @@ def test_compare_starts_both_frameworks_from_one_state_dict(tmp_path, monkeypatc
     config = quick_config(compare, tmp_path, seed=5)
     assert config.model == ModelConfig("SimpleResNet", {"n_blocks": 1})
     compare.run_compare(common.Context(config, tmp_path))
-    (jax_config, _), (torch_config, _) = fake.calls
+    (jax_config, jax_kwargs), (torch_config, torch_kwargs) = fake.calls
     assert (jax_config.framework, torch_config.framework) == ("jax", "torch")
-    start = jax_config.model.init_from
-    assert start is torch_config.model.init_from
     expected = compare.torch_initial_weights("SimpleResNet", {"n_blocks": 1}, 5)
-    assert start.keys() == expected.keys() and all((start[k] == expected[k]).all() for k in start)
+    for config_, kwargs, framework in ((jax_config, jax_kwargs, "jax"), (torch_config, torch_kwargs, "torch")):
+        start = config_.model.init_from  # the state_dict, or (until weights reads mappings) a model holding it
+        if start is None:
+            model = kwargs["model"]
+            start = port.to_torch_state_dict(model) if framework == "jax" else model.state_dict()
+        assert start.keys() == expected.keys(), framework
+        assert all(np.array_equal(np.asarray(start[k]), expected[k].numpy()) for k in start), framework
     # --init-from: both start from the weights given instead
     weights = tmp_path / "w.safetensors"
     compare.run_compare(common.Context(config.replace(model={"init_from": weights}), tmp_path))

@@ -24,7 +24,6 @@ from flax_resnet.recipes import RECIPES
 
 __all__ = ["COMMANDS", "SETTING_FLAGS", "Command", "add_parsers"]
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # a setting's option where it is not --<setting> (None: set by --quick only)
 SETTING_FLAGS: dict[str, str | None] = {"splits": "split", "train_own": None, "checkpoints": "checkpoint",
                                         "stock": "no-stock"}
@@ -269,7 +268,7 @@ def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error(str(e))
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return shell.EXIT_INTERRUPTED
     print()
     print(outcome.summary, end="")
     print(f"\n{module.NAME}: done in {outcome.seconds:.0f} s; outputs in {Path(outcome.out)}")

@@ -241,7 +241,7 @@ OPTIONS: dict[str, Option] = {
 }
 
 MODEL_OPTIONS = tuple(registry.MODEL_ARGS)
-RECIPE_OVERRIDES = tuple(f.name for f in dataclasses.fields(Recipe) if f.name in OPTIONS)
+RECIPE_OVERRIDES = tuple(f.name for f in dataclasses.fields(Recipe) if f.name in OPTIONS and f.name != "model")
 DATA = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name in OPTIONS) + ("no_download",)
 PARALLEL = ("parallel", "bn_sync", "coordinator", "num_processes", "process_id", "distributed_timeout")
 OUTPUT = ("out", "resume", "overwrite", "max_to_keep", "no_progress")

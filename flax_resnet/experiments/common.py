@@ -16,11 +16,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flax_resnet import data as datasets
 from flax_resnet import files, registry
 from flax_resnet.config import (
     RUNS_DIR,
     ConfigError,
-    DataConfig,
     ModelConfig,
     ParallelConfig,
     Preset,
@@ -28,9 +28,10 @@ from flax_resnet.config import (
     with_recipe,
 )
 from flax_resnet.errors import require
+from flax_resnet.recipes import Recipe
 
 __all__ = ["Context", "Outcome", "Report", "Run", "configure", "count_conv_layers", "count_params", "fmt",
-           "load_data", "refuse", "run_experiment", "settings_json", "to_jsonable"]
+           "refuse", "run_experiment", "settings_json", "to_jsonable"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -67,25 +68,6 @@ def refuse(name: str, config: RunConfig, base: RunConfig, why: str, *options: st
             flag = {"parallel": "--parallel, --bn-sync and the multi-host options"}.get(
                 option, f"--{option.replace('_', '-')}")
             raise ConfigError(f"{name} does not take {flag}: {why}.")
-
-
-def load_data(data: DataConfig, log: Callable[[str], None] | None = None) -> Any:
-    """The data set ``data`` names (a ``data.Dataset``): generated images, or CIFAR-10's first N of each split."""
-    from flax_resnet import data as datasets
-    from flax_resnet.data import cifar10
-
-    if data.dataset == "synthetic":
-        return datasets.synthetic_dataset(num_train=data.train_samples or 2048,
-                                          num_test=512 if data.test_samples is None else data.test_samples,
-                                          seed=0, image_size=data.image_size)
-    if data.archive is not None and cifar10.is_prepared(data.data_dir) and log is not None:
-        log(f"note: CIFAR-10 is already prepared in {data.data_dir}, so --archive {data.archive} is not read "
-            f"(remove {data.data_dir / 'cifar10'} to prepare it again)")
-    ds = datasets.load_dataset("cifar10", data_dir=data.data_dir, archive=data.archive, download=data.download,
-                               skip_checksum=data.skip_checksum)
-    n_train, n_test = data.train_samples, data.test_samples  # None: all of them
-    return dataclasses.replace(ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
-                               test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])
 
 
 def count_params(model: Any) -> int:
@@ -184,7 +166,7 @@ class Context:
     def seed(self) -> int:
         return self.config.seed
 
-    def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], name: str, *, recipe: Any = None,
+    def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], name: str, *, recipe: Recipe | None = None,
               framework: str | None = None, overwrite: bool | None = None,
               init_from: Path | Mapping[str, Any] | None = None) -> Run:
         """Train the registered ``model`` on the context's data through ``training.train``, into
@@ -199,19 +181,37 @@ class Context:
         output = dataclasses.replace(self.config.output, out_dir=self.out / "runs" / name)
         if overwrite is not None:
             output = dataclasses.replace(output, overwrite=overwrite, resume=output.resume and not overwrite)
+        net = None
+        if isinstance(init_from, Mapping):
+            net, init_from = _with_state_dict(framework, model, kwargs, self.config.seed, init_from), None
         config = self.config.replace(
             recipe=recipe, framework=framework, model=ModelConfig(model, kwargs, init_from), output=output,
             parallel=self.config.parallel if framework == "jax" else ParallelConfig())
         title = f"{label}: {registry.constructor_call(model, kwargs)}, {recipe.name}, {framework}"
         log, progress = self.log, self.progress
         result = training.train(
-            config, dataset=self.dataset, title=title,
+            config, model=net, dataset=self.dataset, title=title,
             log=None if log is None else (lambda line: log(f"[{label}] {line}")),
             progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")))
         history = result.history
         return Run(label, model, dict(kwargs), framework, count_params(result.model),
                    count_conv_layers(result.model), {k: list(v) for k, v in history.items()}, config.output.out_dir,
                    float(sum(history["epoch_time"])))
+
+
+def _with_state_dict(framework: str, name: str, kwargs: Mapping[str, Any], seed: int,
+                     state_dict: Mapping[str, Any]) -> Any:
+    """The registered model with a torch state_dict loaded as ``port`` does (strict). Until ``weights.load_model``
+    reads a mapping: then ``ModelConfig(init_from=state_dict)`` goes to ``train`` as it is."""
+    from flax_resnet import port
+
+    if framework == "jax":
+        net = registry.build_flax(name, kwargs, seed=seed)
+        port.load_torch_state_dict(net, state_dict)
+    else:
+        net = registry.build_torch(name, kwargs, seed=seed)
+        net.load_state_dict(state_dict, strict=True)
+    return net
 
 
 @dataclasses.dataclass
@@ -251,6 +251,8 @@ def run_experiment(name: str, config: RunConfig, settings: Any, work: Callable[[
     require("matplotlib", f"{name} (its figures)")
     if needs_torch or config.framework == "torch":
         require("torch", f"{name}{'' if needs_torch else ' --framework torch'}")
+    if reads_data:
+        datasets.check(config.data)
     out = config.output.out_dir or RUNS_DIR / name
     # as `train` does: an unwritable --out, or another run writing to it, fails before any data or training
     claim = claim_output_dir(out, probe=())
@@ -258,7 +260,7 @@ def run_experiment(name: str, config: RunConfig, settings: Any, work: Callable[[
     start = time.perf_counter()
     with claim:
         if reads_data:
-            ctx.dataset = load_data(config.data, log)
+            ctx.dataset = datasets.load(config.data, log)
             size = ctx.dataset.train_images.shape[1]
             ctx.data_note = (f"{'synthetic data' if config.data.dataset == 'synthetic' else 'CIFAR-10'}, "
                              f"{len(ctx.dataset.train_labels)} training and {len(ctx.dataset.test_labels)} "
