@@ -26,10 +26,13 @@ from typing import Any
 import numpy as np
 
 from flax_resnet import files, registry, tables
-from flax_resnet.commands import HelpFormatter, expanded_path, number, seed
+from flax_resnet.cli import options
+from flax_resnet.cli.options import expanded_path, number, seed
+from flax_resnet.cli.shell import HelpFormatter
+from flax_resnet.config import ModelConfig, RunConfig
 from flax_resnet.data import plan as plans
 from flax_resnet.errors import FlaxResnetError, require
-from flax_resnet.recipes import PRECISIONS, Precision, RunConfig, get_recipe
+from flax_resnet.recipes import PRECISIONS, Precision, get_recipe
 
 # Dense (no sparsity) bf16 peak TFLOP/s, first matching substring of jax's ``device_kind`` wins. fp32's is half of
 # it: the TF32 tensor-core peak, since XLA and cuDNN run float32 convolutions in TF32 by default on Hopper.
@@ -200,8 +203,8 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     b, n = setup.batch_size, len(setup.labels)
     model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
-    backend = FlaxBackend(model, RunConfig(recipe=setup.recipe, model=setup.model, model_kwargs=setup.model_kwargs,
-                                           framework="jax", seed=setup.seed, precision=setup.precision))
+    backend = FlaxBackend(model, RunConfig(recipe=setup.recipe, model=ModelConfig(setup.model, setup.model_kwargs),
+                                           seed=setup.seed, precision=setup.precision))
     # the test split is the training split's first batch: the eval rows time the eval step on it (as torch's do)
     backend.prepare(setup.images, setup.labels, setup.images[:b], setup.labels[:b])
     plan = backend.put_plan(plans.epoch_plan(setup.seed, 0, n))
@@ -460,7 +463,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     p.add_argument("--model", choices=registry.model_names(), default="SimpleResNet", metavar="NAME",
                    help=f"model class: {', '.join(registry.model_names())} (default: %(default)s)")
-    registry.add_model_arguments(p)
+    options.add(p, *options.MODEL_OPTIONS)
     p.add_argument("--batch-size", type=number(int, minimum=1), default=128, metavar="B",
                    help="batch size (default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -486,7 +489,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Handler of ``bench``: validate, run, print the table, write the JSON; returns the exit code."""
-    given = registry.given_model_arguments(args)
+    given = options.given(args, options.MODEL_OPTIONS)
     if not args.quick:
         try:
             registry.model_kwargs(args.model, given)

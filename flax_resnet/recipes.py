@@ -1,15 +1,10 @@
-"""How a run trains: the notebooks' recipes, and the ``RunConfig`` that names everything deciding a run's result.
-
-Every number of a recipe is a field, so the command line can override any of them with ``dataclasses.replace``.
-Every checkpoint records the ``RunConfig``'s ``asdict()``; ``resume_problems`` is what ``--resume`` checks.
-"""
+"""How a run trains: the notebooks' recipes. Every number of a recipe is a field, so the command line can override
+any of them (``config.with_recipe``); the rest of a run's settings are ``config.RunConfig``'s."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 # how the steps run on the devices (flax_resnet.training.parallel.make_runner)
@@ -81,64 +76,3 @@ def epoch_learning_rate(recipe: Recipe, epoch):
     if recipe.schedule == "cosine":  # CosineAnnealingLR(T_max=epochs, eta_min=0)
         return recipe.lr * 0.5 * (1 + jnp.cos(jnp.pi * epoch / recipe.epochs))
     return recipe.lr * jnp.ones_like(jnp.asarray(epoch, jnp.float32))
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything that decides a training run's result, and so what a resumed run must share with its checkpoint.
-
-    ``model`` / ``model_kwargs`` name a registered model (``flax_resnet.registry``) or describe a user's own;
-    ``dataset`` names the data (``num_train`` / ``num_test`` are filled in from the data by the loop); ``dtype``
-    is the floating type of weights and computation; ``precision`` is 'fp32' or 'bf16' (mixed precision, Flax
-    only); ``bn_sync`` whether data-parallel BatchNorm statistics span all devices.
-    """
-
-    recipe: Recipe
-    model: str = "custom"
-    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    framework: Literal["jax", "torch"] = "jax"
-    dataset: str = "custom"
-    num_train: int | None = None
-    num_test: int | None = None
-    seed: int = 0
-    dtype: str = "float32"
-    precision: Precision = "fp32"
-    bn_sync: bool = True
-
-    def asdict(self) -> dict[str, Any]:
-        """The configuration as plain JSON values (tuples as lists): the metadata of every checkpoint."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def resume_problems(self, saved: Mapping[str, Any]) -> list[str]:
-        """Why a checkpoint with metadata ``saved`` cannot be continued by this run: one line per field that differs.
-
-        A run may be made longer (more epochs) unless the schedule depends on the run's length: cosine annealing's
-        T_max is the number of epochs, so a longer run would change the learning rates of epochs already planned.
-        """
-        mine = self.asdict()
-        problems = []
-        for key, want in mine.items():
-            have = saved.get(key)
-            if key == "recipe" and isinstance(have, dict):
-                for field, value in want.items():
-                    before = have.get(field)
-                    if field == "epochs" and before is not None and value != before:
-                        if value > before and want.get("schedule") != "cosine":
-                            continue
-                        why = (" (the cosine schedule's T_max is the number of epochs, so another --epochs would "
-                               "change the learning rates the run was following)" if want.get("schedule") == "cosine"
-                               else " (a run can be continued for more epochs, not fewer)")
-                        problems.append(f"--epochs: the checkpoint's run has {before}, this one {value}{why}")
-                    elif value != before:
-                        problems.append(f"recipe {field}: the checkpoint's run has {before!r}, this one {value!r}")
-            elif have != want:
-                problems.append(f"{key}: the checkpoint's run has {have!r}, this one {want!r}")
-        return problems
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
-        """The configuration recorded in a checkpoint (``asdict``'s inverse)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in values.items() if k in fields}
-        recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.pop("recipe").items()}
-        return cls(recipe=Recipe(**recipe), **kwargs)

@@ -14,26 +14,38 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from flax_resnet.argtypes import finite_float, number
 from flax_resnet.errors import require
 
-__all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "add_model_arguments", "build_flax", "build_torch",
-           "constructor_call", "get_spec", "given_model_arguments", "infer_model", "model_kwargs", "model_names"]
+__all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "build_flax", "build_torch", "constructor_call",
+           "get_spec", "infer_model", "model_kwargs", "model_names"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelArg:
-    """A constructor argument that some models take, and how the command line spells it."""
+    """A constructor argument that some models take: its kind and bounds (``check`` refuses a value the model
+    cannot take), and how the command line spells it (``flax_resnet.cli.options`` makes the option)."""
 
     name: str  # the constructor's keyword, e.g. "n_blocks"
     flag: str  # the command-line option, e.g. "--n-blocks"
-    type: Callable[[str], Any]  # its argparse type, which refuses a value the model cannot take
+    kind: type  # int or float, of each value
     default: Any
     help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_max: bool = False
     nargs: int | None = None
     metavar: str = "N"
     # reads the value back from a torch state_dict's keys (to recognise a .pt file's model); None: cannot
     from_keys: Callable[[Collection[str]], Any] | None = None
+
+    def check(self, value: Any) -> None:
+        """``ValueError`` naming the option when ``value`` (or one of its ``nargs`` values) is out of bounds."""
+        for v in value if self.nargs else (value,):
+            high_ok = self.maximum is None or (v < self.maximum if self.exclusive_max else v <= self.maximum)
+            if not isinstance(v, int | float) or (self.minimum is not None and v < self.minimum) or not high_ok:
+                bounds = [f">= {self.minimum}"] * (self.minimum is not None) + \
+                    [f"{'<' if self.exclusive_max else '<='} {self.maximum}"] * (self.maximum is not None)
+                raise ValueError(f"{self.flag} must be {' and '.join(bounds)}, got {v!r}.")
 
 
 def _blocks_in(keys: Collection[str], prefix: str) -> int:
@@ -45,29 +57,17 @@ def _blocks_in(keys: Collection[str], prefix: str) -> int:
 
 MODEL_ARGS: dict[str, ModelArg] = {
     "n_blocks": ModelArg(
-        "n_blocks", "--n-blocks", number(int, minimum=1), 3,
+        "n_blocks", "--n-blocks", int, 3,
         "blocks per stage of the notebook-000 models (1 + 6n conv layers); default 3, but 5 with the "
-        "plain-vs-residual recipe, as notebook 000 compares them", from_keys=lambda keys: _blocks_in(keys, "stage1")),
+        "plain-vs-residual recipe, as notebook 000 compares them", minimum=1,
+        from_keys=lambda keys: _blocks_in(keys, "stage1")),
     "num_blocks": ModelArg(
-        "num_blocks", "--num-blocks", number(int, minimum=1), (1, 1, 1, 1),
+        "num_blocks", "--num-blocks", int, (1, 1, 1, 1),
         "blocks in each of PlainNet's four layers; default 1 1 1 1 (notebook 004: shallow 1 1 1 1, deep 3 3 3 3)",
-        nargs=4, from_keys=lambda keys: tuple(_blocks_in(keys, f"layer{i}") for i in range(1, 5))),
-    "p": ModelArg("p", "--dropout-p", finite_float(minimum=0, maximum=1, exclusive_max=True), 0.2,
-                  "dropout probability after each block of ResNet18Dropout; default 0.2", metavar="X"),
+        minimum=1, nargs=4, from_keys=lambda keys: tuple(_blocks_in(keys, f"layer{i}") for i in range(1, 5))),
+    "p": ModelArg("p", "--dropout-p", float, 0.2, "dropout probability after each block of ResNet18Dropout; "
+                  "default 0.2", minimum=0, maximum=1, exclusive_max=True, metavar="X"),
 }
-
-
-def add_model_arguments(parser: Any, describe: Callable[[ModelArg], str] = lambda arg: arg.help) -> None:
-    """One option per ``MODEL_ARGS`` entry on an argparse parser or group, stored under the argument's name; unset
-    is None (``model_kwargs`` then uses the model's default)."""
-    for arg in MODEL_ARGS.values():
-        parser.add_argument(arg.flag, dest=arg.name, type=arg.type, nargs=arg.nargs, default=None,
-                            metavar=arg.metavar, help=describe(arg))
-
-
-def given_model_arguments(args: Any) -> dict[str, Any]:
-    """What ``add_model_arguments``' options parsed into ``args`` (None where not given), for ``model_kwargs``."""
-    return {name: getattr(args, name) for name in MODEL_ARGS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +111,15 @@ def get_spec(name: str) -> ModelSpec:
 
 def model_kwargs(name: str, given: Mapping[str, Any] | None = None, recipe: str | None = None) -> dict[str, Any]:
     """The constructor arguments of ``name``: ``given`` (None values ignored) over recipe and class defaults;
-    ``ValueError`` for an argument the model does not take (the command line's ``ModelArg.type`` checks values)."""
+    ``ValueError`` for an argument the model does not take or a value out of its bounds (``ModelArg.check``)."""
     spec = get_spec(name)
     given = {k: v for k, v in (given or {}).items() if v is not None}
     foreign = [MODEL_ARGS[k].flag if k in MODEL_ARGS else k for k in given if k not in spec.args]
     if foreign:
         takes = ", ".join(MODEL_ARGS[a].flag for a in spec.args) or "no model options"
         raise ValueError(f"{name} does not take {', '.join(foreign)} (it takes {takes})")
+    for k, v in given.items():
+        MODEL_ARGS[k].check(v)
     defaults = RECIPE_MODEL_DEFAULTS.get(recipe or "", {})
     kwargs = {a: given.get(a, defaults.get(a, MODEL_ARGS[a].default)) for a in spec.args}
     return {a: tuple(v) if isinstance(v, list) else v for a, v in kwargs.items()}
@@ -199,8 +201,11 @@ def infer_model(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
     matches: list[tuple[str, dict[str, Any]]] = []
     for name, spec in MODELS.items():
-        kwargs = model_kwargs(name, {a: MODEL_ARGS[a].from_keys(state_dict) for a in spec.args
-                                     if MODEL_ARGS[a].from_keys is not None})
+        try:
+            kwargs = model_kwargs(name, {a: MODEL_ARGS[a].from_keys(state_dict) for a in spec.args
+                                         if MODEL_ARGS[a].from_keys is not None})
+        except ValueError:  # keys of another model: no blocks where this one has them
+            continue
         abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: build_flax(name, kwargs))
         if set(torch_keys(abstract)) == set(state_dict) and all(
                 tuple(state_dict[key].shape) == shape for key, shape in torch_shapes(abstract).items()):

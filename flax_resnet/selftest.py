@@ -174,19 +174,19 @@ def _bench_rows(plan: Plan, torch_compile: bool, say: Callable[[str], None]) -> 
 def _epoch_rows(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
     """Two epochs through ``training.train`` (as ``train.py train --precision bf16 --dataset synthetic``)."""
     from flax_resnet import training
+    from flax_resnet.config import ModelConfig, RunConfig
     from flax_resnet.data import synthetic_dataset
     from flax_resnet.precision import apply_precision
-    from flax_resnet.recipes import RunConfig, get_recipe
+    from flax_resnet.recipes import get_recipe
 
     t0 = time.perf_counter()
     data = synthetic_dataset(plan.num_train, plan.num_test, seed=0)
     data_s = time.perf_counter() - t0
     say(f"synthetic data: {plan.num_train:,} + {plan.num_test:,} images ({data_s:.1f} s)")
     recipe = dataclasses.replace(get_recipe("resnet18-cifar"), epochs=plan.epochs, batch_size=plan.epochs_batch)
-    config = RunConfig(recipe=recipe, model=plan.epochs_model, model_kwargs=plan.epochs_kwargs, framework="jax",
-                       dataset="synthetic", precision="bf16")
+    config = RunConfig(recipe=recipe, model=ModelConfig(plan.epochs_model, plan.epochs_kwargs), precision="bf16")
     model = apply_precision(registry.build_flax(plan.epochs_model, plan.epochs_kwargs, seed=0), "bf16")
-    result = training.train(model, config, data, log=say, title="selftest")
+    result = training.train(config, model=model, dataset=data, log=say, title="selftest")
     times, rates = result.history["epoch_time"], result.history["images_per_sec"]
     first, second = times[0], times[-1]
     return {"model": plan.epochs_model, "kwargs": plan.epochs_kwargs, "recipe": recipe.name, "precision": "bf16",

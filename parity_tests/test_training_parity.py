@@ -38,10 +38,11 @@ from flax import nnx
 import flax_resnet.models as fm
 import torch_ref.models as tm
 from flax_resnet import parity, training
+from flax_resnet.config import OutputConfig, RunConfig
 from flax_resnet.data import synthetic_dataset
 from flax_resnet.data.plan import steps_per_epoch
 from flax_resnet.port import load_torch_state_dict, to_torch_state_dict
-from flax_resnet.recipes import RECIPES, Recipe, RunConfig
+from flax_resnet.recipes import RECIPES, Recipe
 
 # float64, test-only: looser than parity.TOLERANCES["float64"].values (1e-12), which bounds one step. Over 20
 # training steps rounding differences grow: the bottleneck ResNet's losses agree to 2e-12 and its weights to 2e-11
@@ -56,6 +57,12 @@ SEED = 3  # of the batch stream
 # there: a relative 2.3e-3 in that BatchNorm bias after three steps (measured), the float32 spike the differences
 # table names. Seeds 0, 1 and 2 agree to 1.5e-6 (measured). float64, where no such tie occurs, keeps seed 3.
 F32_SEED = 0
+
+
+def fit(model, config, dataset, *, out_dir=None, resume=False, overwrite=False, max_to_keep=3, **kw):
+    """``training.train`` with ``model`` and ``dataset`` given and the outputs in ``config.output``."""
+    output = OutputConfig(out_dir, resume=resume, overwrite=overwrite, max_to_keep=max_to_keep)
+    return training.train(config.replace(output=output), model=model, dataset=dataset, **kw)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,9 +132,9 @@ def train_both(case: Case, dtype, num_train: int, num_test: int, epochs: int, se
     flax_losses: list[float] = []
     torch_losses: list[float] = []
     dtype_name = jnp.dtype(dtype).name
-    result = training.train(flax_model, RunConfig(recipe, seed=seed, dtype=dtype_name), dataset,
+    result = fit(flax_model, RunConfig(recipe, seed=seed, dtype=dtype_name), dataset,
                             on_step=lambda step, loss: flax_losses.append(loss()))
-    torch_history = training.train(torch_model, RunConfig(recipe, framework="torch", seed=seed, dtype=dtype_name),
+    torch_history = fit(torch_model, RunConfig(recipe, framework="torch", seed=seed, dtype=dtype_name),
                                    dataset, on_step=lambda step, loss: torch_losses.append(loss())).history
     return dict(flax_losses=flax_losses, torch_losses=torch_losses, flax_history=result.history,
                 torch_history=torch_history, flax_weights=to_torch_state_dict(flax_model),  # trained in place

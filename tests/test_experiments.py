@@ -1,4 +1,6 @@
-"""The experiment commands end to end: every ``--quick`` run in-process, its files and the values in them.
+"""The experiments end to end: every quick run in-process through ``<module>.run(config, settings)`` with typed
+values, its files and the values in them; ``Context.train``'s one way to a run (``training.train(config)``); the
+command line's parsers, usage errors and --out claim.
 
 Quick runs train on synthetic data with the smallest models, so the suite stays within a few minutes on two
 CPU cores. ``plain-vs-residual``'s runs are shared: ``landscape`` reads their checkpoints, as a user would.
@@ -6,20 +8,31 @@ CPU cores. ``plain-vs-residual``'s runs are shared: ``landscape`` reads their ch
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import cli, registry, tables
-from flax_resnet.experiments import COMMANDS, common
+from flax_resnet import cli, port, registry, tables, training
+from flax_resnet.cli import experiments as experiments_cli
+from flax_resnet.config import ConfigError, ModelConfig, ParallelConfig, Preset, RunConfig
+from flax_resnet.experiments import (
+    MODULES,
+    ablation,
+    common,
+    compare,
+    depth,
+    init_variance,
+    landscape,
+    plain_vs_residual,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,16 +52,31 @@ def run_main(argv: list[str]) -> int:
         return int(e.code or 0)
 
 
-def quick(command: str, out: Path, *extra: str) -> dict:
-    """Run ``command --quick`` into ``out``; check the files every experiment writes; return results.json."""
-    assert run_main([command, "--quick", "--no-progress", "--out", str(out), *extra]) == 0
+def quick_config(module: Any, out: Path, *, recipe: dict | None = None, data: dict | None = None,
+                 **fields: Any) -> RunConfig:
+    """The experiment's --quick config writing to ``out``, with ``recipe`` / ``data`` values and fields over it."""
+    output = {"out_dir": out, "progress": False, **fields.pop("output", {})}
+    return common.configure(module.BASE, module.QUICK, recipe=recipe, data=data, output=output, **fields)
+
+
+def quick(module: Any, out: Path, *, recipe: dict | None = None, data: dict | None = None,
+          **settings: Any) -> dict:
+    """Run ``module`` with its quick preset (``settings`` over the preset's) into ``out``; check the files every
+    experiment writes; return results.json."""
+    config = quick_config(module, out, recipe=recipe, data=data)
+    settings = module.Settings(**{**module.QUICK.settings, **settings})
+    outcome = module.run(config, settings)
+    assert outcome.out == out
     results = json.loads((out / common.RESULTS_FILE).read_text())
-    assert results["command"] == command
+    assert results["command"] == module.NAME
+    # "settings": the typed config and the experiment's own settings, as given
+    assert results["settings"] == json.loads(json.dumps(common.settings_json(config, settings)))
     assert results["figures"], "no figure"
     for name in results["figures"]:
-        data = (out / name).read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
+        data_ = (out / name).read_bytes()
+        assert data_.startswith(PNG_MAGIC) and len(data_) > 5_000, name
     summary = (out / common.SUMMARY_FILE).read_text()
+    assert summary == outcome.summary
     table = [line for line in summary.splitlines() if line.startswith("|")]
     assert len(table) >= 3 and set(table[1]) <= set("|-: "), summary  # header, rule, rows
     return results
@@ -69,13 +97,13 @@ def assert_accuracies(history: dict) -> None:
 @pytest.fixture(scope="module")
 def pvr(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("plain-vs-residual")
-    return out, quick("plain-vs-residual", out)
+    return out, quick(plain_vs_residual, out)
 
 
 def test_plain_vs_residual_quick(pvr, capsys):
     out, results = pvr
     n = results["n_blocks"]
-    assert n == 1
+    assert n == 1 and results["settings"]["experiment"] == {"n_blocks": 1}
     for key, model in (("plain", "PlainDeepCNN"), ("resnet", "SimpleResNet")):
         run = results["runs"][key]
         assert run["model"] == model
@@ -104,8 +132,7 @@ def test_parameter_counts_match_torch():
 # ------------------------------------------------------------------------------------------- landscape
 def test_landscape_of_the_experiment_checkpoints(pvr, tmp_path):
     runs = pvr[0] / "runs"
-    results = quick("landscape", tmp_path / "landscape", "--plain", str(runs / "PlainDeepCNN"),
-                    "--residual", str(runs / "SimpleResNet"))
+    results = quick(landscape, tmp_path / "landscape", plain=runs / "PlainDeepCNN", residual=runs / "SimpleResNet")
     alphas = results["alphas"]
     assert len(alphas) == 21 and alphas[0] == -1 and alphas[-1] == 1
     assert results["relative"] is True and results["splits"] == ["test", "train"]
@@ -124,8 +151,8 @@ def test_landscape_of_the_experiment_checkpoints(pvr, tmp_path):
 
 def test_landscape_quick_trains_its_own_networks(tmp_path):
     out = tmp_path / "landscape"
-    results = quick("landscape", out, "--epochs", "1", "--train-samples", "64", "--test-samples", "16",
-                    "--points", "5", "--split", "test")
+    results = quick(landscape, out, recipe={"epochs": 1}, data={"train_samples": 64, "test_samples": 16}, points=5,
+                    splits=("test",))
     assert set(results["networks"]) == {"plain", "residual"}
     for model in ("PlainDeepCNN", "SimpleResNet"):
         assert (out / "runs" / model / "checkpoints").is_dir()
@@ -152,7 +179,7 @@ def test_landscape_loss_ignores_batchnorm_statistics_and_leaves_the_model_alone(
 
 # ------------------------------------------------------------------------------------------------- depth
 def test_depth_quick(tmp_path):
-    results = quick("depth", tmp_path / "depth")
+    results = quick(depth, tmp_path / "depth")
     plain, resnet = results["runs"]["PlainNet"], results["runs"]["SimpleResNet"]
     assert [r["conv_layers"] for r in plain] == [9, 17]  # 1 + 2 * sum(num_blocks)
     assert [r["conv_layers"] for r in resnet] == [7, 13]  # 1 + 6n
@@ -164,7 +191,7 @@ def test_depth_quick(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- he-init
 def test_he_init_quick(tmp_path):
-    results = quick("he-init", tmp_path / "he-init")
+    results = quick(init_variance, tmp_path / "he-init")
     simple, resnet = results["models"]["SimpleNet"], results["models"]["ResNet18"]
     assert simple["layers"] == ["conv1", "conv2", "conv3", "conv4", "fc"]
     assert len(resnet["layers"]) == 21 and resnet["layers"][-1] == "fc"
@@ -187,7 +214,7 @@ def test_he_init_quick(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- ablation
 def test_ablation_quick(tmp_path):
-    results = quick("ablation", tmp_path / "ablation")
+    results = quick(ablation, tmp_path / "ablation")
     assert set(results["results"]) == {"with_bn", "without_bn", "with_dropout"}
     for key, accuracy in results["results"].items():
         assert accuracy is not None and 0.0 <= accuracy <= 100.0, key
@@ -199,7 +226,7 @@ def test_ablation_quick(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- compare
 def test_compare_quick(tmp_path):
-    results = quick("compare", tmp_path / "compare")
+    results = quick(compare, tmp_path / "compare")
     jax_run, torch_run = results["runs"]["jax"], results["runs"]["torch"]
     assert jax_run["params"] == torch_run["params"]
     for run in (jax_run, torch_run):
@@ -212,15 +239,140 @@ def test_compare_quick(tmp_path):
         assert timing["images_per_sec_median"] > 0 and timing["first_epoch_time"] > 0
 
 
+# ----------------------------------------------------------------------------- the typed seam, one way to train
+class FakeTrain:
+    """``training.train`` recording the configs it is given, returning a two-epoch history at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[RunConfig, dict]] = []
+
+    def __call__(self, config: RunConfig, **kwargs: Any) -> training.TrainResult:
+        self.calls.append((config, kwargs))
+        model = kwargs.get("model")
+        model = model if model is not None else registry.build_flax(config.model.name, config.model.kwargs)
+        history = {k: [1.0, 2.0] for k in training.HISTORY_KEYS}
+        return training.TrainResult(model, history)
+
+
+def test_context_train_hands_the_experiment_config_to_train(tmp_path, monkeypatch):
+    """Context.train is `train`'s one way in: the experiment's config (seed, dtype, precision, devices, resume) as
+    given, with the run's model, recipe and OUT/runs/<name>; the devices options hold for Flax runs only."""
+    fake = FakeTrain()
+    monkeypatch.setattr(training, "train", fake)
+    base = quick_config(plain_vs_residual, tmp_path, seed=3, precision="bf16",
+                        parallel=ParallelConfig(kind="single", bn_sync=False), output={"resume": True})
+    dataset = object()
+    ctx = common.Context(base, tmp_path, dataset=dataset, log=lambda line: None)
+    run = ctx.train("Plain", "PlainDeepCNN", {"n_blocks": 1}, "PlainDeepCNN")
+    (config, kwargs), = fake.calls
+    assert config == base.replace(model=ModelConfig("PlainDeepCNN", {"n_blocks": 1}),
+                                  output={"out_dir": tmp_path / "runs" / "PlainDeepCNN"})
+    assert kwargs["dataset"] is dataset and "PlainDeepCNN(n_blocks=1)" in kwargs["title"]
+    assert run.out_dir == tmp_path / "runs" / "PlainDeepCNN" and run.conv_layers == 7 and run.train_time == 3.0
+    assert run.params == param_count("PlainDeepCNN", {"n_blocks": 1})
+
+    ctx = common.Context(base.replace(precision="fp32"), tmp_path)
+    ctx.train("t", "SimpleResNet", {"n_blocks": 1}, "t", framework="torch", overwrite=True)
+    config = fake.calls[-1][0]
+    assert config.framework == "torch" and config.parallel == ParallelConfig()
+    assert config.output.overwrite and not config.output.resume
+
+
+def test_compare_starts_both_frameworks_from_one_state_dict(tmp_path, monkeypatch):
+    fake = FakeTrain()
+    monkeypatch.setattr(training, "train", fake)
+    config = quick_config(compare, tmp_path, seed=5)
+    assert config.model == ModelConfig("SimpleResNet", {"n_blocks": 1})
+    compare.run_compare(common.Context(config, tmp_path))
+    (jax_config, jax_kwargs), (torch_config, torch_kwargs) = fake.calls
+    assert (jax_config.framework, torch_config.framework) == ("jax", "torch")
+    expected = compare.torch_initial_weights("SimpleResNet", {"n_blocks": 1}, 5)
+    for config_, kwargs, framework in ((jax_config, jax_kwargs, "jax"), (torch_config, torch_kwargs, "torch")):
+        start = config_.model.init_from  # the state_dict, or (until weights reads mappings) a model holding it
+        if start is None:
+            model = kwargs["model"]
+            start = port.to_torch_state_dict(model) if framework == "jax" else model.state_dict()
+        assert start.keys() == expected.keys(), framework
+        assert all(np.array_equal(np.asarray(start[k]), expected[k].numpy()) for k in start), framework
+    # --init-from: both start from the weights given instead
+    weights = tmp_path / "w.safetensors"
+    compare.run_compare(common.Context(config.replace(model={"init_from": weights}), tmp_path))
+    assert [c.model.init_from for c, _ in fake.calls[2:]] == [weights, weights]
+
+
+@pytest.mark.parametrize(("module", "changes", "words"), [
+    (plain_vs_residual, {"model": ModelConfig(init_from=Path("w.pt"))}, "--init-from"),
+    (depth, {"model": ModelConfig(init_from=Path("w.pt"))}, "--init-from"),
+    (ablation, {"model": ModelConfig(init_from=Path("w.pt"))}, "--init-from"),
+    (landscape, {"model": ModelConfig(init_from=Path("w.pt"))}, "--init-from"),
+    (compare, {"precision": "bf16"}, "--precision"),
+    (init_variance, {"framework": "torch"}, "--framework"),
+    (init_variance, {"dtype": "float64"}, "--dtype"),
+    (init_variance, {"parallel": ParallelConfig(kind="single")}, "--parallel"),
+    (plain_vs_residual, {"parallel": ParallelConfig(coordinator="h:1", num_processes=2, process_id=0)},
+     "multi-host"),
+])
+def test_an_experiment_refuses_what_it_cannot_honour_in_one_line(module, changes, words, tmp_path):
+    """An option of `train` that an experiment cannot honour is refused before anything is written, not ignored."""
+    config = quick_config(module, tmp_path / "out").replace(**changes)
+    with pytest.raises(ConfigError, match=words) as e:
+        module.run(config, module.Settings(**module.QUICK.settings))
+    assert module.NAME in str(e.value) and str(e.value).count(". ") <= 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda: depth.Settings(plain_blocks=((1, 1, 1),)), "--plain-blocks"),
+    (lambda: depth.Settings(resnet_blocks=(0,)), "--resnet-blocks"),
+    (lambda: ablation.Settings(dropout_p=1.5), "--dropout-p"),
+    (lambda: plain_vs_residual.Settings(n_blocks=0), "--n-blocks"),
+    (lambda: init_variance.Settings(batch=1), "--batch"),
+    (lambda: init_variance.Settings(models=("VGG",)), "--models"),
+    (lambda: landscape.Settings(), "--plain"),
+    (lambda: landscape.Settings(train_own=True, radius=float("nan")), "--radius"),
+    (lambda: landscape.Settings(train_own=True, points=1), "--points"),
+])
+def test_settings_check_their_values(make, words):
+    with pytest.raises(ConfigError, match=words):
+        make()
+
+
+def test_landscape_refuses_a_missing_run_before_writing(tmp_path):
+    config = quick_config(landscape, tmp_path / "out")
+    with pytest.raises(ConfigError, match="--plain .*no such run directory"):
+        landscape.run(config, landscape.Settings(plain=tmp_path / "nonexistent"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_configure_scales_milestones_from_the_notebooks_run():
+    base = plain_vs_residual.BASE
+    assert common.configure(base, recipe={"epochs": 4}).recipe.milestones == (2, 3)
+    assert common.configure(base, recipe={"epochs": 30}).recipe.milestones == (16, 24)
+    assert common.configure(base).recipe.milestones == (8, 12)
+    # the user's epochs over the preset's scale from the notebook's 15, not from the preset's 4
+    quick_30 = common.configure(base, plain_vs_residual.QUICK, recipe={"epochs": 30})
+    assert (quick_30.recipe.epochs, quick_30.recipe.milestones, quick_30.recipe.batch_size) == (30, (16, 24), 32)
+    assert ablation.BASE.recipe.epochs == 10 and ablation.BASE.recipe.schedule == "cosine"
+    # a preset's image size is for generated data; its model arguments only where the model takes them
+    assert common.configure(depth.BASE, depth.QUICK, data={"dataset": "cifar10"}).data.image_size == 32
+    resnet18 = compare.BASE.replace(model=ModelConfig("ResNet18"))
+    assert common.configure(resnet18, compare.QUICK).model.kwargs == {}
+    with pytest.raises(ConfigError, match="--epochs"):
+        common.configure(base, Preset("p"), recipe={"epochs": 0})
+
+
 # --------------------------------------------------------------------------------------- parser, helpers
 def test_help_lists_every_experiment(capsys):
     assert run_main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in COMMANDS:
-        assert command.name in out
-        assert run_main([command.name, "--help"]) == 0
+    for module in MODULES:
+        assert module.NAME in out
+        assert run_main([module.NAME, "--help"]) == 0
         quick_values = capsys.readouterr().out.split("--quick sets (where not given): ")[1]
-        for name in command.quick:  # each option --quick sets, whole (not split at a hyphen by the wrapping)
+        preset = module.QUICK
+        flags = (experiments_cli.SETTING_FLAGS.get(k, k) for k in preset.settings)  # None: set by --quick only
+        names = [*preset.recipe, *preset.data, *preset.model_kwargs, *(f for f in flags if f)]
+        for name in names:  # each option --quick sets, whole (not split at a hyphen by the wrapping)
             assert f"--{name.replace('_', '-')}" in quick_values
 
 
@@ -241,15 +393,44 @@ def test_usage_errors_exit_2_before_writing(argv, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_make_recipe_scales_milestones_with_the_run():
-    parser = argparse.ArgumentParser()
-    args = argparse.Namespace(epochs=4, batch_size=None, eval_batch_size=None, lr=None)
-    assert common.make_recipe("plain-vs-residual", args, parser).milestones == (2, 3)
-    args.epochs = 30
-    assert common.make_recipe("plain-vs-residual", args, parser).milestones == (16, 24)
-    args.epochs = None
-    assert common.make_recipe("plain-vs-residual", args, parser).milestones == (8, 12)
-    assert common.make_recipe("resnet18-cifar", args, parser, epochs=10).epochs == 10
+@pytest.mark.parametrize(("argv", "words"), [
+    (["plain-vs-residual", "--init-from", "w.pt"], "plain-vs-residual does not take --init-from"),
+    (["depth", "--init-from", "w.pt"], "depth does not take --init-from"),
+    (["ablation", "--init-from", "w.pt"], "ablation does not take --init-from"),
+    (["landscape", "--quick", "--init-from", "w.pt"], "landscape does not take --init-from"),
+    (["compare", "--precision", "bf16"], "compare does not take --precision"),
+    (["he-init", "--framework", "torch"], "he-init does not take --framework"),
+    (["he-init", "--parallel", "pmap"], "he-init does not take --parallel"),
+    (["plain-vs-residual", "--coordinator", "h:1"], "unrecognized arguments: --coordinator"),
+])
+def test_a_train_option_an_experiment_cannot_honour_is_refused_in_one_line(argv, words, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in err, err
+    assert words in err, err
+    assert not out.exists()
+
+
+def test_the_command_line_hands_train_options_to_every_run(tmp_path, monkeypatch, capsys):
+    """What `train` accepts reaches each run of an experiment as it is: devices, precision, seed, the recipe
+    numbers over the preset's, checkpoints kept."""
+    fake = FakeTrain()
+    monkeypatch.setattr(training, "train", fake)
+    out = tmp_path / "depth"
+    assert run_main(["depth", "--quick", "--no-progress", "--out", str(out), "--precision", "bf16", "--parallel",
+                     "single", "--bn-sync", "off", "--seed", "7", "--max-to-keep", "1", "--epochs", "30",
+                     "--recipe", "resnet18-cifar"]) == 0
+    configs = [config for config, _ in fake.calls]
+    assert [c.output.out_dir.name for c in configs] == ["PlainNet-1-1-1-1", "PlainNet-2-2-2-2", "SimpleResNet-n1",
+                                                        "SimpleResNet-n2"]
+    for config in configs:
+        assert (config.precision, config.parallel, config.seed) == ("bf16", ParallelConfig("single", False), 7)
+        assert (config.recipe.name, config.recipe.epochs, config.recipe.batch_size) == ("resnet18-cifar", 30, 32)
+        assert (config.data.dataset, config.data.image_size, config.output.max_to_keep) == ("synthetic", 8, 1)
+    settings = json.loads((out / common.RESULTS_FILE).read_text())["settings"]
+    assert settings["precision"] == "bf16" and settings["experiment"]["resnet_blocks"] == [1, 2]
+    assert "depth: done" in capsys.readouterr().out
 
 
 def test_markdown_table_and_json():
@@ -260,7 +441,7 @@ def test_markdown_table_and_json():
     assert common.fmt(float("inf")) == "n/a" and common.fmt(12.345, ".1f", "%") == "12.3%"
 
 
-@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
+@pytest.mark.parametrize("command", [m.NAME for m in MODULES])
 def test_an_experiment_refuses_an_out_in_use_or_unwritable(command, tmp_path, capsys):
     """Like `train`, an experiment claims --out first: a second run on it, or an --out under a file, is one clear
     error (exit 1) before any data is loaded or anything trained, and the holder's files are untouched."""

@@ -37,12 +37,19 @@ import torch
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import _codecs, cli, commands, port, registry, training
+from flax_resnet import _codecs, cli, data, port, registry, training
+from flax_resnet.config import ModelConfig, OutputConfig, RunConfig
 from flax_resnet.data.plan import steps_per_epoch
-from flax_resnet.recipes import RunConfig
 from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore
 from flax_resnet.training import engine
 from flax_resnet.training.outdir import LOCK_FILE
+
+
+def fit(model, config, dataset, *, out_dir=None, resume=False, overwrite=False, max_to_keep=3, **kw):
+    """``training.train`` with ``model`` and ``dataset`` given and the outputs in ``config.output``."""
+    output = OutputConfig(out_dir, resume=resume, overwrite=overwrite, max_to_keep=max_to_keep)
+    return training.train(config.replace(output=output), model=model, dataset=dataset, **kw)
+
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -84,9 +91,9 @@ def saved_run(out: Path, step: int | None = None) -> tuple[list[np.ndarray], dic
     arrays, meta = store_of(out).read(step)
     if meta["framework"] != "jax":
         return [arrays[name] for name in sorted(arrays)], meta
-    config = RunConfig.from_dict(meta)
-    model = registry.build_flax(config.model, config.model_kwargs)
-    tx = engine.make_optimizer(config.recipe, steps_per_epoch(config.num_train, config.recipe.batch_size))
+    config = RunConfig.from_checkpoint_meta(meta)
+    model = registry.build_flax(config.model.name, config.model.kwargs)
+    tx = engine.make_optimizer(config.recipe, steps_per_epoch(meta["num_train"], config.recipe.batch_size))
     _, template = engine.init_train_state(model, tx)
     state = _codecs.flax_from_arrays(template._asdict(), arrays)
     return list(_codecs.flax_to_arrays(state).values()), meta
@@ -210,7 +217,7 @@ def test_a_run_killed_mid_epoch_blocks_no_one_and_resumes_exactly(good_run, tmp_
         written = snapshot(killed)
         assert steps_of(killed) == [1] and training.HISTORY_FILE in written
         with monkeypatch.context() as m:
-            m.setattr(commands, "load_data", refuse_data)
+            m.setattr(data, "load", refuse_data)
             for extra in ([], ["--resume"], ["--overwrite"]):
                 start = time.perf_counter()
                 assert run_main([*TRAIN, "--epochs", "3", "--out", str(killed), *extra]) == 1
@@ -305,9 +312,9 @@ def test_torch_checkpoint_falls_back_too(tmp_path, tiny_dataset, make_recipe):
     first conv's weights of the one before are both moved aside, and the run resumes from epoch 1 to the same
     result. The bit flip leaves a file that safetensors loads without complaint: only the digest catches it."""
     recipe = make_recipe("plain-vs-residual", epochs=3)
-    config = RunConfig(recipe=recipe, model="SimpleResNet", model_kwargs={"n_blocks": 1}, framework="torch", seed=3)
+    config = RunConfig(recipe=recipe, model=ModelConfig("SimpleResNet", {"n_blocks": 1}), framework="torch", seed=3)
     out = tmp_path / "run"
-    straight = training.train(registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0), config, tiny_dataset,
+    straight = fit(registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0), config, tiny_dataset,
                               out_dir=out, max_to_keep=3).history
     assert steps_of(out) == [1, 2, 3]
     three, two = checkpoint_dir(out, 3), checkpoint_dir(out, 2)
@@ -316,7 +323,7 @@ def test_torch_checkpoint_falls_back_too(tmp_path, tiny_dataset, make_recipe):
     assert len(safetensors.numpy.load((two / ARRAYS_FILE).read_bytes())) > 0
     lines: list[str] = []
     resumed_model = registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=9)
-    resumed = training.train(resumed_model, config, tiny_dataset, out_dir=out, resume=True, max_to_keep=3,
+    resumed = fit(resumed_model, config, tiny_dataset, out_dir=out, resume=True, max_to_keep=3,
                              log=lines.append).history
     assert "checkpoint 3" in lines[0] and "unreadable" in lines[0] and "trying checkpoint 2" in lines[0], lines
     assert "checkpoint 2" in lines[1] and "SHA-256" in lines[1] and "trying checkpoint 1" in lines[1], lines
@@ -519,14 +526,14 @@ def test_wrong_images_get_a_message_that_says_what_was_expected(name):
 
 
 # ------------------------------------------------------------------------------------------ disk and --out
-def refuse_data(args) -> None:
+def refuse_data(*args) -> None:
     raise AssertionError("the data was loaded before the output directory was checked")
 
 
 @pytest.fixture
 def no_data_loading(monkeypatch):
     """Fails the test if the command gets as far as loading data (the checks must come first)."""
-    monkeypatch.setattr(commands, "load_data", refuse_data)
+    monkeypatch.setattr(data, "load", refuse_data)
 
 
 def test_an_unwritable_out_fails_before_anything_else(tmp_path, capsys, no_data_loading):

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import commands, layers, registry
+from flax_resnet import layers, registry
+from flax_resnet.cli import shell as commands
 from flax_resnet.data import plan
 from flax_resnet.training import cpu, distributed, engine, parallel
 

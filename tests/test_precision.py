@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from flax_resnet import bench, registry, training
+from flax_resnet.config import RunConfig
 from flax_resnet.precision import apply_precision
-from flax_resnet.recipes import RunConfig
 from flax_resnet.training import engine
 
 
@@ -97,7 +97,7 @@ def test_bf16_training_learns(small_dataset, make_recipe):
     """The fp32 run of tests/test_training.py reaches 93-99%; bf16 must still learn far above chance (10%)."""
     recipe = make_recipe("plain-vs-residual", epochs=3, batch_size=32, eval_batch_size=128, milestones=(2,))
     model = apply_precision(tiny_model(seed=0), "bf16")
-    result = training.train(model, RunConfig(recipe, precision="bf16"), small_dataset)
+    result = training.train(RunConfig(recipe, precision="bf16"), model=model, dataset=small_dataset)
     history = result.history
     assert history["test_acc"][-1] > 60.0, history
     assert history["train_loss"][-1] < history["train_loss"][0], history

@@ -15,12 +15,19 @@ import pytest
 from flax import nnx
 
 from flax_resnet import _codecs, plots, registry, training
+from flax_resnet.config import ModelConfig, OutputConfig, RunConfig
 from flax_resnet.data import plan
-from flax_resnet.recipes import RunConfig
 from flax_resnet.store import CheckpointStore
 from flax_resnet.training import engine
 from flax_resnet.training.flax_backend import epoch_result
 from flax_resnet.training.runners import SingleDeviceRunner
+
+
+def fit(model, config, dataset, *, out_dir=None, resume=False, overwrite=False, max_to_keep=3, **kw):
+    """``training.train`` with ``model`` and ``dataset`` given and the outputs in ``config.output``."""
+    output = OutputConfig(out_dir, resume=resume, overwrite=overwrite, max_to_keep=max_to_keep)
+    return training.train(config.replace(output=output), model=model, dataset=dataset, **kw)
+
 
 TINY_MODEL = ("SimpleResNet", {"n_blocks": 1})
 
@@ -37,7 +44,7 @@ def leaves(tree) -> list[np.ndarray]:
 
 
 def config(recipe, seed: int = 0, framework: str = "jax", **kw) -> RunConfig:
-    return RunConfig(recipe=recipe, model=TINY_MODEL[0], model_kwargs=TINY_MODEL[1], framework=framework, seed=seed,
+    return RunConfig(recipe=recipe, model=ModelConfig(*TINY_MODEL), framework=framework, seed=seed,
                      **kw)
 
 
@@ -67,7 +74,7 @@ def test_learns_well_above_chance(small_dataset, make_recipe):
     Measured: final test accuracy 93-99% over seeds 0-3 (chance is 10%); the bound leaves a wide margin.
     """
     recipe = make_recipe("plain-vs-residual", epochs=3, batch_size=32, eval_batch_size=128, milestones=(2,))
-    result = training.train(tiny_model(seed=0), config(recipe), small_dataset)
+    result = fit(tiny_model(seed=0), config(recipe), small_dataset)
     history = result.history
     assert history["test_acc"][-1] > 60.0, history
     assert history["train_acc"][-1] > 60.0, history
@@ -93,7 +100,7 @@ def test_a_run_writes_its_outputs_and_resumes_exactly(tmp_path, tiny_dataset, ma
         bars.append(FakeBar(total, desc))
         return bars[-1]
 
-    straight = training.train(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "straight",
+    straight = fit(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "straight",
                               max_to_keep=2, progress=progress, log=lines.append)
     check_history(straight.history, tmp_path / "straight")
     check_progress_and_log(bars, lines)
@@ -103,16 +110,16 @@ def test_a_run_writes_its_outputs_and_resumes_exactly(tmp_path, tiny_dataset, ma
 
     # an output directory with checkpoints is neither overwritten silently nor resumed with other settings
     with pytest.raises(training.TrainError, match="--resume"):
-        training.train(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "straight")
+        fit(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "straight")
     with pytest.raises(training.TrainError, match="seed: the checkpoint's run has 7, this one 8"):
-        training.train(tiny_model(), config(recipe, 8), tiny_dataset, out_dir=tmp_path / "straight", resume=True)
+        fit(tiny_model(), config(recipe, 8), tiny_dataset, out_dir=tmp_path / "straight", resume=True)
 
     def interrupt(step: int, loss) -> None:
         if step == STEPS + 1:  # the second step of epoch 2
             raise Crash
 
     with pytest.raises(Crash):
-        training.train(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "resumed", max_to_keep=2,
+        fit(tiny_model(), config(recipe, 7), tiny_dataset, out_dir=tmp_path / "resumed", max_to_keep=2,
                        on_step=interrupt)
     assert CheckpointStore(tmp_path / "resumed" / "checkpoints").steps == [1]  # saved before the interruption
 
@@ -122,7 +129,7 @@ def test_a_run_writes_its_outputs_and_resumes_exactly(tmp_path, tiny_dataset, ma
     tx = engine.make_optimizer(recipe, STEPS)
     graphdef, _ = engine.init_train_state(tiny_model(), tx)
     resumed_lines: list[str] = []
-    resumed = training.train(model, config(recipe, 7), tiny_dataset, out_dir=tmp_path / "resumed", max_to_keep=2,
+    resumed = fit(model, config(recipe, 7), tiny_dataset, out_dir=tmp_path / "resumed", max_to_keep=2,
                              resume=True, runner=SingleDeviceRunner(graphdef, tx, recipe), log=resumed_lines.append)
     assert resumed_lines[0].startswith("resuming from") and len(resumed_lines) == 1 + 2
 
@@ -208,19 +215,19 @@ def test_torch_reference_run_resumes_exactly(tmp_path, tiny_dataset, make_recipe
 
     recipe = make_recipe("plain-vs-residual", epochs=2, milestones=(1,))
     straight_model = registry.build_torch(*TINY_MODEL, seed=0)
-    straight = training.train(straight_model, config(recipe, 5, "torch"), tiny_dataset, out_dir=tmp_path / "a").history
+    straight = fit(straight_model, config(recipe, 5, "torch"), tiny_dataset, out_dir=tmp_path / "a").history
 
     def interrupt(step: int, loss) -> None:
         raise Crash
 
-    first = training.train(registry.build_torch(*TINY_MODEL, seed=0), config(dataclasses.replace(recipe, epochs=1), 5,
+    first = fit(registry.build_torch(*TINY_MODEL, seed=0), config(dataclasses.replace(recipe, epochs=1), 5,
                            "torch"), tiny_dataset, out_dir=tmp_path / "b").history
     assert first["train_loss"] == straight["train_loss"][:1]
     with pytest.raises(Crash):  # a second process that dies in its first step
-        training.train(registry.build_torch(*TINY_MODEL, seed=0), config(recipe, 5, "torch"), tiny_dataset,
+        fit(registry.build_torch(*TINY_MODEL, seed=0), config(recipe, 5, "torch"), tiny_dataset,
                        out_dir=tmp_path / "b", resume=True, on_step=interrupt)
     resumed_model = registry.build_torch(*TINY_MODEL, seed=9)
-    resumed = training.train(resumed_model, config(recipe, 5, "torch"), tiny_dataset, out_dir=tmp_path / "b",
+    resumed = fit(resumed_model, config(recipe, 5, "torch"), tiny_dataset, out_dir=tmp_path / "b",
                              resume=True).history
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert resumed[key] == straight[key], key
@@ -316,4 +323,4 @@ def test_train_front_door_offers_every_option_of_the_loop():
         if param.kind is inspect.Parameter.KEYWORD_ONLY:
             assert name in front and front[name].default == param.default, name
     with pytest.raises(TypeError, match="out_dri"):
-        training.train(None, None, None, out_dri="x")  # a misspelt option fails at the call, before any work
+        training.train(None, out_dri="x")  # a misspelt option fails at the call, before any work

@@ -3,12 +3,17 @@ synthetic stand-in. Importing this package imports neither TensorFlow nor tensor
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+from flax_resnet.config import ConfigError, DataConfig
+from flax_resnet.data import cifar10
 from flax_resnet.data.cifar10 import load_cifar10
 from flax_resnet.data.dataset import DATASETS, NUM_CLASSES, DataError, Dataset, synthetic_dataset
 
-__all__ = ["DATASETS", "NUM_CLASSES", "DataError", "Dataset", "load_cifar10", "load_dataset", "synthetic_dataset"]
+__all__ = ["DATASETS", "NUM_CLASSES", "DataError", "Dataset", "check", "load", "load_cifar10", "load_dataset",
+           "synthetic_dataset"]
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
@@ -16,3 +21,35 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     return load_cifar10(**kwargs) if name == "cifar10" else synthetic_dataset(**kwargs)
+
+
+def check(config: DataConfig) -> None:
+    """Refuse ``config`` before anything is read or written: paths that cannot be what they name
+    (``ConfigError``), and CIFAR-10 without its optional dependencies (``MissingExtraError``)."""
+    if config.dataset == "cifar10":
+        cifar10.require_dependencies()
+    if config.data_dir.exists() and not config.data_dir.is_dir():
+        raise ConfigError(f"--data-dir {config.data_dir} is a file; give a directory (it is created if missing).")
+    if config.archive is not None and config.archive.is_dir():
+        raise ConfigError(f"--archive {config.archive} is a directory; give the archive file itself "
+                          "(cifar-10-python.tar.gz or cifar-10-binary.tar.gz).")
+    if config.archive is not None and not config.archive.exists():
+        raise ConfigError(f"--archive {config.archive}: no such file.")
+
+
+def load(config: DataConfig, log: Callable[[str], None] | None = None) -> Dataset:
+    """The data set ``config`` describes: generated (2048 training and 512 test images unless given), or CIFAR-10
+    cut to its first ``train_samples`` / ``test_samples``. ``log`` hears that a given archive was not read."""
+    check(config)
+    if config.dataset == "synthetic":
+        return synthetic_dataset(num_train=config.train_samples or 2048,
+                                 num_test=512 if config.test_samples is None else config.test_samples,
+                                 seed=0, image_size=config.image_size)
+    if config.archive is not None and log is not None and cifar10.is_prepared(config.data_dir):
+        log(f"note: CIFAR-10 is already prepared in {config.data_dir}, so --archive {config.archive} is not read "
+            f"(remove {config.data_dir / 'cifar10'} to prepare it again)")
+    ds = load_cifar10(data_dir=config.data_dir, archive=config.archive, download=config.download,
+                      skip_checksum=config.skip_checksum)
+    n_train, n_test = config.train_samples, config.test_samples  # None: all of them
+    return dataclasses.replace(ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
+                               test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])

@@ -1,20 +1,15 @@
-"""The notebooks' experiments as commands of ``train.py``, one module each (``COMMANDS``), over ``common``.
-Importing this package loads neither torch, matplotlib nor tensorflow-datasets: the experiments do when they run.
+"""The notebooks' experiments, one module each (``MODULES``), over ``common``. Each module has ``NAME``, ``BASE``
+(its default ``config.RunConfig``), ``Settings`` (its own frozen settings), ``QUICK`` (a ``config.Preset``) and
+``run(config, settings)``, which writes summary.md, results.json and a figure. Importing this package loads neither
+torch, matplotlib nor tensorflow-datasets: the experiments do when they run.
 """
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from types import ModuleType
 
 from flax_resnet.experiments import ablation, common, compare, depth, init_variance, landscape, plain_vs_residual
 
-__all__ = ["COMMANDS", "add_experiments_parser"]
+__all__ = ["MODULES", "common"]
 
-COMMANDS: tuple[common.Command, ...] = (plain_vs_residual.COMMAND, depth.COMMAND, init_variance.COMMAND,
-                                        ablation.COMMAND, landscape.COMMAND, compare.COMMAND)
-
-
-def add_experiments_parser(subparsers: Any) -> list[argparse.ArgumentParser]:
-    """Register one subcommand per experiment (``cli.SUBCOMMANDS`` calls this when it builds the parser)."""
-    return [common.register(subparsers, command) for command in COMMANDS]
+MODULES: tuple[ModuleType, ...] = (plain_vs_residual, depth, init_variance, ablation, landscape, compare)

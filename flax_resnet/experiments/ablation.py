@@ -3,32 +3,60 @@ dict keeps the notebook's keys)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import math
 from collections.abc import Callable
+from typing import Any
 
-from flax_resnet import commands, tables
+from flax_resnet import tables
+from flax_resnet.config import ConfigError, Preset, RunConfig, with_recipe
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import Context, Report, fmt
-from flax_resnet.recipes import Recipe
+from flax_resnet.experiments.common import Context, Outcome, Report, fmt
+from flax_resnet.recipes import RECIPES
 
-__all__ = ["COMMAND", "CONFIGURATIONS", "run_ablation"]
+__all__ = ["BASE", "CONFIGURATIONS", "NAME", "QUICK", "Settings", "run", "run_ablation"]
 
+NAME = "ablation"
+# the notebook's ablation_study(epochs=10) with its ResNet18 recipe
+BASE = RunConfig(recipe=with_recipe(RECIPES["resnet18-cifar"], epochs=10))
 # the notebook's result keys -> (legend, model, colour)
 CONFIGURATIONS: dict[str, tuple[str, str, str]] = {
     "with_bn": ("ResNet18 with BatchNorm", "ResNet18", "#22c55e"),
     "without_bn": ("ResNet18 without BatchNorm", "ResNet18NoBN", "#ef4444"),
     "with_dropout": ("ResNet18 with dropout", "ResNet18Dropout", "#3b82f6"),
 }
-QUICK = {"dataset": "synthetic", "image_size": 8, "train_samples": 64, "test_samples": 16, "epochs": 2,
-         "batch_size": 32, "eval_batch_size": 32}
 
 
-def run_ablation(recipe: Recipe, ctx: Context, *, dropout_p: float = 0.2) -> Report:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """``dropout_p``: dropout probability after each block of the dropout configuration."""
+
+    dropout_p: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.dropout_p) and 0 <= self.dropout_p < 1):
+            raise ConfigError(f"--dropout-p must be in [0, 1), got {self.dropout_p}.")
+
+
+QUICK = Preset("quick", recipe={"epochs": 2, "batch_size": 32, "eval_batch_size": 32},
+               data={"dataset": "synthetic", "image_size": 8, "train_samples": 64, "test_samples": 16})
+
+
+def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: Callable[..., Any] | None = None,
+        log: Callable[[str], None] | None = None) -> Outcome:
+    """Train the three configurations as ``config`` says (not --init-from: BatchNorm-free ResNet18 has other
+    weights) and write their curves and table to ``config.output.out_dir``."""
+    common.refuse(NAME, config, BASE, "its three networks have different weights", "init_from")
+    return common.run_experiment(NAME, config, settings, lambda ctx: run_ablation(ctx, settings), progress=progress,
+                                 log=log)
+
+
+def run_ablation(ctx: Context, settings: Settings = Settings()) -> Report:
     """Train the three configurations with ``recipe`` from the same seed; one figure, one table."""
     from flax_resnet import plots
 
-    runs = {key: ctx.train(label, model, {"p": dropout_p} if model == "ResNet18Dropout" else {}, recipe, model)
+    recipe, dropout_p = ctx.config.recipe, settings.dropout_p
+    runs = {key: ctx.train(label, model, {"p": dropout_p} if model == "ResNet18Dropout" else {}, model)
             for key, (label, model, _) in CONFIGURATIONS.items()}
     curves = [(run.label, run.history, {"color": CONFIGURATIONS[key][2], "marker": "o", "markersize": 3})
               for key, run in runs.items()]
@@ -48,24 +76,3 @@ def run_ablation(recipe: Recipe, ctx: Context, *, dropout_p: float = 0.2) -> Rep
                "recipe": dataclasses.asdict(recipe), "dropout_p": dropout_p, "data": ctx.data_note,
                "runs": {k: dataclasses.asdict(r) for k, r in runs.items()}}
     return Report("Ablation: BatchNorm and dropout in ResNet18", table, results, fig, notes)
-
-
-def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dropout-p", type=commands.finite_float(minimum=0, maximum=1, exclusive_max=True), default=0.2,
-                   metavar="X",
-                   help="dropout probability after each block of the dropout configuration (default: %(default)s)")
-    common.add_run_options(p)
-
-
-def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    recipe = common.make_recipe("resnet18-cifar", args, parser, epochs=10)  # the notebook's ablation_study(epochs=10)
-    return lambda ctx: run_ablation(recipe, ctx, dropout_p=args.dropout_p)
-
-
-COMMAND = common.Command(
-    "ablation", help="notebook 004's ablation study: ResNet18 with BatchNorm, without, with dropout",
-    description="Train ResNet18, ResNet18NoBN (BatchNorm replaced by identity) and ResNet18Dropout (dropout after "
-                "each block) with notebook 004's recipe for the ablation study's 10 epochs, and write their curves "
-                "in one figure (ablation.png), the final test accuracies (results.json: results.with_bn, without_bn, "
-                "with_dropout, as the notebook's dict) and a table.",
-    add_options=_add_options, plan=_plan, quick=QUICK)

@@ -1,88 +1,73 @@
-"""What every experiment command shares: options, quick mode, training a run, and the output files.
+"""What every experiment shares: its typed settings (a ``config.RunConfig`` plus the experiment's own frozen
+``Settings``), training one run through ``training.train``, and the output files (summary.md, results.json, the
+figure).
 
-JAX, Flax, torch and matplotlib are imported inside the functions that run, so that ``--help`` does not wait 1.7 s
-for JAX.
+An experiment module has ``NAME``, ``BASE`` (its default ``RunConfig``), ``Settings``, ``QUICK`` (a
+``config.Preset``) and ``run(config, settings, ...)``. JAX, Flax, torch and matplotlib are imported inside the
+functions that run, so that the command line's ``--help`` does not wait 1.7 s for JAX.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import math
-import sys
-import textwrap
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flax_resnet import commands, files, registry
+from flax_resnet import data as datasets
+from flax_resnet import files, registry
+from flax_resnet.config import (
+    RUNS_DIR,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    Preset,
+    RunConfig,
+    with_recipe,
+)
 from flax_resnet.errors import require
-from flax_resnet.recipes import RECIPES, Recipe, RunConfig
+from flax_resnet.recipes import Recipe
 
-__all__ = ["Command", "Context", "Report", "Run", "add_run_options", "count_conv_layers", "count_params", "fmt",
-           "make_recipe", "prepare_args", "register", "to_jsonable"]
+__all__ = ["Context", "Outcome", "Report", "Run", "configure", "count_conv_layers", "count_params", "fmt",
+           "refuse", "run_experiment", "settings_json", "to_jsonable"]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
 
 
-def add_run_options(p: argparse.ArgumentParser, *, framework: bool = True) -> None:
-    """What every experiment that trains offers: seed, the recipe numbers it may change, framework,
-    resume/overwrite, then the data options (--dataset defaults to synthetic with --quick)."""
-    g = p.add_argument_group("training")
-    g.add_argument("--seed", type=commands.seed, default=0, metavar="N",
-                   help="seed of the initialisation, batch order and augmentation (default: %(default)s)")
-    g.add_argument("--epochs", type=int, metavar="N",
-                   help="epochs per run (default: the experiment's); multistep milestones scale with it")
-    g.add_argument("--batch-size", type=int, metavar="N", help="training batch size (default: the recipe's)")
-    g.add_argument("--eval-batch-size", type=int, metavar="N", help="test batch size (default: the recipe's)")
-    g.add_argument("--lr", type=commands.finite_float(minimum=0, exclusive_min=True),
-                   help="initial learning rate (default: the recipe's)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crop 32 with 4 pixels of zero padding + horizontal flip (default: the recipe's)")
-    if framework:
-        g.add_argument("--framework", choices=("jax", "torch"), default="jax",
-                       help="train the Flax models or the PyTorch reference (default: %(default)s)")
-    exclusive = g.add_mutually_exclusive_group()
-    exclusive.add_argument("--resume", action="store_true",
-                           help="continue the runs already in --out (a finished run is read back, not trained again)")
-    exclusive.add_argument("--overwrite", action="store_true",
-                           help="delete the runs already in --out and start over")
-    commands.add_data_arguments(p, dataset_default=None, image_size=True)
+def configure(base: RunConfig, preset: Preset | None = None, *, recipe: Mapping[str, Any] | None = None,
+              data: Mapping[str, Any] | None = None, model_kwargs: Mapping[str, Any] | None = None,
+              **fields: Any) -> RunConfig:
+    """``base`` with ``preset`` (an experiment's --quick) under the user's values (None: not given). The recipe
+    values are applied in one ``with_recipe``, so multistep milestones scale from the notebook's run, not from the
+    preset's. A preset's image size holds for synthetic data only, and its model arguments only where the model
+    takes them (compare's --quick sets n_blocks 1 for SimpleResNet, not for ResNet18)."""
+    preset = preset or Preset("none")
+    given = {k: v for k, v in (data or {}).items() if v is not None}
+    data_values = {**preset.data, **given}
+    if data_values.get("dataset", base.data.dataset) != "synthetic" and "image_size" not in given:
+        data_values.pop("image_size", None)
+    takes = registry.get_spec(base.model.name).args if base.model.name in registry.MODELS else ()
+    kwargs = {**{k: v for k, v in preset.model_kwargs.items() if k in takes},
+              **{k: v for k, v in (model_kwargs or {}).items() if v is not None}}
+    model = dataclasses.replace(base.model, kwargs={**base.model.kwargs, **kwargs})
+    return base.replace(recipe=with_recipe(base.recipe, **{**preset.recipe, **(recipe or {})}), model=model,
+                        data=dataclasses.replace(base.data, **data_values), **fields)
 
 
-def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: Mapping[str, Any]) -> None:
-    """With --quick, fill the options the user left unset with ``quick`` (--image-size only for synthetic data);
-    then the usage errors of the data options, before anything is read or written."""
-    if args.quick:
-        for name, value in quick.items():  # "dataset" comes first: --image-size depends on it
-            if getattr(args, name) is None and (name != "image_size" or args.dataset == "synthetic"):
-                setattr(args, name, value)
-    if not hasattr(args, "dataset"):
-        return  # he-init reads no data
-    args.dataset = args.dataset or "cifar10"
-    if args.image_size is not None and (args.dataset != "synthetic" or args.image_size < 8):
-        parser.error("--image-size is for --dataset synthetic only, and at least 8 (three stride-2 stages)")
-    commands.check_data_arguments(args, parser)
-
-
-def make_recipe(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser, **defaults: Any) -> Recipe:
-    """The recipe ``name`` with the experiment's ``defaults`` and the user's --epochs/--batch-size/... over it
-    (the recipe's checks of them are usage errors). Multistep milestones scale with the run's length, so a short
-    run still decays its learning rate where the notebook's would: [8, 12] of 15 epochs become [2, 3] of 4."""
-    given = {k: getattr(args, k, None) for k in ("epochs", "batch_size", "eval_batch_size", "lr", "augment")}
-    fields = {**defaults, **{k: v for k, v in given.items() if v is not None}}
-    recipe = RECIPES[name]
-    epochs = fields.get("epochs", recipe.epochs)
-    if recipe.milestones and epochs != recipe.epochs:
-        scaled = (round(m * epochs / recipe.epochs) for m in recipe.milestones)
-        fields["milestones"] = tuple(sorted({m for m in scaled if 1 <= m < epochs}))
-    try:
-        return dataclasses.replace(recipe, **fields)
-    except ValueError as e:
-        parser.error(f"--{str(e).replace('_', '-')}")
+def refuse(name: str, config: RunConfig, base: RunConfig, why: str, *options: str) -> None:
+    """A ``ConfigError`` when ``config`` sets one of ``options`` (``init_from``, ``framework``, ``dtype``,
+    ``precision``, ``parallel``) away from ``base``'s: an experiment that cannot honour an option of ``train``
+    refuses it in one line instead of ignoring it."""
+    for option in options:
+        value = config.model.init_from if option == "init_from" else getattr(config, option)
+        default = base.model.init_from if option == "init_from" else getattr(base, option)
+        if value != default:
+            flag = {"parallel": "--parallel, --bn-sync and the multi-host options"}.get(
+                option, f"--{option.replace('_', '-')}")
+            raise ConfigError(f"{name} does not take {flag}: {why}.")
 
 
 def count_params(model: Any) -> int:
@@ -151,57 +136,71 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def settings_json(config: RunConfig, settings: Any) -> dict[str, Any]:
+    """results.json's "settings": the run's config and the experiment's own settings, as plain JSON."""
+    init_from = config.model.init_from
+    model = {"name": config.model.name, "kwargs": dict(config.model.kwargs),
+             "init_from": "a state_dict" if isinstance(init_from, Mapping) else init_from}
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "model"}
+    plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in fields.items()}
+    return to_jsonable({**plain, "model": model, "experiment": dataclasses.asdict(settings)})
+
+
 @dataclasses.dataclass
 class Context:
-    """Where an experiment writes, its progress bars, and what its training runs share (``_handle`` fills
-    it in from the options; ``dataset`` once --out is claimed)."""
+    """What the runs of one experiment share: its config (recipe, seed, framework, dtype, precision, devices, data,
+    resume/overwrite), the directory it writes to, the data (loaded once), and the progress and log callbacks."""
 
+    config: RunConfig
     out: Path
-    progress: Callable[..., Any] | None
-    framework: str = "jax"
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
     dataset: Any = None
     data_note: str = ""
+    progress: Callable[..., Any] | None = None
+    log: Callable[[str], None] | None = None
 
-    def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], recipe: Recipe, name: str, *,
+    @property
+    def framework(self) -> str:
+        return self.config.framework
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], name: str, *, recipe: Recipe | None = None,
               framework: str | None = None, overwrite: bool | None = None,
-              state_dict: Mapping[str, Any] | None = None, dtype: str = "float32") -> Run:
-        """Train one registered model on the context's data as ``train`` would, into ``OUT/runs/<name>`` (which
-        ``landscape`` and ``port`` read). ``framework`` and ``overwrite`` default to the context's; ``state_dict``
-        (torch layout) replaces the initial weights in either framework (``compare`` starts both from it)."""
-        from flax_resnet import port, training
+              init_from: Path | Mapping[str, Any] | None = None) -> Run:
+        """Train the registered ``model`` on the context's data through ``training.train``, into
+        ``OUT/runs/<name>`` (which ``landscape`` and ``port`` read). ``recipe``, ``framework`` and ``overwrite``
+        default to the context's; ``init_from`` (a state_dict mapping or a weights path) replaces the initial
+        weights in either framework (``compare`` starts both from one). The devices options hold for Flax runs."""
+        from flax_resnet import training
 
-        framework = framework or self.framework
+        recipe = recipe or self.config.recipe
+        framework = framework or self.config.framework
         kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
-        config = RunConfig(recipe=recipe, model=model, model_kwargs=kwargs, framework=framework, seed=self.seed,
-                           dtype=dtype)
+        output = dataclasses.replace(self.config.output, out_dir=self.out / "runs" / name)
+        if overwrite is not None:
+            output = dataclasses.replace(output, overwrite=overwrite, resume=output.resume and not overwrite)
+        config = self.config.replace(
+            recipe=recipe, framework=framework, model=ModelConfig(model, kwargs, init_from), output=output,
+            parallel=self.config.parallel if framework == "jax" else ParallelConfig())
         title = f"{label}: {registry.constructor_call(model, kwargs)}, {recipe.name}, {framework}"
-        if framework == "jax":
-            net = registry.build_flax(model, kwargs, seed=self.seed)
-            if state_dict is not None:
-                port.load_torch_state_dict(net, state_dict)
-        else:
-            net = registry.build_torch(model, kwargs, seed=self.seed)
-            if state_dict is not None:
-                net.load_state_dict(state_dict, strict=True)
-        size, convs = count_params(net), count_conv_layers(net)
-        progress, out_dir = self.progress, self.out / "runs" / name
-        history = training.train(
-            net, config, self.dataset, out_dir=out_dir, resume=self.resume, title=title,
-            overwrite=self.overwrite if overwrite is None else overwrite,
-            log=lambda line: commands.write_line(f"[{label}] {line}"),
-            progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")),
-        ).history
-        return Run(label, model, dict(kwargs), framework, size, convs, {k: list(v) for k, v in history.items()},
-                   out_dir, float(sum(history["epoch_time"])))
+        log, progress = self.log, self.progress
+        result = training.train(
+            config, dataset=self.dataset, title=title,
+            log=None if log is None else (lambda line: log(f"[{label}] {line}")),
+            progress=None if progress is None else (lambda total, desc: progress(total=total, desc=f"{label} {desc}")))
+        history = result.history
+        return Run(label, model, dict(kwargs), framework, count_params(result.model),
+                   count_conv_layers(result.model), {k: list(v) for k, v in history.items()}, config.output.out_dir,
+                   float(sum(history["epoch_time"])))
 
 
 @dataclasses.dataclass
 class Report:
-    """What an experiment found: a Markdown table, notes, raw numbers and a matplotlib figure (``_handle`` writes
-    it beside summary.md as ``<command>.png``, dashes as underscores: docs/make_figures.sh copies it by that name)."""
+    """What an experiment found: a Markdown table, notes, raw numbers and a matplotlib figure (``run_experiment``
+    writes it beside summary.md as ``<name>.png``, dashes as underscores: docs/make_figures.sh copies it by that
+    name)."""
 
     title: str
     table: str
@@ -210,86 +209,53 @@ class Report:
     notes: list[str]
 
 
-@dataclasses.dataclass(frozen=True)
-class Command:
-    """One experiment command: its options, what --quick sets, and its plan (checks the parsed arguments and
-    returns the work to do)."""
+@dataclasses.dataclass
+class Outcome:
+    """An experiment's written outputs: its report, the directory, summary.md's text and the seconds it took."""
 
-    name: str
-    help: str
-    description: str
-    add_options: Callable[[argparse.ArgumentParser], None]
-    plan: Callable[[argparse.Namespace, argparse.ArgumentParser], Callable[[Context], Report]]
-    quick: Mapping[str, Any]
-    epilog: str = ""  # after the --quick values; "{prog}" in it stands for the program's name
-    needs_torch: bool = False  # whatever --framework says (he-init and compare measure both frameworks)
+    report: Report
+    out: Path
+    summary: str
+    seconds: float
 
 
-def _handle(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Run ``command``; its expected failures (``FlaxResnetError``) reach the CLI's one handler."""
+def run_experiment(name: str, config: RunConfig, settings: Any, work: Callable[[Context], Report], *,
+                   reads_data: bool = True, needs_torch: bool = False, progress: Callable[..., Any] | None = None,
+                   log: Callable[[str], None] | None = None) -> Outcome:
+    """Claim the experiment's directory (``config.output.out_dir``, default runs/<name>), load the data, run
+    ``work`` and write summary.md, results.json and the figure there. An interrupted experiment keeps its finished
+    runs (continue with ``resume``)."""
     from flax_resnet.training.outdir import claim_output_dir
 
-    prepare_args(args, parser, command.quick)
-    work = command.plan(args, parser)  # usage errors exit here, before anything is read or written
-    require("matplotlib", f"{command.name} (its figures)")
-    if command.needs_torch or getattr(args, "framework", "jax") == "torch":
-        require("torch", f"{command.name}{'' if command.needs_torch else ' --framework torch'}")
-    out = args.out or Path(commands.RUNS_DIR) / (f"{command.name}-quick" if args.quick else command.name)
+    given = [config.parallel.coordinator, config.parallel.num_processes, config.parallel.process_id]
+    if any(v is not None for v in given):
+        raise ConfigError(f"{name} runs in one process: the multi-host options are for `train`.")
+    require("matplotlib", f"{name} (its figures)")
+    if needs_torch or config.framework == "torch":
+        require("torch", f"{name}{'' if needs_torch else ' --framework torch'}")
+    if reads_data:
+        datasets.check(config.data)
+    out = config.output.out_dir or RUNS_DIR / name
     # as `train` does: an unwritable --out, or another run writing to it, fails before any data or training
     claim = claim_output_dir(out, probe=())
-    settings = {k: getattr(args, k) for k in ("framework", "seed", "resume", "overwrite") if hasattr(args, k)}
-    ctx = Context(out, commands.progress_factory(not args.no_progress), **settings)
+    ctx = Context(config, out, progress=progress, log=log)
     start = time.perf_counter()
     with claim:
-        try:
-            if hasattr(args, "dataset"):
-                ctx.dataset = commands.load_data(args)
-                size = ctx.dataset.train_images.shape[1]
-                ctx.data_note = (f"{'synthetic data' if args.dataset == 'synthetic' else 'CIFAR-10'}, "
-                                 f"{len(ctx.dataset.train_labels)} training and {len(ctx.dataset.test_labels)} "
-                                 f"test images of {size}x{size}")
-            report = work(ctx)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
-            return 130
+        if reads_data:
+            ctx.dataset = datasets.load(config.data, log)
+            size = ctx.dataset.train_images.shape[1]
+            ctx.data_note = (f"{'synthetic data' if config.data.dataset == 'synthetic' else 'CIFAR-10'}, "
+                             f"{len(ctx.dataset.train_labels)} training and {len(ctx.dataset.test_labels)} "
+                             f"test images of {size}x{size}")
+        report = work(ctx)
         from flax_resnet import plots
         from flax_resnet.training.loop import write_json
 
-        figure = plots.save_figure(report.figure, out / f"{command.name.replace('-', '_')}.png")
+        figure = plots.save_figure(report.figure, out / f"{name.replace('-', '_')}.png")
         markdown = "\n\n".join([f"## {report.title}", report.table, "\n".join(report.notes),
                                  f"![{figure.stem}]({figure.name})"]) + "\n"
         files.write_atomic(out / SUMMARY_FILE, markdown)
-        options = {k: v for k, v in vars(args).items() if k not in ("handler", "parser", "command")}
-        payload = {"command": command.name, "settings": options, **report.results, "figures": [figure.name]}
+        payload = {"command": name, "settings": settings_json(config, settings), **report.results,
+                   "figures": [figure.name]}
         write_json(out / RESULTS_FILE, to_jsonable(payload))
-    print()
-    print(markdown, end="")
-    print(f"\n{command.name}: done in {time.perf_counter() - start:.0f} s; outputs in {out}")
-    return 0
-
-
-def register(subparsers: Any, command: Command) -> argparse.ArgumentParser:
-    """Add ``command`` to the CLI's subparsers, with its options and the output options every experiment has."""
-    def shown(value: Any) -> str:  # a list as its items, a tuple of numbers as --plain-blocks reads it
-        if isinstance(value, list):
-            return " ".join(map(shown, value))
-        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-    quick = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {shown(v)}")
-                      for k, v in command.quick.items())
-    # break at spaces only: an option's name split at its hyphen ("--test-" / "samples") reads as two words
-    epilog = "\n".join(textwrap.wrap(f"--quick sets (where not given): {quick}", 108, break_on_hyphens=False))
-    epilog += command.epilog.replace("{prog}", commands.program_name())
-    p = subparsers.add_parser(command.name, help=command.help, description=command.description, epilog=epilog,
-                              formatter_class=commands.HelpFormatter)
-    command.add_options(p)
-    g = p.add_argument_group("output")
-    g.add_argument("--out", type=commands.expanded_path, metavar="DIR",
-                   help=f"output directory for figures, summary.md and results.json; default: {commands.RUNS_DIR}/"
-                        f"{command.name} ({commands.RUNS_DIR}/{command.name}-quick with --quick)")
-    g.add_argument("--quick", action="store_true",
-                   help="a tiny run that checks the whole pipeline in about a minute on a CPU: synthetic data and "
-                        "small models unless given otherwise (the values it picks are listed below)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
-    p.set_defaults(handler=functools.partial(_handle, command), parser=p)
-    return p
+    return Outcome(report, out, markdown, time.perf_counter() - start)

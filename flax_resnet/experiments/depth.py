@@ -6,33 +6,65 @@ recipe is notebook 000's, without augmentation: degradation is about fitting the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
-from flax_resnet import commands, tables
+from flax_resnet import tables
+from flax_resnet.config import ConfigError, Preset, RunConfig
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import Context, Report, fmt
-from flax_resnet.recipes import RECIPES, Recipe
+from flax_resnet.experiments.common import Context, Outcome, Report, fmt
+from flax_resnet.recipes import RECIPES
 
-__all__ = ["COMMAND", "run_depth"]
+__all__ = ["BASE", "NAME", "QUICK", "Settings", "run", "run_depth"]
 
-QUICK = {"dataset": "synthetic", "plain_blocks": [(1, 1, 1, 1), (2, 2, 2, 2)], "resnet_blocks": [1, 2],
-         "image_size": 8, "train_samples": 64, "test_samples": 32, "epochs": 2, "batch_size": 32,
-         "eval_batch_size": 32}
+NAME = "depth"
+BASE = RunConfig(recipe=RECIPES["plain-vs-residual"])  # one recipe for all runs
 
 
-def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[int]] = ((1, 1, 1, 1), (3, 3, 3, 3)),
-              resnet_blocks: Sequence[int] = (1, 4)) -> Report:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """``plain_blocks``: PlainNet depths, blocks in its four layers (notebook 004's shallow and deep);
+    ``resnet_blocks``: SimpleResNet depths, blocks per stage (7 and 25 conv layers)."""
+
+    plain_blocks: tuple[tuple[int, ...], ...] = ((1, 1, 1, 1), (3, 3, 3, 3))
+    resnet_blocks: tuple[int, ...] = (1, 4)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain_blocks", tuple(tuple(b) for b in self.plain_blocks))
+        object.__setattr__(self, "resnet_blocks", tuple(self.resnet_blocks))
+        for blocks in self.plain_blocks:
+            if len(blocks) != 4 or min(blocks) < 1:
+                raise ConfigError(f"--plain-blocks takes four block counts >= 1 like 3,3,3,3, got {blocks}.")
+        if not self.resnet_blocks or min(self.resnet_blocks) < 1:
+            raise ConfigError(f"--resnet-blocks takes block counts >= 1, got {self.resnet_blocks}.")
+
+
+QUICK = Preset("quick", recipe={"epochs": 2, "batch_size": 32, "eval_batch_size": 32},
+               data={"dataset": "synthetic", "image_size": 8, "train_samples": 64, "test_samples": 32},
+               settings={"plain_blocks": ((1, 1, 1, 1), (2, 2, 2, 2)), "resnet_blocks": (1, 2)})
+
+
+def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: Callable[..., Any] | None = None,
+        log: Callable[[str], None] | None = None) -> Outcome:
+    """Train every depth as ``config`` says (not --init-from: the depths are different models) and write one
+    figure and one table to ``config.output.out_dir``."""
+    common.refuse(NAME, config, BASE, "it trains models of several depths from their own initialisation", "init_from")
+    return common.run_experiment(NAME, config, settings, lambda ctx: run_depth(ctx, settings), progress=progress,
+                                 log=log)
+
+
+def run_depth(ctx: Context, settings: Settings = Settings()) -> Report:
     """Train every PlainNet and SimpleResNet depth with ``recipe``; one figure, one table."""
     from flax_resnet import plots
 
+    recipe = ctx.config.recipe
     families = {  # colour, marker and runs of each family
-        "PlainNet": (plots.PLAIN_COLOR, "o", [ctx.train(f"PlainNet {list(b)}", "PlainNet", {"num_blocks": tuple(b)},
-                                                        recipe, "PlainNet-" + "-".join(map(str, b)))
-                                              for b in plain_blocks]),
+        "PlainNet": (plots.PLAIN_COLOR, "o", [ctx.train(f"PlainNet {list(b)}", "PlainNet", {"num_blocks": b},
+                                                        "PlainNet-" + "-".join(map(str, b)))
+                                              for b in settings.plain_blocks]),
         "SimpleResNet": (plots.RESNET_COLOR, "s", [ctx.train(f"SimpleResNet n={n}", "SimpleResNet", {"n_blocks": n},
-                                                             recipe, f"SimpleResNet-n{n}") for n in resnet_blocks])}
+                                                             f"SimpleResNet-n{n}") for n in settings.resnet_blocks])}
     curves = []
     for color, marker, runs in families.values():
         runs.sort(key=lambda r: r.conv_layers)
@@ -65,40 +97,3 @@ def run_depth(recipe: Recipe, ctx: Context, *, plain_blocks: Sequence[Sequence[i
                "runs": {family: [dataclasses.asdict(r) for r in runs] for family, (_, _, runs) in families.items()},
                "deep_minus_shallow_train_acc": drops}
     return Report("Depth: plain vs residual networks", table, results, fig, notes)
-
-
-def _blocks_spec(text: str) -> tuple[int, ...]:
-    try:
-        blocks = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        blocks = ()
-    if len(blocks) != 4 or min(blocks) < 1:
-        raise argparse.ArgumentTypeError(f"expected four block counts >= 1 like 3,3,3,3, got {text!r}")
-    return blocks
-
-
-def _add_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models")
-    g.add_argument("--plain-blocks", type=_blocks_spec, nargs="+", metavar="A,B,C,D",
-                   help="PlainNet depths, blocks in its four layers (default: 1,1,1,1 3,3,3,3, notebook 004's "
-                        "shallow and deep)")
-    g.add_argument("--resnet-blocks", type=commands.number(int, minimum=1), nargs="+", metavar="N",
-                   help="SimpleResNet depths, blocks per stage (default: 1 4, i.e. 7 and 25 conv layers)")
-    g.add_argument("--recipe", choices=list(RECIPES), default="plain-vs-residual",
-                   help="one recipe for all runs (default: %(default)s)")
-    common.add_run_options(p)
-
-
-def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    recipe = common.make_recipe(args.recipe, args, parser)
-    return lambda ctx: run_depth(recipe, ctx, plain_blocks=args.plain_blocks or ((1, 1, 1, 1), (3, 3, 3, 3)),
-                                 resnet_blocks=args.resnet_blocks or (1, 4))
-
-
-COMMAND = common.Command(
-    "depth", help="PlainNet shallow/deep vs SimpleResNet shallow/deep: degradation with depth in one figure",
-    description="Train notebook 004's PlainNet at two depths ([1,1,1,1] and [3,3,3,3]) and notebook 000's "
-                "SimpleResNet at two depths (n_blocks 1 and 4) with one recipe, and draw their curves and final "
-                "training accuracy against depth in one figure (depth.png): the deep plain network trains worse "
-                "than the shallow one, the deep residual network does not.",
-    add_options=_add_options, plan=_plan, quick=QUICK)

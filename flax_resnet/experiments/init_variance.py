@@ -7,21 +7,58 @@ which our Flax layers mirror) and Flax's stock one (lecun_normal kernels, zero b
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from flax_resnet import commands, registry, tables
+from flax_resnet import registry, tables
+from flax_resnet.config import ConfigError, Preset, RunConfig
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import Context, Report, fmt
+from flax_resnet.experiments.common import Context, Outcome, Report, fmt
+from flax_resnet.recipes import RECIPES
 
-__all__ = ["COMMAND", "SERIES", "flax_reinit", "run_he_init"]
+__all__ = ["BASE", "MODELS", "NAME", "QUICK", "SERIES", "Settings", "flax_reinit", "run", "run_he_init"]
 
+NAME = "he-init"
+BASE = RunConfig(recipe=RECIPES["resnet18-cifar"])  # only the seed and the output directory are used
 MODELS = ("SimpleNet", "ResNet18", "ResNet34", "ResNet50")
-QUICK = {"batch": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """``models`` to measure; ``batch``: images of the unit-variance input (64: the notebook's input_shape
+    (64, 3, 32, 32)); ``stock``: measure Flax's stock default init (lecun_normal) too."""
+
+    models: tuple[str, ...] = ("SimpleNet", "ResNet18")
+    batch: int = 64
+    stock: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown or not self.models:
+            raise ConfigError(f"--models takes names of {', '.join(MODELS)}, got {', '.join(unknown) or 'none'}.")
+        if self.batch < 2:
+            raise ConfigError(f"--batch must be at least 2 (a variance needs two values per feature), "
+                              f"got {self.batch}.")
+
+
+QUICK = Preset("quick", settings={"batch": 16})
+
+
+def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: Callable[..., Any] | None = None,
+        log: Callable[[str], None] | None = None) -> Outcome:
+    """Measure fresh models for ``config.seed`` and write the bar chart and table to ``config.output.out_dir``.
+    It trains nothing and reads no data: train's other options are refused."""
+    common.refuse(NAME, config, BASE, "it measures freshly initialised float32 models of both frameworks and trains "
+                  "nothing", "init_from", "framework", "dtype", "precision", "parallel")
+    return common.run_experiment(NAME, config, settings, lambda ctx: run_he_init(ctx, settings), reads_data=False,
+                                 needs_torch=True, progress=progress, log=log)
+
+
 # framework/init -> legend label and colour: He greens, torch's default oranges, Flax's stock default blue
 SERIES: dict[str, tuple[str, str]] = {
     "torch/he": ("torch: He (kaiming_normal)", "#15803d"),
@@ -106,17 +143,17 @@ def _bar_chart(results: dict[str, Any]) -> Any:
     return fig
 
 
-def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18"), batch: int = 64,
-                stock: bool = True) -> Report:
+def run_he_init(ctx: Context, settings: Settings = Settings()) -> Report:
     """Per-layer output variances of each model, framework and init (the context's seed); a bar chart, a table."""
-    seed = ctx.seed
+    seed, models, batch, stock = ctx.seed, settings.models, settings.batch, settings.stock
     x = np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)  # torch.randn(input_shape)
     results: dict[str, Any] = {}
     rows: list[list[str]] = []
     for model_name in models:
         variances, gains = {}, {}
         for key in SERIES if stock else [k for k in SERIES if k != "flax/stock"]:
-            commands.write_line(f"[{model_name}] {key} init")
+            if ctx.log is not None:
+                ctx.log(f"[{model_name}] {key} init")
             values, names = _measure(model_name, *key.split("/"), x, seed)
             variances[key] = values
             # each layer's variance over the one before it (the first layer's over the input's, 1)
@@ -136,27 +173,3 @@ def run_he_init(ctx: Context, *, models: Sequence[str] = ("SimpleNet", "ResNet18
              "(2/(9*64) instead of 2/(9*3))."]
     return Report("He initialisation: variance through the layers", table,
                   {"models": results, "batch": batch, "seed": seed}, _bar_chart(results), notes)
-
-
-def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", choices=MODELS, default=["SimpleNet", "ResNet18"], metavar="NAME",
-                   help=f"models to measure, of {', '.join(MODELS)} (default: SimpleNet ResNet18)")
-    p.add_argument("--batch", type=commands.number(int, minimum=2, why=" (a variance needs two values per feature)"),
-                   metavar="N", help="batch size of the unit-variance input (default: 64, the notebook's input_shape "
-                                     "(64, 3, 32, 32))")
-    p.add_argument("--seed", type=commands.seed, default=0, metavar="N", help="seed of input and weights (default: 0)")
-    p.add_argument("--no-stock", action="store_true", help="leave out Flax's stock default init (lecun_normal)")
-
-
-def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    return lambda ctx: run_he_init(ctx, models=args.models, batch=args.batch or 64, stock=not args.no_stock)
-
-
-COMMAND = common.Command(
-    "he-init", help="notebook 004's verify_he_init: variance per layer, He vs default init, torch and Flax",
-    description="Push a unit-variance batch through fresh models (SimpleNet and ResNet18 by default) and record the "
-                "variance of every Conv/Linear output, with He initialisation (the notebook's) and with the "
-                "framework default (torch's kaiming_uniform(a=sqrt 5), which our Flax layers mirror, and Flax's "
-                "stock lecun_normal), in torch and in Flax side by side: one bar chart (he_init.png) with the target "
-                "line at 1, and a table of first/last/min/max variance per model, framework and init.",
-    add_options=_add_options, plan=_plan, needs_torch=True, quick=QUICK)

@@ -7,25 +7,96 @@ recipe (so the batch is normalised as in training).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flax_resnet import commands, registry, tables
+from flax_resnet import registry, tables
+from flax_resnet.config import ConfigError, Preset, RunConfig, with_recipe
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import Context, Report, fmt
-from flax_resnet.recipes import RECIPES, Recipe, RunConfig
+from flax_resnet.experiments.common import Context, Outcome, Report, fmt
+from flax_resnet.recipes import RECIPES, Recipe
 from flax_resnet.store import CheckpointError, resolve
 
-__all__ = ["COMMAND", "Network", "line_loss", "load_network", "run_landscape"]
+__all__ = ["BASE", "NAME", "QUICK", "Network", "Settings", "line_loss", "load_network", "run", "run_landscape"]
 
-QUICK = {"dataset": "synthetic", "relative": True, "split": "both", "train_samples": 256, "test_samples": 128,
-         "epochs": 4, "batch_size": 32}
+NAME = "landscape"
+# the recipe of the networks it trains itself (PlainDeepCNN(1) and SimpleResNet(1)), with notebook 004's test batch
+BASE = RunConfig(recipe=with_recipe(RECIPES["plain-vs-residual"], eval_batch_size=100))
+SPLITS = ("test", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The networks (run directories of ``train`` or of an experiment: ``plain``, ``residual`` and any number of
+    ``checkpoints``), or ``train_own``: none named, train PlainDeepCNN(1) and SimpleResNet(1) first. ``points``
+    along [-radius, radius]; ``relative``: the direction scaled to the weights' norm; ``batch``: images of the
+    fixed batch (None: the run's test batch size); ``splits`` it is drawn from (the notebook's: test)."""
+
+    plain: Path | None = None
+    residual: Path | None = None
+    checkpoints: tuple[Path, ...] = ()
+    train_own: bool = False
+    points: int = 21
+    radius: float = 1.0
+    relative: bool = False
+    batch: int | None = None
+    splits: tuple[str, ...] = ("test",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        object.__setattr__(self, "splits", tuple(self.splits))
+        if self.points < 2:
+            raise ConfigError(f"--points must be at least 2, got {self.points}.")
+        if not (math.isfinite(self.radius) and self.radius > 0):
+            raise ConfigError(f"--radius must be a number above 0, got {self.radius}.")
+        if self.batch is not None and self.batch < 1:
+            raise ConfigError(f"--batch must be at least 1, got {self.batch}.")
+        if not self.splits or not set(self.splits) <= set(SPLITS):
+            raise ConfigError(f"--split takes test, train or both, got {self.splits}.")
+        if not self.networks() and not self.train_own:
+            raise ConfigError("name the trained networks: --plain DIR --residual DIR, or --checkpoint DIR "
+                              "(repeatable).")
+
+    def networks(self) -> list[tuple[str | None, Path]]:
+        """(label, run directory) of each network named; the label None for a --checkpoint."""
+        given = [(label, path) for label, path in (("plain", self.plain), ("residual", self.residual)) if path]
+        return given + [(None, path) for path in self.checkpoints]
+
+
+QUICK = Preset("quick", recipe={"epochs": 4, "batch_size": 32},
+               data={"dataset": "synthetic", "train_samples": 256, "test_samples": 128},
+               settings={"relative": True, "splits": SPLITS, "train_own": True})
+
+
+def run(config: RunConfig = BASE, settings: Settings = Settings(train_own=True), *,
+        progress: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None) -> Outcome:
+    """The landscapes of the networks ``settings`` names (or trains, as ``config`` says: not --init-from, they are
+    two different models), written to ``config.output.out_dir``."""
+    common.refuse(NAME, config, BASE, "the networks it trains are two different models", "init_from")
+    for label, path in settings.networks():
+        if not path.is_dir():
+            raise ConfigError(f"--{label or 'checkpoint'} {path}: no such run directory.")
+    return common.run_experiment(NAME, config, settings, lambda ctx: _work(ctx, settings), progress=progress,
+                                 log=log)
+
+
+def _work(ctx: Context, settings: Settings) -> Report:
+    pairs = settings.networks() or [  # none named: make the checkpoints first, as `train` would
+        (label, ctx.train(label, model, {"n_blocks": 1}, model, overwrite=True).out_dir)
+        for label, model in (("plain", "PlainDeepCNN"), ("residual", "SimpleResNet"))]
+    networks = [load_network(path, label) for label, path in pairs]
+    for (label, path), network in zip(pairs, networks, strict=True):
+        if label is not None and (label == "plain") != network.name.startswith("Plain"):
+            raise CheckpointError(f"--{label} {path} holds a {network.name}, which is not a {label} network; "
+                                  "swap --plain and --residual")
+    return run_landscape(networks, ctx, points=settings.points, radius=settings.radius, relative=settings.relative,
+                         batch_size=settings.batch, splits=settings.splits)
 
 
 @dataclasses.dataclass
@@ -56,7 +127,8 @@ def load_network(path: Path, label: str | None = None) -> Network:
     if meta.get("dtype", "float32") != "float32":
         raise CheckpointError(f"{root} holds a {meta['dtype']} run; landscape reads float32 runs only")
     # a checkpoint written by `port` records no recipe: the model's notebook's
-    recipe = RunConfig.from_dict(meta).recipe if meta.get("recipe") else RECIPES[registry.get_spec(name).recipe]
+    recipe = (RunConfig.from_checkpoint_meta(meta).recipe if meta.get("recipe")
+              else RECIPES[registry.get_spec(name).recipe])
     model, _, _ = weights.load_model(root, "jax")  # the arrays read once, after the checks above
     return Network(label or name, model, name, kwargs, recipe, Path(path), meta.get("epoch"))
 
@@ -166,69 +238,3 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
     results = {"alphas": alphas.tolist(), "relative": relative, "networks": curves, "splits": list(splits),
                "seed": ctx.seed, "data": ctx.data_note}
     return Report("1-D loss landscape", table, results, fig, notes)
-
-
-def _add_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("networks (run directories of `train` or of an experiment, e.g. "
-                             "runs/pvr/runs/SimpleResNet)")
-    g.add_argument("--plain", type=commands.expanded_path, metavar="DIR", help="the trained plain network")
-    g.add_argument("--residual", type=commands.expanded_path, metavar="DIR", help="the trained residual network")
-    g.add_argument("--checkpoint", type=commands.expanded_path, action="append", default=[], metavar="DIR",
-                   help="any trained network (repeatable; labelled by its model)")
-    g = p.add_argument_group("landscape")
-    g.add_argument("--points", type=commands.number(int, minimum=2), default=21, metavar="N",
-                   help="points along the line (default: %(default)s)")
-    g.add_argument("--radius", type=commands.finite_float(minimum=0, exclusive_min=True), default=1.0, metavar="R",
-                   help="alphas run over [-R, R] (default: %(default)s, the notebook's)")
-    g.add_argument("--relative", action="store_true", default=None,
-                   help="scale the unit direction to the network's parameter norm ||theta|| (alpha = 1: a step as "
-                        "long as the weights); the notebook's unit step barely moves a network with many parameters")
-    g.add_argument("--batch", type=commands.number(int, minimum=1), metavar="N",
-                   help="size of the fixed batch (default: the run's test batch size, 100 for notebook 004's)")
-    g.add_argument("--split", choices=("test", "train", "both"),
-                   help="the batch's split (default: test, the notebook's testloader; both with --quick)")
-    g.add_argument("--seed", type=commands.seed, default=0, metavar="N",
-                   help="seed of the direction (and of --quick's training) (default: %(default)s)")
-    g.add_argument("--epochs", type=int, metavar="N", help="--quick without checkpoints: epochs of its training")
-    g.add_argument("--batch-size", type=int, metavar="N", help="--quick without checkpoints: training batch size")
-    commands.add_data_arguments(p, dataset_default=None, image_size=True)
-
-
-def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    given = [(label, path) for label, path in (("plain", args.plain), ("residual", args.residual)) if path]
-    given += [(None, path) for path in args.checkpoint]
-    if not given and not args.quick:
-        parser.error("name the trained networks: --plain DIR --residual DIR, or --checkpoint DIR (repeatable)")
-    for _, path in given:
-        if not path.is_dir():
-            parser.error(f"{path}: no such run directory")
-    splits = ("test", "train") if args.split == "both" else (args.split or "test",)
-    recipe = common.make_recipe("plain-vs-residual", args, parser, eval_batch_size=100)
-
-    def work(ctx: Context) -> Report:
-        pairs = given or [  # --quick: make the checkpoints first, as `train` would
-            (label, ctx.train(label, model, {"n_blocks": 1}, recipe, model, overwrite=True).out_dir)
-            for label, model in (("plain", "PlainDeepCNN"), ("residual", "SimpleResNet"))]
-        networks = [load_network(path, label) for label, path in pairs]
-        for (label, path), network in zip(pairs, networks, strict=True):
-            if label is not None and (label == "plain") != network.name.startswith("Plain"):
-                raise CheckpointError(f"--{label} {path} holds a {network.name}, which is not a {label} network; "
-                                      "swap --plain and --residual")
-        return run_landscape(networks, ctx, points=args.points,
-                             radius=args.radius, relative=bool(args.relative), batch_size=args.batch, splits=splits)
-
-    return work
-
-
-COMMAND = common.Command(
-    "landscape", help="notebook 004's 1-D loss landscape of trained plain and residual networks",
-    description="Evaluate the loss of trained networks along one random direction in parameter space, normalised "
-                "as notebook 004 does (d/||d||, one norm over all parameters), at 21 points in [-1, 1] on a fixed "
-                "batch in eval mode (BatchNorm statistics unperturbed), and plot the curves of a plain and a "
-                "residual network of the same depth in one figure (landscape.png).",
-    add_options=_add_options, plan=_plan, quick=QUICK,
-    epilog="\n(and, when no network is named, first trains PlainDeepCNN(1) and SimpleResNet(1) with\nnotebook "
-           "000's recipe, milestones scaled to the run)\n\nexamples:\n"
-           "  {prog} plain-vs-residual --out runs/pvr\n"
-           "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"
-           "  {prog} landscape --relative --checkpoint runs/ResNet18-resnet18-cifar-jax")

@@ -3,26 +3,52 @@ figure and table); the runs' checkpoints in ``OUT/runs/<model>`` are what ``land
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
-from flax_resnet import commands, tables
+from flax_resnet import tables
+from flax_resnet.config import ConfigError, Preset, RunConfig
 from flax_resnet.experiments import common
-from flax_resnet.experiments.common import Context, Report, fmt
-from flax_resnet.recipes import Recipe
+from flax_resnet.experiments.common import Context, Outcome, Report, fmt
+from flax_resnet.recipes import RECIPES
 
-__all__ = ["COMMAND", "run_plain_vs_residual"]
+__all__ = ["BASE", "NAME", "QUICK", "Settings", "run", "run_plain_vs_residual"]
 
-QUICK = {"dataset": "synthetic", "n_blocks": 1, "train_samples": 256, "test_samples": 64, "epochs": 4,
-         "batch_size": 32, "eval_batch_size": 64}
+NAME = "plain-vs-residual"
+BASE = RunConfig(recipe=RECIPES["plain-vs-residual"])
 
 
-def run_plain_vs_residual(recipe: Recipe, ctx: Context, *, n_blocks: int = 5) -> Report:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """``n_blocks``: blocks per stage of both networks, 1 + 6n conv layers (5: the notebook's 31 layers)."""
+
+    n_blocks: int = 5
+
+    def __post_init__(self) -> None:
+        if self.n_blocks < 1:
+            raise ConfigError(f"--n-blocks must be at least 1, got {self.n_blocks}.")
+
+
+QUICK = Preset("quick", recipe={"epochs": 4, "batch_size": 32, "eval_batch_size": 64},
+               data={"dataset": "synthetic", "train_samples": 256, "test_samples": 64}, settings={"n_blocks": 1})
+
+
+def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: Callable[..., Any] | None = None,
+        log: Callable[[str], None] | None = None) -> Outcome:
+    """Train both networks as ``config`` says (not --init-from: they are two different models) and write the
+    notebook's figure and table to ``config.output.out_dir``."""
+    common.refuse(NAME, config, BASE, "it trains two different models from their own initialisation", "init_from")
+    return common.run_experiment(NAME, config, settings, lambda ctx: run_plain_vs_residual(ctx, settings),
+                                 progress=progress, log=log)
+
+
+def run_plain_vs_residual(ctx: Context, settings: Settings = Settings()) -> Report:
     """Train PlainDeepCNN(n_blocks) and SimpleResNet(n_blocks) alike; the notebook's figure and table."""
     from flax_resnet import plots
 
-    plain, resnet = (ctx.train(label, model, {"n_blocks": n_blocks}, recipe, model)
+    recipe, n_blocks = ctx.config.recipe, settings.n_blocks
+    plain, resnet = (ctx.train(label, model, {"n_blocks": n_blocks}, model)
                      for label, model in (("Plain CNN", "PlainDeepCNN"), ("ResNet", "SimpleResNet")))
     fig = plots.comparison_figure({run.label: run.history for run in (plain, resnet)})
     advantage = resnet.final("test_acc") - plain.final("test_acc")
@@ -44,26 +70,3 @@ def run_plain_vs_residual(recipe: Recipe, ctx: Context, *, n_blocks: int = 5) ->
                "runs": {"plain": dataclasses.asdict(plain), "resnet": dataclasses.asdict(resnet)},
                "resnet_advantage_test_acc": advantage, "resnet_advantage_train_acc": train_gap}
     return Report(f"Plain vs residual, {plain.conv_layers} conv layers", table, results, fig, notes)
-
-
-def _add_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models")
-    g.add_argument("--n-blocks", type=commands.number(int, minimum=1), metavar="N",
-                   help="blocks per stage of both networks, 1 + 6n conv layers (default: 5, the notebook's 31 layers)")
-    common.add_run_options(p)
-
-
-def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Callable[[Context], Report]:
-    recipe = common.make_recipe("plain-vs-residual", args, parser)
-    return lambda ctx: run_plain_vs_residual(recipe, ctx, n_blocks=args.n_blocks or 5)
-
-
-COMMAND = common.Command(
-    "plain-vs-residual", help="notebook 000: PlainDeepCNN vs SimpleResNet at 31 conv layers, three plots and a table",
-    description="Train notebook 000's plain deep CNN and its ResNet at the same depth (n_blocks=5: 31 conv layers) "
-                "with the same recipe, and write the notebook's three plots (training loss, training accuracy, test "
-                "accuracy per epoch) as plain_vs_residual.png, its summary table as summary.md and the histories as "
-                "results.json. Each run's checkpoints stay in OUT/runs/<model> (for `landscape`).",
-    add_options=_add_options, plan=_plan, quick=QUICK,
-    epilog="\n\nexample:\n  {prog} plain-vs-residual --out runs/pvr\n"
-           "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet")

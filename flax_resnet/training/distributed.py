@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 
+from flax_resnet.config import ParallelConfig
 from flax_resnet.errors import FlaxResnetError
 
 
@@ -140,7 +141,8 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def initialize_from_args(args, on_timeout: Callable[[DistributedInitError], object] | None = None) -> bool:
-    """``initialize`` from the flags of ``flax_resnet.commands.add_parallel_arguments``."""
-    return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout,
+def initialize_from_config(config: ParallelConfig,
+                           on_timeout: Callable[[DistributedInitError], object] | None = None) -> bool:
+    """``initialize`` with ``config``'s coordinator, process count and rank, and timeout."""
+    return initialize(config.coordinator, config.num_processes, config.process_id, timeout_s=config.timeout_s,
                       on_timeout=on_timeout)

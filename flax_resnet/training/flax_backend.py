@@ -13,9 +13,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from flax_resnet import _codecs
+from flax_resnet.config import RunConfig
 from flax_resnet.data.plan import EpochPlan, batch_bounds, steps_per_epoch
 from flax_resnet.dtypes import cast_floating
-from flax_resnet.recipes import Recipe, RunConfig
+from flax_resnet.recipes import Recipe
 from flax_resnet.training import engine
 from flax_resnet.training.engine import Metrics, TrainState
 from flax_resnet.training.loop import EpochResult, StepHook

@@ -19,10 +19,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from flax_resnet import files
+from flax_resnet.config import RunConfig
 from flax_resnet.data import plan as plans
 from flax_resnet.data.plan import EpochPlan
 from flax_resnet.errors import FlaxResnetError, installed
-from flax_resnet.recipes import Recipe, RunConfig, epoch_learning_rate
+from flax_resnet.recipes import Recipe, epoch_learning_rate
 from flax_resnet.store import CHECKPOINT_SUBDIR, CheckpointStore
 
 __all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "Backend", "EpochResult", "StepHook", "TrainError",
@@ -128,30 +129,33 @@ def _diverged(what: str, store: CheckpointStore | None) -> TrainError:
                       f"the data), then {again}.")
 
 
-def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_labels: np.ndarray,
-        test_images: np.ndarray, test_labels: np.ndarray, *, out_dir: str | Path | None = None,
-        resume: bool = False, overwrite: bool = False, max_to_keep: int | None = 3,
-        progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None,
-        on_step: StepHook | None = None, title: str | None = None) -> History:
-    """Train through ``backend`` as ``config`` says; returns the history (the backend holds the trained state).
+def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: ProgressFactory | None = None,
+        log: Callable[[str], None] | None = None, on_step: StepHook | None = None,
+        title: str | None = None) -> History:
+    """Train through ``backend`` on ``dataset`` (a ``data.Dataset``) as ``config`` says; returns the history (the
+    backend holds the trained state).
 
-    ``out_dir``: where checkpoints, ``history.json`` and ``curves.png`` go (nothing is written without it).
-    ``resume``: continue from the newest readable checkpoint there whose ``RunConfig`` fits
+    ``config.output.out_dir``: where checkpoints, ``history.json`` and ``curves.png`` go (nothing is written
+    without it). ``resume``: continue from the newest readable checkpoint there whose metadata fits
     (``RunConfig.resume_problems``; an unreadable newer one is set aside and reported), with the same result as an
     uninterrupted run; ``overwrite``: remove the checkpoints there and start over.
     """
+    train_images, train_labels = dataset.train_images, dataset.train_labels
+    output, name = config.output, getattr(dataset, "name", None)
+    out_dir, resume, overwrite, max_to_keep = output.out_dir, output.resume, output.overwrite, output.max_to_keep
     recipe = config.recipe
-    num_train, num_test = len(train_labels), len(test_labels)
+    num_train, num_test = len(train_labels), len(dataset.test_labels)
     if num_train == 0:
         raise TrainError("the training set is empty")
     spe = plans.steps_per_epoch(num_train, recipe.batch_size)
-    backend.prepare(train_images, train_labels, test_images, test_labels)  # fails before any compilation
+    # fails before any compilation
+    backend.prepare(train_images, train_labels, dataset.test_images, dataset.test_labels)
     if not backend.is_main_process:
         progress = log = None
     # what must not go unsaid when the caller gave no log (the library does not print)
     report = (log or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))) if backend.is_main_process else None
 
-    meta = config.asdict()
+    meta = config.checkpoint_meta(name, num_train, num_test)
     history: History = {key: [] for key in HISTORY_KEYS}
     start_epoch, store = 0, None
     if out_dir is not None:
@@ -168,7 +172,7 @@ def run(backend: Backend, config: RunConfig, train_images: np.ndarray, train_lab
         if resume and store.steps:
 
             def check(saved: dict[str, Any]) -> None:
-                if problems := config.resume_problems(saved):
+                if problems := config.resume_problems(saved, name, num_train, num_test):
                     raise TrainError(f"the checkpoints in {store.directory} were made by a different run, so --resume "
                                      "cannot continue it:\n  " + "\n  ".join(problems)
                                      + "\nRun with the checkpoint's settings, or start over with --overwrite.")

@@ -11,7 +11,6 @@ grouped by process; each process puts the same (seeded) state and data.
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable, Sequence
 
@@ -23,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flax_resnet.config import ParallelConfig
 from flax_resnet.dtypes import is_prng_key
 from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import PARALLEL_KINDS, ParallelKind, Recipe
@@ -238,11 +238,11 @@ def make_runner(kind: ParallelKind, graphdef: nnx.GraphDef, tx: optax.GradientTr
     return cls(graphdef, tx, recipe, dtype=dtype, bn_sync=bn_sync, devices=devices)
 
 
-def runner_factory_from_args(args: argparse.Namespace) -> Callable[..., Runner]:
-    """``make_runner`` with the flags of ``commands.add_parallel_arguments`` bound: ``factory(graphdef, tx, recipe,
+def runner_factory(config: ParallelConfig) -> Callable[..., Runner]:
+    """``make_runner`` with ``config``'s kind and BatchNorm synchronisation bound: ``factory(graphdef, tx, recipe,
     dtype=dtype)``, the form ``flax_resnet.training.train(runner=...)`` accepts."""
-    return functools.partial(make_runner, args.parallel, bn_sync=args.bn_sync == "on")
+    return functools.partial(make_runner, config.kind, bn_sync=config.bn_sync)
 
 
 __all__ = ["AXIS", "PARALLEL_KINDS", "ParallelKind", "PmapRunner", "ShardMapRunner", "default_devices", "make_runner",
-           "runner_factory_from_args", "validate_batch_sizes", "BatchSizeError"]
+           "runner_factory", "validate_batch_sizes", "BatchSizeError"]

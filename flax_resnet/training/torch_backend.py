@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from flax_resnet import _codecs
+from flax_resnet.config import RunConfig
 from flax_resnet.data.plan import EpochPlan
-from flax_resnet.recipes import RunConfig
 from flax_resnet.training.loop import EpochResult, StepHook
 from torch_ref import train as notebook
 from torch_ref.data import PlannedBatches

@@ -12,27 +12,29 @@ Handlers report usage errors with ``parser.error(...)`` (exit 2) before doing an
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from flax_resnet import bench, commands, experiments, registry, tables
+from flax_resnet import bench, registry, tables
+from flax_resnet.cli import experiments, options, shell
+from flax_resnet.cli import shell as commands
+from flax_resnet.config import ConfigError
 from flax_resnet.errors import EXTRAS, FlaxResnetError, installed, missing_extra, require
-from flax_resnet.recipes import PRECISIONS, RECIPES, Recipe, RunConfig
+from flax_resnet.recipes import RECIPES
 
 __all__ = ["SUBCOMMANDS", "add_port_parser", "add_selftest_parser", "add_train_parser", "add_verify_parser",
            "build_parser", "main"]
 
-DEFAULT_RECIPE = "resnet18-cifar"
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+EXIT_INTERRUPTED = shell.EXIT_INTERRUPTED
 
 
-def _add_parser(subparsers: Any, name: str, handler: Callable[..., int], *, epilog: str,
+def _add_parser(subparsers: Any, name: str, handler: Callable[..., int] | None, *, epilog: str,
                 **kwargs: Any) -> argparse.ArgumentParser:
-    """A command's parser and handler; ``{prog}`` in the epilog is the program's name as the user typed it."""
+    """A command's parser and handler (None: ``flax_resnet.cli.<name>.run``, imported after parsing); ``{prog}``
+    in the epilog is the program's name as the user typed it."""
     p = subparsers.add_parser(name, formatter_class=commands.HelpFormatter,
                               epilog=epilog.replace("{prog}", commands.program_name()), **kwargs)
     p.set_defaults(handler=handler, parser=p)
@@ -58,11 +60,12 @@ def _recipe_table() -> str:
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``train`` command and its options."""
+    """The ``train`` command and its options (``cli.train`` runs it)."""
     p = _add_parser(
-        subparsers, "train", run_train, help="train a model (the default command)",
+        subparsers, "train", None, help="train a model (the default command)",
         description="Train one of the notebooks' models with one of their recipes, in JAX/Flax or PyTorch. "
-                    "Writes history.json, curves.png and a checkpoint per epoch to --out.",
+                    "Writes history.json, curves.png and a checkpoint per epoch to --out (default: "
+                    "runs/<model>-<recipe>-<framework>, with -synthetic for the synthetic data).",
         epilog="recipes (the notebooks'; each number can be overridden by the option of the same name):\n"
                f"{_recipe_table()}\n\n"
                "examples:\n"
@@ -70,193 +73,24 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                "  {prog} train --dataset synthetic --model SimpleResNet --n-blocks 1 --epochs 3   # no data\n"
                "  {prog} train --model PlainDeepCNN --recipe plain-vs-residual --framework torch\n"
                "  {prog} train --resume                            # continue the default run\n")
-    what = p.add_argument_group("what to train")
-    what.add_argument("--model", choices=registry.model_names(), metavar="NAME",
-                      help="model class (see the list below); default: the recipe's model, ResNet18 for the "
-                           "default recipe")
-    what.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
-                      help=f"training recipe (see the table below); default: the model's notebook's recipe, "
-                           f"{DEFAULT_RECIPE} when no model is given")
-    what.add_argument("--framework", choices=("jax", "torch"), default="jax",
-                      help="train the Flax model, or the PyTorch reference on the same batch stream "
-                           "(default: %(default)s)")
-    registry.add_model_arguments(what, lambda arg: f"{arg.help} "
-                                 f"({', '.join(s.name for s in registry.MODELS.values() if arg.name in s.args)} only)")
-    what.add_argument("--init-from", metavar="PATH", type=commands.expanded_path,
-                      help="initial weights: a torch .pt state_dict or a Flax checkpoint (a run's --out or a "
-                           "port output); default: the framework's own initialisation from --seed. Ignored "
-                           "when --resume finds a checkpoint")
-    commands.add_parallel_arguments(p)
-    what.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                      help="floating-point type of weights and computation (default: %(default)s)")
-    what.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                      help="bf16: mixed precision for --framework jax (bfloat16 convolutions and activations; "
-                           "float32 weights, optimizer, BatchNorm statistics and loss; see flax_resnet.precision) "
-                           "(default: %(default)s)")
-    what.add_argument("--seed", type=commands.seed, default=0, metavar="N",
-                      help="seed of the initialisation and of the batch order and augmentation "
-                           "(default: %(default)s)")
-
-    commands.add_data_arguments(p)
-
-    rec = p.add_argument_group("recipe overrides (default: the recipe's value, see the table below)")
-    rec.add_argument("--epochs", type=int, metavar="N", help="number of epochs")
-    rec.add_argument("--batch-size", type=int, metavar="N",
-                     help="training batch size (the last batch of an epoch may be short)")
-    rec.add_argument("--eval-batch-size", type=int, metavar="N", help="test batch size")
-    rec.add_argument("--lr", type=commands.finite_float(minimum=0, exclusive_min=True),
-                     help="initial learning rate of SGD")
-    rec.add_argument("--momentum", type=commands.finite_float(minimum=0, maximum=1, exclusive_max=True), metavar="M",
-                     help="SGD momentum, in [0, 1)")
-    rec.add_argument("--weight-decay", type=commands.finite_float(minimum=0), metavar="WD",
-                     help="SGD weight decay (coupled, on every parameter)")
-    rec.add_argument("--schedule", choices=("multistep", "cosine", "constant"),
-                     help="learning-rate schedule, stepped per epoch")
-    rec.add_argument("--milestones", type=commands.number(int, minimum=1), nargs="*", metavar="EPOCH",
-                     help="epochs at which multistep multiplies the learning rate by --gamma")
-    rec.add_argument("--gamma", type=commands.finite_float(minimum=0, exclusive_min=True), metavar="G",
-                     help="multistep factor")
-    rec.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                     help="random crop 32 with 4 pixels of zero padding + horizontal flip")
-    rec.add_argument("--mean", type=commands.finite_float(), nargs=3, metavar=("R", "G", "B"),
-                     help="normalisation mean")
-    rec.add_argument("--std", type=commands.finite_float(minimum=0, exclusive_min=True), nargs=3,
-                     metavar=("R", "G", "B"), help="normalisation std")
-    rec.add_argument("--train-loss-mean", choices=("samples", "batches"),
-                     help="train loss as mean over samples (notebook 000) or over batches (notebook 004)")
-
-    out = p.add_argument_group("output")
-    out.add_argument("--out", type=commands.expanded_path, metavar="DIR",
-                     help=f"output directory; default: {commands.RUNS_DIR}/<model>-<recipe>-<framework> "
-                          "(with -synthetic appended for the synthetic data)")
-    g = out.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in --out (same settings; the result equals an "
-                        "uninterrupted run; an unreadable checkpoint is moved aside and the one before used); "
-                        "starts afresh if there is none")
-    g.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --out and start over")
-    out.add_argument("--max-to-keep", type=commands.number(int, minimum=1), default=3, metavar="N",
-                     help="checkpoints kept (the last N epochs; default: %(default)s)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
-    return p
+    return options.add(p, "model", "recipe", "framework", *options.MODEL_OPTIONS, "init_from", "dtype", "precision",
+                       "seed", *options.DATA, *options.RECIPE_OVERRIDES, *options.PARALLEL, *options.OUTPUT)
 
 
-def _plan_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
-    """Check every argument; any problem is a usage error (exit 2) before anything is read or written. Fills in
-    ``args.model``, ``args.recipe`` and ``args.out``; returns the run's settings."""
-    if args.recipe is None:
-        args.recipe = registry.get_spec(args.model).recipe if args.model else DEFAULT_RECIPE
+def _given_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, dict] | None:
+    """--model with its constructor arguments, or None when the weights are to name their model."""
     if args.model is None:
-        args.model = RECIPES[args.recipe].model
-    overrides = {f.name: tuple(value) if isinstance(value, list) else value for f in dataclasses.fields(Recipe)
-                 if (value := getattr(args, f.name, None)) is not None}  # model and the recipe options
-    try:
-        recipe = dataclasses.replace(RECIPES[args.recipe], **overrides)
-    except ValueError as e:
-        parser.error(f"--{str(e).replace('_', '-')}")
-    name, kwargs = _given_model(args, parser, args.recipe)
-    commands.check_data_arguments(args, parser)
-    if args.init_from is not None and not args.init_from.exists():
-        parser.error(f"--init-from {args.init_from}: no such file or directory")
-    if args.framework == "torch" and (args.parallel != "auto" or args.bn_sync != "on" or args.coordinator):
-        parser.error("--parallel, --bn-sync and the multi-host flags are for --framework jax")
-    multi_host = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in multi_host) and not all(v is not None for v in multi_host):
-        parser.error("--coordinator, --num-processes and --process-id go together (or none of them, under SLURM)")
-    if args.precision == "bf16" and (args.framework != "jax" or args.dtype != "float32"):
-        parser.error("--precision bf16 is for --framework jax with --dtype float32 (the torch reference runs the "
-                     f"notebooks' float32 loops; `{commands.program_name()} bench --precision bf16` times torch "
-                     "autocast)")
-    suffix = "-synthetic" if args.dataset == "synthetic" else ""
-    args.out = args.out or Path(commands.RUNS_DIR) / f"{args.model}-{args.recipe}-{args.framework}{suffix}"
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file, not a directory")
-    if args.framework == "torch":
-        require("torch", "--framework torch")
-    if args.init_from is not None and args.init_from.is_file() and args.init_from.suffix != ".safetensors":
-        require("torch", "--init-from FILE.pt (a .safetensors file needs no torch)")
-    return RunConfig(recipe=recipe, model=name, model_kwargs=kwargs, framework=args.framework, dataset=args.dataset,
-                     seed=args.seed, dtype=args.dtype, precision=args.precision, bn_sync=args.bn_sync == "on")
-
-
-def _given_model(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                 recipe: str | None = None) -> tuple[str, dict] | None:
-    """--model with its constructor arguments (``registry.model_kwargs`` of the model options; a bad one is a usage
-    error), or None when the weights are to name their model (``port``, ``verify``)."""
-    if args.model is None:
-        if any(getattr(args, a) is not None for a in registry.MODEL_ARGS):
+        if options.given(args, options.MODEL_OPTIONS):
             parser.error("model options (--n-blocks, ...) need --model")
         return None
-    try:
-        return args.model, registry.model_kwargs(args.model, registry.given_model_arguments(args), recipe)
-    except ValueError as e:
-        parser.error(str(e))
-
-
-def _exit_now(code: int) -> NoReturn:
-    """End the process at once, from any thread, with no interpreter teardown (see ``main``)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    config = _plan_train(args, parser)
-
-    import jax
-
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    if args.framework == "jax":
-        from flax_resnet.training import distributed
-
-        # First, before anything touches a device. A peer that never joins is reported by a watchdog thread before
-        # JAX would abort the process with a C++ stack trace.
-        distributed.initialize_from_args(args, on_timeout=lambda e: _exit_now(commands.fail(str(e))))
-    from flax_resnet.training.outdir import claim_output_dir
-
-    # Before data or models: an unwritable --out, or another run writing to it, fails in seconds. The processes
-    # of one multi-process run share --out, so process 0 holds the claim for all of them.
-    claim = claim_output_dir(args.out) if jax.process_index() == 0 else None
-    try:
-        from flax_resnet import store, training, weights
-
-        # anything in checkpoints/ (ours, or files someone put there) is refused before data is read
-        ckpt_dir = args.out / store.CHECKPOINT_SUBDIR
-        if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not (args.resume or args.overwrite):
-            return commands.fail(f"{args.out} already holds checkpoints of a run. Pass --resume to continue it, "
-                                 "--overwrite to start over, or choose another --out.")
-        name, kwargs, recipe = config.model, config.model_kwargs, config.recipe
-        dataset = commands.load_data(args)
-        model, _, _ = weights.load_model(args.init_from, args.framework, model=(name, kwargs), seed=args.seed)
-        runner = None
-        if args.framework == "jax":
-            from flax_resnet.precision import apply_precision
-            from flax_resnet.training import parallel
-
-            apply_precision(model, args.precision)
-            runner = parallel.runner_factory_from_args(args)
-        result = training.train(model, config, dataset, runner=runner, out_dir=args.out, resume=args.resume,
-                                overwrite=args.overwrite, max_to_keep=args.max_to_keep,
-                                progress=commands.progress_factory(not args.no_progress), log=commands.write_line,
-                                title=f"{registry.constructor_call(name, kwargs)}, {recipe.name}, {args.framework}")
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command and --resume (--out {args.out})", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        if claim is not None:
-            claim.release()
-    accuracy = (result.history["test_acc"] or [None])[-1]
-    final = "" if accuracy is None else f" final test accuracy {accuracy:.2f}%"
-    print(f"done: {name} ({recipe.name}, {args.framework}){final}; outputs in {args.out}")
-    return 0
+    return args.model, options.model_kwargs(args, args.model)
 
 
 # -------------------------------------------------------------------------------------------------- port
 def _add_model_options(p: argparse.ArgumentParser, model_help: str) -> None:
     """``port``'s and ``verify``'s --model and model options (``_given_model`` reads them)."""
     p.add_argument("--model", choices=registry.model_names(), metavar="NAME", help=model_help)
-    registry.add_model_arguments(p, lambda arg: f"with --model: {arg.help}")
+    options.add(p, *options.MODEL_OPTIONS)
 
 
 def add_port_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -451,8 +285,8 @@ def run_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 # -------------------------------------------------------------------------------------------------- main
 SUBCOMMANDS: list[Callable[[Any], Any]] = [add_train_parser, add_port_parser, add_verify_parser,
-                                           experiments.add_experiments_parser, bench.add_bench_parser,
-                                           add_selftest_parser]
+                                           experiments.add_parsers,
+                                           lambda sub: bench.add_bench_parser(sub), add_selftest_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,8 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flax_resnet.training.cpu import tune_allocator
 
     tune_allocator()  # before JAX starts: every command's CPU steps profit (see its docstring)
+    # a command's module is imported only now, so that --help stays quick (no JAX, torch, TFDS or matplotlib)
+    handler = args.handler or importlib.import_module(f"flax_resnet.cli.{args.command}").run
     try:
-        code = args.handler(args, args.parser)
+        code = handler(args, args.parser)
+    except ConfigError as e:  # settings that cannot go together: a usage error, as argparse's own (exit 2)
+        args.parser.error(str(e))
     except FlaxResnetError as e:
         return commands.fail(str(e))
     except ModuleNotFoundError as e:  # an optional dependency that the commands' own checks did not foresee
@@ -493,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Leave at once: XLA may still be compiling on its own threads, and tearing the interpreter down under them
         # crashed with a segmentation fault (exit 139) in 13 of 17 interrupts during the first compile (measured).
         # Everything worth keeping is already written, and the --out lock is released.
-        _exit_now(EXIT_INTERRUPTED)
+        shell.exit_now(EXIT_INTERRUPTED)
     return code
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from flax_resnet.argtypes import finite_float, number, seed
+from flax_resnet.cli.options import expanded_path, finite_float, number, program_name, seed
 from flax_resnet.recipes import PARALLEL_KINDS
 
 __all__ = ["RUNS_DIR", "HelpFormatter", "add_data_arguments", "add_parallel_arguments", "check_data_arguments",
@@ -20,24 +21,14 @@ __all__ = ["RUNS_DIR", "HelpFormatter", "add_data_arguments", "add_parallel_argu
            "write_line"]
 
 RUNS_DIR = "runs"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 
-def program_name() -> str:
-    """The program as the user started it, for usage lines and examples: ``flax-resnet`` (the console script),
-    ``python -m flax_resnet`` or ``python train.py`` (a checkout's script; a non-editable install has none)."""
-    argv0 = Path(sys.argv[0] if sys.argv and sys.argv[0] and sys.argv[0] != "-c" else "flax-resnet")
-    if argv0.name == "__main__.py":
-        return "python -m flax_resnet"
-    if argv0.suffix == ".py":
-        return f"python {argv0.name}"
-    return argv0.name
-
-
-# ------------------------------------------------------------------------------------------ option types
-def expanded_path(text: str) -> Path:
-    """A path option with ``~`` expanded: the shell leaves ``--out=~/x`` as it is, and a directory named ``~``
-    would be created beside the one the user meant."""
-    return Path(text).expanduser()
+def exit_now(code: int) -> NoReturn:
+    """End the process at once, from any thread, with no interpreter teardown (see ``cli.main``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

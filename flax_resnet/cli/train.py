@@ -1,0 +1,24 @@
+"""``train``: the options as a ``config.RunConfig``, handed to ``training.train`` as it is."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flax_resnet import registry, training
+from flax_resnet.cli import options, shell
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    config = options.run_config(args)  # a refusal is a usage error (exit 2), before anything is read or written
+    out = config.output.out_dir
+    try:
+        result = training.train(config, progress=shell.progress_factory(True), log=shell.write_line)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same command and --resume (--out {out})", file=sys.stderr)
+        return shell.EXIT_INTERRUPTED
+    accuracy = (result.history["test_acc"] or [None])[-1]
+    final = "" if accuracy is None else f" final test accuracy {accuracy:.2f}%"
+    model = registry.constructor_call(config.model.name, config.model.kwargs)
+    print(f"done: {model} ({config.recipe.name}, {config.framework}){final}; outputs in {out}")
+    return 0
