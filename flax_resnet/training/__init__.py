@@ -16,10 +16,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flax_resnet import data, registry, store, weights
+from flax_resnet import data, precision, registry, store, weights
 from flax_resnet.config import ConfigError, RunConfig
 from flax_resnet.errors import require
-from flax_resnet.precision import apply_precision
 from flax_resnet.training import distributed, parallel
 from flax_resnet.training.flax_backend import FlaxBackend
 from flax_resnet.training.loop import (
@@ -85,7 +84,7 @@ def _build_model(config: RunConfig, model: Any) -> Any:
         return model
     given = (name, kwargs) if name in registry.MODELS else None
     built, _, _ = weights.load_model(init_from, config.framework, model=given, seed=config.seed)
-    return apply_precision(built, config.precision) if jax_model else built
+    return precision.apply_precision(built, config.precision) if jax_model else built
 
 
 def train(config: RunConfig, *, model: Any = None, dataset: Any = None, runner: Any = None, device: Any = "cpu",
