@@ -197,11 +197,12 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     """The Flax rows, through the training loop's backend (its default runner: one device); and the forward MACs."""
     import jax
 
+    from flax_resnet import builders
     from flax_resnet.precision import apply_precision
     from flax_resnet.training.flax_backend import FlaxBackend
 
     b, n = setup.batch_size, len(setup.labels)
-    model = apply_precision(registry.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
+    model = apply_precision(builders.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
     backend = FlaxBackend(model, RunConfig(recipe=setup.recipe, model=ModelConfig(setup.model, setup.model_kwargs),
                                            seed=setup.seed, precision=setup.precision))
@@ -274,13 +275,14 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, rows: list[dict[str, A
     import torch
     import torch.nn.functional as F  # noqa: N812
 
+    from flax_resnet import builders
     from torch_ref.data import PlannedBatches
     from torch_ref.train import make_optimizer
 
     b, n, r = setup.batch_size, len(setup.labels), setup.recipe
     compiled = impl.startswith("torch.compile")
     layout = torch.channels_last if "channels_last" in impl else torch.contiguous_format
-    model = registry.build_torch(setup.model, setup.model_kwargs, seed=setup.seed).to(device, memory_format=layout)
+    model = builders.build_torch(setup.model, setup.model_kwargs, seed=setup.seed).to(device, memory_format=layout)
     opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay)
     net = torch.compile(model) if compiled else model
     # torch_ref's batches with the split resident on the device: gathered, augmented and normalised there, as the

@@ -193,7 +193,7 @@ def torch_keys(model: nnx.Module) -> list[str]:
 def torch_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     """torch key -> the shape torch gives that tensor, for the torch twin of ``model``, in torch's order.
 
-    What ``registry.infer_model`` compares a ``state_dict``'s shapes with: keys alone would accept weights
+    What ``builders.infer_model`` compares a ``state_dict``'s shapes with: keys alone would accept weights
     whose layers are named like a registered model's but sized otherwise (another width or number of
     classes), which ``load_torch_state_dict`` would then reject. Only shapes are read, so an abstract model
     from ``nnx.eval_shape`` will do.

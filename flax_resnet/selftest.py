@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from flax_resnet import bench, files, parity, registry, tables
+from flax_resnet import bench, builders, files, parity, registry, tables
 from flax_resnet.errors import FlaxResnetError
 
 __all__ = ["FULL", "PARTS", "QUICK", "Plan", "run", "to_markdown"]
@@ -92,10 +92,10 @@ def _parity_rows(plan: Plan, checks: tuple[tuple[str, str, bool, bool], ...],
     # torch on the GPU too when JAX has one, so that the default-precision rows show both frameworks' TF32
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     for name, kwargs in plan.parity_models:
-        torch_model = registry.build_torch(name, kwargs, seed=0)
+        torch_model = builders.build_torch(name, kwargs, seed=0)
         parity.perturb_batchnorm(torch_model)
         torch_model.to(device)
-        flax_model = registry.build_flax_to_fill(name, kwargs)  # port_weights=True fills it with torch's weights
+        flax_model = builders.build_flax_to_fill(name, kwargs)  # port_weights=True fills it with torch's weights
         shape = (batch, 3, 32, 32) if name == "SimpleNet" else (batch, 3, size, size)
         for dtype, precision, gradients, counted in checks:
             t0 = time.perf_counter()
@@ -139,10 +139,10 @@ def _shape_rows(plan: Plan, say: Callable[[str], None]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         kwargs = registry.model_kwargs(name)
         with torch.device("meta"):
-            torch_model = registry.build_torch(name, kwargs).eval()
+            torch_model = builders.build_torch(name, kwargs).eval()
             out_t = tuple(torch_model(torch.empty(2, 3, 32, 32)).shape)
         want = {key: tuple(value.shape) for key, value in torch_model.state_dict().items()}
-        abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: registry.build_flax(name, kwargs))
+        abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: builders.build_flax(name, kwargs))
         have = torch_shapes(abstract)
         abstract.eval()
         graphdef, state = nnx.split(abstract)
@@ -185,7 +185,7 @@ def _epoch_rows(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
     say(f"synthetic data: {plan.num_train:,} + {plan.num_test:,} images ({data_s:.1f} s)")
     recipe = dataclasses.replace(get_recipe("resnet18-cifar"), epochs=plan.epochs, batch_size=plan.epochs_batch)
     config = RunConfig(recipe=recipe, model=ModelConfig(plan.epochs_model, plan.epochs_kwargs), precision="bf16")
-    model = apply_precision(registry.build_flax(plan.epochs_model, plan.epochs_kwargs, seed=0), "bf16")
+    model = apply_precision(builders.build_flax(plan.epochs_model, plan.epochs_kwargs, seed=0), "bf16")
     result = training.train(config, model=model, dataset=data, log=say, title="selftest")
     times, rates = result.history["epoch_time"], result.history["images_per_sec"]
     first, second = times[0], times[-1]

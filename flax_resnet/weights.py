@@ -24,7 +24,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from flax_resnet import _codecs, files, port, registry
+from flax_resnet import _codecs, builders, files, port, registry
 from flax_resnet.dtypes import cast_floating
 from flax_resnet.errors import FlaxResnetError, require
 from flax_resnet.port import PortError
@@ -132,7 +132,7 @@ def _weights_hint(state_dict: Mapping[str, Any], model: Any) -> str:
     if _shapes(state_dict) == own:
         return ""
     try:
-        other = registry.infer_model(state_dict)
+        other = builders.infer_model(state_dict)
     except Exception:  # noqa: BLE001 - only a hint: none of the models fits, or several
         return ""
     return f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
@@ -186,7 +186,7 @@ def _torch_layout(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], pat
         raise CheckpointError(f"{path} records no registered model, so its Flax weights cannot be ported to torch")
     dtype = meta.get("dtype", "float32")
     with jax.enable_x64(dtype == "float64"):  # scoped: a float64 checkpoint's values stay float64 on the way
-        twin = cast_floating(registry.build_flax_to_fill(name, meta.get("model_kwargs") or {}), dtype)
+        twin = cast_floating(builders.build_flax_to_fill(name, meta.get("model_kwargs") or {}), dtype)
         _fill_flax(twin, arrays, meta, path)
         return port.to_numpy_state_dict(twin)
 
@@ -216,16 +216,16 @@ def _build(framework: str, name: str, kwargs: Mapping[str, Any], seed: int, fill
     """The registered model for ``framework``. ``fills``: what will overwrite its weights ('flax' a Flax
     checkpoint, every variable; 'torch' torch weights, all but a dropout model's RNG state; None: nothing), so a
     Flax model is built without running its initialisers where its every variable is overwritten
-    (``registry.build_flax_to_fill``: 11 s of the 15-25 s a SimpleResNet(1) ``port`` took on 2 CPU cores)."""
+    (``builders.build_flax_to_fill``: 11 s of the 15-25 s a SimpleResNet(1) ``port`` took on 2 CPU cores)."""
     if framework == "torch":
-        return registry.build_torch(name, kwargs, seed=seed)
+        return builders.build_torch(name, kwargs, seed=seed)
     if framework != "jax":
         raise ValueError(f"framework must be 'jax' or 'torch', not {framework!r}")
     if fills is not None:
-        net = registry.build_flax_to_fill(name, kwargs)
+        net = builders.build_flax_to_fill(name, kwargs)
         if fills == "flax" or not jax.tree.leaves(nnx.state(net, nnx.RngState)):
             return net
-    return registry.build_flax(name, kwargs, seed=seed)
+    return builders.build_flax(name, kwargs, seed=seed)
 
 
 def load_model(source: Source | None, framework: str, *, model: tuple[str, Mapping[str, Any]] | None = None,
@@ -248,7 +248,7 @@ def load_model(source: Source | None, framework: str, *, model: tuple[str, Mappi
     else:
         state_dict = _read_file(path)
     if state_dict is not None:
-        name, kwargs = model or registry.infer_model(state_dict)
+        name, kwargs = model or builders.infer_model(state_dict)
     else:
         recorded = meta.get("model"), meta.get("model_kwargs") or {}
         name, kwargs = model or recorded

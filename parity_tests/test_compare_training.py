@@ -17,7 +17,7 @@ import pytest
 import torch
 from flax import nnx
 
-from flax_resnet import parity, registry
+from flax_resnet import builders, parity
 from flax_resnet.port import to_numpy_state_dict
 
 SHAPE = (2, 3, 16, 16)
@@ -27,9 +27,9 @@ LR, WD = 0.1, 5e-4
 @pytest.fixture(scope="module")
 def pair():
     """torch's SimpleResNet(1) (random BatchNorm statistics) and its Flax twin holding the same weights."""
-    torch_model = registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0)
+    torch_model = builders.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0)
     parity.perturb_batchnorm(torch_model)
-    flax_model = registry.build_flax_to_fill("SimpleResNet", {"n_blocks": 1})
+    flax_model = builders.build_flax_to_fill("SimpleResNet", {"n_blocks": 1})
     from flax_resnet.port import load_torch_state_dict
 
     load_torch_state_dict(flax_model, torch_model.state_dict())

@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 
 import flax_resnet as fr
-from flax_resnet import parity, registry
+from flax_resnet import builders, parity, registry
 from flax_resnet.parity import perturb_batchnorm
 
 # Small constructor arguments: the harness is what is tested here, not the depth of the models.
@@ -38,7 +38,7 @@ def _input_shape(name: str) -> tuple[int, int, int, int]:
 def _flax_twin(name: str, kwargs: dict) -> nnx.Module:
     """The registry's Flax model with zeros for weights, built without running its initialisers (compiling them
     costs seconds per model on a CPU, and ``port_weights=True`` replaces every weight anyway)."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: registry.build_flax(name, kwargs)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: builders.build_flax(name, kwargs)))
 
     def placeholder(leaf: jax.ShapeDtypeStruct) -> jax.Array:
         if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
@@ -50,7 +50,7 @@ def _flax_twin(name: str, kwargs: dict) -> nnx.Module:
 
 def _notebook_pair(name: str) -> tuple[torch.nn.Module, nnx.Module]:
     kwargs = _small_kwargs(name)
-    torch_model = registry.build_torch(name, kwargs, seed=0)
+    torch_model = builders.build_torch(name, kwargs, seed=0)
     perturb_batchnorm(torch_model)  # eval mode then uses statistics that are not the initial 0 and 1
     return torch_model, _flax_twin(name, kwargs)
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from flax_resnet import bench, cli, registry
+from flax_resnet import bench, builders, cli
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,10 @@ def test_json_rows_are_complete_and_figures_positive(quick_run):
 
 def test_flop_count_matches_the_known_resnet_sizes():
     """ResNet-20 is 40.8 M multiply-adds per CIFAR image, the CIFAR ResNet-18 555 M (conv + fc)."""
-    resnet20 = registry.build_flax("SimpleResNet", {"n_blocks": 3})
+    resnet20 = builders.build_flax("SimpleResNet", {"n_blocks": 3})
     assert bench.count_forward_macs(resnet20, 1) == pytest.approx(40.8e6, rel=0.005)
     assert bench.count_forward_macs(resnet20, 4) == 4 * bench.count_forward_macs(resnet20, 1)
-    resnet18 = registry.build_flax("ResNet18")
+    resnet18 = builders.build_flax("ResNet18")
     assert bench.count_forward_macs(resnet18, 1) == pytest.approx(555.4e6, rel=0.005)
 
 

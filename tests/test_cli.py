@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flax_resnet import cli, registry
+from flax_resnet import builders, cli, registry
 from flax_resnet.data import cifar10
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,7 +218,7 @@ def test_bf16_run_computes_in_bf16_and_records_it(tmp_path, monkeypatch, capsys)
 # ------------------------------------------------------------------------------------------------ port
 def test_port_round_trip_pt_to_checkpoint_to_pt_is_bit_exact(tmp_path, capsys):
     torch.manual_seed(0)
-    model = registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0)
+    model = builders.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0)
     model.train()
     with torch.no_grad():  # move the BatchNorm statistics and counters away from their initial values
         for _ in range(2):
@@ -239,7 +239,7 @@ def test_port_round_trip_pt_to_checkpoint_to_pt_is_bit_exact(tmp_path, capsys):
 
 def test_port_reports_weights_that_do_not_fit(tmp_path, capsys):
     pt = tmp_path / "w.pt"
-    torch.save(registry.build_torch("PlainDeepCNN", {"n_blocks": 1}, seed=0).state_dict(), pt)
+    torch.save(builders.build_torch("PlainDeepCNN", {"n_blocks": 1}, seed=0).state_dict(), pt)
     code = run_main(["port", "--from", str(pt), "--to", str(tmp_path / "ckpt"), "--model", "SimpleResNet",
                      "--n-blocks", "1"])
     err = capsys.readouterr().err
@@ -265,7 +265,7 @@ def test_verify_infers_the_model_from_weights_and_exits_1_at_the_wrong_layer(tmp
     from flax_resnet.weights import save
 
     weights = tmp_path / "w.safetensors"
-    save(registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=3), weights)
+    save(builders.build_flax("SimpleResNet", {"n_blocks": 1}, seed=3), weights)
     loaded = port.load_torch_state_dict
 
     def wrong_port(model, state_dict):
@@ -287,7 +287,7 @@ def test_verify_reads_a_flax_checkpoint_once_and_compares_its_weights(tmp_path, 
     from flax_resnet import weights
     from flax_resnet.store import CheckpointStore
 
-    model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=5)
+    model = builders.build_flax("SimpleResNet", {"n_blocks": 1}, seed=5)
     weights.save(model, tmp_path / "ckpt", {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}})
     reads = []
     read = CheckpointStore.read

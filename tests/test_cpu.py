@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import layers, registry
+from flax_resnet import builders, layers
 from flax_resnet.data import plan
 from flax_resnet.training import cpu, engine
 from flax_resnet.training.runners import SingleDeviceRunner
@@ -25,7 +25,7 @@ def test_the_runner_compiles_the_graph_it_built(tiny_dataset, make_recipe, monke
     """On the CPU the runner's graph, made once by ``put_state``, has every Conv2d swapped for the materialising
     one; the model and its graphdef are untouched, and loss and gradients are bit-identical (the gather is an
     identity). The traced steps run that graph as it is: with the set-up made to fail, they still trace."""
-    model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
+    model = builders.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
     recipe = make_recipe()
     tx = engine.make_optimizer(recipe, 4)
     graphdef, state = engine.init_train_state(model, tx)

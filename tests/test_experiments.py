@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import cli, port, registry, tables, training
+from flax_resnet import cli, port, builders, registry, tables, training
 from flax_resnet.cli import experiments as experiments_cli
 from flax_resnet.config import ConfigError, ModelConfig, ParallelConfig, Preset, RunConfig
 from flax_resnet.experiments import (
@@ -83,7 +83,7 @@ def quick(module: Any, out: Path, *, recipe: dict | None = None, data: dict | No
 
 
 def param_count(name: str, kwargs: dict) -> int:
-    model = nnx.eval_shape(lambda: registry.build_flax(name, kwargs))
+    model = nnx.eval_shape(lambda: builders.build_flax(name, kwargs))
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
@@ -123,8 +123,8 @@ def test_plain_vs_residual_quick(pvr, capsys):
 
 def test_parameter_counts_match_torch():
     for name, kwargs in (("PlainDeepCNN", {"n_blocks": 1}), ("SimpleResNet", {"n_blocks": 1})):
-        flax_model = registry.build_flax(name, kwargs, seed=0)
-        torch_model = registry.build_torch(name, kwargs, seed=0)
+        flax_model = builders.build_flax(name, kwargs, seed=0)
+        torch_model = builders.build_torch(name, kwargs, seed=0)
         assert common.count_params(flax_model) == common.count_params(torch_model) == param_count(name, kwargs)
         assert common.count_conv_layers(flax_model) == common.count_conv_layers(torch_model) == 7
 
@@ -164,7 +164,7 @@ def test_landscape_quick_trains_its_own_networks(tmp_path):
 def test_landscape_loss_ignores_batchnorm_statistics_and_leaves_the_model_alone():
     from flax_resnet.experiments.landscape import line_loss
 
-    model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
+    model = builders.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
     before = jax.tree.map(np.asarray, nnx.state(model))
     x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
     y = jax.numpy.arange(8) % 10
@@ -249,7 +249,7 @@ class FakeTrain:
     def __call__(self, config: RunConfig, **kwargs: Any) -> training.TrainResult:
         self.calls.append((config, kwargs))
         model = kwargs.get("model")
-        model = model if model is not None else registry.build_flax(config.model.name, config.model.kwargs)
+        model = model if model is not None else builders.build_flax(config.model.name, config.model.kwargs)
         history = {k: [1.0, 2.0] for k in training.HISTORY_KEYS}
         return training.TrainResult(model, history)
 

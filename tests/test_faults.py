@@ -37,7 +37,7 @@ import torch
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import _codecs, cli, data, port, registry, training
+from flax_resnet import _codecs, builders, cli, data, port, registry, training
 from flax_resnet.config import ModelConfig, OutputConfig, RunConfig
 from flax_resnet.data.plan import steps_per_epoch
 from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore
@@ -92,7 +92,7 @@ def saved_run(out: Path, step: int | None = None) -> tuple[list[np.ndarray], dic
     if meta["framework"] != "jax":
         return [arrays[name] for name in sorted(arrays)], meta
     config = RunConfig.from_checkpoint_meta(meta)
-    model = registry.build_flax(config.model.name, config.model.kwargs)
+    model = builders.build_flax(config.model.name, config.model.kwargs)
     tx = engine.make_optimizer(config.recipe, steps_per_epoch(meta["num_train"], config.recipe.batch_size))
     _, template = engine.init_train_state(model, tx)
     state = _codecs.flax_from_arrays(template._asdict(), arrays)
@@ -314,7 +314,7 @@ def test_torch_checkpoint_falls_back_too(tmp_path, tiny_dataset, make_recipe):
     recipe = make_recipe("plain-vs-residual", epochs=3)
     config = RunConfig(recipe=recipe, model=ModelConfig("SimpleResNet", {"n_blocks": 1}), framework="torch", seed=3)
     out = tmp_path / "run"
-    straight = fit(registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0), config, tiny_dataset,
+    straight = fit(builders.build_torch("SimpleResNet", {"n_blocks": 1}, seed=0), config, tiny_dataset,
                               out_dir=out, max_to_keep=3).history
     assert steps_of(out) == [1, 2, 3]
     three, two = checkpoint_dir(out, 3), checkpoint_dir(out, 2)
@@ -322,7 +322,7 @@ def test_torch_checkpoint_falls_back_too(tmp_path, tiny_dataset, make_recipe):
     flip_bit_in(two / ARRAYS_FILE, _codecs.MODEL_PREFIX + "conv1.weight")
     assert len(safetensors.numpy.load((two / ARRAYS_FILE).read_bytes())) > 0
     lines: list[str] = []
-    resumed_model = registry.build_torch("SimpleResNet", {"n_blocks": 1}, seed=9)
+    resumed_model = builders.build_torch("SimpleResNet", {"n_blocks": 1}, seed=9)
     resumed = fit(resumed_model, config, tiny_dataset, out_dir=out, resume=True, max_to_keep=3,
                              log=lines.append).history
     assert "checkpoint 3" in lines[0] and "unreadable" in lines[0] and "trying checkpoint 2" in lines[0], lines
@@ -380,7 +380,7 @@ def snapshot_model(model: nnx.Module) -> list[np.ndarray]:
 
 
 def torch_state(name: str = "SimpleResNet", kwargs: dict | None = None) -> dict[str, torch.Tensor]:
-    return registry.build_torch(name, {"n_blocks": 1} if kwargs is None else kwargs, seed=1).state_dict()
+    return builders.build_torch(name, {"n_blocks": 1} if kwargs is None else kwargs, seed=1).state_dict()
 
 
 def _renamed(sd: dict) -> dict:
@@ -413,7 +413,7 @@ BAD_STATE_DICTS = {  # name -> (state_dict maker, words the message must hold)
 @pytest.mark.parametrize("case", list(BAD_STATE_DICTS))
 def test_state_dicts_that_do_not_fit_raise_one_clear_error_and_change_nothing(case):
     make, words = BAD_STATE_DICTS[case]
-    model = registry.build_flax("SimpleResNet", {"n_blocks": 1})
+    model = builders.build_flax("SimpleResNet", {"n_blocks": 1})
     before = snapshot_model(model)
     with pytest.raises(port.PortError) as info:
         port.load_torch_state_dict(model, make(torch_state()))
@@ -432,9 +432,9 @@ def test_a_transposed_square_kernel_cannot_be_detected():
     sd = torch_state()
     key = "stage1.0.conv1.weight"  # 16 -> 16 channels
     assert sd[key].shape[0] == sd[key].shape[1]
-    model = registry.build_flax("SimpleResNet", {"n_blocks": 1})
+    model = builders.build_flax("SimpleResNet", {"n_blocks": 1})
     port.load_torch_state_dict(model, {**sd, key: sd[key].transpose(0, 1)})  # no error: the shapes fit
-    reference = registry.build_flax("SimpleResNet", {"n_blocks": 1})
+    reference = builders.build_flax("SimpleResNet", {"n_blocks": 1})
     port.load_torch_state_dict(reference, sd)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
     model.eval(), reference.eval()
@@ -503,7 +503,7 @@ BAD_INPUTS = {  # name -> (shape, words); SimpleNet's fc fixes 32x32, the others
 @pytest.mark.parametrize("name", registry.model_names())
 def test_wrong_images_get_a_message_that_says_what_was_expected(name):
     """Every registered model, traced abstractly (no weights computed): a clear ValueError, not an XLA dump."""
-    abstract = nnx.eval_shape(lambda: registry.build_flax(name))
+    abstract = nnx.eval_shape(lambda: builders.build_flax(name))
     graphdef, state = nnx.split(abstract)
 
     def forward(shape: tuple[int, ...]):

@@ -68,9 +68,9 @@ def test_the_mode_is_the_umasks_whatever_the_writer_made(tmp_path, umask_027):
 
 
 def test_port_writes_safetensors_and_pt_with_the_umasks_mode(tmp_path, umask_027):
-    from flax_resnet import registry, weights
+    from flax_resnet import builders, weights
 
-    model = registry.build_flax_to_fill("SimpleResNet", {"n_blocks": 1})
+    model = builders.build_flax_to_fill("SimpleResNet", {"n_blocks": 1})
     assert mode_of(weights.save(model, tmp_path / "w.safetensors")) == 0o640
     pytest.importorskip("torch")
     assert mode_of(weights.save(model, tmp_path / "w.pt")) == 0o640

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flax_resnet import cli, registry
+from flax_resnet import builders, cli
 from flax_resnet.store import CheckpointStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,8 +195,8 @@ def test_port_never_overwrites_silently_and_reports_a_failed_write(two_epoch_run
     assert precious.read_bytes() == b"not to be lost"
 
     built = []
-    real = registry.build_flax_to_fill
-    monkeypatch.setattr(registry, "build_flax_to_fill", lambda *a, **k: built.append(a) or real(*a, **k))
+    real = builders.build_flax_to_fill
+    monkeypatch.setattr(builders, "build_flax_to_fill", lambda *a, **k: built.append(a) or real(*a, **k))
     target = tmp_path / "ro" / "w.pt"
     target.parent.mkdir()
     os.chmod(target.parent, 0o500)
@@ -210,7 +210,7 @@ def test_port_never_overwrites_silently_and_reports_a_failed_write(two_epoch_run
         os.chmod(target.parent, 0o700)
     assert code == 1 and f"could not write {target}" in err
     assert not target.exists()
-    assert built, "port builds the model without running its initialisers (registry.build_flax_to_fill)"
+    assert built, "port builds the model without running its initialisers (builders.build_flax_to_fill)"
     assert run_main(["port", "--from", str(two_epoch_run), "--to", str(precious), "--overwrite"]) == 0
     assert precious.read_bytes()[:2] == b"PK"  # a torch zip file now
 
@@ -221,8 +221,8 @@ def test_a_batch_counter_beyond_int32_is_refused_not_wrapped():
 
     from flax_resnet import port
 
-    model = registry.build_flax_to_fill("SimpleResNet", {"n_blocks": 1})
-    state_dict = registry.build_torch("SimpleResNet", {"n_blocks": 1}).state_dict()
+    model = builders.build_flax_to_fill("SimpleResNet", {"n_blocks": 1})
+    state_dict = builders.build_torch("SimpleResNet", {"n_blocks": 1}).state_dict()
     state_dict["bn1.num_batches_tracked"] = torch.tensor(2**31, dtype=torch.int64)
     with pytest.raises(port.PortError, match=r"bn1.num_batches_tracked = 2147483648 does not fit .* int32"):
         port.load_torch_state_dict(model, state_dict)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import layers, registry
+from flax_resnet import builders, layers
 from flax_resnet.cli import shell as commands
 from flax_resnet.data import plan
 from flax_resnet.training import cpu, distributed, engine, parallel
@@ -209,7 +209,7 @@ def test_the_runner_sets_the_bn_axis_once_on_its_own_graph(kind, bn_sync, tiny_d
     that graph as it is: with the set-up made to fail, they still trace (here on one device, in process)."""
     recipe = make_recipe("plain-vs-residual", batch_size=16)
     tx = engine.make_optimizer(recipe, steps_per_epoch=4)
-    model = registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
+    model = builders.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
     graphdef, state = engine.init_train_state(model, tx)
     runner = parallel.make_runner(kind, graphdef, tx, recipe, bn_sync=bn_sync, devices=jax.devices("cpu")[:1])
     held = runner.put_state(state)

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import bench, registry, training
+from flax_resnet import bench, builders, training
 from flax_resnet.config import RunConfig
 from flax_resnet.precision import apply_precision
 from flax_resnet.training import engine
 
 
 def tiny_model(seed: int = 0) -> nnx.Module:
-    return registry.build_flax("SimpleResNet", {"n_blocks": 1}, seed=seed)
+    return builders.build_flax("SimpleResNet", {"n_blocks": 1}, seed=seed)
 
 
 def compute_dtypes(model: nnx.Module) -> dict[str, str]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import _codecs, plots, registry, training
+from flax_resnet import _codecs, builders, plots, training
 from flax_resnet.config import ModelConfig, OutputConfig, RunConfig
 from flax_resnet.data import plan
 from flax_resnet.store import CheckpointStore
@@ -33,7 +33,7 @@ TINY_MODEL = ("SimpleResNet", {"n_blocks": 1})
 
 
 def tiny_model(seed: int = 0):
-    return registry.build_flax(*TINY_MODEL, seed=seed)
+    return builders.build_flax(*TINY_MODEL, seed=seed)
 
 
 
@@ -194,7 +194,7 @@ def test_loss_definitions_follow_each_notebook(make_recipe):
     for result in (samples, batches):
         assert result.accuracy == 50.0 and result.count == 10 and result.first_nonfinite is None
     assert epoch_result(make_recipe(), {**sums, "first_nonfinite": 7}, 4).first_nonfinite == 3
-    torch_model = registry.build_torch(*TINY_MODEL, seed=0)
+    torch_model = builders.build_torch(*TINY_MODEL, seed=0)
     for name, epoch_fn in (("plain-vs-residual", notebook.train_one_epoch), ("resnet18-cifar", notebook.train_epoch)):
         backend = TorchBackend(torch_model, config(make_recipe(name), framework="torch"))
         assert backend.one_epoch is epoch_fn
@@ -214,19 +214,19 @@ def test_torch_reference_run_resumes_exactly(tmp_path, tiny_dataset, make_recipe
     import torch
 
     recipe = make_recipe("plain-vs-residual", epochs=2, milestones=(1,))
-    straight_model = registry.build_torch(*TINY_MODEL, seed=0)
+    straight_model = builders.build_torch(*TINY_MODEL, seed=0)
     straight = fit(straight_model, config(recipe, 5, "torch"), tiny_dataset, out_dir=tmp_path / "a").history
 
     def interrupt(step: int, loss) -> None:
         raise Crash
 
-    first = fit(registry.build_torch(*TINY_MODEL, seed=0), config(dataclasses.replace(recipe, epochs=1), 5,
+    first = fit(builders.build_torch(*TINY_MODEL, seed=0), config(dataclasses.replace(recipe, epochs=1), 5,
                            "torch"), tiny_dataset, out_dir=tmp_path / "b").history
     assert first["train_loss"] == straight["train_loss"][:1]
     with pytest.raises(Crash):  # a second process that dies in its first step
-        fit(registry.build_torch(*TINY_MODEL, seed=0), config(recipe, 5, "torch"), tiny_dataset,
+        fit(builders.build_torch(*TINY_MODEL, seed=0), config(recipe, 5, "torch"), tiny_dataset,
                        out_dir=tmp_path / "b", resume=True, on_step=interrupt)
-    resumed_model = registry.build_torch(*TINY_MODEL, seed=9)
+    resumed_model = builders.build_torch(*TINY_MODEL, seed=9)
     resumed = fit(resumed_model, config(recipe, 5, "torch"), tiny_dataset, out_dir=tmp_path / "b",
                              resume=True).history
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):

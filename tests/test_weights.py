@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flax_resnet import port, registry, weights
+from flax_resnet import builders, port, weights
 from flax_resnet.dtypes import cast_floating
 from flax_resnet.errors import FlaxResnetError
 from flax_resnet.port import PortError
@@ -20,7 +20,7 @@ META = {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}}
 
 def trained_torch(name: str = "SimpleResNet", kwargs: dict | None = None) -> torch.nn.Module:
     """A torch model whose BatchNorm statistics and counters moved away from their initial values."""
-    model = registry.build_torch(name, kwargs or {"n_blocks": 1}, seed=0).train()
+    model = builders.build_torch(name, kwargs or {"n_blocks": 1}, seed=0).train()
     with torch.no_grad():
         model(torch.randn(4, 3, 16, 16))
     return model
@@ -45,7 +45,7 @@ def test_every_source_fills_both_frameworks_bit_for_bit(tmp_path):
     from the checkpoint); ``save`` picks the form from the destination's name."""
     original = trained_torch()
     expected = arrays_of(original)
-    flax_twin = registry.build_flax_to_fill(*SMALL)
+    flax_twin = builders.build_flax_to_fill(*SMALL)
     port.load_torch_state_dict(flax_twin, original.state_dict())
     sources = {
         "torch mapping": original.state_dict(),
@@ -61,7 +61,7 @@ def test_every_source_fills_both_frameworks_bit_for_bit(tmp_path):
     assert weights.read_meta(tmp_path / "flax-ckpt") == {"framework": "jax", **META}
     assert weights.read_meta(tmp_path / "w.pt") == {}
     for source in sources.values():
-        for model in (registry.build_flax_to_fill(*SMALL), registry.build_torch(*SMALL)):
+        for model in (builders.build_flax_to_fill(*SMALL), builders.build_torch(*SMALL)):
             weights.load(source, model)
             assert_same(model, expected)
     # the model inferred from a file's keys and shapes (which traces every registered model: once), read from a
@@ -77,13 +77,13 @@ def test_a_float64_flax_checkpoint_reaches_torch_in_float64(tmp_path):
     """Its Flax twin is built in float64 within a scope, so nothing is rounded to float32 on the way and x64 is
     left as it was."""
     with jax.enable_x64(True):
-        model = cast_floating(registry.build_flax_to_fill(*SMALL), "float64")
+        model = cast_floating(builders.build_flax_to_fill(*SMALL), "float64")
         port.load_torch_state_dict(model, trained_torch().double().state_dict())
         expected = arrays_of(model)
         weights.save(model, tmp_path / "ckpt", {**META, "dtype": "float64"})
     assert expected["conv1.weight"].dtype == np.float64
     x64 = jax.config.read("jax_enable_x64")
-    torch_model = registry.build_torch(*SMALL).double()
+    torch_model = builders.build_torch(*SMALL).double()
     weights.load(tmp_path / "ckpt", torch_model)
     assert_same(torch_model, expected)
     assert jax.config.read("jax_enable_x64") == x64
@@ -91,7 +91,7 @@ def test_a_float64_flax_checkpoint_reaches_torch_in_float64(tmp_path):
 
 def test_weights_of_another_model_name_what_differs_and_the_options_that_fit(tmp_path):
     other = trained_torch("PlainDeepCNN", {"n_blocks": 1}).state_dict()
-    for model in (registry.build_flax_to_fill(*SMALL), registry.build_torch(*SMALL)):
+    for model in (builders.build_flax_to_fill(*SMALL), builders.build_torch(*SMALL)):
         before = arrays_of(model)
         with pytest.raises(PortError) as info:
             weights.load(other, model)
@@ -103,18 +103,18 @@ def test_weights_of_another_model_name_what_differs_and_the_options_that_fit(tmp
     sd = trained_torch().state_dict()
     sd["bn1.num_batches_tracked"] = torch.tensor(2**31, dtype=torch.int64)
     with pytest.raises(PortError) as info:
-        weights.load(sd, registry.build_flax_to_fill(*SMALL))
+        weights.load(sd, builders.build_flax_to_fill(*SMALL))
     assert "int32" in str(info.value) and "--model" not in str(info.value)
     # a Flax checkpoint into a Flax model of other arguments: the store's list of misfits and the options
-    weights.save(registry.build_flax_to_fill(*SMALL), tmp_path / "ckpt", META)
-    bigger = registry.build_flax_to_fill("SimpleResNet", {"n_blocks": 2})
+    weights.save(builders.build_flax_to_fill(*SMALL), tmp_path / "ckpt", META)
+    bigger = builders.build_flax_to_fill("SimpleResNet", {"n_blocks": 2})
     with pytest.raises(CheckpointError) as info:
         weights.load(tmp_path / "ckpt", bigger)
     assert "missing" in str(info.value) and "pass --model SimpleResNet --n-blocks 1" in str(info.value)
 
 
 def test_load_model_refuses_another_model_before_reading_the_arrays(tmp_path, monkeypatch):
-    weights.save(registry.build_flax_to_fill(*SMALL), tmp_path / "ckpt", META)
+    weights.save(builders.build_flax_to_fill(*SMALL), tmp_path / "ckpt", META)
     monkeypatch.setattr(CheckpointStore, "read", lambda *a, **k: pytest.fail("the arrays were read"))
     with pytest.raises(FlaxResnetError, match=r"holds weights of SimpleResNet\(n_blocks=1\), not of "
                                               r"SimpleResNet\(n_blocks=2\); pass --model SimpleResNet --n-blocks 1"):
@@ -125,7 +125,7 @@ def test_load_model_refuses_another_model_before_reading_the_arrays(tmp_path, mo
 
 def test_the_port_takes_mappings_and_points_files_to_weights_load(tmp_path):
     with pytest.raises(PortError, match=r"weights.load\(path, model\)"):
-        port.load_torch_state_dict(registry.build_flax_to_fill(*SMALL), str(tmp_path / "w.safetensors"))
+        port.load_torch_state_dict(builders.build_flax_to_fill(*SMALL), str(tmp_path / "w.safetensors"))
 
 
 def test_torch_weights_leave_a_dropout_models_rng_state_to_the_seed(monkeypatch):
@@ -138,8 +138,8 @@ def test_torch_weights_leave_a_dropout_models_rng_state_to_the_seed(monkeypatch)
             self.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
 
     seeded = []
-    monkeypatch.setattr(registry, "build_flax_to_fill", lambda name, kwargs: WithDropout())
-    monkeypatch.setattr(registry, "build_flax", lambda name, kwargs, seed: seeded.append(seed) or WithDropout())
+    monkeypatch.setattr(builders, "build_flax_to_fill", lambda name, kwargs: WithDropout())
+    monkeypatch.setattr(builders, "build_flax", lambda name, kwargs, seed: seeded.append(seed) or WithDropout())
     weights._build("jax", "ResNet18Dropout", {}, 7, "flax")
     assert seeded == []
     weights._build("jax", "ResNet18Dropout", {}, 7, "torch")

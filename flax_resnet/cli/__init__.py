@@ -209,10 +209,10 @@ def run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.weights is not None and not args.weights.exists():
         parser.error(f"--weights {args.weights}: no such file or directory")
 
-    from flax_resnet import parity, port, weights
+    from flax_resnet import builders, parity, port, weights
 
     torch_model, name, kwargs = weights.load_model(args.weights, "torch", model=given, seed=args.seed)
-    flax_model = registry.build_flax_to_fill(name, kwargs)
+    flax_model = builders.build_flax_to_fill(name, kwargs)
     port.load_torch_state_dict(flax_model, torch_model.state_dict())  # the port under test
     source = f"torch's initialisation, seed {args.seed}" if args.weights is None else str(args.weights)
     print(f"verifying {registry.constructor_call(name, kwargs)} with {source}", flush=True)

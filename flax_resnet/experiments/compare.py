@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import registry, tables
+from flax_resnet import builders, registry, tables
 from flax_resnet.config import ModelConfig, Preset, RunConfig
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Outcome, Report, fmt
@@ -49,7 +49,7 @@ def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: 
 
 def torch_initial_weights(model: str, model_kwargs: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """torch's initialisation of ``model`` for ``seed``, as a state_dict that both frameworks start from."""
-    torch_model = registry.build_torch(model, model_kwargs, seed=seed)
+    torch_model = builders.build_torch(model, model_kwargs, seed=seed)
     return {k: v.detach().clone() for k, v in torch_model.state_dict().items()}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet import registry, tables
+from flax_resnet import builders, registry, tables
 from flax_resnet.config import ConfigError, Preset, RunConfig
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Outcome, Report, fmt
@@ -100,7 +100,7 @@ def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, see
 
         from torch_ref.he_init import verify_he_init
 
-        model = registry.build_torch(model_name, {}, seed=seed)
+        model = builders.build_torch(model_name, {}, seed=seed)
         if init == "default":  # every Conv2d/Linear back to torch's default initialisation
             for module in model.modules():
                 if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
@@ -111,7 +111,7 @@ def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, see
 
     from flax_resnet.he_init import activation_variances
 
-    model = registry.build_flax(model_name, {}, seed=seed)
+    model = builders.build_flax(model_name, {}, seed=seed)
     if init != "he":
         flax_reinit(model, init, seed)
     model.train()
