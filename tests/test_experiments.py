@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_resnet import cli, port, builders, registry, tables, training
+from flax_resnet import builders, cli, port, tables, training
 from flax_resnet.cli import experiments as experiments_cli
 from flax_resnet.config import ConfigError, ModelConfig, ParallelConfig, Preset, RunConfig
 from flax_resnet.experiments import (
-    MODULES,
+    EXPERIMENTS,
     ablation,
     common,
     compare,
@@ -362,14 +362,24 @@ def test_configure_scales_milestones_from_the_notebooks_run():
 
 
 # --------------------------------------------------------------------------------------- parser, helpers
+def test_each_experiment_module_runs_the_settings_the_parser_shows():
+    """The command line reads ``settings.EXPERIMENTS`` and imports ``flax_resnet.experiments.<module>`` after
+    parsing: each module is the one its record names, with the record's name, defaults, settings and preset."""
+    modules = (plain_vs_residual, depth, init_variance, ablation, landscape, compare)
+    assert [e.module for e in EXPERIMENTS] == [m.__name__.rpartition(".")[2] for m in modules]
+    for experiment, module in zip(EXPERIMENTS, modules, strict=True):
+        assert (module.NAME, module.BASE, module.Settings, module.QUICK) == (
+            experiment.name, experiment.base, experiment.settings, experiment.quick)
+
+
 def test_help_lists_every_experiment(capsys):
     assert run_main(["--help"]) == 0
     out = capsys.readouterr().out
-    for module in MODULES:
-        assert module.NAME in out
-        assert run_main([module.NAME, "--help"]) == 0
+    for experiment in EXPERIMENTS:
+        assert experiment.name in out
+        assert run_main([experiment.name, "--help"]) == 0
         quick_values = capsys.readouterr().out.split("--quick sets (where not given): ")[1]
-        preset = module.QUICK
+        preset = experiment.quick
         flags = (experiments_cli.SETTING_FLAGS.get(k, k) for k in preset.settings)  # None: set by --quick only
         names = [*preset.recipe, *preset.data, *preset.model_kwargs, *(f for f in flags if f)]
         for name in names:  # each option --quick sets, whole (not split at a hyphen by the wrapping)
@@ -441,7 +451,7 @@ def test_markdown_table_and_json():
     assert common.fmt(float("inf")) == "n/a" and common.fmt(12.345, ".1f", "%") == "12.3%"
 
 
-@pytest.mark.parametrize("command", [m.NAME for m in MODULES])
+@pytest.mark.parametrize("command", [e.name for e in EXPERIMENTS])
 def test_an_experiment_refuses_an_out_in_use_or_unwritable(command, tmp_path, capsys):
     """Like `train`, an experiment claims --out first: a second run on it, or an --out under a file, is one clear
     error (exit 1) before any data is loaded or anything trained, and the holder's files are untouched."""

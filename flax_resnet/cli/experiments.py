@@ -1,6 +1,7 @@
 """The experiments' command line: one parser per experiment (``add_parsers``), with `train`'s options from the
 shared table (``options``) and the experiment's own declared here. The handler turns what was parsed into the
-experiment's typed ``RunConfig`` and ``Settings`` and calls ``flax_resnet.experiments.<module>.run``.
+experiment's typed ``RunConfig`` and ``Settings`` (``flax_resnet.experiments.settings``) and imports and calls
+``flax_resnet.experiments.<module>.run`` (JAX, after parsing).
 
 An option of `train` that an experiment cannot honour (``--init-from`` where it trains several different models,
 ``--precision bf16`` in compare) is parsed but not shown, so the experiment refuses it with its reason in one line.
@@ -10,16 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from flax_resnet.cli import options, shell
 from flax_resnet.config import RUNS_DIR, ConfigError, ModelConfig, Preset, RunConfig, with_recipe
-from flax_resnet.experiments import ablation, compare, depth, init_variance, landscape, plain_vs_residual
+from flax_resnet.experiments import settings as experiments
+from flax_resnet.experiments.settings import Experiment
 from flax_resnet.recipes import RECIPES
 
 __all__ = ["COMMANDS", "SETTING_FLAGS", "Command", "add_parsers"]
@@ -35,10 +37,10 @@ TRAINING = ("seed", "framework", "dtype", "precision", *DEVICES, *RECIPE, *optio
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One experiment's command: its module, help texts, `train`'s options it takes (``takes``) and refuses with
-    its reason (``refuses``, parsed but not shown), its own options and how they make its ``Settings``."""
+    """One experiment's command: the experiment, help texts, `train`'s options it takes (``takes``) and refuses
+    with its reason (``refuses``, parsed but not shown), its own options and how they make its ``Settings``."""
 
-    module: ModuleType
+    experiment: Experiment
     help: str
     description: str
     add_options: Callable[[argparse.ArgumentParser], None]
@@ -82,8 +84,8 @@ def _depth_options(p: argparse.ArgumentParser) -> None:
 
 def _he_init_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
-    g.add_argument("--models", nargs="+", choices=init_variance.MODELS, metavar="NAME",
-                   help=f"models to measure, of {', '.join(init_variance.MODELS)} (default: SimpleNet ResNet18)")
+    g.add_argument("--models", nargs="+", choices=experiments.HE_INIT_MODELS, metavar="NAME",
+                   help=f"models to measure, of {', '.join(experiments.HE_INIT_MODELS)} (default: SimpleNet ResNet18)")
     g.add_argument("--no-stock", action="store_true", default=None,
                    help="leave out Flax's stock default init (lecun_normal)")
     options.add(p, "batch", helps={"batch": "here of the unit-variance input (default: 64, the notebook's "
@@ -119,7 +121,7 @@ def _landscape_settings(args: argparse.Namespace) -> dict[str, Any]:
     values = _given(args, plain="plain", residual="residual", checkpoints="checkpoint", points="points",
                     radius="radius", relative="relative", batch="batch")
     if args.split is not None:
-        values["splits"] = landscape.SPLITS if args.split == "both" else (args.split,)
+        values["splits"] = experiments.LANDSCAPE_SPLITS if args.split == "both" else (args.split,)
     return values
 
 
@@ -132,7 +134,8 @@ def _compare_options(p: argparse.ArgumentParser) -> None:
 
 COMMANDS: tuple[Command, ...] = (
     Command(
-        plain_vs_residual, "notebook 000: PlainDeepCNN vs SimpleResNet at 31 conv layers, three plots and a table",
+        experiments.PLAIN_VS_RESIDUAL,
+        "notebook 000: PlainDeepCNN vs SimpleResNet at 31 conv layers, three plots and a table",
         "Train notebook 000's plain deep CNN and its ResNet at the same depth (n_blocks=5: 31 conv layers) with the "
         "same recipe, and write the notebook's three plots (training loss, training accuracy, test accuracy per "
         "epoch) as plain_vs_residual.png, its summary table as summary.md and the histories as results.json. Each "
@@ -141,14 +144,14 @@ COMMANDS: tuple[Command, ...] = (
         epilog="\n\nexample:\n  {prog} plain-vs-residual --out runs/pvr\n"
                "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet"),
     Command(
-        depth, "PlainNet shallow/deep vs SimpleResNet shallow/deep: degradation with depth in one figure",
+        experiments.DEPTH, "PlainNet shallow/deep vs SimpleResNet shallow/deep: degradation with depth in one figure",
         "Train notebook 004's PlainNet at two depths ([1,1,1,1] and [3,3,3,3]) and notebook 000's SimpleResNet at "
         "two depths (n_blocks 1 and 4) with one recipe, and draw their curves and final training accuracy against "
         "depth in one figure (depth.png): the deep plain network trains worse than the shallow one, the deep "
         "residual network does not.",
         _depth_options, lambda args: _given(args, plain_blocks="plain_blocks", resnet_blocks="resnet_blocks")),
     Command(
-        init_variance, "notebook 004's verify_he_init: variance per layer, He vs default init, torch and Flax",
+        experiments.HE_INIT, "notebook 004's verify_he_init: variance per layer, He vs default init, torch and Flax",
         "Push a unit-variance batch through fresh models (SimpleNet and ResNet18 by default) and record the variance "
         "of every Conv/Linear output, with He initialisation (the notebook's) and with the framework default "
         "(torch's kaiming_uniform(a=sqrt 5), which our Flax layers mirror, and Flax's stock lecun_normal), in torch "
@@ -159,14 +162,14 @@ COMMANDS: tuple[Command, ...] = (
         takes=("seed",), refuses=("init_from", "framework", "dtype", "precision", *DEVICES),
         output=("out", "no_progress", "quick")),
     Command(
-        ablation, "notebook 004's ablation study: ResNet18 with BatchNorm, without, with dropout",
+        experiments.ABLATION, "notebook 004's ablation study: ResNet18 with BatchNorm, without, with dropout",
         "Train ResNet18, ResNet18NoBN (BatchNorm replaced by identity) and ResNet18Dropout (dropout after each "
         "block) with notebook 004's recipe for the ablation study's 10 epochs, and write their curves in one figure "
         "(ablation.png), the final test accuracies (results.json: results.with_bn, without_bn, with_dropout, as the "
         "notebook's dict) and a table.",
         _ablation_options, lambda args: _given(args, dropout_p="p")),
     Command(
-        landscape, "notebook 004's 1-D loss landscape of trained plain and residual networks",
+        experiments.LANDSCAPE, "notebook 004's 1-D loss landscape of trained plain and residual networks",
         "Evaluate the loss of trained networks along one random direction in parameter space, normalised as "
         "notebook 004 does (d/||d||, one norm over all parameters), at 21 points in [-1, 1] on a fixed batch in "
         "eval mode (BatchNorm statistics unperturbed), and plot the curves of a plain and a residual network of the "
@@ -178,7 +181,7 @@ COMMANDS: tuple[Command, ...] = (
                "  {prog} landscape --plain runs/pvr/runs/PlainDeepCNN --residual runs/pvr/runs/SimpleResNet\n"
                "  {prog} landscape --relative --checkpoint runs/ResNet18-resnet18-cifar-jax"),
     Command(
-        compare, "train one recipe in Flax and in PyTorch from the same weights and batches; curves, speed",
+        experiments.COMPARE, "train one recipe in Flax and in PyTorch from the same weights and batches; curves, speed",
         "Train one model with one recipe in JAX/Flax and in the PyTorch reference, both from the same initial "
         "weights (torch's, ported into Flax, or --init-from) and on the same batch stream, and write the curves "
         "overlaid with the throughput per epoch (compare.png) and a table of final accuracies, epoch times and "
@@ -221,8 +224,8 @@ def add_parsers(subparsers: Any) -> list[argparse.ArgumentParser]:
     """One parser per experiment (``cli.SUBCOMMANDS`` calls this when it builds the parser)."""
     parsers = []
     for command in COMMANDS:
-        name = command.module.NAME
-        epilog = _quick_epilog(command.module.QUICK) + command.epilog.replace("{prog}", shell.program_name())
+        name = command.experiment.name
+        epilog = _quick_epilog(command.experiment.quick) + command.epilog.replace("{prog}", shell.program_name())
         p = subparsers.add_parser(name, help=command.help, description=command.description, epilog=epilog,
                                   formatter_class=shell.HelpFormatter)
         command.add_options(p)
@@ -240,27 +243,29 @@ def add_parsers(subparsers: Any) -> list[argparse.ArgumentParser]:
 def _config(command: Command, args: argparse.Namespace) -> RunConfig:
     """The experiment's base config, its --quick preset, then the user's options (``options.run_config``). The
     recipe is the experiment's own (ablation's 10 epochs; depth's --recipe), its milestones scaled from it."""
-    module = command.module
-    preset = module.QUICK if args.quick else Preset("none")
+    experiment = command.experiment
+    preset = experiment.quick if args.quick else Preset("none")
     if (getattr(args, "dataset", None) or preset.data.get("dataset")) != "synthetic":  # image size: generated only
         preset = dataclasses.replace(preset, data={k: v for k, v in preset.data.items() if k != "image_size"})
-    out = RUNS_DIR / (f"{module.NAME}-quick" if args.quick else module.NAME)
-    if module is compare:  # the model's own recipe, as `train`
-        return options.run_config(args, model=module.BASE.model.name, preset=preset, out=out)
-    recipe = RECIPES[args.recipe] if getattr(args, "recipe", None) else module.BASE.recipe
+    out = RUNS_DIR / (f"{experiment.name}-quick" if args.quick else experiment.name)
+    if experiment is experiments.COMPARE:  # the model's own recipe, as `train`
+        return options.run_config(args, model=experiment.base.model.name, preset=preset, out=out)
+    recipe = RECIPES[args.recipe] if getattr(args, "recipe", None) else experiment.base.recipe
     config = options.run_config(args, recipe=recipe.name, preset=preset, out=out)
     recipe = with_recipe(recipe, **{**preset.recipe, **options.given(args, RECIPE)})
     return config.replace(recipe=recipe, model=ModelConfig(init_from=config.model.init_from))
 
 
 def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    module = command.module
+    experiment = command.experiment
     try:
         config = _config(command, args)
-        settings = module.Settings(**{**(module.QUICK.settings if args.quick else {}), **command.settings(args)})
+        settings = experiment.settings(**{**(experiment.quick.settings if args.quick else {}),
+                                          **command.settings(args)})
     except ConfigError as e:
         parser.error(str(e))
     out = config.output.out_dir
+    module = importlib.import_module(f"flax_resnet.experiments.{experiment.module}")  # JAX: after parsing
     try:
         outcome = module.run(config, settings, progress=shell.progress_factory(config.output.progress),
                              log=shell.write_line)
@@ -271,5 +276,5 @@ def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentPa
         return shell.EXIT_INTERRUPTED
     print()
     print(outcome.summary, end="")
-    print(f"\n{module.NAME}: done in {outcome.seconds:.0f} s; outputs in {Path(outcome.out)}")
+    print(f"\n{experiment.name}: done in {outcome.seconds:.0f} s; outputs in {Path(outcome.out)}")
     return 0

@@ -1,15 +1,12 @@
-"""The notebooks' experiments, one module each (``MODULES``), over ``common``. Each module has ``NAME``, ``BASE``
-(its default ``config.RunConfig``), ``Settings`` (its own frozen settings), ``QUICK`` (a ``config.Preset``) and
-``run(config, settings)``, which writes summary.md, results.json and a figure. Importing this package loads neither
-torch, matplotlib nor tensorflow-datasets: the experiments do when they run.
+"""The notebooks' experiments, one module each, over ``common``. Each module has ``NAME``, ``BASE`` (its default
+``config.RunConfig``), ``Settings`` (its own frozen settings), ``QUICK`` (a ``config.Preset``) and
+``run(config, settings)``, which writes summary.md, results.json and a figure. The first four are
+``settings.EXPERIMENTS``' (which imports no framework, for the command line's parsers); the modules that run
+import JAX, and torch and matplotlib when they run.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from flax_resnet.experiments.settings import EXPERIMENTS, Experiment
 
-from flax_resnet.experiments import ablation, common, compare, depth, init_variance, landscape, plain_vs_residual
-
-__all__ = ["MODULES", "common"]
-
-MODULES: tuple[ModuleType, ...] = (plain_vs_residual, depth, init_variance, ablation, landscape, compare)
+__all__ = ["EXPERIMENTS", "Experiment"]

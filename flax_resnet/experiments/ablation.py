@@ -4,42 +4,25 @@ dict keeps the notebook's keys)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
 from flax_resnet import tables
-from flax_resnet.config import ConfigError, Preset, RunConfig, with_recipe
+from flax_resnet.config import RunConfig
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Outcome, Report, fmt
-from flax_resnet.recipes import RECIPES
+from flax_resnet.experiments.settings import ABLATION
+from flax_resnet.experiments.settings import AblationSettings as Settings
 
 __all__ = ["BASE", "CONFIGURATIONS", "NAME", "QUICK", "Settings", "run", "run_ablation"]
 
-NAME = "ablation"
-# the notebook's ablation_study(epochs=10) with its ResNet18 recipe
-BASE = RunConfig(recipe=with_recipe(RECIPES["resnet18-cifar"], epochs=10))
+NAME, BASE, QUICK = ABLATION.name, ABLATION.base, ABLATION.quick
 # the notebook's result keys -> (legend, model, colour)
 CONFIGURATIONS: dict[str, tuple[str, str, str]] = {
     "with_bn": ("ResNet18 with BatchNorm", "ResNet18", "#22c55e"),
     "without_bn": ("ResNet18 without BatchNorm", "ResNet18NoBN", "#ef4444"),
     "with_dropout": ("ResNet18 with dropout", "ResNet18Dropout", "#3b82f6"),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """``dropout_p``: dropout probability after each block of the dropout configuration."""
-
-    dropout_p: float = 0.2
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.dropout_p) and 0 <= self.dropout_p < 1):
-            raise ConfigError(f"--dropout-p must be in [0, 1), got {self.dropout_p}.")
-
-
-QUICK = Preset("quick", recipe={"epochs": 2, "batch_size": 32, "eval_batch_size": 32},
-               data={"dataset": "synthetic", "image_size": 8, "train_samples": 64, "test_samples": 16})
 
 
 def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: Callable[..., Any] | None = None,
@@ -53,7 +36,7 @@ def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: 
 
 def run_ablation(ctx: Context, settings: Settings = Settings()) -> Report:
     """Train the three configurations with ``recipe`` from the same seed; one figure, one table."""
-    from flax_resnet import plots
+    from flax_resnet import plots  # matplotlib, the [plots] extra (run_experiment requires it)
 
     recipe, dropout_p = ctx.config.recipe, settings.dropout_p
     runs = {key: ctx.train(label, model, {"p": dropout_p} if model == "ResNet18Dropout" else {}, model)

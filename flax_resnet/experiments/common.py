@@ -3,8 +3,8 @@
 figure).
 
 An experiment module has ``NAME``, ``BASE`` (its default ``RunConfig``), ``Settings``, ``QUICK`` (a
-``config.Preset``) and ``run(config, settings, ...)``. JAX, Flax, torch and matplotlib are imported inside the
-functions that run, so that the command line's ``--help`` does not wait 1.7 s for JAX.
+``config.Preset``; these four from ``experiments.settings``) and ``run(config, settings, ...)``. torch and
+matplotlib, optional extras, are imported where they are used, after ``run_experiment`` has required them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+from flax import nnx
+
 from flax_resnet import data as datasets
-from flax_resnet import files, registry
+from flax_resnet import files, registry, training
 from flax_resnet.config import (
     RUNS_DIR,
     ConfigError,
@@ -29,6 +32,8 @@ from flax_resnet.config import (
 )
 from flax_resnet.errors import require
 from flax_resnet.recipes import Recipe
+from flax_resnet.training.loop import write_json
+from flax_resnet.training.outdir import claim_output_dir
 
 __all__ = ["Context", "Outcome", "Report", "Run", "configure", "count_conv_layers", "count_params", "fmt",
            "refuse", "run_experiment", "settings_json", "to_jsonable"]
@@ -74,9 +79,6 @@ def count_params(model: Any) -> int:
     """Trainable parameters, as the notebooks count them: ``sum(p.numel() for p in model.parameters())``."""
     if hasattr(model, "parameters"):  # torch
         return int(sum(p.numel() for p in model.parameters()))
-    import jax
-    from flax import nnx
-
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
@@ -87,8 +89,6 @@ def count_conv_layers(model: Any) -> int:
         import torch.nn as nn
 
         return sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1))
-    from flax import nnx
-
     return sum(1 for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv) and tuple(m.kernel_size) != (1, 1))
 
 
@@ -173,8 +173,6 @@ class Context:
         ``OUT/runs/<name>`` (which ``landscape`` and ``port`` read). ``recipe``, ``framework`` and ``overwrite``
         default to the context's; ``init_from`` (a state_dict mapping or a weights path) replaces the initial
         weights in either framework (``compare`` starts both from one). The devices options hold for Flax runs."""
-        from flax_resnet import training
-
         recipe = recipe or self.config.recipe
         framework = framework or self.config.framework
         kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
@@ -225,8 +223,6 @@ def run_experiment(name: str, config: RunConfig, settings: Any, work: Callable[[
     """Claim the experiment's directory (``config.output.out_dir``, default runs/<name>), load the data, run
     ``work`` and write summary.md, results.json and the figure there. An interrupted experiment keeps its finished
     runs (continue with ``resume``)."""
-    from flax_resnet.training.outdir import claim_output_dir
-
     given = [config.parallel.coordinator, config.parallel.num_processes, config.parallel.process_id]
     if any(v is not None for v in given):
         raise ConfigError(f"{name} runs in one process: the multi-host options are for `train`.")
@@ -248,8 +244,7 @@ def run_experiment(name: str, config: RunConfig, settings: Any, work: Callable[[
                              f"{len(ctx.dataset.train_labels)} training and {len(ctx.dataset.test_labels)} "
                              f"test images of {size}x{size}")
         report = work(ctx)
-        from flax_resnet import plots
-        from flax_resnet.training.loop import write_json
+        from flax_resnet import plots  # matplotlib, the [plots] extra: required above
 
         figure = plots.save_figure(report.figure, out / f"{name.replace('-', '_')}.png")
         markdown = "\n\n".join([f"## {report.title}", report.table, "\n".join(report.notes),

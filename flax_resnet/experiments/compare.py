@@ -16,24 +16,15 @@ from typing import Any
 import numpy as np
 
 from flax_resnet import builders, registry, tables
-from flax_resnet.config import ModelConfig, Preset, RunConfig
+from flax_resnet.config import RunConfig
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Outcome, Report, fmt
-from flax_resnet.recipes import RECIPES
+from flax_resnet.experiments.settings import COMPARE
+from flax_resnet.experiments.settings import CompareSettings as Settings
 
 __all__ = ["BASE", "NAME", "QUICK", "Settings", "run", "run_compare", "torch_initial_weights"]
 
-NAME = "compare"
-BASE = RunConfig(recipe=RECIPES["plain-vs-residual"], model=ModelConfig("SimpleResNet"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """compare has no settings of its own: the model, recipe, dtype and weights are the run's (``RunConfig``)."""
-
-
-QUICK = Preset("quick", recipe={"epochs": 2, "batch_size": 32, "eval_batch_size": 64},
-               data={"dataset": "synthetic", "train_samples": 128, "test_samples": 64}, model_kwargs={"n_blocks": 1})
+NAME, BASE, QUICK = COMPARE.name, COMPARE.base, COMPARE.quick
 FRAMEWORKS = {"jax": ("Flax (JAX)", {"color": "#2563eb", "marker": "o", "linestyle": "-", "markersize": 4}),
               "torch": ("PyTorch", {"color": "#ee4c2c", "marker": "s", "linestyle": "--", "markersize": 4})}
 
@@ -56,7 +47,7 @@ def torch_initial_weights(model: str, model_kwargs: Mapping[str, Any], seed: int
 def run_compare(ctx: Context) -> Report:
     """Train the context's model in both frameworks from the same initial weights (``init_from``, or torch's
     initialisation for the context's seed); figure and table."""
-    from flax_resnet import plots
+    from flax_resnet import plots  # matplotlib, the [plots] extra (run_experiment requires it)
 
     config = ctx.config
     model, dtype = config.model.name, config.dtype

@@ -11,38 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 from flax_resnet import tables
-from flax_resnet.config import ConfigError, Preset, RunConfig
+from flax_resnet.config import RunConfig
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Outcome, Report, fmt
-from flax_resnet.recipes import RECIPES
+from flax_resnet.experiments.settings import DEPTH
+from flax_resnet.experiments.settings import DepthSettings as Settings
 
 __all__ = ["BASE", "NAME", "QUICK", "Settings", "run", "run_depth"]
 
-NAME = "depth"
-BASE = RunConfig(recipe=RECIPES["plain-vs-residual"])  # one recipe for all runs
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """``plain_blocks``: PlainNet depths, blocks in its four layers (notebook 004's shallow and deep);
-    ``resnet_blocks``: SimpleResNet depths, blocks per stage (7 and 25 conv layers)."""
-
-    plain_blocks: tuple[tuple[int, ...], ...] = ((1, 1, 1, 1), (3, 3, 3, 3))
-    resnet_blocks: tuple[int, ...] = (1, 4)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "plain_blocks", tuple(tuple(b) for b in self.plain_blocks))
-        object.__setattr__(self, "resnet_blocks", tuple(self.resnet_blocks))
-        for blocks in self.plain_blocks:
-            if len(blocks) != 4 or min(blocks) < 1:
-                raise ConfigError(f"--plain-blocks takes four block counts >= 1 like 3,3,3,3, got {blocks}.")
-        if not self.resnet_blocks or min(self.resnet_blocks) < 1:
-            raise ConfigError(f"--resnet-blocks takes block counts >= 1, got {self.resnet_blocks}.")
-
-
-QUICK = Preset("quick", recipe={"epochs": 2, "batch_size": 32, "eval_batch_size": 32},
-               data={"dataset": "synthetic", "image_size": 8, "train_samples": 64, "test_samples": 32},
-               settings={"plain_blocks": ((1, 1, 1, 1), (2, 2, 2, 2)), "resnet_blocks": (1, 2)})
+NAME, BASE, QUICK = DEPTH.name, DEPTH.base, DEPTH.quick
 
 
 def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: Callable[..., Any] | None = None,
@@ -56,7 +33,7 @@ def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: 
 
 def run_depth(ctx: Context, settings: Settings = Settings()) -> Report:
     """Train every PlainNet and SimpleResNet depth with ``recipe``; one figure, one table."""
-    from flax_resnet import plots
+    from flax_resnet import plots  # matplotlib, the [plots] extra (run_experiment requires it)
 
     recipe = ctx.config.recipe
     families = {  # colour, marker and runs of each family

@@ -7,46 +7,28 @@ which our Flax layers mirror) and Flax's stock one (lecun_normal kernels, zero b
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from flax_resnet import builders, registry, tables
-from flax_resnet.config import ConfigError, Preset, RunConfig
+from flax_resnet import builders, tables
+from flax_resnet.config import RunConfig
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Outcome, Report, fmt
-from flax_resnet.recipes import RECIPES
+from flax_resnet.experiments.settings import HE_INIT, HE_INIT_MODELS
+from flax_resnet.experiments.settings import HeInitSettings as Settings
+from flax_resnet.he_init import activation_variances
+from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
 
 __all__ = ["BASE", "MODELS", "NAME", "QUICK", "SERIES", "Settings", "flax_reinit", "run", "run_he_init"]
 
-NAME = "he-init"
-BASE = RunConfig(recipe=RECIPES["resnet18-cifar"])  # only the seed and the output directory are used
-MODELS = ("SimpleNet", "ResNet18", "ResNet34", "ResNet50")
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """``models`` to measure; ``batch``: images of the unit-variance input (64: the notebook's input_shape
-    (64, 3, 32, 32)); ``stock``: measure Flax's stock default init (lecun_normal) too."""
-
-    models: tuple[str, ...] = ("SimpleNet", "ResNet18")
-    batch: int = 64
-    stock: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "models", tuple(self.models))
-        unknown = [m for m in self.models if m not in MODELS]
-        if unknown or not self.models:
-            raise ConfigError(f"--models takes names of {', '.join(MODELS)}, got {', '.join(unknown) or 'none'}.")
-        if self.batch < 2:
-            raise ConfigError(f"--batch must be at least 2 (a variance needs two values per feature), "
-                              f"got {self.batch}.")
-
-
-QUICK = Preset("quick", settings={"batch": 16})
+NAME, BASE, QUICK = HE_INIT.name, HE_INIT.base, HE_INIT.quick
+MODELS = HE_INIT_MODELS
 
 
 def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: Callable[..., Any] | None = None,
@@ -72,11 +54,6 @@ SERIES: dict[str, tuple[str, str]] = {
 def flax_reinit(model: Any, kind: str, seed: int) -> Any:
     """Every Conv/Linear of a Flax model re-drawn with the ``default`` (torch's) or ``stock`` (Flax's) init,
     eagerly: JAX caches the eager kernels per shape, where one jitted draw of all weights compiles for longer."""
-    import jax
-    from flax import nnx
-
-    from flax_resnet.layers import torch_default_bias_init, torch_default_kernel_init
-
     if kind not in ("default", "stock"):
         raise ValueError(f"unknown init {kind!r}")
     key = jax.random.key(seed)
@@ -107,10 +84,6 @@ def _measure(model_name: str, framework: str, init: str, x_nchw: np.ndarray, see
                     module.reset_parameters()
         model.train()
         return verify_he_init(model, x=torch.from_numpy(x_nchw))
-    import jax.numpy as jnp
-
-    from flax_resnet.he_init import activation_variances
-
     model = builders.build_flax(model_name, {}, seed=seed)
     if init != "he":
         flax_reinit(model, init, seed)

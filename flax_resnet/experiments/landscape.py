@@ -8,70 +8,30 @@ recipe (so the batch is normalised as in training).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from flax_resnet import registry, tables
-from flax_resnet.config import ConfigError, Preset, RunConfig, with_recipe
+from flax_resnet import registry, tables, weights
+from flax_resnet.config import ConfigError, RunConfig
 from flax_resnet.data import DataError
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Outcome, Report, fmt
+from flax_resnet.experiments.settings import LANDSCAPE, LANDSCAPE_SPLITS
+from flax_resnet.experiments.settings import LandscapeSettings as Settings
 from flax_resnet.recipes import RECIPES, Recipe
 from flax_resnet.store import CheckpointError, resolve
+from flax_resnet.training.engine import cross_entropy, normalize
 
 __all__ = ["BASE", "NAME", "QUICK", "Network", "Settings", "line_loss", "load_network", "run", "run_landscape"]
 
-NAME = "landscape"
-# the recipe of the networks it trains itself (PlainDeepCNN(1) and SimpleResNet(1)), with notebook 004's test batch
-BASE = RunConfig(recipe=with_recipe(RECIPES["plain-vs-residual"], eval_batch_size=100))
-SPLITS = ("test", "train")
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The networks (run directories of ``train`` or of an experiment: ``plain``, ``residual`` and any number of
-    ``checkpoints``), or ``train_own``: none named, train PlainDeepCNN(1) and SimpleResNet(1) first. ``points``
-    along [-radius, radius]; ``relative``: the direction scaled to the weights' norm; ``batch``: images of the
-    fixed batch (None: the run's test batch size); ``splits`` it is drawn from (the notebook's: test)."""
-
-    plain: Path | None = None
-    residual: Path | None = None
-    checkpoints: tuple[Path, ...] = ()
-    train_own: bool = False
-    points: int = 21
-    radius: float = 1.0
-    relative: bool = False
-    batch: int | None = None
-    splits: tuple[str, ...] = ("test",)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
-        object.__setattr__(self, "splits", tuple(self.splits))
-        if self.points < 2:
-            raise ConfigError(f"--points must be at least 2, got {self.points}.")
-        if not (math.isfinite(self.radius) and self.radius > 0):
-            raise ConfigError(f"--radius must be a number above 0, got {self.radius}.")
-        if self.batch is not None and self.batch < 1:
-            raise ConfigError(f"--batch must be at least 1, got {self.batch}.")
-        if not self.splits or not set(self.splits) <= set(SPLITS):
-            raise ConfigError(f"--split takes test, train or both, got {self.splits}.")
-        if not self.networks() and not self.train_own:
-            raise ConfigError("name the trained networks: --plain DIR --residual DIR, or --checkpoint DIR "
-                              "(repeatable).")
-
-    def networks(self) -> list[tuple[str | None, Path]]:
-        """(label, run directory) of each network named; the label None for a --checkpoint."""
-        given = [(label, path) for label, path in (("plain", self.plain), ("residual", self.residual)) if path]
-        return given + [(None, path) for path in self.checkpoints]
-
-
-QUICK = Preset("quick", recipe={"epochs": 4, "batch_size": 32},
-               data={"dataset": "synthetic", "train_samples": 256, "test_samples": 128},
-               settings={"relative": True, "splits": SPLITS, "train_own": True})
+NAME, BASE, QUICK = LANDSCAPE.name, LANDSCAPE.base, LANDSCAPE.quick
+SPLITS = LANDSCAPE_SPLITS
 
 
 def run(config: RunConfig = BASE, settings: Settings = Settings(train_own=True), *,
@@ -115,8 +75,6 @@ class Network:
 def load_network(path: Path, label: str | None = None) -> Network:
     """The model of the latest checkpoint under ``path`` (a run's --out or its checkpoints/) as a Flax model (a torch
     run's weights ported), digest-checked; ``CheckpointError`` when there is none or it names no model."""
-    from flax_resnet import weights
-
     root = resolve(path)
     meta = weights.read_meta(root)
     name = meta.get("model")
@@ -140,12 +98,6 @@ def line_loss(model: Any, seed: int = 0, *, relative: bool = False) -> Callable[
     all of them, as in the notebook. ``relative`` scales d / ||d|| to the weights' norm ||theta||: the notebook's
     unit step barely moves a network with many parameters. The model's weights are not changed.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from flax_resnet.training.engine import cross_entropy
-
     def norm(arrays: Sequence[np.ndarray]) -> float:  # one norm over all arrays together, float64 on the host
         return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
 
@@ -175,11 +127,9 @@ def run_landscape(networks: Sequence[Network], ctx: Context, *, points: int = 21
                   relative: bool = False, batch_size: int | None = None, splits: Sequence[str] = ("test",)) -> Report:
     """The 1-D loss landscape of each network on the first batch of each split of the context's data (normalised
     with the network's recipe, no augmentation), along its own random direction for the context's seed."""
-    import jax.numpy as jnp
     from matplotlib.figure import Figure
 
-    from flax_resnet import plots
-    from flax_resnet.training.engine import normalize
+    from flax_resnet import plots  # matplotlib, the [plots] extra (run_experiment requires it)
 
     alphas = np.linspace(-radius, radius, points)
     centre = int(np.argmin(np.abs(alphas)))

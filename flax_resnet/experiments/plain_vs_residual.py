@@ -8,30 +8,15 @@ from collections.abc import Callable
 from typing import Any
 
 from flax_resnet import tables
-from flax_resnet.config import ConfigError, Preset, RunConfig
+from flax_resnet.config import RunConfig
 from flax_resnet.experiments import common
 from flax_resnet.experiments.common import Context, Outcome, Report, fmt
-from flax_resnet.recipes import RECIPES
+from flax_resnet.experiments.settings import PLAIN_VS_RESIDUAL
+from flax_resnet.experiments.settings import PlainVsResidualSettings as Settings
 
 __all__ = ["BASE", "NAME", "QUICK", "Settings", "run", "run_plain_vs_residual"]
 
-NAME = "plain-vs-residual"
-BASE = RunConfig(recipe=RECIPES["plain-vs-residual"])
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """``n_blocks``: blocks per stage of both networks, 1 + 6n conv layers (5: the notebook's 31 layers)."""
-
-    n_blocks: int = 5
-
-    def __post_init__(self) -> None:
-        if self.n_blocks < 1:
-            raise ConfigError(f"--n-blocks must be at least 1, got {self.n_blocks}.")
-
-
-QUICK = Preset("quick", recipe={"epochs": 4, "batch_size": 32, "eval_batch_size": 64},
-               data={"dataset": "synthetic", "train_samples": 256, "test_samples": 64}, settings={"n_blocks": 1})
+NAME, BASE, QUICK = PLAIN_VS_RESIDUAL.name, PLAIN_VS_RESIDUAL.base, PLAIN_VS_RESIDUAL.quick
 
 
 def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: Callable[..., Any] | None = None,
@@ -45,7 +30,7 @@ def run(config: RunConfig = BASE, settings: Settings = Settings(), *, progress: 
 
 def run_plain_vs_residual(ctx: Context, settings: Settings = Settings()) -> Report:
     """Train PlainDeepCNN(n_blocks) and SimpleResNet(n_blocks) alike; the notebook's figure and table."""
-    from flax_resnet import plots
+    from flax_resnet import plots  # matplotlib, the [plots] extra (run_experiment requires it)
 
     recipe, n_blocks = ctx.config.recipe, settings.n_blocks
     plain, resnet = (ctx.train(label, model, {"n_blocks": n_blocks}, model)
