@@ -65,14 +65,3 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
-
-
-def epoch_learning_rate(recipe: Recipe, epoch):
-    """The learning rate torch's per-epoch scheduler gives in ``epoch`` (0-based); works on jnp and ints."""
-    import jax.numpy as jnp
-
-    if recipe.schedule == "multistep":
-        return recipe.lr * jnp.power(recipe.gamma, sum(epoch >= m for m in recipe.milestones))  # milestones passed
-    if recipe.schedule == "cosine":  # CosineAnnealingLR(T_max=epochs, eta_min=0)
-        return recipe.lr * 0.5 * (1 + jnp.cos(jnp.pi * epoch / recipe.epochs))
-    return recipe.lr * jnp.ones_like(jnp.asarray(epoch, jnp.float32))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from flax_resnet import files
 from flax_resnet.data.dataset import DataError, Dataset
@@ -129,9 +130,7 @@ def source_answers(host: str, port: int, timeout: float) -> bool:
 def _download(data_dir: Path, *, skip_checksum: bool, connect_timeout: float) -> Path:
     """The official binary archive in data_dir/downloads, fetched (a progress bar on a terminal's stderr) unless a
     verified copy is already there."""
-    from tqdm import tqdm
-
-    from flax_resnet.data.cifar10_builder import BINARY, md5sum, verify_md5
+    from flax_resnet.data.cifar10_builder import BINARY, md5sum, verify_md5  # tensorflow_datasets, the [data] extra
 
     target = data_dir / "downloads" / BINARY.filename
     damaged = ""

@@ -50,6 +50,7 @@ from flax import nnx
 from flax_resnet.dtypes import cast_floating
 from flax_resnet.parity import diagnosis, recording
 from flax_resnet.port import load_torch_state_dict, named_modules, to_torch_state_dict
+from flax_resnet.precision import torch_fp32_precision
 
 __all__ = ["PORT_DEFECT", "PRECISION_FACTOR", "PRECISION_FLOOR", "PRECISION_LOSS", "ROUNDING", "TOLERANCES",
            "ParityReport", "Row", "Tolerance", "compare", "perturb_batchnorm"]
@@ -589,8 +590,6 @@ def _numerics(dtype: str, precision: str = "highest") -> Iterator[None]:
     """float64 available in JAX (scoped, as the parity tests do) and, at "highest", full-precision float32 matmuls
     and convolutions on GPUs in both frameworks (no TF32), restored afterwards: the comparison is of the models,
     not of precision settings."""
-    from flax_resnet.precision import torch_fp32_precision
-
     with contextlib.ExitStack() as stack:
         if dtype == "float64":
             stack.enter_context(jax.enable_x64(True))

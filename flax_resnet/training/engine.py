@@ -16,10 +16,19 @@ import optax
 from flax import nnx
 
 from flax_resnet.data import plan
-from flax_resnet.recipes import Recipe, epoch_learning_rate
+from flax_resnet.recipes import Recipe
 
 
 # --------------------------------------------------------------------------------------------- optimiser
+def epoch_learning_rate(recipe: Recipe, epoch: int | jax.Array) -> jax.Array:
+    """The learning rate torch's per-epoch scheduler gives in ``epoch`` (0-based); works on jnp and ints."""
+    if recipe.schedule == "multistep":
+        return recipe.lr * jnp.power(recipe.gamma, sum(epoch >= m for m in recipe.milestones))  # milestones passed
+    if recipe.schedule == "cosine":  # CosineAnnealingLR(T_max=epochs, eta_min=0)
+        return recipe.lr * 0.5 * (1 + jnp.cos(jnp.pi * epoch / recipe.epochs))
+    return recipe.lr * jnp.ones_like(jnp.asarray(epoch, jnp.float32))
+
+
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
     """torch's ``SGD(lr, momentum, weight_decay)``: coupled decay g + wd * p on every parameter, then momentum,
     with torch's per-epoch schedule as a per-step one: lr(step) = epoch_lr(step // steps_per_epoch).

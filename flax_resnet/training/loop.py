@@ -23,8 +23,9 @@ from flax_resnet.config import RunConfig
 from flax_resnet.data import plan as plans
 from flax_resnet.data.plan import EpochPlan
 from flax_resnet.errors import FlaxResnetError, installed
-from flax_resnet.recipes import Recipe, epoch_learning_rate
+from flax_resnet.recipes import Recipe
 from flax_resnet.store import CHECKPOINT_SUBDIR, CheckpointStore
+from flax_resnet.training.engine import epoch_learning_rate
 
 __all__ = ["HISTORY_FILE", "HISTORY_KEYS", "PLOT_FILE", "Backend", "EpochResult", "StepHook", "TrainError",
            "read_history", "run", "write_history", "write_json"]
