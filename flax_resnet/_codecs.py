@@ -44,9 +44,8 @@ def _check_fit(what: str, want: Mapping[str, tuple[np.dtype, tuple[int, ...]]], 
     shown = [f"{kind:<10} {item}" for kind, items in kinds for item in items[:10 // len(kinds)]]
     if hidden := sum(len(items) for _, items in kinds) - len(shown):
         shown.append(f"... and {hidden} more")
-    raise CheckpointError(f"the checkpoint does not fit {what} ({counts}):\n  " + "\n  ".join(shown)
-                          + "\nWas it written for another model, model arguments, optimiser or dtype? Name the same "
-                          "ones as the run that wrote it (its meta.json records them).")
+    raise CheckpointError(f"the checkpoint does not fit {what} ({counts}); build the model, model arguments, "
+                          "optimiser and dtype its meta.json records:\n  " + "\n  ".join(shown))
 
 
 # ------------------------------------------------------------------------------------------------ Flax
@@ -135,8 +134,8 @@ def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarra
     if optimizer is None:
         return
     if "param_groups" not in extra:
-        raise CheckpointError("the checkpoint holds a model's weights only, no optimiser state to resume from; "
-                              "start the run without --resume (or use the weights with --init-from)")
+        raise CheckpointError("the checkpoint holds weights only, no optimiser state to resume from: start the run "
+                              "without --resume, or from these weights with --init-from.")
     state: dict[int, dict[str, Any]] = {}
     for key, array in arrays.items():
         if key.startswith(OPTIMIZER_PREFIX):
@@ -148,5 +147,5 @@ def torch_from_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndarra
         optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
     except (ValueError, KeyError, TypeError) as e:  # torch: "loaded state dict contains a parameter group that ..."
         raise CheckpointError(f"the checkpoint's optimiser state does not fit this {type(optimizer).__name__} "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); was it written with "
-                              "another optimiser or model?") from e
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]}): resume with the optimiser "
+                              "and model that wrote it.") from e

@@ -95,9 +95,10 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
         what = " ".join(found.group(1).split()) if found else "objects other than tensors"
-        raise PortError(f"{path} was refused: it holds pickled Python objects ({what}), which torch.load refused "
-                        "to load (weights_only=True) because unpickling them could run code. If you trust the file, "
-                        "load it yourself and torch.save its state_dict().") from e
+        # the background and the conversion: docs/troubleshooting.md, "PATH holds pickled Python objects"
+        raise PortError(f"{path} holds pickled Python objects ({what}), which torch.load refused to load "
+                        "(weights_only=True) as they could run code: if you trust the file, load it yourself and "
+                        "torch.save its state_dict().") from e
     except Exception as e:
         why = " ".join(str(e).split())[:300]
         if not zipfile.is_zipfile(path):
@@ -106,7 +107,8 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
         obj = obj["model"]
     if not isinstance(obj, dict):
-        raise PortError(f"{path} holds a {type(obj).__name__}, not a state_dict (a dict of tensor names to tensors)")
+        raise PortError(f"{path} holds a {type(obj).__name__}, not a state_dict (tensor names to tensors): save "
+                        "the model's state_dict() instead.")
     return obj
 
 
@@ -183,7 +185,8 @@ def _torch_layout(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], pat
         return _codecs.torch_model_arrays(arrays)
     name = meta.get("model")
     if name not in registry.MODELS:
-        raise CheckpointError(f"{path} records no registered model, so its Flax weights cannot be ported to torch")
+        raise CheckpointError(f"{path} records no registered model, so its Flax weights cannot be ported to "
+                              "torch: load them into the Flax model that wrote them.")
     dtype = meta.get("dtype", "float32")
     with jax.enable_x64(dtype == "float64"):  # scoped: a float64 checkpoint's values stay float64 on the way
         twin = cast_floating(builders.build_flax_to_fill(name, meta.get("model_kwargs") or {}), dtype)

@@ -77,9 +77,9 @@ def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
     try:
         jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.zeros(2)).compile()
     except Exception as e:  # noqa: BLE001 - an unknown or renamed option is reported as assorted errors
-        warnings.warn(f"this jaxlib ({jax.__version__}) does not accept flax-resnet's XLA:CPU speed options "
-                      f"({', '.join(dict(options))}): {' '.join(str(e).split())[:200]}. Training runs without them, "
-                      "correctly but slower on the CPU.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"this jaxlib ({jax.__version__}) does not accept the XLA:CPU speed options "
+                      f"({', '.join(dict(options))}: {' '.join(str(e).split())[:200]}), so training on the CPU runs "
+                      "without them, slower: see docs/troubleshooting.md.", RuntimeWarning, stacklevel=3)
         return False
     return True
 

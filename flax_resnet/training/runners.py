@@ -96,10 +96,9 @@ class Runner:
         return self.treedef
 
     def _step(self, train: bool, size: int) -> Callable:
-        if train and size % self.num_devices:
+        if train and size % self.num_devices:  # the loop's check_batch_sizes refuses such a run before this
             raise ValueError(f"a training batch of {size} samples does not split evenly across {self.num_devices} "
-                             "devices (the runner's check_batch_sizes, which the training loop calls first, catches "
-                             "this up front)")
+                             f"devices: give a batch size that is a multiple of {self.num_devices}.")
         if (train, size) not in self._steps:
             impl = functools.partial(self._train_impl if train else self._eval_impl, size=size)
 
