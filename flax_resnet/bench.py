@@ -1,38 +1,38 @@
 """Speed benchmark: the Flax train step against three PyTorch variants, in one process, on one device, through the
-public pieces that train (``FlaxBackend``; the ``torch_ref`` model, optimizer and ``PlannedBatches``). What each row
-and column measures: BENCHMARKS.md, "What bench measures". JAX, Flax and torch are imported inside the functions
-that run: ``bench --help`` takes no 1.7 s.
+public pieces that train (``FlaxBackend``; the ``torch_ref`` model, optimizer and ``PlannedBatches``), as a
+``config.BenchConfig`` says. What each row and column measures: BENCHMARKS.md, "What bench measures". torch, an
+optional extra, is imported where the torch rows are measured.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
 import functools
 import itertools
-import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.extend import core
 
-from flax_resnet import files, registry, tables
-from flax_resnet.cli import options
-from flax_resnet.cli.options import expanded_path, number, seed
-from flax_resnet.cli.shell import HelpFormatter
-from flax_resnet.config import ModelConfig, RunConfig
+from flax_resnet import builders, registry, tables
+from flax_resnet.config import BenchConfig, ModelConfig, RunConfig
 from flax_resnet.data import plan as plans
-from flax_resnet.errors import FlaxResnetError, require
-from flax_resnet.recipes import PRECISIONS, Precision, get_recipe
+from flax_resnet.precision import apply_precision, torch_fp32_precision
+from flax_resnet.recipes import Precision, get_recipe
+from flax_resnet.training import cpu
+from flax_resnet.training.flax_backend import FlaxBackend
 
 # Dense (no sparsity) bf16 peak TFLOP/s, first matching substring of jax's ``device_kind`` wins. fp32's is half of
 # it: the TF32 tensor-core peak, since XLA and cuDNN run float32 convolutions in TF32 by default on Hopper.
@@ -44,9 +44,6 @@ PHASES = ("train step", "eval step", "epoch")
 COLUMNS = {"phase": "phase", "impl": "implementation", "images_per_s": "img/s", "ms_median": "ms/step", "ms_p10": "p10",
            "ms_p90": "p90", "compile_s": "compile s", "peak_mem_mb": "peak MB", "gflop": "GFLOP/step",
            "xla_gflop": "XLA GFLOP", "mfu": "MFU", "flax_speedup": "Flax/this", "status": "status"}
-QUICK = {"model": "SimpleResNet", "model_kwargs": {"n_blocks": 1}, "batch_size": 16, "warmup": 2, "steps": 5,
-         "epoch_images": 256}
-DEFAULT_EPOCH_IMAGES = 50_000  # CIFAR-10's training split
 # what ``peak_mem_mb`` reads: each framework's allocator on a GPU (jax's cannot be reset), else the process's RSS
 PEAK_MEMORY_KINDS = {"torch": "torch.cuda.max_memory_allocated", "flax": "jax peak_bytes_in_use (process peak so far)",
                      "rss": "process peak RSS (VmHWM, reset per row)"}
@@ -76,10 +73,9 @@ class _Setup:
 def _with_peak_mb(source: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``measure()``'s fields and ``peak_mem_mb``, the peak memory of ``source`` (a key of ``PEAK_MEMORY_KINDS``)
     while it ran: None where jax has no allocator statistics or the process may not reset its peak RSS (no /proc)."""
-    import jax
-    import torch
-
     if source == "torch":
+        import torch
+
         torch.cuda.reset_peak_memory_stats()
         return {**measure(), "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
     if source == "flax":
@@ -161,10 +157,6 @@ def xla_gflop(cost: Any) -> float | None:
 def count_forward_macs(model: Any, batch_size: int) -> int:
     """Multiply-adds of every convolution and matmul in one forward pass of the Flax ``model`` (eval mode) on CIFAR
     images, read from the traced jaxpr (nothing is computed), so it follows the model's actual layers."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     forward = nnx.clone(model)  # eval mode, the model itself left as it is
     forward.eval()
     total = 0
@@ -181,8 +173,6 @@ def count_forward_macs(model: Any, batch_size: int) -> int:
 
 def iter_eqns(jaxpr: Any) -> Iterator[Any]:
     """Every equation of a jaxpr, nested ones (jit, custom_vjp, cond branches) included."""
-    from jax.extend import core
-
     for eqn in jaxpr.eqns:
         yield eqn
         for param in eqn.params.values():
@@ -195,12 +185,6 @@ def iter_eqns(jaxpr: Any) -> Iterator[Any]:
 
 def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
     """The Flax rows, through the training loop's backend (its default runner: one device); and the forward MACs."""
-    import jax
-
-    from flax_resnet import builders
-    from flax_resnet.precision import apply_precision
-    from flax_resnet.training.flax_backend import FlaxBackend
-
     b, n = setup.batch_size, len(setup.labels)
     model = apply_precision(builders.build_flax(setup.model, setup.model_kwargs, seed=setup.seed), setup.precision)
     macs = count_forward_macs(model, b)
@@ -242,8 +226,6 @@ def _flax_rows(setup: _Setup) -> tuple[list[dict[str, Any]], int]:
 def _torch_rows(setup: _Setup, compile_torch: bool) -> list[dict[str, Any]]:
     """The torch variants' rows; a variant skipped or failed has rows with status ``n/a: why``."""
     import torch
-
-    from flax_resnet.precision import torch_fp32_precision
 
     device = torch.device("cuda" if setup.platform == "gpu" and torch.cuda.is_available() else "cpu")
     rows: list[dict[str, Any]] = []
@@ -338,39 +320,26 @@ def _torch_variant(setup: _Setup, device: Any, impl: str, rows: list[dict[str, A
              {"train step": train_row, "eval step": eval_row, "epoch": epoch_row}, rows)
 
 
-def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, warmup: int, steps: int,
-                  quick: bool = False, model_kwargs: dict[str, Any] | None = None, epoch_images: int | None = None,
-                  torch_compile: bool | None = None, seed: int = 0,
-                  log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Benchmark the Flax step against the torch variants; one dict per (implementation, phase), phase by phase
-    (``PHASES``), then implementation (``IMPLS``); ``format_table`` prints them. ``quick``: ``QUICK``'s model, batch
-    and epoch, at most its warm-up and steps, and no torch.compile, unless ``epoch_images`` (default 50,000; 0: no
-    epoch rows) / ``torch_compile`` (default: not ``quick``) say otherwise."""
-    import jax
-
-    if precision not in PRECISIONS:  # before the data is drawn (apply_precision checks only after it)
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if batch_size < 1 or steps < 1 or warmup < 0:  # steps=0 would time the warm-up as the steps
-        raise ValueError(f"batch_size and steps must be >= 1 and warmup >= 0, got {batch_size}, {steps}, {warmup}")
-    if quick:
-        model_name, model_kwargs, batch_size = QUICK["model"], QUICK["model_kwargs"], QUICK["batch_size"]
-        warmup, steps = min(warmup, QUICK["warmup"]), min(steps, QUICK["steps"])
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Benchmark the Flax step against the torch variants as ``config`` says; one dict per (implementation, phase),
+    phase by phase (``PHASES``), then implementation (``IMPLS``); ``format_table`` prints them. A model argument the
+    model does not take is a ``ValueError`` (``registry.model_kwargs``), before anything is drawn."""
+    model_name, batch_size, precision, seed = config.model, config.batch_size, config.precision, config.seed
     # before jax first touches a device, which would otherwise take 75% of a GPU's memory, leaving torch little
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if epoch_images is None:
-        epoch_images = QUICK["epoch_images"] if quick else DEFAULT_EPOCH_IMAGES
-    kwargs = registry.model_kwargs(model_name, model_kwargs)
+    kwargs = registry.model_kwargs(model_name, dict(config.model_kwargs))
     # the model's notebook recipe, with augmentation on: the benchmark includes the on-device crop + flip
     recipe = dataclasses.replace(get_recipe(registry.get_spec(model_name).recipe), batch_size=batch_size,
                                  eval_batch_size=batch_size, augment=True)
     rng = np.random.default_rng(seed)
-    n = max(epoch_images, batch_size)  # at least one batch
+    n = max(config.epoch_images, batch_size)  # at least one batch
     images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
     device = jax.devices()[0]
-    setup = _Setup(model_name, kwargs, batch_size, precision, warmup, steps, PHASES if epoch_images else PHASES[:2],
-                   seed, recipe, images, labels, device.platform, log or (lambda _: None))
+    setup = _Setup(model_name, kwargs, batch_size, precision, config.warmup, config.steps,
+                   PHASES if config.epoch_images else PHASES[:2], seed, recipe, images, labels, device.platform,
+                   log or (lambda _: None))
     rows, macs = _flax_rows(setup)
-    rows += _torch_rows(setup, not quick if torch_compile is None else torch_compile)
+    rows += _torch_rows(setup, config.torch_compile)
     flax = {r["phase"]: r["images_per_s"] for r in rows if r["impl"] == "flax"}
     peak = _peak_tflops(device.device_kind, precision) if device.platform == "gpu" else None
     for r in rows:
@@ -386,10 +355,7 @@ def run_benchmark(model_name: str, batch_size: int, precision: Precision, *, war
 
 def environment() -> dict[str, Any]:
     """Where a run ran: date, versions, device, CPU and load, for report headers and JSON files."""
-    import jax
     import torch
-
-    from flax_resnet.training import cpu
 
     device = jax.devices()[0]
     return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -453,68 +419,3 @@ def format_table(rows: Sequence[dict[str, Any]], cpu_text: str) -> str:
             "GFLOP/step: analytic (conv + matmul MACs x 2, x 3 for training); XLA GFLOP: XLA cost analysis of the "
             f"compiled Flax step; peak MB: {kinds or 'n/a'}"]
     return "\n".join(lines)
-
-
-def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``bench`` command (``cli.SUBCOMMANDS`` registers it)."""
-    p = subparsers.add_parser(
-        "bench", help="speed: the Flax train step against torch eager / channels_last / torch.compile",
-        description="Time the Flax training path against PyTorch eager, channels_last and torch.compile + "
-                    "channels_last on one device (same model, batch, precision and synthetic data): train step, eval "
-                    "step and a whole epoch. Prints a table (its columns: BENCHMARKS.md); --json writes the rows.",
-        formatter_class=HelpFormatter)
-    p.add_argument("--model", choices=registry.model_names(), default="SimpleResNet", metavar="NAME",
-                   help=f"model class: {', '.join(registry.model_names())} (default: %(default)s)")
-    options.add(p, *options.MODEL_OPTIONS)
-    p.add_argument("--batch-size", type=number(int, minimum=1), default=128, metavar="B",
-                   help="batch size (default: %(default)s)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32, or bf16 mixed precision (torch: autocast) (default: %(default)s)")
-    p.add_argument("--steps", type=number(int, minimum=1), default=20, metavar="N",
-                   help="timed steps per row (default: %(default)s)")
-    p.add_argument("--warmup", type=number(int, minimum=0), default=3, metavar="N",
-                   help="untimed steps before them (default: %(default)s)")
-    p.add_argument("--epoch-images", type=number(int, minimum=0), default=None, metavar="N",
-                   help=f"images in the timed epoch (default: {DEFAULT_EPOCH_IMAGES:,}; {QUICK['epoch_images']} "
-                        "with --quick; 0: no epoch rows)")
-    p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="include torch.compile (default: yes, except with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"CI-sized run in well under a minute: SimpleResNet(n_blocks=1), batch {QUICK['batch_size']}, "
-                        f"{QUICK['warmup']} + {QUICK['steps']} steps, a {QUICK['epoch_images']}-image epoch, no "
-                        "torch.compile (overrides --model, --batch-size and larger --warmup/--steps)")
-    p.add_argument("--seed", type=seed, default=0, metavar="N", help="seed of weights and data (default: 0)")
-    p.add_argument("--json", type=expanded_path, metavar="FILE", help="also write the rows and the environment as JSON")
-    p.set_defaults(handler=run_bench_command, parser=p)
-    return p
-
-
-def run_bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Handler of ``bench``: validate, run, print the table, write the JSON; returns the exit code."""
-    given = options.given(args, options.MODEL_OPTIONS)
-    if not args.quick:
-        try:
-            registry.model_kwargs(args.model, given)
-        except ValueError as e:
-            parser.error(str(e))
-    if args.json is not None and (args.json.is_dir() or (args.json.parent.exists() and not args.json.parent.is_dir())):
-        parser.error(f"--json {args.json}: give a file path whose folder is a directory (checked before the run, "
-                     "not after it)")
-
-    require("torch", "bench (it times Flax against PyTorch)")
-    rows = run_benchmark(args.model, args.batch_size, args.precision, warmup=args.warmup, steps=args.steps,
-                         quick=args.quick, model_kwargs=given, epoch_images=args.epoch_images,
-                         torch_compile=args.torch_compile, seed=args.seed,
-                         log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
-    env = environment()
-    print(format_table(rows, env["cpu"]["text"]))
-    print(f"load average at end: {env['load_avg']}  (jax {env['jax']}, torch {env['torch']}, "
-          f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']})")
-    if args.json:
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            files.write_atomic(args.json, json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
-        except OSError as e:
-            raise FlaxResnetError(f"could not write --json {args.json} ({e.strerror or e}); the table above has every "
-                                  "figure") from e
-    return 0

@@ -19,8 +19,8 @@ from typing import Any, Literal
 from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import PARALLEL_KINDS, PRECISIONS, Recipe
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "OutputConfig", "ParallelConfig", "Preset", "RunConfig",
-           "with_recipe"]
+__all__ = ["BENCH_QUICK", "SELFTEST_PARTS", "BenchConfig", "ConfigError", "DataConfig", "ModelConfig", "OutputConfig",
+           "ParallelConfig", "Preset", "RunConfig", "with_recipe"]
 
 Framework = Literal["jax", "torch"]
 RUNS_DIR = Path("runs")  # where outputs go when no directory is given
@@ -231,3 +231,35 @@ class Preset:
         model = dataclasses.replace(config.model, kwargs={**config.model.kwargs, **self.model_kwargs})
         return dataclasses.replace(config, recipe=with_recipe(config.recipe, **self.recipe), model=model,
                                    data=dataclasses.replace(config.data, **self.data))
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What ``bench`` times: a registered model at one batch size and precision, ``warmup`` untimed and ``steps``
+    timed steps per row, then an epoch of ``epoch_images`` generated images (0: no epoch rows), with or without
+    torch.compile; weights and data drawn from ``seed``."""
+
+    model: str = "SimpleResNet"
+    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    batch_size: int = 128
+    precision: str = "fp32"
+    warmup: int = 3
+    steps: int = 20
+    epoch_images: int = 50_000  # CIFAR-10's training split
+    torch_compile: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.batch_size < 1 or self.steps < 1 or self.warmup < 0 or self.epoch_images < 0:
+            # steps=0 would time the warm-up as the steps
+            raise ConfigError("--batch-size and --steps must be >= 1, --warmup and --epoch-images >= 0; got "
+                              f"{self.batch_size}, {self.steps}, {self.warmup}, {self.epoch_images}.")
+
+
+# ``bench --quick``: CI-sized, well under a minute on 2 cores; torch.compile compiles for about a minute on a CPU
+BENCH_QUICK = BenchConfig(model_kwargs={"n_blocks": 1}, batch_size=16, warmup=2, steps=5, epoch_images=256,
+                          torch_compile=False)
+# the self-test's parts in the order they run (``selftest --skip`` names them; torch.compile: bench's rows)
+SELFTEST_PARTS: tuple[str, ...] = ("parity", "default-precision", "bench", "torch.compile", "epochs")

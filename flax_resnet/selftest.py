@@ -20,14 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from flax_resnet import bench, builders, files, parity, registry, tables
+from flax_resnet import bench, builders, files, parity, registry, tables, training
+from flax_resnet.config import BENCH_QUICK, SELFTEST_PARTS, BenchConfig, ModelConfig, RunConfig
+from flax_resnet.data import synthetic_dataset
 from flax_resnet.errors import FlaxResnetError
+from flax_resnet.port import torch_shapes
+from flax_resnet.precision import apply_precision
+from flax_resnet.recipes import get_recipe
 
 __all__ = ["FULL", "PARTS", "QUICK", "Plan", "run", "to_markdown"]
 
-# The parts, in the order they run; each can be left out with --skip (torch.compile: bench's torch.compile rows).
-PARTS: tuple[str, ...] = ("parity", "default-precision", "bench", "torch.compile", "epochs")
+PARTS = SELFTEST_PARTS  # in the order they run; each can be left out with --skip
 JSON_FILE, MARKDOWN_FILE = "selftest.json", "selftest.md"
 
 
@@ -39,7 +45,7 @@ class Plan:
     parity_models: tuple[tuple[str, dict[str, Any]], ...]  # (name, constructor arguments)
     parity_input: tuple[int, int]  # (batch, height = width) of the parity batch; SimpleNet's fc needs 32x32
     shape_models: tuple[str, ...]  # models only shape-checked (state_dict and output shapes, nothing computed)
-    bench: dict[str, Any]  # bench.run_benchmark's keyword arguments but precision, torch_compile and log
+    bench: BenchConfig  # run in bf16 and fp32; torch.compile only where selftest --skip leaves it
     epochs_model: str
     epochs_kwargs: dict[str, Any]
     epochs_batch: int
@@ -58,13 +64,12 @@ def _every_model() -> tuple[tuple[str, dict[str, Any]], ...]:
 
 # The bench's epoch rows are 97 full batches: a short last batch would be one more compilation per implementation.
 FULL = Plan("full", _every_model(), (4, 32), (),
-            {"model_name": "ResNet18", "batch_size": 512, "warmup": 3, "steps": 20, "epoch_images": 97 * 512},
+            BenchConfig("ResNet18", batch_size=512, warmup=3, steps=20, epoch_images=97 * 512),
             "ResNet18", {}, 512, 50_000, 10_000)
 # bench --quick, with fewer steps and a two-batch epoch (torch's bf16 autocast takes seconds per step on a 2-core
 # CPU); ResNet-18 only shape-checked
 QUICK = Plan("quick", (("SimpleResNet", {"n_blocks": 1}), ("SimpleNet", {})), (2, 16), ("ResNet18",),
-             {"model_name": bench.QUICK["model"], "batch_size": bench.QUICK["batch_size"], "quick": True,
-              "warmup": 1, "steps": 2, "epoch_images": 2 * bench.QUICK["batch_size"]},
+             dataclasses.replace(BENCH_QUICK, warmup=1, steps=2, epoch_images=2 * BENCH_QUICK.batch_size),
              "SimpleResNet", {"n_blocks": 1}, 32, 512, 128)
 
 # (dtype, precision, gradients, counted): the comparisons of the parity parts; float32 gradients are left out for
@@ -128,11 +133,7 @@ def _parity_rows(plan: Plan, checks: tuple[tuple[str, str, bool, bool], ...],
 def _shape_rows(plan: Plan, say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Models too big to compare on a small CPU: their state_dict keys and shapes and their output shape, with
     no arithmetic (``nnx.eval_shape`` and torch's meta device)."""
-    import jax.numpy as jnp
     import torch
-    from flax import nnx
-
-    from flax_resnet.port import torch_shapes
 
     rows = []
     for name in plan.shape_models:
@@ -164,21 +165,14 @@ def _shape_rows(plan: Plan, say: Callable[[str], None]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------- bench, epochs
 def _bench_rows(plan: Plan, torch_compile: bool, say: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-    """``bench.run_benchmark`` in bf16 and fp32 (with ``--quick``, as ``bench --quick``: no torch.compile)."""
-    return {precision: bench.run_benchmark(precision=precision, log=lambda message, p=precision: say(f"{p}: {message}"),
-                                           torch_compile=None if plan.bench.get("quick") else torch_compile,
-                                           **plan.bench)
-            for precision in ("bf16", "fp32")}
+    """``bench.run_benchmark`` in bf16 and fp32 (torch.compile where both the plan and ``torch_compile`` say so)."""
+    return {precision: bench.run_benchmark(
+        dataclasses.replace(plan.bench, precision=precision, torch_compile=plan.bench.torch_compile and torch_compile),
+        log=lambda message, p=precision: say(f"{p}: {message}")) for precision in ("bf16", "fp32")}
 
 
 def _epoch_rows(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
     """Two epochs through ``training.train`` (as ``train.py train --precision bf16 --dataset synthetic``)."""
-    from flax_resnet import training
-    from flax_resnet.config import ModelConfig, RunConfig
-    from flax_resnet.data import synthetic_dataset
-    from flax_resnet.precision import apply_precision
-    from flax_resnet.recipes import get_recipe
-
     t0 = time.perf_counter()
     data = synthetic_dataset(plan.num_train, plan.num_test, seed=0)
     data_s = time.perf_counter() - t0

@@ -266,7 +266,7 @@ def test_verify_prints_the_diagnosis(monkeypatch, capsys):
         kernel[...] = jax.random.normal(jax.random.key(0), kernel.shape, kernel.dtype) * 0.1
 
     monkeypatch.setattr(port, "load_torch_state_dict", forgetful_port)
-    code = cli.main(["verify", "--model", "SimpleResNet", "--n-blocks", "1", "--batch-size", "2", "--image-size", "16"])
+    code = cli.main(["verify", "--model", "SimpleResNet", "--n-blocks", "1", "--batch", "2", "--image-size", "16"])
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert code == 1
     assert lines[-3] == "diagnosis:" and lines[-2].startswith("  stage2.0.conv1: still holds its own initialisation")

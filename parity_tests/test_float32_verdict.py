@@ -207,7 +207,7 @@ def test_verify_exits_1_on_a_conv_weight_off_by_1e3(monkeypatch, capsys):
         conv.kernel[...] = conv.kernel[...] * (1 + 1e-3)
 
     monkeypatch.setattr(port, "load_torch_state_dict", wrong_port)
-    code, out = verify(["--model", "SimpleResNet", "--n-blocks", "1", "--batch-size", "2", "--image-size", "16"],
+    code, out = verify(["--model", "SimpleResNet", "--n-blocks", "1", "--batch", "2", "--image-size", "16"],
                        capsys)
     last = out.rstrip().splitlines()[-1]
     assert code == 1, out[-3000:]

@@ -77,6 +77,19 @@ def test_the_import_graph_has_no_cycle():
             visit(name)
 
 
+def test_only_the_command_line_imports_argparse():
+    """Library functions take typed settings, never a parsed ``argparse.Namespace``: argparse stays in
+    ``flax_resnet.cli``."""
+    users = set()
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if "argparse" in names:
+                users.add(name)
+    assert users and all(name == "flax_resnet.cli" or name.startswith("flax_resnet.cli.") for name in users), users
+
+
 def test_torch_ref_imports_only_torch_and_numpy():
     """Every torch_ref module imports with jax and flax unavailable (None in sys.modules makes any import of
     them fail), and names no flax_resnet module."""

@@ -12,6 +12,7 @@ import math
 import pytest
 
 from flax_resnet import bench, builders, cli
+from flax_resnet.config import BENCH_QUICK, BenchConfig, ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +97,28 @@ def test_bad_arguments_are_usage_errors(capsys):
         cli.main(["bench", "--model", "ResNet18", "--n-blocks", "2"])
     assert e.value.code == 2
     assert "does not take --n-blocks" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="precision"):
-        bench.run_benchmark("SimpleResNet", 8, "fp16", warmup=0, steps=1)  # type: ignore[arg-type]
-    for batch, warmup, steps in ((0, 0, 1), (8, -1, 1), (8, 0, 0)):
-        with pytest.raises(ValueError, match="must be >= 1"):
-            bench.run_benchmark("SimpleResNet", batch, "fp32", warmup=warmup, steps=steps)
+    with pytest.raises(ConfigError, match="--precision"):
+        BenchConfig(batch_size=8, precision="fp16", warmup=0, steps=1)
+    for batch, warmup, steps, images in ((0, 0, 1, 0), (8, -1, 1, 0), (8, 0, 0, 0), (8, 0, 1, -1)):
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            BenchConfig(batch_size=batch, warmup=warmup, steps=steps, epoch_images=images)
+    with pytest.raises(ValueError, match="does not take"):  # the library checks the model's arguments too
+        bench.run_benchmark(BenchConfig("ResNet18", {"n_blocks": 2}))
+
+
+def test_quick_is_a_preset_under_the_users_values():
+    """``bench --quick`` starts from ``BENCH_QUICK``; an option the user gives wins over it."""
+    from flax_resnet.cli.bench import bench_config
+
+    parser = cli.build_parser()
+    assert bench_config(parser.parse_args(["bench", "--quick"])) == BENCH_QUICK
+    assert bench_config(parser.parse_args(["bench"])) == BenchConfig(model_kwargs={"n_blocks": 3})  # filled in
+    mine = bench_config(parser.parse_args(["bench", "--quick", "--batch-size", "8", "--steps", "3",
+                                           "--torch-compile", "--precision", "bf16"]))
+    assert mine == BenchConfig(model_kwargs={"n_blocks": 1}, batch_size=8, warmup=2, steps=3, epoch_images=256,
+                               torch_compile=True, precision="bf16")
+    other = bench_config(parser.parse_args(["bench", "--quick", "--model", "PlainDeepCNN"]))
+    assert (other.model, other.model_kwargs, other.batch_size) == ("PlainDeepCNN", {"n_blocks": 3}, 16)
 
 
 def test_resident_channels_last_batches_are_the_default_loaders_batches():

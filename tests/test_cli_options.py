@@ -64,3 +64,22 @@ def test_help_imports_no_heavy_module():
             "    pass\nprint([m for m in ('jax', 'torch', 'tensorflow_datasets', 'matplotlib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:] + out.stderr[-2000:]
+
+
+def test_shared_flags_come_from_the_table():
+    """A flag that two commands take is the table's (one declaration, one meaning); only an experiment's own
+    options (one command each) are declared beside it."""
+    from flax_resnet import cli
+
+    every = options.add(argparse.ArgumentParser(), *options.OPTIONS)  # --augment brings --no-augment
+    table = {flag for action in every._actions for flag in action.option_strings}
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    takers: dict[str, list[str]] = {}
+    for name, parser in commands.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    takers.setdefault(flag, []).append(name)
+    shared = {flag: names for flag, names in takers.items() if len(names) > 1}
+    assert shared and set(shared) <= table, {f: n for f, n in shared.items() if f not in table}
+    assert set(takers["--batch"]) == {"verify", "he-init", "landscape"} and "verify" not in takers["--batch-size"]

@@ -292,7 +292,7 @@ def test_experiment_numbers_are_checked_at_parse_time(argv, tmp_path, capsys):
 def test_bench_json_to_a_directory_fails_before_the_run(tmp_path, capsys):
     assert run_main(["bench", "--quick", "--json", str(tmp_path)]) == 2
     err = one_error(capsys.readouterr().err)
-    assert "--json" in err and "before the run" in err
+    assert "--json" in err and str(tmp_path) in err
 
 
 def test_landscape_names_swapped_runs(two_epoch_run, tmp_path, capsys):

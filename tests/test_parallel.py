@@ -24,7 +24,8 @@ import pytest
 from flax import nnx
 
 from flax_resnet import builders, layers
-from flax_resnet.cli import shell as commands
+from flax_resnet.cli import options
+from flax_resnet.config import ParallelConfig
 from flax_resnet.data import plan
 from flax_resnet.training import cpu, distributed, engine, parallel
 
@@ -231,14 +232,12 @@ def test_the_runner_sets_the_bn_axis_once_on_its_own_graph(kind, bn_sync, tiny_d
 
 
 def test_parallel_arguments_parse():
-    parser = commands.add_parallel_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([])
-    assert (args.parallel, args.bn_sync, args.coordinator, args.num_processes, args.process_id) == (
-        "auto", "on", None, None, None)
+    parser = options.add(argparse.ArgumentParser(), *options.PARALLEL)
+    assert options.run_config(parser.parse_args([])).parallel == ParallelConfig(
+        kind="auto", bn_sync=True, coordinator=None, num_processes=None, process_id=None, timeout_s=300.0)
     args = parser.parse_args("--parallel pmap --bn-sync off --coordinator 10.0.0.1:1234 --num-processes 2 "
                              "--process-id 1 --distributed-timeout 30".split())
-    assert (args.parallel, args.bn_sync, args.coordinator, args.num_processes, args.process_id,
-            args.distributed_timeout) == ("pmap", "off", "10.0.0.1:1234", 2, 1, 30.0)
+    assert options.run_config(args).parallel == ParallelConfig("pmap", False, "10.0.0.1:1234", 2, 1, 30.0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--parallel", "ddp"])
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flax_resnet.cli import options, shell
-from flax_resnet.config import RUNS_DIR, ConfigError, ModelConfig, Preset, RunConfig, with_recipe
+from flax_resnet.config import RUNS_DIR, ModelConfig, Preset, RunConfig, with_recipe
 from flax_resnet.experiments import settings as experiments
 from flax_resnet.experiments.settings import Experiment
 from flax_resnet.recipes import RECIPES
@@ -31,8 +31,7 @@ SETTING_FLAGS: dict[str, str | None] = {"splits": "split", "train_own": None, "c
                                         "stock": "no-stock"}
 DEVICES = ("parallel", "bn_sync")  # the multi-host options: `train` only (an experiment runs in one process)
 OUTPUT = ("out", "resume", "overwrite", "max_to_keep", "no_progress", "quick")
-RECIPE = tuple(name for name in options.RECIPE_OVERRIDES if name != "model")  # the recipe's numbers
-TRAINING = ("seed", "framework", "dtype", "precision", *DEVICES, *RECIPE, *options.DATA)
+TRAINING = ("seed", "framework", "dtype", "precision", *DEVICES, *options.RECIPE_OVERRIDES, *options.DATA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +231,8 @@ def add_parsers(subparsers: Any) -> list[argparse.ArgumentParser]:
         options.add(p, *command.takes, *command.output, helps={
             "out": f"here for figures, summary.md, results.json and the runs; default: {RUNS_DIR}/{name} "
                    f"({RUNS_DIR}/{name}-quick with --quick)",
-            "resume": "here the runs already in --out (a finished run is read back, not trained again)"})
+            "resume": "here the runs already in --out (a finished run is read back, not trained again)",
+            "quick": "what it sets: below"})
         _add_hidden(p, *command.refuses)
         p.set_defaults(handler=lambda args, parser, command=command: _run(command, args, parser), parser=p)
         parsers.append(p)
@@ -252,25 +252,21 @@ def _config(command: Command, args: argparse.Namespace) -> RunConfig:
         return options.run_config(args, model=experiment.base.model.name, preset=preset, out=out)
     recipe = RECIPES[args.recipe] if getattr(args, "recipe", None) else experiment.base.recipe
     config = options.run_config(args, recipe=recipe.name, preset=preset, out=out)
-    recipe = with_recipe(recipe, **{**preset.recipe, **options.given(args, RECIPE)})
+    recipe = with_recipe(recipe, **{**preset.recipe, **options.given(args, options.RECIPE_OVERRIDES)})
     return config.replace(recipe=recipe, model=ModelConfig(init_from=config.model.init_from))
 
 
 def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """A refusal (``ConfigError``, from the settings or the experiment before it writes anything) is the usage
+    error that ``cli.main`` reports."""
     experiment = command.experiment
-    try:
-        config = _config(command, args)
-        settings = experiment.settings(**{**(experiment.quick.settings if args.quick else {}),
-                                          **command.settings(args)})
-    except ConfigError as e:
-        parser.error(str(e))
+    config = _config(command, args)
+    settings = experiment.settings(**{**(experiment.quick.settings if args.quick else {}), **command.settings(args)})
     out = config.output.out_dir
     module = importlib.import_module(f"flax_resnet.experiments.{experiment.module}")  # JAX: after parsing
     try:
         outcome = module.run(config, settings, progress=shell.progress_factory(config.output.progress),
                              log=shell.write_line)
-    except ConfigError as e:  # a refusal of the experiment's, before anything is written
-        parser.error(str(e))
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
         return shell.EXIT_INTERRUPTED

@@ -21,6 +21,7 @@ from typing import Any
 from flax_resnet import registry
 from flax_resnet.config import (
     RUNS_DIR,
+    SELFTEST_PARTS,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -33,11 +34,10 @@ from flax_resnet.config import (
 from flax_resnet.recipes import PARALLEL_KINDS, PRECISIONS, RECIPES, Recipe
 
 __all__ = ["DATA", "DEFAULT_RECIPE", "MODEL_OPTIONS", "OPTIONS", "OUTPUT", "PARALLEL", "RECIPE_OVERRIDES", "Option",
-           "add", "expanded_path", "finite_float", "given", "model_kwargs", "number", "program_name", "run_config",
-           "seed"]
+           "add", "chosen_model", "expanded_path", "finite_float", "given", "model_kwargs", "number", "program_name",
+           "run_config", "seed"]
 
 DEFAULT_RECIPE = "resnet18-cifar"
-SELFTEST_PARTS = ("parity", "default-precision", "bench", "torch.compile", "epochs")  # selftest.PARTS (tested equal)
 
 
 def program_name() -> str:
@@ -113,8 +113,8 @@ def _model_option(arg: registry.ModelArg) -> Option:
 
 OPTIONS: dict[str, Option] = {
     # what to train
-    "model": Option(("--model",), WHAT, "model class (listed in `train --help`); default: the recipe's model, or "
-                    "the one the weights name", {"choices": registry.model_names(), "metavar": "NAME"}),
+    "model": Option(("--model",), WHAT, "model class (listed in `train --help`)",
+                    {"choices": registry.model_names(), "metavar": "NAME"}),
     "recipe": Option(("--recipe",), WHAT, f"training recipe (see `train --help`); default: the model's notebook's, "
                      f"{DEFAULT_RECIPE} when no model is given", {"choices": list(RECIPES), "metavar": "NAME"}),
     "framework": Option(("--framework",), WHAT, "train the Flax model, or the PyTorch reference on the same batch "
@@ -124,9 +124,8 @@ OPTIONS: dict[str, Option] = {
                         "Ignored when --resume finds a checkpoint", {"type": expanded_path, "metavar": "PATH"}),
     "dtype": Option(("--dtype",), WHAT, "floating-point type of weights and computation (default: float32)",
                     {"choices": ("float32", "float64")}),
-    "precision": Option(("--precision",), WHAT, "bf16: mixed precision (bfloat16 convolutions and activations; "
-                        "float32 weights, optimizer, BatchNorm statistics and loss; torch: autocast, in bench only) "
-                        "(default: fp32)", {"choices": PRECISIONS}),
+    "precision": Option(("--precision",), WHAT, "bf16: bfloat16 convolutions and activations with float32 weights "
+                        "and statistics (docs/speed.md); default: fp32", {"choices": PRECISIONS}),
     "seed": Option(("--seed",), WHAT, "seed of the initialisation, the batch order and augmentation, and generated "
                    "inputs (default: 0)", {"type": seed, "metavar": "N"}),
     # model options: one per registry.MODEL_ARGS entry
@@ -203,13 +202,13 @@ OPTIONS: dict[str, Option] = {
     "max_to_keep": Option(("--max-to-keep",), OUT, "checkpoints kept (the last N epochs; default: 3)",
                           {"type": number(int, minimum=1), "metavar": "N"}),
     "no_progress": Option(("--no-progress",), OUT, "no progress bar (epoch lines are still printed)", FLAG),
-    "quick": Option(("--quick",), OUT, "a small run of the same code paths, sized for a CPU (what it sets: below)",
-                    FLAG),
+    "quick": Option(("--quick",), OUT, "a small run of the same code paths, sized for a CPU", FLAG),
     # weights: port, verify
     "source": Option(("--from",), "weights", "a state_dict file (.safetensors or .pt), or a checkpoint directory",
                      {"type": expanded_path, "required": True, "metavar": "PATH"}),
-    "target": Option(("--to",), "weights", "the checkpoint directory to create (from a file), or the .safetensors or "
-                     ".pt file to write", {"type": expanded_path, "required": True, "metavar": "PATH"}),
+    "target": Option(("--to",), "weights", "where to write, in the form its name says: a .safetensors or "
+                     ".pt file, else a new checkpoint directory",
+                     {"type": expanded_path, "required": True, "metavar": "PATH"}),
     "step": Option(("--step",), "weights", "which checkpoint step to read (default: the latest)",
                    {"type": number(int, minimum=0), "metavar": "N"}),
     "weights": Option(("--weights",), "weights", "a state_dict (.safetensors or .pt) or a checkpoint directory of "
@@ -219,20 +218,18 @@ OPTIONS: dict[str, Option] = {
     "float64": Option(("--float64",), "measurement", "compare in float64 only, where agreement proves the port exact "
                       "(to ~1e-14); default float32, with float64 references deciding any comparison beyond its "
                       "tolerance (flax_resnet.parity.TOLERANCES)", FLAG),
-    "batch": Option(("--batch",), "measurement", "images in the one measured batch (default: 4; at least 2 for "
-                    "train-mode BatchNorm)", {"type": number(int, minimum=2), "metavar": "N"}),
-    "steps": Option(("--steps",), "measurement", "steps to run: verify compares K training steps "
-                    "(flax_resnet.parity.compare_training, in float64) instead of one forward and backward pass; "
-                    "bench times K steps per row (default 20)", {"type": number(int, minimum=1), "metavar": "K"}),
-    "steps_per_epoch": Option(("--steps-per-epoch",), "measurement", "with verify --steps: the steps of an epoch, "
-                              "after which torch's scheduler is stepped (default: 1)",
+    "batch": Option(("--batch",), "measurement", "images in the one measured batch (at least 2, for train-mode "
+                    "BatchNorm)", {"type": number(int, minimum=2), "metavar": "N"}),
+    "steps": Option(("--steps",), "measurement", "steps to run", {"type": number(int, minimum=1), "metavar": "K"}),
+    "steps_per_epoch": Option(("--steps-per-epoch",), "measurement", "with --steps: the steps of an epoch, after "
+                              "which torch's scheduler is stepped",
                               {"type": number(int, minimum=1), "metavar": "N"}),
-    "warmup": Option(("--warmup",), "measurement", "untimed steps before the timed ones (default: 3)",
+    "warmup": Option(("--warmup",), "measurement", "untimed steps before the timed ones",
                      {"type": number(int, minimum=0), "metavar": "N"}),
-    "epoch_images": Option(("--epoch-images",), "measurement", "images in the timed epoch (default: 49,920; 0: no "
-                           "epoch rows)", {"type": number(int, minimum=0), "metavar": "N"}),
-    "torch_compile": Option(("--torch-compile",), "measurement", "include torch.compile (default: yes, except with "
-                            "--quick)", {"action": argparse.BooleanOptionalAction, "default": None}),
+    "epoch_images": Option(("--epoch-images",), "measurement", "images in the timed epoch (0: no epoch rows)",
+                           {"type": number(int, minimum=0), "metavar": "N"}),
+    "torch_compile": Option(("--torch-compile",), "measurement", "include the torch.compile rows",
+                            {"action": argparse.BooleanOptionalAction, "default": None}),
     "json": Option(("--json",), OUT, "also write the rows and the environment as JSON",
                    {"type": expanded_path, "metavar": "FILE"}),
     "skip": Option(("--skip",), "measurement", f"selftest parts to leave out: {', '.join(SELFTEST_PARTS)} "
@@ -270,6 +267,16 @@ def given(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> dict[
     """The options of ``names`` that the user gave (parsed to something other than None), lists as tuples."""
     values = {name: getattr(args, name, None) for name in names}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+
+
+def chosen_model(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | None:
+    """--model with its constructor arguments (``port``, ``verify``), or None when the weights are to name their
+    model; model options without --model are a ``ConfigError``."""
+    if args.model is None:
+        if given(args, MODEL_OPTIONS):
+            raise ConfigError("model options (--n-blocks, ...) need --model: name the model they belong to.")
+        return None
+    return args.model, model_kwargs(args, args.model)
 
 
 def model_kwargs(args: argparse.Namespace, name: str, recipe: str | None = None,

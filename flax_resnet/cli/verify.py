@@ -1,0 +1,52 @@
+"""``verify``: ``parity.compare`` (or, with --steps, ``parity.compare_training``) of a registered model's torch
+and Flax versions, the Flax one filled through the port."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from flax_resnet import builders, parity, port, registry, weights
+from flax_resnet.cli import options
+from flax_resnet.config import ConfigError
+from flax_resnet.recipes import RECIPES, Recipe
+from flax_resnet.training import engine
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    model = options.chosen_model(args)
+    source = args.weights
+    if source is None and model is None:
+        raise ConfigError("name the model with --model, or give --weights to infer it from.")
+    if source is not None and not source.exists():
+        raise ConfigError(f"--weights {source}: no such file or directory.")
+    torch_model, name, kwargs = weights.load_model(source, "torch", model=model, seed=args.seed)
+    flax_model = builders.build_flax_to_fill(name, kwargs)
+    port.load_torch_state_dict(flax_model, torch_model.state_dict())  # the port under test
+    origin = f"torch's initialisation, seed {args.seed}" if source is None else str(source)
+    print(f"verifying {registry.constructor_call(name, kwargs)} with {origin}", flush=True)
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    if args.steps is not None:
+        report = _compare_training(torch_model, flax_model, RECIPES[registry.get_spec(name).recipe], args.steps,
+                                   args.steps_per_epoch, shape, args.seed)
+    else:
+        report = parity.compare(torch_model, flax_model, dtype="float64" if args.float64 else "float32",
+                                input_shape=shape, seed=args.seed)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def _compare_training(torch_model: Any, flax_model: Any, recipe: Recipe, steps: int, steps_per_epoch: int,
+                      shape: tuple[int, int, int, int], seed: int) -> Any:
+    """``verify --steps``: the recipe's optimizer and schedule as each framework's trainer builds them."""
+    from torch_ref import train as notebook  # torch_ref needs torch, an optional extra
+
+    print(f"recipe {recipe.name}: SGD(lr={recipe.lr}, momentum={recipe.momentum}, weight_decay={recipe.weight_decay}), "
+          f"{recipe.schedule} schedule, steps per epoch: {steps_per_epoch}", flush=True)
+    return parity.compare_training(
+        torch_model, flax_model,
+        lambda params: notebook.make_optimizer(params, recipe.lr, recipe.momentum, recipe.weight_decay),
+        engine.make_optimizer(recipe, steps_per_epoch), steps=steps,
+        torch_scheduler=lambda optimizer: notebook.make_scheduler(optimizer, recipe.schedule, recipe.epochs,
+                                                                  recipe.milestones, recipe.gamma),
+        steps_per_epoch=steps_per_epoch, input_shape=shape, seed=seed)
