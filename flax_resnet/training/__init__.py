@@ -6,6 +6,7 @@ the same batches for the same ``config.seed``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -97,12 +98,19 @@ def train(config: RunConfig, *, model: Any = None, dataset: Any = None, runner: 
     ``dataset``: a ``data.Dataset``; default: ``config.data`` loaded. ``runner``: for Flax, a ``runners.Runner``
     or a factory; default: ``config.parallel``'s. ``device``: where a torch model trains. ``progress``: a tqdm-like
     factory, used when ``config.output.progress``; ``log``: epoch lines; ``on_step(step, loss)`` (``loss()`` reads
-    that step's loss); ``title`` of ``curves.png``. Outputs follow ``config.output``; float64 turns
-    ``jax_enable_x64`` on; a multi-host ``config.parallel`` joins its processes first, before any device is used.
+    that step's loss); ``title`` of ``curves.png``. Outputs follow ``config.output``; a float64 run computes under
+    ``jax.enable_x64(True)``, scoped to the run (use a float64 model it returns under that context too); a
+    multi-host ``config.parallel`` joins its processes first, before any device is used.
     """
     check(config, model=model, dataset=dataset)
-    if config.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
+    # Scoped, not jax.config.update: a global switch left on by one float64 run made the process's later float32
+    # runs compute their schedules in float64 (their recorded lr 0.1 instead of float32's 0.10000000149).
+    with jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext():
+        return _train(config, model, dataset, runner, device, progress, log, on_step, title)
+
+
+def _train(config: RunConfig, model: Any, dataset: Any, runner: Any, device: Any, progress: ProgressFactory | None,
+           log: Callable[[str], None] | None, on_step: StepHook | None, title: str | None) -> TrainResult:
     if config.framework == "jax":
         distributed.initialize_from_config(config.parallel, on_timeout=_exit_on_timeout)
     out = config.output.out_dir
