@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flax_resnet.errors import FlaxResnetError
-from flax_resnet.recipes import PARALLEL_KINDS, PRECISIONS, Recipe
+from flax_resnet.recipes import BN_SYNC_OFF_KINDS, PARALLEL_KINDS, PRECISIONS, Recipe
 
 __all__ = ["BENCH_QUICK", "SELFTEST_PARTS", "BenchConfig", "ConfigError", "DataConfig", "ModelConfig", "OutputConfig",
            "ParallelConfig", "Preset", "RunConfig", "with_recipe"]
@@ -79,6 +79,11 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.kind not in PARALLEL_KINDS:
             raise ConfigError(f"--parallel must be one of {', '.join(PARALLEL_KINDS)}, got {self.kind!r}.")
+        if not self.bn_sync and self.kind not in ("auto", "single", *BN_SYNC_OFF_KINDS):
+            # jit has one program over the global batch: BatchNorm sees all of it (docs/multi-device.md)
+            raise ConfigError(f"--bn-sync off needs a per-device step: use --parallel "
+                              f"{' or '.join(BN_SYNC_OFF_KINDS)} (--parallel {self.kind} normalises over the "
+                              "global batch).")
         given = [v is not None for v in (self.coordinator, self.num_processes, self.process_id)]
         if any(given) and not all(given):
             raise ConfigError("--coordinator, --num-processes and --process-id go together (or none of them, "

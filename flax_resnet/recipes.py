@@ -8,8 +8,9 @@ from typing import Literal
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 # how the steps run on the devices (flax_resnet.training.parallel.make_runner)
-ParallelKind = Literal["single", "pmap", "shard_map", "auto"]
-PARALLEL_KINDS: tuple[str, ...] = ("auto", "single", "pmap", "shard_map")
+ParallelKind = Literal["auto", "single", "jit", "shard_map", "pmap"]
+PARALLEL_KINDS: tuple[str, ...] = ("auto", "single", "jit", "shard_map", "pmap")
+BN_SYNC_OFF_KINDS: tuple[str, ...] = ("shard_map", "pmap")  # the paths with per-device BatchNorm (--bn-sync off)
 Precision = Literal["fp32", "bf16"]  # flax_resnet.precision applies them (it imports JAX: these are for parsers)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 

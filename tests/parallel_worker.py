@@ -150,6 +150,24 @@ def reference_bn_off(recipe, data, graphdef, state, tx, plan, dtype, num_devices
     return out
 
 
+def hlo_facts(runner, data, state, plan) -> dict:
+    """What the compiler made of the jit runner's training step (read from its compiled HLO): how many
+    all-reduces and all-gathers it has, and the batch dimension of every gather from the uint8 training images."""
+    import re
+
+    import numpy as np
+
+    train = runner.put_data(*data["train"])
+    held, device_plan = runner.put_state(state), runner.put_plan(plan)
+    text = runner.lower_train_step(held, runner.zero_metrics(), train, device_plan, 0, BATCH).compile().as_text()
+    image = f",{IMAGE},{IMAGE},3]"
+    gathers = [int(m.group(1)) for m in re.finditer(r"= u8\[(\d+)(,\d+)*\]\S* gather\(", text)
+               if image in m.group(0)]
+    return {"jit/hlo_all_reduces": np.array(len(re.findall(r" all-reduce(-start)?\(", text))),
+            "jit/hlo_all_gathers": np.array(len(re.findall(r" all-gather(-start)?\(", text))),
+            "jit/hlo_image_gathers": np.array(gathers)}
+
+
 def compare(args) -> None:
     import jax
     import numpy as np
@@ -157,8 +175,10 @@ def compare(args) -> None:
     from flax_resnet.training import parallel
 
     recipe, data, graphdef, state, tx, plan, dtype = setup(args.dtype)
-    out = {"num_devices": np.array(jax.device_count()),
-           "auto_runner": np.array(type(parallel.make_runner("auto", graphdef, tx, recipe, dtype=dtype)).__name__)}
+    out = {"num_devices": np.array(jax.device_count())}
+    for name, bn_sync in (("auto_runner", True), ("auto_runner_off", False)):
+        runner = parallel.make_runner("auto", graphdef, tx, recipe, dtype=dtype, bn_sync=bn_sync)
+        out[name] = np.array(type(runner).__name__)
     for run in args.runs.split(","):
         t0 = time.perf_counter()
         if run == "reference-off":
@@ -167,6 +187,8 @@ def compare(args) -> None:
             kind, _, off = run.partition("-")
             runner = parallel.make_runner(kind, graphdef, tx, recipe, dtype=dtype, bn_sync=not off)
             out.update(train_and_eval(runner, recipe, data, state, plan, dtype, run))
+            if kind == "jit":
+                out.update(hlo_facts(runner, data, state, plan))
         print(f"{run}: {time.perf_counter() - t0:.1f} s", flush=True)
     np.savez(args.out, **out)
 

@@ -52,6 +52,7 @@ def test_the_users_values_win_over_the_preset():
     (["--framework", "torch", "--parallel", "pmap"], ["--parallel", "--framework jax"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
     (["--coordinator", "h:1"], ["--num-processes"]),
+    (["--parallel", "jit", "--bn-sync", "off"], ["--bn-sync off", "shard_map", "pmap"]),
 ])
 def test_settings_that_cannot_go_together_are_a_config_error(argv, words):
     with pytest.raises(ConfigError) as e:

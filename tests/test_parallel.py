@@ -25,7 +25,7 @@ from flax import nnx
 
 from flax_resnet import builders, layers
 from flax_resnet.cli import options
-from flax_resnet.config import ParallelConfig
+from flax_resnet.config import ConfigError, ParallelConfig
 from flax_resnet.data import plan
 from flax_resnet.training import cpu, distributed, engine, parallel
 
@@ -97,7 +97,7 @@ def compare_job(dtype: str, runs: str, devices: int):
 def multihost_job(procs: Procs, tmp: Path) -> list[dict]:
     """Two processes on 127.0.0.1 with two devices each, joined through jax.distributed.initialize."""
     coordinator = f"127.0.0.1:{free_port()}"
-    started = [procs.start(["multihost", "--runs", "shard_map,pmap", "--coordinator", coordinator,
+    started = [procs.start(["multihost", "--runs", "shard_map,pmap,jit", "--coordinator", coordinator,
                             "--num-processes", "2", "--process-id", str(i), "--timeout", "120",
                             "--checkpoint", str(tmp / "checkpoints"), "--out", str(tmp / f"multihost-{i}.npz")], 2)
                for i in range(2)]
@@ -106,10 +106,10 @@ def multihost_job(procs: Procs, tmp: Path) -> list[dict]:
 
 
 JOBS = {  # longest first: they start in this order, two at a time
-    "compare64": compare_job("float64", "single,shard_map,pmap,shard_map-off,reference-off", 8),
+    "compare64": compare_job("float64", "single,jit,shard_map,pmap,shard_map-off,reference-off", 8),
     "multihost": multihost_job,
     "compare32": compare_job("float32", "single,shard_map,pmap", 8),
-    "four_devices": compare_job("float64", "shard_map,pmap", 4),
+    "four_devices": compare_job("float64", "jit,shard_map,pmap", 4),
 }
 
 
@@ -203,11 +203,14 @@ def test_make_runner_rejects_unknown_kind():
         parallel.make_runner("ddp", None, None, None)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kind,bn_sync", [("shard_map", True), ("pmap", False)])
-def test_the_runner_sets_the_bn_axis_once_on_its_own_graph(kind, bn_sync, tiny_dataset, make_recipe, monkeypatch):
+@pytest.mark.parametrize("kind,bn_sync,axis", [("shard_map", True, parallel.AXIS), ("pmap", False, None),
+                                               ("jit", True, None)])
+def test_the_runner_sets_the_bn_axis_once_on_its_own_graph(kind, bn_sync, axis, tiny_dataset, make_recipe,
+                                                           monkeypatch):
     """The graph a data-parallel runner compiles, made by ``put_state``, names ``AXIS`` on every BatchNorm (None
-    per device) and keeps the CPU's conv-input buffers; the caller's model keeps its own. The traced steps take
-    that graph as it is: with the set-up made to fail, they still trace (here on one device, in process)."""
+    per device, and for jit, whose statistics span the sharded global batch) and keeps the CPU's conv-input
+    buffers; the caller's model keeps its own. The traced steps take that graph as it is: with the set-up made to
+    fail, they still trace (here on one device, in process)."""
     recipe = make_recipe("plain-vs-residual", batch_size=16)
     tx = engine.make_optimizer(recipe, steps_per_epoch=4)
     model = builders.build_flax("SimpleResNet", {"n_blocks": 1}, seed=0)
@@ -216,7 +219,7 @@ def test_the_runner_sets_the_bn_axis_once_on_its_own_graph(kind, bn_sync, tiny_d
     held = runner.put_state(state)
     built = engine.merge_model(runner.step_graphdef, state)
     norms = [m for _, m in nnx.iter_modules(built) if isinstance(m, nnx.BatchNorm)]
-    assert norms and {m.axis_name for m in norms} == {parallel.AXIS if bn_sync else None}
+    assert norms and {m.axis_name for m in norms} == {axis}
     assert {type(m) for _, m in nnx.iter_modules(built) if isinstance(m, layers.Conv2d)} == {
         cpu.MaterializedInputConv2d}
     assert {m.axis_name for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)} == {None}
@@ -229,6 +232,17 @@ def test_the_runner_sets_the_bn_axis_once_on_its_own_graph(kind, bn_sync, tiny_d
     device_plan = runner.put_plan(plan.epoch_plan(0, 0, len(tiny_dataset.train_labels)))
     runner.lower_train_step(held, runner.zero_metrics(), data, device_plan, 0, 4)
     runner.lower_eval_step(held, runner.zero_metrics(), data, 0, 4)
+
+
+def test_jit_refuses_bn_sync_off_naming_the_paths_that_have_it():
+    for make in (lambda: ParallelConfig(kind="jit", bn_sync=False),
+                 lambda: parallel.make_runner("jit", None, None, None, bn_sync=False),  # type: ignore[arg-type]
+                 lambda: parallel.JitRunner(None, None, None, bn_sync=False)):  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=r"--bn-sync off.*shard_map or pmap"):
+            make()
+    assert ParallelConfig(kind="auto", bn_sync=False).kind == "auto"  # auto picks a path that has it
+    assert [parallel.auto_kind(n, sync) for n, sync in ((1, True), (1, False), (8, True), (8, False))] == [
+        "single", "single", "jit", "shard_map"]
 
 
 def test_parallel_arguments_parse():
@@ -268,7 +282,7 @@ def test_unreachable_coordinator_fails_in_bounded_time(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ tests: 8 devices
-@pytest.mark.parametrize("run", ["shard_map", "pmap"])
+@pytest.mark.parametrize("run", ["jit", "shard_map", "pmap"])
 def test_matches_single_device_float64(compare64, run):
     assert int(compare64["num_devices"]) == 8
     assert_runs_agree(compare64, run, "single", 1e-10)
@@ -281,9 +295,10 @@ def test_matches_single_device_float32(compare32, run):
 
 def test_eval_is_sharded_padded_and_masked(compare64):
     """Eval batches of 20 on 8 devices are padded to 24; the padding is masked, so each sample counts once."""
-    for run in ("single", "shard_map", "pmap"):
+    for run in ("single", "jit", "shard_map", "pmap"):
         assert compare64[f"{run}/eval_sums"][3] == NUM_TEST
-    assert rel_error(compare64["shard_map/eval_sums"], compare64["single/eval_sums"]) <= 1e-10
+    for run in ("jit", "shard_map"):
+        assert rel_error(compare64[f"{run}/eval_sums"], compare64["single/eval_sums"]) <= 1e-10
 
 
 def test_bn_sync_off_is_per_device_and_keeps_device0_statistics(compare64):
@@ -296,13 +311,23 @@ def test_bn_sync_off_is_per_device_and_keeps_device0_statistics(compare64):
 
 
 def test_step_with_indivisible_batch_is_refused(compare64):
-    for run in ("shard_map", "pmap", "shard_map-off"):
+    for run in ("jit", "shard_map", "pmap", "shard_map-off"):
         message = str(compare64[f"{run}/odd_batch_error"])
         assert "9 samples does not split evenly across 8 devices" in message
 
 
-def test_auto_picks_shard_map_on_several_devices(compare64):
-    assert str(compare64["auto_runner"]) == "ShardMapRunner"
+def test_auto_picks_jit_on_several_devices_and_shard_map_for_bn_sync_off(compare64):
+    assert (str(compare64["auto_runner"]), str(compare64["auto_runner_off"])) == ("JitRunner", "ShardMapRunner")
+
+
+def test_jit_step_gathers_each_devices_share_and_all_reduces(compare64):
+    """The compiled jit step (8 devices, batch 32) gathers 4 images per device from the resident split, never the
+    whole batch, has the all-reduces the compiler inserted (BatchNorm statistics, loss, gradients, metrics) and
+    no all-gather (the CPU's conv-input buffers are kept per device: cpu.MaterializedInputConv2d)."""
+    gathers = compare64["jit/hlo_image_gathers"]
+    assert len(gathers) and set(gathers.tolist()) == {32 // 8}, gathers
+    assert int(compare64["jit/hlo_all_reduces"]) > 0
+    assert int(compare64["jit/hlo_all_gathers"]) == 0
 
 
 # ------------------------------------------------------------------------------------------ tests: 2 hosts
@@ -310,6 +335,6 @@ def test_two_processes_match_one_process_with_four_devices(multihost, four_devic
     for rank, result in enumerate(multihost):
         assert (int(result["num_devices"]), int(result["local_devices"])) == (4, 2)
         assert bool(result["is_main"]) == (rank == 0)
-        for run in ("shard_map", "pmap"):
+        for run in ("jit", "shard_map", "pmap"):
             assert_runs_agree(four_devices, run, run, 1e-10, other=result)
             assert float(result[f"{run}/checkpoint_error"]) == 0.0  # saved once, restored by both

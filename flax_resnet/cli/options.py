@@ -175,13 +175,15 @@ OPTIONS: dict[str, Option] = {
     "image_size": Option(("--image-size",), DATA_GROUP, "side of the generated images (synthetic data, verify's "
                          "batch; default 32); smaller is faster", {"type": number(int, minimum=8), "metavar": "PX"}),
     # devices and hosts
-    "parallel": Option(("--parallel",), HOSTS, "how steps run: 'single' one device with jax.jit; 'shard_map' "
-                       "jax.jit + jax.shard_map over a mesh of all devices; 'pmap' the same step with jax.pmap; "
-                       "'auto' (default) shard_map when more than one device is visible, else single. A global "
-                       "batch is split evenly across all devices: results equal a one-device run",
+    "parallel": Option(("--parallel",), HOSTS, "how steps run: 'single' one device with jax.jit; 'jit' one "
+                       "jax.jit over a mesh of all devices, the batch sharded (JAX's recommended path); 'shard_map' "
+                       "jax.jit + jax.shard_map of a per-device step; 'pmap' that step with jax.pmap; 'auto' "
+                       "(default) jit when more than one device is visible (shard_map with --bn-sync off), else "
+                       "single. A global batch is split evenly across all devices: results equal a one-device run",
                        {"choices": PARALLEL_KINDS}),
     "bn_sync": Option(("--bn-sync",), HOSTS, "'on' (default): BatchNorm statistics over the whole global batch, as "
-                      "one device computes them; 'off': per-device statistics, like torch DDP without SyncBatchNorm",
+                      "one device computes them; 'off': per-device statistics, like torch DDP without SyncBatchNorm "
+                      "(shard_map, pmap)",
                       {"choices": ("on", "off")}),
     "coordinator": Option(("--coordinator",), HOSTS, "multi-host: address of process 0, where it serves the JAX "
                           "coordinator; give it, --num-processes and --process-id to every process, or none of them "

@@ -30,6 +30,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from flax_resnet import layers
 
@@ -102,15 +104,27 @@ _materialize.defvjp(lambda x: (_materialize(x), None), lambda _, g: (g,))
 
 
 class MaterializedInputConv2d(layers.Conv2d):
-    """``layers.Conv2d`` whose input is kept as a buffer (see the module docstring); same numbers."""
+    """``layers.Conv2d`` whose input is kept as a buffer (see the module docstring); same numbers. With
+    ``batch_mesh`` (a mesh whose first axis shards the batch), the identity gather runs per device under
+    ``jax.shard_map``: left to the SPMD partitioner, its replicated indices make it all-gather every convolution's
+    input (7 all-gathers of activations in a SimpleResNet(1) step on 8 devices, read from the compiled HLO)."""
+
+    batch_mesh: Mesh | None = None
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        return super().__call__(_materialize(inputs), out_sharding=out_sharding)
+        if self.batch_mesh is None:
+            return super().__call__(_materialize(inputs), out_sharding=out_sharding)
+        spec = P(self.batch_mesh.axis_names[0])
+        kept = jax.shard_map(_materialize, mesh=self.batch_mesh, in_specs=spec, out_specs=spec)(inputs)
+        return super().__call__(kept, out_sharding=out_sharding)
 
 
-def materialize_conv_inputs(model: nnx.Module) -> None:
+def materialize_conv_inputs(model: nnx.Module, batch_mesh: Mesh | None = None) -> None:
     """Make every ``layers.Conv2d`` of ``model`` a ``MaterializedInputConv2d``, in place: the runners call it once,
-    on their own copy of the model (``runners.Runner.put_state``), never on the caller's."""
+    on their own copy of the model (``runners.Runner.put_state``), never on the caller's. ``batch_mesh``: the
+    mesh over which a ``jax.jit`` step shards the batch (``parallel.JitRunner``)."""
     for _, module in nnx.iter_modules(model):
         if type(module) is layers.Conv2d:
             module.__class__ = MaterializedInputConv2d
+            if batch_mesh is not None:
+                module.batch_mesh = batch_mesh

@@ -1,12 +1,14 @@
-"""Data parallelism: one per-device step of ``flax_resnet.training.engine``, run on many devices (and hosts) two ways
-(docs/multi-device.md): ``ShardMapRunner`` (``jax.jit`` + ``jax.shard_map`` over a 1-D mesh) and
-``PmapRunner`` (``jax.pmap``, in maintenance since JAX 0.8), the step's collectives named by one axis, ``AXIS``.
+"""Data parallelism on many devices (and hosts), three ways (docs/multi-device.md): ``JitRunner`` (one ``jax.jit``
+over global arrays with ``NamedSharding``: the batch sharded over a 1-D ``data`` mesh, the compiler inserts the
+collectives; JAX's recommended path), and one per-device step of ``flax_resnet.training.engine`` with its
+collectives named by one axis, ``AXIS``, under ``ShardMapRunner`` (``jax.jit`` + ``jax.shard_map``) or
+``PmapRunner`` (``jax.pmap``, in maintenance since JAX 0.8).
 
 Every device holds the whole uint8 split and gathers its own contiguous share of each global batch; eval batches are
-padded up to a multiple of the device count and the padding masked out. With ``bn_sync=False`` the runner broadcasts
-device 0's BatchNorm statistics after each step (DDP broadcasts rank 0's before each forward pass), so what is
-checkpointed and evaluated is what rank 0 of a DDP run would have. Multi-host: the mesh spans all processes' devices,
-grouped by process; each process puts the same (seeded) state and data.
+padded up to a multiple of the device count and the padding masked out. With ``bn_sync=False`` (shard_map, pmap)
+the runner broadcasts device 0's BatchNorm statistics after each step (DDP broadcasts rank 0's before each forward
+pass), so what is checkpointed and evaluated is what rank 0 of a DDP run would have. Multi-host: the mesh spans all
+processes' devices, grouped by process; each process puts the same (seeded) state and data.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_resnet.config import ParallelConfig
+from flax_resnet.config import ConfigError, ParallelConfig
+from flax_resnet.data.plan import EpochPlan
 from flax_resnet.dtypes import is_prng_key
 from flax_resnet.errors import FlaxResnetError
-from flax_resnet.recipes import PARALLEL_KINDS, ParallelKind, Recipe
-from flax_resnet.training import engine
+from flax_resnet.recipes import BN_SYNC_OFF_KINDS, PARALLEL_KINDS, ParallelKind, Recipe
+from flax_resnet.training import cpu, engine
 from flax_resnet.training.engine import TrainState
 from flax_resnet.training.runners import (
     Runner,
@@ -220,22 +223,85 @@ class PmapRunner(_DataParallel):
         return jax.tree.map(lambda x: _via_key_data(unstack, x), super().get_state(state))
 
 
+class JitRunner(_DataParallel):
+    """One ``jax.jit`` step over global arrays: the state replicated on a 1-D ``data`` mesh, each batch sharded
+    over it. The step is the one-device step (``engine.train_step`` with no axis name): XLA's SPMD partitioner
+    splits forward and backward by batch and inserts the collectives, so BatchNorm normalises over the global
+    batch with no axis name, as one device does (``bn_sync=False`` is refused: ``ParallelConfig``).
+
+    The batch is sharded where it is made: the window of the epoch plan it comes from (sample indices, crop
+    offsets, flips) is constrained to ``P('data')`` before the gather, so each device gathers, augments and
+    normalises only its own share from the resident split. Read from the compiled HLO of a training step of
+    SimpleResNet(1), 8 simulated CPU devices, batch 32 (tests/test_parallel.py checks it): HLO_FINDINGS.
+
+    Several processes: the data split is resident on every device (as for shard_map and pmap) and every
+    process holds the same epoch plan, so the rows of the global batch a device gathers come from its own
+    process's copy: each process feeds exactly its own part of the global batch and no image crosses processes,
+    which is what ``jax.make_array_from_process_local_data`` of per-process batches would give, without a host
+    copy per step (the cost is the whole uint8 split on every device, 150 MB for CIFAR-10).
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe, dtype=jnp.float32,
+                 bn_sync: bool = True, devices: Sequence[jax.Device] | None = None):
+        ParallelConfig(kind="jit", bn_sync=bn_sync)  # the one rule: per-device statistics need a per-device step
+        super().__init__(graphdef, tx, recipe, dtype, bn_sync, devices)
+        self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+
+    def _set_up(self, model: nnx.Module) -> None:
+        """The platform's speed measures; no axis name on BatchNorm: the global batch's statistics come from the
+        sharding (a mean over a sharded axis is an all-reduce)."""
+        if self.platform == "cpu":
+            cpu.materialize_conv_inputs(model, batch_mesh=self.mesh)
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.BatchNorm):
+                module.axis_name = None
+
+    def _shard(self, tree):
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding), tree)
+
+    def _train_impl(self, state, metrics, data, plan, start, *, size):
+        window = EpochPlan(*self._shard([jax.lax.dynamic_slice_in_dim(x, start, size) for x in plan]))
+        images, labels = self._shard(gather_batch(data, window, 0, size, self.recipe, self.dtype))
+        state, step_metrics = engine.train_step(self.step_graphdef, self.tx, state, images, labels)
+        return state, metrics + step_metrics
+
+    def _eval_impl(self, state, metrics, data, start, *, size):
+        padded = -(-size // self.num_devices) * self.num_devices  # a multiple of the devices, padding masked out
+        images, labels, mask = self._shard(gather_eval_batch(data, start, padded, self.recipe, self.dtype))
+        mask = mask & (jnp.arange(padded) < size)
+        return metrics + engine.eval_step(self.step_graphdef, state, images, labels, mask)
+
+    def _wrap(self, fn, train: bool, donate_argnums):
+        # the state and metric sums come back replicated, where put_state put them: the next step reuses this
+        # executable and the donated buffers
+        return jax.jit(fn, out_shardings=self.replicated, donate_argnums=donate_argnums)
+
+
 def make_runner(kind: ParallelKind, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, recipe: Recipe, *,
                 dtype=jnp.float32, bn_sync: bool = True, devices: Sequence[jax.Device] | None = None) -> Runner:
-    """The runner for ``kind`` on ``devices`` (default: ``default_devices()``); ``'auto'`` is shard_map when more
-    than one device is present, else single."""
+    """The runner for ``kind`` on ``devices`` (default: ``default_devices()``); ``'auto'`` is ``auto_kind``'s
+    choice. A kind that cannot have ``bn_sync`` (jit without it) is a ``ConfigError`` naming those that can."""
     if kind not in PARALLEL_KINDS:
         raise ValueError(f"unknown parallel kind {kind!r}; choose from {', '.join(PARALLEL_KINDS)}")
+    ParallelConfig(kind=kind, bn_sync=bn_sync)  # the rules between kind and bn_sync, as the command line has them
     devices = list(devices) if devices is not None else default_devices()
     if kind == "auto":
-        kind = "shard_map" if len(devices) > 1 else "single"
+        kind = auto_kind(len(devices), bn_sync)
     if kind == "single":
         if jax.process_count() > 1:
-            raise ValueError("--parallel single runs on one device of one process; with several processes "
-                             "use shard_map or pmap")
+            raise ConfigError("--parallel single runs on one device of one process; with several processes "
+                              "use jit, shard_map or pmap.")
         return SingleDeviceRunner(graphdef, tx, recipe, dtype=dtype, device=devices[0])
-    cls = ShardMapRunner if kind == "shard_map" else PmapRunner
+    cls = {"jit": JitRunner, "shard_map": ShardMapRunner, "pmap": PmapRunner}[kind]
     return cls(graphdef, tx, recipe, dtype=dtype, bn_sync=bn_sync, devices=devices)
+
+
+def auto_kind(num_devices: int, bn_sync: bool = True) -> ParallelKind:
+    """What ``--parallel auto`` runs: single on one device; on several, jit, JAX's recommended data-parallel path,
+    AUTO_REASON; shard_map when ``bn_sync`` is off (per-device statistics need a per-device step)."""
+    if num_devices == 1:
+        return "single"
+    return "jit" if bn_sync else "shard_map"
 
 
 def runner_factory(config: ParallelConfig) -> Callable[..., Runner]:
@@ -244,5 +310,5 @@ def runner_factory(config: ParallelConfig) -> Callable[..., Runner]:
     return functools.partial(make_runner, config.kind, bn_sync=config.bn_sync)
 
 
-__all__ = ["AXIS", "PARALLEL_KINDS", "ParallelKind", "PmapRunner", "ShardMapRunner", "default_devices", "make_runner",
-           "runner_factory", "validate_batch_sizes", "BatchSizeError"]
+__all__ = ["AXIS", "PARALLEL_KINDS", "BN_SYNC_OFF_KINDS", "ParallelKind", "JitRunner", "PmapRunner", "ShardMapRunner",
+           "auto_kind", "default_devices", "make_runner", "runner_factory", "validate_batch_sizes", "BatchSizeError"]

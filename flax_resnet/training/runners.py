@@ -1,7 +1,7 @@
 """How the pure steps of ``flax_resnet.training.engine`` are run: the interface the training loop talks to.
 
 A runner owns placement and compilation; the loop asks it for "the step at positions [start, start + size) of this
-epoch plan" and never touches devices itself, so one loop serves one device, ``pmap`` and ``shard_map``
+epoch plan" and never touches devices itself, so one loop serves one device and the three data-parallel runners
 (``parallel``). Everything a step needs stays on the device (the whole uint8 split, the epoch plan, the metric
 sums): the host only dispatches, and reads metrics once per epoch.
 """
