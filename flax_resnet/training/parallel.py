@@ -231,8 +231,11 @@ class JitRunner(_DataParallel):
 
     The batch is sharded where it is made: the window of the epoch plan it comes from (sample indices, crop
     offsets, flips) is constrained to ``P('data')`` before the gather, so each device gathers, augments and
-    normalises only its own share from the resident split. Read from the compiled HLO of a training step of
-    SimpleResNet(1), 8 simulated CPU devices, batch 32 (tests/test_parallel.py checks it): HLO_FINDINGS.
+    normalises only its own share from the resident split. Read from the compiled HLO of a float64 training step
+    of SimpleResNet(1), 8 simulated CPU devices, batch 32 (tests/test_parallel.py checks it): the uint8 image
+    gathers take 4 rows per device (``u8[4,1,8,8,3]``), never 32; there are 34 all-reduces (BatchNorm's batch
+    sums forward and backward, the loss, the gradients and the metric sums; XLA packs some into tuples) and no
+    all-gather, once the CPU's conv-input buffers are kept per device (``cpu.MaterializedInputConv2d``).
 
     Several processes: the data split is resident on every device (as for shard_map and pmap) and every
     process holds the same epoch plan, so the rows of the global batch a device gathers come from its own
@@ -297,10 +300,14 @@ def make_runner(kind: ParallelKind, graphdef: nnx.GraphDef, tx: optax.GradientTr
 
 
 def auto_kind(num_devices: int, bn_sync: bool = True) -> ParallelKind:
-    """What ``--parallel auto`` runs: single on one device; on several, jit, JAX's recommended data-parallel path,
-    AUTO_REASON; shard_map when ``bn_sync`` is off (per-device statistics need a per-device step)."""
+    """What ``--parallel auto`` runs: single on one device; on several, jit, or shard_map when ``bn_sync`` is off
+    (per-device statistics need a per-device step)."""
     if num_devices == 1:
         return "single"
+    # jit: JAX's recommended data-parallel path, and not slower within noise. benchmarks/parallel_kinds.py
+    # (BENCHMARKS.md, "Data-parallel paths"), SimpleResNet(1), batch 64, 2-core Xeon at load 7: median ms/step
+    # jit / shard_map / pmap 208 / 207 / 206 on 2 simulated devices, 142 / 135 / 130 on 8, with rounds spread
+    # over 120-270 ms. No GPU figures yet.
     return "jit" if bn_sync else "shard_map"
 
 
