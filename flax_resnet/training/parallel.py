@@ -230,12 +230,14 @@ class JitRunner(_DataParallel):
     batch with no axis name, as one device does (``bn_sync=False`` is refused: ``ParallelConfig``).
 
     The batch is sharded where it is made: the window of the epoch plan it comes from (sample indices, crop
-    offsets, flips) is constrained to ``P('data')`` before the gather, so each device gathers, augments and
-    normalises only its own share from the resident split. Read from the compiled HLO of a float64 training step
-    of SimpleResNet(1), 8 simulated CPU devices, batch 32 (tests/test_parallel.py checks it): the uint8 image
-    gathers take 4 rows per device (``u8[4,1,8,8,3]``), never 32; there are 34 all-reduces (BatchNorm's batch
-    sums forward and backward, the loss, the gradients and the metric sums; XLA packs some into tuples) and no
-    all-gather, once the CPU's conv-input buffers are kept per device (``cpu.MaterializedInputConv2d``).
+    offsets, flips) and the batch are constrained to ``P('data')``, so each device gathers, augments and
+    normalises only its own share from the resident split (on the CPU the per-device conv-input buffers below
+    would shard it too; without either, the step would run replicated). Read from the compiled HLO of a float64
+    training step of SimpleResNet(1), 8 simulated CPU devices, batch 32 (tests/test_parallel.py checks it): the
+    uint8 image gathers take 4 rows per device (``u8[4,1,8,8,3]``), never 32; there are 34 all-reduces
+    (BatchNorm's batch sums forward and backward, the loss, the gradients and the metric sums; XLA packs some
+    into tuples) and no all-gather, once the CPU's conv-input buffers are kept per device
+    (``cpu.MaterializedInputConv2d``).
 
     Several processes: the data split is resident on every device (as for shard_map and pmap) and every
     process holds the same epoch plan, so the rows of the global batch a device gathers come from its own
