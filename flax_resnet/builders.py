@@ -12,8 +12,8 @@ from flax import nnx
 
 from flax_resnet import models
 from flax_resnet.errors import require
-from flax_resnet.port import torch_keys, torch_shapes
-from flax_resnet.registry import MODEL_ARGS, MODELS, get_spec, model_kwargs
+from flax_resnet.port import torch_shapes
+from flax_resnet.registry import MODEL_ARGS, MODELS, constructor_call, get_spec, model_kwargs
 
 __all__ = ["build_flax", "build_flax_to_fill", "build_torch", "infer_model"]
 
@@ -76,9 +76,12 @@ def infer_model(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     from its keys.
 
     Compares keys and shapes with each candidate built abstractly (``nnx.eval_shape``). A variant with another
-    model's weights (ResNet18Dropout) is not a separate answer. ``ValueError`` when none or several fit.
+    model's weights (ResNet18Dropout) is not a separate answer. ``ValueError`` when none or several fit; when none
+    does, it names the nearest (most keys in common) and how the weights differ from it (a key too many or too few,
+    a ``num_batches_tracked`` missing), as the misfit is most often a small edit of a registered model's weights.
     """
     matches: list[tuple[str, dict[str, Any]]] = []
+    nearest: tuple[int, str, str] | None = None  # (keys in common, model, how the weights differ)
     for name, spec in MODELS.items():
         try:
             kwargs = model_kwargs(name, {a: MODEL_ARGS[a].from_keys(state_dict) for a in spec.args
@@ -86,13 +89,33 @@ def infer_model(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         except ValueError:  # keys of another model: no blocks where this one has them
             continue
         abstract = nnx.eval_shape(lambda name=name, kwargs=kwargs: build_flax(name, kwargs))
-        if set(torch_keys(abstract)) == set(state_dict) and all(
-                tuple(state_dict[key].shape) == shape for key, shape in torch_shapes(abstract).items()):
+        shapes = torch_shapes(abstract)
+        if set(shapes) == set(state_dict) and all(tuple(getattr(state_dict[key], "shape", ())) == shape
+                                                  for key, shape in shapes.items()):
             matches.append((name, kwargs))
+        common = len(set(shapes) & set(state_dict))
+        if nearest is None or common > nearest[0]:
+            nearest = (common, constructor_call(name, kwargs), _difference(state_dict, shapes))
     names = {name for name, _ in matches}
     matches = [(n, k) for n, k in matches if MODELS[n].same_weights_as not in names]
     if len(matches) != 1:
         found = "none of them" if not matches else "several: " + ", ".join(n for n, _ in matches)
+        near = (f" The nearest is {nearest[1]}, from which they differ: {nearest[2]}."
+                if not matches and nearest is not None and nearest[0] else "")
         raise ValueError(f"cannot tell which model these weights belong to ({found} of {', '.join(MODELS)} fit); "
-                         "name it with --model")
+                         f"name it with --model.{near}")
     return matches[0]
+
+
+def _difference(state_dict: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], listed: int = 3) -> str:
+    """How ``state_dict`` differs from a model's keys and ``shapes``, briefly: a few names of each kind."""
+    def some(keys: list[Any]) -> str:
+        return ", ".join(map(str, keys[:listed])) + (f" and {len(keys) - listed} more" if len(keys) > listed else "")
+
+    missing = [k for k in shapes if k not in state_dict]
+    extra = [k for k in state_dict if k not in shapes]
+    resized = [k for k in shapes if k in state_dict and tuple(getattr(state_dict[k], "shape", ())) != shapes[k]]
+    parts = ([f"{len(missing)} key(s) missing ({some(missing)})"] if missing else []) + (
+        [f"{len(extra)} key(s) more ({some(extra)})"] if extra else []) + (
+        [f"{len(resized)} of another shape ({some(resized)})"] if resized else [])
+    return "; ".join(parts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["EXTRAS", "FlaxResnetError", "installed", "missing_extra", "require"]
+__all__ = ["EXTRAS", "FlaxResnetError", "Note", "installed", "missing_extra", "require"]
 
 # optional module -> the pip extra that installs it (pyproject.toml's [project.optional-dependencies])
 EXTRAS: dict[str, str] = {"torch": "torch", "tensorflow_datasets": "data", "PIL": "data",
@@ -19,6 +19,11 @@ EXTRAS: dict[str, str] = {"torch": "torch", "tensorflow_datasets": "data", "PIL"
 
 class FlaxResnetError(Exception):
     """A failure the user can fix; the message says how."""
+
+
+class Note(UserWarning):
+    """Something done on the user's behalf that they should know of (weights unwrapped or cast): a warning, so a
+    caller can filter it; the command line prints it as one ``note:`` line."""
 
 
 def installed(module: str) -> bool:

@@ -295,5 +295,9 @@ def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
     require("torch", "to_torch_state_dict (to_numpy_state_dict needs no torch)")
     import torch
 
-    # torch.from_numpy, not ascontiguousarray: that makes 0-d arrays 1-d
-    return OrderedDict((k, torch.from_numpy(v)) for k, v in to_numpy_state_dict(model).items())
+    def tensor(array: np.ndarray) -> Any:  # torch.from_numpy, not ascontiguousarray: that makes 0-d arrays 1-d
+        if array.dtype.name == "bfloat16":  # NumPy's bfloat16 (ml_dtypes) is no dtype torch reads: the same bits
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+
+    return OrderedDict((k, tensor(v)) for k, v in to_numpy_state_dict(model).items())

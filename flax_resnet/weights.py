@@ -3,7 +3,10 @@
 A source is a torch ``state_dict`` mapping (torch tensors or NumPy arrays), a ``.safetensors`` file (read with NumPy:
 no torch needed), a torch file (``.pt``, loaded with ``weights_only=True``: a pickle that would run code is refused),
 or a checkpoint directory of either framework (a run's ``--out``, a store directory, a ``port`` output), read once
-and digest-checked by the store. ``load`` fills a model you built; ``load_model`` builds the registered model the
+and digest-checked by the store. A file is read as its first bytes say, whatever its name; a state_dict inside a
+``{'state_dict': ...}`` or ``{'model': ...}`` wrapper, or with DataParallel's ``module.`` key prefix, is unwrapped,
+and bfloat16 or float16 values are cast to the model's dtype, each with a ``Note`` warning (the command line prints
+it as a ``note:`` line). ``load`` fills a model you built; ``load_model`` builds the registered model the
 source records or fits; ``save`` writes a file or a checkpoint directory, by the destination's name (``_form``).
 Misfits are one error naming what differs (and the model options that fit, if a registered model does); the model
 is then unchanged. ``train --init-from``, ``port``, ``verify``, ``landscape`` and ``compare`` go through here.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,28 +30,74 @@ from flax import nnx
 
 from flax_resnet import _codecs, builders, files, port, registry
 from flax_resnet.dtypes import cast_floating
-from flax_resnet.errors import FlaxResnetError, require
+from flax_resnet.errors import FlaxResnetError, Note, require
 from flax_resnet.port import PortError
 from flax_resnet.store import CheckpointError, CheckpointStore, resolve
 
-__all__ = ["Source", "load", "load_model", "read_meta", "save"]
+__all__ = ["Source", "destination_form", "load", "load_model", "read_meta", "save"]
 
 Source = Mapping[str, Any] | str | os.PathLike[str]
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save's usual names (.bin: Hugging Face's pytorch_model.bin)
+HALF_DTYPES = ("bfloat16", "float16")
+_WRAPPERS = ("state_dict", "model")  # {'state_dict': ...} (Lightning and many scripts), {'model': ...} (a training
+_PREFIX = "module."  # checkpoint, this project's torch trainer too); torch.nn.DataParallel's key prefix
 
 
-def _form(path: Path) -> Literal["safetensors", "torch", "checkpoint"]:
-    """The one place that tells what a path holds, for reading and for writing: an existing directory is a
-    checkpoint; then a ``.safetensors`` name, a torch name (or any other existing file: torch.save's own
-    choice of name); anything else is a checkpoint directory to create."""
+def _note(message: str) -> None:
+    """How weights were read where it was not as given (a wrapper unwrapped, a prefix removed, half precision cast):
+    a ``Note`` warning, which the command line prints as a ``note:`` line."""
+    warnings.warn(message, Note, stacklevel=4)
+
+
+Form = Literal["safetensors", "torch", "checkpoint"]
+_FILE_FORMS: dict[str, Form] = {SAFETENSORS_SUFFIX: "safetensors", **{s: "torch" for s in TORCH_SUFFIXES}}
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"  # torch.save's zip file; its legacy format, a pickle (protocol 2+)
+
+
+def _form(path: Path, *, writing: bool = False) -> Form:
+    """The one place that tells what a path holds, for reading and for writing. An existing directory is a
+    checkpoint. An existing file is read as its first bytes say (a safetensors header, a torch zip or pickle:
+    ``W.SAFETENSORS`` or a safetensors file named ``.pt`` is read as what it is), whatever its name; one they do
+    not tell is read by its name, a torch file unless it is named ``.safetensors``. Anything else (and every file
+    to write: an existing file's content does not choose what replaces it) goes by its suffix, any case
+    (``destination_form``)."""
     if path.is_dir():
         return "checkpoint"
-    if path.suffix == SAFETENSORS_SUFFIX:
-        return "safetensors"
-    if path.suffix in TORCH_SUFFIXES or path.is_file():
-        return "torch"
+    if not writing and path.is_file():
+        return _sniff(path) or _FILE_FORMS.get(path.suffix.lower(), "torch")
+    return destination_form(path)
+
+
+def destination_form(path: str | os.PathLike[str]) -> Form:
+    """What ``save`` writes at ``path``: an existing directory, or a name without suffix, a checkpoint directory;
+    ``.safetensors`` (any case) a safetensors file, ``.pt``/``.pth``/``.bin`` a torch file. Another suffix
+    (``x.safetensor``) is refused: it would otherwise become a checkpoint directory of that name."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return "checkpoint"
+    suffix = path.suffix.lower()
+    if suffix in _FILE_FORMS:
+        return _FILE_FORMS[suffix]
+    if suffix and not suffix[1:].isdigit():  # 'run-1.5' is a directory name, 'w.safetensor' a mistyped file
+        raise PortError(f"{path}: the suffix {path.suffix!r} names no weights format; end the name in .safetensors "
+                        f"or {'/'.join(TORCH_SUFFIXES)} for a file, or drop the suffix for a checkpoint directory.")
     return "checkpoint"
+
+
+def _sniff(path: Path) -> Form | None:
+    """The form a file's first bytes show, or None: safetensors (an 8-byte little-endian header length, then the
+    JSON header's '{'), torch (a zip file, or a pickle: torch.save's legacy format)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None  # the reader says why
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return "safetensors"
+    if head.startswith((_ZIP, _PICKLE)):
+        return "torch"
+    return None
 
 
 def _existing(source: str | os.PathLike[str]) -> Path:
@@ -75,14 +125,35 @@ def read_meta(source: Source, step: int | None = None) -> dict[str, Any]:
     return CheckpointStore(resolve(path)).read_meta(step) if _form(path) == "checkpoint" else {}
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    """A state_dict from a file: ``.safetensors`` as NumPy arrays (no torch needed), otherwise a torch file."""
+def _read_file(path: Path) -> Mapping[str, Any]:
+    """A state_dict from a file (unwrapped, ``_unwrapped``): a safetensors file as NumPy arrays (no torch needed),
+    otherwise a torch file."""
     if _form(path) == "safetensors":
         try:
-            return safetensors.numpy.load_file(path)
+            state_dict = safetensors.numpy.load_file(path)
         except Exception as e:  # noqa: BLE001 - safetensors reports a damaged file as assorted errors
             raise PortError(f"cannot read {path} as a safetensors file: {' '.join(str(e).split())[:300]}") from e
-    return _read_torch_file(path)
+    else:
+        state_dict = _read_torch_file(path)
+    return _unwrapped(state_dict, str(path))
+
+
+def _unwrapped(state_dict: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    """The state_dict inside the wrappers torch tooling writes and reads without a word: a ``{'state_dict': ...}``
+    or ``{'model': ...}`` dict (a training checkpoint), keys prefixed ``module.`` (``torch.nn.DataParallel``);
+    each removal is a ``Note``."""
+    inner, keys = state_dict, []
+    while key := next((k for k in _WRAPPERS if isinstance(inner.get(k), Mapping)), None):
+        inner = inner[key]
+        keys.append(key)
+    if keys:
+        left = sorted(str(k) for k in state_dict if k != keys[0])
+        _note(f"{what}: read the weights in {''.join(f'[{k!r}]' for k in keys)}"
+              + (f", leaving {', '.join(left[:4])}" if left else ""))
+    if inner and all(isinstance(k, str) and k.startswith(_PREFIX) for k in inner):
+        inner = {k[len(_PREFIX):]: v for k, v in inner.items()}
+        _note(f"{what}: removed the {_PREFIX!r} prefix of every key (torch.nn.DataParallel's)")
+    return inner
 
 
 def _read_torch_file(path: Path) -> dict[str, Any]:
@@ -91,7 +162,8 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     import torch
 
     try:  # weights_only: tensors and plain containers only; unpickling anything else could run code
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:  # a file object: torch.load reads a *.safetensors path as safetensors
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
         what = " ".join(found.group(1).split()) if found else "objects other than tensors"
@@ -104,8 +176,6 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
         if not zipfile.is_zipfile(path):
             why = f"not a complete file written by torch.save ({type(e).__name__}: {why})"
         raise PortError(f"cannot read {path} as a torch file: {why}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
-        obj = obj["model"]
     if not isinstance(obj, dict):
         raise PortError(f"{path} holds a {type(obj).__name__}, not a state_dict (tensor names to tensors): save "
                         "the model's state_dict() instead.")
@@ -140,20 +210,39 @@ def _weights_hint(state_dict: Mapping[str, Any], model: Any) -> str:
     return f"\nThese look like the weights of {other[0]}: pass {_model_flags(*other)}."
 
 
+def _dtype_name(value: Any) -> str:
+    return str(getattr(value, "dtype", "")).removeprefix("torch.")
+
+
+def _model_dtype(model: Any, is_flax: bool) -> str:
+    """The dtype of the model's first parameter ('' without parameters)."""
+    arrays = jax.tree.leaves(nnx.state(model, nnx.Param)) if is_flax else list(model.parameters())
+    return _dtype_name(arrays[0]) if arrays else ""
+
+
 def _fill(model: Any, state_dict: Mapping[str, Any], what: str) -> None:
-    """``model`` (Flax or torch) given a torch-layout ``state_dict``; a misfit is one ``PortError``."""
+    """``model`` (Flax or torch) given a torch-layout ``state_dict``; a misfit is one ``PortError``. Half-precision
+    values (bfloat16, float16) are cast to the model's dtype, with a ``Note``: float32 holds each exactly."""
+    is_flax = _is_flax(model)
+    dtype = _model_dtype(model, is_flax)
+    halves = sorted({_dtype_name(v) for v in state_dict.values()} & set(HALF_DTYPES) - {dtype})
     try:
-        if _is_flax(model):
+        if is_flax:
             port.load_torch_state_dict(model, state_dict)
         else:
             import torch
 
+            def tensor(value: Any) -> Any:  # torch reads no NumPy bfloat16 (ml_dtypes'): widened first, exactly
+                return torch.as_tensor(value.astype(np.float32) if _dtype_name(value) == "bfloat16" else value)
+
             try:
-                model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
+                model.load_state_dict({k: tensor(v) for k, v in state_dict.items()}, strict=True)
             except RuntimeError as e:  # torch's report of a misfit
                 raise PortError(f"{what} does not fit {type(model).__name__}: {e}") from e
     except PortError as e:
         raise PortError(f"{e}{_weights_hint(state_dict, model)}") from e
+    if halves:
+        _note(f"{what} holds {' and '.join(halves)} weights: loaded cast to the model's {dtype}")
 
 
 def _template(model: nnx.Module) -> dict[str, nnx.State]:
@@ -201,7 +290,7 @@ def load(source: Source, model: Any, *, step: int | None = None) -> dict[str, An
     Flax checkpoint must match a Flax model exactly. A misfit raises ``PortError`` or ``CheckpointError`` and
     changes nothing."""
     if isinstance(source, Mapping):
-        _fill(model, source, "the state_dict")
+        _fill(model, _unwrapped(source, "the state_dict"), "the state_dict")
         return {}
     path = _existing(source)
     if _form(path) != "checkpoint":
@@ -213,6 +302,14 @@ def load(source: Source, model: Any, *, step: int | None = None) -> dict[str, An
     else:
         _fill(model, _torch_layout(arrays, meta, path), str(path))
     return meta
+
+
+def _infer(state_dict: Mapping[str, Any], what: str) -> tuple[str, dict[str, Any]]:
+    """The registered model ``state_dict`` fits (``builders.infer_model``); none or several: one ``PortError``."""
+    try:
+        return builders.infer_model(state_dict)
+    except ValueError as e:
+        raise PortError(f"{what}: {e}") from e
 
 
 def _build(framework: str, name: str, kwargs: Mapping[str, Any], seed: int, fills: str | None) -> Any:
@@ -244,14 +341,15 @@ def load_model(source: Source | None, framework: str, *, model: tuple[str, Mappi
         return _build(framework, *model, seed, fills=None), model[0], dict(model[1])
     meta: dict[str, Any] = {}
     state_dict: Mapping[str, Any] | None = None
+    what = "the state_dict" if isinstance(source, Mapping) else str(source)
     if isinstance(source, Mapping):
-        state_dict = source
+        state_dict = _unwrapped(source, what)
     elif _form(path := _existing(source)) == "checkpoint":
         meta = read_meta(path, step)
     else:
         state_dict = _read_file(path)
     if state_dict is not None:
-        name, kwargs = model or builders.infer_model(state_dict)
+        name, kwargs = model or _infer(state_dict, what)
     else:
         recorded = meta.get("model"), meta.get("model_kwargs") or {}
         name, kwargs = model or recorded
@@ -265,7 +363,10 @@ def load_model(source: Source | None, framework: str, *, model: tuple[str, Mappi
                  else "flax")
     if framework == "jax" and "dtype" in meta:
         cast_floating(net, meta["dtype"])
-    load(state_dict if state_dict is not None else path, net, step=step)
+    if state_dict is not None:
+        _fill(net, state_dict, what)
+    else:
+        load(path, net, step=step)
     return net, name, dict(kwargs)
 
 
@@ -277,7 +378,7 @@ def save(model: Any, destination: str | os.PathLike[str], meta: Mapping[str, Any
     (checkpoint 0 of a store, recording ``meta``: model, model_kwargs, dtype, so ``load_model`` can rebuild it;
     files hold the state_dict alone). Returns ``destination`` as a path."""
     path = Path(destination).expanduser()
-    form, is_flax = _form(path), _is_flax(model)
+    form, is_flax = _form(path, writing=True), _is_flax(model)
     if form == "checkpoint":
         if is_flax:
             arrays, framework = _codecs.flax_to_arrays(_template(model)), "jax"

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from flax_resnet import registry, tables
 from flax_resnet.cli import experiments, options, shell
 from flax_resnet.config import BENCH_QUICK, RUNS_DIR, BenchConfig, ConfigError
-from flax_resnet.errors import EXTRAS, FlaxResnetError, installed, missing_extra
+from flax_resnet.errors import EXTRAS, FlaxResnetError, Note, installed, missing_extra
 from flax_resnet.recipes import RECIPES
 
 __all__ = ["SUBCOMMANDS", "add_bench_parser", "add_port_parser", "add_selftest_parser", "add_train_parser",
@@ -183,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _notes_as_lines(show: Callable[..., None]) -> Callable[..., None]:
+    def show_note(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, Note):
+            print(f"note: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, category, *args, **kwargs)
+    return show_note
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -195,7 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # a command's module is imported only now, so that --help stays quick (no JAX, torch, TFDS or matplotlib)
         handler = args.handler or importlib.import_module(f"flax_resnet.cli.{args.command}").run
-        code = handler(args, args.parser)
+        with warnings.catch_warnings():  # each Note as one line, as the commands' own notes; other warnings as they are
+            warnings.simplefilter("always", Note)
+            warnings.showwarning = _notes_as_lines(warnings.showwarning)
+            code = handler(args, args.parser)
     except ConfigError as e:  # settings that cannot go together: a usage error, as argparse's own (exit 2)
         args.parser.error(str(e))
     except FlaxResnetError as e:

@@ -487,7 +487,10 @@ def _pass(torch_model: Any, flax_model: nnx.Module, x: np.ndarray, dtype: str, m
             if mode == "train":
                 report.rows += _statistics_rows(t, f, tol)
             # Gradients where training takes them, in train mode; in eval mode only when that is all there is.
-            if gradients and mode == ("train" if "train" in modes else "eval"):
+            if gradients and mode == ("train" if "train" in modes else "eval") and not any(
+                    p.requires_grad for p in t.parameters()):
+                report.loss = "none: the torch model has no parameters that require grad, so no gradients to compare"
+            elif gradients and mode == ("train" if "train" in modes else "eval"):
                 labels_used = _labels(labels, out_t, seed, layout)
                 report.loss = ("mean cross-entropy against the given labels" if labels is not None else
                                f"mean cross-entropy against seeded random labels (seed {seed})")

@@ -62,7 +62,8 @@ def check(config: RunConfig, *, model: Any = None, dataset: Any = None) -> None:
         data.check(config.data)
     if config.framework == "torch":
         require("torch", "--framework torch")
-    if isinstance(init_from, str | Path) and Path(init_from).is_file() and Path(init_from).suffix != ".safetensors":
+    init_file = Path(init_from) if isinstance(init_from, str | Path) else None
+    if init_file is not None and init_file.is_file() and init_file.suffix.lower() != ".safetensors":
         require("torch", "--init-from FILE.pt (a .safetensors file needs no torch)")
 
 
