@@ -9,8 +9,9 @@ that raises it (``DataError``, ``PortError``, ...).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 
-__all__ = ["EXTRAS", "FlaxResnetError", "Note", "installed", "missing_extra", "require"]
+__all__ = ["EXTRAS", "FlaxResnetError", "Note", "installed", "missing_extra", "require", "require_all"]
 
 # optional module -> the pip extra that installs it (pyproject.toml's [project.optional-dependencies])
 EXTRAS: dict[str, str] = {"torch": "torch", "tensorflow_datasets": "data", "PIL": "data",
@@ -41,7 +42,16 @@ def require(module: str, purpose: str) -> None:
         raise missing_extra(module, purpose)
 
 
-def missing_extra(module: str, purpose: str) -> FlaxResnetError:
-    """The error for ``module`` (a key of ``EXTRAS``) not installed: one line naming the pip extra."""
-    return FlaxResnetError(f"{purpose} needs {module}, which is not installed here: "
-                           f"pip install 'flax-resnet[{EXTRAS[module]}]'")
+def require_all(modules: Sequence[str], purpose: str) -> None:
+    """``require`` for several modules at once: one error naming every missing one, so that the user installs
+    what is needed in one go rather than learning of the next one after the first install."""
+    if missing := [module for module in modules if not installed(module)]:
+        raise missing_extra(missing, purpose)
+
+
+def missing_extra(module: str | Sequence[str], purpose: str) -> FlaxResnetError:
+    """The error for ``module`` (a key of ``EXTRAS``, or several) not installed: one line naming the pip extras."""
+    modules = [module] if isinstance(module, str) else list(module)
+    extras = ",".join(dict.fromkeys(EXTRAS[m] for m in modules))
+    return FlaxResnetError(f"{purpose} needs {' and '.join(modules)}, which {'is' if len(modules) == 1 else 'are'} "
+                           f"not installed here: pip install 'flax-resnet[{extras}]'")

@@ -292,7 +292,7 @@ def to_numpy_state_dict(model: nnx.Module) -> OrderedDict[str, np.ndarray]:
 
 def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
     """The model's weights as a torch ``state_dict`` that the torch twin loads with ``strict=True``."""
-    require("torch", "to_torch_state_dict (to_numpy_state_dict needs no torch)")
+    require("torch", "to_torch_state_dict (flax_resnet.port.to_numpy_state_dict needs no torch)")
     import torch
 
     def tensor(array: np.ndarray) -> Any:  # torch.from_numpy, not ascontiguousarray: that makes 0-d arrays 1-d

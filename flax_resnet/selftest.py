@@ -31,9 +31,10 @@ from flax_resnet.port import torch_shapes
 from flax_resnet.precision import apply_precision
 from flax_resnet.recipes import get_recipe
 
-__all__ = ["FULL", "PARTS", "QUICK", "Plan", "run", "to_markdown"]
+__all__ = ["FULL", "PARTS", "QUICK", "RUN_PARTS", "Plan", "run", "to_markdown", "verdict_line"]
 
 PARTS = SELFTEST_PARTS  # in the order they run; each can be left out with --skip
+RUN_PARTS = tuple(p for p in PARTS if p != "torch.compile")  # torch.compile: rows of bench, not a part of its own
 JSON_FILE, MARKDOWN_FILE = "selftest.json", "selftest.md"
 
 
@@ -195,7 +196,10 @@ def _epoch_rows(plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
 def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the self-test, writing ``selftest.json`` and ``selftest.md`` to ``out_dir`` after each part; returns the
-    JSON document. ``doc['ok']``: every parity row held and no part failed; ``doc['failed']`` says which did not."""
+    JSON document. ``doc['verdict']``: PASS (every part not skipped ran, every parity row held), FAIL (a parity row
+    or a part failed: ``doc['failed']``) or INCOMPLETE (a part was interrupted or is still to run, or ``skip`` left
+    nothing to run: ``doc['not_run']``); ``doc['ok']``: PASS. A Ctrl-C (or SIGTERM in the command line) ends the run
+    after the report says so, and propagates."""
     unknown = sorted(set(skip) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown part(s) {', '.join(unknown)} to skip; the parts are {', '.join(PARTS)}")
@@ -215,6 +219,7 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
 
     plan = QUICK if quick else FULL
     env = bench.environment()
+    planned = [name for name in RUN_PARTS if name not in skip]
     doc: dict[str, Any] = {"mode": plan.name, "skipped": sorted(skip), "environment": env, "parts": {},
                            "parity": [], "bench": {}, "epochs": None, "plan": dataclasses.asdict(plan)}
     say(f"{plan.name} self-test on {env['device']} ({env['device_kind']}); CPU {env['cpu']['text']}; writing to "
@@ -223,8 +228,13 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
     def save() -> None:
         failed = [f"{registry.constructor_call(r['model'], r['kwargs'])} {r['check']} {r['dtype']}: first "
                   f"divergence {r['first_divergence']}" for r in doc["parity"] if r["counted"] and not r["ok"]]
-        failed += [f"part {name}: {part['status']}" for name, part in doc["parts"].items() if part["status"] != "ok"]
-        doc.update(ok=not failed, failed=failed, total_s=time.perf_counter() - started)
+        failed += [f"part {name}: {part['status']}" for name, part in doc["parts"].items()
+                   if part["status"] not in ("ok", "interrupted")]
+        # a part interrupted or not reached did not run; a run whose --skip left nothing measured nothing
+        not_run = [name for name in planned if doc["parts"].get(name, {}).get("status") in (None, "interrupted")]
+        verdict = "FAIL" if failed else "INCOMPLETE" if not_run or not planned else "PASS"
+        doc.update(ok=verdict == "PASS", verdict=verdict, failed=failed, not_run=not_run,
+                   total_s=time.perf_counter() - started)
         try:
             # rewritten after every part: a reader (or a Ctrl-C) never finds half a report
             files.write_atomic(out_dir / JSON_FILE, json.dumps(doc, indent=2, default=str) + "\n")
@@ -244,6 +254,10 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
         except Exception as e:  # noqa: BLE001 - a crashed part is a failed self-test, the other parts still run
             status = f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
             doc.setdefault("errors", {})[name] = traceback.format_exc()
+        except KeyboardInterrupt:  # the report must not keep saying PASS for the parts before: INCOMPLETE
+            doc["parts"][name] = {"status": "interrupted", "seconds": time.perf_counter() - t0}
+            save()
+            raise
         doc["parts"][name] = {"status": status, "seconds": time.perf_counter() - t0}
         say(f"{name}: {status} in {doc['parts'][name]['seconds']:.1f} s (total {time.perf_counter() - started:.1f} s)")
         save()
@@ -266,6 +280,19 @@ def run(out_dir: str | Path, *, quick: bool = False, skip: Collection[str] = (),
 
 
 # ------------------------------------------------------------------------------------------- report
+def verdict_line(doc: dict[str, Any]) -> str:
+    """PASS, FAIL with what failed, or INCOMPLETE with the parts that did not run (also after a FAIL)."""
+    interrupted = [name for name, part in doc["parts"].items() if part["status"] == "interrupted"]
+    not_run = ", ".join(f"{name} (interrupted)" if name in interrupted else name for name in doc.get("not_run", []))
+    incomplete = "**INCOMPLETE**: " + (f"not run: {not_run}" if not_run else
+                                       f"nothing ran (--skip {' '.join(doc['skipped'])})")
+    if doc.get("verdict") == "PASS":
+        return "**PASS**: every parity row holds"
+    if doc.get("verdict") == "FAIL":
+        return "**FAIL**: " + "; ".join(doc["failed"]) + (f"; {incomplete}" if not_run else "")
+    return incomplete
+
+
 def _err(value: Any) -> str:
     if value is None:
         return "-"
@@ -280,9 +307,7 @@ def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
 def to_markdown(doc: dict[str, Any]) -> str:
     """``selftest.md``: the verdict, the environment, one table per part, the time per part."""
     env = doc["environment"]
-    lines = [f"# flax-resnet self-test ({doc['mode']})", "",
-             "**PASS**: every parity row holds" if doc.get("ok") else
-             "**FAIL**: " + "; ".join(doc.get("failed", [])), "",
+    lines = [f"# flax-resnet self-test ({doc['mode']})", "", verdict_line(doc), "",
              f"- date: {env['date']}",
              f"- device: {env['device']} ({env['platform']}, {env['device_kind']}, {env['device_count']} device(s))",
              f"- CPU: {env['cpu']['text']}, {env['cpu_count']} logical CPUs, load average at start {env['load_avg']}"

@@ -128,6 +128,31 @@ def test_options_without_a_command_are_trains(tmp_path, capsys):
     assert "--epochs" in err and ">= 1" in err and not out.exists()
 
 
+@pytest.mark.parametrize("argv", [["--model", "SimpleNet", "verify"], ["train", "--model", "SimpleNet", "verify"]])
+def test_a_command_after_options_is_named_in_the_order_that_works(argv, capsys):
+    """Options before a command are train's, so ``--model X verify`` once said "unrecognized arguments: verify"."""
+    assert run_main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "options follow the command" in err and "verify --model SimpleNet" in err, err
+
+
+def test_version_prints_the_version(capsys):
+    import flax_resnet
+
+    assert run_main(["--version"]) == 0
+    assert capsys.readouterr().out.split()[-1] == flax_resnet.__version__
+
+
+def test_resume_of_an_out_without_checkpoints_says_it_starts_afresh(tmp_path, capsys):
+    """A mistyped --out with --resume: one line saying so, then the run trains from scratch as asked."""
+    out = tmp_path / "typo"
+    assert run_main(["train", "--dataset", "synthetic", "--train-samples", "16", "--test-samples", "0", "--model",
+                     "SimpleResNet", "--n-blocks", "1", "--image-size", "8", "--batch-size", "16", "--epochs", "1",
+                     "--no-progress", "--resume", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "no checkpoint" in line]
+    assert len(lines) == 1 and str(out) in lines[0] and "afresh" in lines[0], lines
+
+
 def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "checkpoints" / "1").mkdir(parents=True)

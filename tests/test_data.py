@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from flax_resnet import data
+from flax_resnet.config import DataConfig
 from flax_resnet.data import DataError, Dataset, cifar10
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +81,46 @@ def test_archive_end_to_end(tmp_path: Path, batches: dict[str, ca.Split], kind: 
 def test_prepared_data_is_reused(tmp_path: Path, batches: dict[str, ca.Split]) -> None:
     archive = ca.write_archive(tmp_path / "a.tar.gz", "binary", batches)
     data.load_cifar10(tmp_path / "data", archive=archive, skip_checksum=True)
+    assert_matches(data.load_cifar10(tmp_path / "data", archive=archive), batches)  # the same archive again
     archive.unlink()
-    # Neither the archive nor the network is needed now, and a given archive is not even looked at.
+    # Neither the archive nor the network is needed now; an archive given must exist (see the test below).
     assert_matches(data.load_cifar10(tmp_path / "data", download=False), batches)
-    assert_matches(data.load_cifar10(tmp_path / "data", archive=tmp_path / "gone.tar.gz"), batches)
+    with pytest.raises(DataError, match="gone.tar.gz: no such file"):
+        data.load_cifar10(tmp_path / "data", archive=tmp_path / "gone.tar.gz")
     assert_matches(data.load_dataset("cifar10", data_dir=tmp_path / "data"), batches)
+
+
+def test_another_archive_for_prepared_data_is_refused_naming_the_prepared_data(
+    tmp_path: Path, batches: dict[str, ca.Split], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training on the old data while the user named another archive went unnoticed. Two official archives (the
+    binary and the python one) hold the same images, so either one fits data prepared from the other."""
+    from flax_resnet.data import cifar10_builder as cb
+
+    first = ca.write_archive(tmp_path / "first.tar.gz", "binary", batches)
+    other = ca.write_archive(tmp_path / "other.tar.gz", "python", ca.random_batches(per_batch=7, num_test=5, seed=1))
+    data.load_cifar10(tmp_path / "data", archive=first, skip_checksum=True)
+    with pytest.raises(DataError) as caught:
+        data.load_cifar10(tmp_path / "data", archive=other, skip_checksum=True)
+    message = " ".join(str(caught.value).split())
+    assert f"already prepared in {tmp_path / 'data' / 'cifar10'}" in message and "Remove" in message
+    assert str(other) in message
+    official = (cb.ArchiveSpec(**{**cb.BINARY.__dict__, "md5": cb.md5sum(first)}),
+                cb.ArchiveSpec(**{**cb.PYTHON.__dict__, "md5": cb.md5sum(other)}))
+    monkeypatch.setattr(cb, "ARCHIVES", official)
+    assert_matches(data.load_cifar10(tmp_path / "data", archive=other), batches)
+
+
+@pytest.mark.parametrize(("option", "field", "have"), [("--train-samples", "train_samples", 35),
+                                                       ("--test-samples", "test_samples", 5)])
+def test_more_samples_than_prepared_are_refused_naming_the_size(
+    tmp_path: Path, batches: dict[str, ca.Split], option: str, field: str, have: int
+) -> None:
+    archive = ca.write_archive(tmp_path / "a.tar.gz", "binary", batches)
+    config = DataConfig(data_dir=tmp_path / "data", archive=archive, skip_checksum=True)
+    assert len(data.load(dataclasses.replace(config, **{field: have})).train_labels) == 35  # all of them: fine
+    with pytest.raises(DataError, match=f"{option} {have + 1} is more than the {have} "):
+        data.load(dataclasses.replace(config, **{field: have + 1}))
 
 
 def test_checksum_mismatch_raises(tmp_path: Path, batches: dict[str, ca.Split]) -> None:

@@ -239,6 +239,24 @@ def test_a_run_killed_mid_epoch_blocks_no_one_and_resumes_exactly(good_run, tmp_
     assert_same_run(good_run, killed)
 
 
+@pytest.mark.parametrize(("argv", "at_step", "words"), [
+    ([*TRAIN, "--epochs", "3"], STEPS + 1, "continue with the same command and --resume"),
+    (["depth", "--quick", "--no-progress"], 2, "finished runs are kept in"),  # 2 steps per epoch: in epoch 2
+], ids=["train", "experiment"])
+def test_sigterm_mid_epoch_is_handled_as_ctrl_c(argv, at_step, words, tmp_path):
+    """SIGTERM (kill, SLURM, containers) inside epoch 2 of a real run: as Ctrl-C, epoch 1's checkpoint and history
+    stay, every --out lock is released, the resume hint is printed, no traceback; then exit 143 (128 + 15)."""
+    out = tmp_path / "out"
+    proc = start_paused([*argv, "--out", str(out)], at_step=at_step, tmp_path=tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output[-3000:]
+    assert "terminated (SIGTERM)" in output and words in output and "Traceback" not in output, output[-3000:]
+    assert not list(out.rglob(LOCK_FILE))
+    run = out if argv[0] == "train" else next((out / "runs").iterdir())
+    assert steps_of(run) == [1] and len(training.read_history(run)["train_loss"]) == 1
+
+
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(corruption, good_run, tmp_path, capsys):
     """The latest checkpoint damaged on disk: --resume says so, moves it aside (kept for inspection), resumes from

@@ -256,9 +256,9 @@ def test_ctrl_c_during_compilation_exits_130_with_the_resume_hint(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_cifar10_messages_name_the_flag_and_a_prepared_dir_says_the_archive_is_unused(tmp_path, capsys):
+def test_cifar10_messages_name_the_flag_and_a_prepared_dir_refuses_another_archive(tmp_path, capsys):
     """The md5 error names --skip-checksum (not a Python keyword); preparing prints nothing of TFDS's
-    "Downloading and preparing"; an --archive given for already prepared data is reported as not read."""
+    "Downloading and preparing"; another --archive given for already prepared data is refused, naming the data."""
     import cifar_archives as ca
 
     archive = ca.write_archive(tmp_path / "a.tar.gz", "python", ca.random_batches())
@@ -272,10 +272,27 @@ def test_cifar10_messages_name_the_flag_and_a_prepared_dir_says_the_archive_is_u
     out, err = capsys.readouterr()
     assert "Downloading and preparing" not in out + err
     other = tmp_path / "other.tar.gz"
-    other.write_bytes(b"never read")
+    other.write_bytes(b"not the archive the data was prepared from")
     cifar[cifar.index(str(archive))] = str(other)
-    assert run_main([*cifar, "--skip-checksum", "--overwrite"]) == 0
-    assert f"--archive {other} is not read" in " ".join("".join(capsys.readouterr()).split())  # the run's log
+    assert run_main([*cifar, "--skip-checksum", "--overwrite"]) == 1  # not trained on the old data unsaid
+    err = one_error(capsys.readouterr().err)
+    assert f"already prepared in {tmp_path / 'data' / 'cifar10'} from another archive than --archive {other}" in err
+    assert f"Remove {tmp_path / 'data' / 'cifar10'}" in err
+
+
+def test_no_progress_shows_nothing_of_tfds_while_cifar10_is_prepared_and_read(tmp_path):
+    """TFDS's progress bars and absl's "OpenCV is not installed" went to stderr under --no-progress (a fresh
+    process: absl says it once per process)."""
+    import cifar_archives as ca
+
+    archive = ca.write_archive(tmp_path / "a.tar.gz", "binary", ca.random_batches(per_batch=4, num_test=4))
+    cmd = [sys.executable, "train.py", "train", "--model", "SimpleResNet", "--n-blocks", "1", "--epochs", "1",
+           "--batch-size", "8", "--no-progress", "--no-download", "--data-dir", str(tmp_path / "data"), "--archive",
+           str(archive), "--skip-checksum", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OpenCV" not in proc.stderr and "it/s" not in proc.stderr and "examples/s" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("argv", [

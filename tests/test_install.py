@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -90,6 +91,42 @@ def test_a_command_that_needs_a_missing_extra_says_which_in_one_line(extra, argv
     assert lines[0].startswith("error: ") and all(line.startswith("  ") for line in lines[1:]), proc.stderr
     assert f"pip install 'flax-resnet[{extra}]'" in " ".join(proc.stderr.split())
     assert not out.exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_compare_on_the_core_install_names_both_extras_it_needs(tmp_path):
+    """compare needs torch and matplotlib: one message naming both, not one extra per attempt."""
+    out = tmp_path / "out"
+    argv = ["compare", "--quick", "--out", str(out)]
+    proc = _run(f"from flax_resnet.cli import main\nraise SystemExit(main({argv!r}))", ALL_EXTRAS, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    extras = re.findall(r"pip install 'flax-resnet\[([a-z,]+)\]'", " ".join(proc.stderr.split()))
+    assert len(extras) == 1 and set(extras[0].split(",")) == {"torch", "plots"}, proc.stderr
+    assert not out.exists()
+
+
+def test_torch_ref_and_to_torch_state_dict_without_torch_name_the_extra_and_what_to_use(tmp_path):
+    """``import torch_ref`` names the [torch] extra (not a bare "No module named 'torch'"); the message of
+    ``to_torch_state_dict`` names its torch-free twin by a name that can be imported."""
+    code = """
+        import importlib
+        try:
+            import torch_ref
+        except ModuleNotFoundError as e:
+            print("torch_ref:", e)
+        from flax import nnx
+        from flax_resnet import SimpleResNet, to_torch_state_dict
+        from flax_resnet.errors import FlaxResnetError
+        try:
+            to_torch_state_dict(SimpleResNet(n_blocks=1, rngs=nnx.Rngs(0)))
+        except FlaxResnetError as e:
+            named = [w.strip("(),.:") for w in str(e).split() if "to_numpy_state_dict" in w]
+            module, _, name = named[0].rpartition(".")
+            print("named:", named, callable(getattr(importlib.import_module(module or "flax_resnet"), name, None)))
+    """
+    proc = _run(code, ("torch",), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch_ref:" in proc.stdout and "pip install 'flax-resnet[torch]'" in proc.stdout, proc.stdout
+    assert "named: ['flax_resnet.port.to_numpy_state_dict'] True" in proc.stdout, proc.stdout
 
 
 def test_help_of_every_command_imports_no_framework_and_takes_under_a_second(tmp_path):

@@ -109,6 +109,38 @@ def test_a_failing_parity_row_fails_the_selftest_and_names_the_model(tmp_path, m
     assert "FAIL" in capsys.readouterr().err
 
 
+def test_skipping_every_part_is_incomplete_not_a_pass(tmp_path, capsys):
+    """Nothing run is not a pass: exit 1, and the report says INCOMPLETE."""
+    assert cli.main(["selftest", "--quick", "--out", str(tmp_path), "--skip", *selftest.PARTS]) == 1
+    out, err = capsys.readouterr()
+    doc = json.loads((tmp_path / selftest.JSON_FILE).read_text())
+    assert doc["verdict"] == "INCOMPLETE" and not doc["ok"]
+    assert "**INCOMPLETE**: nothing ran" in (tmp_path / selftest.MARKDOWN_FILE).read_text() and "PASS" not in out
+    assert err.splitlines()[-1].startswith("INCOMPLETE: nothing ran") and "PASS" not in err
+
+
+def test_an_interrupted_selftest_says_incomplete_and_which_parts_did_not_run(tmp_path):
+    """Ctrl-C during the bench (the child sends itself SIGINT there, so nothing is measured): the report written
+    says INCOMPLETE, naming the bench (interrupted) and the epochs (not reached); exit 130."""
+    code = ("import os, signal, sys\n"
+            "from flax_resnet import selftest\n"
+            "from flax_resnet.cli import main\n"
+            "def bench(*args):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    signal.pause()\n"
+            "selftest._bench_rows = bench\n"
+            "sys.exit(main(['selftest', '--quick', '--out', sys.argv[1], '--skip', 'parity', 'default-precision']))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / selftest.JSON_FILE).read_text())
+    assert doc["verdict"] == "INCOMPLETE" and doc["not_run"] == ["bench", "epochs"] and not doc["ok"]
+    md = (tmp_path / selftest.MARKDOWN_FILE).read_text()
+    assert "**INCOMPLETE**: not run: bench (interrupted), epochs" in md and "PASS" not in md
+    assert "INCOMPLETE, not run: bench, epochs" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_skip_names_are_the_parts_and_checked():
     parser = cli.build_parser()
     args = parser.parse_args(["selftest", "--skip", *selftest.PARTS])

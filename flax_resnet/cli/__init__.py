@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax_resnet
 from flax_resnet import registry, tables
 from flax_resnet.cli import experiments, options, shell
 from flax_resnet.config import BENCH_QUICK, RUNS_DIR, BenchConfig, ConfigError
@@ -172,16 +173,22 @@ SUBCOMMANDS: list[Callable[[Any], Any]] = [add_train_parser, add_port_parser, ad
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser, and the names of its commands."""
     parser = argparse.ArgumentParser(
         prog=shell.program_name(), formatter_class=shell.HelpFormatter,
         description="The ResNets of two PyTorch course notebooks, in JAX/Flax NNX and in PyTorch: training, "
                     "weight porting and more. Without a command, runs `train` (ResNet18, the notebook-004 "
                     "recipe, CIFAR-10); options before a command are taken as `train`'s.",
         epilog=f"`{shell.program_name()} COMMAND --help` explains each command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {flax_resnet.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
-    return parser
+    return parser, list(subparsers.choices)
 
 
 def _notes_as_lines(show: Callable[..., None]) -> Callable[..., None]:
@@ -193,19 +200,37 @@ def _notes_as_lines(show: Callable[..., None]) -> Callable[..., None]:
     return show_note
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """argparse's, except that a command among the arguments ``train`` did not recognise (``--model X verify``:
+    options before a command are taken as ``train``'s) gets the order that works."""
+    parser, commands = _build()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = next((name for name in extra if name in commands), None)
+        if argv[0] == "train" and command is not None:
+            at = len(argv) - 1 - argv[::-1].index(command)  # the stray one: an earlier one may be a value
+            rest = argv[1:at] + argv[at + 1:]
+            parser.error(f"options follow the command: {shell.program_name()} {' '.join([command, *rest])} "
+                         "(options before a command are taken as train's).")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["train", *argv]
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     from flax_resnet.training.cpu import tune_allocator
 
     tune_allocator()  # before JAX starts: every command's CPU steps profit (see its docstring)
     try:
         # a command's module is imported only now, so that --help stays quick (no JAX, torch, TFDS or matplotlib)
         handler = args.handler or importlib.import_module(f"flax_resnet.cli.{args.command}").run
-        with warnings.catch_warnings():  # each Note as one line, as the commands' own notes; other warnings as they are
+        # SIGTERM (kill, SLURM, containers) is handled as Ctrl-C is; each Note is one line, as the commands' own
+        # notes; other warnings show as they are
+        with shell.handle_sigterm(), warnings.catch_warnings():
             warnings.simplefilter("always", Note)
             warnings.showwarning = _notes_as_lines(warnings.showwarning)
             code = handler(args, args.parser)
@@ -218,14 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing not in EXTRAS or installed(missing):
             raise
         return shell.fail(str(missing_extra(missing, args.command)))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
-    if code == EXIT_INTERRUPTED:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (shell.Terminated)
+        print(f"\n{shell.interrupted_word(e)}", file=sys.stderr)
+        code = shell.interrupted_code(e)
+    if code in (shell.EXIT_INTERRUPTED, shell.EXIT_TERMINATED):
         # Leave at once: XLA may still be compiling on its own threads, and tearing the interpreter down under them
         # crashed with a segmentation fault (exit 139) in 13 of 17 interrupts during the first compile (measured).
         # Everything worth keeping is already written, and the --out lock is released.
-        shell.exit_now(EXIT_INTERRUPTED)
+        shell.exit_now(code)
     return code
 
 

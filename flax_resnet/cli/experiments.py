@@ -264,12 +264,15 @@ def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentPa
     settings = experiment.settings(**{**(experiment.quick.settings if args.quick else {}), **command.settings(args)})
     out = config.output.out_dir
     module = importlib.import_module(f"flax_resnet.experiments.{experiment.module}")  # JAX: after parsing
+    if config.data.dataset == "cifar10" and "dataset" in command.takes:  # he-init reads no data
+        shell.quiet_tfds(config.output.progress)
     try:
         outcome = module.run(config, settings, progress=shell.progress_factory(config.output.progress),
                              log=shell.write_line)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished runs are kept in {out} (continue with --resume)", file=sys.stderr)
-        return shell.EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
+        print(f"\n{shell.interrupted_word(e)}; finished runs are kept in {out} (continue with --resume)",
+              file=sys.stderr)
+        return shell.interrupted_code(e)
     print()
     print(outcome.summary, end="")
     print(f"\n{experiment.name}: done in {outcome.seconds:.0f} s; outputs in {Path(outcome.out)}")

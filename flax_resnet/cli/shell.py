@@ -4,18 +4,59 @@ is imported at import time, so ``--help`` stays quick."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import logging
 import os
+import signal
 import sys
 import textwrap
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from flax_resnet.cli.options import program_name
 
-__all__ = ["EXIT_INTERRUPTED", "HelpFormatter", "exit_now", "fail", "program_name", "progress_factory", "write_line"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "HelpFormatter", "Terminated", "exit_now", "fail",
+           "handle_sigterm", "interrupted_code", "interrupted_word", "program_name", "progress_factory",
+           "quiet_tfds", "write_line"]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM: what kill, SLURM and container runtimes send
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is, so that every ``except
+    KeyboardInterrupt`` settles the outputs, releases the --out lock and gives the resume hint for it too."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    # once: a second SIGTERM ends the process at once (the default action), as schedulers expect after a grace time
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def handle_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` in the main thread; the previous handler afterwards (main
+    may be called in-process, e.g. by the tests). Elsewhere than in the main thread signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_code(error: BaseException) -> int:
+    """The exit code for an interruption: 143 for SIGTERM, 130 for Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
+
+
+def interrupted_word(error: BaseException) -> str:
+    return "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
 
 
 def exit_now(code: int) -> NoReturn:
@@ -46,6 +87,25 @@ def fail(message: str) -> int:
     sys.stdout.flush()
     print("error: " + "\n".join(wrapped), file=sys.stderr)
     return 1
+
+
+def _not_the_opencv_note(record: logging.LogRecord) -> bool:
+    return "OpenCV is not installed" not in record.getMessage()
+
+
+def quiet_tfds(progress: bool) -> None:
+    """Set TFDS up for a command that prepares or reads CIFAR-10 (process-wide state, which the library leaves
+    alone): its progress bars only where ours are shown (``progress``), and never absl's warning that OpenCV is not
+    installed (TFDS's advice for faster decoding; the [data] extra decodes with Pillow). Without TFDS: nothing."""
+    from flax_resnet.errors import installed
+
+    if not installed("tensorflow_datasets"):  # the command's own check names the extra
+        return
+    import tensorflow_datasets as tfds
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_logger().addFilter(_not_the_opencv_note)  # once: the same function is not added twice
+    tfds.display_progress_bar(progress)
 
 
 def write_line(line: str) -> None:

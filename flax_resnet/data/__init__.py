@@ -39,17 +39,20 @@ def check(config: DataConfig) -> None:
 
 def load(config: DataConfig, log: Callable[[str], None] | None = None) -> Dataset:
     """The data set ``config`` describes: generated (2048 training and 512 test images unless given), or CIFAR-10
-    cut to its first ``train_samples`` / ``test_samples``. ``log`` hears that a given archive was not read."""
+    cut to its first ``train_samples`` / ``test_samples`` (``DataError`` if it has fewer: a smaller run than asked
+    for would go unnoticed). ``log`` hears notes about the data."""
     check(config)
     if config.dataset == "synthetic":
         return synthetic_dataset(num_train=config.train_samples or 2048,
                                  num_test=512 if config.test_samples is None else config.test_samples,
                                  seed=0, image_size=config.image_size)
-    if config.archive is not None and log is not None and cifar10.is_prepared(config.data_dir):
-        log(f"note: CIFAR-10 is already prepared in {config.data_dir}, so --archive {config.archive} is not read "
-            f"(remove {config.data_dir / 'cifar10'} to prepare it again)")
     ds = load_cifar10(data_dir=config.data_dir, archive=config.archive, download=config.download,
                       skip_checksum=config.skip_checksum)
     n_train, n_test = config.train_samples, config.test_samples  # None: all of them
+    for option, asked, have, split in (("--train-samples", n_train, len(ds.train_labels), "training"),
+                                       ("--test-samples", n_test, len(ds.test_labels), "test")):
+        if asked is not None and asked > have:
+            raise DataError(f"{option} {asked} is more than the {have} {split} images of the CIFAR-10 prepared in "
+                            f"{config.data_dir / 'cifar10'}; pass at most {have}.")
     return dataclasses.replace(ds, train_images=ds.train_images[:n_train], train_labels=ds.train_labels[:n_train],
                                test_images=ds.test_images[:n_test], test_labels=ds.test_labels[:n_test])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -24,13 +25,14 @@ from flax_resnet import files
 from flax_resnet.data.dataset import DataError, Dataset
 from flax_resnet.errors import require
 
-__all__ = ["is_prepared", "load_cifar10", "require_dependencies", "source_answers"]
+__all__ = ["SOURCE_FILE", "is_prepared", "load_cifar10", "require_dependencies", "source_answers"]
 
 log = logging.getLogger(__name__)
 
 # Where the official archives live; tests point this at a closed local port.
 SOURCE_HOST = "www.cs.toronto.edu"
 SOURCE_PORT = 443
+SOURCE_FILE = "source.json"  # in data_dir/cifar10: the archive the data was prepared from, by its md5
 
 
 def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, download: bool = True,
@@ -39,9 +41,15 @@ def load_cifar10(data_dir: str | Path, *, archive: str | Path | None = None, dow
     archive, checked against its md5 unless `skip_checksum`) or, if `download`, from the official binary archive --
     after checking within `connect_timeout` seconds that the site answers, so an offline machine fails at once
     instead of in TFDS's minutes-long retry loop. Preparing is all or nothing: a bad archive raises DataError.
+    An `archive` given for data already prepared must hold what it was prepared from (the same md5, or both official
+    archives: the binary and the python one hold the same images); another one raises DataError, as training on
+    the old data instead would go unnoticed.
     """
     data_dir = Path(data_dir).expanduser()
-    if not is_prepared(data_dir):
+    if is_prepared(data_dir):
+        if archive is not None:
+            _check_prepared_from(data_dir, Path(archive).expanduser())
+    else:
         if archive is None and not download:
             raise DataError(f"no prepared CIFAR-10 in {data_dir} and downloading is off. Pass --archive PATH (the "
                             "official cifar-10-binary.tar.gz or cifar-10-python.tar.gz), allow the download, or "
@@ -56,6 +64,26 @@ def is_prepared(data_dir: str | Path) -> bool:
     """Whether CIFAR-10 is prepared in ``data_dir`` (then ``load_cifar10`` reads it and looks at no archive)."""
     builder = _builder(Path(data_dir).expanduser())
     return Path(builder.data_dir).is_dir() and builder.is_prepared()
+
+
+def _check_prepared_from(data_dir: Path, archive: Path) -> None:
+    """DataError unless the CIFAR-10 prepared in ``data_dir`` came from ``archive`` (by its md5: 0.3 s for the
+    163 MB official archive). Data prepared before the source was recorded counts as official CIFAR-10."""
+    from flax_resnet.data.cifar10_builder import ARCHIVES, md5sum  # tensorflow_datasets, the [data] extra
+
+    dataset_dir = data_dir / "cifar10"
+    if not archive.is_file():
+        raise DataError(f"--archive {archive}: no such file (CIFAR-10 is already prepared in {dataset_dir}; leave "
+                        "out --archive to use it).")
+    official = {spec.md5 for spec in ARCHIVES}
+    recorded = next(iter(official))  # what unrecorded data counts as
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        recorded = json.loads((dataset_dir / SOURCE_FILE).read_text())["md5"]
+    given = md5sum(archive)
+    if given != recorded and not {given, recorded} <= official:
+        raise DataError(f"CIFAR-10 is already prepared in {dataset_dir} from another archive than --archive "
+                        f"{archive}. Remove {dataset_dir} to prepare it from {archive}, or leave out --archive to "
+                        "train on the prepared data.")
 
 
 def require_dependencies() -> None:
@@ -95,6 +123,10 @@ def _prepare(data_dir: Path, archive: Path, *, skip_checksum: bool) -> None:
         raise DataError(f"preparing CIFAR-10 from {archive} failed: {type(e).__name__}: {e}") from e
     finally:
         shutil.rmtree(tfds_downloads, ignore_errors=True)
+    from flax_resnet.data.cifar10_builder import md5sum
+
+    with contextlib.suppress(OSError):  # without it, the data counts as prepared from an official archive
+        files.write_atomic(dataset_dir / SOURCE_FILE, json.dumps({"archive": str(archive), "md5": md5sum(archive)}))
 
 
 def _read_prepared(data_dir: Path) -> Dataset:

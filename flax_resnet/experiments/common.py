@@ -30,7 +30,7 @@ from flax_resnet.config import (
     RunConfig,
     with_recipe,
 )
-from flax_resnet.errors import require
+from flax_resnet.errors import require_all
 from flax_resnet.recipes import Recipe
 from flax_resnet.training.loop import write_json
 from flax_resnet.training.outdir import claim_output_dir
@@ -226,9 +226,9 @@ def run_experiment(name: str, config: RunConfig, settings: Any, work: Callable[[
     given = [config.parallel.coordinator, config.parallel.num_processes, config.parallel.process_id]
     if any(v is not None for v in given):
         raise ConfigError(f"{name} runs in one process: the multi-host options are for `train`.")
-    require("matplotlib", f"{name} (its figures)")
-    if needs_torch or config.framework == "torch":
-        require("torch", f"{name}{'' if needs_torch else ' --framework torch'}")
+    torch = needs_torch or config.framework == "torch"
+    require_all(["matplotlib", *(["torch"] if torch else [])],  # matplotlib: the figures
+                f"{name}{' --framework torch' if torch and not needs_torch else ''}")
     if reads_data:
         datasets.check(config.data)
     out = config.output.out_dir or RUNS_DIR / name

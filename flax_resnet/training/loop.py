@@ -183,6 +183,8 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
             history = {key: list(saved["history"].get(key, [])) for key in HISTORY_KEYS}
             if log:
                 log(f"resuming from {store.directory} after epoch {start_epoch}")
+        elif resume and report is not None:  # a mistyped --out would otherwise train from scratch unsaid
+            report(f"note: --resume, but there is no checkpoint in {out_dir}: this run starts afresh")
 
     for epoch in range(start_epoch, recipe.epochs):
         bar = progress(total=spe, desc=f"epoch {epoch + 1}/{recipe.epochs}") if progress else None
