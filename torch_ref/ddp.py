@@ -27,6 +27,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from torch.distributed.nn.functional import all_reduce
 from torch.nn.parallel import DistributedDataParallel
 
 from torch_ref.data import PlannedBatches
@@ -46,6 +46,17 @@ __all__ = ["DDPResult", "SyncBatchNorm", "free_port", "spawn", "train_ddp", "use
 
 
 # ------------------------------------------------------------------------------------------ synchronised BatchNorm
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over all ranks, differentiable (its backward sums the gradients over the ranks):
+    ``torch.distributed.nn.functional.all_reduce``, whose FutureWarning (torch 2.13 points to a private module
+    instead) is silenced here."""
+    from torch.distributed.nn import functional
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return functional.all_reduce(tensor)
+
+
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with the statistics of the global batch, as ``nn.SyncBatchNorm`` computes them, for CPU tensors.
 
@@ -122,6 +133,9 @@ def _rank_main(rank: int, world_size: int, port: int, timeout_s: float, fn: Call
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # every rank done before any leaves: rank 0 serves the group's store, and a rank still talking to it
+        # when it goes aborts ("terminate called without an active exception", 1 run in 4 without this)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -231,7 +245,8 @@ def train_ddp(model: nn.Module, images: np.ndarray, labels: np.ndarray,
     per_epoch = -(-num // batch_size)
     if len(plans) * per_epoch < steps:
         raise ValueError(f"{steps} steps need {-(-steps // per_epoch)} epoch plans, got {len(plans)}")
-    job = _Job(model, np.asarray(images), np.asarray(labels), list(plans), steps, batch_size,
+    # a copy: pickling a module for the processes moves its tensors to shared memory, the caller's included
+    job = _Job(copy.deepcopy(model), np.asarray(images), np.asarray(labels), list(plans), steps, batch_size,
                {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
                {"schedule": schedule, "epochs": epochs, "milestones": tuple(milestones), "gamma": gamma},
                tuple(mean), tuple(std), sync_bn, dtype)

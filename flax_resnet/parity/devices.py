@@ -121,14 +121,16 @@ class DeviceReport:
     def table(self) -> str:
         bn = ("on: BatchNorm over the global batch; DDP with a synchronised BatchNorm" if self.bn_sync else
               "off: per-device BatchNorm, device 0's running statistics kept; DDP with plain BatchNorm")
-        width = max([len(r.path) for r in self.rows] + [len(self.reference), 4])
+        reference = f"{self.reference} (rank 0)"
+        width = max([len(r.path) for r in self.rows] + [len(reference)])
         lines = [f"{self.model} on {self.devices} devices, {self.steps} steps, global batch {self.batch} at "
                  f"{self.image_size}x{self.image_size}, float64",
                  f"--bn-sync {bn}",
-                 f"reference: {self.reference} (rank 0); relative error max|path - ddp| / max|ddp|, the worst tensor "
-                 f"of each kind; equal within {self.tolerance:g}",
+                 f"each path against DDP's rank 0: relative error max|path - DDP| / max|DDP| of the worst tensor of "
+                 f"each kind (the loss: of every step); equal within {self.tolerance:g}",
                  "",
-                 f"{'path':<{width}}  {'loss':>8}  {'parameters':>10}  {'BN statistics':>13}  verdict"]
+                 f"{'path':<{width}}  {'loss':>8}  {'parameters':>10}  {'BN statistics':>13}  verdict",
+                 f"{reference:<{width}}  {'-':>8}  {'-':>10}  {'-':>13}  the reference"]
         for r in self.rows:
             if r.control:
                 verdict = "differs, as it must (one device's BatchNorm sees the whole batch)" if r.ok else \
@@ -348,8 +350,8 @@ def compare_devices(model: str, kwargs: Mapping[str, Any] | None = None, *, devi
         raise DeviceSettingsError("dropout draws its masks from each framework's own generator, so runs with it "
                                   "cannot be compared: give the model p=0 (--dropout-p 0)")
     images, labels = _inputs(batch, image_size, steps_per_epoch, seed)
-    state_dict = {k: v.detach().cpu().double().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
-                  for k, v in torch_model.state_dict().items()}
+    state_dict = {k: (v.detach().cpu().double() if v.is_floating_point() else v.detach().cpu()).numpy().copy()
+                  for k, v in torch_model.state_dict().items()}  # copies, not views of torch's memory
     common = {"recipe": recipe, "batch": batch, "devices": devices, "steps": steps, "bn_sync": bn_sync,
               "seed": seed, "timeout_s": timeout_s}
     # the two sides overlap: the Flax subprocess compiles while the DDP processes start and run
