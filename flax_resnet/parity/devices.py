@@ -47,7 +47,7 @@ __all__ = ["TOLERANCE", "DeviceReport", "DeviceRunError", "DeviceSettingsError",
 
 # After a step, parameters and statistics carry the gradients' rounding: parity.TOLERANCES' float64 gradient
 # tolerance. The paths sum in different orders (convolution algorithms, the all-reduce of N gradients, BatchNorm's
-# reductions), each within float64 rounding (unit roundoff 1.1e-16; measured below 1e-13 after 2 steps, see
+# reductions), each within float64 rounding (unit roundoff 1.1e-16; measured up to 3e-15 after 2 steps, see
 # docs/multi-device.md), while per-device against global BatchNorm statistics, a sample on the wrong device or
 # a lost weight decay is off by 1e-4 or more.
 TOLERANCE = TOLERANCES["float64"].gradients
