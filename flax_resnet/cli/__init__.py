@@ -111,15 +111,22 @@ def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
                "  {prog} verify --model ResNet18                          # torch's own initialisation\n"
                "  {prog} verify --weights resnet18.safetensors --float64  # the model is inferred\n"
                "  {prog} verify --model SimpleResNet --n-blocks 5 --weights runs/SimpleResNet-plain-vs-residual-jax\n"
-               "  {prog} verify --model SimpleResNet --n-blocks 1 --steps 3 --steps-per-epoch 2  # training steps\n")
+               "  {prog} verify --model SimpleResNet --n-blocks 1 --steps 3 --steps-per-epoch 2  # training steps\n"
+               "  {prog} verify --model SimpleResNet --n-blocks 1 --devices 2 --bn-sync off  # vs torch DDP\n")
     return options.add(
         p, "model", *options.MODEL_OPTIONS, "weights", "float64", "batch", "image_size", "seed", "steps",
-        "steps_per_epoch", defaults={"batch": 4, "image_size": 32, "seed": 0, "steps_per_epoch": 1}, helps={
+        "steps_per_epoch", "devices", "bn_sync",
+        defaults={"batch": 4, "image_size": 32, "seed": 0, "steps_per_epoch": 1},
+        helps={
             "model": "the one to check; default: the one registered model whose keys and shapes fit --weights",
-            "batch": "here of the random NCHW batch",
+            "batch": "here of the random NCHW batch; with --devices the global batch of each step",
             "seed": "here of the batch, the labels and, without --weights, torch's initialisation",
             "steps": "here K training steps of the model's recipe in each framework, compared after every step "
-                     "(flax_resnet.parity.compare_training, always in float64) instead of one pass"})
+                     "(flax_resnet.parity.compare_training, always in float64) instead of one pass",
+            "devices": "here K steps (--steps, default 2) on one device, on N devices with every --parallel kind and "
+                       "with torch DDP on N processes (gloo, 127.0.0.1), in float64, compared with DDP: one row per "
+                       "path (flax_resnet.parity.devices; docs/multi-device.md)",
+            "bn_sync": "here with --devices: DDP with a synchronised BatchNorm (on) or plain BatchNorm (off)"})
 
 
 # ---------------------------------------------------------------------------------------------- selftest

@@ -185,6 +185,8 @@ OPTIONS: dict[str, Option] = {
                       "one device computes them; 'off': per-device statistics, like torch DDP without SyncBatchNorm "
                       "(shard_map, pmap)",
                       {"choices": ("on", "off")}),
+    "devices": Option(("--devices",), HOSTS, "number of devices (simulated CPU devices where fewer are present)",
+                      {"type": number(int, minimum=2), "metavar": "N"}),
     "coordinator": Option(("--coordinator",), HOSTS, "multi-host: address of process 0, where it serves the JAX "
                           "coordinator; give it, --num-processes and --process-id to every process, or none of them "
                           "under SLURM/Open MPI", {"metavar": "HOST:PORT"}),

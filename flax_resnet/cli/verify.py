@@ -1,5 +1,6 @@
 """``verify``: ``parity.compare`` (or, with --steps, ``parity.compare_training``) of a registered model's torch
-and Flax versions, the Flax one filled through the port."""
+and Flax versions, the Flax one filled through the port; with --devices, ``parity.devices.compare_devices`` (N
+devices and torch DDP)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise ConfigError("name the model with --model, or give --weights to infer it from.")
     if source is not None and not source.exists():
         raise ConfigError(f"--weights {source}: no such file or directory.")
+    if args.devices is None and args.bn_sync is not None:
+        raise ConfigError("--bn-sync chooses the BatchNorm of verify --devices: give --devices N too.")
+    if args.devices is not None and args.batch % args.devices:
+        raise ConfigError(f"--batch {args.batch} does not split evenly across --devices {args.devices}: give a "
+                          f"multiple of {args.devices}.")
     torch_model, name, kwargs = weights.load_model(source, "torch", model=model, seed=args.seed)
+    if args.devices is not None:
+        return _compare_devices(args, torch_model, name, kwargs)
     flax_model = builders.build_flax_to_fill(name, kwargs)
     port.load_torch_state_dict(flax_model, torch_model.state_dict())  # the port under test
     origin = f"torch's initialisation, seed {args.seed}" if source is None else str(source)
@@ -50,3 +58,19 @@ def _compare_training(torch_model: Any, flax_model: Any, recipe: Recipe, steps: 
         torch_scheduler=lambda optimizer: notebook.make_scheduler(optimizer, recipe.schedule, recipe.epochs,
                                                                   recipe.milestones, recipe.gamma),
         steps_per_epoch=steps_per_epoch, input_shape=shape, seed=seed)
+
+
+def _compare_devices(args: argparse.Namespace, torch_model: Any, name: str, kwargs: dict[str, Any]) -> int:
+    """``verify --devices N``: K steps on one device, on N devices with every parallel kind, and with torch DDP on
+    N processes, compared with DDP (``parity.devices.compare_devices``)."""
+    from flax_resnet.parity import devices
+
+    steps = args.steps or 2
+    print(f"verifying {registry.constructor_call(name, kwargs)}: {steps} steps on 1 and {args.devices} devices "
+          f"against torch DDP on {args.devices} processes, float64 (compiling; a minute or so on a CPU)", flush=True)
+    report = devices.compare_devices(name, kwargs, devices=args.devices, steps=steps,
+                                     bn_sync=args.bn_sync != "off", seed=args.seed, batch=args.batch,
+                                     image_size=args.image_size, steps_per_epoch=args.steps_per_epoch,
+                                     torch_model=torch_model)
+    print(report.table())
+    return 0 if report.ok else 1
