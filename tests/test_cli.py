@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run_main
 
 from flax_resnet import builders, cli, registry
 from flax_resnet.data import cifar10
@@ -38,13 +39,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(urllib.request, "urlopen", no_urlopen)
 
-
-def run_main(argv: list[str]) -> int:
-    """``cli.main`` in-process, with argparse's SystemExit turned into its exit code."""
-    try:
-        return cli.main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 # ---------------------------------------------------------------------------------------------- help

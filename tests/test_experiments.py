@@ -18,9 +18,10 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+from cli_run import run_main
 from flax import nnx
 
-from flax_resnet import builders, cli, port, tables, training
+from flax_resnet import builders, port, tables, training
 from flax_resnet.cli import experiments as experiments_cli
 from flax_resnet.config import ConfigError, ModelConfig, ParallelConfig, Preset, RunConfig
 from flax_resnet.experiments import (
@@ -44,12 +45,6 @@ def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
-
-def run_main(argv: list[str]) -> int:
-    try:
-        return cli.main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 def quick_config(module: Any, out: Path, *, recipe: dict | None = None, data: dict | None = None,

@@ -34,10 +34,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from cli_run import run_main
 from fault_worker import file_hashes
 from flax import nnx
 
-from flax_resnet import _codecs, builders, cli, data, port, registry, training
+from flax_resnet import _codecs, builders, data, port, registry, training
 from flax_resnet.config import ModelConfig, OutputConfig, RunConfig
 from flax_resnet.data.plan import steps_per_epoch
 from flax_resnet.store import ARRAYS_FILE, CHECKPOINT_SUBDIR, META_FILE, UNREADABLE_SUFFIX, CheckpointStore
@@ -61,13 +62,6 @@ TRAIN = ["train", "--dataset", "synthetic", "--train-samples", "64", "--test-sam
 TIMED = ("epoch_time", "images_per_sec")  # history keys that legitimately differ between runs
 CPU = jax.default_backend() == "cpu"
 
-
-def run_main(argv: list[str]) -> int:
-    """``cli.main`` in-process, with argparse's SystemExit turned into its exit code."""
-    try:
-        return cli.main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 def store_of(out: Path) -> CheckpointStore:

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import one_error, run_main
 
-from flax_resnet import builders, cli
+from flax_resnet import builders
 from flax_resnet.store import CheckpointStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,17 +21,6 @@ TINY = ["train", "--model", "SimpleResNet", "--n-blocks", "1", "--recipe", "resn
         "--test-samples", "16", "--batch-size", "16", "--no-progress"]
 
 
-def run_main(argv: list[str]) -> int:
-    try:
-        return cli.main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-
-
-def one_error(err: str) -> str:
-    """The stderr of a failed command: one ``error:`` message and no traceback; returned on one line."""
-    assert "error:" in err and "Traceback" not in err, err
-    return " ".join(err.split())
 
 
 @pytest.mark.parametrize(("option", "value"), [

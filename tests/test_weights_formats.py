@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from cli_run import one_error, run_main
 
-from flax_resnet import builders, cli, errors, layers, parity, port, weights
+from flax_resnet import builders, errors, layers, parity, port, weights
 from flax_resnet.dtypes import cast_floating
 
 SMALL = ("SimpleResNet", {"n_blocks": 1})
@@ -23,17 +24,6 @@ MODEL = ["--model", "SimpleResNet", "--n-blocks", "1"]  # saves inferring the mo
 VERIFY_SMALL = ["--batch", "2", "--image-size", "16"]
 
 
-def run_main(argv: list[str]) -> int:
-    try:
-        return cli.main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-
-
-def one_error(err: str) -> str:
-    """The stderr of a failed command: one ``error:`` message and no traceback; returned on one line."""
-    assert "error:" in err and "Traceback" not in err, err
-    return " ".join(err.split())
 
 
 @pytest.fixture(scope="module")
