@@ -16,14 +16,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from flax_resnet import registry
 from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import BN_SYNC_OFF_KINDS, PARALLEL_KINDS, PRECISIONS, Recipe
 
-__all__ = ["BENCH_QUICK", "SELFTEST_PARTS", "BenchConfig", "ConfigError", "DataConfig", "ModelConfig", "OutputConfig",
-           "ParallelConfig", "Preset", "RunConfig", "with_recipe"]
+__all__ = ["BENCH_QUICK", "IMAGE_SIZE_WHY", "MAX_IMAGE_SIZE", "SELFTEST_PARTS", "BenchConfig", "ConfigError",
+           "DataConfig", "ModelConfig", "OutputConfig", "ParallelConfig", "Preset", "RunConfig", "with_recipe"]
 
 Framework = Literal["jax", "torch"]
 RUNS_DIR = Path("runs")  # where outputs go when no directory is given
+# Generated images and verify's batch are at most 64x64: the models are built for CIFAR's 32x32, and memory grows
+# with the pixels (verify of ResNet18, 4 images, 2-core Xeon: 1.4 GB at 32, 3.5 GB at 64, 9.3 GB at 128, and killed
+# at 24 GB at 256; ResNet50 took 10 GB at 64).
+MAX_IMAGE_SIZE = 64
+IMAGE_SIZE_WHY = " (the models are built for 32x32; memory grows with the pixels: verify took 9.3 GB at 128)"
 
 
 class ConfigError(FlaxResnetError, ValueError):
@@ -60,8 +66,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.dataset not in ("cifar10", "synthetic"):
             raise ConfigError(f"--dataset must be cifar10 or synthetic, got {self.dataset!r}.")
-        if self.image_size != 32 and (self.dataset != "synthetic" or self.image_size < 8):
-            raise ConfigError("--image-size is for --dataset synthetic only, and at least 8 (three stride-2 stages).")
+        if self.image_size != 32 and (self.dataset != "synthetic" or not 8 <= self.image_size <= MAX_IMAGE_SIZE):
+            raise ConfigError(f"--image-size is for --dataset synthetic only, from 8 (three stride-2 stages) to "
+                              f"{MAX_IMAGE_SIZE}{IMAGE_SIZE_WHY}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +152,11 @@ class RunConfig:
             raise ConfigError("--parallel, --bn-sync and the multi-host options are for --framework jax.")
         if self.precision == "bf16" and (self.framework != "jax" or self.dtype != "float32"):
             raise ConfigError("--precision bf16 is for --framework jax with --dtype float32.")
+        if self.model.name in registry.MODELS:
+            try:
+                registry.check_image_size(self.model.name, self.data.image_size)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes``; a section may be given as a mapping of its fields to change

@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-__all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "constructor_call", "get_spec", "model_kwargs",
-           "model_names"]
+__all__ = ["MODELS", "MODEL_ARGS", "ModelArg", "ModelSpec", "check_image_size", "constructor_call", "get_spec",
+           "model_kwargs", "model_names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,7 @@ class ModelSpec:
     recipe: str  # the recipe of its notebook, the default when --recipe is not given
     fixed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # argument -> class name in the module
     same_weights_as: str | None = None  # a variant whose state_dict is another model's (for recognising .pt)
+    image_size: int | None = None  # the one input side it takes (its fc layer is sized for it); None: any >= 8
 
 
 _000, _004 = "plain-vs-residual", "resnet18-cifar"
@@ -88,7 +89,7 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("ResNet50", (), _004),
     ModelSpec("ResNet18NoBN", (), _004),
     ModelSpec("ResNet18Dropout", ("p",), _004, same_weights_as="ResNet18"),
-    ModelSpec("SimpleNet", (), _004),
+    ModelSpec("SimpleNet", (), _004, image_size=32),
 )}
 
 # Recipe-specific defaults of model arguments: notebook 000 trains both of its networks at N_BLOCKS = 5.
@@ -120,6 +121,15 @@ def model_kwargs(name: str, given: Mapping[str, Any] | None = None, recipe: str 
     defaults = RECIPE_MODEL_DEFAULTS.get(recipe or "", {})
     kwargs = {a: given.get(a, defaults.get(a, MODEL_ARGS[a].default)) for a in spec.args}
     return {a: tuple(v) if isinstance(v, list) else v for a, v in kwargs.items()}
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """``ValueError`` when ``name`` cannot take ``image_size`` x ``image_size`` images: SimpleNet flattens its last
+    feature map straight into fc, which is sized for 32x32 inputs (the others pool to 1x1 first)."""
+    fixed = get_spec(name).image_size
+    if fixed is not None and image_size != fixed:
+        raise ValueError(f"{name} takes {fixed}x{fixed} images only (its fc layer is sized for them), not "
+                         f"--image-size {image_size}: leave --image-size out or choose another model.")
 
 
 def constructor_call(name: str, kwargs: Mapping[str, Any]) -> str:

@@ -327,3 +327,49 @@ def test_process_0_whose_peer_never_comes_gets_the_named_error(tmp_path):
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     err = one_error(proc.stderr)
     assert "process 0 waited 3 s" in err and "not all 2 processes joined" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["verify", "--model", "SimpleNet", "--image-size", "16"],
+    [*TINY[:2], "SimpleNet", *TINY[5:], "--image-size", "16"],
+    [*TINY[:2], "SimpleNet", *TINY[5:], "--image-size", "16", "--framework", "torch"],
+])
+def test_simplenet_is_said_to_take_32x32_only(argv, tmp_path, capsys):
+    """SimpleNet's fc layer is sized for 32x32 inputs: one line before anything runs, not torch's matmul error."""
+    out = tmp_path / "out"
+    assert run_main([*argv, *(["--out", str(out)] if argv[0] == "train" else [])]) == 2
+    err = one_error(capsys.readouterr().err)
+    assert "SimpleNet takes 32x32 images only" in err and "--image-size 16" in err
+    assert not out.exists()
+
+
+def test_simplenet_weights_named_by_the_file_are_checked_too(tmp_path, capsys):
+    from flax_resnet import weights
+
+    path = tmp_path / "simplenet.safetensors"
+    weights.save(builders.build_torch("SimpleNet", {}, seed=0), path)
+    assert run_main(["verify", "--weights", str(path), "--image-size", "16"]) == 2
+    assert "SimpleNet takes 32x32 images only" in one_error(capsys.readouterr().err)
+
+
+def test_a_run_config_refuses_what_the_model_cannot_take():
+    from flax_resnet.config import ConfigError, DataConfig, ModelConfig, RunConfig
+    from flax_resnet.recipes import RECIPES
+
+    with pytest.raises(ConfigError, match="SimpleNet takes 32x32"):
+        RunConfig(RECIPES["resnet18-cifar"], model=ModelConfig("SimpleNet"),
+                  data=DataConfig("synthetic", image_size=16))
+    with pytest.raises(ConfigError, match="--image-size.*64"):
+        DataConfig("synthetic", image_size=10000)
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--image-size", "10000"], "--image-size"),  # ran out of memory after 24 s
+    (["--image-size", "65"], "--image-size"),
+    (["--batch", "64"], "--batch 64 of 32x32 images"),
+    (["--batch", "5", "--image-size", "64"], "--batch 5 of 64x64 images"),
+])
+def test_verify_bounds_its_batch_by_memory_with_the_reason(argv, named, capsys):
+    assert run_main(["verify", "--model", "ResNet18", *argv]) == 2
+    err = one_error(capsys.readouterr().err)
+    assert named in err and "memory" in err, err

@@ -20,6 +20,8 @@ from typing import Any
 
 from flax_resnet import registry
 from flax_resnet.config import (
+    IMAGE_SIZE_WHY,
+    MAX_IMAGE_SIZE,
     RUNS_DIR,
     SELFTEST_PARTS,
     ConfigError,
@@ -173,7 +175,8 @@ OPTIONS: dict[str, Option] = {
     "test_samples": Option(("--test-samples",), DATA_GROUP, "use only the first N test images (synthetic: generate "
                            "N; default 512 there)", {"type": number(int, minimum=0), "metavar": "N"}),
     "image_size": Option(("--image-size",), DATA_GROUP, "side of the generated images (synthetic data, verify's "
-                         "batch; default 32); smaller is faster", {"type": number(int, minimum=8), "metavar": "PX"}),
+                         f"batch; default 32, at most {MAX_IMAGE_SIZE}); smaller is faster",
+                         {"type": number(int, minimum=8, maximum=MAX_IMAGE_SIZE, why=IMAGE_SIZE_WHY), "metavar": "PX"}),
     # devices and hosts
     "parallel": Option(("--parallel",), HOSTS, "how steps run: 'single' one device with jax.jit; 'jit' one "
                        "jax.jit over a mesh of all devices, the batch sharded (JAX's recommended path); 'shard_map' "

@@ -13,6 +13,11 @@ from flax_resnet.config import ConfigError
 from flax_resnet.recipes import RECIPES, Recipe
 from flax_resnet.training import engine
 
+# verify keeps every layer's output of both frameworks, in float32 and float64, so memory grows with the batch's
+# pixels: 4 images of 64x64 took 3.5 GB for ResNet18 and 10 GB for ResNet50, 4 of 128x128 9.3 GB for ResNet18
+# (2-core Xeon, 24 GB). The bound keeps the largest model at about 10 GB.
+MAX_BATCH_PIXELS = 4 * 64 * 64
+
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     model = options.chosen_model(args)
@@ -26,7 +31,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.devices is not None and args.batch % args.devices:
         raise ConfigError(f"--batch {args.batch} does not split evenly across --devices {args.devices}: give a "
                           f"multiple of {args.devices}.")
+    if args.batch * args.image_size ** 2 > MAX_BATCH_PIXELS:
+        raise ConfigError(f"--batch {args.batch} of {args.image_size}x{args.image_size} images is beyond verify's "
+                          f"memory bound ({MAX_BATCH_PIXELS} pixels: 4 of 64x64, 16 of 32x32; ResNet50 took 10 GB "
+                          "there): "
+                          "give a smaller --batch or --image-size.")
     torch_model, name, kwargs = weights.load_model(source, "torch", model=model, seed=args.seed)
+    _check_image_size(name, args.image_size)  # known once the weights name the model
     if args.devices is not None:
         return _compare_devices(args, torch_model, name, kwargs)
     flax_model = builders.build_flax_to_fill(name, kwargs)
@@ -42,6 +53,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                 input_shape=shape, seed=args.seed)
     print(report.table())
     return 0 if report.ok else 1
+
+
+def _check_image_size(model: str, image_size: int) -> None:
+    try:
+        registry.check_image_size(model, image_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _compare_training(torch_model: Any, flax_model: Any, recipe: Recipe, steps: int, steps_per_epoch: int,
