@@ -21,7 +21,7 @@ import pytest
 from cli_run import run_main
 from flax import nnx
 
-from flax_resnet import builders, port, tables, training
+from flax_resnet import builders, port, tables, training, weights
 from flax_resnet.cli import experiments as experiments_cli
 from flax_resnet.config import ConfigError, ModelConfig, ParallelConfig, Preset, RunConfig
 from flax_resnet.experiments import (
@@ -233,6 +233,35 @@ def test_compare_quick(tmp_path):
     for timing in results["timing"].values():
         assert timing["images_per_sec_median"] > 0 and timing["first_epoch_time"] > 0
 
+    # the float32 yardstick: each framework also in float64, from the same weights on the same batches
+    out = tmp_path / "compare"
+    assert set(results["runs"]) == {"jax", "torch", "jax-float64", "torch-float64"}
+    assert results["yardstick"]["status"] == "measured"
+    histories = {name: training.read_history(out / "runs" / name) for name in results["runs"]}
+    for name, run in results["runs"].items():  # the runs' own history.json files, as trained
+        assert run["history"]["train_loss"] == histories[name]["train_loss"], name
+        meta = weights.read_meta(out / "runs" / name)  # what the run's checkpoints record it trained as
+        assert (meta["framework"], meta["dtype"]) == (name.partition("-")[0], name.partition("-")[2] or "float32")
+    summary = (out / common.SUMMARY_FILE).read_text()
+    assert set(results["gaps"]) == {"jax vs jax-float64", "torch vs torch-float64", "jax vs torch",
+                                    "jax-float64 vs torch-float64"}
+    for key, gap in results["gaps"].items():  # each gap recomputed from the two runs' history.json
+        a, b = (histories[name] for name in gap["runs"])
+        loss = max(abs(x - y) for x, y in zip(a["train_loss"], b["train_loss"], strict=True))
+        assert gap["max_train_loss_difference"] == pytest.approx(loss, rel=1e-12, abs=0), key
+        assert gap["test_acc_difference"] == pytest.approx(a["test_acc"][-1] - b["test_acc"][-1], abs=1e-12), key
+        row = next(line for line in summary.splitlines()  # the second table's row of this pair
+                   if line.startswith("|") and f"{gap['max_train_loss_difference']:.2e}" in line
+                   and gap["measures"] in line)
+        assert f"{gap['test_acc_difference']:+.2f} points" in row, row
+    assert results["max_train_loss_difference"] == results["gaps"]["jax vs torch"]["max_train_loss_difference"]
+    # float64: the two frameworks agree far closer than either float32 run to its own float64 run; bound 1e-6:
+    # float64 rounding (1e-16) amplified by two epochs of training stays many orders below float32's 1e-4 here
+    assert results["gaps"]["jax-float64 vs torch-float64"]["max_train_loss_difference"] < 1e-6
+    assert "What rounding alone does" in summary and "float32-vs-float64 gap" in summary
+    cross = results["gaps"]["jax vs torch"]["max_train_loss_difference"]
+    assert f"float32 ({cross:.2e})" in summary
+
 
 # ----------------------------------------------------------------------------- the typed seam, one way to train
 class FakeTrain:
@@ -279,20 +308,91 @@ def test_compare_starts_both_frameworks_from_one_state_dict(tmp_path, monkeypatc
     config = quick_config(compare, tmp_path, seed=5)
     assert config.model == ModelConfig("SimpleResNet", {"n_blocks": 1})
     compare.run_compare(common.Context(config, tmp_path))
-    (jax_config, jax_kwargs), (torch_config, torch_kwargs) = fake.calls
-    assert (jax_config.framework, torch_config.framework) == ("jax", "torch")
+    # float32 (the default): both frameworks, then each again in float64 (the yardstick), from the same weights
+    assert [(c.framework, c.dtype, c.output.out_dir.name) for c, _ in fake.calls] == [
+        ("jax", "float32", "jax"), ("torch", "float32", "torch"),
+        ("jax", "float64", "jax-float64"), ("torch", "float64", "torch-float64")]
     expected = compare.torch_initial_weights("SimpleResNet", {"n_blocks": 1}, 5)
-    for config_, kwargs, framework in ((jax_config, jax_kwargs, "jax"), (torch_config, torch_kwargs, "torch")):
+    for config_, kwargs in fake.calls:
         start = config_.model.init_from  # the state_dict, or (until weights reads mappings) a model holding it
         if start is None:
             model = kwargs["model"]
-            start = port.to_torch_state_dict(model) if framework == "jax" else model.state_dict()
-        assert start.keys() == expected.keys(), framework
-        assert all(np.array_equal(np.asarray(start[k]), expected[k].numpy()) for k in start), framework
-    # --init-from: both start from the weights given instead
-    weights = tmp_path / "w.safetensors"
-    compare.run_compare(common.Context(config.replace(model={"init_from": weights}), tmp_path))
-    assert [c.model.init_from for c, _ in fake.calls[2:]] == [weights, weights]
+            start = port.to_torch_state_dict(model) if config_.framework == "jax" else model.state_dict()
+        assert start.keys() == expected.keys(), config_.framework
+        assert all(np.array_equal(np.asarray(start[k]), expected[k].numpy()) for k in start), config_.framework
+    # --init-from: all start from the weights given instead
+    weights_file = tmp_path / "w.safetensors"
+    compare.run_compare(common.Context(config.replace(model={"init_from": weights_file}), tmp_path))
+    assert [c.model.init_from for c, _ in fake.calls[4:]] == [weights_file] * 4
+
+
+class GapTrain(FakeTrain):
+    """``FakeTrain`` whose training losses are given per (framework, dtype): gaps of known sizes."""
+
+    def __init__(self, losses: dict[tuple[str, str], list[float]]) -> None:
+        super().__init__()
+        self.losses = losses
+
+    def __call__(self, config: RunConfig, **kwargs: Any) -> training.TrainResult:
+        result = super().__call__(config, **kwargs)
+        result.history["train_loss"] = list(self.losses[config.framework, config.dtype])
+        return result
+
+
+@pytest.mark.parametrize(("losses", "words"), [
+    # float32 Flax vs torch 0.2 apart; each 0.1 from its own float64 run: within the two together
+    ({("jax", "float32"): [1.0, 1.5], ("torch", "float32"): [1.0, 1.7], ("jax", "float64"): [1.0, 1.6],
+      ("torch", "float64"): [1.0, 1.6]},
+     "gap in float32 (2.00e-01) is larger than each framework's own float32-vs-float64 gap and within their sum "
+     "(1.00e-01 in Flax, 1.00e-01 in torch); in float64 the two frameworks' training losses are identical."),
+    # float32 0.01 apart, rounding moves each by 0.3 and 0.5: the frameworks' gap is the smaller
+    ({("jax", "float32"): [1.0, 1.3], ("torch", "float32"): [1.0, 1.31], ("jax", "float64"): [1.0, 1.0],
+      ("torch", "float64"): [1.0, 1.81]},
+     "gap in float32 (1.00e-02) is smaller than each framework's own float32-vs-float64 gap (3.00e-01 in Flax, "
+     "5.00e-01 in torch); in float64 the two frameworks' training losses are 8.10e-01 apart, no closer than in "
+     "float32."),
+    # a gap between the two yardsticks, float64 5 times closer; the largest gaps in the first epoch, not the last
+    ({("jax", "float32"): [1.3, 1.2], ("torch", "float32"): [1.2, 1.25], ("jax", "float64"): [1.3, 1.15],
+      ("torch", "float64"): [1.32, 1.15001]},
+     "gap in float32 (1.00e-01) is between the two frameworks' own float32-vs-float64 gaps (5.00e-02 in Flax, "
+     "1.20e-01 in torch); in float64 the two frameworks' training losses are 2.00e-02 apart, 5.0e+00 times less "
+     "than in float32."),
+    # the float64 runs themselves 0.2 apart: a float32 gap beyond what rounding in each makes
+    ({("jax", "float32"): [1.0, 1.2], ("torch", "float32"): [1.0, 1.5], ("jax", "float64"): [1.0, 1.25],
+      ("torch", "float64"): [1.0, 1.45]},
+     "gap in float32 (3.00e-01) is larger than each framework's own float32-vs-float64 gap and than their sum "
+     "(5.00e-02 in Flax, 5.00e-02 in torch); in float64 the two frameworks' training losses are 2.00e-01 apart, "
+     "1.5e+00 times less than in float32."),
+])
+def test_compare_words_the_float32_gap_by_the_measured_yardstick(losses, words, tmp_path, monkeypatch):
+    """summary.md reads the Flax-vs-torch gap against each framework's float32-vs-float64 gap by the numbers."""
+    monkeypatch.setattr(training, "train", GapTrain(losses))
+    config = quick_config(compare, tmp_path, data={"train_samples": 8, "test_samples": 8})
+    summary = compare.run(config, compare.Settings()).summary
+    assert words in " ".join(summary.split()), summary
+
+
+@pytest.mark.parametrize(("argv", "status", "words"), [
+    (["--dtype", "float64"], "skipped", "no yardstick in float64: the gap above is the parity statement"),
+    (["--no-yardstick"], "off", "no float64 yardstick (--no-yardstick)"),
+])
+def test_compare_without_the_yardstick_trains_two_runs_and_says_why(argv, status, words, tmp_path, monkeypatch,
+                                                                      capsys):
+    """In float64 compare trains no yardstick (the gap is the parity statement); --no-yardstick turns it off in
+    float32. Either way two runs, in the dtype asked, and summary.md says why there is no yardstick."""
+    fake = FakeTrain()
+    monkeypatch.setattr(training, "train", fake)
+    out = tmp_path / "compare"
+    assert run_main(["compare", "--quick", "--train-samples", "8", "--test-samples", "8", "--no-progress",
+                     "--out", str(out), *argv]) == 0
+    dtype = "float64" if "float64" in argv else "float32"
+    assert [(c.framework, c.dtype) for c, _ in fake.calls] == [("jax", dtype), ("torch", dtype)]
+    results = json.loads((out / common.RESULTS_FILE).read_text())
+    assert set(results["runs"]) == {"jax", "torch"} and set(results["gaps"]) == {"jax vs torch"}
+    assert results["yardstick"]["status"] == status and words in results["yardstick"]["note"]
+    assert results["settings"]["experiment"] == {"yardstick": "--no-yardstick" not in argv}
+    summary = (out / common.SUMMARY_FILE).read_text()
+    assert words in " ".join(summary.split()) and "What rounding alone does" not in summary
 
 
 @pytest.mark.parametrize(("module", "changes", "words"), [

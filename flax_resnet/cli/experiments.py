@@ -28,7 +28,7 @@ __all__ = ["COMMANDS", "SETTING_FLAGS", "Command", "add_parsers"]
 
 # a setting's option where it is not --<setting> (None: set by --quick only)
 SETTING_FLAGS: dict[str, str | None] = {"splits": "split", "train_own": None, "checkpoints": "checkpoint",
-                                        "stock": "no-stock"}
+                                        "stock": "no-stock", "yardstick": "no-yardstick"}
 DEVICES = ("parallel", "bn_sync")  # the multi-host options: `train` only (an experiment runs in one process)
 OUTPUT = ("out", "resume", "overwrite", "max_to_keep", "no_progress", "quick")
 TRAINING = ("seed", "framework", "dtype", "precision", *DEVICES, *options.RECIPE_OVERRIDES, *options.DATA)
@@ -129,6 +129,10 @@ def _compare_options(p: argparse.ArgumentParser) -> None:
                 helps={"model": "here trained in both frameworks (default: SimpleResNet)",
                        "init_from": "here both frameworks start from them (default: torch's initialisation from "
                                     "--seed, ported into Flax)"})
+    p.add_argument_group("yardstick").add_argument(
+        "--no-yardstick", action="store_true", default=None,
+        help="in float32, leave out the float64 runs of each framework (half the cost) that show how large a gap "
+             "float32 rounding alone makes")
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -184,8 +188,10 @@ COMMANDS: tuple[Command, ...] = (
         "Train one model with one recipe in JAX/Flax and in the PyTorch reference, both from the same initial "
         "weights (torch's, ported into Flax, or --init-from) and on the same batch stream, and write the curves "
         "overlaid with the throughput per epoch (compare.png) and a table of final accuracies, epoch times and "
-        "images/s. --parallel and --bn-sync hold for the Flax run.",
-        _compare_options, lambda args: {},
+        "images/s. In float32 each framework is also trained in float64 from the same weights on the same batches "
+        "(thin lines): its float32 run's distance from its own float64 run is the gap rounding alone makes, the "
+        "yardstick for the Flax-vs-torch gap (a second table). --parallel and --bn-sync hold for the Flax run.",
+        _compare_options, lambda args: {"yardstick": False} if args.no_yardstick else {},
         takes=tuple(name for name in TRAINING if name not in ("framework", "precision")), refuses=("precision",)),
 )
 

@@ -168,20 +168,22 @@ class Context:
 
     def train(self, label: str, model: str, model_kwargs: Mapping[str, Any], name: str, *, recipe: Recipe | None = None,
               framework: str | None = None, overwrite: bool | None = None,
-              init_from: Path | Mapping[str, Any] | None = None) -> Run:
+              init_from: Path | Mapping[str, Any] | None = None, dtype: str | None = None) -> Run:
         """Train the registered ``model`` on the context's data through ``training.train``, into
-        ``OUT/runs/<name>`` (which ``landscape`` and ``port`` read). ``recipe``, ``framework`` and ``overwrite``
-        default to the context's; ``init_from`` (a state_dict mapping or a weights path) replaces the initial
-        weights in either framework (``compare`` starts both from one). The devices options hold for Flax runs."""
+        ``OUT/runs/<name>`` (which ``landscape`` and ``port`` read). ``recipe``, ``framework``, ``overwrite`` and
+        ``dtype`` default to the context's; ``init_from`` (a state_dict mapping or a weights path) replaces the
+        initial weights in either framework (``compare`` starts both from one, and trains each in float64 too).
+        The devices options hold for Flax runs."""
         recipe = recipe or self.config.recipe
         framework = framework or self.config.framework
+        dtype = dtype or self.config.dtype
         kwargs = registry.model_kwargs(model, model_kwargs, recipe.name)
         output = dataclasses.replace(self.config.output, out_dir=self.out / "runs" / name)
         if overwrite is not None:
             output = dataclasses.replace(output, overwrite=overwrite, resume=output.resume and not overwrite)
         config = self.config.replace(
-            recipe=recipe, framework=framework, model=ModelConfig(model, kwargs, init_from), output=output,
-            parallel=self.config.parallel if framework == "jax" else ParallelConfig())
+            recipe=recipe, framework=framework, dtype=dtype, model=ModelConfig(model, kwargs, init_from),
+            output=output, parallel=self.config.parallel if framework == "jax" else ParallelConfig())
         title = f"{label}: {registry.constructor_call(model, kwargs)}, {recipe.name}, {framework}"
         log, progress = self.log, self.progress
         result = training.train(

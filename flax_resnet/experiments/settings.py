@@ -179,7 +179,11 @@ LANDSCAPE = Experiment(
 # ------------------------------------------------------------------------------------------------- compare
 @dataclasses.dataclass(frozen=True)
 class CompareSettings:
-    """compare has no settings of its own: the model, recipe, dtype and weights are the run's (``RunConfig``)."""
+    """The model, recipe, dtype and weights are the run's (``RunConfig``). ``yardstick``: in float32, also train
+    each framework in float64 from the same weights on the same batches, to show how large a gap rounding alone
+    makes (it doubles compare's cost; float64 compares have none: their gap is the parity statement itself)."""
+
+    yardstick: bool = True
 
 
 COMPARE = Experiment(
