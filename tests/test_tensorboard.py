@@ -70,7 +70,8 @@ def test_an_interrupted_and_resumed_run_continues_the_curves_without_a_repeated_
     """Three sessions of one 3-epoch run, the step loss every 2nd step: the first is stopped after checkpoint 1 was
     saved but before its events were written (they are written on the way out), the second in the middle of epoch 2
     (its step points of epoch 2 were never written, and the third trains those steps again). Read back: epochs 1-3
-    and steps 2, 4, ..., 12 once each, with the values of history.json and of an uninterrupted run's every step."""
+    and steps 2, 4, ..., 12 once each, with the values of history.json and of an uninterrupted run's every step.
+    Then a fourth session that falls back from a damaged checkpoint 3 to 2."""
     dataset = synthetic_dataset(num_train=32, num_test=8, image_size=8)
     recipe = with_recipe(RECIPES["plain-vs-residual"], epochs=3, batch_size=8, eval_batch_size=8)
     out = tmp_path / "run"
@@ -115,6 +116,16 @@ def test_an_interrupted_and_resumed_run_continues_the_curves_without_a_repeated_
     read = scalars(out)
     assert_equal_to_history(read, out)
     assert read[STEP_TAG] == [(step, np.float32(losses[step - 1])) for step in range(2, 13, 2)]
+
+    # checkpoint 3 damaged: --resume falls back to 2 and trains epoch 3 again; the files are written afresh from the
+    # checkpoint's history (the step points before it are gone: no reader of the old files is needed)
+    arrays = out / "checkpoints" / "epoch_0003" / "arrays.safetensors"
+    arrays.write_bytes(arrays.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="checkpoint 3 .* unreadable"):
+        train(True)
+    read = scalars(out)
+    assert_equal_to_history(read, out)
+    assert read[STEP_TAG] == [(step, np.float32(losses[step - 1])) for step in (10, 12)]
 
 
 def test_no_tensorboard_and_a_missing_tensorboardx_write_no_event_files(tmp_path, monkeypatch, capsys):

@@ -159,7 +159,7 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
 
     meta = config.checkpoint_meta(name, num_train, num_test)
     history: History = {key: [] for key in HISTORY_KEYS}
-    start_epoch, store = 0, None
+    start_epoch, store, fell_back = 0, None, False
     if out_dir is not None:
         out_dir = Path(out_dir)
         if log is not None and not installed("matplotlib"):
@@ -179,7 +179,9 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
                                      "cannot continue it:\n  " + "\n  ".join(problems)
                                      + "\nRun with the checkpoint's settings, or start over with --overwrite.")
 
+            newest = store.latest
             start_epoch, arrays, saved = store.restore_latest_good(check_meta=check, report=report)
+            fell_back = start_epoch < newest  # a damaged newer checkpoint set aside: its epochs' events go too
             backend.load_state(arrays, saved.get("backend", {}))
             history = {key: list(saved["history"].get(key, [])) for key in HISTORY_KEYS}
             if log:
@@ -187,7 +189,7 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
         elif resume and report is not None:  # a mistyped --out would otherwise train from scratch unsaid
             report(f"note: --resume, but there is no checkpoint in {out_dir}: this run starts afresh")
 
-    events = _event_log(out_dir, output, history, backend.is_main_process, log)
+    events = _event_log(out_dir, output, history, backend.is_main_process, log, rewrite=fell_back)
     if events is not None:
         on_step = _both(events.on_step, on_step)
     try:
@@ -226,7 +228,7 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
 
 
 def _event_log(out_dir: Path | None, output: Any, history: History, is_main: bool,
-               log: Callable[[str], None] | None) -> Any:
+               log: Callable[[str], None] | None, rewrite: bool) -> Any:
     """The run's TensorBoard event files (``tensorboard_log.EventLog``): written by the main process into
     ``out_dir`` unless ``output.tensorboard`` is off; without tensorboardX (the [tensorboard] extra), a note."""
     if out_dir is None or not output.tensorboard or not is_main:
@@ -237,7 +239,7 @@ def _event_log(out_dir: Path | None, output: Any, history: History, is_main: boo
         return None
     from flax_resnet.training.tensorboard_log import EventLog
 
-    return EventLog(out_dir, output.tensorboard_every, history)
+    return EventLog(out_dir, output.tensorboard_every, history, rewrite=rewrite)
 
 
 def _write_events(events: Any, history: History, epoch: int) -> None:

@@ -28,19 +28,20 @@ class EventLog:
 
     A session that starts at epoch 0 removes the event files already in ``out_dir``: they are of a run that is being
     replaced (``--overwrite``, or one that never saved a checkpoint), whose curves would otherwise mix with this
-    one's. A resumed session into a directory without event files (its earlier sessions ran with
-    ``--no-tensorboard``) first writes the epochs of ``history``."""
+    one's. So does a resumed session with ``rewrite`` (it fell back to an older checkpoint, and the files hold
+    epochs after it) and then writes the epochs of ``history`` again, without the step points before them; so does a
+    resumed session into a directory without event files (its earlier sessions ran with ``--no-tensorboard``)."""
 
-    def __init__(self, out_dir: Path, every: int, history: Mapping[str, Sequence[Any]]) -> None:
+    def __init__(self, out_dir: Path, every: int, history: Mapping[str, Sequence[Any]], *,
+                 rewrite: bool = False) -> None:
         self.out_dir, self.every = Path(out_dir), every
         self.written = len(history["train_loss"])  # epochs whose events are in the files
         self.pending: list[tuple[int, float]] = []  # (global step, loss) of the epoch in progress
         self._writer: Any = None
         existing = sorted(self.out_dir.glob(EVENT_FILES))
-        if self.written == 0:
+        if self.written == 0 or rewrite or not existing:
             for path in existing:
                 path.unlink(missing_ok=True)
-        elif not existing:
             self.written = 0
 
     def on_step(self, step: int, loss: Callable[[], float]) -> None:
