@@ -39,7 +39,8 @@ History = dict[str, list[Any]]
 StepHook = Callable[[int, Callable[[], float]], None]
 """``on_step(step, loss)``: called after each training step (``step``: global for ``run``'s hook, within the
 epoch for a ``Backend``'s ``train_epoch``); ``loss()`` reads that step's loss (a host sync per call on a device:
-for tests and debugging)."""
+for tests and debugging; call it once a step: the Flax backend's is the loss since its last read, which is the
+step's own when the step before was read too)."""
 ProgressFactory = Callable[..., Any]
 """``factory(total=steps, desc="epoch 1/20")``: a bar with tqdm's ``update``, ``set_postfix_str`` and ``close``."""
 
