@@ -105,7 +105,7 @@ def test_an_interrupted_and_resumed_run_continues_the_curves_without_a_repeated_
     assert [step for step, _ in scalars(out)[STEP_TAG]] == [2, 4]  # written on the way out
 
     def stop_in_epoch_2(step: int, loss) -> None:
-        if step == 6:  # 0-based: the third step of epoch 2, after step 6's point was taken
+        if step == 6:  # 0-based (optimizer step 7, the third of epoch 2): step 6's point is held, not written
             raise Crash
 
     with pytest.raises(Crash):
