@@ -103,21 +103,27 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
-    """Where a run writes (``out_dir``: checkpoints, history.json, curves.png; None: nothing is written), whether it
-    continues the checkpoints there (``resume``) or removes them (``overwrite``), how many it keeps, and whether
-    progress bars are shown."""
+    """Where a run writes (``out_dir``: checkpoints, history.json, curves.png, TensorBoard event files unless
+    ``tensorboard`` is off; None: nothing is written), whether it continues the checkpoints there (``resume``) or
+    removes them (``overwrite``), how many it keeps, and whether progress bars are shown."""
 
     out_dir: Path | None = None
     resume: bool = False
     overwrite: bool = False
     max_to_keep: int | None = 3
     progress: bool = True
+    # TensorBoard event files in out_dir (training.tensorboard_log), with the training loss of every
+    # tensorboard_every-th step: reading it is a host sync, which every 50 steps costs nothing measurable
+    tensorboard: bool = True
+    tensorboard_every: int = 50
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other: pass one of them.")
         if self.max_to_keep is not None and self.max_to_keep < 1:
             raise ConfigError(f"--max-to-keep must be at least 1, got {self.max_to_keep}.")
+        if self.tensorboard_every < 1:
+            raise ConfigError(f"tensorboard_every must be at least 1, got {self.tensorboard_every}.")
 
 
 @dataclasses.dataclass(frozen=True)

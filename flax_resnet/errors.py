@@ -15,7 +15,7 @@ __all__ = ["EXTRAS", "FlaxResnetError", "Note", "installed", "missing_extra", "r
 
 # optional module -> the pip extra that installs it (pyproject.toml's [project.optional-dependencies])
 EXTRAS: dict[str, str] = {"torch": "torch", "tensorflow_datasets": "data", "PIL": "data",
-                          "importlib_resources": "data", "matplotlib": "plots"}
+                          "importlib_resources": "data", "matplotlib": "plots", "tensorboardX": "tensorboard"}
 
 
 class FlaxResnetError(Exception):

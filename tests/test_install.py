@@ -36,7 +36,8 @@ def _run(code: str, blocked: tuple[str, ...], cwd: Path, timeout: float = 300) -
 
 def test_core_install_builds_ports_and_trains_without_torch_tfds_or_matplotlib(tmp_path):
     """The models, the port (a mapping and a .safetensors file) and a short Flax training through the command
-    line, with every extra missing; the run writes history and checkpoint, and says why there is no curves.png."""
+    line, with every extra missing; the run writes history and checkpoint, and says why there is no curves.png and
+    no TensorBoard event files."""
     code = f"""
         import json
         from pathlib import Path
@@ -59,6 +60,7 @@ def test_core_install_builds_ports_and_trains_without_torch_tfds_or_matplotlib(t
         code = main(["train", *{TINY!r}, "--out", "run"])
         assert code == 0, code
         assert Path("run/history.json").is_file() and not Path("run/curves.png").exists()
+        assert not list(Path("run").glob("events.out.tfevents.*"))
         assert any(Path("run/checkpoints").iterdir())
         print("blocked still unimported:", all(sys.modules[m] is None for m in {ALL_EXTRAS!r}))
     """
@@ -66,6 +68,8 @@ def test_core_install_builds_ports_and_trains_without_torch_tfds_or_matplotlib(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "blocked still unimported: True" in proc.stdout
     assert "note: no curves.png without matplotlib: pip install 'flax-resnet[plots]'" in proc.stdout
+    assert ("note: no TensorBoard event files without tensorboardX: pip install 'flax-resnet[tensorboard]'"
+            in proc.stdout)
 
 
 @pytest.mark.parametrize(("extra", "argv"), [

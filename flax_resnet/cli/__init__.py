@@ -63,8 +63,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = _add_parser(
         subparsers, "train", help="train a model (the default command)",
         description="Train one of the notebooks' models with one of their recipes, in JAX/Flax or PyTorch. "
-                    "Writes history.json, curves.png and a checkpoint per epoch to --out (default: "
-                    "runs/<model>-<recipe>-<framework>, with -synthetic for the synthetic data).",
+                    "Writes history.json, curves.png, TensorBoard event files and a checkpoint per epoch to --out "
+                    "(default: runs/<model>-<recipe>-<framework>, with -synthetic for the synthetic data).",
         epilog="recipes (the notebooks'; each number can be overridden by the option of the same name):\n"
                f"{_recipe_table()}\n\n"
                "examples:\n"

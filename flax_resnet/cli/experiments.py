@@ -30,7 +30,7 @@ __all__ = ["COMMANDS", "SETTING_FLAGS", "Command", "add_parsers"]
 SETTING_FLAGS: dict[str, str | None] = {"splits": "split", "train_own": None, "checkpoints": "checkpoint",
                                         "stock": "no-stock", "yardstick": "no-yardstick"}
 DEVICES = ("parallel", "bn_sync")  # the multi-host options: `train` only (an experiment runs in one process)
-OUTPUT = ("out", "resume", "overwrite", "max_to_keep", "no_progress", "quick")
+OUTPUT = ("out", "resume", "overwrite", "max_to_keep", "no_progress", "no_tensorboard", "quick")
 TRAINING = ("seed", "framework", "dtype", "precision", *DEVICES, *options.RECIPE_OVERRIDES, *options.DATA)
 
 

@@ -209,6 +209,9 @@ OPTIONS: dict[str, Option] = {
     "max_to_keep": Option(("--max-to-keep",), OUT, "checkpoints kept (the last N epochs; default: 3)",
                           {"type": number(int, minimum=1), "metavar": "N"}),
     "no_progress": Option(("--no-progress",), OUT, "no progress bar (epoch lines are still printed)", FLAG),
+    "no_tensorboard": Option(("--no-tensorboard",), OUT, "no TensorBoard event files in --out (by default each "
+                             "epoch's history.json values and the training loss of every 50th step; view with "
+                             "`tensorboard --logdir runs`)", FLAG),
     "quick": Option(("--quick",), OUT, "a small run of the same code paths, sized for a CPU", FLAG),
     # weights: port, verify
     "source": Option(("--from",), "weights", "a state_dict file (.safetensors or .pt), or a checkpoint directory",
@@ -248,7 +251,7 @@ MODEL_OPTIONS = tuple(registry.MODEL_ARGS)
 RECIPE_OVERRIDES = tuple(f.name for f in dataclasses.fields(Recipe) if f.name in OPTIONS and f.name != "model")
 DATA = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name in OPTIONS) + ("no_download",)
 PARALLEL = ("parallel", "bn_sync", "coordinator", "num_processes", "process_id", "distributed_timeout")
-OUTPUT = ("out", "resume", "overwrite", "max_to_keep", "no_progress")
+OUTPUT = ("out", "resume", "overwrite", "max_to_keep", "no_progress", "no_tensorboard")
 
 
 def add(parser: argparse.ArgumentParser, *names: str, defaults: Mapping[str, Any] | None = None,
@@ -323,6 +326,7 @@ def run_config(args: argparse.Namespace, *, recipe: str | None = None, model: st
     suffix = "-synthetic" if data.dataset == "synthetic" else ""
     output = given(args, OUTPUT)
     output["progress"] = not output.pop("no_progress", False)
+    output["tensorboard"] = not output.pop("no_tensorboard", False)
     output["out_dir"] = output.pop("out", None) or out or RUNS_DIR / f"{model_name}-{recipe_name}-{framework}{suffix}"
     return RunConfig(recipe=run_recipe, model=ModelConfig(model_name, kwargs, getattr(args, "init_from", None)),
                      data=data, parallel=ParallelConfig(**parallel), output=OutputConfig(**output),

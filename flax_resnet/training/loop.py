@@ -7,6 +7,7 @@ resumed run sees the batches an uninterrupted one would. Losses are averaged as 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,7 +39,8 @@ History = dict[str, list[Any]]
 StepHook = Callable[[int, Callable[[], float]], None]
 """``on_step(step, loss)``: called after each training step (``step``: global for ``run``'s hook, within the
 epoch for a ``Backend``'s ``train_epoch``); ``loss()`` reads that step's loss (a host sync per call on a device:
-for tests and debugging)."""
+for tests and debugging; call it once a step: the Flax backend's is the loss since its last read, which is the
+step's own when the step before was read too)."""
 ProgressFactory = Callable[..., Any]
 """``factory(total=steps, desc="epoch 1/20")``: a bar with tqdm's ``update``, ``set_postfix_str`` and ``close``."""
 
@@ -158,7 +160,7 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
 
     meta = config.checkpoint_meta(name, num_train, num_test)
     history: History = {key: [] for key in HISTORY_KEYS}
-    start_epoch, store = 0, None
+    start_epoch, store, fell_back = 0, None, False
     if out_dir is not None:
         out_dir = Path(out_dir)
         if log is not None and not installed("matplotlib"):
@@ -178,7 +180,9 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
                                      "cannot continue it:\n  " + "\n  ".join(problems)
                                      + "\nRun with the checkpoint's settings, or start over with --overwrite.")
 
+            newest = store.latest
             start_epoch, arrays, saved = store.restore_latest_good(check_meta=check, report=report)
+            fell_back = start_epoch < newest  # a damaged newer checkpoint set aside: its epochs' events go too
             backend.load_state(arrays, saved.get("backend", {}))
             history = {key: list(saved["history"].get(key, [])) for key in HISTORY_KEYS}
             if log:
@@ -186,26 +190,85 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
         elif resume and report is not None:  # a mistyped --out would otherwise train from scratch unsaid
             report(f"note: --resume, but there is no checkpoint in {out_dir}: this run starts afresh")
 
-    for epoch in range(start_epoch, recipe.epochs):
-        bar = progress(total=spe, desc=f"epoch {epoch + 1}/{recipe.epochs}") if progress else None
-        try:
-            row = _epoch(backend, config, epoch, spe, num_train, num_test, store, bar, on_step)
-            for key in HISTORY_KEYS:
-                history[key].append(row[key])
-            if store is not None:
-                arrays, extra = backend.state()
-                store.save(epoch + 1, arrays, {**meta, "epoch": epoch + 1, "history": history, "backend": extra})
-                if backend.is_main_process:
-                    _write_outputs(out_dir, history, recipe, title, epoch + 1)
-            if bar is not None:
-                accuracy = "n/a" if row["test_acc"] is None else f"{row['test_acc']:.2f}%"
-                bar.set_postfix_str(f"loss {row['train_loss']:.4f}, test acc {accuracy}")
-        finally:  # also on an error or Ctrl-C: a bar left open would be the line the error message ends up on
-            if bar is not None:
-                bar.close()
-        if log:
-            log(epoch_summary(epoch, recipe.epochs, row))
+    events = _event_log(out_dir, output, history, backend.is_main_process, log, rewrite=fell_back)
+    if events is not None:
+        on_step = _both(events.on_step, on_step)
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            bar = progress(total=spe, desc=f"epoch {epoch + 1}/{recipe.epochs}") if progress else None
+            try:
+                if events is not None:
+                    events.epoch_start()
+                row = _epoch(backend, config, epoch, spe, num_train, num_test, store, bar, on_step)
+                for key in HISTORY_KEYS:
+                    history[key].append(row[key])
+                if store is not None:
+                    arrays, extra = backend.state()
+                    store.save(epoch + 1, arrays, {**meta, "epoch": epoch + 1, "history": history, "backend": extra})
+                    if backend.is_main_process:
+                        _write_outputs(out_dir, history, recipe, title, epoch + 1)
+                    if events is not None:
+                        _write_events(events, history, epoch + 1)
+                if bar is not None:
+                    accuracy = "n/a" if row["test_acc"] is None else f"{row['test_acc']:.2f}%"
+                    bar.set_postfix_str(f"loss {row['train_loss']:.4f}, test acc {accuracy}")
+            finally:  # also on an error or Ctrl-C: a bar left open would be the line the error message ends up on
+                if bar is not None:
+                    bar.close()
+            if log:
+                log(epoch_summary(epoch, recipe.epochs, row))
+    finally:  # also on an error, Ctrl-C or SIGTERM: the events of every saved epoch, so that --resume continues them
+        if events is not None:
+            try:  # after a failure the events matter less than its message: an OSError here is not raised
+                with contextlib.suppress(OSError):
+                    if store is not None and store.latest is not None:
+                        events.catch_up(history, min(store.latest, len(history["train_loss"])))
+            finally:
+                events.close()
     return history
+
+
+def _event_log(out_dir: Path | None, output: Any, history: History, is_main: bool,
+               log: Callable[[str], None] | None, rewrite: bool) -> Any:
+    """The run's TensorBoard event files (``tensorboard_log.EventLog``): written by the main process into
+    ``out_dir`` unless ``output.tensorboard`` is off; without tensorboardX (the [tensorboard] extra), a note."""
+    if out_dir is None or not output.tensorboard or not is_main:
+        return None
+    if not installed("tensorboardX"):
+        if log is not None:
+            log("note: no TensorBoard event files without tensorboardX: pip install 'flax-resnet[tensorboard]'")
+        return None
+    from flax_resnet.training.tensorboard_log import EventLog
+
+    return EventLog(out_dir, output.tensorboard_every, history, rewrite=rewrite)
+
+
+def _write_events(events: Any, history: History, epoch: int) -> None:
+    try:
+        events.catch_up(history, epoch)
+    except OSError as e:
+        raise TrainError(f"checkpoint {epoch} was saved, but writing its TensorBoard events to {events.out_dir} "
+                         f"failed ({e}). Fix the cause, then continue with --resume.") from e
+
+
+def _both(first: StepHook, second: StepHook | None) -> StepHook:
+    """Both hooks, reading the step's loss at most once: a second read of the Flax backend's ``loss()`` in the
+    same step gives 0 (it is the difference of running sums since the last read)."""
+    if second is None:
+        return first
+
+    def hook(step: int, loss: Callable[[], float]) -> None:
+        read: list[float] = []
+
+        def once() -> float:
+            if not read:
+                read.append(loss())
+            return read[0]
+
+        first(step, once)
+        second(step, once)
+
+    return hook
 
 
 def _epoch(backend: Backend, config: RunConfig, epoch: int, spe: int, num_train: int, num_test: int,
