@@ -62,6 +62,9 @@ class EventLog:
         points held for the last of them; an epoch without a value for a key (no test set) has no point there."""
         if saved <= self.written:
             return
+        # tensorboardX's SummaryWriter hands events to a background thread through a queue, and its flush() does
+        # not wait for that queue: a run stopped right after a checkpoint could lose that epoch's points, and --resume
+        # would not write them again. EventsWriter is the synchronous file writer that SummaryWriter wraps.
         from tensorboardX.event_file_writer import EventsWriter  # the [tensorboard] extra
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
