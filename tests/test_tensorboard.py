@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_run import run_main
+from tensorboard.backend.event_processing import event_accumulator  # the [tensorboard] extra, in [test]
 
 from flax_resnet import training
 from flax_resnet.config import ModelConfig, OutputConfig, ParallelConfig, RunConfig, with_recipe
@@ -26,8 +27,6 @@ from flax_resnet.data import synthetic_dataset
 from flax_resnet.recipes import RECIPES
 from flax_resnet.training import loop, parallel
 from flax_resnet.training.tensorboard_log import EVENT_FILES, STEP_TAG
-
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 # 32 images of 8x8 in batches of 8: 4 steps an epoch
 TINY = ["--dataset", "synthetic", "--model", "SimpleResNet", "--n-blocks", "1", "--train-samples", "32",
