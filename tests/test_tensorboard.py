@@ -90,11 +90,12 @@ def test_an_interrupted_and_resumed_run_continues_the_curves_without_a_repeated_
     losses: list[float] = []  # every step's loss, uninterrupted and without event files
     train(False, None, on_step=lambda step, loss: losses.append(loss()))
     assert len(losses) == 12
+    seen: list[float] = []  # a user's hook beside the event files' own reads: both get every step's own loss
+    train(False, tmp_path / "beside", on_step=lambda step, loss: seen.append(loss()))
+    assert seen == losses
+    assert scalars(tmp_path / "beside")[STEP_TAG] == [(step, np.float32(losses[step - 1])) for step in range(2, 13, 2)]
 
-    write_outputs = loop._write_outputs
-
-    def stop_after_checkpoint_1(*args, **kwargs):
-        write_outputs(*args, **kwargs)
+    def stop_after_checkpoint_1(*args, **kwargs):  # before history.json, curves.png and the events are written
         raise Crash
 
     monkeypatch.setattr(loop, "_write_outputs", stop_after_checkpoint_1)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,6 +82,8 @@ class FlaxBackend:
         read = [0.0]  # the running sum of batch losses as last read by a step's loss()
 
         def step_loss() -> float:
+            # the sums' buffers are donated to the next step, so the sum before this step is gone unless it was
+            # read: the loss since the last read, which is the step's own when the step before was read too
             total = float(np.asarray(metrics.loss_of_batches.addressable_data(0)))
             loss, read[0] = total - read[0], total
             return loss
@@ -88,7 +91,7 @@ class FlaxBackend:
         for step in range(self.spe):
             start, stop = batch_bounds(step, self.num_train, recipe.batch_size)
             metrics = self.train_step(device_plan, start, stop - start, metrics)
-            on_step(step, step_loss)
+            on_step(step, functools.cache(step_loss))  # read at most once a step: every hook gets the same value
         return epoch_result(recipe, _host_metrics(metrics), epoch * self.spe)  # the epoch's one wait for the device
 
     def evaluate(self) -> tuple[float, float]:

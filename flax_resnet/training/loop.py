@@ -39,8 +39,8 @@ History = dict[str, list[Any]]
 StepHook = Callable[[int, Callable[[], float]], None]
 """``on_step(step, loss)``: called after each training step (``step``: global for ``run``'s hook, within the
 epoch for a ``Backend``'s ``train_epoch``); ``loss()`` reads that step's loss (a host sync per call on a device:
-for tests and debugging; call it once a step: the Flax backend's is the loss since its last read, which is the
-step's own when the step before was read too)."""
+for tests and debugging; a second call in the same step returns the first's value. The Flax backend's is the loss
+since its last read, which is the step's own when the step before was read too)."""
 ProgressFactory = Callable[..., Any]
 """``factory(total=steps, desc="epoch 1/20")``: a bar with tqdm's ``update``, ``set_postfix_str`` and ``close``."""
 
@@ -93,11 +93,15 @@ def read_history(out_dir: str | Path) -> History:
     return json.loads((Path(out_dir) / HISTORY_FILE).read_text())
 
 
-def _write_outputs(out_dir: Path, history: History, recipe: Recipe, title: str | None, epoch: int) -> None:
-    """``history.json`` and ``curves.png`` after epoch ``epoch``'s checkpoint; a failure says what is safe. Without
-    matplotlib (the [plots] extra) there is no ``curves.png``: the core install trains all the same."""
+def _write_outputs(out_dir: Path, history: History, recipe: Recipe, title: str | None, epoch: int,
+                   events: Any) -> None:
+    """``history.json``, ``curves.png`` and the TensorBoard events (``events``, an ``EventLog`` or None) after epoch
+    ``epoch``'s checkpoint; a failure says what is safe. Without matplotlib (the [plots] extra) there is no
+    ``curves.png``: the core install trains all the same."""
     try:
         write_history(out_dir, history)
+        if events is not None:
+            events.catch_up(history, epoch)
         if not installed("matplotlib"):
             return
         from flax_resnet import plots
@@ -105,9 +109,9 @@ def _write_outputs(out_dir: Path, history: History, recipe: Recipe, title: str |
         plots.plot_history(history, out_dir / PLOT_FILE, title=title, test_loss=recipe.report_test_loss,
                            target_accuracy=plots.TARGET_ACCURACY.get(recipe.name))
     except OSError as e:
-        raise TrainError(f"checkpoint {epoch} was saved, but writing {HISTORY_FILE} and {PLOT_FILE} to {out_dir} "
-                         f"failed ({e}), so they show the previous epoch. Fix the cause, then continue with "
-                         "--resume.") from e
+        raise TrainError(f"checkpoint {epoch} was saved, but writing {HISTORY_FILE}, {PLOT_FILE} and the TensorBoard "
+                         f"events to {out_dir} failed ({e}), so they show the previous epoch. Fix the cause, then "
+                         "continue with --resume.") from e
 
 
 def epoch_summary(epoch: int, epochs: int, row: Mapping[str, Any]) -> str:
@@ -206,9 +210,7 @@ def run(backend: Backend, config: RunConfig, dataset: Any, *, progress: Progress
                     arrays, extra = backend.state()
                     store.save(epoch + 1, arrays, {**meta, "epoch": epoch + 1, "history": history, "backend": extra})
                     if backend.is_main_process:
-                        _write_outputs(out_dir, history, recipe, title, epoch + 1)
-                    if events is not None:
-                        _write_events(events, history, epoch + 1)
+                        _write_outputs(out_dir, history, recipe, title, epoch + 1, events)
                 if bar is not None:
                     accuracy = "n/a" if row["test_acc"] is None else f"{row['test_acc']:.2f}%"
                     bar.set_postfix_str(f"loss {row['train_loss']:.4f}, test acc {accuracy}")
@@ -243,30 +245,14 @@ def _event_log(out_dir: Path | None, output: Any, history: History, is_main: boo
     return EventLog(out_dir, output.tensorboard_every, history, rewrite=rewrite)
 
 
-def _write_events(events: Any, history: History, epoch: int) -> None:
-    try:
-        events.catch_up(history, epoch)
-    except OSError as e:
-        raise TrainError(f"checkpoint {epoch} was saved, but writing its TensorBoard events to {events.out_dir} "
-                         f"failed ({e}). Fix the cause, then continue with --resume.") from e
-
-
 def _both(first: StepHook, second: StepHook | None) -> StepHook:
-    """Both hooks, reading the step's loss at most once: a second read of the Flax backend's ``loss()`` in the
-    same step gives 0 (it is the difference of running sums since the last read)."""
+    """Both hooks on each step (a backend's ``loss()`` reads the device at most once a step, however many call it)."""
     if second is None:
         return first
 
     def hook(step: int, loss: Callable[[], float]) -> None:
-        read: list[float] = []
-
-        def once() -> float:
-            if not read:
-                read.append(loss())
-            return read[0]
-
-        first(step, once)
-        second(step, once)
+        first(step, loss)
+        second(step, loss)
 
     return hook
 
