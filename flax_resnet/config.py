@@ -21,7 +21,8 @@ from flax_resnet.errors import FlaxResnetError
 from flax_resnet.recipes import BN_SYNC_OFF_KINDS, PARALLEL_KINDS, PRECISIONS, Recipe
 
 __all__ = ["BENCH_QUICK", "IMAGE_SIZE_WHY", "MAX_IMAGE_SIZE", "SELFTEST_PARTS", "BenchConfig", "ConfigError",
-           "DataConfig", "ModelConfig", "OutputConfig", "ParallelConfig", "Preset", "RunConfig", "with_recipe"]
+           "DataConfig", "ModelConfig", "OutputConfig", "ParallelConfig", "Preset", "RunConfig", "check_image_size",
+           "with_recipe"]
 
 Framework = Literal["jax", "torch"]
 RUNS_DIR = Path("runs")  # where outputs go when no directory is given
@@ -46,6 +47,15 @@ class ModelConfig:
     name: str = "custom"
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     init_from: Path | Mapping[str, Any] | None = None
+
+
+def check_image_size(model: str, image_size: int) -> None:
+    """``ConfigError`` when the registered ``model`` cannot take ``image_size`` x ``image_size`` images (SimpleNet's
+    fc layer is sized for 32x32): for ``RunConfig`` and ``verify``'s batch."""
+    try:
+        registry.check_image_size(model, image_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +169,7 @@ class RunConfig:
         if self.precision == "bf16" and (self.framework != "jax" or self.dtype != "float32"):
             raise ConfigError("--precision bf16 is for --framework jax with --dtype float32.")
         if self.model.name in registry.MODELS:
-            try:
-                registry.check_image_size(self.model.name, self.data.image_size)
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
+            check_image_size(self.model.name, self.data.image_size)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes``; a section may be given as a mapping of its fields to change

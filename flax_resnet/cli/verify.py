@@ -9,7 +9,7 @@ from typing import Any
 
 from flax_resnet import builders, parity, port, registry, weights
 from flax_resnet.cli import options
-from flax_resnet.config import ConfigError
+from flax_resnet.config import ConfigError, check_image_size
 from flax_resnet.recipes import RECIPES, Recipe
 from flax_resnet.training import engine
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           "there): "
                           "give a smaller --batch or --image-size.")
     torch_model, name, kwargs = weights.load_model(source, "torch", model=model, seed=args.seed)
-    _check_image_size(name, args.image_size)  # known once the weights name the model
+    check_image_size(name, args.image_size)  # known once the weights name the model
     if args.devices is not None:
         return _compare_devices(args, torch_model, name, kwargs)
     flax_model = builders.build_flax_to_fill(name, kwargs)
@@ -53,13 +53,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                 input_shape=shape, seed=args.seed)
     print(report.table())
     return 0 if report.ok else 1
-
-
-def _check_image_size(model: str, image_size: int) -> None:
-    try:
-        registry.check_image_size(model, image_size)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
 
 
 def _compare_training(torch_model: Any, flax_model: Any, recipe: Recipe, steps: int, steps_per_epoch: int,
